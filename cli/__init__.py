@@ -1,0 +1,29 @@
+"""The ``mpt-export`` command line (installed as ``mpt_export.cli``). One command per module; each body calls one
+library function. Library errors become one red line and exit code 1; heavy modules load only inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+from . import demo, export, inspect, verify
+
+app = typer.Typer(
+    name="mpt-export",
+    help="Ship Multitask Prompt Tuning (PEFT) models: export to a validated ONNX bundle, inspect, verify.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+app.command(name="inspect")(inspect.inspect_cmd)
+app.command(name="export")(export.export_cmd)
+app.command(name="verify")(verify.verify_cmd)
+app.command(name="demo")(demo.demo_cmd)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

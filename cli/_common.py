@@ -1,0 +1,117 @@
+"""Shared CLI plumbing: error handling, quiet third-party logging, progress, report tables."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn):
+    """Turn a library error into one red line and exit code 1 (never a traceback, never locals)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mpt_export.errors import MptExportError
+
+        try:
+            return fn(*args, **kwargs)
+        except MptExportError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/] (nothing was written)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Exports run torch/transformers, which log progress bars and exporter chatter; keep the terminal ours."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    try:  # torch sets its loggers' levels on import, so import it before quieting them
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
+                 "torch.export", "onnxscript", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@contextmanager
+def progress(title: str):
+    """Yields an ``on_step(str)`` callback that shows each step with a spinner and ticks it off when the next starts."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=False) as prog:
+        current = {"id": None}
+
+        def on_step(desc: str) -> None:
+            if current["id"] is not None:
+                prog.update(current["id"], completed=1, total=1)
+            current["id"] = prog.add_task(f"{title}: {desc}", total=None)
+
+        try:
+            yield on_step
+        finally:
+            if current["id"] is not None:
+                prog.update(current["id"], completed=1, total=1)
+
+
+def parity_table(validation: dict | None) -> Table:
+    t = Table(title="parity vs PEFT forward (fp32)", title_justify="left")
+    for col in ("case", "task", "logits max abs", "logits max rel", "KV max abs", "KV max rel", "status"):
+        t.add_column(col, justify="right" if "max" in col else "left")
+    if not validation:
+        t.add_row("-", "-", "-", "-", "-", "-", "not validated")
+        return t
+    for c in validation["cases"]:
+        ok = not c["failed"]
+        t.add_row(c["case"], c["task"], f"{c['logits_max_abs']:.2e}", f"{c['logits_max_rel']:.2e}",
+                  f"{c['kv_max_abs']:.2e}", f"{c['kv_max_rel']:.2e}", "[green]ok[/]" if ok else "[red]FAIL[/]")
+    t.caption = f"atol {validation['atol']:g}, seed {validation['seed']}"
+    return t
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def size_table(bundle) -> Table:
+    sizes = bundle.sizes()
+    t = Table(title=f"bundle {bundle.path}", title_justify="left")
+    t.add_column("component")
+    t.add_column("bytes", justify="right")
+    t.add_column("", justify="right")
+    for k, v in sizes.items():
+        t.add_row(k, str(v), human(v))
+    t.add_row("[bold]total[/]", str(sum(sizes.values())), human(sum(sizes.values())))
+    for task in bundle.manifest["tasks"]:
+        t.add_row(f"  task {task['name']} (rank {task['rank']})", str(task["bytes"]), human(task["bytes"]))
+    n_shared = len({x["shared_prompt"] for x in bundle.manifest["tasks"]})
+    t.caption = f"{len(bundle.tasks)} tasks over {n_shared} shared prompt(s); per-task bytes are cols + rows (fp32)"
+    return t

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, handle_errors, parity_table, progress, quiet_libraries, size_table
+
+
+@handle_errors
+def demo_cmd(
+    workdir: Annotated[Path, typer.Option(help="Where the tiny base model, the adapters and the bundle are written (replaced).")] = Path("build/demo"),
+    arch: Annotated[str, typer.Option(help="Base model family: llama, llama-gqa, mistral, qwen2, gpt2.")] = "llama-gqa",
+) -> None:
+    """Build a tiny base model and PEFT MPT adapters in code (3-task source + target), export, validate, report."""
+    quiet_libraries()
+    from mpt_export.demo import ARCHS, run_demo
+    from mpt_export.errors import InputError
+
+    if arch not in ARCHS:
+        raise InputError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    with progress("demo") as on_step:
+        r = run_demo(workdir, arch=arch, on_step=on_step)
+    b = r["bundle"]
+    console.print(parity_table(b.manifest["validation"]))
+    console.print(size_table(b))
+    console.print(f"built inputs in {r['build_s']:.1f}s; export + validation in {r['export_s']:.1f}s "
+                  f"(backbone export {b.manifest['timings']['backbone_export_s']}s, validation "
+                  f"{b.manifest['timings'].get('validation_s', 0)}s)")
+    console.print(f"[green]bundle[/] {b.path}  tasks: {', '.join(b.tasks)}")

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, handle_errors, parity_table, progress, quiet_libraries, size_table
+
+
+@handle_errors
+def export_cmd(
+    base_model: Annotated[Path, typer.Option("--base-model", help="Hugging Face causal-LM directory the adapters were trained on.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR: a PEFT MPT adapter; NAMES is one comma-separated name per task, in order (default: the directory name, with -<i> for several tasks). Repeatable.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
+    opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
+    atol: Annotated[float, typer.Option(help="Max abs difference allowed against PEFT's forward (fp32).")] = 1e-4,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
+    seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs (default: random, recorded in the manifest).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export MPT adapters over one frozen base model into a validated ONNX bundle."""
+    quiet_libraries()
+    from mpt_export.export.api import export_bundle
+
+    with progress("export") as on_step:
+        b = export_bundle(base_model, adapter, out, opset=opset, atol=atol, validate=validate, force=force, seed=seed,
+                          on_step=on_step)
+    console.print(parity_table(b.manifest.get("validation")))
+    console.print(size_table(b))
+    console.print(f"[green]wrote[/] {b.path} with tasks: {', '.join(b.tasks)}")

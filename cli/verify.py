@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, handle_errors, parity_table, progress, quiet_libraries
+
+
+@handle_errors
+def verify_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    base_model: Annotated[Path | None, typer.Option("--base-model", help="Also check parity against PEFT over this base model (needs the export extra).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Tolerance for the parity check (default: the one the bundle was exported with).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the parity inputs (default: random).")] = None,
+) -> None:
+    """Check every file's sha256 against the manifest; with --base-model, re-run parity against PEFT."""
+    from mpt_export.export.api import verify_bundle
+
+    if base_model is not None:
+        quiet_libraries()
+        with progress("verify") as on_step:
+            r = verify_bundle(bundle, base_model=base_model, atol=atol, seed=seed, on_step=on_step)
+        console.print(parity_table(r["validation"]))
+    else:
+        r = verify_bundle(bundle)
+    console.print(f"[green]ok[/] {r['path']}: {r['files']} files match their sha256; tasks: {', '.join(r['tasks'])}")

@@ -1,0 +1,30 @@
+"""mpt-export: ship Multitask Prompt Tuning models to ONNX Runtime and TensorRT.
+
+``import mpt_export`` stays light: torch, onnxruntime and tensorrt are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["export_bundle", "verify_bundle", "load_bundle", "read_adapter", "Bundle", "errors", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("export_bundle", "verify_bundle"):
+        from .export import api
+
+        return getattr(api, name)
+    if name in ("load_bundle", "Bundle"):
+        from . import bundle
+
+        return getattr(bundle, name)
+    if name == "read_adapter":
+        from .checkpoint import read_adapter
+
+        return read_adapter
+    if name == "errors":
+        from . import errors
+
+        return errors
+    raise AttributeError(f"module 'mpt_export' has no attribute {name!r}")

@@ -1,0 +1,407 @@
+"""PEFT Multitask Prompt Tuning checkpoints -> a named task bank.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the legacy
+``adapter_model.bin``, a torch pickle read with ``weights_only=True`` only). Its tensors, unprefixed:
+
+- ``prompt_embeddings``  (T, D)       the shared prompt P*
+- ``prefix_task_cols``   (N, T, r)
+- ``prefix_task_rows``   (N, r, D)
+
+with ``T = num_virtual_tokens * num_transformer_submodules``. The prompt of task k is ``P* ⊙ (cols[k] @ rows[k])``.
+
+A *source* adapter holds many tasks sharing one P*; a *target* adapter holds one task and its own P*. The task bank
+keeps every distinct P* once (deduplicated by content) and per task its cols/rows and the index of its P*.
+
+Reading never touches ``prompt_tuning_init_state_dict_path``: that file is only needed to *initialise* training,
+and is often gone by the time a model ships. Only numpy and safetensors are needed here (torch only for ``.bin``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BaseModelError, CheckpointError, MissingDependencyError, TaskNameError
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+MPT_PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+@dataclass
+class AdapterCheckpoint:
+    """One PEFT MPT adapter directory, read and checked against its own config."""
+
+    path: Path
+    config: dict
+    weights_file: str
+    prompt_embeddings: np.ndarray  # (T, D) float32
+    cols: np.ndarray  # (N, T, r) float32
+    rows: np.ndarray  # (N, r, D) float32
+
+    @property
+    def task_type(self) -> str:
+        return str(self.config.get("task_type"))
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.config["num_virtual_tokens"])
+
+    @property
+    def num_transformer_submodules(self) -> int:
+        return int(self.config["num_transformer_submodules"])
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.config["token_dim"])
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.cols.shape[0])
+
+    @property
+    def num_ranks(self) -> int:
+        return int(self.cols.shape[2])
+
+    @property
+    def init(self) -> str:
+        return str(self.config.get("prompt_tuning_init", "RANDOM"))
+
+    @property
+    def kind(self) -> str:
+        """'source' for a multi-task adapter, 'target' for a single-task one."""
+        return "source" if self.num_tasks > 1 else "target"
+
+    def summary(self) -> dict:
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "task_type": self.task_type,
+            "weights_file": self.weights_file,
+            "num_tasks": self.num_tasks,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "num_transformer_submodules": self.num_transformer_submodules,
+            "prompt_len": int(self.prompt_embeddings.shape[0]),
+            "token_dim": self.token_dim,
+            "num_ranks": self.num_ranks,
+            "prompt_tuning_init": self.init,
+            "base_model_name_or_path": self.config.get("base_model_name_or_path"),
+            "bytes_per_task": int((self.cols[0].size + self.rows[0].size) * 4),
+            "shared_prompt_bytes": int(self.prompt_embeddings.size * 4),
+        }
+
+
+def _load_config(path: Path) -> dict:
+    cfg_file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"adapter directory {path} does not exist; expected a folder written by PEFT's save_pretrained")
+    if not cfg_file.is_file():
+        raise CheckpointError(
+            f"{path} has no {CONFIG_NAME}; expected a PEFT adapter directory (save_pretrained output)"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter with save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file} holds {type(cfg).__name__}, expected a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type != MPT_PEFT_TYPE:
+        raise CheckpointError(
+            f"{path} is a {peft_type or 'non-PEFT'} adapter, expected peft_type {MPT_PEFT_TYPE} "
+            "(mpt-export only ships Multitask Prompt Tuning checkpoints)"
+        )
+    task_type = cfg.get("task_type")
+    if task_type not in SUPPORTED_TASK_TYPES:
+        raise CheckpointError(
+            f"{cfg_file}: task_type {task_type!r} is not supported; expected one of {', '.join(SUPPORTED_TASK_TYPES)}"
+        )
+    for key in ("num_virtual_tokens", "token_dim"):
+        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise CheckpointError(f"{cfg_file}: {key} must be a positive integer, found {cfg.get(key)!r}")
+    nts = cfg.get("num_transformer_submodules")
+    if nts is None:  # PEFT's default, resolved the way PEFT resolves it
+        nts = 2 if task_type == "SEQ_2_SEQ_LM" else 1
+    if nts not in (1, 2):
+        raise CheckpointError(f"{cfg_file}: num_transformer_submodules must be 1 or 2, found {nts!r}")
+    cfg["num_transformer_submodules"] = nts
+    return cfg
+
+
+def _load_tensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
+    st, binf = path / SAFETENSORS_NAME, path / BIN_NAME
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(st))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{st} is corrupt or truncated ({e}); expected a complete safetensors file — re-save the adapter"
+            ) from None
+        return SAFETENSORS_NAME, tensors
+    if binf.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError(
+                f"{binf} is a legacy torch checkpoint and torch is not installed; "
+                "install the export extra (pip install 'mpt-export[export]') or re-save the adapter as safetensors"
+            ) from None
+        try:
+            # weights_only=True: never run a full unpickle on a file from elsewhere.
+            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+            raise CheckpointError(
+                f"{binf} could not be read as a weights-only torch checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); expected PEFT's adapter_model.bin"
+            ) from None
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{binf} holds {type(sd).__name__}, expected a state dict")
+        return BIN_NAME, {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")}
+    raise CheckpointError(f"{path} has neither {SAFETENSORS_NAME} nor {BIN_NAME}; expected PEFT adapter weights")
+
+
+def _strip(key: str) -> str:
+    # Unprefixed is what PEFT writes; tolerate a module prefix (e.g. "base_model.prompt_encoder.default.").
+    for name in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
+        if key == name or key.endswith("." + name):
+            return name
+    if key.endswith("embedding.weight"):
+        return "prompt_embeddings"
+    return key
+
+
+def read_adapter(path: str | Path) -> AdapterCheckpoint:
+    """Read one PEFT MPT adapter directory and check its tensors against its config."""
+    path = Path(path)
+    cfg = _load_config(path)
+    weights_file, raw = _load_tensors(path)
+    tensors = {_strip(k): v for k, v in raw.items()}
+    missing = [k for k in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows") if k not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{path / weights_file} lacks {', '.join(missing)}; found {', '.join(sorted(raw)) or 'no tensors'} "
+            "(expected PEFT's prompt_embeddings, prefix_task_cols, prefix_task_rows)"
+        )
+    P = tensors["prompt_embeddings"].astype(np.float32)
+    C = tensors["prefix_task_cols"].astype(np.float32)
+    R = tensors["prefix_task_rows"].astype(np.float32)
+    T = cfg["num_virtual_tokens"] * cfg["num_transformer_submodules"]
+    D = cfg["token_dim"]
+    n = cfg.get("num_tasks", 1)
+    r = cfg.get("num_ranks", 1)
+    where = path / weights_file
+    expect = {
+        "prompt_embeddings": ((T, D), P.shape),
+        "prefix_task_cols": ((n, T, r), C.shape),
+        "prefix_task_rows": ((n, r, D), R.shape),
+    }
+    for name, (want, got) in expect.items():
+        if tuple(got) != want:
+            raise CheckpointError(
+                f"{where}: {name} has shape {list(got)}, but adapter_config.json implies {list(want)} "
+                f"(num_virtual_tokens={cfg['num_virtual_tokens']} x num_transformer_submodules="
+                f"{cfg['num_transformer_submodules']}, token_dim={D}, num_tasks={n}, num_ranks={r}); "
+                "the config and weights do not belong together"
+            )
+    for name, arr in (("prompt_embeddings", P), ("prefix_task_cols", C), ("prefix_task_rows", R)):
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"{where}: {name} contains NaN or Inf values; the adapter is unusable")
+    return AdapterCheckpoint(path=path, config=cfg, weights_file=weights_file, prompt_embeddings=P, cols=C, rows=R)
+
+
+def parse_adapter_spec(spec: str) -> tuple[list[str] | None, Path]:
+    """``"a,b=dir"`` -> (["a", "b"], Path("dir")); ``"dir"`` -> (None, Path("dir"))."""
+    if "=" in spec:
+        names, _, d = spec.partition("=")
+        names_l = [s.strip() for s in names.split(",")]
+        return names_l, Path(d)
+    return None, Path(spec)
+
+
+def check_task_name(name: str) -> None:
+    if not TASK_NAME_RE.match(name or ""):
+        raise TaskNameError(f"task name {name!r} is invalid; names use only letters, digits, '_', '.' and '-'")
+
+
+@dataclass
+class Task:
+    name: str
+    shared: int  # index into TaskBank.shared
+    cols: np.ndarray  # (T, r)
+    rows: np.ndarray  # (r, D)
+    source: str = ""  # adapter directory it came from
+    index_in_source: int = 0
+
+    @property
+    def rank(self) -> int:
+        return int(self.cols.shape[1])
+
+    def digest(self, shared: np.ndarray) -> str:
+        """Content hash of everything that determines this task's prompt (cache key for runtimes)."""
+        h = hashlib.sha256()
+        for a in (shared, self.cols, self.rows):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class TaskBank:
+    """Shared prompts (deduplicated) and per-task low-rank factors, in task order."""
+
+    task_type: str
+    num_transformer_submodules: int
+    shared: list[np.ndarray] = field(default_factory=list)  # each (T, D)
+    tasks: list[Task] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.shared[0].shape[1])
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise TaskNameError(f"unknown task {name!r}; this bundle has: {', '.join(self.names) or '(none)'}")
+
+    def prompt(self, name: str) -> np.ndarray:
+        """The composed prompt in numpy, (T, D) — the reference the composer graph must match."""
+        t = self.task(name)
+        return self.shared[t.shared] * (t.cols @ t.rows)
+
+    def _shared_index(self, p: np.ndarray) -> int:
+        for i, s in enumerate(self.shared):
+            if s.shape == p.shape and np.array_equal(s, p):
+                return i
+        self.shared.append(p)
+        return len(self.shared) - 1
+
+    def add_adapter(self, ckpt: AdapterCheckpoint, names: list[str] | None = None) -> list[str]:
+        if self.tasks or self.shared:
+            if ckpt.task_type != self.task_type:
+                raise CheckpointError(
+                    f"{ckpt.path} is a {ckpt.task_type} adapter but the bank holds {self.task_type} tasks; "
+                    "one bundle serves one base model"
+                )
+            if ckpt.token_dim != self.hidden_size:
+                raise CheckpointError(
+                    f"{ckpt.path} has token_dim {ckpt.token_dim}, the other tasks have {self.hidden_size}; "
+                    "adapters in one bundle must be trained on the same base model"
+                )
+            if ckpt.num_transformer_submodules != self.num_transformer_submodules:
+                raise CheckpointError(
+                    f"{ckpt.path} has num_transformer_submodules {ckpt.num_transformer_submodules}, the other "
+                    f"tasks have {self.num_transformer_submodules}"
+                )
+        n = ckpt.num_tasks
+        if names is None:
+            base = ckpt.path.resolve().name
+            names = [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
+        elif len(names) != n:
+            raise TaskNameError(
+                f"{len(names)} name(s) given for {ckpt.path} ({','.join(names)}), but it holds {n} task(s); "
+                f"give exactly one name per task, in order, e.g. {','.join(f't{i}' for i in range(n))}={ckpt.path}"
+            )
+        for nm in names:
+            check_task_name(nm)
+            if nm in self.names or names.count(nm) > 1:
+                raise TaskNameError(f"task name {nm!r} is used twice; every task in a bundle needs a unique name")
+        si = self._shared_index(ckpt.prompt_embeddings)
+        for i, nm in enumerate(names):
+            self.tasks.append(
+                Task(nm, si, ckpt.cols[i].copy(), ckpt.rows[i].copy(), source=str(ckpt.path), index_in_source=i)
+            )
+        return names
+
+    def remove(self, name: str) -> None:
+        t = self.task(name)
+        self.tasks.remove(t)
+        used = sorted({x.shared for x in self.tasks})
+        remap = {old: new for new, old in enumerate(used)}
+        self.shared = [self.shared[i] for i in used]
+        for x in self.tasks:
+            x.shared = remap[x.shared]
+
+    # -- persistence (tasks.safetensors) -------------------------------------------------------------------------
+    def save(self, file: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {f"shared.{i}": np.ascontiguousarray(s, np.float32) for i, s in enumerate(self.shared)}
+        meta_tasks = []
+        for t in self.tasks:
+            tensors[f"task.{t.name}.cols"] = np.ascontiguousarray(t.cols, np.float32)
+            tensors[f"task.{t.name}.rows"] = np.ascontiguousarray(t.rows, np.float32)
+            meta_tasks.append({"name": t.name, "shared": t.shared, "source": t.source, "index": t.index_in_source})
+        meta = {
+            "format": "mpt-export/tasks/1",
+            "task_type": self.task_type,
+            "num_transformer_submodules": str(self.num_transformer_submodules),
+            "tasks": json.dumps(meta_tasks),
+        }
+        save_file(tensors, str(file), metadata=meta)
+
+    @classmethod
+    def load(cls, file: str | Path) -> "TaskBank":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), "numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable task bank ({e})") from None
+        if meta.get("format") != "mpt-export/tasks/1":
+            raise CheckpointError(f"{file} is not an mpt-export task bank (format {meta.get('format')!r})")
+        bank = cls(meta["task_type"], int(meta["num_transformer_submodules"]))
+        i = 0
+        while f"shared.{i}" in tensors:
+            bank.shared.append(tensors[f"shared.{i}"])
+            i += 1
+        for t in json.loads(meta["tasks"]):
+            bank.tasks.append(
+                Task(t["name"], t["shared"], tensors[f"task.{t['name']}.cols"], tensors[f"task.{t['name']}.rows"],
+                     t.get("source", ""), t.get("index", 0))
+            )
+        return bank
+
+
+def build_task_bank(adapters: list[str], hidden_size: int | None = None, task_type: str | None = None) -> tuple[TaskBank, list[AdapterCheckpoint]]:
+    """Read ``[NAMES=]DIR`` specs into one task bank, checked against the base model's hidden size and kind."""
+    if not adapters:
+        raise CheckpointError("no adapter given; pass at least one --adapter [NAMES=]DIR")
+    bank: TaskBank | None = None
+    ckpts = []
+    for spec in adapters:
+        names, d = parse_adapter_spec(spec)
+        ck = read_adapter(d)
+        if hidden_size is not None and ck.token_dim != hidden_size:
+            raise BaseModelError(
+                f"{d} was trained for token_dim {ck.token_dim}, but the base model's hidden size is {hidden_size}; "
+                "use the base model the adapter was trained on"
+            )
+        if task_type is not None and ck.task_type != task_type:
+            raise BaseModelError(
+                f"{d} is a {ck.task_type} adapter, but the base model is a {task_type} model; "
+                "use the base model the adapter was trained on"
+            )
+        if bank is None:
+            bank = TaskBank(ck.task_type, ck.num_transformer_submodules)
+        bank.add_adapter(ck, names)
+        ckpts.append(ck)
+    assert bank is not None
+    return bank, ckpts

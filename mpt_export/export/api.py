@@ -1,0 +1,191 @@
+"""``export_bundle`` and ``verify_bundle``: the library functions behind ``mpt-export export`` / ``verify``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..basemodel import causal_arch, config_sha256, identity, tokenizer_files
+from ..bundle import FORMAT, Bundle, load_bundle, staging_dir, write_manifest
+from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
+from ..errors import BaseModelError, MissingDependencyError
+from .backbone import DEFAULT_OPSET, export_backbone
+from .composer import write_composer
+
+DEFAULT_ATOL = 1e-4
+
+
+def _require_export_deps():
+    try:
+        import onnx  # noqa: F401
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"exporting needs the export extra ({e.name} is missing): pip install 'mpt-export[export]' "
+            "(install torch==2.13.0 first for the CPU build)"
+        ) from None
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"mpt_export": __version__}
+    for pkg in ("torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_base_model(path: str | Path):
+    """The HF causal LM in fp32, eval mode, eager attention (SDPA with a dynamic query length does not export)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, arch = causal_arch(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
+    except Exception as e:
+        raise BaseModelError(
+            f"could not load the base model from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "expected a complete save_pretrained directory (config.json + weights)"
+        ) from None
+    return model.eval(), cfg, arch
+
+
+def adapters_from_bank(bank: TaskBank) -> list[tuple[AdapterCheckpoint, list[str]]]:
+    """Regroup a bank into PEFT-shaped adapters (tasks of one source sharing one P* and one rank), so PEFT can be
+    rebuilt from a bundle alone."""
+    groups: dict[tuple, list] = {}
+    for t in bank.tasks:
+        groups.setdefault((t.source, t.shared, t.rank), []).append(t)
+    out = []
+    for (src, si, _), tasks in groups.items():
+        P = bank.shared[si]
+        nts = bank.num_transformer_submodules
+        cfg = {"task_type": bank.task_type, "num_virtual_tokens": P.shape[0] // nts, "num_transformer_submodules": nts,
+               "token_dim": P.shape[1], "num_tasks": len(tasks), "num_ranks": tasks[0].rank}
+        ck = AdapterCheckpoint(Path(src or "bundle"), cfg, "tasks.safetensors", P,
+                               np.stack([t.cols for t in tasks]), np.stack([t.rows for t in tasks]))
+        out.append((ck, [t.name for t in tasks]))
+    return out
+
+
+def _validate(bundle_dir: Path, model, bank: TaskBank, atol: float, seed, provider: str, on_step) -> dict:
+    from .reference import peft_model_for
+    from .validate import validate_causal
+
+    peft_models, index = {}, {}
+    for ck, names in adapters_from_bank(bank):
+        pm = peft_model_for(model, ck)
+        for i, n in enumerate(names):
+            peft_models[n], index[n] = pm, i
+    session = Bundle(bundle_dir, json.loads((bundle_dir / "manifest.json").read_text())).session(provider=provider)
+    return validate_causal(session, peft_models, index, vocab=session.vocab_size, atol=atol, seed=seed,
+                           on_step=on_step)
+
+
+def export_bundle(
+    base_model: str | Path,
+    adapters: list[str],
+    out: str | Path,
+    opset: int = DEFAULT_OPSET,
+    atol: float = DEFAULT_ATOL,
+    validate: bool = True,
+    force: bool = False,
+    seed: int | None = None,
+    provider: str = "cpu",
+    on_step=None,
+) -> Bundle:
+    """Export PEFT MPT adapters over ``base_model`` into one validated bundle at ``out``.
+
+    ``adapters`` are ``[NAMES=]DIR`` specs (``"sst2,mnli=dir_src"``). Nothing is written at ``out`` unless every step,
+    validation included, succeeds."""
+    step = on_step or (lambda s: None)
+    out = Path(out)
+    from ..bundle import check_output_path
+
+    check_output_path(out, force)  # fail before any heavy work
+    cfg, arch = causal_arch(base_model)
+    bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type="CAUSAL_LM")
+    _require_export_deps()
+    step("load base model")
+    model, cfg, arch = load_base_model(base_model)
+    timings = {}
+    with staging_dir(out, force) as tmp:
+        t0 = time.perf_counter()
+        step("export backbone")
+        bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=opset)
+        real_opset = bio.pop("opset")
+        timings["backbone_export_s"] = round(time.perf_counter() - t0, 2)
+        step("write composer and task bank")
+        cio = write_composer(tmp / "composer.onnx", arch.hidden_size, real_opset)
+        bank.save(tmp / "tasks.safetensors")
+        tok = tokenizer_files(base_model)
+        if tok:
+            (tmp / "tokenizer").mkdir()
+            for f in tok:
+                shutil.copy2(f, tmp / "tokenizer" / f.name)
+        manifest = {
+            "format": FORMAT,
+            "created_by": tool_versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "task_type": "CAUSAL_LM",
+            "dtype": "float32",
+            "opset": real_opset,
+            "base_model": {**identity(base_model), "config_sha256": config_sha256(cfg)},
+            "num_transformer_submodules": bank.num_transformer_submodules,
+            "graphs": {
+                "backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio},
+                "composer": {"file": "composer.onnx", **cio},
+            },
+            "tasks": task_entries(bank),
+            "adapters": [ck.summary() for ck in ckpts],
+            "validation": None,
+        }
+        write_manifest(tmp, manifest)
+        if validate:
+            t0 = time.perf_counter()
+            manifest["validation"] = _validate(tmp, model, bank, atol, seed, provider, step)
+            timings["validation_s"] = round(time.perf_counter() - t0, 2)
+        manifest["timings"] = timings
+        manifest = write_manifest(tmp, manifest)
+    return Bundle(out, manifest)
+
+
+def task_entries(bank: TaskBank) -> list[dict]:
+    return [
+        {"name": t.name, "shared_prompt": t.shared, "prompt_len": int(bank.shared[t.shared].shape[0]), "rank": t.rank,
+         "source": t.source, "index_in_source": t.index_in_source, "digest": t.digest(bank.shared[t.shared]),
+         "bytes": int((t.cols.size + t.rows.size) * 4)}
+        for t in bank.tasks
+    ]
+
+
+def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,
+                  seed: int | None = None, provider: str = "cpu", on_step=None) -> dict:
+    """Checksums always; with ``base_model``, its identity and parity against PEFT, recomputed from the bundle."""
+    b = load_bundle(path)
+    result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
+    if base_model is None:
+        return result
+    cfg, arch = causal_arch(base_model)
+    want = b.base_model.get("config_sha256")
+    if config_sha256(cfg) != want:
+        raise BaseModelError(
+            f"base model {base_model} does not match the bundle (config sha256 {config_sha256(cfg)[:12]}…, bundle was "
+            f"made from {b.base_model.get('name_or_path')} with {str(want)[:12]}…); pass the model it was exported from"
+        )
+    _require_export_deps()
+    model, _, _ = load_base_model(base_model)
+    tol = atol if atol is not None else (b.manifest.get("validation") or {}).get("atol", DEFAULT_ATOL)
+    result["validation"] = _validate(b.path, model, b.task_bank(), tol, seed, provider, on_step)
+    return result

@@ -1,0 +1,119 @@
+"""Validation after export: PEFT's forward vs the bundle in ONNX Runtime, on fresh random inputs.
+
+Cases: every task on a single unpadded row, and one left-padded mixed-task batch whose rows are compared with PEFT
+on each row alone (the batch must not change a row's result). Outputs: last-position logits and every present
+key/value. Per output we record max abs diff and max rel diff (``max|a-b| / max|ref|``, relative to the output's
+scale, so near-zero entries do not blow it up). Failures are collected over all cases, then one ValidationError
+names each output that missed and its numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ValidationError
+
+
+def _diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    if a.shape != ref.shape:
+        return float("inf"), float("inf")
+    d = float(np.abs(a.astype(np.float64) - ref).max()) if a.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return d, d / scale if scale > 0 else d
+
+
+class Report:
+    def __init__(self, atol: float, seed: int):
+        self.atol, self.seed = atol, seed
+        self.rows: list[dict] = []  # one per (case, task): logits and kv numbers
+
+    def add(self, case: str, task: str, outs: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+        per = {k: _diff(outs[k], ref[k]) for k in ref}
+        kv = [v for k, v in per.items() if k.startswith("present.")]
+        worst_kv = max(kv, key=lambda x: x[0]) if kv else (0.0, 0.0)
+        worst_kv_name = max((k for k in per if k.startswith("present.")), key=lambda k: per[k][0], default="")
+        self.rows.append({
+            "case": case, "task": task,
+            "logits_max_abs": per["logits"][0], "logits_max_rel": per["logits"][1],
+            "kv_max_abs": worst_kv[0], "kv_max_rel": worst_kv[1], "kv_worst_output": worst_kv_name,
+            "failed": sorted(k for k, (a, _) in per.items() if not a <= self.atol),
+            "_per_output": per,
+        })
+
+    @property
+    def ok(self) -> bool:
+        return not any(r["failed"] for r in self.rows)
+
+    def summary(self) -> dict:
+        def mx(key):
+            return max((r[key] for r in self.rows), default=0.0)
+
+        return {
+            "reference": "peft forward (no cache), fp32",
+            "atol": self.atol, "seed": self.seed, "passed": self.ok,
+            "logits_max_abs": mx("logits_max_abs"), "logits_max_rel": mx("logits_max_rel"),
+            "kv_max_abs": mx("kv_max_abs"), "kv_max_rel": mx("kv_max_rel"),
+            "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows],
+        }
+
+    def error(self) -> ValidationError:
+        lines = []
+        for r in self.rows:
+            for name in r["failed"]:
+                a, rel = r["_per_output"][name]
+                lines.append(f"{name} ({r['case']}, task {r['task']}): max abs {a:.3g}, max rel {rel:.3g}")
+        more = f" (+{len(lines) - 8} more)" if len(lines) > 8 else ""
+        return ValidationError(
+            f"exported graphs differ from PEFT beyond atol {self.atol:g}: " + "; ".join(lines[:8]) + more
+            + ". Re-export with a looser --atol only if that difference is acceptable for your use.",
+            report=self.summary(),
+        )
+
+
+def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, atol: float = 1e-4,
+                    seed: int | None = None, on_step=None) -> dict:
+    """Compare ``session`` (runtime over the new bundle) with PEFT.
+
+    ``peft_models`` maps task name -> PeftModel, ``task_index`` task name -> index inside its adapter."""
+    from .reference import peft_causal_forward
+
+    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    rng = np.random.default_rng(seed)
+    rep = Report(atol, seed)
+    names = list(peft_models)
+    refs = {}
+    for t in names:
+        if on_step:
+            on_step(f"validate {t}")
+        n = int(rng.integers(3, 13))
+        ids = rng.integers(0, vocab, size=(1, n), dtype=np.int64)
+        ref = peft_causal_forward(peft_models[t], ids, task_index[t])
+        rep.add("single", t, session.forward(ids, [t]), ref)
+    # Mixed-task, left-padded batch: each row vs PEFT on that row alone.
+    if on_step:
+        on_step("validate mixed batch")
+    rows = [names[i % len(names)] for i in range(max(len(names), 3))]
+    lens = [int(rng.integers(2, 14)) for _ in rows]
+    lens[0] = max(lens)  # one row unpadded, the others padded by different amounts
+    S = max(lens)
+    ids = np.zeros((len(rows), S), np.int64)
+    mask = np.zeros((len(rows), S), np.int64)
+    solo = []
+    for b, (t, n) in enumerate(zip(rows, lens)):
+        row = rng.integers(0, vocab, size=(1, n), dtype=np.int64)
+        ids[b, S - n:], mask[b, S - n:] = row[0], 1
+        solo.append(peft_causal_forward(peft_models[t], row, task_index[t]))
+    feed = session.prepare(ids, rows, mask)
+    outs = session._run_backbone_impl(feed)
+    full = feed["attention_mask"]
+    for b, t in enumerate(rows):
+        keep = full[b] == 1  # prompt + real tokens, as PEFT sees them alone
+        got = {"logits": outs["logits"][b:b + 1]}
+        for k, v in outs.items():
+            if k.startswith("present."):
+                got[k] = v[b:b + 1][:, :, keep]
+        rep.add("batch", t, got, solo[b])
+        refs[t] = True
+    if not rep.ok:
+        raise rep.error()
+    return rep.summary()
