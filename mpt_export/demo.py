@@ -108,15 +108,17 @@ def make_source_adapter(base_model, out_dir: str | Path, num_tasks: int = 3, num
 
 
 def make_target_adapter(base_model, out_dir: str | Path, source_dir: str | Path, source_task: int = 0,
-                        num_ranks: int | None = None, seed: int = 2, task_type: str = "CAUSAL_LM"):
-    """A *target* adapter initialised from one source task (EXACT_SOURCE_TASK), then given its own shared prompt as
-    target training would. Its config keeps naming the source weights as init path."""
+                        num_ranks: int | None = None, seed: int = 2, task_type: str = "CAUSAL_LM",
+                        init: str = "EXACT_SOURCE_TASK"):
+    """A *target* adapter initialised from the source (EXACT_SOURCE_TASK, AVERAGE_SOURCE_TASKS — both need the
+    source's rank — or ONLY_SOURCE_SHARED), then given its own shared prompt as target training would. Its config
+    keeps naming the source weights as init path."""
     from peft import MultitaskPromptTuningConfig, get_peft_model
 
     src_cfg = json.loads((Path(source_dir) / "adapter_config.json").read_text())
     cfg = MultitaskPromptTuningConfig(
         task_type=task_type, num_virtual_tokens=src_cfg["num_virtual_tokens"], num_tasks=1,
-        num_ranks=num_ranks or src_cfg["num_ranks"], prompt_tuning_init="EXACT_SOURCE_TASK",
+        num_ranks=num_ranks or src_cfg["num_ranks"], prompt_tuning_init=init,
         prompt_tuning_init_state_dict_path=str(Path(source_dir) / "adapter_model.safetensors"),
         prompt_tuning_init_task=source_task,
     )

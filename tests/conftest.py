@@ -1,0 +1,81 @@
+"""Tiny models, PEFT adapters and bundles built in code (never downloaded), cached per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden=32, layers=2, heads=4, max_positions=64)
+
+
+class Case:
+    """A base model dir, a 3-task source adapter (rank 2), a target adapter (rank 1, own P*), and their bundle."""
+
+    def __init__(self, root: Path, arch: str):
+        from transformers import AutoModelForCausalLM
+
+        from mpt_export.demo import make_base_model, make_source_adapter, make_target_adapter
+
+        self.root, self.arch = root, arch
+        self.base = root / "base"
+        model = make_base_model(self.base, arch=arch, seed=0, **TINY)
+        self.source = make_source_adapter(model, root / "source", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1)
+        model = AutoModelForCausalLM.from_pretrained(str(self.base))
+        self.target = make_target_adapter(model, root / "target", self.source, source_task=2, num_ranks=1, seed=2,
+                                          init="ONLY_SOURCE_SHARED")
+        # The init file named in the target's config is gone, as on a user's machine: reading must not need it.
+        self.init_copy = root / "gone" / "adapter_model.safetensors"
+        self._bundle = None
+
+    @property
+    def adapters(self) -> list[str]:
+        return [f"a,b,c={self.source}", f"t={self.target}"]
+
+    @property
+    def bundle(self) -> Path:
+        if self._bundle is None:
+            import json
+
+            from mpt_export import export_bundle
+
+            cfg_file = self.target / "adapter_config.json"
+            cfg = json.loads(cfg_file.read_text())
+            cfg["prompt_tuning_init_state_dict_path"] = str(self.init_copy)  # does not exist
+            cfg_file.write_text(json.dumps(cfg))
+            out = self.root / "bundle"
+            export_bundle(self.base, self.adapters, out, seed=123)
+            self._bundle = out
+        return self._bundle
+
+
+_cases: dict[str, Case] = {}
+
+
+@pytest.fixture(scope="session")
+def make_case(tmp_path_factory):
+    def get(arch: str) -> Case:
+        if arch not in _cases:
+            _cases[arch] = Case(tmp_path_factory.mktemp(arch), arch)
+        return _cases[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama(make_case) -> Case:
+    return make_case("llama")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    exe = Path(sys.executable).with_name("mpt-export")
+    env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns when not on a terminal
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)

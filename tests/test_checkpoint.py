@@ -1,0 +1,98 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mpt_export.checkpoint import TaskBank, build_task_bank, parse_adapter_spec, read_adapter
+from mpt_export.errors import BaseModelError, CheckpointError, TaskNameError
+
+
+def test_reads_source_and_target(llama):
+    src = read_adapter(llama.source)
+    assert (src.num_tasks, src.num_ranks, src.kind) == (3, 2, "source")
+    assert src.prompt_embeddings.shape == (5, 32) and src.cols.shape == (3, 5, 2) and src.rows.shape == (3, 2, 32)
+    tgt = read_adapter(llama.target)
+    assert (tgt.num_tasks, tgt.num_ranks, tgt.kind, tgt.init) == (1, 1, "target", "ONLY_SOURCE_SHARED")
+    # the target trained its own shared prompt
+    assert not np.array_equal(src.prompt_embeddings, tgt.prompt_embeddings)
+
+
+def test_target_reads_without_its_init_file(llama, tmp_path):
+    d = tmp_path / "t"
+    shutil.copytree(llama.target, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["prompt_tuning_init_state_dict_path"] = str(tmp_path / "no" / "such.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    assert read_adapter(d).num_tasks == 1
+
+
+def test_legacy_bin_equals_safetensors(llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "legacy"
+    d.mkdir()
+    shutil.copy(llama.source / "adapter_config.json", d)
+    torch.save(load_file(str(llama.source / "adapter_model.safetensors")), d / "adapter_model.bin")
+    a, b = read_adapter(d), read_adapter(llama.source)
+    assert a.weights_file == "adapter_model.bin"
+    np.testing.assert_array_equal(a.cols, b.cols)
+    np.testing.assert_array_equal(a.prompt_embeddings, b.prompt_embeddings)
+
+
+def test_bin_with_code_is_refused(llama, tmp_path):
+    """weights_only=True: a pickle that would run code is rejected, never executed."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    shutil.copy(llama.source / "adapter_config.json", d)
+    (d / "adapter_model.bin").write_bytes(pickle.dumps({"prompt_embeddings": Evil()}))
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_adapter(d)
+
+
+def test_task_bank_names_dedup_and_roundtrip(llama, tmp_path):
+    bank, _ = build_task_bank([str(llama.source), f"x={llama.target}", f"y={llama.target}"])
+    src = llama.source.resolve().name
+    assert bank.names == [f"{src}-0", f"{src}-1", f"{src}-2", "x", "y"]
+    assert len(bank.shared) == 2  # x and y share the target's P*: stored once
+    bank.save(tmp_path / "tasks.safetensors")
+    back = TaskBank.load(tmp_path / "tasks.safetensors")
+    assert back.names == bank.names
+    for n in bank.names:
+        np.testing.assert_array_equal(back.prompt(n), bank.prompt(n))
+    back.remove("x")
+    assert back.names[-1] == "y" and len(back.shared) == 2
+    back.remove(f"{src}-1"), back.remove(f"{src}-0"), back.remove(f"{src}-2")
+    assert len(back.shared) == 1 and back.tasks[0].shared == 0
+
+
+def test_prompt_is_hadamard_of_low_rank(llama):
+    bank, (ck, _) = build_task_bank([f"a,b,c={llama.source}", f"t={llama.target}"])
+    np.testing.assert_allclose(bank.prompt("b"), ck.prompt_embeddings * (ck.cols[1] @ ck.rows[1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec,exc,msg", [
+    ("a,b={src}", TaskNameError, "2 name"),
+    ("a,a,b={src}", TaskNameError, "used twice"),
+    ("a,b c,d={src}", TaskNameError, "invalid"),
+])
+def test_bad_names(llama, spec, exc, msg):
+    with pytest.raises(exc, match=msg):
+        build_task_bank([spec.format(src=llama.source)])
+
+
+def test_hidden_size_mismatch(llama):
+    with pytest.raises(BaseModelError, match="token_dim 32.*hidden size is 48"):
+        build_task_bank([str(llama.source)], hidden_size=48)
+
+
+def test_parse_spec():
+    assert parse_adapter_spec("a,b=some/dir")[0] == ["a", "b"]
+    assert parse_adapter_spec("some/dir")[0] is None

@@ -1,0 +1,195 @@
+"""The command line as a user runs it: exit codes, one clear message, no traceback, nothing half-written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+
+def assert_clean_failure(res, *needles):
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr + res.stdout
+    assert "Traceback" not in err and "locals" not in err.lower()
+    assert "error:" in err
+    for n in needles:
+        assert n in " ".join(err.split()), (n, err)
+
+
+def no_output_left(out):
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_help_is_complete():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for cmd in ("inspect", "export", "verify", "demo"):
+        assert cmd in res.stdout
+    res = run_cli("export", "--help")
+    for opt in ("--base-model", "--adapter", "--out", "--opset", "--atol", "--no-validate", "--force"):
+        assert opt in res.stdout
+
+
+def test_import_and_help_stay_light():
+    code = ("import sys, mpt_export, mpt_export.bundle, mpt_export.checkpoint; "
+            "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'transformers', 'onnx') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom mpt_export.cli import app\n"
+            "r = CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0\n"
+            "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt') if m in sys.modules]\nsys.exit(1 if heavy else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_inspect(llama):
+    res = run_cli("inspect", llama.source, llama.target, "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert [i["num_tasks"] for i in info] == [3, 1] and info[0]["num_ranks"] == 2 and info[1]["kind"] == "target"
+
+
+def test_export_verify_roundtrip(llama, tmp_path):
+    out = tmp_path / "b"
+    res = run_cli("export", "--base-model", llama.base, "--adapter", f"x,y,z={llama.source}", "--adapter",
+                  str(llama.target), "--out", out, "--seed", "5")
+    assert res.returncode == 0, res.stderr
+    assert "parity vs PEFT" in res.stdout and "backbone" in res.stdout
+    man = json.loads((out / "manifest.json").read_text())
+    assert [t["name"] for t in man["tasks"]] == ["x", "y", "z", "target"]
+    assert man["validation"]["passed"] and man["validation"]["seed"] == 5
+    assert set(man["files"]) >= {"backbone.onnx", "backbone.onnx.data", "composer.onnx", "tasks.safetensors",
+                                 "tokenizer/tokenizer.json"}
+    res = run_cli("verify", out)
+    assert res.returncode == 0 and "match their sha256" in res.stdout
+    res = run_cli("verify", out, "--base-model", llama.base)
+    assert res.returncode == 0, res.stderr
+    assert "parity vs PEFT" in res.stdout
+    # existing output without --force: refused, untouched
+    before = (out / "manifest.json").read_bytes()
+    res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out)
+    assert_clean_failure(res, "already exists", "--force")
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _lora_adapter(base, out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(base))
+    get_peft_model(m, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(str(out))
+    return out
+
+
+def _wide_adapter(tmp_path):
+    from mpt_export.demo import make_base_model, make_source_adapter
+
+    m = make_base_model(tmp_path / "wide_base", arch="llama", hidden=48, layers=1, heads=4, tokenizer=False)
+    return make_source_adapter(m, tmp_path / "wide", num_tasks=2, num_virtual_tokens=3)
+
+
+def _bad_cases(llama, tmp_path):
+    corrupt = _copy(llama.source, tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    trunc = _copy(llama.source, tmp_path / "trunc")
+    data = (trunc / "adapter_model.safetensors").read_bytes()
+    (trunc / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    mismatched = _copy(llama.source, tmp_path / "mismatch")
+    cfg = json.loads((mismatched / "adapter_config.json").read_text())
+    cfg["num_virtual_tokens"] = 7
+    (mismatched / "adapter_config.json").write_text(json.dumps(cfg))
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+                                                "is_encoder_decoder": True, "d_model": 32}))
+    return [
+        ("corrupt safetensors", [str(corrupt)], llama.base, ["corrupt or truncated", "adapter_model.safetensors"]),
+        ("truncated safetensors", [str(trunc)], llama.base, ["corrupt or truncated"]),
+        ("lora adapter", [str(_lora_adapter(llama.base, tmp_path / "lora"))], llama.base, ["LORA", "MULTITASK_PROMPT_TUNING"]),
+        ("token_dim != hidden", [str(_wide_adapter(tmp_path))], llama.base, ["token_dim 48", "hidden size is 32"]),
+        ("tensors vs config", [str(mismatched)], llama.base, ["prompt_embeddings has shape [5, 32]", "implies [7, 32]"]),
+        ("duplicate name", [f"a,b,c={llama.source}", f"c={llama.target}"], llama.base, ["'c' is used twice"]),
+        ("invalid name", [f"a,b,c d={llama.source}"], llama.base, ["'c d' is invalid"]),
+        ("wrong count of names", [f"a,b={llama.source}"], llama.base, ["2 name(s)", "holds 3 task(s)"]),
+        ("not a causal LM", [str(llama.source)], t5, ["not a causal LM", "T5ForConditionalGeneration"]),
+        ("no base model", [str(llama.source)], tmp_path / "nothing", ["no config.json"]),
+        ("no adapter dir", [str(tmp_path / "missing")], llama.base, ["does not exist"]),
+    ]
+
+
+def test_bad_inputs_fail_cleanly(llama, tmp_path):
+    for label, adapters, base, needles in _bad_cases(llama, tmp_path):
+        out = tmp_path / f"out-{label.replace(' ', '_')}"
+        args = ["export", "--base-model", base, "--out", out]
+        for a in adapters:
+            args += ["--adapter", a]
+        res = run_cli(*args)
+        assert_clean_failure(res, *needles)
+        assert no_output_left(out), label
+
+
+def test_validation_miss_is_typed_and_writes_nothing(llama, tmp_path):
+    out = tmp_path / "strict"
+    res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
+                  "--atol", "1e-12")
+    assert_clean_failure(res, "differ from PEFT beyond atol 1e-12", "logits (single", "max abs")
+    assert no_output_left(out)
+
+
+@pytest.mark.parametrize("target", ["tasks.safetensors", "backbone.onnx.data", "composer.onnx",
+                                    "tokenizer/tokenizer.json"])
+def test_tampered_bundle_is_refused(llama, tmp_path, target):
+    import mpt_export
+    from mpt_export.errors import BundleError
+
+    b = _copy(llama.bundle, tmp_path / "b")
+    f = b / target
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one byte changed
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"bundle file {target} does not match its sha256"):
+        mpt_export.load_bundle(b)
+    assert_clean_failure(run_cli("verify", b), target, "sha256")
+
+
+def test_incomplete_bundle_is_refused(llama, tmp_path):
+    import mpt_export
+    from mpt_export.errors import BundleError
+
+    b = _copy(llama.bundle, tmp_path / "b")
+    (b / "backbone.onnx.data").unlink()
+    with pytest.raises(BundleError, match="backbone.onnx.data is missing"):
+        mpt_export.load_bundle(b)
+    (b / "manifest.json").unlink()
+    assert_clean_failure(run_cli("verify", b), "no manifest.json")
+
+
+def test_verify_against_another_base_model(llama, make_case):
+    other = make_case("gpt2")
+    assert_clean_failure(run_cli("verify", llama.bundle, "--base-model", other.base), "does not match the bundle")
+
+
+def test_runtime_input_errors(llama):
+    import mpt_export
+    from mpt_export.errors import InputError, TaskNameError
+
+    s = mpt_export.load_bundle(llama.bundle).session()
+    ids = np.ones((2, 4), np.int64)
+    with pytest.raises(TaskNameError, match="unknown task 'nope'.*a, b, c, t"):
+        s.logits(ids, ["a", "nope"])
+    with pytest.raises(InputError, match="one task per row"):
+        s.logits(ids, ["a"])
+    with pytest.raises(InputError, match="left-padded"):
+        s.logits(ids, ["a", "b"], attention_mask=np.array([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(InputError, match="at most 59 tokens fit"):
+        s.logits(np.ones((1, 60), np.int64), ["a"])
+    with pytest.raises(InputError, match="provider 'nosuch'.*available providers are: .*CPUExecutionProvider"):
+        mpt_export.load_bundle(llama.bundle).session(provider="nosuch")
