@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, export, inspect, verify
+from . import bench, demo, export, generate, inspect, tasks, verify
 
 app = typer.Typer(
     name="mpt-export",
-    help="Ship Multitask Prompt Tuning (PEFT) models: export to a validated ONNX bundle, inspect, verify.",
+    help="Ship Multitask Prompt Tuning (PEFT) models: export to a validated ONNX bundle, generate with any task from one backbone, add tasks at runtime, benchmark.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
@@ -18,6 +18,9 @@ app = typer.Typer(
 app.command(name="inspect")(inspect.inspect_cmd)
 app.command(name="export")(export.export_cmd)
 app.command(name="verify")(verify.verify_cmd)
+app.command(name="generate")(generate.generate_cmd)
+app.add_typer(tasks.app, name="tasks")
+app.command(name="bench")(bench.bench_cmd)
 app.command(name="demo")(demo.demo_cmd)
 
 

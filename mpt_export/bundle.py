@@ -61,6 +61,9 @@ def staging_dir(out: Path, force: bool):
     check_output_path(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the bundle gets ordinary directory permissions
     try:
         yield tmp
         if out.exists():

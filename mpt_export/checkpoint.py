@@ -337,6 +337,15 @@ class TaskBank:
         for x in self.tasks:
             x.shared = remap[x.shared]
 
+    def manifest_entries(self) -> list[dict]:
+        """The manifest's ``tasks`` list."""
+        return [
+            {"name": t.name, "shared_prompt": t.shared, "prompt_len": int(self.shared[t.shared].shape[0]),
+             "rank": t.rank, "source": t.source, "index_in_source": t.index_in_source,
+             "digest": t.digest(self.shared[t.shared]), "bytes": int((t.cols.size + t.rows.size) * 4)}
+            for t in self.tasks
+        ]
+
     # -- persistence (tasks.safetensors) -------------------------------------------------------------------------
     def save(self, file: str | Path) -> None:
         from safetensors.numpy import save_file

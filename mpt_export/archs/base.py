@@ -115,4 +115,6 @@ class CausalArch:
             "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
             "max_positions": self.max_positions,
+            "eos_token_id": self.config.get("eos_token_id"),
+            "bos_token_id": self.config.get("bos_token_id"),
         }

@@ -45,14 +45,16 @@ def tool_versions() -> dict:
     return out
 
 
-def load_base_model(path: str | Path):
-    """The HF causal LM in fp32, eval mode, eager attention (SDPA with a dynamic query length does not export)."""
+def load_base_model(path: str | Path, attn_implementation: str = "eager"):
+    """The HF causal LM in fp32, eval mode; eager attention by default (SDPA with a dynamic query length does not
+    export)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     cfg, arch = causal_arch(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn_implementation,
+                                                     dtype=torch.float32)
     except Exception as e:
         raise BaseModelError(
             f"could not load the base model from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -147,7 +149,7 @@ def export_bundle(
                 "backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio},
                 "composer": {"file": "composer.onnx", **cio},
             },
-            "tasks": task_entries(bank),
+            "tasks": bank.manifest_entries(),
             "adapters": [ck.summary() for ck in ckpts],
             "validation": None,
         }
@@ -159,15 +161,6 @@ def export_bundle(
         manifest["timings"] = timings
         manifest = write_manifest(tmp, manifest)
     return Bundle(out, manifest)
-
-
-def task_entries(bank: TaskBank) -> list[dict]:
-    return [
-        {"name": t.name, "shared_prompt": t.shared, "prompt_len": int(bank.shared[t.shared].shape[0]), "rank": t.rank,
-         "source": t.source, "index_in_source": t.index_in_source, "digest": t.digest(bank.shared[t.shared]),
-         "bytes": int((t.cols.size + t.rows.size) * 4)}
-        for t in bank.tasks
-    ]
 
 
 def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,

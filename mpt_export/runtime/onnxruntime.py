@@ -30,12 +30,12 @@ def resolve_provider(provider: str) -> list[str]:
 
 
 class OrtSession(Session):
-    def __init__(self, bundle, provider: str = "cpu", intra_op_threads: int | None = None, prompt_cache_size: int = 64):
+    def __init__(self, bundle, provider: str = "cpu", intra_op_threads: int | None = None, **session_options):
         try:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime is not installed; pip install onnxruntime") from None
-        super().__init__(bundle, prompt_cache_size=prompt_cache_size)
+        super().__init__(bundle, **session_options)
         self.providers = resolve_provider(provider)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import console, handle_errors, progress, quiet_libraries
+
+
+@handle_errors
+def bench_cmd(
+    preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new) or tiny.")] = "gpt2-small-shape",
+    workdir: Annotated[Path, typer.Option(help="Where the preset's model, adapter and bundle are built (reused while the preset is unchanged).")] = Path("build/bench"),
+    repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
+    threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike (default: PyTorch's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
+) -> None:
+    """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
+    quiet_libraries()
+    from mpt_export.bench import run_bench
+
+    with progress("bench") as on_step:
+        r = run_bench(preset=preset, workdir=workdir, repeats=repeats, threads=threads, on_step=on_step)
+    if as_json:
+        print(json.dumps({**r, "rows": [{k: v for k, v in x.items() if k != "tokens"} for x in r["rows"]]}, indent=2))
+        return
+    c = r["config"]
+    t = Table(title=f"bench {preset}: batch {c['batch']} x {c['input_len']} tokens (mixed tasks), {c['virtual_tokens']} "
+                    f"virtual tokens, {c['new_tokens']} new tokens, {r['threads']} threads", title_justify="left")
+    for col in ("runtime", "ms/batch", "tok/s", "vs PEFT", "= PEFT", "prefill ms", "decode ms",
+                "floor ms", "of floor"):
+        t.add_column(col, justify="left" if col == "runtime" else "right", no_wrap=True)
+    for x in r["rows"]:
+        t.add_row(x["name"], f"{x['latency_s'] * 1e3:.0f}", f"{x['tokens_per_s']:.1f}", f"{x['ratio_vs_peft']:.2f}x",
+                  "yes" if x["greedy_equal_peft"] else "[red]NO[/]",
+                  f"{x['prefill_s'] * 1e3:.0f}" if x["prefill_s"] is not None else "-",
+                  f"{x['decode_s'] * 1e3:.0f}" if x["decode_s"] is not None else "-",
+                  f"{x['floor_s'] * 1e3:.0f}", f"{x['share_of_floor'] * 100:.0f}%")
+    m = r["machine"]
+    t.caption = ("PEFT eager: PyTorch, PEFT forward + KV loop; ORT: this runtime, prompt run with every request; "
+                 "ORT + prompt KV: each task's prompt KV computed once and reused. floor: matmul FLOPs / measured rate. "
+                 f"machine: {m['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s fp32 matmul, {m['mem_bytes_per_s'] / 1e9:.1f} GB/s "
+                 f"copy; decode-step floor (weights {r['weight_bytes'] / 2**20:.0f} MiB / bandwidth) "
+                 f"{r['decode_step_bytes_floor_s'] * 1e3:.1f} ms; task prompt KV computed once: {r['task_kv_once_ms']:.0f} ms")
+    console.print(t)

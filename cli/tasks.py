@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ._common import console, handle_errors, human
+
+app = typer.Typer(help="List, add or remove tasks in a bundle — vectors only: no re-export, the backbone is untouched.",
+                  no_args_is_help=True)
+
+
+@app.command("list")
+@handle_errors
+def list_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
+    """The bundle's tasks: prompt length, rank, bytes, shared prompt and source."""
+    import mpt_export
+
+    b = mpt_export.load_bundle(bundle)
+    t = Table(title=f"{b.path}: {len(b.tasks)} tasks", title_justify="left")
+    for col in ("task", "prompt len", "rank", "bytes", "shared prompt", "source"):
+        t.add_column(col)
+    for x in b.manifest["tasks"]:
+        t.add_row(x["name"], str(x["prompt_len"]), str(x["rank"]), human(x["bytes"]), str(x["shared_prompt"]),
+                  x.get("source", ""))
+    console.print(t)
+
+
+@app.command("add")
+@handle_errors
+def add_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR of a PEFT MPT adapter trained on the bundle's base model. Repeatable.")],
+) -> None:
+    """Add the tasks of MPT adapters to a bundle (rewrites tasks.safetensors and the manifest atomically)."""
+    from mpt_export.tasks import add_tasks
+
+    before = set(_names(bundle))
+    b = add_tasks(bundle, adapter)
+    console.print(f"[green]added[/] {', '.join(t for t in b.tasks if t not in before)}; tasks: {', '.join(b.tasks)}")
+
+
+@app.command("remove")
+@handle_errors
+def remove_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    name: Annotated[str, typer.Argument(help="Task to remove.")],
+) -> None:
+    """Remove a task (its shared prompt goes too when no other task uses it)."""
+    from mpt_export.tasks import remove_task
+
+    b = remove_task(bundle, name)
+    console.print(f"[green]removed[/] {name}; tasks: {', '.join(b.tasks)}")
+
+
+def _names(bundle: Path) -> list[str]:
+    import mpt_export
+
+    return mpt_export.load_bundle(bundle).tasks

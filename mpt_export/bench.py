@@ -1,0 +1,215 @@
+"""Throughput of the runtime against PyTorch/PEFT eager, measured in one run on one machine.
+
+Rows: PEFT eager (PyTorch, same thread count: PEFT's forward for the prefill, then a KV-cache loop over the base
+model — PEFT's own ``generate`` re-injects the prompt at every step on some transformers releases, so it is not used),
+this runtime with the prompt-KV cache off, and with it on. Each row: median latency per batch over repeated runs
+after a warm-up, tokens/s, the ratio to PEFT, whether its greedy tokens equal PEFT's, and the floor — the matmul
+FLOPs the work needs over this machine's measured matmul rate, and the weight bytes one decode step reads over its
+measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class Preset:
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    max_positions: int
+    virtual_tokens: int
+    num_tasks: int
+    rank: int
+    batch: int
+    input_len: int
+    new_tokens: int
+
+
+PRESETS = {
+    # GPT-2 small's shape, random weights; 100 virtual tokens as in the MPT paper; a mixed-task batch of 8 x 64.
+    "gpt2-small-shape": Preset("gpt2", 768, 12, 12, 50257, 1024, 100, 4, 1, 8, 64, 8),
+    # seconds-long smoke run of the same code path (tests)
+    "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
+}
+
+
+def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
+    """Base model, source adapter and bundle for a preset, built in code once and reused while the preset is the same."""
+    from .bundle import load_bundle
+    from .demo import make_base_model, make_source_adapter
+    from .errors import BundleError
+    from .export.api import export_bundle
+
+    p = PRESETS[preset_name]
+    root = workdir / preset_name
+    stamp = root / "preset.json"
+    base, adapter, bundle = root / "base", root / "adapter", root / "bundle"
+    names = [f"task{i}" for i in range(p.num_tasks)]
+    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(p):
+        try:
+            load_bundle(bundle)
+            return base, bundle, names
+        except BundleError:
+            pass
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    on_step(f"build {preset_name} base model and adapter (random weights)")
+    model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
+                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=False)
+    make_source_adapter(model, adapter, num_tasks=p.num_tasks, num_virtual_tokens=p.virtual_tokens,
+                        num_ranks=p.rank)
+    del model
+    on_step("export and validate the bundle")
+    export_bundle(base, [f"{','.join(names)}={adapter}"], bundle, force=True, seed=0)
+    stamp.write_text(json.dumps(asdict(p)))
+    return base, bundle, names
+
+
+def machine_rates(threads: int) -> dict:
+    """Measured fp32 matmul rate (torch, ``threads`` threads) and memory bandwidth (large array copy)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    n, t0 = 10, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    flops = 2 * 1024**3 * n / (time.perf_counter() - t0)
+    src = np.ones(64 * 2**20 // 4, np.float32)  # 64 MiB, far past the caches
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        np.copyto(dst, src)
+    bw = 2 * src.nbytes * 5 / (time.perf_counter() - t0)  # read + write
+    return {"matmul_flops_per_s": flops, "mem_bytes_per_s": bw}
+
+
+def _flops(p: Preset, body_params: int, prompt_len: int, with_prompt: bool, all_lm_rows: bool) -> float:
+    """Matmul FLOPs for one batch: weights x tokens, attention scores/values, and the LM-head rows computed."""
+    B, S, N, H, L, V = p.batch, p.input_len, p.new_tokens, p.hidden, p.layers, p.vocab
+    pre = (prompt_len + S) if with_prompt else S  # tokens run through the body in the prefill
+    tokens = B * (pre + N - 1)
+    ctx_prefill = sum(range(prompt_len + 1, prompt_len + S + 1)) if not with_prompt else sum(range(1, prompt_len + S + 1))
+    ctx_decode = sum(prompt_len + S + i for i in range(1, N))
+    attn = 4 * H * L * B * (ctx_prefill + ctx_decode)
+    lm_rows = B * ((prompt_len + S) if all_lm_rows else 1) + B * (N - 1)
+    return 2 * body_params * tokens + attn + 2 * H * V * lm_rows
+
+
+def _peft_loop(pm, ids_t, task_ids, new_tokens: int):
+    """PEFT forward (prefill, all positions' logits as PEFT computes them), then a KV-cache loop over the base."""
+    import inspect
+
+    import torch
+
+    cache_kw = "cache" if "cache" in inspect.signature(pm.base_model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        mask = torch.ones_like(ids_t)
+        out = pm(input_ids=ids_t, attention_mask=mask, task_ids=task_ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks = [nxt]
+        full_mask = torch.ones(ids_t.shape[0], cache.get_seq_length(), dtype=torch.long)
+        for _ in range(new_tokens - 1):
+            full_mask = torch.cat([full_mask, torch.ones_like(nxt)], dim=1)
+            out = pm.base_model(input_ids=nxt, attention_mask=full_mask, use_cache=True, **{cache_kw: cache})
+            cache = getattr(out, "cache", None) or out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+    return torch.cat(toks, dim=1).numpy()
+
+
+def _time(fn, repeats: int, warmup: int = 1):
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/bench", repeats: int = 5,
+              threads: int | None = None, on_step=None) -> dict:
+    """Build (once) and benchmark a preset; returns rows and machine figures (see module docstring)."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown bench preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if repeats < 1:
+        raise InputError(f"repeats must be >= 1, got {repeats}")
+    step = on_step or (lambda s: None)
+    import torch
+
+    from .bundle import load_bundle
+    from .export.api import adapters_from_bank, load_base_model
+    from .export.reference import peft_model_for
+
+    p = PRESETS[preset]
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    base, bundle_dir, names = _prepare(preset, Path(workdir), step)
+    step("measure machine matmul rate and memory bandwidth")
+    rates = machine_rates(threads)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, p.vocab, (p.batch, p.input_len), dtype=np.int64)
+    tasks = [names[i % len(names)] for i in range(p.batch)]
+
+    step("PEFT eager")
+    model, _, arch = load_base_model(base, attn_implementation="sdpa")  # PyTorch's fastest attention for the baseline
+    b = load_bundle(bundle_dir)
+    (ck, ck_names), = adapters_from_bank(b.task_bank())
+    pm = peft_model_for(model, ck)
+    task_ids = torch.tensor([ck_names.index(t) for t in tasks])
+    ids_t = torch.from_numpy(ids)
+    t_peft, tok_peft = _time(lambda: _peft_loop(pm, ids_t, task_ids, p.new_tokens), repeats)
+    body = sum(x.numel() for n, x in model.named_parameters() if "wte" not in n and "embed" not in n
+               and "lm_head" not in n and "wpe" not in n)
+    weight_bytes = sum(x.numel() * x.element_size() for x in {id(x): x for x in model.parameters()}.values())
+    del pm, model
+
+    s = b.session(provider="cpu", intra_op_threads=threads)
+    rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops":
+             _flops(p, body, p.virtual_tokens, True, True), "prefill_s": None, "decode_s": None}]
+    for label, cache in (("ORT", False), ("ORT + prompt KV", True)):
+        step(label)
+        if cache:
+            t0 = time.perf_counter()
+            s.task_kv(tasks[0])
+            rows_task_kv_ms = (time.perf_counter() - t0) * 1e3
+        lat, res = _time(lambda c=cache: s.generate_detailed(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None,
+                                                             prompt_kv_cache=c), repeats)
+        rows.append({"name": label, "latency_s": lat, "tokens": res.ids, "flops": _flops(p, body, p.virtual_tokens,
+                     not cache, False), "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
+                     "tokens_processed": res.tokens_processed})
+    new = p.batch * p.new_tokens
+    for r in rows:
+        r["tokens_per_s"] = new / r["latency_s"]
+        r["ratio_vs_peft"] = t_peft / r["latency_s"]
+        r["greedy_equal_peft"] = bool(np.array_equal(r["tokens"], tok_peft))
+        r["floor_s"] = r["flops"] / rates["matmul_flops_per_s"]
+        r["share_of_floor"] = r["floor_s"] / r["latency_s"]
+        r["tokens"] = r["tokens"].tolist()
+    decode_step_floor = weight_bytes / rates["mem_bytes_per_s"]
+    return {
+        "preset": preset, "config": asdict(p), "threads": threads, "repeats": repeats, "machine": rates,
+        "weight_bytes": weight_bytes, "decode_step_bytes_floor_s": decode_step_floor, "rows": rows,
+        "task_kv_once_ms": rows_task_kv_ms, "cpu_count": os.cpu_count(),
+    }

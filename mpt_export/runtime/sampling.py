@@ -1,0 +1,60 @@
+"""Token selection: greedy, or sampling with temperature / top-k / top-p. One generator per row, seeded from
+(seed, row), so a row's draws do not depend on which other rows are still running."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generators(self, batch: int) -> list[np.random.Generator]:
+        seed = self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+        return [np.random.default_rng([seed, b]) for b in range(batch)]
+
+
+def select(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator]) -> np.ndarray:
+    """logits (B, V), rngs one per row -> token ids (B,)."""
+    if cfg.greedy:
+        return logits.argmax(-1).astype(np.int64)
+    out = np.empty(logits.shape[0], np.int64)
+    for b, row in enumerate(logits.astype(np.float64) / cfg.temperature):
+        if cfg.top_k and cfg.top_k < row.size:
+            kth = np.partition(row, -cfg.top_k)[-cfg.top_k]
+            row = np.where(row < kth, -np.inf, row)
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        if cfg.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = order[: int(np.searchsorted(cum, cfg.top_p) + 1)]  # smallest set reaching top_p
+            mask = np.zeros_like(p, bool)
+            mask[keep] = True
+            p = np.where(mask, p, 0.0)
+            p /= p.sum()
+        out[b] = rngs[b].choice(p.size, p=p)
+    return out

@@ -1,0 +1,59 @@
+"""The bundle's tokenizer, through ``tokenizers`` only (no transformers at runtime)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError, InputError
+
+
+class BundleTokenizer:
+    def __init__(self, bundle_dir: Path, manifest: dict):
+        from tokenizers import Tokenizer
+
+        tdir = Path(bundle_dir) / "tokenizer"
+        if not (tdir / "tokenizer.json").is_file():
+            raise BundleError(
+                f"{bundle_dir} has no tokenizer/tokenizer.json, so text cannot be encoded; pass token ids "
+                "(Session.generate_ids) or export from a base model directory that holds a fast tokenizer"
+            )
+        self.tok = Tokenizer.from_file(str(tdir / "tokenizer.json"))
+        cfg = {}
+        if (tdir / "tokenizer_config.json").is_file():
+            cfg = json.loads((tdir / "tokenizer_config.json").read_text())
+        self.eos_token_id = self._special_id(cfg.get("eos_token"))
+        if self.eos_token_id is None:
+            eos = manifest["base_model"].get("eos_token_id")
+            self.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
+        pad = self._special_id(cfg.get("pad_token"))
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+
+    def _special_id(self, tok) -> int | None:
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return self.tok.token_to_id(tok) if isinstance(tok, str) else None
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids and mask, int64 (B, S)."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise InputError(f"prompt {i} is empty; give some text to continue")
+        encs = [self.tok.encode(t).ids for t in texts]
+        S = max(len(e) for e in encs)
+        ids = np.full((len(encs), S), self.pad_token_id, np.int64)
+        mask = np.zeros((len(encs), S), np.int64)
+        for b, e in enumerate(encs):
+            if not e:
+                raise InputError(f"prompt {b} encodes to no tokens; give some text to continue")
+            ids[b, S - len(e):] = e
+            mask[b, S - len(e):] = 1
+        return ids, mask
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token(self, i: int) -> str:
+        return self.tok.decode([int(i)], skip_special_tokens=True)

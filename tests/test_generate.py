@@ -1,0 +1,248 @@
+"""Generation against PEFT's forward, prompt-KV cache, batching, sampling, EOS, task swap, threads."""
+
+import hashlib
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import mpt_export
+from conftest import run_cli
+from mpt_export.errors import BaseModelError, InputError, TaskNameError
+from mpt_export.export.api import adapters_from_bank, load_base_model
+from mpt_export.export.reference import peft_model_for
+
+
+def peft_greedy(pm, task_index, ids, steps):
+    """argmax of PEFT's forward recomputed on the growing sequence, no cache."""
+    import torch
+
+    seq = torch.from_numpy(ids.astype(np.int64))
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq), task_ids=torch.tensor([task_index]),
+                        use_cache=False).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(int(nxt))
+            seq = torch.cat([seq, nxt], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-gqa", "gpt2"])
+def test_greedy_equals_peft_forward_every_task(make_case, arch):
+    case = make_case(arch)
+    b = mpt_export.load_bundle(case.bundle)
+    model, _, _ = load_base_model(case.base)
+    s = b.session()
+    rng = np.random.default_rng(11)
+    for ck, names in adapters_from_bank(b.task_bank()):
+        pm = peft_model_for(model, ck)
+        for i, name in enumerate(names):
+            ids = rng.integers(0, s.vocab_size, (1, 6))
+            ref = peft_greedy(pm, i, ids, 16)
+            got = s.generate_ids(ids, [name], max_new_tokens=16, eos_token_id=None)
+            assert got.tolist() == [ref], (arch, name)
+
+
+def _batch(s, lens, seed=5):
+    rng = np.random.default_rng(seed)
+    S = max(lens)
+    ids = np.zeros((len(lens), S), np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lens):
+        ids[i, S - n:] = rng.integers(0, s.vocab_size, n)
+        mask[i, S - n:] = 1
+    return ids, mask
+
+
+def test_cache_on_off_and_batch_equals_solo(make_case):
+    s = mpt_export.load_bundle(make_case("llama-gqa").bundle).session()
+    tasks = ["t", "a", "c", "b"]
+    ids, mask = _batch(s, [7, 2, 5, 7])
+    on = s.generate_ids(ids, tasks, mask, max_new_tokens=12, eos_token_id=None, prompt_kv_cache=True)
+    off = s.generate_ids(ids, tasks, mask, max_new_tokens=12, eos_token_id=None, prompt_kv_cache=False)
+    np.testing.assert_array_equal(on, off)
+    for i, n in enumerate([7, 2, 5, 7]):
+        solo = s.generate_ids(ids[i:i + 1, -n:], [tasks[i]], max_new_tokens=12, eos_token_id=None)
+        np.testing.assert_array_equal(on[i], solo[0])
+    # the cache really skips the prompt: fewer tokens run through the backbone
+    r_on = s.generate_detailed(ids, tasks, mask, max_new_tokens=2, prompt_kv_cache=True)
+    r_off = s.generate_detailed(ids, tasks, mask, max_new_tokens=2, prompt_kv_cache=False)
+    assert r_off.tokens_processed - r_on.tokens_processed == 4 * 5
+
+
+def test_prompt_kv_cache_is_bounded_and_keyed_by_content(llama):
+    b = mpt_export.load_bundle(llama.bundle)
+    s = b.session(kv_cache_size=2)
+    for t in b.tasks:
+        s.task_kv(t)
+    assert len(s._task_kv) == 2
+    kv_a = s.task_kv("a")
+    task = s.bank.task("a")
+    task.rows = task.rows + np.random.default_rng(0).normal(size=task.rows.shape).astype(np.float32)  # changed task
+    assert not np.allclose(s.task_kv("a")[0], kv_a[0], atol=1e-3)  # must not reuse the stale KV
+
+
+def test_sampling_is_reproducible(llama):
+    s = mpt_export.load_bundle(llama.bundle).session()
+    ids, mask = _batch(s, [4, 6])
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, eos_token_id=None)
+    a = s.generate_ids(ids, ["a", "t"], mask, seed=1, **kw)
+    b = s.generate_ids(ids, ["a", "t"], mask, seed=1, **kw)
+    c = s.generate_ids(ids, ["a", "t"], mask, seed=2, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # top_k=1 is greedy whatever the temperature
+    g = s.generate_ids(ids, ["a", "t"], mask, max_new_tokens=10, eos_token_id=None)
+    np.testing.assert_array_equal(s.generate_ids(ids, ["a", "t"], mask, max_new_tokens=10, temperature=2.0, top_k=1,
+                                                 seed=9, eos_token_id=None), g)
+
+
+def test_eos_stops_one_row_while_others_continue(llama):
+    s = mpt_export.load_bundle(llama.bundle).session()
+    ids, mask = _batch(s, [5, 5], seed=21)
+    free = s.generate_ids(ids, ["a", "b"], mask, max_new_tokens=12, eos_token_id=None)
+    # an EOS token that row 0 emits at some step k and row 1 never emits
+    k, eos = next((k, int(t)) for k, t in enumerate(free[0]) if k >= 1 and int(t) not in free[1] and int(t) not in free[0][:k])
+    r = s.generate_detailed(ids, ["a", "b"], mask, max_new_tokens=12, eos_token_id=eos)
+    assert r.lengths.tolist() == [k + 1, 12] and r.finish == ["eos", "length"]
+    np.testing.assert_array_equal(r.ids[1], free[1])
+    assert (r.ids[0, k:] == eos).all()
+
+
+def test_session_add_task_in_memory(llama):
+    b = mpt_export.load_bundle(llama.bundle)
+    s = b.session()
+    bank = b.task_bank()
+    t = bank.task("b")
+    s.add_task("b2", shared_prompt=bank.shared[t.shared], cols=t.cols, rows=t.rows)
+    ids = np.array([[3, 4, 5]])
+    np.testing.assert_array_equal(s.generate_ids(ids, ["b2"], max_new_tokens=6),
+                                  s.generate_ids(ids, ["b"], max_new_tokens=6))
+    with pytest.raises(InputError, match=r"expected \[T, 32\]"):
+        s.add_task("bad", shared_prompt=np.zeros((5, 16)), cols=np.zeros((5, 1)), rows=np.zeros((1, 16)))
+    with pytest.raises(TaskNameError, match="already exists"):
+        s.add_task("b2", shared_prompt=bank.shared[0], cols=t.cols, rows=t.rows)
+
+
+def test_concurrent_generate_matches_sequential(llama):
+    s = mpt_export.load_bundle(llama.bundle).session()
+    jobs = [(_batch(s, [3 + i, 6], seed=i), ["a", "b", "c", "t"][i % 4]) for i in range(8)]
+    seq = [s.generate_ids(ids, [task, "t"], mask, max_new_tokens=8) for (ids, mask), task in jobs]
+    res = [None] * len(jobs)
+
+    def work(j):
+        (ids, mask), task = jobs[j]
+        res[j] = s.generate_ids(ids, [task, "t"], mask, max_new_tokens=8)
+
+    for rnd in range(2):
+        threads = [threading.Thread(target=work, args=(j,)) for j in range(rnd * 4, rnd * 4 + 4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    for a, b in zip(seq, res):
+        np.testing.assert_array_equal(a, b)
+
+
+def _digests(d):
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
+
+
+def test_tasks_add_generate_remove(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mpt_export.demo import make_source_adapter
+
+    bdir = tmp_path / "b"
+    shutil.copytree(llama.bundle, bdir)
+    backbone_sha = json.loads((bdir / "manifest.json").read_text())["files"]["backbone.onnx.data"]
+    new = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "new", num_tasks=2,
+                              num_virtual_tokens=7, num_ranks=3, seed=99)
+    res = run_cli("tasks", "add", bdir, "--adapter", f"qa,nli={new}")
+    assert res.returncode == 0, res.stderr
+    b = mpt_export.load_bundle(bdir)
+    assert b.tasks == ["a", "b", "c", "t", "qa", "nli"]
+    assert b.manifest["files"]["backbone.onnx.data"] == backbone_sha
+    # the new task generates exactly what PEFT's forward gives
+    model, _, _ = load_base_model(llama.base)
+    from mpt_export.checkpoint import read_adapter
+
+    pm = peft_model_for(model, read_adapter(new))
+    ids = np.array([[7, 8, 9, 10]])
+    assert b.session().generate_ids(ids, ["nli"], max_new_tokens=8, eos_token_id=None).tolist() == [
+        peft_greedy(pm, 1, ids, 8)]
+    # a mixed batch across old and new tasks (prompt lengths 5 and 7) still gives each row its solo result
+    s = b.session()
+    bi, bm = _batch(s, [4, 6, 2])
+    mixed = s.generate_ids(bi, ["qa", "a", "nli"], bm, max_new_tokens=6, eos_token_id=None)
+    for i, n in enumerate([4, 6, 2]):
+        np.testing.assert_array_equal(mixed[i], s.generate_ids(bi[i:i + 1, -n:], [["qa", "a", "nli"][i]],
+                                                               max_new_tokens=6, eos_token_id=None)[0])
+    res = run_cli("tasks", "list", bdir)
+    assert res.returncode == 0 and "nli" in res.stdout
+    res = run_cli("tasks", "remove", bdir, "qa")
+    assert res.returncode == 0, res.stderr
+    assert mpt_export.load_bundle(bdir).tasks == ["a", "b", "c", "t", "nli"]
+    # the original bundle (hard-linked mirror) was never written through
+    assert mpt_export.load_bundle(llama.bundle).tasks == ["a", "b", "c", "t"]
+
+
+def test_generate_cli(llama, tmp_path):
+    res = run_cli("generate", llama.bundle, "--task", "a", "the movie was", "a great", "--max-new-tokens", "5", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["task"] for r in rows] == ["a", "a"] and all(1 <= len(r["ids"]) <= 5 for r in rows)
+    s = mpt_export.load_bundle(llama.bundle).session()
+    assert rows[0]["text"] == s.generate(["the movie was"], ["a"], max_new_tokens=5)[0]
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps({"task": t, "text": x}) for t, x in
+                           [("a", "one frozen backbone"), ("t", "the plot"), ("b", "question : where")]))
+    res = run_cli("generate", llama.bundle, "--input-file", f, "--batch-size", "2", "--max-new-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["task"] for r in rows] == ["a", "t", "b"]
+    assert rows[1]["text"] == s.generate(["the plot"], ["t"], max_new_tokens=4)[0]  # batch of 2 == alone
+    res = run_cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--stream")
+    assert res.returncode == 0 and res.stdout.rstrip("\n") == rows[1]["text"]
+
+
+def test_generate_bad_inputs(llama, tmp_path):
+    from test_cli import assert_clean_failure
+
+    before = _digests(llama.bundle)
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "nope", "hi"), "unknown task 'nope'", "a, b, c, t")
+    long = " ".join(["the movie was great"] * 40)
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", long), "at most 59 tokens fit")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "the movie", "--max-new-tokens", "60"),
+                         "input + max_new_tokens <= 59")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", ""), "prompt 0 is empty")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--max-new-tokens", "0"),
+                         "max_new_tokens must be a positive integer")
+    from test_cli import _wide_adapter
+
+    other = _wide_adapter(tmp_path)
+    assert_clean_failure(run_cli("tasks", "add", llama.bundle, "--adapter", f"w1,w2={other}"),
+                         "trained for another base model", "token_dim 48", "hidden size is 32")
+    assert_clean_failure(run_cli("tasks", "add", llama.bundle, "--adapter", f"a={llama.target}"), "'a' is used twice")
+    assert_clean_failure(run_cli("tasks", "remove", llama.bundle, "zz"), "unknown task 'zz'")
+    assert _digests(llama.bundle) == before
+    assert not list(llama.bundle.parent.glob(".bundle.tmp-*"))
+    s = mpt_export.load_bundle(llama.bundle).session()
+    with pytest.raises(BaseModelError):
+        from mpt_export.checkpoint import read_adapter
+        from mpt_export.tasks import check_adapter_matches
+
+        check_adapter_matches(mpt_export.load_bundle(llama.bundle), read_adapter(other))
+    del s
+
+
+def test_bench_tiny_runs_end_to_end(tmp_path):
+    res = run_cli("bench", "--preset", "tiny", "--workdir", tmp_path, "--repeats", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    names = [x["name"] for x in r["rows"]]
+    assert len(names) == 3 and names[0].startswith("PEFT")
+    assert all(x["greedy_equal_peft"] for x in r["rows"])
+    assert r["rows"][2]["tokens_processed"] < r["rows"][1]["tokens_processed"]
