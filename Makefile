@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mpt-export demo --workdir build/demo
+
+bench: $(STAMP)
+	$(VENV)/bin/mpt-export bench --preset gpt2-small-shape --workdir build/bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q

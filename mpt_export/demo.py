@@ -18,9 +18,71 @@ is the second sentence a paraphrase of the first ? no , they mean different thin
 question : where is the station ? answer : the station is next to the old bridge .
 prompt tuning learns a few virtual tokens ; multitask prompt tuning shares one prompt across many tasks .
 one frozen backbone serves every task , and a task is a few kilobytes of low-rank vectors .
+the premise clearly entails the hypothesis . the station is next to the old bridge .
+the backbone serves every task , and a task is a few kilobytes of vectors .
 """.strip()
 
 ARCHS = ("llama", "llama-gqa", "mistral", "qwen2", "gpt2")
+
+# Per-task training text for the demo's MPT prompts (source tasks, then the target task).
+TASK_TEXT = {
+    "sst2": ["the movie was great and the actors were wonderful ."],
+    "mnli": ["the premise clearly entails the hypothesis ."],
+    "qnli": ["the station is next to the old bridge ."],
+    "rte": ["the backbone serves every task , and a task is a few kilobytes of vectors ."],
+}
+
+
+def _lm_batch(tok, lines: list[str]):
+    import torch
+
+    encs = [tok.encode(x).ids for x in lines]
+    S = max(len(e) for e in encs)
+    ids = torch.zeros(len(encs), S, dtype=torch.long)
+    labels = torch.full((len(encs), S), -100, dtype=torch.long)
+    mask = torch.zeros(len(encs), S, dtype=torch.long)
+    for i, e in enumerate(encs):  # right-padded for training; labels ignore the padding
+        ids[i, : len(e)], labels[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), torch.tensor(e), 1
+    return ids, mask, labels
+
+
+def train_base(model, tok, steps: int = 300, lr: float = 3e-3) -> float:
+    """A few seconds of next-token training on the corpus, so the demo's base model writes words."""
+    import torch
+
+    ids, mask, labels = _lm_batch(tok, CORPUS.splitlines())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+def train_prompts(pm, tok, task_lines: list[list[str]], steps: int = 150, lr: float = 3e-2) -> float:
+    """Multitask prompt training through PEFT: each task's lines, with its task id, updating only the prompt."""
+    import torch
+
+    batches = []
+    for k, lines in enumerate(task_lines):
+        ids, mask, labels = _lm_batch(tok, lines)
+        batches.append((ids, mask, labels, torch.full((ids.shape[0],), k, dtype=torch.long)))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    pm.train()
+    for _ in range(steps):
+        total = 0.0
+        for ids, mask, labels, task_ids in batches:
+            loss = pm(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss)
+    pm.eval()
+    return total / len(batches)
 
 
 def make_tokenizer(out_dir: str | Path, vocab_size: int = 320):
@@ -128,18 +190,44 @@ def make_target_adapter(base_model, out_dir: str | Path, source_dir: str | Path,
     return Path(out_dir)
 
 
-def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 0) -> dict:
-    """Base model + source adapter (3 tasks) + target adapter (own shared prompt) under ``workdir``."""
+def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 0, train: bool = True) -> dict:
+    """Base model + source adapter (3 tasks) + target adapter (own shared prompt) under ``workdir``.
+
+    With ``train`` (the demo), the base model learns the corpus and the prompts are trained through PEFT on
+    per-task text — source training with task ids, then target training initialised from a source task — so the
+    tasks visibly write different things; without it (fast tests), the vectors are random."""
+    import torch
+    from peft import MultitaskPromptTuningConfig, get_peft_model
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
     workdir = Path(workdir)
     base = workdir / "base"
     model = make_base_model(base, arch=arch, seed=seed)
-    src = make_source_adapter(model, workdir / "adapters" / "source", num_tasks=3, num_ranks=2, seed=seed + 1)
-    # get_peft_model wraps in place for prompt learning; reload a clean base for the second adapter
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    tgt = make_target_adapter(model, workdir / "adapters" / "target", src, source_task=1, seed=seed + 2)
-    return {"base": base, "source": src, "target": tgt,
+    src, tgt = workdir / "adapters" / "source", workdir / "adapters" / "target"
+    losses = {}
+    if not train:
+        make_source_adapter(model, src, num_tasks=3, num_ranks=2, seed=seed + 1)
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        make_target_adapter(model, tgt, src, source_task=1, seed=seed + 2)
+    else:
+        torch.manual_seed(seed)
+        tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+        losses["base"] = train_base(model, tok)
+        model.save_pretrained(str(base))
+        names = ["sst2", "mnli", "qnli"]
+        pm = get_peft_model(model, MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8,
+                                                               num_tasks=3, num_ranks=2))
+        losses["source"] = train_prompts(pm, tok, [TASK_TEXT[n] for n in names])
+        pm.save_pretrained(str(src))
+        model = AutoModelForCausalLM.from_pretrained(str(base))
+        pm = get_peft_model(model, MultitaskPromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=8, num_tasks=1, num_ranks=2,
+            prompt_tuning_init="EXACT_SOURCE_TASK", prompt_tuning_init_task=1,
+            prompt_tuning_init_state_dict_path=str(src / "adapter_model.safetensors")))
+        losses["target"] = train_prompts(pm, tok, [TASK_TEXT["rte"]])
+        pm.save_pretrained(str(tgt))
+    return {"base": base, "source": src, "target": tgt, "losses": losses,
             "adapters": [f"sst2,mnli,qnli={src}", f"rte={tgt}"]}
 
 
@@ -160,4 +248,18 @@ def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force:
     t1 = time.perf_counter()
     bundle = export_bundle(inputs["base"], inputs["adapters"], workdir / "bundle", force=True, on_step=on_step)
     t_export = time.perf_counter() - t1
-    return {"inputs": inputs, "bundle": bundle, "build_s": t_build, "export_s": t_export}
+    if on_step:
+        on_step("generate with every task from one backbone")
+    session = bundle.session()
+    prompt = "the"
+    outputs = {t: session.generate([prompt], [t], max_new_tokens=16)[0] for t in bundle.tasks}
+    # a task added at runtime: vectors only, usable at once (here: the target task's vectors under a new name)
+    bank = bundle.task_bank()
+    rte = bank.task("rte")
+    t2 = time.perf_counter()
+    session.add_task("rte-copy", shared_prompt=bank.shared[rte.shared], cols=rte.cols, rows=rte.rows)
+    first = session.generate([prompt], ["rte-copy"], max_new_tokens=16)[0]
+    t_add = time.perf_counter() - t2
+    return {"inputs": inputs, "bundle": bundle, "build_s": t_build, "export_s": t_export, "prompt": prompt,
+            "outputs": outputs, "add_task_ms": t_add * 1e3, "added_output": first,
+            "task_bytes": int((rte.cols.size + rte.rows.size) * 4)}
