@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -12,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output (logs, CI) gets 120 columns instead of rich's 80 so that report tables are not squeezed.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 err_console = Console(stderr=True)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ._common import console, handle_errors, progress, quiet_libraries
@@ -30,8 +31,9 @@ def bench_cmd(
     c = r["config"]
     t = Table(title=f"bench {preset}: batch {c['batch']} x {c['input_len']} tokens (mixed tasks), {c['virtual_tokens']} "
                     f"virtual tokens, {c['new_tokens']} new tokens, {r['threads']} threads", title_justify="left")
-    for col in ("runtime", "ms/batch", "tok/s", "vs PEFT", "= PEFT", "prefill ms", "decode ms",
-                "floor ms", "of floor"):
+    t.box = box.SIMPLE_HEAD
+    t.pad_edge = False
+    for col in ("runtime", "ms/batch", "tok/s", "xPEFT", "=PEFT", "prefill", "decode", "floor", "%floor"):
         t.add_column(col, justify="left" if col == "runtime" else "right", no_wrap=True)
     for x in r["rows"]:
         t.add_row(x["name"], f"{x['latency_s'] * 1e3:.0f}", f"{x['tokens_per_s']:.1f}", f"{x['ratio_vs_peft']:.2f}x",
@@ -40,8 +42,9 @@ def bench_cmd(
                   f"{x['decode_s'] * 1e3:.0f}" if x["decode_s"] is not None else "-",
                   f"{x['floor_s'] * 1e3:.0f}", f"{x['share_of_floor'] * 100:.0f}%")
     m = r["machine"]
-    t.caption = ("PEFT eager: PyTorch, PEFT forward + KV loop; ORT: this runtime, prompt run with every request; "
-                 "ORT + prompt KV: each task's prompt KV computed once and reused. floor: matmul FLOPs / measured rate. "
+    t.caption = ("ms: median latency per batch; xPEFT: throughput ratio; =PEFT: same greedy tokens; prefill/decode/"
+                 "floor in ms (floor: matmul FLOPs / measured rate). PEFT eager: PyTorch, PEFT forward + KV loop; ORT: "
+                 "this runtime, prompt run with every request; ORT + prompt KV: each task's prompt KV computed once. "
                  f"machine: {m['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s fp32 matmul, {m['mem_bytes_per_s'] / 1e9:.1f} GB/s "
                  f"copy; decode-step floor (weights {r['weight_bytes'] / 2**20:.0f} MiB / bandwidth) "
                  f"{r['decode_step_bytes_floor_s'] * 1e3:.1f} ms; task prompt KV computed once: {r['task_kv_once_ms']:.0f} ms")
