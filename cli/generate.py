@@ -77,7 +77,7 @@ def generate_cmd(
               stop=stop or None)
     for start in range(0, len(texts), batch_size):
         bt, btasks = texts[start:start + batch_size], tasks[start:start + batch_size]
-        ids, mask = tok.encode_batch(bt)
+        ids, mask = s.encode_texts(bt)
         on_step = None
         if stream:
             acc, shown = [], [""]

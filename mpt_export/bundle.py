@@ -130,9 +130,9 @@ class Bundle:
 
     def session(self, provider: str = "cpu", **options):
         """An ONNX Runtime session over this bundle (``provider``: cpu, cuda, tensorrt, or an ORT provider name)."""
-        from .runtime.onnxruntime import OrtSession
+        from .runtime.onnxruntime import ort_session
 
-        return OrtSession(self, provider=provider, **options)
+        return ort_session(self, provider=provider, **options)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

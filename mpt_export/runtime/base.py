@@ -1,13 +1,9 @@
-"""Backend-independent session logic (Polygraphy-style: the base owns the public API and input checks, backends
-override ``*_impl``).
+"""Backend-independent session logic (Polygraphy style: the base owns the public API and the input checks,
+backends implement ``_run_graph_impl(graph, feed)``; model kinds — causal, seq2seq — implement ``_start``/``_step``
+of the shared decode loop).
 
-Batch layout for a left-padded, mixed-task batch. Prompts may differ in length per task, so they are left-padded
-too; every row then reads ``[pad | prompt_k | pad | text]``:
-
-    prompt_embeds   (B, Pmax, H)      zeros where a row's prompt is shorter
-    attention_mask  (B, Pmax + S)     1 on the prompt and the text, 0 on padding
-    position_ids    (B, Pmax + S)     cumsum(mask) - 1: the prompt sits at 0..P_k-1 and the text follows at P_k..
-
+Batch layout (causal): prompts may differ in length per task, so they are left-padded too; every row then reads
+``[pad | prompt_k | pad | text]`` with positions ``cumsum(mask) - 1`` — the prompt at 0..P_k-1, the text from P_k.
 Masked slots attend to nothing and are attended by nothing, and each row's positions are those it has alone, so a
 row's result does not depend on what else is in the batch (PEFT's own positions shift with padding; we do not).
 """
@@ -51,43 +47,46 @@ class _LRU:
 
 @dataclass
 class GenerationResult:
-    """``ids`` (B, N) int64, rows padded with ``pad_id`` after they stop; ``lengths`` tokens generated per row."""
+    """``ids`` (B, N) int64, rows padded with EOS (or 0) after they stop; ``lengths`` tokens generated per row."""
 
     ids: np.ndarray
     lengths: np.ndarray
     finish: list[str]  # "eos" | "stop" | "length" per row
     timings: dict = field(default_factory=dict)
-    tokens_processed: int = 0  # tokens the backbone ran over (prompt rows included when not cached)
+    tokens_processed: int = 0  # tokens run through the model (prompt rows included when not cached)
 
 
 class Session:
+    """What every model kind and backend shares: the task bank, prompt composition, tokenizer, decode loop."""
+
     def __init__(self, bundle, prompt_cache_size: int = 64, prompt_kv_cache: bool = True, kv_cache_size: int = 32):
         self.bundle = bundle
         m = bundle.manifest
-        self.io = m["graphs"]["backbone"]
-        self.num_layers = int(m["base_model"]["num_layers"])
-        self.vocab_size = int(m["base_model"]["vocab_size"])
-        self.max_positions = int(m["base_model"]["max_positions"])
-        self.hidden_size = int(m["base_model"]["hidden_size"])
+        bm = m["base_model"]
+        self.num_layers = int(bm["num_layers"])
+        self.vocab_size = int(bm["vocab_size"])
+        self.max_positions = int(bm["max_positions"])
+        self.hidden_size = int(bm["hidden_size"])
         self.bank = bundle.task_bank()
-        self.eos_token_id = m["base_model"].get("eos_token_id")
-        if isinstance(self.eos_token_id, list):
-            self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
-        self._kv_shape = {}
-        for spec in self.io["inputs"]:
-            if spec["name"].startswith("past_key_values."):
-                self._kv_shape[spec["name"]] = (spec["shape"][1], spec["shape"][3])  # (kv_heads, head_dim)
+        eos = bm.get("eos_token_id")
+        self.eos_token_id = (eos[0] if eos else None) if isinstance(eos, list) else eos
         self._prompts = _LRU(prompt_cache_size)  # digest -> composed prompt (T, H)
         self.prompt_kv_cache = prompt_kv_cache
-        self._task_kv = _LRU(kv_cache_size)  # digest -> [present.i.key/value (1, KV, T, Dh)]
+        self._task_kv = _LRU(kv_cache_size)
         self._bank_lock = threading.Lock()
         self._tokenizer = None
 
     # -- to override ---------------------------------------------------------------------------------------------
-    def _run_backbone_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_graph_impl(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph of the bundle (``backbone``, ``encoder``, ``decoder``, ``composer``) -> outputs by name."""
         raise NotImplementedError
 
-    def _run_composer_impl(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+    def _start(self, ids, tasks, mask, use_cache: bool):
+        """Prefill: -> (last-position logits (B, V), loop state {name: (B, ...)}, tokens processed)."""
+        raise NotImplementedError
+
+    def _step(self, state: dict, tokens: np.ndarray):
+        """One decode step for the running rows: -> (logits (b, V), new state)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -104,47 +103,25 @@ class Session:
     def tasks(self) -> list[str]:
         return self.bank.names
 
-    def task_prompt(self, name: str) -> np.ndarray:
-        """The composed prompt of ``name`` (T, H), computed by the composer graph once and cached by content."""
-        task, shared, key = self._task(name)
-        hit = self._prompts.get(key)
-        if hit is not None:
-            return hit
-        out = self._run_composer_impl({
-            "shared_prompt": shared[None].astype(np.float32),  # (1, T, H)
-            "task_cols": task.cols[None].astype(np.float32),  # (1, T, r)
-            "task_rows": task.rows[None].astype(np.float32),  # (1, r, H)
-        })[0]
-        self._prompts.put(key, out)
-        return out
-
     def _task(self, name: str):
         with self._bank_lock:
             task = self.bank.task(name)
             shared = self.bank.shared[task.shared]
         return task, shared, task.digest(shared)
 
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((batch, kv, 0, hd), np.float32) for n, (kv, hd) in self._kv_shape.items()}
-
-    def task_kv(self, name: str) -> list[np.ndarray]:
-        """The task's prompt keys/values, one (1, KV, T, Dh) array per ``present`` output.
-
-        Virtual tokens come first and a causal model lets them attend only to each other, so their KV depends on
-        the task alone: computed once, kept (LRU, keyed by the task's content), and every request starts from it."""
+    def task_prompt(self, name: str) -> np.ndarray:
+        """The composed prompt of ``name`` (T, H), computed by the composer graph once and cached by content."""
         task, shared, key = self._task(name)
-        hit = self._task_kv.get(key)
+        hit = self._prompts.get(key)
         if hit is not None:
             return hit
-        prompt = self.task_prompt(name)
-        P = prompt.shape[0]
-        feed = {"input_ids": np.zeros((1, 0), np.int64), "prompt_embeds": prompt[None],
-                "attention_mask": np.ones((1, P), np.int64), "position_ids": np.arange(P, dtype=np.int64)[None],
-                **self._empty_past(1)}
-        out = self._run_backbone_impl(feed)
-        kv = [out[f"present.{i}.{k}"] for i in range(self.num_layers) for k in ("key", "value")]
-        self._task_kv.put(key, kv)
-        return kv
+        out = self._run_graph_impl("composer", {
+            "shared_prompt": shared[None].astype(np.float32),  # (1, T, H)
+            "task_cols": task.cols[None].astype(np.float32),  # (1, T, r)
+            "task_rows": task.rows[None].astype(np.float32),  # (1, r, H)
+        })["prompt_embeds"][0]
+        self._prompts.put(key, out)
+        return out
 
     def add_task(self, name: str, shared_prompt, cols, rows) -> None:
         """Make a task usable in this session at once (in memory; ``mpt-export tasks add`` persists one).
@@ -160,7 +137,10 @@ class Session:
                 f"task {name!r} has shapes shared_prompt {list(P.shape)}, cols {list(C.shape)}, rows {list(R.shape)}; "
                 f"expected [T, {H}], [T, r], [r, {H}] (this bundle's hidden size is {H})"
             )
-        if P.shape[0] + 1 > self.max_positions:
+        nts = self.bank.num_transformer_submodules
+        if P.shape[0] % nts:
+            raise InputError(f"task {name!r} has {P.shape[0]} prompt rows, not a multiple of num_transformer_submodules {nts}")
+        if P.shape[0] // nts + 1 > self.max_positions:
             raise InputError(f"task {name!r} has {P.shape[0]} virtual tokens; the model has only {self.max_positions} positions")
         check_task_name(name)
         with self._bank_lock:
@@ -173,8 +153,13 @@ class Session:
         with self._bank_lock:
             self.bank.remove(name)
 
+    def prompt_len(self, name: str) -> int:
+        """Virtual tokens in front of the (encoder) input for ``name``."""
+        task, shared, _ = self._task(name)
+        return int(shared.shape[0]) // self.bank.num_transformer_submodules
+
     # -- inputs --------------------------------------------------------------------------------------------------
-    def _check(self, input_ids, tasks, attention_mask):
+    def _check(self, input_ids, tasks, attention_mask, padding: str = "left"):
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise InputError(f"input_ids must be a non-empty 2-D array [batch, seq], got shape {list(ids.shape)}")
@@ -198,12 +183,15 @@ class Session:
             if not np.isin(mask, (0, 1)).all():
                 raise InputError("attention_mask must hold only 0 and 1")
             mask = mask.astype(np.int64)
-            if (mask[:, -1] != 1).any() or (np.diff(mask, axis=1) < 0).any():
+            d = np.diff(mask, axis=1)
+            if padding == "left" and ((mask[:, -1] != 1).any() or (d < 0).any()):
                 raise InputError("attention_mask must be left-padded: zeros (if any) first, then ones, ending with a 1")
+            if padding == "right" and ((mask[:, 0] != 1).any() or (d > 0).any()):
+                raise InputError("attention_mask must be right-padded: ones first, starting with a 1, then zeros")
         if ((ids < 0) | (ids >= self.vocab_size))[mask == 1].any():
             raise InputError(f"input_ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
         longest = int(mask.sum(1).max())
-        plen = max(self.bank.shared[self.bank.task(t).shared].shape[0] for t in set(tasks))
+        plen = max(self.prompt_len(t) for t in set(tasks))
         limit = self.max_positions - plen
         if longest > limit:
             raise InputError(
@@ -212,56 +200,15 @@ class Session:
             )
         return ids, tasks, mask
 
-    def prepare(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
-        """The backbone feed for a prefill with no past: prompts, mask and positions laid out as described above."""
-        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
-        B, S = ids.shape
-        prompts = [self.task_prompt(t) for t in tasks]
-        pmax = max(p.shape[0] for p in prompts)
-        embeds = np.zeros((B, pmax, self.hidden_size), np.float32)  # (B, Pmax, H)
-        pmask = np.zeros((B, pmax), np.int64)
-        for b, p in enumerate(prompts):
-            if p.shape[0]:
-                embeds[b, pmax - p.shape[0]:] = p
-                pmask[b, pmax - p.shape[0]:] = 1
-        full = np.concatenate([pmask, mask], axis=1)  # (B, Pmax+S)
-        pos = np.maximum(np.cumsum(full, axis=1) - 1, 0)  # (B, Pmax+S)
-        feed = {"input_ids": ids, "prompt_embeds": embeds, "attention_mask": full, "position_ids": pos}
-        feed.update(self._empty_past(B))  # past_len 0
-        return feed
-
-    def prepare_cached(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
-        """The backbone feed for a prefill that starts from each row's cached task KV: the prompt is not run again.
-
-        Row layout is the same as :meth:`prepare` (``[pad | prompt_k | pad | text]``), with the prompt part held
-        in ``past_key_values`` instead of ``prompt_embeds`` (which is empty)."""
-        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
-        B, S = ids.shape
-        kvs = [self.task_kv(t) for t in tasks]
-        plens = [kv[0].shape[2] for kv in kvs]
-        pmax = max(plens)
-        pmask = np.zeros((B, pmax), np.int64)
-        past = {}
-        for j, name in enumerate(self._kv_shape):
-            kv_heads, hd = self._kv_shape[name]
-            buf = np.zeros((B, kv_heads, pmax, hd), np.float32)  # (B, KV, Pmax, Dh)
-            for b, kv in enumerate(kvs):
-                buf[b, :, pmax - plens[b]:] = kv[j][0]
-            past[name] = buf
-        for b, p in enumerate(plens):
-            pmask[b, pmax - p:] = 1
-        full = np.concatenate([pmask, mask], axis=1)  # (B, Pmax+S)
-        pos = np.maximum(np.cumsum(full, axis=1) - 1, 0)[:, pmax:]  # (B, S): text positions only
-        return {"input_ids": ids, "prompt_embeds": np.zeros((B, 0, self.hidden_size), np.float32),
-                "attention_mask": full, "position_ids": pos, **past}
-
-    def forward(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
-        """Prefill: every backbone output (``logits`` and ``present.*``) for a left-padded, mixed-task batch."""
-        return self._run_backbone_impl(self.prepare(input_ids, tasks, attention_mask))
-
-    def logits(self, input_ids, tasks, attention_mask=None) -> np.ndarray:
-        """Last-position logits, np.float32 [batch, vocab]."""
-        return self.forward(input_ids, tasks, attention_mask)["logits"]
+    def _check_new_tokens(self, tasks, mask, max_new_tokens: int) -> None:
+        plen = max(self.prompt_len(t) for t in set(tasks))
+        longest = int(mask.sum(1).max())
+        if plen + longest + max_new_tokens > self.max_positions:
+            raise InputError(
+                f"{longest} input tokens + {max_new_tokens} new tokens do not fit: the model has "
+                f"{self.max_positions} positions and the prompt takes {plen}, so input + max_new_tokens <= "
+                f"{self.max_positions - plen}"
+            )
 
     # -- generation ----------------------------------------------------------------------------------------------
     @property
@@ -272,43 +219,30 @@ class Session:
             self._tokenizer = BundleTokenizer(self.bundle.path, self.bundle.manifest)
         return self._tokenizer
 
+    padding_side = "left"
+
     def generate_detailed(self, input_ids, tasks, attention_mask=None, max_new_tokens: int = 16,
                           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                           eos_token_id: int | None | str = "auto", stop: list[str] | None = None,
                           prompt_kv_cache: bool | None = None, on_step=None) -> GenerationResult:
-        """Prefill, then one-token steps feeding ``present`` back as ``past_key_values``.
+        """Prefill, then one-token steps feeding each step's KV back in.
 
         Rows stop at EOS, at a stop string (needs the tokenizer) or after ``max_new_tokens``; finished rows are
         dropped from the batch so they stop costing work. ``on_step(step, rows, tokens)`` is called with the
         original row indices and their new tokens after every step (for streaming)."""
         cfg = SamplingConfig(int(max_new_tokens) if isinstance(max_new_tokens, (int, np.integer)) else max_new_tokens,
                              float(temperature), int(top_k), float(top_p), seed)
-        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
+        ids, tasks, mask = self._check(input_ids, tasks, attention_mask, padding=self.padding_side)
+        self._check_new_tokens(tasks, mask, cfg.max_new_tokens)
         B = ids.shape[0]
-        plen = max(self.bank.shared[self.bank.task(t).shared].shape[0] for t in set(tasks))
-        longest = int(mask.sum(1).max())
-        if plen + longest + cfg.max_new_tokens > self.max_positions:
-            raise InputError(
-                f"{longest} input tokens + {cfg.max_new_tokens} new tokens do not fit: the model has "
-                f"{self.max_positions} positions and the prompt takes {plen}, so input + max_new_tokens <= "
-                f"{self.max_positions - plen}"
-            )
         eos = self.eos_token_id if eos_token_id == "auto" else eos_token_id
         use_cache = self.prompt_kv_cache if prompt_kv_cache is None else prompt_kv_cache
         rngs = cfg.generators(B)
         t0 = time.perf_counter()
-        feed = self.prepare_cached(ids, tasks, mask) if use_cache else self.prepare(ids, tasks, mask)
-        processed = int(feed["attention_mask"].shape[1] - (feed[next(iter(self._kv_shape))].shape[2]))
-        processed *= B
-        out = self._run_backbone_impl(feed)
+        logits, state, processed = self._start(ids, tasks, mask, use_cache)
         t_prefill = time.perf_counter() - t0
-        att = feed["attention_mask"]  # (b, total) for the rows still running
-        pos = att.sum(1, keepdims=True).astype(np.int64)  # next position per row = tokens seen so far
-        kv = {n: out[n.replace("past_key_values", "present")] for n in self._kv_shape}
-        logits = out["logits"]
         rows = np.arange(B)  # original index of each running row
-        pad = eos if eos is not None else 0
-        result = np.full((B, cfg.max_new_tokens), pad, np.int64)
+        result = np.full((B, cfg.max_new_tokens), eos if eos is not None else 0, np.int64)
         lengths = np.zeros(B, np.int64)
         finish = ["length"] * B
         tok = self.tokenizer if stop else None
@@ -331,16 +265,10 @@ class Session:
                 break
             keep = ~done
             if not keep.all():  # finished rows leave the batch
-                rows, nxt, att, pos = rows[keep], nxt[keep], att[keep], pos[keep]
-                kv = {n: v[keep] for n, v in kv.items()}
-            att = np.concatenate([att, np.ones((len(rows), 1), np.int64)], axis=1)
-            step_feed = {"input_ids": nxt[:, None], "prompt_embeds": np.zeros((len(rows), 0, self.hidden_size), np.float32),
-                         "attention_mask": att, "position_ids": pos, **kv}
-            out = self._run_backbone_impl(step_feed)
+                rows, nxt = rows[keep], nxt[keep]
+                state = {k: v[keep] for k, v in state.items()}
+            logits, state = self._step(state, nxt)
             processed += len(rows)
-            pos = pos + 1
-            kv = {n: out[n.replace("past_key_values", "present")] for n in self._kv_shape}
-            logits = out["logits"]
         total = time.perf_counter() - t0
         return GenerationResult(result[:, : int(lengths.max())], lengths, finish,
                                 {"prefill_s": t_prefill, "decode_s": total - t_prefill, "total_s": total},
@@ -350,13 +278,16 @@ class Session:
         """New token ids, np.int64 [batch, new]; a row that stopped early is padded with EOS."""
         return self.generate_detailed(input_ids, tasks, attention_mask, max_new_tokens=max_new_tokens, **kw).ids
 
+    def encode_texts(self, texts: list[str]):
+        return self.tokenizer.encode_batch(list(texts), padding=self.padding_side)
+
     def generate(self, texts, tasks, max_new_tokens: int = 16, stop: list[str] | None = None, **kw) -> list[str]:
         """Text in, text out; one task per text (or one task name for all)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise InputError("no prompt given")
-        ids, mask = self.tokenizer.encode_batch(list(texts))
+        ids, mask = self.encode_texts(texts)
         res = self.generate_detailed(ids, tasks, mask, max_new_tokens=max_new_tokens, stop=stop, **kw)
         return [self.decode_row(res, b, stop) for b in range(len(texts))]
 

@@ -1,11 +1,8 @@
-"""ONNX Runtime backend."""
+"""ONNX Runtime backend: one InferenceSession per graph in the bundle."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..errors import InputError, MissingDependencyError
-from .base import Session
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -29,26 +26,40 @@ def resolve_provider(provider: str) -> list[str]:
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-class OrtSession(Session):
-    def __init__(self, bundle, provider: str = "cpu", intra_op_threads: int | None = None, **session_options):
+class OrtBackend:
+    """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
+
+    def _open_ort(self, bundle, provider: str, intra_op_threads: int | None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime is not installed; pip install onnxruntime") from None
-        super().__init__(bundle, **session_options)
         self.providers = resolve_provider(provider)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3
-        self._backbone = ort.InferenceSession(str(bundle.file("backbone.onnx")), opts, providers=self.providers)
-        self._composer = ort.InferenceSession(str(bundle.file("composer.onnx")), opts, providers=self.providers)
-        self._out_names = [o.name for o in self._backbone.get_outputs()]
+        self._ort = {}
+        for name, g in bundle.manifest["graphs"].items():
+            sess = ort.InferenceSession(str(bundle.file(g["file"])), opts, providers=self.providers)
+            self._ort[name] = (sess, [o.name for o in sess.get_outputs()])
 
-    def _run_backbone_impl(self, feed):
-        outs = self._backbone.run(self._out_names, feed)
-        return dict(zip(self._out_names, outs))
+    def _run_graph_impl(self, graph, feed):
+        sess, names = self._ort[graph]
+        return dict(zip(names, sess.run(names, feed)))
 
-    def _run_composer_impl(self, feed):
-        return np.asarray(self._composer.run(["prompt_embeds"], feed)[0])
+
+def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = None, **options):
+    """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime."""
+    if bundle.task_type == "SEQ_2_SEQ_LM":
+        from .seq2seq import Seq2SeqSession as Kind
+    else:
+        from .causal import CausalSession as Kind
+
+    class OrtSession(OrtBackend, Kind):
+        def __init__(self):
+            Kind.__init__(self, bundle, **options)
+            self._open_ort(bundle, provider, intra_op_threads)
+
+    return OrtSession()

@@ -36,8 +36,8 @@ class BundleTokenizer:
             tok = tok.get("content")
         return self.tok.token_to_id(tok) if isinstance(tok, str) else None
 
-    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids and mask, int64 (B, S)."""
+    def encode_batch(self, texts: list[str], padding: str = "left") -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids and mask, int64 (B, S): left-padded for decoder-only models, right-padded for encoders."""
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InputError(f"prompt {i} is empty; give some text to continue")
@@ -48,8 +48,9 @@ class BundleTokenizer:
         for b, e in enumerate(encs):
             if not e:
                 raise InputError(f"prompt {b} encodes to no tokens; give some text to continue")
-            ids[b, S - len(e):] = e
-            mask[b, S - len(e):] = 1
+            sl = slice(S - len(e), S) if padding == "left" else slice(0, len(e))
+            ids[b, sl] = e
+            mask[b, sl] = 1
         return ids, mask
 
     def decode(self, ids) -> str:

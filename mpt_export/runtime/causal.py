@@ -1,0 +1,113 @@
+"""Decoder-only models: one backbone graph, explicit positions, per-task prompt KV cache."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Session
+
+
+class CausalSession(Session):
+    def __init__(self, bundle, **options):
+        super().__init__(bundle, **options)
+        io = bundle.manifest["graphs"]["backbone"]
+        self._kv_shape = {}  # past input name -> (kv_heads, head_dim)
+        for spec in io["inputs"]:
+            if spec["name"].startswith("past_key_values."):
+                self._kv_shape[spec["name"]] = (spec["shape"][1], spec["shape"][3])
+
+    def _run_backbone_impl(self, feed):
+        return self._run_graph_impl("backbone", feed)
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, kv, 0, hd), np.float32) for n, (kv, hd) in self._kv_shape.items()}
+
+    def task_kv(self, name: str) -> list[np.ndarray]:
+        """The task's prompt keys/values, one (1, KV, T, Dh) array per ``present`` output.
+
+        Virtual tokens come first and a causal model lets them attend only to each other, so their KV depends on
+        the task alone: computed once, kept (LRU, keyed by the task's content), and every request starts from it."""
+        task, shared, key = self._task(name)
+        hit = self._task_kv.get(key)
+        if hit is not None:
+            return hit
+        prompt = self.task_prompt(name)
+        P = prompt.shape[0]
+        feed = {"input_ids": np.zeros((1, 0), np.int64), "prompt_embeds": prompt[None],
+                "attention_mask": np.ones((1, P), np.int64), "position_ids": np.arange(P, dtype=np.int64)[None],
+                **self._empty_past(1)}
+        out = self._run_backbone_impl(feed)
+        kv = [out[n.replace("past_key_values", "present")] for n in self._kv_shape]
+        self._task_kv.put(key, kv)
+        return kv
+
+    def prepare(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
+        """The backbone feed for a prefill with no past: prompts, mask and positions laid out as in ``base``."""
+        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
+        B, S = ids.shape
+        prompts = [self.task_prompt(t) for t in tasks]
+        pmax = max(p.shape[0] for p in prompts)
+        embeds = np.zeros((B, pmax, self.hidden_size), np.float32)  # (B, Pmax, H)
+        pmask = np.zeros((B, pmax), np.int64)
+        for b, p in enumerate(prompts):
+            if p.shape[0]:
+                embeds[b, pmax - p.shape[0]:] = p
+                pmask[b, pmax - p.shape[0]:] = 1
+        full = np.concatenate([pmask, mask], axis=1)  # (B, Pmax+S)
+        pos = np.maximum(np.cumsum(full, axis=1) - 1, 0)  # (B, Pmax+S)
+        return {"input_ids": ids, "prompt_embeds": embeds, "attention_mask": full, "position_ids": pos,
+                **self._empty_past(B)}
+
+    def prepare_cached(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
+        """The backbone feed for a prefill that starts from each row's cached task KV: the prompt is not run again.
+
+        Same row layout as :meth:`prepare`, with the prompt part held in ``past_key_values`` instead of
+        ``prompt_embeds`` (which is empty)."""
+        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
+        B, S = ids.shape
+        kvs = [self.task_kv(t) for t in tasks]
+        plens = [kv[0].shape[2] for kv in kvs]
+        pmax = max(plens)
+        pmask = np.zeros((B, pmax), np.int64)
+        past = {}
+        for j, (name, (kv_heads, hd)) in enumerate(self._kv_shape.items()):
+            buf = np.zeros((B, kv_heads, pmax, hd), np.float32)  # (B, KV, Pmax, Dh)
+            for b, kv in enumerate(kvs):
+                buf[b, :, pmax - plens[b]:] = kv[j][0]
+            past[name] = buf
+        for b, p in enumerate(plens):
+            pmask[b, pmax - p:] = 1
+        full = np.concatenate([pmask, mask], axis=1)  # (B, Pmax+S)
+        pos = np.maximum(np.cumsum(full, axis=1) - 1, 0)[:, pmax:]  # (B, S): text positions only
+        return {"input_ids": ids, "prompt_embeds": np.zeros((B, 0, self.hidden_size), np.float32),
+                "attention_mask": full, "position_ids": pos, **past}
+
+    def forward(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
+        """Prefill: every backbone output (``logits`` and ``present.*``) for a left-padded, mixed-task batch."""
+        return self._run_backbone_impl(self.prepare(input_ids, tasks, attention_mask))
+
+    def logits(self, input_ids, tasks, attention_mask=None) -> np.ndarray:
+        """Last-position logits, np.float32 [batch, vocab]."""
+        return self.forward(input_ids, tasks, attention_mask)["logits"]
+
+    # -- decode loop hooks ---------------------------------------------------------------------------------------
+    def _kv_state(self, out) -> dict:
+        return {n: out[n.replace("past_key_values", "present")] for n in self._kv_shape}
+
+    def _start(self, ids, tasks, mask, use_cache):
+        feed = self.prepare_cached(ids, tasks, mask) if use_cache else self.prepare(ids, tasks, mask)
+        past_len = feed[next(iter(self._kv_shape))].shape[2]
+        processed = ids.shape[0] * (feed["attention_mask"].shape[1] - past_len)
+        out = self._run_backbone_impl(feed)
+        att = feed["attention_mask"]
+        state = {"attention_mask": att, "position_ids": att.sum(1, keepdims=True).astype(np.int64),
+                 **self._kv_state(out)}
+        return out["logits"], state, processed
+
+    def _step(self, state, tokens):
+        b = len(tokens)
+        att = np.concatenate([state["attention_mask"], np.ones((b, 1), np.int64)], axis=1)
+        feed = {**state, "input_ids": tokens[:, None], "attention_mask": att,
+                "prompt_embeds": np.zeros((b, 0, self.hidden_size), np.float32)}
+        out = self._run_backbone_impl(feed)
+        return out["logits"], {"attention_mask": att, "position_ids": state["position_ids"] + 1, **self._kv_state(out)}
