@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .archs import CausalArch, arch_for, supported_model_types
+from .archs import Arch, arch_for, supported_model_types
 from .errors import BaseModelError
 
 TOKENIZER_FILES = (
@@ -48,20 +48,34 @@ def config_sha256(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def causal_arch(path: str | Path) -> tuple[dict, CausalArch]:
-    """Config and architecture adapter of a causal-LM base model directory, or a clear error."""
+def base_arch(path: str | Path) -> tuple[dict, Arch]:
+    """Config and architecture adapter of a base model directory (causal LM or seq2seq LM), or a clear error."""
     cfg = read_base_config(path)
     archs = cfg.get("architectures") or []
-    if cfg.get("is_encoder_decoder") or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) and archs:
+    arch = arch_for(cfg)
+    if archs and not any(a.endswith(arch.head_suffixes) for a in archs):
+        kind = "a causal LM" if arch.task_type == "CAUSAL_LM" else "a seq2seq LM"
         raise BaseModelError(
-            f"{path} holds a {', '.join(archs) or cfg.get('model_type')} model, not a causal LM; expected a decoder-only "
-            f"model ({', '.join(supported_model_types())}) saved with its LM head (e.g. LlamaForCausalLM)"
+            f"{path} holds a {', '.join(archs)} model, not {kind} with its LM head; expected e.g. "
+            f"{'LlamaForCausalLM' if arch.task_type == 'CAUSAL_LM' else 'T5ForConditionalGeneration'} "
+            f"(supported model types: {', '.join(supported_model_types())})"
         )
-    return cfg, arch_for(cfg)
+    return cfg, arch
+
+
+def causal_arch(path: str | Path) -> tuple[dict, Arch]:
+    """As :func:`base_arch`, refusing anything that is not a decoder-only LM."""
+    cfg, arch = base_arch(path)
+    if arch.task_type != "CAUSAL_LM":
+        raise BaseModelError(
+            f"{path} holds a {', '.join(cfg.get('architectures') or [cfg.get('model_type')])} model, not a causal LM; "
+            "expected a decoder-only model saved with its LM head (e.g. LlamaForCausalLM)"
+        )
+    return cfg, arch
 
 
 def identity(path: str | Path) -> dict:
-    cfg, arch = causal_arch(path)
+    cfg, arch = base_arch(path)
     return {**arch.identity(), "config_sha256": config_sha256(cfg), "name_or_path": str(Path(path))}
 
 

@@ -25,7 +25,8 @@ from .errors import BundleError, OutputExistsError
 
 MANIFEST = "manifest.json"
 FORMAT = "mpt-export/bundle/1"
-REQUIRED = {"CAUSAL_LM": ("backbone.onnx", "composer.onnx", "tasks.safetensors")}
+REQUIRED = {"CAUSAL_LM": ("backbone.onnx", "backbone.onnx.data", "composer.onnx", "tasks.safetensors"),
+            "SEQ_2_SEQ_LM": ("encoder.onnx", "decoder.onnx", "weights.onnx.data", "composer.onnx", "tasks.safetensors")}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -116,16 +117,15 @@ class Bundle:
         return TaskBank.load(self.file("tasks.safetensors"))
 
     def sizes(self) -> dict[str, int]:
-        """Bytes per component: backbone (graph + weights), composer, task bank, tokenizer, manifest."""
-        comp = {"backbone": 0, "composer": 0, "tasks": 0, "tokenizer": 0, "manifest": 0}
-        for p in self.path.rglob("*"):
+        """Bytes per component: the model graphs and their weights, composer, task bank, tokenizer, manifest."""
+        comp: dict[str, int] = {}
+        for p in sorted(self.path.rglob("*")):
             if not p.is_file():
                 continue
             rel = p.relative_to(self.path).as_posix()
-            key = ("backbone" if rel.startswith("backbone") else "composer" if rel.startswith("composer")
-                   else "tasks" if rel.startswith("tasks") else "tokenizer" if rel.startswith("tokenizer/")
-                   else "manifest")
-            comp[key] += p.stat().st_size
+            key = "tokenizer" if rel.startswith("tokenizer/") else rel.split(".")[0]
+            key = {"weights": "weights (shared)"}.get(key, key)
+            comp[key] = comp.get(key, 0) + p.stat().st_size
         return comp
 
     def session(self, provider: str = "cpu", **options):

@@ -22,7 +22,8 @@ the premise clearly entails the hypothesis . the station is next to the old brid
 the backbone serves every task , and a task is a few kilobytes of vectors .
 """.strip()
 
-ARCHS = ("llama", "llama-gqa", "mistral", "qwen2", "gpt2")
+ARCHS = ("llama", "llama-gqa", "mistral", "qwen2", "gpt2", "t5", "flan-t5")
+SEQ2SEQ_ARCHS = ("t5", "flan-t5")
 
 # Per-task training text for the demo's MPT prompts (source tasks, then the target task).
 TASK_TEXT = {
@@ -85,22 +86,24 @@ def train_prompts(pm, tok, task_lines: list[list[str]], steps: int = 150, lr: fl
     return total / len(batches)
 
 
-def make_tokenizer(out_dir: str | Path, vocab_size: int = 320):
-    """A byte-level BPE trained on the embedded corpus; writes tokenizer.json + tokenizer_config.json."""
+def make_tokenizer(out_dir: str | Path, vocab_size: int = 320, seq2seq: bool = False):
+    """A byte-level BPE trained on the embedded corpus; writes tokenizer.json + tokenizer_config.json.
+    Seq2seq (T5 convention): <pad> = 0 = decoder start, </s> = 1 = EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    specials = ["<pad>", "</s>"] if seq2seq else ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
+    eos, pad = (specials[1], specials[0]) if seq2seq else (specials[0], specials[0])
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "model_max_length": 256,
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": pad, "model_max_length": 256,
     }, indent=2))
     return tok
 
@@ -111,12 +114,13 @@ def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, voc
     """Save a tiny randomly initialised causal LM (and a tokenizer) to ``out_dir``; returns the model."""
     import torch
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer:
-        tok = make_tokenizer(out_dir)
+        tok = make_tokenizer(out_dir, seq2seq=arch in SEQ2SEQ_ARCHS)
         vocab_size = vocab_size or tok.get_vocab_size()
     vocab_size = vocab_size or 320
     torch.manual_seed(seed)
@@ -133,6 +137,14 @@ def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, voc
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
                                            n_positions=max_positions, bos_token_id=0, eos_token_id=0))
+    elif arch in SEQ2SEQ_ARCHS:  # t5: v1.0 (relu, tied + rescaled head); flan-t5: v1.1 (gated-gelu, untied head)
+        flan = arch == "flan-t5"
+        model = T5ForConditionalGeneration(T5Config(
+            vocab_size=vocab_size, d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden, num_layers=layers,
+            num_decoder_layers=layers, num_heads=heads, relative_attention_num_buckets=8,
+            relative_attention_max_distance=32, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            n_positions=max_positions, feed_forward_proj="gated-gelu" if flan else "relu",
+            tie_word_embeddings=not flan))
     else:
         raise ValueError(f"unknown demo arch {arch!r}; choose from {', '.join(ARCHS)}")
     with torch.no_grad():  # random init is tiny for some modules (zeros for biases); make every weight matter
@@ -157,12 +169,15 @@ def _randomise_prompt(pm, seed: int, shared: bool = True):
 
 
 def make_source_adapter(base_model, out_dir: str | Path, num_tasks: int = 3, num_virtual_tokens: int = 8,
-                        num_ranks: int = 2, seed: int = 1, task_type: str = "CAUSAL_LM"):
-    """A PEFT MPT *source* adapter (many tasks, one shared prompt) saved with save_pretrained."""
+                        num_ranks: int = 2, seed: int = 1, task_type: str = "CAUSAL_LM",
+                        num_transformer_submodules: int | None = None):
+    """A PEFT MPT *source* adapter (many tasks, one shared prompt) saved with save_pretrained.
+    ``num_transformer_submodules`` None is PEFT's default (2 for SEQ_2_SEQ_LM, else 1)."""
     from peft import MultitaskPromptTuningConfig, get_peft_model
 
     cfg = MultitaskPromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
-                                      num_tasks=num_tasks, num_ranks=num_ranks)
+                                      num_tasks=num_tasks, num_ranks=num_ranks,
+                                      num_transformer_submodules=num_transformer_submodules)
     pm = get_peft_model(base_model, cfg)
     _randomise_prompt(pm, seed)
     pm.save_pretrained(str(out_dir))
@@ -181,6 +196,7 @@ def make_target_adapter(base_model, out_dir: str | Path, source_dir: str | Path,
     cfg = MultitaskPromptTuningConfig(
         task_type=task_type, num_virtual_tokens=src_cfg["num_virtual_tokens"], num_tasks=1,
         num_ranks=num_ranks or src_cfg["num_ranks"], prompt_tuning_init=init,
+        num_transformer_submodules=src_cfg.get("num_transformer_submodules"),
         prompt_tuning_init_state_dict_path=str(Path(source_dir) / "adapter_model.safetensors"),
         prompt_tuning_init_task=source_task,
     )

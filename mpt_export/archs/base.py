@@ -7,10 +7,10 @@ from typing import ClassVar
 
 from ..errors import BaseModelError
 
-_REGISTRY: dict[str, type["CausalArch"]] = {}
+_REGISTRY: dict[str, type["Arch"]] = {}
 
 
-def register(cls: type["CausalArch"]) -> type["CausalArch"]:
+def register(cls: type["Arch"]) -> type["Arch"]:
     for mt in cls.model_types:
         _REGISTRY[mt] = cls
     return cls
@@ -20,19 +20,21 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def arch_for(config: dict) -> "CausalArch":
+def arch_for(config: dict) -> "Arch":
     """The architecture adapter for a base model's ``config.json`` (a plain dict: no transformers needed)."""
     mt = config.get("model_type")
     if mt not in _REGISTRY:
         raise BaseModelError(
-            f"base model type {mt!r} is not supported for causal-LM export; supported: {', '.join(supported_model_types())}"
+            f"base model type {mt!r} is not supported; supported: {', '.join(supported_model_types())}"
         )
     return _REGISTRY[mt](config)
 
 
-class CausalArch:
-    """How a decoder-only family is wired. Attributes are dotted paths on the HF ``*ForCausalLM`` module."""
+class Arch:
+    """How a model family is wired. Attributes are dotted paths on the HF model with its LM head."""
 
+    task_type: ClassVar[str] = "CAUSAL_LM"
+    head_suffixes: ClassVar[tuple[str, ...]] = ("ForCausalLM", "LMHeadModel")
     model_types: ClassVar[tuple[str, ...]] = ()
     decoder_attr: ClassVar[str] = ""  # the stack that takes inputs_embeds/attention_mask/position_ids/cache
     embed_attr: ClassVar[str] = ""  # token embedding (nn.Embedding)
@@ -106,6 +108,7 @@ class CausalArch:
     def identity(self) -> dict:
         return {
             "arch": self.name,
+            "task_type": self.task_type,
             "model_type": self.config.get("model_type"),
             "architectures": self.config.get("architectures"),
             "hidden_size": self.hidden_size,
@@ -118,3 +121,7 @@ class CausalArch:
             "eos_token_id": self.config.get("eos_token_id"),
             "bos_token_id": self.config.get("bos_token_id"),
         }
+
+
+class CausalArch(Arch):
+    """A decoder-only family (the decoder stack takes inputs_embeds/attention_mask/position_ids/cache)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..basemodel import causal_arch, config_sha256, identity, tokenizer_files
+from ..basemodel import base_arch, config_sha256, identity, tokenizer_files
 from ..bundle import FORMAT, Bundle, load_bundle, staging_dir, write_manifest
 from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
 from ..errors import BaseModelError, MissingDependencyError
@@ -49,12 +49,14 @@ def load_base_model(path: str | Path, attn_implementation: str = "eager"):
     """The HF causal LM in fp32, eval mode; eager attention by default (SDPA with a dynamic query length does not
     export)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    cfg, arch = causal_arch(path)
+    cfg, arch = base_arch(path)
+    auto = AutoModelForSeq2SeqLM if arch.task_type == "SEQ_2_SEQ_LM" else AutoModelForCausalLM
+    if arch.task_type == "SEQ_2_SEQ_LM":
+        attn_implementation = "eager"  # T5's relative position bias needs the eager attention path
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn_implementation,
-                                                     dtype=torch.float32)
+        model = auto.from_pretrained(str(path), attn_implementation=attn_implementation, dtype=torch.float32)
     except Exception as e:
         raise BaseModelError(
             f"could not load the base model from {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -83,7 +85,7 @@ def adapters_from_bank(bank: TaskBank) -> list[tuple[AdapterCheckpoint, list[str
 
 def _validate(bundle_dir: Path, model, bank: TaskBank, atol: float, seed, provider: str, on_step) -> dict:
     from .reference import peft_model_for
-    from .validate import validate_causal
+    from .validate import validate_causal, validate_seq2seq
 
     peft_models, index = {}, {}
     for ck, names in adapters_from_bank(bank):
@@ -91,8 +93,8 @@ def _validate(bundle_dir: Path, model, bank: TaskBank, atol: float, seed, provid
         for i, n in enumerate(names):
             peft_models[n], index[n] = pm, i
     session = Bundle(bundle_dir, json.loads((bundle_dir / "manifest.json").read_text())).session(provider=provider)
-    return validate_causal(session, peft_models, index, vocab=session.vocab_size, atol=atol, seed=seed,
-                           on_step=on_step)
+    fn = validate_seq2seq if bank.task_type == "SEQ_2_SEQ_LM" else validate_causal
+    return fn(session, peft_models, index, vocab=session.vocab_size, atol=atol, seed=seed, on_step=on_step)
 
 
 def export_bundle(
@@ -116,17 +118,27 @@ def export_bundle(
     from ..bundle import check_output_path
 
     check_output_path(out, force)  # fail before any heavy work
-    cfg, arch = causal_arch(base_model)
-    bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type="CAUSAL_LM")
+    cfg, arch = base_arch(base_model)
+    bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type)
     _require_export_deps()
     step("load base model")
     model, cfg, arch = load_base_model(base_model)
     timings = {}
     with staging_dir(out, force) as tmp:
         t0 = time.perf_counter()
-        step("export backbone")
-        bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=opset)
-        real_opset = bio.pop("opset")
+        if arch.task_type == "SEQ_2_SEQ_LM":
+            from .seq2seq import WEIGHTS_FILE, export_seq2seq
+
+            step("export encoder and decoder")
+            sio = export_seq2seq(model, arch, tmp, opset=opset)
+            real_opset = sio.pop("opset")
+            graphs = {"encoder": {"file": "encoder.onnx", "external_data": WEIGHTS_FILE, **sio["encoder"]},
+                      "decoder": {"file": "decoder.onnx", "external_data": WEIGHTS_FILE, **sio["decoder"]}}
+        else:
+            step("export backbone")
+            bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=opset)
+            real_opset = bio.pop("opset")
+            graphs = {"backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio}}
         timings["backbone_export_s"] = round(time.perf_counter() - t0, 2)
         step("write composer and task bank")
         cio = write_composer(tmp / "composer.onnx", arch.hidden_size, real_opset)
@@ -140,15 +152,12 @@ def export_bundle(
             "format": FORMAT,
             "created_by": tool_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "task_type": "CAUSAL_LM",
+            "task_type": arch.task_type,
             "dtype": "float32",
             "opset": real_opset,
             "base_model": {**identity(base_model), "config_sha256": config_sha256(cfg)},
             "num_transformer_submodules": bank.num_transformer_submodules,
-            "graphs": {
-                "backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio},
-                "composer": {"file": "composer.onnx", **cio},
-            },
+            "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
             "tasks": bank.manifest_entries(),
             "adapters": [ck.summary() for ck in ckpts],
             "validation": None,
@@ -170,7 +179,7 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
     result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
     if base_model is None:
         return result
-    cfg, arch = causal_arch(base_model)
+    cfg, arch = base_arch(base_model)
     want = b.base_model.get("config_sha256")
     if config_sha256(cfg) != want:
         raise BaseModelError(

@@ -49,3 +49,31 @@ def peft_causal_forward(pm, input_ids: np.ndarray, task_index: int) -> dict[str,
         res[f"present.{i}.key"] = layer.keys.float().numpy()
         res[f"present.{i}.value"] = layer.values.float().numpy()
     return res
+
+
+def shift_right(labels: np.ndarray, start: int) -> np.ndarray:
+    """Teacher forcing: decoder inputs are the labels shifted right behind the decoder start token."""
+    out = np.full_like(labels, start)
+    out[:, 1:] = labels[:, :-1]
+    return out
+
+
+def peft_seq2seq_forward(pm, input_ids: np.ndarray, labels: np.ndarray, task_index: int) -> dict[str, np.ndarray]:
+    """PEFT's teacher-forced forward (with ``labels``: PEFT's forward fails with ``decoder_input_ids`` alone) on one
+    unpadded row: encoder output, last-position logits, decoder self-attention KV and cross-attention KV."""
+    import torch
+
+    ids = torch.from_numpy(input_ids.astype(np.int64))
+    with torch.no_grad():
+        out = pm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.from_numpy(labels.astype(np.int64)),
+                 task_ids=torch.tensor([task_index] * ids.shape[0]), use_cache=True)
+    res = {"encoder_hidden_states": out.encoder_last_hidden_state.float().numpy(),
+           "logits": out.logits[:, -1, :].float().numpy()}
+    cache = getattr(out, "cache", None) or out.past_key_values
+    for i, layer in enumerate(cache.self_attention_cache.layers):
+        res[f"present.{i}.key"] = layer.keys.float().numpy()
+        res[f"present.{i}.value"] = layer.values.float().numpy()
+    for i, layer in enumerate(cache.cross_attention_cache.layers):
+        res[f"cross.{i}.key"] = layer.keys.float().numpy()
+        res[f"cross.{i}.value"] = layer.values.float().numpy()
+    return res

@@ -29,16 +29,19 @@ class Report:
 
     def add(self, case: str, task: str, outs: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
         per = {k: _diff(outs[k], ref[k]) for k in ref}
-        kv = [v for k, v in per.items() if k.startswith("present.")]
-        worst_kv = max(kv, key=lambda x: x[0]) if kv else (0.0, 0.0)
-        worst_kv_name = max((k for k in per if k.startswith("present.")), key=lambda k: per[k][0], default="")
-        self.rows.append({
+        kv_names = [k for k in per if k.startswith(("present.", "cross."))]
+        worst_kv_name = max(kv_names, key=lambda k: per[k][0], default="")
+        worst_kv = per[worst_kv_name] if worst_kv_name else (0.0, 0.0)
+        row = {
             "case": case, "task": task,
             "logits_max_abs": per["logits"][0], "logits_max_rel": per["logits"][1],
             "kv_max_abs": worst_kv[0], "kv_max_rel": worst_kv[1], "kv_worst_output": worst_kv_name,
             "failed": sorted(k for k, (a, _) in per.items() if not a <= self.atol),
             "_per_output": per,
-        })
+        }
+        if "encoder_hidden_states" in per:
+            row["encoder_max_abs"], row["encoder_max_rel"] = per["encoder_hidden_states"]
+        self.rows.append(row)
 
     @property
     def ok(self) -> bool:
@@ -48,13 +51,16 @@ class Report:
         def mx(key):
             return max((r[key] for r in self.rows), default=0.0)
 
-        return {
+        out = {
             "reference": "peft forward (no cache), fp32",
             "atol": self.atol, "seed": self.seed, "passed": self.ok,
             "logits_max_abs": mx("logits_max_abs"), "logits_max_rel": mx("logits_max_rel"),
             "kv_max_abs": mx("kv_max_abs"), "kv_max_rel": mx("kv_max_rel"),
             "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows],
         }
+        if any("encoder_max_abs" in r for r in self.rows):
+            out["encoder_max_abs"], out["encoder_max_rel"] = mx("encoder_max_abs"), mx("encoder_max_rel")
+        return out
 
     def error(self) -> ValidationError:
         lines = []
@@ -104,7 +110,7 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
         ids[b, S - n:], mask[b, S - n:] = row[0], 1
         solo.append(peft_causal_forward(peft_models[t], row, task_index[t]))
     feed = session.prepare(ids, rows, mask)
-    outs = session._run_backbone_impl(feed)
+    outs = session._run_graph_impl("backbone", feed)
     full = feed["attention_mask"]
     for b, t in enumerate(rows):
         keep = full[b] == 1  # prompt + real tokens, as PEFT sees them alone
@@ -114,6 +120,61 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
                 got[k] = v[b:b + 1][:, :, keep]
         rep.add("batch", t, got, solo[b])
         refs[t] = True
+    if not rep.ok:
+        raise rep.error()
+    return rep.summary()
+
+
+def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, atol: float = 1e-4,
+                     seed: int | None = None, on_step=None) -> dict:
+    """Encoder-decoder: PEFT's teacher-forced forward (with ``labels``) vs the encoder and decoder graphs.
+
+    Compared per case: encoder output, last-position logits, decoder self-attention KV (decoder prompt rows
+    included) and cross-attention KV; single rows per task, then a padded mixed-task batch vs each row alone."""
+    from .reference import peft_seq2seq_forward, shift_right
+
+    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    rng = np.random.default_rng(seed)
+    rep = Report(atol, seed)
+    names = list(peft_models)
+    start = session.decoder_start_token_id
+
+    def sample(n, m):
+        return (rng.integers(2, vocab, size=(1, n), dtype=np.int64), rng.integers(2, vocab, size=(1, m), dtype=np.int64))
+
+    for t in names:
+        if on_step:
+            on_step(f"validate {t}")
+        ids, labels = sample(int(rng.integers(3, 13)), int(rng.integers(2, 7)))
+        ref = peft_seq2seq_forward(peft_models[t], ids, labels, task_index[t])
+        out = session.forward(ids, [t], decoder_input_ids=shift_right(labels, start))
+        rep.add("single", t, out, ref)
+    if on_step:
+        on_step("validate mixed batch")
+    rows = [names[i % len(names)] for i in range(max(len(names), 3))]
+    lens = [int(rng.integers(2, 14)) for _ in rows]
+    lens[0] = max(lens)
+    m = int(rng.integers(2, 6))  # one decoder length: decoder rows differ only by their prompt rows
+    S = max(lens)
+    ids = np.zeros((len(rows), S), np.int64)
+    mask = np.zeros((len(rows), S), np.int64)
+    labels = np.zeros((len(rows), m), np.int64)
+    solo = []
+    for b, (t, n) in enumerate(zip(rows, lens)):
+        row, lab = sample(n, m)
+        ids[b, :n], mask[b, :n], labels[b] = row[0], 1, lab[0]  # right-padded, as T5 expects
+        solo.append(peft_seq2seq_forward(peft_models[t], row, lab, task_index[t]))
+    outs = session.forward(ids, rows, mask, decoder_input_ids=shift_right(labels, start))
+    for b, t in enumerate(rows):
+        ekeep = outs["encoder_attention_mask"][b] == 1
+        dkeep = outs["decoder_attention_mask"][b] == 1
+        got = {"logits": outs["logits"][b:b + 1], "encoder_hidden_states": outs["encoder_hidden_states"][b:b + 1, ekeep]}
+        for k, v in outs.items():
+            if k.startswith("present."):
+                got[k] = v[b:b + 1][:, :, dkeep]
+            elif k.startswith("cross."):
+                got[k] = v[b:b + 1][:, :, ekeep]
+        rep.add("batch", t, got, solo[b])
     if not rep.ok:
         raise rep.error()
     return rep.summary()
