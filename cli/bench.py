@@ -13,7 +13,7 @@ from ._common import console, handle_errors, progress, quiet_libraries
 
 @handle_errors
 def bench_cmd(
-    preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new) or tiny.")] = "gpt2-small-shape",
+    preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new), t5-base-shape (T5-Base shape, 100 virtual tokens, 8 x 64, 4 new), tiny, tiny-t5.")] = "gpt2-small-shape",
     workdir: Annotated[Path, typer.Option(help="Where the preset's model, adapter and bundle are built (reused while the preset is unchanged).")] = Path("build/bench"),
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
     threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike (default: PyTorch's).")] = None,
@@ -47,5 +47,6 @@ def bench_cmd(
                  "this runtime, prompt run with every request; ORT + prompt KV: each task's prompt KV computed once. "
                  f"machine: {m['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s fp32 matmul, {m['mem_bytes_per_s'] / 1e9:.1f} GB/s "
                  f"copy; decode-step floor (weights {r['weight_bytes'] / 2**20:.0f} MiB / bandwidth) "
-                 f"{r['decode_step_bytes_floor_s'] * 1e3:.1f} ms; task prompt KV computed once: {r['task_kv_once_ms']:.0f} ms")
+                 f"{r['decode_step_bytes_floor_s'] * 1e3:.1f} ms"
+                 + (f"; task prompt KV computed once: {r['task_kv_once_ms']:.0f} ms" if r["task_kv_once_ms"] else ""))
     console.print(t)

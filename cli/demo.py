@@ -12,7 +12,7 @@ from ._common import console, handle_errors, parity_table, progress, quiet_libra
 @handle_errors
 def demo_cmd(
     workdir: Annotated[Path, typer.Option(help="Where the tiny base model, the adapters and the bundle are written (replaced).")] = Path("build/demo"),
-    arch: Annotated[str, typer.Option(help="Base model family: llama, llama-gqa, mistral, qwen2, gpt2.")] = "llama-gqa",
+    arch: Annotated[str, typer.Option(help="Base model family: llama, llama-gqa, mistral, qwen2, gpt2, t5 (v1.0), flan-t5 (v1.1).")] = "llama-gqa",
 ) -> None:
     """Build a tiny base model and PEFT MPT adapters in code (3-task source + target), export, validate, report."""
     quiet_libraries()
@@ -27,7 +27,7 @@ def demo_cmd(
     console.print(parity_table(b.manifest["validation"]))
     console.print(size_table(b))
     console.print(f"built inputs in {r['build_s']:.1f}s; export + validation in {r['export_s']:.1f}s "
-                  f"(backbone export {b.manifest['timings']['backbone_export_s']}s, validation "
+                  f"(graph export {b.manifest['timings']['backbone_export_s']}s, validation "
                   f"{b.manifest['timings'].get('validation_s', 0)}s)")
     t = Table(title=f"one backbone, every task: greedy continuation of {r['prompt']!r}", title_justify="left")
     t.add_column("task")
@@ -37,5 +37,5 @@ def demo_cmd(
     t.add_row("rte-copy (added at runtime)", repr(r["added_output"]))
     console.print(t)
     console.print(f"adding a task at runtime: {r['task_bytes']} bytes of vectors, {r['add_task_ms']:.0f} ms from "
-                  "add_task to its first 16 generated tokens (composer + prompt KV + decode), no re-export")
+                  "add_task to its first 16 generated tokens (composer + first request), no re-export")
     console.print(f"[green]bundle[/] {b.path}  tasks: {', '.join(b.tasks)}")

@@ -36,13 +36,23 @@ class Preset:
     batch: int
     input_len: int
     new_tokens: int
+    ffn: int | None = None
+    nts: int | None = None
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.arch in ("t5", "flan-t5")
 
 
 PRESETS = {
     # GPT-2 small's shape, random weights; 100 virtual tokens as in the MPT paper; a mixed-task batch of 8 x 64.
     "gpt2-small-shape": Preset("gpt2", 768, 12, 12, 50257, 1024, 100, 4, 1, 8, 64, 8),
-    # seconds-long smoke run of the same code path (tests)
+    # T5-Base's shape (12+12 layers, d_model 768, d_ff 3072), 100 virtual tokens on the encoder as in the paper,
+    # 8 x 64-token inputs, 4 new tokens (classification-style outputs as in GLUE).
+    "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
+    # seconds-long smoke runs of the same code paths (tests)
     "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
+    "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),
 }
 
 
@@ -69,9 +79,10 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     shutil.rmtree(root, ignore_errors=True)
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
-                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=False)
+                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=False, ffn=p.ffn)
     make_source_adapter(model, adapter, num_tasks=p.num_tasks, num_virtual_tokens=p.virtual_tokens,
-                        num_ranks=p.rank)
+                        num_ranks=p.rank, task_type="SEQ_2_SEQ_LM" if p.seq2seq else "CAUSAL_LM",
+                        num_transformer_submodules=p.nts)
     del model
     on_step("export and validate the bundle")
     export_bundle(base, [f"{','.join(names)}={adapter}"], bundle, force=True, seed=0)
@@ -111,6 +122,41 @@ def _flops(p: Preset, body_params: int, prompt_len: int, with_prompt: bool, all_
     attn = 4 * H * L * B * (ctx_prefill + ctx_decode)
     lm_rows = B * ((prompt_len + S) if all_lm_rows else 1) + B * (N - 1)
     return 2 * body_params * tokens + attn + 2 * H * V * lm_rows
+
+
+def _flops_seq2seq(p: Preset, enc_params: int, dec_params: int) -> float:
+    """Encoder over prompt + input once, decoder one token per step (no prompt-KV cache is possible here)."""
+    B, N, H, V, L = p.batch, p.new_tokens, p.hidden, p.vocab, p.layers
+    E = p.virtual_tokens + p.input_len
+    attn = 4 * H * L * B * (E * E + sum(range(1, N + 1)) + N * E)
+    return 2 * enc_params * B * E + 2 * dec_params * B * N + attn + 2 * H * V * B * N
+
+
+def _peft_seq2seq_loop(pm, ids_t, task_ids, new_tokens: int, start: int):
+    """PEFT's forward (with labels: its forward needs them) for the encoder and the first decoder step, then a
+    KV-cache loop over the base model reusing the encoder output."""
+    import inspect
+
+    import torch
+
+    base = pm.base_model
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        B = ids_t.shape[0]
+        out = pm(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), task_ids=task_ids, use_cache=True,
+                 labels=torch.full((B, 1), start, dtype=torch.long))
+        enc = (out.encoder_last_hidden_state,)
+        enc_mask = torch.ones(B, enc[0].shape[1], dtype=torch.long)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks = [nxt]
+        for _ in range(new_tokens - 1):
+            out = base(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=nxt, use_cache=True,
+                       **{cache_kw: cache})
+            cache = getattr(out, "cache", None) or out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+    return torch.cat(toks, dim=1).numpy()
 
 
 def _peft_loop(pm, ids_t, task_ids, new_tokens: int):
@@ -169,7 +215,7 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
     step("measure machine matmul rate and memory bandwidth")
     rates = machine_rates(threads)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, p.vocab, (p.batch, p.input_len), dtype=np.int64)
+    ids = rng.integers(2, p.vocab, (p.batch, p.input_len), dtype=np.int64)
     tasks = [names[i % len(names)] for i in range(p.batch)]
 
     step("PEFT eager")
@@ -179,16 +225,30 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
     pm = peft_model_for(model, ck)
     task_ids = torch.tensor([ck_names.index(t) for t in tasks])
     ids_t = torch.from_numpy(ids)
-    t_peft, tok_peft = _time(lambda: _peft_loop(pm, ids_t, task_ids, p.new_tokens), repeats)
-    body = sum(x.numel() for n, x in model.named_parameters() if "wte" not in n and "embed" not in n
-               and "lm_head" not in n and "wpe" not in n)
+    if p.seq2seq:
+        start = int(b.base_model.get("decoder_start_token_id") or 0)
+        t_peft, tok_peft = _time(lambda: _peft_seq2seq_loop(pm, ids_t, task_ids, p.new_tokens, start), repeats)
+        enc_p = sum(x.numel() for n, x in model.named_parameters() if n.startswith("encoder."))
+        dec_p = sum(x.numel() for n, x in model.named_parameters() if n.startswith("decoder."))
+        peft_flops = ours_flops = ours_cached_flops = _flops_seq2seq(p, enc_p, dec_p)
+    else:
+        t_peft, tok_peft = _time(lambda: _peft_loop(pm, ids_t, task_ids, p.new_tokens), repeats)
+        body = sum(x.numel() for n, x in model.named_parameters() if "wte" not in n and "embed" not in n
+                   and "lm_head" not in n and "wpe" not in n)
+        peft_flops = _flops(p, body, p.virtual_tokens, True, True)
+        ours_flops = _flops(p, body, p.virtual_tokens, True, False)
+        ours_cached_flops = _flops(p, body, p.virtual_tokens, False, False)
     weight_bytes = sum(x.numel() * x.element_size() for x in {id(x): x for x in model.parameters()}.values())
     del pm, model
 
     s = b.session(provider="cpu", intra_op_threads=threads)
-    rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops":
-             _flops(p, body, p.virtual_tokens, True, True), "prefill_s": None, "decode_s": None}]
-    for label, cache in (("ORT", False), ("ORT + prompt KV", True)):
+    rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops": peft_flops, "prefill_s": None,
+             "decode_s": None}]
+    variants = [("ORT", False, ours_flops)]
+    if not p.seq2seq:  # the encoder is bidirectional: no per-task prompt KV to cache
+        variants.append(("ORT + prompt KV", True, ours_cached_flops))
+    rows_task_kv_ms = None
+    for label, cache, flops in variants:
         step(label)
         if cache:
             t0 = time.perf_counter()
@@ -196,8 +256,8 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
             rows_task_kv_ms = (time.perf_counter() - t0) * 1e3
         lat, res = _time(lambda c=cache: s.generate_detailed(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None,
                                                              prompt_kv_cache=c), repeats)
-        rows.append({"name": label, "latency_s": lat, "tokens": res.ids, "flops": _flops(p, body, p.virtual_tokens,
-                     not cache, False), "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
+        rows.append({"name": label, "latency_s": lat, "tokens": res.ids, "flops": flops,
+                     "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
                      "tokens_processed": res.tokens_processed})
     new = p.batch * p.new_tokens
     for r in rows:

@@ -47,15 +47,31 @@ def _lm_batch(tok, lines: list[str]):
     return ids, mask, labels
 
 
-def train_base(model, tok, steps: int = 300, lr: float = 3e-3) -> float:
-    """A few seconds of next-token training on the corpus, so the demo's base model writes words."""
+def _split_lines(lines: list[str], k: int = 1) -> tuple[list[str], list[str]]:
+    """Seq2seq demo data: the first ``k`` words are the input, the rest of the line is the target."""
+    return [" ".join(x.split()[:k]) for x in lines], [" " + " ".join(x.split()[k:]) for x in lines]
+
+
+def _batch(tok, lines: list[str], seq2seq: bool) -> dict:
+    if not seq2seq:
+        ids, mask, labels = _lm_batch(tok, lines)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    src, tgt = _split_lines(lines)
+    ids, mask, _ = _lm_batch(tok, src)
+    _, _, labels = _lm_batch(tok, [t + "</s>" for t in tgt])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_base(model, tok, steps: int = 300, lr: float = 3e-3, seq2seq: bool = False) -> float:
+    """A few seconds of training on the corpus, so the demo's base model writes words (next-token for a causal
+    LM; first word -> rest of the line for T5)."""
     import torch
 
-    ids, mask, labels = _lm_batch(tok, CORPUS.splitlines())
+    batch = _batch(tok, CORPUS.splitlines(), seq2seq)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -63,13 +79,15 @@ def train_base(model, tok, steps: int = 300, lr: float = 3e-3) -> float:
     return float(loss)
 
 
-def train_prompts(pm, tok, task_lines: list[list[str]], steps: int = 150, lr: float = 3e-2) -> float:
+def train_prompts(pm, tok, task_lines: list[list[str]], steps: int = 150, lr: float = 3e-2,
+                  seq2seq: bool = False) -> float:
     """Multitask prompt training through PEFT: each task's lines, with its task id, updating only the prompt."""
     import torch
 
     batches = []
     for k, lines in enumerate(task_lines):
-        ids, mask, labels = _lm_batch(tok, lines)
+        b = _batch(tok, lines, seq2seq)
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
         batches.append((ids, mask, labels, torch.full((ids.shape[0],), k, dtype=torch.long)))
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -110,7 +128,7 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 320, seq2seq: bool = F
 
 def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
                     hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256,
-                    tokenizer: bool = True):
+                    tokenizer: bool = True, ffn: int | None = None):
     """Save a tiny randomly initialised causal LM (and a tokenizer) to ``out_dir``; returns the model."""
     import torch
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -124,7 +142,8 @@ def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, voc
         vocab_size = vocab_size or tok.get_vocab_size()
     vocab_size = vocab_size or 320
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    ffn = ffn or 2 * hidden
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                   num_attention_heads=heads, max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=0)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=heads))
@@ -136,11 +155,12 @@ def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, voc
         model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=max(1, heads // 2), use_sliding_window=False))
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
-                                           n_positions=max_positions, bos_token_id=0, eos_token_id=0))
+                                           n_positions=max_positions, bos_token_id=0, eos_token_id=0, n_inner=ffn
+                                           if ffn != 2 * hidden else None))
     elif arch in SEQ2SEQ_ARCHS:  # t5: v1.0 (relu, tied + rescaled head); flan-t5: v1.1 (gated-gelu, untied head)
         flan = arch == "flan-t5"
         model = T5ForConditionalGeneration(T5Config(
-            vocab_size=vocab_size, d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden, num_layers=layers,
+            vocab_size=vocab_size, d_model=hidden, d_kv=hidden // heads, d_ff=ffn, num_layers=layers,
             num_decoder_layers=layers, num_heads=heads, relative_attention_num_buckets=8,
             relative_attention_max_distance=32, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
             n_positions=max_positions, feed_forward_proj="gated-gelu" if flan else "relu",
@@ -215,33 +235,39 @@ def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 
     import torch
     from peft import MultitaskPromptTuningConfig, get_peft_model
     from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     workdir = Path(workdir)
     base = workdir / "base"
+    seq2seq = arch in SEQ2SEQ_ARCHS
+    task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    nts = 1 if seq2seq else None  # prompt on the encoder only, as PEFT's MPT example for T5
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = make_base_model(base, arch=arch, seed=seed)
     src, tgt = workdir / "adapters" / "source", workdir / "adapters" / "target"
     losses = {}
     if not train:
-        make_source_adapter(model, src, num_tasks=3, num_ranks=2, seed=seed + 1)
-        model = AutoModelForCausalLM.from_pretrained(str(base))
-        make_target_adapter(model, tgt, src, source_task=1, seed=seed + 2)
+        make_source_adapter(model, src, num_tasks=3, num_ranks=2, seed=seed + 1, task_type=task_type,
+                            num_transformer_submodules=nts)
+        model = auto.from_pretrained(str(base))
+        make_target_adapter(model, tgt, src, source_task=1, seed=seed + 2, task_type=task_type)
     else:
         torch.manual_seed(seed)
         tok = Tokenizer.from_file(str(base / "tokenizer.json"))
-        losses["base"] = train_base(model, tok)
+        losses["base"] = train_base(model, tok, seq2seq=seq2seq, steps=400 if seq2seq else 300)
         model.save_pretrained(str(base))
         names = ["sst2", "mnli", "qnli"]
-        pm = get_peft_model(model, MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8,
-                                                               num_tasks=3, num_ranks=2))
-        losses["source"] = train_prompts(pm, tok, [TASK_TEXT[n] for n in names])
+        pm = get_peft_model(model, MultitaskPromptTuningConfig(task_type=task_type, num_virtual_tokens=8,
+                                                               num_tasks=3, num_ranks=2,
+                                                               num_transformer_submodules=nts))
+        losses["source"] = train_prompts(pm, tok, [TASK_TEXT[n] for n in names], seq2seq=seq2seq)
         pm.save_pretrained(str(src))
-        model = AutoModelForCausalLM.from_pretrained(str(base))
+        model = auto.from_pretrained(str(base))
         pm = get_peft_model(model, MultitaskPromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=8, num_tasks=1, num_ranks=2,
+            task_type=task_type, num_virtual_tokens=8, num_tasks=1, num_ranks=2, num_transformer_submodules=nts,
             prompt_tuning_init="EXACT_SOURCE_TASK", prompt_tuning_init_task=1,
             prompt_tuning_init_state_dict_path=str(src / "adapter_model.safetensors")))
-        losses["target"] = train_prompts(pm, tok, [TASK_TEXT["rte"]])
+        losses["target"] = train_prompts(pm, tok, [TASK_TEXT["rte"]], seq2seq=seq2seq)
         pm.save_pretrained(str(tgt))
     return {"base": base, "source": src, "target": tgt, "losses": losses,
             "adapters": [f"sst2,mnli,qnli={src}", f"rte={tgt}"]}

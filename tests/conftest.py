@@ -19,18 +19,22 @@ TINY = dict(hidden=32, layers=2, heads=4, max_positions=64)
 class Case:
     """A base model dir, a 3-task source adapter (rank 2), a target adapter (rank 1, own P*), and their bundle."""
 
-    def __init__(self, root: Path, arch: str):
-        from transformers import AutoModelForCausalLM
+    def __init__(self, root: Path, arch: str, nts: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        from mpt_export.demo import make_base_model, make_source_adapter, make_target_adapter
+        from mpt_export.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter, make_target_adapter
 
         self.root, self.arch = root, arch
+        self.seq2seq = arch in SEQ2SEQ_ARCHS
+        task_type = "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
+        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         self.base = root / "base"
         model = make_base_model(self.base, arch=arch, seed=0, **TINY)
-        self.source = make_source_adapter(model, root / "source", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1)
-        model = AutoModelForCausalLM.from_pretrained(str(self.base))
+        self.source = make_source_adapter(model, root / "source", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1,
+                                          task_type=task_type, num_transformer_submodules=nts)
+        model = auto.from_pretrained(str(self.base))
         self.target = make_target_adapter(model, root / "target", self.source, source_task=2, num_ranks=1, seed=2,
-                                          init="ONLY_SOURCE_SHARED")
+                                          init="ONLY_SOURCE_SHARED", task_type=task_type)
         # The init file named in the target's config is gone, as on a user's machine: reading must not need it.
         self.init_copy = root / "gone" / "adapter_model.safetensors"
         self._bundle = None
@@ -61,10 +65,11 @@ _cases: dict[str, Case] = {}
 
 @pytest.fixture(scope="session")
 def make_case(tmp_path_factory):
-    def get(arch: str) -> Case:
-        if arch not in _cases:
-            _cases[arch] = Case(tmp_path_factory.mktemp(arch), arch)
-        return _cases[arch]
+    def get(arch: str, nts: int | None = None) -> Case:
+        key = f"{arch}-{nts}" if nts else arch
+        if key not in _cases:
+            _cases[key] = Case(tmp_path_factory.mktemp(key), arch, nts)
+        return _cases[key]
 
     return get
 

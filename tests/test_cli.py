@@ -106,10 +106,14 @@ def _bad_cases(llama, tmp_path):
     cfg = json.loads((mismatched / "adapter_config.json").read_text())
     cfg["num_virtual_tokens"] = 7
     (mismatched / "adapter_config.json").write_text(json.dumps(cfg))
-    t5 = tmp_path / "t5"
-    t5.mkdir()
-    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
-                                                "is_encoder_decoder": True, "d_model": 32}))
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
+                                                  "hidden_size": 32}))
+    enc_only = tmp_path / "t5enc"
+    enc_only.mkdir()
+    (enc_only / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5EncoderModel"],
+                                                      "d_model": 32, "num_layers": 1, "num_heads": 4, "d_kv": 8}))
     return [
         ("corrupt safetensors", [str(corrupt)], llama.base, ["corrupt or truncated", "adapter_model.safetensors"]),
         ("truncated safetensors", [str(trunc)], llama.base, ["corrupt or truncated"]),
@@ -119,7 +123,8 @@ def _bad_cases(llama, tmp_path):
         ("duplicate name", [f"a,b,c={llama.source}", f"c={llama.target}"], llama.base, ["'c' is used twice"]),
         ("invalid name", [f"a,b,c d={llama.source}"], llama.base, ["'c d' is invalid"]),
         ("wrong count of names", [f"a,b={llama.source}"], llama.base, ["2 name(s)", "holds 3 task(s)"]),
-        ("not a causal LM", [str(llama.source)], t5, ["not a causal LM", "T5ForConditionalGeneration"]),
+        ("unsupported base model", [str(llama.source)], bert, ["model type 'bert' is not supported", "llama"]),
+        ("base without LM head", [str(llama.source)], enc_only, ["T5EncoderModel", "not a seq2seq LM"]),
         ("no base model", [str(llama.source)], tmp_path / "nothing", ["no config.json"]),
         ("no adapter dir", [str(tmp_path / "missing")], llama.base, ["does not exist"]),
     ]
