@@ -67,6 +67,8 @@ def staging_dir(out: Path, force: bool):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the bundle gets ordinary directory permissions
     try:
         yield tmp
+        for p in tmp.rglob("*"):  # some writers (mkdtemp, safetensors) create owner-only files
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
