@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, export, generate, inspect, tasks, verify
+from . import bench, demo, export, generate, inspect, quantize, tasks, verify
 
 app = typer.Typer(
     name="mpt-export",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.command(name="inspect")(inspect.inspect_cmd)
 app.command(name="export")(export.export_cmd)
 app.command(name="verify")(verify.verify_cmd)
+app.command(name="quantize")(quantize.quantize_cmd)
 app.command(name="generate")(generate.generate_cmd)
 app.add_typer(tasks.app, name="tasks")
 app.command(name="bench")(bench.bench_cmd)

@@ -81,7 +81,8 @@ def progress(title: str):
 
 
 def parity_table(validation: dict | None) -> Table:
-    t = Table(title="parity vs PEFT forward (fp32)", title_justify="left")
+    dt = (validation or {}).get("dtype", "float32")
+    t = Table(title=f"parity vs PEFT forward (fp32 reference, {dt} bundle)", title_justify="left")
     for col in ("case", "task", "logits max abs", "logits max rel", "KV max abs", "KV max rel", "status"):
         t.add_column(col, justify="right" if "max" in col else "left")
     if not validation:
@@ -93,6 +94,12 @@ def parity_table(validation: dict | None) -> Table:
                   f"{c['kv_max_abs']:.2e}", f"{c['kv_max_rel']:.2e}", "[green]ok[/]" if ok else "[red]FAIL[/]")
     t.caption = f"atol {validation['atol']:g}, seed {validation['seed']}"
     return t
+
+
+def quant_line(rep: dict) -> str:
+    return (f"int8 vs fp32: greedy-token agreement {rep['greedy_agreement']:.1%} (teacher-forced, "
+            f"{rep['tokens_compared']} tokens; free-running {rep['free_running_agreement']:.1%}), logits max abs diff "
+            f"{rep['logits_max_abs']:.3g} (rel {rep['logits_max_rel']:.3g})")
 
 
 def human(n: int) -> str:

@@ -33,14 +33,17 @@ def bench_cmd(
                     f"virtual tokens, {c['new_tokens']} new tokens, {r['threads']} threads", title_justify="left")
     t.box = box.SIMPLE_HEAD
     t.pad_edge = False
-    for col in ("runtime", "ms/batch", "tok/s", "xPEFT", "=PEFT", "prefill", "decode", "floor", "%floor"):
+    for col in ("runtime", "ms/batch", "tok/s", "xPEFT", "=PEFT", "=fp32", "prefill", "decode", "floor", "%floor",
+                "peak RSS"):
         t.add_column(col, justify="left" if col == "runtime" else "right", no_wrap=True)
     for x in r["rows"]:
         t.add_row(x["name"], f"{x['latency_s'] * 1e3:.0f}", f"{x['tokens_per_s']:.1f}", f"{x['ratio_vs_peft']:.2f}x",
-                  "yes" if x["greedy_equal_peft"] else "[red]NO[/]",
+                  "yes" if x["greedy_equal_peft"] else "no",
+                  f"{x['agreement_vs_fp32']:.0%}" if "agreement_vs_fp32" in x else "-",
                   f"{x['prefill_s'] * 1e3:.0f}" if x["prefill_s"] is not None else "-",
                   f"{x['decode_s'] * 1e3:.0f}" if x["decode_s"] is not None else "-",
-                  f"{x['floor_s'] * 1e3:.0f}", f"{x['share_of_floor'] * 100:.0f}%")
+                  f"{x['floor_s'] * 1e3:.0f}", f"{x['share_of_floor'] * 100:.0f}%",
+                  f"{x['peak_rss'] / 2**20:.0f} MiB" if x.get("peak_rss") else "-")
     m = r["machine"]
     t.caption = ("ms: median latency per batch; xPEFT: throughput ratio; =PEFT: same greedy tokens; prefill/decode/"
                  "floor in ms (floor: matmul FLOPs / measured rate). PEFT eager: PyTorch, PEFT forward + KV loop; ORT: "
@@ -50,3 +53,10 @@ def bench_cmd(
                  f"{r['decode_step_bytes_floor_s'] * 1e3:.1f} ms"
                  + (f"; task prompt KV computed once: {r['task_kv_once_ms']:.0f} ms" if r["task_kv_once_ms"] else ""))
     console.print(t)
+    pt = r["bytes_per_task"]
+    console.print(f"bytes per task: {pt['vectors']} B of vectors (cols + rows), plus {pt['shared_prompt']} B for a shared "
+                  f"prompt of its own (target tasks), plus {pt['prompt_kv_cache']} B of prompt KV while cached; "
+                  "=fp32: teacher-forced greedy-token agreement with the fp32 run; peak RSS: peak resident memory of a "
+                  "fresh process that loads that row's model and runs one batch, minus the same process before loading")
+    for sk in r["skipped"]:
+        console.print(f"[yellow]skipped[/] {sk}")

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors, parity_table, progress, quiet_libraries, size_table
+from ._common import console, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
 
 
 @handle_errors
@@ -14,7 +14,11 @@ def export_cmd(
     adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR: a PEFT MPT adapter; NAMES is one comma-separated name per task, in order (default: the directory name, with -<i> for several tasks). Repeatable.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
     opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
-    atol: Annotated[float, typer.Option(help="Max abs difference allowed against PEFT's forward (fp32).")] = 1e-4,
+    atol: Annotated[float | None, typer.Option(help="Max abs difference allowed against PEFT's fp32 forward (default: 1e-4 for fp32, 5e-2 for fp16, 0.3 for bf16).")] = None,
+    dtype: Annotated[str, typer.Option(help="Backbone precision: fp32, fp16 or bf16 (norms and softmax kept in fp32; TensorRT 11 needs the precision in the graph).")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(help="int8: write an int8 (dynamic, per-channel) bundle for CPUs, checked against the fp32 export.")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this (default 0.9).")] = None,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider for validation (bf16 needs a GPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
     seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs (default: random, recorded in the manifest).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
@@ -25,7 +29,10 @@ def export_cmd(
 
     with progress("export") as on_step:
         b = export_bundle(base_model, adapter, out, opset=opset, atol=atol, validate=validate, force=force, seed=seed,
+                          dtype=dtype, quantize=quantize, min_agreement=min_agreement, provider=provider,
                           on_step=on_step)
     console.print(parity_table(b.manifest.get("validation")))
+    if b.manifest.get("quantization"):
+        console.print(quant_line(b.manifest["quantization"]["report"]))
     console.print(size_table(b))
     console.print(f"[green]wrote[/] {b.path} with tasks: {', '.join(b.tasks)}")

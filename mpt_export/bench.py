@@ -90,6 +90,74 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     return base, bundle, names
 
 
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _measure_memory(spec: dict) -> int | None:
+    """Peak resident memory of one row, measured in a fresh process (in this one, memory freed by an earlier row is
+    reused without showing up): the peak after loading the row's model and running one batch, minus the resident
+    memory after imports."""
+    import subprocess
+    import sys
+
+    try:
+        res = subprocess.run([sys.executable, "-m", "mpt_export.bench", json.dumps(spec)], capture_output=True,
+                             text=True, timeout=900)
+        return int(res.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _memory_child(spec: dict) -> int:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from .bundle import load_bundle
+
+    ids = np.asarray(spec["ids"], np.int64)
+    base_rss = _status_kib("VmRSS") or 0
+    if spec["kind"] == "peft":
+        from .export.api import adapters_from_bank, load_base_model
+        from .export.reference import peft_model_for
+
+        model, _, _ = load_base_model(spec["base"], attn_implementation="sdpa")
+        b = load_bundle(spec["bundle"], verify=False)
+        (ck, names), = adapters_from_bank(b.task_bank())
+        pm = peft_model_for(model, ck)
+        task_ids = torch.tensor([names.index(t) for t in spec["tasks"]])
+        if spec["seq2seq"]:
+            _peft_seq2seq_loop(pm, torch.from_numpy(ids), task_ids, spec["new"], spec["start"])
+        else:
+            _peft_loop(pm, torch.from_numpy(ids), task_ids, spec["new"])
+    else:
+        s = load_bundle(spec["bundle"], verify=False).session(provider=spec["provider"], intra_op_threads=spec["threads"])
+        s.generate_ids(ids, spec["tasks"], max_new_tokens=spec["new"], eos_token_id=None, prompt_kv_cache=spec["cache"])
+    return (_status_kib("VmHWM") or 0) - base_rss
+
+
+def _int8_bundle(bundle_dir: Path, on_step) -> Path:
+    from .bundle import load_bundle
+    from .errors import BundleError
+    from .quantize import quantize_bundle
+
+    out = bundle_dir.with_name("bundle-int8")
+    try:
+        load_bundle(out)
+        return out
+    except BundleError:
+        pass
+    on_step("quantize the bundle to int8 (once)")
+    quantize_bundle(bundle_dir, out, min_agreement=0.0, force=True)
+    return out
+
+
 def machine_rates(threads: int) -> dict:
     """Measured fp32 matmul rate (torch, ``threads`` threads) and memory bandwidth (large array copy)."""
     import torch
@@ -194,6 +262,23 @@ def _time(fn, repeats: int, warmup: int = 1):
     return statistics.median(times), out
 
 
+def _fp16_bundle(base: Path, bundle_dir: Path, names: list[str], on_step) -> Path:
+    from .bundle import load_bundle
+    from .errors import BundleError
+    from .export.api import export_bundle
+
+    out = bundle_dir.with_name("bundle-fp16")
+    try:
+        load_bundle(out)
+        return out
+    except BundleError:
+        pass
+    on_step("export the fp16 bundle (once)")
+    adapter = bundle_dir.parent / "adapter"
+    export_bundle(base, [f"{','.join(names)}={adapter}"], out, dtype="fp16", force=True, seed=0)
+    return out
+
+
 def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/bench", repeats: int = 5,
               threads: int | None = None, on_step=None) -> dict:
     """Build (once) and benchmark a preset; returns rows and machine figures (see module docstring)."""
@@ -219,6 +304,8 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
     tasks = [names[i % len(names)] for i in range(p.batch)]
 
     step("PEFT eager")
+    import gc
+
     model, _, arch = load_base_model(base, attn_implementation="sdpa")  # PyTorch's fastest attention for the baseline
     b = load_bundle(bundle_dir)
     (ck, ck_names), = adapters_from_bank(b.task_bank())
@@ -239,26 +326,54 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
         ours_flops = _flops(p, body, p.virtual_tokens, True, False)
         ours_cached_flops = _flops(p, body, p.virtual_tokens, False, False)
     weight_bytes = sum(x.numel() * x.element_size() for x in {id(x): x for x in model.parameters()}.values())
+    mem = {"ids": ids.tolist(), "tasks": tasks, "new": p.new_tokens, "threads": threads, "seq2seq": p.seq2seq,
+           "start": int(b.base_model.get("decoder_start_token_id") or 0), "base": str(base)}
+    step("memory: PEFT eager in a fresh process")
+    peft_rss = _measure_memory({**mem, "kind": "peft", "bundle": str(bundle_dir)})
     del pm, model
+    gc.collect()
 
-    s = b.session(provider="cpu", intra_op_threads=threads)
     rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops": peft_flops, "prefill_s": None,
-             "decode_s": None}]
-    variants = [("ORT", False, ours_flops)]
+             "decode_s": None, "peak_rss": peft_rss}]
+    variants = [("ORT", bundle_dir, "cpu", False, ours_flops)]
     if not p.seq2seq:  # the encoder is bidirectional: no per-task prompt KV to cache
-        variants.append(("ORT + prompt KV", True, ours_cached_flops))
+        variants.append(("ORT + prompt KV", bundle_dir, "cpu", True, ours_cached_flops))
+    variants.append(("ORT int8" + ("" if p.seq2seq else " + prompt KV"), _int8_bundle(bundle_dir, step), "cpu",
+                     not p.seq2seq, ours_cached_flops if not p.seq2seq else ours_flops))
+    import onnxruntime as ort
+
+    skipped = []
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        variants.append(("ORT fp16 CUDA", _fp16_bundle(base, bundle_dir, names, step), "cuda", not p.seq2seq,
+                         ours_cached_flops if not p.seq2seq else ours_flops))
+    else:
+        skipped.append("fp16: no GPU execution provider in this onnxruntime (install onnxruntime-gpu on a GPU machine)")
     rows_task_kv_ms = None
-    for label, cache, flops in variants:
+    fp32_tokens = None
+    for label, bdir, provider, cache, flops in variants:
         step(label)
+        gc.collect()
+        s = load_bundle(bdir).session(provider=provider, intra_op_threads=threads)
         if cache:
             t0 = time.perf_counter()
             s.task_kv(tasks[0])
-            rows_task_kv_ms = (time.perf_counter() - t0) * 1e3
+            if rows_task_kv_ms is None:
+                rows_task_kv_ms = (time.perf_counter() - t0) * 1e3
         lat, res = _time(lambda c=cache: s.generate_detailed(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None,
                                                              prompt_kv_cache=c), repeats)
-        rows.append({"name": label, "latency_s": lat, "tokens": res.ids, "flops": flops,
-                     "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
-                     "tokens_processed": res.tokens_processed})
+        row = {"name": label, "latency_s": lat, "tokens": res.ids, "flops": flops,
+               "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
+               "tokens_processed": res.tokens_processed,
+               "peak_rss": _measure_memory({**mem, "kind": "ort", "bundle": str(bdir), "provider": provider,
+                                            "cache": cache})}
+        if fp32_tokens is None:
+            fp32_tokens = res.ids
+        else:  # teacher-forced top-1 agreement with the fp32 greedy sequence
+            forced = s.generate_ids(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None, forced_tokens=fp32_tokens,
+                                    prompt_kv_cache=cache)
+            row["agreement_vs_fp32"] = float((forced == fp32_tokens).mean())
+        rows.append(row)
+        del s
     new = p.batch * p.new_tokens
     for r in rows:
         r["tokens_per_s"] = new / r["latency_s"]
@@ -268,8 +383,21 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
         r["share_of_floor"] = r["floor_s"] / r["latency_s"]
         r["tokens"] = r["tokens"].tolist()
     decode_step_floor = weight_bytes / rates["mem_bytes_per_s"]
+    bank = b.task_bank()
+    t0 = bank.tasks[0]
+    bm = b.base_model  # prompt KV kept per task (fp32): layers x (key, value) x kv_heads x head_dim x P
+    kv_bytes = 0 if p.seq2seq else 2 * bm["num_layers"] * bm["num_kv_heads"] * bm["head_dim"] * p.virtual_tokens * 4
+    per_task = {"vectors": int((t0.cols.size + t0.rows.size) * 4), "shared_prompt": int(bank.shared[0].nbytes),
+                "prompt_kv_cache": kv_bytes}
     return {
+        "skipped": skipped, "bytes_per_task": per_task,
         "preset": preset, "config": asdict(p), "threads": threads, "repeats": repeats, "machine": rates,
         "weight_bytes": weight_bytes, "decode_step_bytes_floor_s": decode_step_floor, "rows": rows,
         "task_kv_once_ms": rows_task_kv_ms, "cpu_count": os.cpu_count(),
     }
+
+
+if __name__ == "__main__":  # the memory probe's child process (see _measure_memory)
+    import sys
+
+    print(_memory_child(json.loads(sys.argv[1])))

@@ -243,6 +243,7 @@ def test_bench_tiny_runs_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     names = [x["name"] for x in r["rows"]]
-    assert len(names) == 3 and names[0].startswith("PEFT")
-    assert all(x["greedy_equal_peft"] for x in r["rows"])
+    assert len(names) == 4 and names[0].startswith("PEFT")
+    assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
     assert r["rows"][2]["tokens_processed"] < r["rows"][1]["tokens_processed"]
+    assert names[3].startswith("ORT int8") and 0 < r["rows"][3]["agreement_vs_fp32"] <= 1

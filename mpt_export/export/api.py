@@ -13,7 +13,7 @@ from .. import __version__
 from ..basemodel import base_arch, config_sha256, identity, tokenizer_files
 from ..bundle import FORMAT, Bundle, load_bundle, staging_dir, write_manifest
 from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
-from ..errors import BaseModelError, MissingDependencyError
+from ..errors import BaseModelError, InputError, MissingDependencyError
 from .backbone import DEFAULT_OPSET, export_backbone
 from .composer import write_composer
 
@@ -102,7 +102,10 @@ def export_bundle(
     adapters: list[str],
     out: str | Path,
     opset: int = DEFAULT_OPSET,
-    atol: float = DEFAULT_ATOL,
+    atol: float | None = None,
+    dtype: str = "fp32",
+    quantize: str | None = None,
+    min_agreement: float | None = None,
     validate: bool = True,
     force: bool = False,
     seed: int | None = None,
@@ -111,18 +114,39 @@ def export_bundle(
 ) -> Bundle:
     """Export PEFT MPT adapters over ``base_model`` into one validated bundle at ``out``.
 
-    ``adapters`` are ``[NAMES=]DIR`` specs (``"sst2,mnli=dir_src"``). Nothing is written at ``out`` unless every step,
-    validation included, succeeds."""
+    ``adapters`` are ``[NAMES=]DIR`` specs (``"sst2,mnli=dir_src"``); ``dtype`` fp32, fp16 or bf16 (see
+    ``precision``; the reference stays PEFT in fp32, ``atol`` defaults per dtype). Nothing is written at ``out``
+    unless every step, validation included, succeeds."""
+    from ..bundle import check_output_path
+    from .precision import DEFAULT_ATOL as ATOLS
+    from .precision import canonical_dtype
+
     step = on_step or (lambda s: None)
     out = Path(out)
-    from ..bundle import check_output_path
-
+    if quantize is not None:
+        return _export_quantized(base_model, adapters, out, quantize, min_agreement, dtype=dtype, opset=opset,
+                                 atol=atol, validate=validate, force=force, seed=seed, provider=provider,
+                                 on_step=on_step)
+    dtype = canonical_dtype(dtype)
+    atol = ATOLS[dtype] if atol is None else float(atol)
     check_output_path(out, force)  # fail before any heavy work
+    if dtype == "bfloat16" and validate and provider == "cpu":
+        raise InputError(
+            "bf16 graphs cannot be validated on ONNX Runtime's CPU provider (it has no bf16 kernels); validate on a "
+            "GPU provider (--provider cuda) or pass --no-validate and check the engine with `mpt-export verify` there"
+        )
     cfg, arch = base_arch(base_model)
     bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type)
     _require_export_deps()
     step("load base model")
-    model, cfg, arch = load_base_model(base_model)
+    model, cfg, arch = load_base_model(base_model)  # fp32: PEFT's reference runs on it
+    export_model = model
+    if dtype != "float32":
+        import copy
+
+        from .precision import to_half
+
+        export_model = to_half(copy.deepcopy(model), dtype)
     timings = {}
     with staging_dir(out, force) as tmp:
         t0 = time.perf_counter()
@@ -130,13 +154,13 @@ def export_bundle(
             from .seq2seq import WEIGHTS_FILE, export_seq2seq
 
             step("export encoder and decoder")
-            sio = export_seq2seq(model, arch, tmp, opset=opset)
+            sio = export_seq2seq(export_model, arch, tmp, opset=opset)
             real_opset = sio.pop("opset")
             graphs = {"encoder": {"file": "encoder.onnx", "external_data": WEIGHTS_FILE, **sio["encoder"]},
                       "decoder": {"file": "decoder.onnx", "external_data": WEIGHTS_FILE, **sio["decoder"]}}
         else:
             step("export backbone")
-            bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=opset)
+            bio = export_backbone(export_model, arch, tmp / "backbone.onnx", opset=opset)
             real_opset = bio.pop("opset")
             graphs = {"backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio}}
         timings["backbone_export_s"] = round(time.perf_counter() - t0, 2)
@@ -153,7 +177,7 @@ def export_bundle(
             "created_by": tool_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "task_type": arch.task_type,
-            "dtype": "float32",
+            "dtype": dtype,
             "opset": real_opset,
             "base_model": {**identity(base_model), "config_sha256": config_sha256(cfg)},
             "num_transformer_submodules": bank.num_transformer_submodules,
@@ -170,6 +194,30 @@ def export_bundle(
         manifest["timings"] = timings
         manifest = write_manifest(tmp, manifest)
     return Bundle(out, manifest)
+
+
+def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreement, dtype: str, **kw) -> Bundle:
+    """``--quantize int8``: an fp32 bundle in a temporary sibling (validated against PEFT), then its int8 copy at
+    ``out`` (checked against the fp32 one); the fp32 bundle is removed."""
+    import tempfile
+
+    from ..bundle import check_output_path
+    from ..quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
+    from .precision import canonical_dtype
+
+    if quantize != "int8":
+        raise InputError(f"unknown --quantize {quantize!r}; the only scheme is int8 (dynamic, for CPUs)")
+    if canonical_dtype(dtype) != "float32":
+        raise InputError("--quantize int8 starts from fp32 weights; drop --dtype or quantize an fp32 bundle")
+    check_output_path(out, kw["force"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
+    try:
+        fp32 = export_bundle(base_model, adapters, work / "bundle", dtype="fp32", **kw)
+        return quantize_bundle(fp32.path, out, min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None
+                               else min_agreement, force=kw["force"], on_step=kw.get("on_step"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,

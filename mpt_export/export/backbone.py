@@ -78,12 +78,14 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
     import onnx
     import torch
 
+    from .precision import fp32_softmax
+
     path = Path(path)
-    io = backbone_io(arch, dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+    dtype = arch.embed_tokens(model).weight.dtype
+    io = backbone_io(arch, dtype=str(dtype).replace("torch.", ""))
     wrapper = _make_wrapper(model, arch)
     L, kv, hd, H = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size
     B, S, P, PL = 2, 3, 4, 5  # every dynamic size >= 2 so none is specialised
-    dtype = next(model.parameters()).dtype
     ids = torch.randint(0, arch.vocab_size, (B, S))
     prompt = torch.randn(B, P, H, dtype=dtype)
     mask = torch.ones(B, PL + P + S, dtype=torch.long)
@@ -99,7 +101,7 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
     names_in = [s["name"] for s in io["inputs"]]
     names_out = [s["name"] for s in io["outputs"]]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), fp32_softmax():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper, (ids, prompt, mask, pos, past), str(path), dynamo=True, input_names=names_in,

@@ -123,9 +123,10 @@ def export_seq2seq(model, arch, out_dir: str | Path, opset: int) -> dict:
     import torch
 
     from .backbone import _set_dim_names
+    from .precision import fp32_softmax
 
     out_dir = Path(out_dir)
-    dtype = next(model.parameters()).dtype
+    dtype = model.get_input_embeddings().weight.dtype
     io = seq2seq_io(arch, str(dtype).replace("torch.", ""))
     enc, dec = _wrappers(model, arch)
     L, h, d, H, V = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size, arch.vocab_size
@@ -150,7 +151,7 @@ def export_seq2seq(model, arch, out_dir: str | Path, opset: int) -> dict:
     for name, module, args, dyn in jobs:
         path = out_dir / f"{name}.onnx"
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), fp32_softmax():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, args, str(path), dynamo=True,
                                   input_names=[s["name"] for s in io[name]["inputs"]],

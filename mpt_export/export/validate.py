@@ -53,6 +53,7 @@ class Report:
 
         out = {
             "reference": "peft forward (no cache), fp32",
+            "dtype": str(getattr(self, "dtype", "float32")),
             "atol": self.atol, "seed": self.seed, "passed": self.ok,
             "logits_max_abs": mx("logits_max_abs"), "logits_max_rel": mx("logits_max_rel"),
             "kv_max_abs": mx("kv_max_abs"), "kv_max_rel": mx("kv_max_rel"),
@@ -86,6 +87,7 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     rng = np.random.default_rng(seed)
     rep = Report(atol, seed)
+    rep.dtype = session.dtype
     names = list(peft_models)
     refs = {}
     for t in names:
@@ -136,6 +138,7 @@ def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, a
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     rng = np.random.default_rng(seed)
     rep = Report(atol, seed)
+    rep.dtype = session.dtype
     names = list(peft_models)
     start = session.decoder_start_token_id
 

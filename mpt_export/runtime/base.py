@@ -68,6 +68,13 @@ class Session:
         self.max_positions = int(bm["max_positions"])
         self.hidden_size = int(bm["hidden_size"])
         self.bank = bundle.task_bank()
+        dtype = m.get("dtype", "float32")
+        if dtype == "bfloat16":
+            raise InputError(
+                "this is a bf16 bundle: numpy and ONNX Runtime's CPU provider have no bf16 support; run it with "
+                "TensorRT (`mpt-export build`) or export with --dtype fp16 for ONNX Runtime"
+            )
+        self.dtype = np.dtype(dtype)  # prompt embeddings and KV travel in the graph's dtype
         eos = bm.get("eos_token_id")
         self.eos_token_id = (eos[0] if eos else None) if isinstance(eos, list) else eos
         self._prompts = _LRU(prompt_cache_size)  # digest -> composed prompt (T, H)
@@ -110,7 +117,8 @@ class Session:
         return task, shared, task.digest(shared)
 
     def task_prompt(self, name: str) -> np.ndarray:
-        """The composed prompt of ``name`` (T, H), computed by the composer graph once and cached by content."""
+        """The composed prompt of ``name`` (T, H) in the graph's dtype: composed by the (fp32) composer graph once,
+        cast once, cached by content."""
         task, shared, key = self._task(name)
         hit = self._prompts.get(key)
         if hit is not None:
@@ -119,7 +127,7 @@ class Session:
             "shared_prompt": shared[None].astype(np.float32),  # (1, T, H)
             "task_cols": task.cols[None].astype(np.float32),  # (1, T, r)
             "task_rows": task.rows[None].astype(np.float32),  # (1, r, H)
-        })["prompt_embeds"][0]
+        })["prompt_embeds"][0].astype(self.dtype)
         self._prompts.put(key, out)
         return out
 
@@ -224,12 +232,16 @@ class Session:
     def generate_detailed(self, input_ids, tasks, attention_mask=None, max_new_tokens: int = 16,
                           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                           eos_token_id: int | None | str = "auto", stop: list[str] | None = None,
-                          prompt_kv_cache: bool | None = None, on_step=None) -> GenerationResult:
+                          prompt_kv_cache: bool | None = None, on_step=None,
+                          forced_tokens: np.ndarray | None = None) -> GenerationResult:
         """Prefill, then one-token steps feeding each step's KV back in.
 
         Rows stop at EOS, at a stop string (needs the tokenizer) or after ``max_new_tokens``; finished rows are
         dropped from the batch so they stop costing work. ``on_step(step, rows, tokens)`` is called with the
-        original row indices and their new tokens after every step (for streaming)."""
+        original row indices and their new tokens after every step (for streaming).
+
+        ``forced_tokens`` (B, N): teacher forcing — the loop feeds these tokens but records the model's own choices
+        (used to measure top-1 agreement of a quantized bundle along a reference's sequence)."""
         cfg = SamplingConfig(int(max_new_tokens) if isinstance(max_new_tokens, (int, np.integer)) else max_new_tokens,
                              float(temperature), int(top_k), float(top_p), seed)
         ids, tasks, mask = self._check(input_ids, tasks, attention_mask, padding=self.padding_side)
@@ -263,6 +275,8 @@ class Session:
                         done[j], finish[r] = True, "stop"
             if step == cfg.max_new_tokens - 1 or done.all():
                 break
+            if forced_tokens is not None:
+                nxt = np.asarray(forced_tokens, np.int64)[rows, step]
             keep = ~done
             if not keep.all():  # finished rows leave the batch
                 rows, nxt = rows[keep], nxt[keep]

@@ -20,7 +20,7 @@ class CausalSession(Session):
         return self._run_graph_impl("backbone", feed)
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((batch, kv, 0, hd), np.float32) for n, (kv, hd) in self._kv_shape.items()}
+        return {n: np.zeros((batch, kv, 0, hd), self.dtype) for n, (kv, hd) in self._kv_shape.items()}
 
     def task_kv(self, name: str) -> list[np.ndarray]:
         """The task's prompt keys/values, one (1, KV, T, Dh) array per ``present`` output.
@@ -47,7 +47,7 @@ class CausalSession(Session):
         B, S = ids.shape
         prompts = [self.task_prompt(t) for t in tasks]
         pmax = max(p.shape[0] for p in prompts)
-        embeds = np.zeros((B, pmax, self.hidden_size), np.float32)  # (B, Pmax, H)
+        embeds = np.zeros((B, pmax, self.hidden_size), self.dtype)  # (B, Pmax, H)
         pmask = np.zeros((B, pmax), np.int64)
         for b, p in enumerate(prompts):
             if p.shape[0]:
@@ -71,7 +71,7 @@ class CausalSession(Session):
         pmask = np.zeros((B, pmax), np.int64)
         past = {}
         for j, (name, (kv_heads, hd)) in enumerate(self._kv_shape.items()):
-            buf = np.zeros((B, kv_heads, pmax, hd), np.float32)  # (B, KV, Pmax, Dh)
+            buf = np.zeros((B, kv_heads, pmax, hd), self.dtype)  # (B, KV, Pmax, Dh)
             for b, kv in enumerate(kvs):
                 buf[b, :, pmax - plens[b]:] = kv[j][0]
             past[name] = buf
@@ -79,7 +79,7 @@ class CausalSession(Session):
             pmask[b, pmax - p:] = 1
         full = np.concatenate([pmask, mask], axis=1)  # (B, Pmax+S)
         pos = np.maximum(np.cumsum(full, axis=1) - 1, 0)[:, pmax:]  # (B, S): text positions only
-        return {"input_ids": ids, "prompt_embeds": np.zeros((B, 0, self.hidden_size), np.float32),
+        return {"input_ids": ids, "prompt_embeds": np.zeros((B, 0, self.hidden_size), self.dtype),
                 "attention_mask": full, "position_ids": pos, **past}
 
     def forward(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
@@ -108,6 +108,6 @@ class CausalSession(Session):
         b = len(tokens)
         att = np.concatenate([state["attention_mask"], np.ones((b, 1), np.int64)], axis=1)
         feed = {**state, "input_ids": tokens[:, None], "attention_mask": att,
-                "prompt_embeds": np.zeros((b, 0, self.hidden_size), np.float32)}
+                "prompt_embeds": np.zeros((b, 0, self.hidden_size), self.dtype)}
         out = self._run_backbone_impl(feed)
         return out["logits"], {"attention_mask": att, "position_ids": state["position_ids"] + 1, **self._kv_state(out)}

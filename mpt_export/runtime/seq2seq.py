@@ -41,10 +41,9 @@ class Seq2SeqSession(Session):
         n = p.shape[0] // self.nts
         return p[:n], p[n:]
 
-    @staticmethod
-    def _left_pad(blocks: list[np.ndarray], H: int) -> tuple[np.ndarray, np.ndarray]:
+    def _left_pad(self, blocks: list[np.ndarray], H: int) -> tuple[np.ndarray, np.ndarray]:
         n = max(b.shape[0] for b in blocks)
-        out = np.zeros((len(blocks), n, H), np.float32)  # (B, N, H)
+        out = np.zeros((len(blocks), n, H), self.dtype)  # (B, N, H)
         mask = np.zeros((len(blocks), n), np.int64)
         for i, b in enumerate(blocks):
             if b.shape[0]:
@@ -65,7 +64,7 @@ class Seq2SeqSession(Session):
         feed = {"decoder_input_ids": decoder_input_ids, "decoder_prompt_embeds": dprompts,
                 "decoder_attention_mask": np.concatenate([dmask, np.ones_like(decoder_input_ids)], axis=1),
                 "encoder_attention_mask": enc_mask}
-        feed.update({n: np.zeros((B, h, 0, d), np.float32) for n, (h, d) in self._self_kv.items()})
+        feed.update({n: np.zeros((B, h, 0, d), self.dtype) for n, (h, d) in self._self_kv.items()})
         feed.update({n: enc_out[n] for n in self._cross})
         return feed
 
@@ -109,7 +108,7 @@ class Seq2SeqSession(Session):
         b = len(tokens)
         dmask = np.concatenate([state["decoder_attention_mask"], np.ones((b, 1), np.int64)], axis=1)
         feed = {**state, "decoder_input_ids": tokens[:, None], "decoder_attention_mask": dmask,
-                "decoder_prompt_embeds": np.zeros((b, 0, self.hidden_size), np.float32)}
+                "decoder_prompt_embeds": np.zeros((b, 0, self.hidden_size), self.dtype)}
         out = self._run_graph_impl("decoder", feed)
         new = {**state, "decoder_attention_mask": dmask,
                **{n: out[n.replace("past_key_values", "present")] for n in self._self_kv}}

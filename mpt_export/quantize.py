@@ -1,0 +1,134 @@
+"""int8 bundles for CPUs: ONNX Runtime dynamic quantization of the backbone weights (MatMul/Gemm, per channel).
+
+A quantized bundle is a new bundle (the original is untouched) with the same graph I/O (activations stay fp32 at the
+boundary; weights int8, activations quantized on the fly). Before it is written it is compared with its fp32 source
+on fresh random inputs for every task:
+
+- logits: max abs / rel diff of the last-position logits;
+- greedy-token agreement: the int8 model is stepped along the fp32 model's greedy sequence (teacher forcing) and its
+  own top-1 choice compared at every step — the share of equal tokens is the agreement. (Free-running agreement,
+  where one early difference changes everything after it, is reported too.)
+
+An agreement below ``min_agreement`` refuses the bundle: nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle, staging_dir, write_manifest
+from .errors import InputError, MissingDependencyError, ValidationError
+
+DEFAULT_MIN_AGREEMENT = 0.9
+
+
+def quantize_graphs(root: Path, manifest: dict, src_root: Path | None = None) -> dict:
+    """Quantize the model graphs of the bundle files under ``src_root`` (default ``root``) into ``root``."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise MissingDependencyError("int8 quantization needs onnxruntime's quantization tools (pip install onnx onnxruntime)") from None
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING
+    src_root = src_root or root
+    graphs = [g for g in manifest["graphs"] if g != "composer"]
+    for g in graphs:
+        spec = manifest["graphs"][g]
+        src = src_root / spec["file"]
+        tmp = root / (spec["file"] + ".int8")
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        for f in (root / spec["file"], root / f"{spec['file']}.data"):
+            if f.exists():
+                f.unlink()
+        # the quantizer names the data file after its output: rename both to the bundle's names
+        tmp_data = root / (tmp.name + ".data")
+        import onnx
+
+        m = onnx.load(str(tmp), load_external_data=True)
+        tmp.unlink()
+        if tmp_data.exists():
+            tmp_data.unlink()
+        onnx.save(m, str(root / spec["file"]), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=spec["file"] + ".data", size_threshold=1024)
+        spec["external_data"] = spec["file"] + ".data"
+    if manifest["task_type"] == "SEQ_2_SEQ_LM":
+        from .export.seq2seq import WEIGHTS_FILE, share_weights
+
+        shared = root / WEIGHTS_FILE
+        if shared.exists():
+            shared.unlink()
+        share_weights(root, [manifest["graphs"][g]["file"] for g in graphs], WEIGHTS_FILE)
+        for g in graphs:
+            manifest["graphs"][g]["external_data"] = WEIGHTS_FILE
+    return manifest
+
+
+def agreement(ref_session, q_session, tasks: list[str], vocab: int, seed: int = 0, new_tokens: int = 16,
+              rows_per_task: int = 2) -> dict:
+    """Logits error and greedy-token agreement of ``q_session`` against ``ref_session`` (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    names = [t for t in tasks for _ in range(rows_per_task)]
+    S = 12
+    ids = rng.integers(2, vocab, (len(names), S), dtype=np.int64)
+    l_ref, l_q = ref_session.logits(ids, names), q_session.logits(ids, names)
+    d = float(np.abs(l_ref - l_q).max())
+    ref = ref_session.generate_ids(ids, names, max_new_tokens=new_tokens, eos_token_id=None)
+    forced = q_session.generate_ids(ids, names, max_new_tokens=new_tokens, eos_token_id=None, forced_tokens=ref)
+    free = q_session.generate_ids(ids, names, max_new_tokens=new_tokens, eos_token_id=None)
+    return {"logits_max_abs": d, "logits_max_rel": d / float(np.abs(l_ref).max()),
+            "greedy_agreement": float((forced == ref).mean()), "free_running_agreement": float((free == ref).mean()),
+            "tokens_compared": int(ref.size), "seed": seed}
+
+
+def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEFAULT_MIN_AGREEMENT,
+                    force: bool = False, seed: int = 0, on_step=None) -> Bundle:
+    """Write an int8 copy of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src``."""
+    step = on_step or (lambda s: None)
+    if not 0 <= min_agreement <= 1:
+        raise InputError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    b = load_bundle(src)
+    if b.manifest.get("dtype", "float32") != "float32" or b.manifest.get("quantization"):
+        raise InputError(f"{src} is a {b.manifest.get('quantization', {}).get('weights') or b.manifest.get('dtype')} "
+                         "bundle; int8 quantization starts from an fp32 bundle")
+    out = Path(out)
+    with staging_dir(out, force) as tmp:
+        step("quantize graphs (int8, per channel)")
+        for p in b.path.rglob("*"):
+            rel = p.relative_to(b.path)
+            if p.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            elif rel.as_posix() not in _graph_files(b.manifest) and p.name != "manifest.json":
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, tmp / rel)
+        manifest = json.loads(json.dumps(b.manifest))
+        manifest = quantize_graphs(tmp, manifest, src_root=b.path)
+        manifest["quantization"] = {"weights": "int8", "method": "onnxruntime dynamic quantization, per channel",
+                                    "source_bundle": str(b.path), "min_agreement": min_agreement}
+        manifest = write_manifest(tmp, manifest)
+        step("compare with the fp32 bundle")
+        q = Bundle(tmp, manifest)
+        rep = agreement(b.session(), q.session(), b.tasks, int(b.base_model["vocab_size"]), seed=seed)
+        manifest["quantization"]["report"] = rep
+        if rep["greedy_agreement"] < min_agreement:
+            raise ValidationError(
+                f"int8 greedy-token agreement with fp32 is {rep['greedy_agreement']:.1%} over {rep['tokens_compared']} "
+                f"tokens, below the required {min_agreement:.1%} (logits max abs diff {rep['logits_max_abs']:.3g}); "
+                "keep the fp32 bundle or lower --min-agreement if that is acceptable", report=rep)
+        manifest = write_manifest(tmp, manifest)
+    return Bundle(out, manifest)
+
+
+def _graph_files(manifest: dict) -> set[str]:
+    files = set()
+    for g, spec in manifest["graphs"].items():
+        if g != "composer":
+            files.add(spec["file"])
+            if spec.get("external_data"):
+                files.add(spec["external_data"])
+    return files

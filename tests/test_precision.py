@@ -1,0 +1,107 @@
+"""fp16 / bf16 bundles and int8 quantization."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import mpt_export
+from conftest import run_cli
+from mpt_export.errors import InputError, ValidationError
+from mpt_export.export.api import adapters_from_bank, load_base_model
+from mpt_export.export.reference import peft_causal_forward, peft_model_for, peft_seq2seq_forward, shift_right
+from test_cli import assert_clean_failure, no_output_left
+
+
+@pytest.mark.parametrize("arch,nts", [("llama-gqa", None), ("gpt2", None), ("t5", 2)])
+def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
+    case = make_case(arch, nts)
+    b = mpt_export.export_bundle(case.base, case.adapters, tmp_path / "fp16", dtype="fp16", seed=3)
+    assert b.manifest["dtype"] == "float16"
+    val = b.manifest["validation"]
+    assert val["passed"] and val["atol"] == 5e-2 and val["dtype"] == "float16"
+    main = "encoder.onnx" if case.seq2seq else "backbone.onnx"
+    g = onnx.load(str(b.file(main)), load_external_data=False)
+    types = {i.name: i.type.tensor_type.elem_type for i in g.graph.input}
+    assert types["prompt_embeds"] == onnx.TensorProto.FLOAT16  # prompts arrive in the graph's dtype
+    assert onnx.load(str(b.file("composer.onnx"))).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # independent check against PEFT in fp32, and the fp16 bundle is half the size of the weights in fp32
+    model, _, _ = load_base_model(case.base)
+    s = b.session()
+    assert s.dtype == np.float16
+    rng = np.random.default_rng(0)
+    for ck, names in adapters_from_bank(b.task_bank()):
+        pm = peft_model_for(model, ck)
+        ids = rng.integers(2, s.vocab_size, (1, 7))
+        if case.seq2seq:
+            labels = rng.integers(2, s.vocab_size, (1, 3))
+            ref = peft_seq2seq_forward(pm, ids, labels, 0)["logits"]
+            got = s.logits(ids, [names[0]], decoder_input_ids=shift_right(labels, 0))
+        else:
+            ref = peft_causal_forward(pm, ids, 0)["logits"]
+            got = s.logits(ids, [names[0]])
+        assert got.dtype == np.float32 and np.abs(got - ref).max() <= 5e-2
+    def weight_bytes(bundle_dir):
+        return sum(onnx.numpy_helper.to_array(t).nbytes for g in ("backbone", "encoder", "decoder")
+                   if (bundle_dir / f"{g}.onnx").exists()
+                   for t in onnx.load(str(bundle_dir / f"{g}.onnx"), load_external_data=True).graph.initializer)
+
+    assert weight_bytes(b.path) < 0.6 * weight_bytes(case.bundle)
+    assert s.generate_ids(np.array([[5, 6, 7]]), ["a"], max_new_tokens=4).shape[0] == 1
+
+
+def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
+    out = tmp_path / "bf16"
+    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
+                                 "--dtype", "bf16"), "no bf16 kernels", "--no-validate")
+    assert no_output_left(out)
+    b = mpt_export.export_bundle(llama.base, [str(llama.source)], out, dtype="bf16", validate=False)
+    assert b.manifest["dtype"] == "bfloat16" and b.manifest["validation"] is None
+    g = onnx.load(str(b.file("backbone.onnx")), load_external_data=False)
+    assert g.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    with pytest.raises(InputError, match="bf16 bundle"):
+        b.session()
+    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
+                                 tmp_path / "x", "--dtype", "fp8"), "unknown dtype 'fp8'")
+
+
+def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
+    from mpt_export.quantize import quantize_bundle
+
+    q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
+    rep = q.manifest["quantization"]["report"]
+    assert 0.0 < rep["greedy_agreement"] <= 1.0 and rep["tokens_compared"] == 4 * 2 * 16
+    assert rep["logits_max_abs"] > 0  # really quantized
+    assert q.manifest["files"]["backbone.onnx.data"] != mpt_export.load_bundle(llama.bundle).manifest["files"]["backbone.onnx.data"]
+    assert (q.path / "backbone.onnx.data").stat().st_size < 0.6 * (llama.bundle / "backbone.onnx.data").stat().st_size
+    s = q.session()
+    assert s.generate_ids(np.array([[3, 4, 5]]), ["t"], max_new_tokens=4).shape == (1, 4)
+    # the refusal path: a threshold above the measured agreement writes nothing
+    strict = min(1.0, rep["greedy_agreement"] + 1e-9) if rep["greedy_agreement"] < 1.0 else None
+    if strict is None:
+        pytest.fail("tiny random model quantized without a single differing token; the refusal path needs a noisier one")
+    out = tmp_path / "refused"
+    with pytest.raises(ValidationError, match="greedy-token agreement with fp32 is"):
+        quantize_bundle(llama.bundle, out, min_agreement=strict)
+    assert no_output_left(out)
+    res = run_cli("quantize", llama.bundle, "--out", out, "--min-agreement", str(strict))
+    assert_clean_failure(res, "below the required")
+    assert no_output_left(out)
+    # an int8 bundle is not quantized again; the source is untouched
+    with pytest.raises(InputError, match="starts from an fp32 bundle"):
+        quantize_bundle(q.path, tmp_path / "qq")
+    mpt_export.load_bundle(llama.bundle)
+
+
+def test_export_quantize_int8_cli(make_case, tmp_path):
+    case = make_case("t5", 2)
+    out = tmp_path / "q"
+    res = run_cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--out", out,
+                  "--quantize", "int8", "--min-agreement", "0")
+    assert res.returncode == 0, res.stderr
+    assert "greedy-token agreement" in res.stdout
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["quantization"]["weights"] == "int8" and man["validation"]["passed"]
+    assert not list(tmp_path.glob(".q.fp32-*"))  # the intermediate fp32 bundle is gone
+    assert mpt_export.load_bundle(out).session().generate_ids(np.array([[5, 6]]), ["a"], max_new_tokens=3).shape[0] == 1
