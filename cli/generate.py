@@ -49,6 +49,8 @@ def generate_cmd(
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a row when its text contains this string (repeatable).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda, tensorrt or a provider name.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
+    optimization: Annotated[str, typer.Option(help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache/--no-prompt-cache", help="Start from each task's cached prompt KV.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row: task, text, token ids, timings.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come (one prompt only).")] = False,
@@ -71,7 +73,8 @@ def generate_cmd(
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     if stream and len(texts) != 1:
         raise InputError(f"--stream prints one prompt's tokens as they come; got {len(texts)} prompts")
-    s = mpt_export.load_bundle(bundle).session(provider=provider, prompt_kv_cache=prompt_cache)
+    s = mpt_export.load_bundle(bundle).session(provider=provider, prompt_kv_cache=prompt_cache,
+                                               intra_op_threads=threads, optimization=optimization)
     tok = s.tokenizer
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
               stop=stop or None)

@@ -247,3 +247,13 @@ def test_bench_tiny_runs_end_to_end(tmp_path):
     assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
     assert r["rows"][2]["tokens_processed"] < r["rows"][1]["tokens_processed"]
     assert names[3].startswith("ORT int8") and 0 < r["rows"][3]["agreement_vs_fp32"] <= 1
+
+
+def test_session_options(llama):
+    b = mpt_export.load_bundle(llama.bundle)
+    ids = np.array([[3, 4, 5, 6]])
+    ref = b.session(io_binding=False).generate_ids(ids, ["c"], max_new_tokens=8, eos_token_id=None)
+    for opts in ({"io_binding": True}, {"optimization": "basic", "intra_op_threads": 1}):
+        np.testing.assert_array_equal(b.session(**opts).generate_ids(ids, ["c"], max_new_tokens=8, eos_token_id=None), ref)
+    with pytest.raises(InputError, match="unknown graph optimization level 'max'"):
+        b.session(optimization="max")

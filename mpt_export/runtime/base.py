@@ -88,6 +88,11 @@ class Session:
         """Run one graph of the bundle (``backbone``, ``encoder``, ``decoder``, ``composer``) -> outputs by name."""
         raise NotImplementedError
 
+    def _run_step_impl(self, graph: str, feed: dict) -> dict:
+        """A decode step: like ``_run_graph_impl``, but the KV outputs may stay backend values (e.g. device
+        buffers) that the next step takes back as inputs; ``logits`` must be a numpy array."""
+        return self._run_graph_impl(graph, feed)
+
     def _start(self, ids, tasks, mask, use_cache: bool):
         """Prefill: -> (last-position logits (B, V), loop state {name: (B, ...)}, tokens processed)."""
         raise NotImplementedError
@@ -95,6 +100,10 @@ class Session:
     def _step(self, state: dict, tokens: np.ndarray):
         """One decode step for the running rows: -> (logits (b, V), new state)."""
         raise NotImplementedError
+
+    def _take_rows(self, value, keep: np.ndarray):
+        """Rows ``keep`` of a loop-state value (backends that keep state on a device override this)."""
+        return value[keep]
 
     def close(self) -> None:
         pass
@@ -280,7 +289,7 @@ class Session:
             keep = ~done
             if not keep.all():  # finished rows leave the batch
                 rows, nxt = rows[keep], nxt[keep]
-                state = {k: v[keep] for k, v in state.items()}
+                state = {k: self._take_rows(v, keep) for k, v in state.items()}
             logits, state = self._step(state, nxt)
             processed += len(rows)
         total = time.perf_counter() - t0

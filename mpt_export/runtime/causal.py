@@ -109,5 +109,5 @@ class CausalSession(Session):
         att = np.concatenate([state["attention_mask"], np.ones((b, 1), np.int64)], axis=1)
         feed = {**state, "input_ids": tokens[:, None], "attention_mask": att,
                 "prompt_embeds": np.zeros((b, 0, self.hidden_size), self.dtype)}
-        out = self._run_backbone_impl(feed)
+        out = self._run_step_impl("backbone", feed)
         return out["logits"], {"attention_mask": att, "position_ids": state["position_ids"] + 1, **self._kv_state(out)}

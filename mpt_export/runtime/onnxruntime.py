@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import InputError, MissingDependencyError
 
 PROVIDER_ALIASES = {
@@ -29,14 +31,23 @@ def resolve_provider(provider: str) -> list[str]:
 class OrtBackend:
     """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
 
-    def _open_ort(self, bundle, provider: str, intra_op_threads: int | None) -> None:
+    def _open_ort(self, bundle, provider: str, intra_op_threads: int | None, optimization: str = "all",
+                  io_binding: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime is not installed; pip install onnxruntime") from None
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if optimization not in levels:
+            raise InputError(f"unknown graph optimization level {optimization!r}; choose one of {', '.join(levels)}")
         self.providers = resolve_provider(provider)
+        self.io_binding = io_binding
+        # Outputs of a decode step stay where the provider put them (the GPU for CUDA/TensorRT) and go back in as
+        # the next step's inputs: no KV round trip through numpy.
+        self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = levels[optimization]
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3
@@ -47,11 +58,39 @@ class OrtBackend:
 
     def _run_graph_impl(self, graph, feed):
         sess, names = self._ort[graph]
-        return dict(zip(names, sess.run(names, feed)))
+        return dict(zip(names, sess.run(names, {k: self._as_numpy(v) for k, v in feed.items()})))
+
+    def _run_step_impl(self, graph, feed):
+        if not self.io_binding:
+            return self._run_graph_impl(graph, feed)
+        sess, names = self._ort[graph]
+        binding = sess.io_binding()
+        for k, v in feed.items():
+            if isinstance(v, np.ndarray):
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+            else:
+                binding.bind_ortvalue_input(k, v)
+        for n in names:
+            binding.bind_output(n, self._device)
+        sess.run_with_iobinding(binding)
+        out = dict(zip(names, binding.get_outputs()))
+        out["logits"] = out["logits"].numpy()
+        return out
+
+    @staticmethod
+    def _as_numpy(v):
+        return v if isinstance(v, np.ndarray) else v.numpy()
+
+    def _take_rows(self, value, keep):
+        return self._as_numpy(value)[keep]
 
 
-def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = None, **options):
-    """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime."""
+def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = None, optimization: str = "all",
+                io_binding: bool = True, **options):
+    """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime.
+
+    ``intra_op_threads`` (default: ORT's, one per core), ``optimization`` (disable|basic|extended|all),
+    ``io_binding`` (decode steps keep KV as OrtValues on the provider's device)."""
     if bundle.task_type == "SEQ_2_SEQ_LM":
         from .seq2seq import Seq2SeqSession as Kind
     else:
@@ -60,6 +99,6 @@ def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = No
     class OrtSession(OrtBackend, Kind):
         def __init__(self):
             Kind.__init__(self, bundle, **options)
-            self._open_ort(bundle, provider, intra_op_threads)
+            self._open_ort(bundle, provider, intra_op_threads, optimization, io_binding)
 
     return OrtSession()

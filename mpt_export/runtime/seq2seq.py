@@ -109,7 +109,7 @@ class Seq2SeqSession(Session):
         dmask = np.concatenate([state["decoder_attention_mask"], np.ones((b, 1), np.int64)], axis=1)
         feed = {**state, "decoder_input_ids": tokens[:, None], "decoder_attention_mask": dmask,
                 "decoder_prompt_embeds": np.zeros((b, 0, self.hidden_size), self.dtype)}
-        out = self._run_graph_impl("decoder", feed)
+        out = self._run_step_impl("decoder", feed)
         new = {**state, "decoder_attention_mask": dmask,
                **{n: out[n.replace("past_key_values", "present")] for n in self._self_kv}}
         return out["logits"], new
