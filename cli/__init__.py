@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, demo, export, generate, inspect, quantize, tasks, verify
+from . import bench, build, demo, export, generate, inspect, quantize, tasks, verify
 
 app = typer.Typer(
     name="mpt-export",
@@ -21,6 +21,8 @@ app.command(name="verify")(verify.verify_cmd)
 app.command(name="quantize")(quantize.quantize_cmd)
 app.command(name="generate")(generate.generate_cmd)
 app.add_typer(tasks.app, name="tasks")
+app.command(name="build")(build.build_cmd)
+app.command(name="check-trt")(build.check_trt_cmd)
 app.command(name="bench")(bench.bench_cmd)
 app.command(name="demo")(demo.demo_cmd)
 

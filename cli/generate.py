@@ -49,6 +49,8 @@ def generate_cmd(
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a row when its text contains this string (repeatable).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda, tensorrt or a provider name.")] = "cpu",
+    backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (needs --engines).")] = "onnxruntime",
+    engines: Annotated[Path | None, typer.Option(help="Engines folder from `mpt-export build` (with --backend tensorrt).")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
     optimization: Annotated[str, typer.Option(help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache/--no-prompt-cache", help="Start from each task's cached prompt KV.")] = True,
@@ -73,8 +75,12 @@ def generate_cmd(
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     if stream and len(texts) != 1:
         raise InputError(f"--stream prints one prompt's tokens as they come; got {len(texts)} prompts")
-    s = mpt_export.load_bundle(bundle).session(provider=provider, prompt_kv_cache=prompt_cache,
-                                               intra_op_threads=threads, optimization=optimization)
+    b = mpt_export.load_bundle(bundle)
+    if backend == "tensorrt":
+        s = b.session(backend="tensorrt", engines=engines, prompt_kv_cache=prompt_cache)
+    else:
+        s = b.session(provider=provider, backend=backend, prompt_kv_cache=prompt_cache, intra_op_threads=threads,
+                      optimization=optimization)
     tok = s.tokenizer
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
               stop=stop or None)

@@ -130,8 +130,18 @@ class Bundle:
             comp[key] = comp.get(key, 0) + p.stat().st_size
         return comp
 
-    def session(self, provider: str = "cpu", **options):
-        """An ONNX Runtime session over this bundle (``provider``: cpu, cuda, tensorrt, or an ORT provider name)."""
+    def session(self, provider: str = "cpu", backend: str = "onnxruntime", engines: str | Path | None = None,
+                **options):
+        """A session over this bundle: ONNX Runtime (``provider``: cpu, cuda, tensorrt — ORT's TensorRT EP — or an
+        ORT provider name), or ``backend="tensorrt"`` with the engines folder written by ``mpt-export build``."""
+        if backend == "tensorrt":
+            if engines is None:
+                raise BundleError("the TensorRT backend needs the engines folder (mpt-export build BUNDLE --out DIR)")
+            from .runtime.tensorrt import trt_session
+
+            return trt_session(self, engines, **options)
+        if backend != "onnxruntime":
+            raise BundleError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         from .runtime.onnxruntime import ort_session
 
         return ort_session(self, provider=provider, **options)

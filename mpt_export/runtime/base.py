@@ -69,12 +69,9 @@ class Session:
         self.hidden_size = int(bm["hidden_size"])
         self.bank = bundle.task_bank()
         dtype = m.get("dtype", "float32")
-        if dtype == "bfloat16":
-            raise InputError(
-                "this is a bf16 bundle: numpy and ONNX Runtime's CPU provider have no bf16 support; run it with "
-                "TensorRT (`mpt-export build`) or export with --dtype fp16 for ONNX Runtime"
-            )
-        self.dtype = np.dtype(dtype)  # prompt embeddings and KV travel in the graph's dtype
+        # prompt embeddings and KV travel in the graph's dtype; numpy has no bf16, so host-side arrays of a bf16
+        # bundle are fp32 and a backend that can run bf16 (TensorRT) casts them on the device
+        self.dtype = np.dtype("float32" if dtype == "bfloat16" else dtype)
         eos = bm.get("eos_token_id")
         self.eos_token_id = (eos[0] if eos else None) if isinstance(eos, list) else eos
         self._prompts = _LRU(prompt_cache_size)  # digest -> composed prompt (T, H)

@@ -37,6 +37,11 @@ class OrtBackend:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime is not installed; pip install onnxruntime") from None
+        if bundle.manifest.get("dtype") == "bfloat16":
+            raise InputError(
+                "this is a bf16 bundle: numpy and ONNX Runtime's CPU provider have no bf16 support; run it with "
+                "TensorRT (`mpt-export build`, then --backend tensorrt) or export with --dtype fp16 for ONNX Runtime"
+            )
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         if optimization not in levels:

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, handle_errors, progress
+
+
+def _limits(max_batch, max_input, max_new_tokens):
+    from mpt_export.trt.profiles import Limits
+
+    return Limits(max_batch=max_batch, max_input=max_input, max_new_tokens=max_new_tokens)
+
+
+@handle_errors
+def build_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Engines folder (default engines/<bundle name>).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch the engines accept.")] = 8,
+    max_input: Annotated[int, typer.Option(help="Longest input (tokens) the engines accept.")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per request.")] = 128,
+    precision: Annotated[str, typer.Option(help="auto (the bundle's), fp32, fp16, bf16. TensorRT 11 needs a bundle of that dtype.")] = "auto",
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and written (faster rebuilds).")] = None,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines that later TensorRT releases of the same major can load.")] = False,
+    workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
+    trt_version: Annotated[int, typer.Option(help="With --print-trtexec: the TensorRT major version of the target board (10 for JetPack 6).")] = 10,
+    print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
+) -> None:
+    """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
+    from mpt_export.bundle import load_bundle
+
+    limits = _limits(max_batch, max_input, max_new_tokens)
+    if print_trtexec:
+        from mpt_export.trt.commands import format_commands, resolve_precision, trtexec_commands
+        from mpt_export.trt.profiles import profiles
+
+        b = load_bundle(bundle)
+        prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"))
+        engines = out or Path("engines") / b.path.name
+        cmds = trtexec_commands(b, profiles(b.manifest, limits), engines, prec,
+                                str(timing_cache) if timing_cache else None, workspace_mib, version_compatible)
+        print(f"# TensorRT {trt_version}.x, precision {prec['precision']}; profiles in order: "
+              + "; ".join(f"{g}: {', '.join(p['name'] for p in ps)}" for g, ps in profiles(b.manifest, limits).items()))
+        print(f"mkdir -p {engines}")
+        print(format_commands(cmds))
+        return
+    from mpt_export.trt.build import build_engines
+
+    with progress("build") as on_step:
+        path = build_engines(bundle, out, limits, precision, timing_cache, version_compatible, workspace_mib, on_step)
+    side = json.loads((path / "engine.json").read_text())
+    console.print(f"[green]engines[/] {path}: TensorRT {side['tensorrt_version']}, {side['gpu_name']} "
+                  f"(sm {side['compute_capability']}), precision {side['precision']['precision']}")
+
+
+@handle_errors
+def check_trt_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    max_batch: Annotated[int, typer.Option(help="Profile limit: batch.")] = 8,
+    max_input: Annotated[int, typer.Option(help="Profile limit: input tokens.")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(help="Profile limit: new tokens.")] = 128,
+) -> None:
+    """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
+    from mpt_export.bundle import load_bundle
+    from mpt_export.trt.check import check_trt
+
+    summary = check_trt(load_bundle(bundle), _limits(max_batch, max_input, max_new_tokens))
+    for g, s in summary.items():
+        console.print(f"[green]ok[/] {g}: {s['file']}, {s['nodes']} nodes / {s['ops']} op types, all supported; "
+                      f"profiles {', '.join(s['profiles'])}; external data {', '.join(s['external_data']) or '-'}")

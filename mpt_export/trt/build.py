@@ -1,0 +1,111 @@
+"""Build TensorRT engines from a bundle (``tensorrt`` imported here only).
+
+One engine per model graph (``backbone.plan``, or ``encoder.plan`` + ``decoder.plan``) with the profiles of
+``profiles.py``, written atomically to ``engines/<bundle name>/`` with the sidecar ``engine.json``. The composer is
+not built: composing a task is one small matmul, done once per task on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..bundle import load_bundle, staging_dir
+from ..errors import ExportError, MissingDependencyError
+from .commands import resolve_precision
+from .identity import SIDECAR, make_sidecar
+from .profiles import Limits, profiles
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError(
+            "the tensorrt Python package is not installed here; install TensorRT for this GPU (pip install tensorrt "
+            "from NVIDIA's index, or JetPack on Jetson), or print the equivalent trtexec commands with "
+            "`mpt-export build BUNDLE --print-trtexec`"
+        ) from None
+    return trt
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of device 0, through torch or cuda-python."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return torch.cuda.get_device_name(0), f"{major}.{minor}"
+    except ImportError:
+        pass
+    try:
+        from cuda.bindings import runtime as cudart
+
+        err, prop = cudart.cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            return prop.name.decode(errors="replace").rstrip("\0"), f"{prop.major}.{prop.minor}"
+    except ImportError:
+        pass
+    raise MissingDependencyError("no CUDA GPU visible (through torch or cuda-python); TensorRT engines need one")
+
+
+def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | None = None, precision: str = "auto",
+                  timing_cache: str | Path | None = None, version_compatible: bool = False,
+                  workspace_mib: int | None = None, on_step=None) -> Path:
+    step = on_step or (lambda s: None)
+    b = load_bundle(bundle_path)
+    limits = limits or Limits()
+    profs = profiles(b.manifest, limits)
+    trt = import_tensorrt()
+    major = int(trt.__version__.split(".")[0])
+    prec = resolve_precision(precision, major, b.manifest.get("dtype", "float32"))
+    gpu_name, cc = gpu_identity()
+    out = Path(out) if out else Path("engines") / b.path.name
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    engines = {}
+    with staging_dir(out, force=True) as tmp:
+        for graph, plist in profs.items():
+            step(f"build {graph} ({prec['precision']}, {len(plist)} profiles)")
+            t0 = time.perf_counter()
+            builder = trt.Builder(logger)
+            flags = 0
+            if prec["strongly_typed"] and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+                flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            network = builder.create_network(flags)
+            parser = trt.OnnxParser(network, logger)
+            onnx_path = b.path / b.manifest["graphs"][graph]["file"]
+            if not parser.parse_from_file(str(onnx_path)):
+                errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errs} (run `mpt-export check-trt` first)")
+            config = builder.create_builder_config()
+            if workspace_mib:
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+            if "--fp16" in prec["flags"]:
+                config.set_flag(trt.BuilderFlag.FP16)
+            if "--bf16" in prec["flags"]:
+                config.set_flag(trt.BuilderFlag.BF16)
+            if version_compatible:
+                config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+            cache = config.create_timing_cache(cache_bytes)
+            config.set_timing_cache(cache, ignore_mismatch=False)
+            for p in plist:
+                prof = builder.create_optimization_profile()
+                for name, s in p["shapes"].items():
+                    prof.set_shape(name, s["min"], s["opt"], s["max"])
+                config.add_optimization_profile(prof)
+            plan = builder.build_serialized_network(network, config)
+            if plan is None:
+                raise ExportError(f"TensorRT failed to build {graph}; see the log above")
+            (tmp / f"{graph}.plan").write_bytes(bytes(plan))
+            cache_bytes = bytes(config.get_timing_cache().serialize())
+            engines[graph] = {"file": f"{graph}.plan", "build_s": round(time.perf_counter() - t0, 1)}
+        sidecar = make_sidecar(b, trt.__version__, gpu_name, cc, prec, limits.to_dict(), profs, version_compatible,
+                               engines)
+        import json
+
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    if timing_cache:
+        Path(timing_cache).write_bytes(cache_bytes)
+    return out

@@ -1,0 +1,182 @@
+"""TensorRT: profiles, trtexec command lines, ORT TensorRT-EP options, check-trt, engine identity — all checked here
+without a GPU; the engine build/run tests need the tensorrt package and a GPU and skip cleanly elsewhere."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+import mpt_export
+from conftest import run_cli
+from mpt_export.errors import InputError
+from mpt_export.trt.check import TrtCheckError, check_trt
+from mpt_export.trt.commands import ort_trt_provider_options, resolve_precision, trtexec_commands
+from mpt_export.trt.identity import EngineMismatchError, check_sidecar, make_sidecar
+from mpt_export.trt.profiles import Limits, profiles
+from test_cli import assert_clean_failure
+
+LIM = Limits(max_batch=4, max_input=32, max_new_tokens=16)  # tiny models have 64 positions
+
+
+def _ordered(s):
+    return all(lo <= o <= hi for lo, o, hi in zip(s["min"], s["opt"], s["max"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
+def test_causal_profiles(make_case, arch):
+    b = mpt_export.load_bundle(make_case(arch).bundle)
+    p = profiles(b.manifest, LIM)
+    assert list(p) == ["backbone"] and [x["name"] for x in p["backbone"]] == ["prefill", "decode"]
+    pre, dec = (x["shapes"] for x in p["backbone"])
+    names = [i["name"] for i in b.manifest["graphs"]["backbone"]["inputs"]]
+    assert list(pre) == names and list(dec) == names and all(_ordered(s) for s in list(pre.values()) + list(dec.values()))
+    kv, hd, H = b.base_model["num_kv_heads"], b.base_model["head_dim"], b.base_model["hidden_size"]
+    P = 5  # virtual tokens of the test adapters
+    assert pre["input_ids"] == {"min": [1, 0], "opt": [2, 8], "max": [4, 32]}
+    assert pre["prompt_embeds"] == {"min": [1, 0, H], "opt": [2, 0, H], "max": [4, P, H]}
+    assert pre["past_key_values.0.key"] == {"min": [1, kv, 0, hd], "opt": [2, kv, P, hd], "max": [4, kv, P, hd]}
+    assert pre["attention_mask"]["max"] == [4, P + 32] and pre["position_ids"]["max"] == [4, P + 32]
+    assert dec["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 1]}
+    assert dec["prompt_embeds"]["max"] == [4, 0, H]
+    assert dec["past_key_values.1.value"]["max"] == [4, kv, P + 32 + 16 - 1, hd]
+    assert dec["attention_mask"]["max"] == [4, P + 32 + 16]
+    with pytest.raises(InputError, match="exceeds the model's 64 positions"):
+        profiles(b.manifest, Limits(max_input=60))
+
+
+@pytest.mark.parametrize("nts", [1, 2])
+def test_seq2seq_profiles(make_case, nts):
+    b = mpt_export.load_bundle(make_case("t5", nts).bundle)
+    p = profiles(b.manifest, LIM)
+    assert [x["name"] for x in p["encoder"]] == ["encoder"]
+    assert [x["name"] for x in p["decoder"]] == ["first_step", "decode"]
+    enc = p["encoder"][0]["shapes"]
+    assert enc["prompt_embeds"]["max"] == [4, 5, 32] and enc["attention_mask"]["max"] == [4, 5 + 32]
+    first, dec = (x["shapes"] for x in p["decoder"])
+    PD = 5 if nts == 2 else 0
+    assert first["decoder_prompt_embeds"]["max"] == [4, PD, 32] and first["past_key_values.0.key"]["max"][2] == 0
+    assert dec["past_key_values.0.key"]["max"] == [4, 4, PD + 16, 8] and dec["cross.1.value"]["max"] == [4, 4, 37, 8]
+
+
+def test_precision_rules():
+    assert resolve_precision("auto", 10, "float32") == {"precision": "fp32", "strongly_typed": False, "flags": []}
+    assert resolve_precision("fp16", 10, "float32")["flags"] == ["--fp16"]
+    assert resolve_precision("bf16", 10, "float32")["flags"] == ["--bf16"]
+    assert resolve_precision("auto", 10, "float16")["flags"] == ["--stronglyTyped"]
+    assert resolve_precision("fp16", 11, "float16") == {"precision": "fp16", "strongly_typed": True, "flags": []}
+    with pytest.raises(InputError, match="TensorRT 11 builds strongly typed networks: --precision fp16 needs a fp16 bundle"):
+        resolve_precision("fp16", 11, "float32")
+    with pytest.raises(InputError, match="unknown --precision 'int4'"):
+        resolve_precision("int4", 10, "float32")
+
+
+def test_trtexec_and_ort_options(llama, tmp_path):
+    b = mpt_export.load_bundle(llama.bundle)
+    p = profiles(b.manifest, LIM)
+    (cmd,) = trtexec_commands(b, p, tmp_path / "eng", resolve_precision("fp16", 10, "float32"), "cache.bin", 2048, True)
+    assert cmd[0] == "trtexec" and cmd[1] == f"--onnx={llama.bundle / 'backbone.onnx'}"
+    assert cmd[2] == f"--saveEngine={tmp_path / 'eng' / 'backbone.plan'}"
+    mins = [c for c in cmd if c.startswith("--minShapes=")]
+    assert len(mins) == 2  # prefill, then decode
+    assert mins[0].startswith("--minShapes=input_ids:1x0,prompt_embeds:1x0x32,attention_mask:1x1,")
+    assert "--optShapes=input_ids:2x1," in " ".join(cmd)
+    assert cmd[-4:] == ["--fp16", "--timingCacheFile=cache.bin", "--memPoolSize=workspace:2048M", "--versionCompatible"]
+    o = ort_trt_provider_options(p["backbone"], tmp_path / "cache")
+    assert o["trt_profile_min_shapes"].count("input_ids:") == 2 and o["trt_engine_cache_enable"]
+    assert o["trt_profile_max_shapes"].split(",")[0] == "input_ids:4x32"
+    res = run_cli("build", llama.bundle, "--print-trtexec", "--max-batch", "4", "--max-input", "32",
+                  "--max-new-tokens", "16", "--precision", "fp16")
+    assert res.returncode == 0, res.stderr
+    assert "trtexec" in res.stdout and "--fp16" in res.stdout and "prefill, decode" in res.stdout
+    assert_clean_failure(run_cli("build", llama.bundle, "--print-trtexec", "--trt-version", "11", "--precision", "fp16",
+                                 "--max-input", "32", "--max-new-tokens", "16"), "needs a fp16 bundle")
+
+
+@pytest.mark.parametrize("arch,nts", [("llama-gqa", None), ("gpt2", None), ("t5", 2)])
+def test_check_trt_passes_on_bundles(make_case, arch, nts):
+    b = make_case(arch, nts).bundle
+    summary = check_trt(mpt_export.load_bundle(b), LIM)
+    assert set(summary) == ({"encoder", "decoder"} if arch == "t5" else {"backbone"})
+    res = run_cli("check-trt", b, "--max-input", "32", "--max-new-tokens", "16")
+    assert res.returncode == 0 and "all supported" in res.stdout
+
+
+def test_check_trt_fails_precisely(llama, tmp_path):
+    from mpt_export.bundle import write_manifest
+    from mpt_export.quantize import quantize_bundle
+
+    q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
+    with pytest.raises(TrtCheckError, match="unsupported op DynamicQuantizeLinear") as e:
+        check_trt(q, LIM)
+    assert any("MatMulInteger" in p for p in e.value.problems)
+    # an ONNX Runtime contrib op in the backbone
+    bad = tmp_path / "contrib"
+    shutil.copytree(llama.bundle, bad)
+    m = onnx.load(str(bad / "backbone.onnx"), load_external_data=False)
+    logits = next(n for n in m.graph.node if "logits" in n.output)
+    logits.output[0] = "pre_gelu"
+    m.graph.node.append(onnx.helper.make_node("FastGelu", ["pre_gelu"], ["logits"], domain="com.microsoft",
+                                              name="contrib_gelu"))
+    onnx.save(m, str(bad / "backbone.onnx"))
+    write_manifest(bad, json.loads((bad / "manifest.json").read_text()))
+    assert_clean_failure(run_cli("check-trt", bad, "--max-input", "32", "--max-new-tokens", "16"),
+                         "unsupported op FastGelu (domain com.microsoft: an ONNX Runtime contrib op, node contrib_gelu)")
+    # external data cut short (and the manifest rewritten to match, so only check-trt can tell)
+    data = (bad / "backbone.onnx.data").read_bytes()
+    (bad / "backbone.onnx.data").write_bytes(data[: len(data) // 2])
+    write_manifest(bad, json.loads((bad / "manifest.json").read_text()))
+    with pytest.raises(TrtCheckError, match="external data file backbone.onnx.data is truncated"):
+        check_trt(mpt_export.load_bundle(bad), LIM)
+
+
+def test_engine_identity(make_case, llama):
+    b = mpt_export.load_bundle(llama.bundle)
+    prof = profiles(b.manifest, LIM)
+    side = make_sidecar(b, "10.3.0", "NVIDIA Jetson AGX Orin", "8.7", resolve_precision("auto", 10, "float32"),
+                        LIM.to_dict(), prof, False, {"backbone": {"file": "backbone.plan"}})
+    check_sidecar(side, b, "10.3.0", "8.7")  # same everything: fine
+    with pytest.raises(EngineMismatchError, match=r"built with TensorRT 10.3.0, this machine runs TensorRT 10.4.1.*rebuild"):
+        check_sidecar(side, b, "10.4.1", "8.7")
+    with pytest.raises(EngineMismatchError, match=r"compute capability 8.7 \(NVIDIA Jetson AGX Orin\), this GPU is 9.0"):
+        check_sidecar(side, b, "10.3.0", "9.0")
+    compat = {**side, "version_compatible": True}
+    check_sidecar(compat, b, "10.4.1", "8.7")  # later 10.x loads a version-compatible engine
+    with pytest.raises(EngineMismatchError, match="TensorRT 10.3.0"):
+        check_sidecar(compat, b, "11.0.0", "8.7")
+    other = mpt_export.load_bundle(make_case("gpt2").bundle)
+    with pytest.raises(EngineMismatchError, match="built from a different bundle.*graphs that differ: backbone"):
+        check_sidecar(side, other, "10.3.0", "8.7")
+
+
+def test_build_and_generate_errors_without_tensorrt(llama, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed: the engine tests below cover building")
+    except ImportError:
+        pass
+    assert_clean_failure(run_cli("build", llama.bundle, "--max-input", "32", "--max-new-tokens", "16", "--out",
+                                 tmp_path / "eng"), "tensorrt Python package is not installed", "--print-trtexec")
+    assert not (tmp_path / "eng").exists()
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--backend", "tensorrt"),
+                         "needs the engines folder")
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_matches_onnxruntime(llama, tmp_path):
+    pytest.importorskip("tensorrt")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    import numpy as np
+
+    from mpt_export.trt.build import build_engines
+
+    eng = build_engines(llama.bundle, tmp_path / "eng", LIM)
+    b = mpt_export.load_bundle(llama.bundle)
+    ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = (ids > 0).astype(np.int64)
+    ref = b.session().generate_ids(ids, ["a", "t"], mask, max_new_tokens=8, eos_token_id=None)
+    got = b.session(backend="tensorrt", engines=eng).generate_ids(ids, ["a", "t"], mask, max_new_tokens=8,
+                                                                   eos_token_id=None)
+    np.testing.assert_array_equal(got, ref)
