@@ -240,14 +240,14 @@ def _peft_loop(pm, ids_t, task_ids, new_tokens: int):
         cache = getattr(out, "cache", None) or out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         toks = [nxt]
-        full_mask = torch.ones(ids_t.shape[0], cache.get_seq_length(), dtype=torch.long)
+        full_mask = torch.ones(ids_t.shape[0], cache.get_seq_length(), dtype=torch.long, device=ids_t.device)
         for _ in range(new_tokens - 1):
             full_mask = torch.cat([full_mask, torch.ones_like(nxt)], dim=1)
             out = pm.base_model(input_ids=nxt, attention_mask=full_mask, use_cache=True, **{cache_kw: cache})
             cache = getattr(out, "cache", None) or out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             toks.append(nxt)
-    return torch.cat(toks, dim=1).numpy()
+    return torch.cat(toks, dim=1).cpu().numpy()
 
 
 def _time(fn, repeats: int, warmup: int = 1):
