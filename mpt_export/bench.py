@@ -330,7 +330,7 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
            "start": int(b.base_model.get("decoder_start_token_id") or 0), "base": str(base)}
     step("memory: PEFT eager in a fresh process")
     peft_rss = _measure_memory({**mem, "kind": "peft", "bundle": str(bundle_dir)})
-    del pm, model
+    pm = model = None  # free the PyTorch model before the runtime rows
     gc.collect()
 
     rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops": peft_flops, "prefill_s": None,
@@ -373,7 +373,7 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
                                     prompt_kv_cache=cache)
             row["agreement_vs_fp32"] = float((forced == fp32_tokens).mean())
         rows.append(row)
-        del s
+        s = None
     new = p.batch * p.new_tokens
     for r in rows:
         r["tokens_per_s"] = new / r["latency_s"]

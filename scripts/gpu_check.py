@@ -163,7 +163,7 @@ def baseline():
         key = str(dt).replace("torch.", "")
         out[f"peft_cuda_{key}_s"] = round((time.perf_counter() - t0) / 5, 4)
         out[f"peft_cuda_{key}_tokens_equal_ort_cpu"] = bool((toks == cpu_tokens).all())
-        del pm, model
+        pm = model = None
         torch.cuda.empty_cache()
     new = p.batch * p.new_tokens
     out["tokens_per_batch"] = new

@@ -84,3 +84,19 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mpt-export")
     env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns when not on a terminal
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+
+
+def peft_refs(case):
+    """The case's bundle and, per task, (PEFT model over the base, task index in its adapter)."""
+    import mpt_export
+    from mpt_export.export.api import adapters_from_bank, load_base_model
+    from mpt_export.export.reference import peft_model_for
+
+    model, _, _ = load_base_model(case.base)
+    b = mpt_export.load_bundle(case.bundle)
+    refs = {}
+    for ck, names in adapters_from_bank(b.task_bank()):
+        pm = peft_model_for(model, ck)
+        for i, n in enumerate(names):
+            refs[n] = (pm, i)
+    return b, refs

@@ -5,27 +5,17 @@ import onnx
 import pytest
 
 import mpt_export
-from mpt_export.export.api import adapters_from_bank, load_base_model
-from mpt_export.export.reference import peft_causal_forward, peft_model_for
+from conftest import peft_refs
+from mpt_export.export.api import load_base_model
+from mpt_export.export.reference import peft_causal_forward
 
 ARCHS = ["llama", "llama-gqa", "gpt2", "mistral", "qwen2"]
-
-
-def _peft_refs(case):
-    model, _, _ = load_base_model(case.base)
-    b = mpt_export.load_bundle(case.bundle)
-    refs = {}
-    for ck, names in adapters_from_bank(b.task_bank()):
-        pm = peft_model_for(model, ck)
-        for i, n in enumerate(names):
-            refs[n] = (pm, i)
-    return b, refs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parity_every_task(make_case, arch):
     case = make_case(arch)
-    b, refs = _peft_refs(case)
+    b, refs = peft_refs(case)
     assert b.tasks == ["a", "b", "c", "t"]
     val = b.manifest["validation"]
     assert val["passed"] and val["logits_max_abs"] <= 1e-4 and val["kv_max_abs"] <= 1e-4

@@ -8,29 +8,18 @@ import onnx
 import pytest
 
 import mpt_export
-from conftest import run_cli
-from mpt_export.export.api import adapters_from_bank, load_base_model
+from conftest import peft_refs, run_cli
+from mpt_export.export.api import load_base_model
 from mpt_export.export.reference import peft_model_for, peft_seq2seq_forward, shift_right
 from test_cli import assert_clean_failure, no_output_left
 
 CASES = [("t5", 2), ("t5", 1), ("flan-t5", 1), ("flan-t5", 2)]
 
 
-def _refs(case):
-    model, _, _ = load_base_model(case.base)
-    b = mpt_export.load_bundle(case.bundle)
-    refs = {}
-    for ck, names in adapters_from_bank(b.task_bank()):
-        pm = peft_model_for(model, ck)
-        for i, n in enumerate(names):
-            refs[n] = (pm, i)
-    return b, refs
-
-
 @pytest.mark.parametrize("arch,nts", CASES)
 def test_parity_every_task(make_case, arch, nts):
     case = make_case(arch, nts)
-    b, refs = _refs(case)
+    b, refs = peft_refs(case)
     assert b.task_type == "SEQ_2_SEQ_LM" and b.manifest["num_transformer_submodules"] == nts
     assert [t["rank"] for t in b.manifest["tasks"]] == [2, 2, 2, 1]  # ranks > 1 and 1, source + target
     val = b.manifest["validation"]
@@ -60,7 +49,7 @@ def peft_greedy_seq2seq(pm, idx, ids, steps, start):
 @pytest.mark.parametrize("arch,nts", [("t5", 2), ("flan-t5", 1)])
 def test_greedy_equals_peft_teacher_forced(make_case, arch, nts):
     case = make_case(arch, nts)
-    b, refs = _refs(case)
+    b, refs = peft_refs(case)
     s = b.session()
     rng = np.random.default_rng(8)
     for name, (pm, idx) in refs.items():
