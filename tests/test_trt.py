@@ -180,3 +180,15 @@ def test_tensorrt_engine_matches_onnxruntime(llama, tmp_path):
     got = b.session(backend="tensorrt", engines=eng).generate_ids(ids, ["a", "t"], mask, max_new_tokens=8,
                                                                    eos_token_id=None)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_ort_tensorrt_ep_options_fit_the_model(llama, tmp_path):
+    from mpt_export.runtime.onnxruntime import trt_ep_options
+
+    b = mpt_export.load_bundle(llama.bundle)
+    o = trt_ep_options(b, "backbone", cache_dir=tmp_path / "c")  # defaults (512 + 128) shrink to 64 positions
+    assert o["trt_engine_cache_path"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+    maxes = dict(x.split(":") for x in o["trt_profile_max_shapes"].split(",")[:4])
+    assert maxes["attention_mask"] == "8x34"  # P 5 + max_input 29 (59 positions left, split 29 input / 30 new)
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--provider", "tensorrt"),
+                         "provider 'tensorrt'", "available providers are")

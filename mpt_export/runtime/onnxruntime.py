@@ -58,7 +58,10 @@ class OrtBackend:
         opts.log_severity_level = 3
         self._ort = {}
         for name, g in bundle.manifest["graphs"].items():
-            sess = ort.InferenceSession(str(bundle.file(g["file"])), opts, providers=self.providers)
+            providers = self.providers
+            if providers[0] == "TensorrtExecutionProvider" and name != "composer":
+                providers = [("TensorrtExecutionProvider", trt_ep_options(bundle, name)), *providers[1:]]
+            sess = ort.InferenceSession(str(bundle.file(g["file"])), opts, providers=providers)
             self._ort[name] = (sess, [o.name for o in sess.get_outputs()])
 
     def _run_graph_impl(self, graph, feed):
@@ -88,6 +91,28 @@ class OrtBackend:
 
     def _take_rows(self, value, keep):
         return self._as_numpy(value)[keep]
+
+
+def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:
+    """ONNX Runtime TensorRT-EP options for one graph: the bundle's prefill/decode profiles and an engine cache on
+    disk (default ``engines/<bundle>/ort-trt-cache``). Default limits shrink to fit the model's positions."""
+    from ..trt.commands import ort_trt_provider_options
+    from ..trt.profiles import Limits, profiles
+
+    if limits is None:
+        limits = Limits()
+        try:
+            profiles(bundle.manifest, limits)
+        except InputError:  # a small model: split what its positions leave between input and new tokens
+            longest = max(int(t["prompt_len"]) for t in bundle.manifest["tasks"])
+            room = max(2, int(bundle.manifest["base_model"]["max_positions"]) - longest)
+            limits = Limits(max_input=max(1, room // 2), max_new_tokens=max(1, room - room // 2))
+    from pathlib import Path
+
+    cache = cache_dir or Path("engines") / bundle.path.name / "ort-trt-cache"
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    return ort_trt_provider_options(profiles(bundle.manifest, limits)[graph], cache,
+                                    fp16=bundle.manifest.get("dtype") == "float16")
 
 
 def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = None, optimization: str = "all",
