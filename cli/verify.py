@@ -22,7 +22,10 @@ def verify_cmd(
         quiet_libraries()
         with progress("verify") as on_step:
             r = verify_bundle(bundle, base_model=base_model, atol=atol, seed=seed, on_step=on_step)
-        console.print(parity_table(r["validation"]))
+        if r.get("note"):
+            console.print(r["note"])
+        else:
+            console.print(parity_table(r["validation"]))
     else:
         r = verify_bundle(bundle)
     console.print(f"[green]ok[/] {r['path']}: {r['files']} files match their sha256; tasks: {', '.join(r['tasks'])}")

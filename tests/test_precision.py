@@ -88,6 +88,8 @@ def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
     res = run_cli("quantize", llama.bundle, "--out", out, "--min-agreement", str(strict))
     assert_clean_failure(res, "below the required")
     assert no_output_left(out)
+    res = run_cli("verify", q.path, "--base-model", llama.base)
+    assert res.returncode == 0 and "greedy-token agreement with the fp32 bundle" in " ".join(res.stdout.split())
     # an int8 bundle is not quantized again; the source is untouched
     with pytest.raises(InputError, match="starts from an fp32 bundle"):
         quantize_bundle(q.path, tmp_path / "qq")
