@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from .bundle import Bundle, load_bundle, staging_dir, write_manifest
-from .checkpoint import build_task_bank, parse_adapter_spec
+from .checkpoint import parse_adapter_spec, read_adapter
 from .errors import BaseModelError, CheckpointError, TaskNameError
 
 
@@ -49,14 +49,16 @@ def check_adapter_matches(bundle: Bundle, ckpt) -> None:
 def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
     b = load_bundle(bundle_path)
     bank = b.task_bank()
-    new_bank, ckpts = build_task_bank(adapters)
-    for ck in ckpts:
+    pairs = []
+    for spec in adapters:  # read and check every adapter before changing anything
+        names, path = parse_adapter_spec(spec)
+        ck = read_adapter(path)
         check_adapter_matches(b, ck)
-    added = []
-    for ck, spec in zip(ckpts, adapters):
-        names, _ = parse_adapter_spec(spec)
+        pairs.append((ck, names))
+    ckpts = [ck for ck, _ in pairs]
+    for ck, names in pairs:
         try:
-            added += bank.add_adapter(ck, names)
+            bank.add_adapter(ck, names)
         except TaskNameError as e:
             raise TaskNameError(f"{e} (the bundle has: {', '.join(b.tasks)})") from None
         except CheckpointError as e:
