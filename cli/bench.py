@@ -13,6 +13,11 @@ from ._common import console, handle_errors, progress, quiet_libraries
 
 @handle_errors
 def bench_cmd(
+    bundle: Annotated[Path | None, typer.Argument(help="A bundle to benchmark instead of a preset (needs --base-model).")] = None,
+    base_model: Annotated[Path | None, typer.Option("--base-model", help="With BUNDLE: the base model it was exported from (PEFT baseline).")] = None,
+    batch: Annotated[int, typer.Option(help="With BUNDLE: rows per batch.")] = 8,
+    input_len: Annotated[int, typer.Option(help="With BUNDLE: input tokens per row.")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="With BUNDLE: new tokens per row.")] = 8,
     preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new), t5-base-shape (T5-Base shape, 100 virtual tokens, 8 x 64, 4 new), tiny, tiny-t5.")] = "gpt2-small-shape",
     workdir: Annotated[Path, typer.Option(help="Where the preset's model, adapter and bundle are built (reused while the preset is unchanged).")] = Path("build/bench"),
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
@@ -24,12 +29,13 @@ def bench_cmd(
     from mpt_export.bench import run_bench
 
     with progress("bench") as on_step:
-        r = run_bench(preset=preset, workdir=workdir, repeats=repeats, threads=threads, on_step=on_step)
+        r = run_bench(preset=preset, workdir=workdir, repeats=repeats, threads=threads, on_step=on_step, bundle=bundle,
+                      base_model=base_model, batch=batch, input_len=input_len, new_tokens=new_tokens)
     if as_json:
         print(json.dumps({**r, "rows": [{k: v for k, v in x.items() if k != "tokens"} for x in r["rows"]]}, indent=2))
         return
     c = r["config"]
-    t = Table(title=f"bench {preset}: batch {c['batch']} x {c['input_len']} tokens (mixed tasks), {c['virtual_tokens']} "
+    t = Table(title=f"bench {r['preset']}: batch {c['batch']} x {c['input_len']} tokens (mixed tasks), {c['virtual_tokens']} "
                     f"virtual tokens, {c['new_tokens']} new tokens, {r['threads']} threads", title_justify="left")
     t.box = box.SIMPLE_HEAD
     t.pad_edge = False

@@ -142,12 +142,11 @@ def _memory_child(spec: dict) -> int:
     return (_status_kib("VmHWM") or 0) - base_rss
 
 
-def _int8_bundle(bundle_dir: Path, on_step) -> Path:
+def _int8_bundle(bundle_dir: Path, out: Path, on_step) -> Path:
     from .bundle import load_bundle
     from .errors import BundleError
     from .quantize import quantize_bundle
 
-    out = bundle_dir.with_name("bundle-int8")
     try:
         load_bundle(out)
         return out
@@ -262,28 +261,42 @@ def _time(fn, repeats: int, warmup: int = 1):
     return statistics.median(times), out
 
 
-def _fp16_bundle(base: Path, bundle_dir: Path, names: list[str], on_step) -> Path:
+def _fp16_bundle(base: Path, adapter_spec: str, out: Path, on_step) -> Path:
     from .bundle import load_bundle
     from .errors import BundleError
     from .export.api import export_bundle
 
-    out = bundle_dir.with_name("bundle-fp16")
     try:
         load_bundle(out)
         return out
     except BundleError:
         pass
     on_step("export the fp16 bundle (once)")
-    adapter = bundle_dir.parent / "adapter"
-    export_bundle(base, [f"{','.join(names)}={adapter}"], out, dtype="fp16", force=True, seed=0)
+    export_bundle(base, [adapter_spec], out, dtype="fp16", force=True, seed=0)
     return out
 
 
-def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/bench", repeats: int = 5,
-              threads: int | None = None, on_step=None) -> dict:
-    """Build (once) and benchmark a preset; returns rows and machine figures (see module docstring)."""
-    if preset not in PRESETS:
+def preset_for_bundle(manifest: dict, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> Preset:
+    """The bench workload for a user's bundle: its model's shape, its first adapter's prompt, a mixed-task batch."""
+    bm = manifest["base_model"]
+    first = manifest["tasks"][0]
+    group = [t for t in manifest["tasks"] if t["source"] == first["source"] and t["shared_prompt"] == first["shared_prompt"]]
+    arch = "t5" if manifest["task_type"] == "SEQ_2_SEQ_LM" else bm.get("model_type", "llama")
+    nts = int(manifest.get("num_transformer_submodules", 1))
+    return Preset(arch, int(bm["hidden_size"]), int(bm["num_layers"]), int(bm["num_attention_heads"]),
+                  int(bm["vocab_size"]), int(bm["max_positions"]), int(first["prompt_len"]) // nts, len(group),
+                  int(first["rank"]), batch, input_len, new_tokens, nts=nts)
+
+
+def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "build/bench", repeats: int = 5,
+              threads: int | None = None, on_step=None, bundle: str | Path | None = None,
+              base_model: str | Path | None = None, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> dict:
+    """Benchmark a preset (built once under ``workdir``) or a user's ``bundle`` with its ``base_model`` (PEFT's
+    baseline needs it); returns rows and machine figures (see module docstring)."""
+    if bundle is None and preset not in PRESETS:
         raise InputError(f"unknown bench preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if bundle is not None and base_model is None:
+        raise InputError("benchmarking a bundle needs --base-model (PEFT eager is the baseline measured in the same run)")
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}")
     step = on_step or (lambda s: None)
@@ -293,10 +306,25 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
     from .export.api import adapters_from_bank, load_base_model
     from .export.reference import peft_model_for
 
-    p = PRESETS[preset]
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    base, bundle_dir, names = _prepare(preset, Path(workdir), step)
+    if bundle is not None:
+        from .basemodel import base_arch, config_sha256
+        from .errors import BaseModelError
+
+        user = load_bundle(bundle)
+        cfg, _ = base_arch(base_model)
+        if config_sha256(cfg) != user.base_model.get("config_sha256"):
+            raise BaseModelError(f"base model {base_model} is not the one {bundle} was exported from")
+        p = preset_for_bundle(user.manifest, batch, input_len, new_tokens)
+        base, bundle_dir = Path(base_model), user.path
+        names = [t["name"] for t in user.manifest["tasks"]][: p.num_tasks]
+        derived = Path(workdir) / f"{user.path.name}-derived"
+        preset = f"bundle {user.path}"
+    else:
+        p = PRESETS[preset]
+        base, bundle_dir, names = _prepare(preset, Path(workdir), step)
+        derived = bundle_dir.parent
     step("measure machine matmul rate and memory bandwidth")
     rates = machine_rates(threads)
     rng = np.random.default_rng(0)
@@ -308,7 +336,7 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
 
     model, _, arch = load_base_model(base, attn_implementation="sdpa")  # PyTorch's fastest attention for the baseline
     b = load_bundle(bundle_dir)
-    (ck, ck_names), = adapters_from_bank(b.task_bank())
+    ck, ck_names = adapters_from_bank(b.task_bank())[0]  # PEFT batches one adapter: its tasks are the workload
     pm = peft_model_for(model, ck)
     task_ids = torch.tensor([ck_names.index(t) for t in tasks])
     ids_t = torch.from_numpy(ids)
@@ -338,13 +366,14 @@ def run_bench(preset: str = "gpt2-small-shape", workdir: str | Path = "build/ben
     variants = [("ORT", bundle_dir, "cpu", False, ours_flops)]
     if not p.seq2seq:  # the encoder is bidirectional: no per-task prompt KV to cache
         variants.append(("ORT + prompt KV", bundle_dir, "cpu", True, ours_cached_flops))
-    variants.append(("ORT int8" + ("" if p.seq2seq else " + prompt KV"), _int8_bundle(bundle_dir, step), "cpu",
+    variants.append(("ORT int8" + ("" if p.seq2seq else " + prompt KV"), _int8_bundle(bundle_dir, derived / "bundle-int8", step), "cpu",
                      not p.seq2seq, ours_cached_flops if not p.seq2seq else ours_flops))
     import onnxruntime as ort
 
     skipped = []
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        variants.append(("ORT fp16 CUDA", _fp16_bundle(base, bundle_dir, names, step), "cuda", not p.seq2seq,
+        spec = f"{','.join(ck_names)}={ck.path}"
+        variants.append(("ORT fp16 CUDA", _fp16_bundle(base, spec, derived / "bundle-fp16", step), "cuda", not p.seq2seq,
                          ours_cached_flops if not p.seq2seq else ours_flops))
     else:
         skipped.append("fp16: no GPU execution provider in this onnxruntime (install onnxruntime-gpu on a GPU machine)")

@@ -257,3 +257,17 @@ def test_session_options(llama):
         np.testing.assert_array_equal(b.session(**opts).generate_ids(ids, ["c"], max_new_tokens=8, eos_token_id=None), ref)
     with pytest.raises(InputError, match="unknown graph optimization level 'max'"):
         b.session(optimization="max")
+
+
+def test_bench_a_bundle(llama, tmp_path):
+    from test_cli import assert_clean_failure
+
+    assert_clean_failure(run_cli("bench", llama.bundle, "--workdir", tmp_path), "needs --base-model")
+    res = run_cli("bench", llama.bundle, "--base-model", llama.base, "--workdir", tmp_path, "--repeats", "1",
+                  "--batch", "3", "--input-len", "8", "--new-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["config"]["batch"] == 3 and r["config"]["virtual_tokens"] == 5 and r["config"]["num_tasks"] == 3
+    assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
+    assert (tmp_path / "bundle-derived" / "bundle-int8" / "manifest.json").is_file()
+    assert not (llama.bundle.parent / "bundle-int8").exists()  # nothing written beside the user's bundle
