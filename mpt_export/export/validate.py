@@ -23,8 +23,8 @@ def _diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 class Report:
-    def __init__(self, atol: float, seed: int):
-        self.atol, self.seed = atol, seed
+    def __init__(self, atol: float, seed: int, dtype=np.float32):
+        self.atol, self.seed, self.dtype = atol, seed, np.dtype(dtype)
         self.rows: list[dict] = []  # one per (case, task): logits and kv numbers
 
     def add(self, case: str, task: str, outs: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
@@ -53,7 +53,7 @@ class Report:
 
         out = {
             "reference": "peft forward (no cache), fp32",
-            "dtype": str(getattr(self, "dtype", "float32")),
+            "dtype": str(self.dtype),
             "atol": self.atol, "seed": self.seed, "passed": self.ok,
             "logits_max_abs": mx("logits_max_abs"), "logits_max_rel": mx("logits_max_rel"),
             "kv_max_abs": mx("kv_max_abs"), "kv_max_rel": mx("kv_max_rel"),
@@ -86,10 +86,8 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
 
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     rng = np.random.default_rng(seed)
-    rep = Report(atol, seed)
-    rep.dtype = session.dtype
+    rep = Report(atol, seed, session.dtype)
     names = list(peft_models)
-    refs = {}
     for t in names:
         if on_step:
             on_step(f"validate {t}")
@@ -121,7 +119,6 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
             if k.startswith("present."):
                 got[k] = v[b:b + 1][:, :, keep]
         rep.add("batch", t, got, solo[b])
-        refs[t] = True
     if not rep.ok:
         raise rep.error()
     return rep.summary()
@@ -137,8 +134,7 @@ def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, a
 
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     rng = np.random.default_rng(seed)
-    rep = Report(atol, seed)
-    rep.dtype = session.dtype
+    rep = Report(atol, seed, session.dtype)
     names = list(peft_models)
     start = session.decoder_start_token_id
 
