@@ -79,6 +79,18 @@ def identity(path: str | Path) -> dict:
     return {**arch.identity(), "config_sha256": config_sha256(cfg), "name_or_path": str(Path(path))}
 
 
+def check_same_base(path: str | Path, bundle_base: dict) -> tuple[dict, Arch]:
+    """The base model at ``path`` must be the one a bundle was made from (by config hash); -> its config and arch."""
+    cfg, arch = base_arch(path)
+    have, want = config_sha256(cfg), bundle_base.get("config_sha256")
+    if have != want:
+        raise BaseModelError(
+            f"base model {path} does not match the bundle (config sha256 {have[:12]}…, bundle was made from "
+            f"{bundle_base.get('name_or_path')} with {str(want)[:12]}…); pass the model it was exported from"
+        )
+    return cfg, arch
+
+
 def tokenizer_files(path: str | Path) -> list[Path]:
     path = Path(path)
     return [path / f for f in TOKENIZER_FILES if (path / f).is_file()]

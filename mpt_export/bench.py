@@ -309,13 +309,10 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if bundle is not None:
-        from .basemodel import base_arch, config_sha256
-        from .errors import BaseModelError
+        from .basemodel import check_same_base
 
         user = load_bundle(bundle)
-        cfg, _ = base_arch(base_model)
-        if config_sha256(cfg) != user.base_model.get("config_sha256"):
-            raise BaseModelError(f"base model {base_model} is not the one {bundle} was exported from")
+        check_same_base(base_model, user.base_model)
         p = preset_for_bundle(user.manifest, batch, input_len, new_tokens)
         base, bundle_dir = Path(base_model), user.path
         names = [t["name"] for t in user.manifest["tasks"]][: p.num_tasks]

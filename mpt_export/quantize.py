@@ -26,43 +26,31 @@ from .errors import InputError, MissingDependencyError, ValidationError
 DEFAULT_MIN_AGREEMENT = 0.9
 
 
-def quantize_graphs(root: Path, manifest: dict, src_root: Path | None = None) -> dict:
-    """Quantize the model graphs of the bundle files under ``src_root`` (default ``root``) into ``root``."""
+def quantize_graphs(root: Path, manifest: dict, src_root: Path) -> dict:
+    """Quantize the model graphs of the bundle under ``src_root`` into ``root`` (which holds no copy of them)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise MissingDependencyError("int8 quantization needs onnxruntime's quantization tools (pip install onnx onnxruntime)") from None
     import logging
 
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING
-    src_root = src_root or root
     graphs = [g for g in manifest["graphs"] if g != "composer"]
-    for g in graphs:
-        spec = manifest["graphs"][g]
-        src = src_root / spec["file"]
-        tmp = root / (spec["file"] + ".int8")
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-        for f in (root / spec["file"], root / f"{spec['file']}.data"):
-            if f.exists():
-                f.unlink()
-        # the quantizer names the data file after its output: rename both to the bundle's names
-        tmp_data = root / (tmp.name + ".data")
-        import onnx
-
-        m = onnx.load(str(tmp), load_external_data=True)
-        tmp.unlink()
-        if tmp_data.exists():
-            tmp_data.unlink()
-        onnx.save(m, str(root / spec["file"]), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=spec["file"] + ".data", size_threshold=1024)
-        spec["external_data"] = spec["file"] + ".data"
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on the root logger
+    try:
+        for g in graphs:
+            spec = manifest["graphs"][g]
+            # the quantizer names its data file after its output: <file>.data, the bundle's own convention
+            quantize_dynamic(str(src_root / spec["file"]), str(root / spec["file"]), weight_type=QuantType.QInt8,
+                             per_channel=True, use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True})
+            spec["external_data"] = spec["file"] + ".data"
+    finally:
+        root_logger.setLevel(level)
     if manifest["task_type"] == "SEQ_2_SEQ_LM":
         from .export.seq2seq import WEIGHTS_FILE, share_weights
 
-        shared = root / WEIGHTS_FILE
-        if shared.exists():
-            shared.unlink()
         share_weights(root, [manifest["graphs"][g]["file"] for g in graphs], WEIGHTS_FILE)
         for g in graphs:
             manifest["graphs"][g]["external_data"] = WEIGHTS_FILE

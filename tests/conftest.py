@@ -100,3 +100,17 @@ def peft_refs(case):
         for i, n in enumerate(names):
             refs[n] = (pm, i)
     return b, refs
+
+
+def left_padded(vocab: int, lens: list[int], seed: int = 5):
+    """Random token rows of the given lengths, left-padded: (ids, mask), int64 (B, max(lens))."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    S = max(lens)
+    ids = np.zeros((len(lens), S), np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lens):
+        ids[i, S - n:] = rng.integers(0, vocab, n)
+        mask[i, S - n:] = 1
+    return ids, mask

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 import mpt_export
-from conftest import peft_refs
+from conftest import left_padded, peft_refs
 from mpt_export.export.api import load_base_model
 from mpt_export.export.reference import peft_causal_forward
 
@@ -39,15 +39,10 @@ def test_tasks_change_the_output(llama):
 @pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
 def test_left_padded_mixed_batch_rows_equal_solo(make_case, arch):
     s = mpt_export.load_bundle(make_case(arch).bundle).session()
-    rng = np.random.default_rng(3)
     tasks = ["a", "t", "c", "b", "t"]
     lens = [9, 3, 6, 1, 9]
     S = max(lens)
-    ids = np.zeros((len(tasks), S), np.int64)
-    mask = np.zeros_like(ids)
-    for i, n in enumerate(lens):
-        ids[i, S - n:] = rng.integers(0, s.vocab_size, n)
-        mask[i, S - n:] = 1
+    ids, mask = left_padded(s.vocab_size, lens, seed=3)
     batch = s.logits(ids, tasks, attention_mask=mask)
     assert batch.shape == (5, s.vocab_size) and batch.dtype == np.float32
     for i, n in enumerate(lens):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mpt_export
-from conftest import run_cli
+from conftest import left_padded, run_cli
 from mpt_export.errors import BaseModelError, InputError, TaskNameError
 from mpt_export.export.api import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_model_for
@@ -47,21 +47,10 @@ def test_greedy_equals_peft_forward_every_task(make_case, arch):
             assert got.tolist() == [ref], (arch, name)
 
 
-def _batch(s, lens, seed=5):
-    rng = np.random.default_rng(seed)
-    S = max(lens)
-    ids = np.zeros((len(lens), S), np.int64)
-    mask = np.zeros_like(ids)
-    for i, n in enumerate(lens):
-        ids[i, S - n:] = rng.integers(0, s.vocab_size, n)
-        mask[i, S - n:] = 1
-    return ids, mask
-
-
 def test_cache_on_off_and_batch_equals_solo(make_case):
     s = mpt_export.load_bundle(make_case("llama-gqa").bundle).session()
     tasks = ["t", "a", "c", "b"]
-    ids, mask = _batch(s, [7, 2, 5, 7])
+    ids, mask = left_padded(s.vocab_size, [7, 2, 5, 7])
     on = s.generate_ids(ids, tasks, mask, max_new_tokens=12, eos_token_id=None, prompt_kv_cache=True)
     off = s.generate_ids(ids, tasks, mask, max_new_tokens=12, eos_token_id=None, prompt_kv_cache=False)
     np.testing.assert_array_equal(on, off)
@@ -88,7 +77,7 @@ def test_prompt_kv_cache_is_bounded_and_keyed_by_content(llama):
 
 def test_sampling_is_reproducible(llama):
     s = mpt_export.load_bundle(llama.bundle).session()
-    ids, mask = _batch(s, [4, 6])
+    ids, mask = left_padded(s.vocab_size, [4, 6])
     kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, eos_token_id=None)
     a = s.generate_ids(ids, ["a", "t"], mask, seed=1, **kw)
     b = s.generate_ids(ids, ["a", "t"], mask, seed=1, **kw)
@@ -103,7 +92,7 @@ def test_sampling_is_reproducible(llama):
 
 def test_eos_stops_one_row_while_others_continue(llama):
     s = mpt_export.load_bundle(llama.bundle).session()
-    ids, mask = _batch(s, [5, 5], seed=21)
+    ids, mask = left_padded(s.vocab_size, [5, 5], seed=21)
     free = s.generate_ids(ids, ["a", "b"], mask, max_new_tokens=12, eos_token_id=None)
     # an EOS token that row 0 emits at some step k and row 1 never emits
     k, eos = next((k, int(t)) for k, t in enumerate(free[0]) if k >= 1 and int(t) not in free[1] and int(t) not in free[0][:k])
@@ -130,7 +119,7 @@ def test_session_add_task_in_memory(llama):
 
 def test_concurrent_generate_matches_sequential(llama):
     s = mpt_export.load_bundle(llama.bundle).session()
-    jobs = [(_batch(s, [3 + i, 6], seed=i), ["a", "b", "c", "t"][i % 4]) for i in range(8)]
+    jobs = [(left_padded(s.vocab_size, [3 + i, 6], seed=i), ["a", "b", "c", "t"][i % 4]) for i in range(8)]
     seq = [s.generate_ids(ids, [task, "t"], mask, max_new_tokens=8) for (ids, mask), task in jobs]
     res = [None] * len(jobs)
 
@@ -175,7 +164,7 @@ def test_tasks_add_generate_remove(llama, tmp_path):
         peft_greedy(pm, 1, ids, 8)]
     # a mixed batch across old and new tasks (prompt lengths 5 and 7) still gives each row its solo result
     s = b.session()
-    bi, bm = _batch(s, [4, 6, 2])
+    bi, bm = left_padded(s.vocab_size, [4, 6, 2])
     mixed = s.generate_ids(bi, ["qa", "a", "nli"], bm, max_new_tokens=6, eos_token_id=None)
     for i, n in enumerate([4, 6, 2]):
         np.testing.assert_array_equal(mixed[i], s.generate_ids(bi[i:i + 1, -n:], [["qa", "a", "nli"][i]],

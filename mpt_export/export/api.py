@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..basemodel import base_arch, config_sha256, identity, tokenizer_files
+from ..basemodel import base_arch, check_same_base, identity, tokenizer_files
 from ..bundle import FORMAT, Bundle, load_bundle, staging_dir, write_manifest
 from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
 from ..errors import BaseModelError, InputError, MissingDependencyError
 from .backbone import DEFAULT_OPSET, export_backbone
 from .composer import write_composer
-
-DEFAULT_ATOL = 1e-4
 
 
 def _require_export_deps():
@@ -46,8 +44,8 @@ def tool_versions() -> dict:
 
 
 def load_base_model(path: str | Path, attn_implementation: str = "eager"):
-    """The HF causal LM in fp32, eval mode; eager attention by default (SDPA with a dynamic query length does not
-    export)."""
+    """The HF model with its LM head (causal or seq2seq) in fp32, eval mode; eager attention by default (SDPA with a
+    dynamic query length does not export)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -179,7 +177,7 @@ def export_bundle(
             "task_type": arch.task_type,
             "dtype": dtype,
             "opset": real_opset,
-            "base_model": {**identity(base_model), "config_sha256": config_sha256(cfg)},
+            "base_model": identity(base_model),
             "num_transformer_submodules": bank.num_transformer_submodules,
             "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
             "tasks": bank.manifest_entries(),
@@ -227,13 +225,7 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
     result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
     if base_model is None:
         return result
-    cfg, arch = base_arch(base_model)
-    want = b.base_model.get("config_sha256")
-    if config_sha256(cfg) != want:
-        raise BaseModelError(
-            f"base model {base_model} does not match the bundle (config sha256 {config_sha256(cfg)[:12]}…, bundle was "
-            f"made from {b.base_model.get('name_or_path')} with {str(want)[:12]}…); pass the model it was exported from"
-        )
+    check_same_base(base_model, b.base_model)
     quant = b.manifest.get("quantization")
     if quant and atol is None:
         rep = quant.get("report", {})
@@ -244,6 +236,9 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
         return result
     _require_export_deps()
     model, _, _ = load_base_model(base_model)
-    tol = atol if atol is not None else (b.manifest.get("validation") or {}).get("atol", DEFAULT_ATOL)
+    from .precision import DEFAULT_ATOL
+
+    tol = atol if atol is not None else (b.manifest.get("validation") or {}).get(
+        "atol", DEFAULT_ATOL[b.manifest.get("dtype", "float32")])
     result["validation"] = _validate(b.path, model, b.task_bank(), tol, seed, provider, on_step)
     return result

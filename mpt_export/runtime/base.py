@@ -116,6 +116,19 @@ class Session:
     def tasks(self) -> list[str]:
         return self.bank.names
 
+    # -- KV plumbing shared by every model kind -------------------------------------------------------------------
+    def _past_inputs(self, graph: str) -> dict[str, tuple[int, int]]:
+        """``past_key_values.*`` inputs of ``graph`` -> (kv heads, head dim), in graph order."""
+        return {s["name"]: (s["shape"][1], s["shape"][3]) for s in self.bundle.manifest["graphs"][graph]["inputs"]
+                if s["name"].startswith("past_key_values.")}
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, h, 0, d), self.dtype) for n, (h, d) in self._past.items()}
+
+    def _present_as_past(self, out: dict) -> dict:
+        """A step's ``present.*`` outputs, named as the next step's ``past_key_values.*`` inputs."""
+        return {n: out[n.replace("past_key_values", "present")] for n in self._past}
+
     def _task(self, name: str):
         with self._bank_lock:
             task = self.bank.task(name)
@@ -169,7 +182,8 @@ class Session:
 
     def prompt_len(self, name: str) -> int:
         """Virtual tokens in front of the (encoder) input for ``name``."""
-        task, shared, _ = self._task(name)
+        with self._bank_lock:  # no content digest needed for a length
+            shared = self.bank.shared[self.bank.task(name).shared]
         return int(shared.shape[0]) // self.bank.num_transformer_submodules
 
     # -- inputs --------------------------------------------------------------------------------------------------

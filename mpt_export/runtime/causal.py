@@ -10,17 +10,10 @@ from .base import Session
 class CausalSession(Session):
     def __init__(self, bundle, **options):
         super().__init__(bundle, **options)
-        io = bundle.manifest["graphs"]["backbone"]
-        self._kv_shape = {}  # past input name -> (kv_heads, head_dim)
-        for spec in io["inputs"]:
-            if spec["name"].startswith("past_key_values."):
-                self._kv_shape[spec["name"]] = (spec["shape"][1], spec["shape"][3])
+        self._past = self._past_inputs("backbone")
 
     def _run_backbone_impl(self, feed):
         return self._run_graph_impl("backbone", feed)
-
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((batch, kv, 0, hd), self.dtype) for n, (kv, hd) in self._kv_shape.items()}
 
     def task_kv(self, name: str) -> list[np.ndarray]:
         """The task's prompt keys/values, one (1, KV, T, Dh) array per ``present`` output.
@@ -37,7 +30,7 @@ class CausalSession(Session):
                 "attention_mask": np.ones((1, P), np.int64), "position_ids": np.arange(P, dtype=np.int64)[None],
                 **self._empty_past(1)}
         out = self._run_backbone_impl(feed)
-        kv = [out[n.replace("past_key_values", "present")] for n in self._kv_shape]
+        kv = list(self._present_as_past(out).values())
         self._task_kv.put(key, kv)
         return kv
 
@@ -70,7 +63,7 @@ class CausalSession(Session):
         pmax = max(plens)
         pmask = np.zeros((B, pmax), np.int64)
         past = {}
-        for j, (name, (kv_heads, hd)) in enumerate(self._kv_shape.items()):
+        for j, (name, (kv_heads, hd)) in enumerate(self._past.items()):
             buf = np.zeros((B, kv_heads, pmax, hd), self.dtype)  # (B, KV, Pmax, Dh)
             for b, kv in enumerate(kvs):
                 buf[b, :, pmax - plens[b]:] = kv[j][0]
@@ -91,17 +84,14 @@ class CausalSession(Session):
         return self.forward(input_ids, tasks, attention_mask)["logits"]
 
     # -- decode loop hooks ---------------------------------------------------------------------------------------
-    def _kv_state(self, out) -> dict:
-        return {n: out[n.replace("past_key_values", "present")] for n in self._kv_shape}
-
     def _start(self, ids, tasks, mask, use_cache):
         feed = self.prepare_cached(ids, tasks, mask) if use_cache else self.prepare(ids, tasks, mask)
-        past_len = feed[next(iter(self._kv_shape))].shape[2]
+        past_len = feed[next(iter(self._past))].shape[2]
         processed = ids.shape[0] * (feed["attention_mask"].shape[1] - past_len)
         out = self._run_backbone_impl(feed)
         att = feed["attention_mask"]
         state = {"attention_mask": att, "position_ids": att.sum(1, keepdims=True).astype(np.int64),
-                 **self._kv_state(out)}
+                 **self._present_as_past(out)}
         return out["logits"], state, processed
 
     def _step(self, state, tokens):
@@ -110,4 +100,4 @@ class CausalSession(Session):
         feed = {**state, "input_ids": tokens[:, None], "attention_mask": att,
                 "prompt_embeds": np.zeros((b, 0, self.hidden_size), self.dtype)}
         out = self._run_step_impl("backbone", feed)
-        return out["logits"], {"attention_mask": att, "position_ids": state["position_ids"] + 1, **self._kv_state(out)}
+        return out["logits"], {"attention_mask": att, "position_ids": state["position_ids"] + 1, **self._present_as_past(out)}

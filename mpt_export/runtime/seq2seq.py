@@ -23,14 +23,8 @@ class Seq2SeqSession(Session):
 
     def __init__(self, bundle, **options):
         super().__init__(bundle, **options)
-        g = bundle.manifest["graphs"]
-        self._self_kv = {}
-        self._cross = []
-        for spec in g["decoder"]["inputs"]:
-            if spec["name"].startswith("past_key_values."):
-                self._self_kv[spec["name"]] = (spec["shape"][1], spec["shape"][3])
-            elif spec["name"].startswith("cross."):
-                self._cross.append(spec["name"])
+        self._past = self._past_inputs("decoder")  # decoder self-attention KV
+        self._cross = [s["name"] for s in bundle.manifest["graphs"]["decoder"]["inputs"] if s["name"].startswith("cross.")]
         bm = bundle.manifest["base_model"]
         self.decoder_start_token_id = int(bm.get("decoder_start_token_id") or 0)
         self.nts = self.bank.num_transformer_submodules
@@ -64,7 +58,7 @@ class Seq2SeqSession(Session):
         feed = {"decoder_input_ids": decoder_input_ids, "decoder_prompt_embeds": dprompts,
                 "decoder_attention_mask": np.concatenate([dmask, np.ones_like(decoder_input_ids)], axis=1),
                 "encoder_attention_mask": enc_mask}
-        feed.update({n: np.zeros((B, h, 0, d), self.dtype) for n, (h, d) in self._self_kv.items()})
+        feed.update(self._empty_past(B))
         feed.update({n: enc_out[n] for n in self._cross})
         return feed
 
@@ -101,7 +95,7 @@ class Seq2SeqSession(Session):
         processed = enc_mask.shape[1] * ids.shape[0] + feed["decoder_attention_mask"].size
         state = {"decoder_attention_mask": feed["decoder_attention_mask"], "encoder_attention_mask": enc_mask,
                  **{n: enc_out[n] for n in self._cross},
-                 **{n: out[n.replace("past_key_values", "present")] for n in self._self_kv}}
+                 **self._present_as_past(out)}
         return out["logits"], state, processed
 
     def _step(self, state, tokens):
@@ -110,6 +104,4 @@ class Seq2SeqSession(Session):
         feed = {**state, "decoder_input_ids": tokens[:, None], "decoder_attention_mask": dmask,
                 "decoder_prompt_embeds": np.zeros((b, 0, self.hidden_size), self.dtype)}
         out = self._run_step_impl("decoder", feed)
-        new = {**state, "decoder_attention_mask": dmask,
-               **{n: out[n.replace("past_key_values", "present")] for n in self._self_kv}}
-        return out["logits"], new
+        return out["logits"], {**state, "decoder_attention_mask": dmask, **self._present_as_past(out)}
