@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Piped output (logs, CI) gets 120 columns instead of rich's 80 so that report tables are not squeezed.
@@ -28,10 +29,18 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MptExportError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:  # the environment (disk full, permissions, a vanished file), not a bug of ours
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            err_console.print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/] (nothing was written)")
+            from mpt_export.atomic import interrupted_message
+
+            err_console.print(f"[bold red]interrupted[/] ({escape(interrupted_message())})", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -92,7 +101,8 @@ def parity_table(validation: dict | None) -> Table:
         ok = not c["failed"]
         t.add_row(c["case"], c["task"], f"{c['logits_max_abs']:.2e}", f"{c['logits_max_rel']:.2e}",
                   f"{c['kv_max_abs']:.2e}", f"{c['kv_max_rel']:.2e}", "[green]ok[/]" if ok else "[red]FAIL[/]")
-    t.caption = f"atol {validation['atol']:g}, seed {validation['seed']}"
+    t.caption = (f"pass: max abs <= atol {validation['atol']:g} + rtol {validation.get('rtol', 0):g} x max|ref| per "
+                 f"output; rel = max abs / max|ref|; seed {validation['seed']}")
     return t
 
 

@@ -11,7 +11,7 @@ from ._common import console, handle_errors, parity_table, progress, quiet_libra
 
 @handle_errors
 def demo_cmd(
-    workdir: Annotated[Path, typer.Option(help="Where the tiny base model, the adapters and the bundle are written (replaced).")] = Path("build/demo"),
+    workdir: Annotated[Path, typer.Option(help="Where the tiny base model, the adapters and the bundle are written (replaced when an earlier demo made it; any other non-empty directory is refused).")] = Path("build/demo"),
     arch: Annotated[str, typer.Option(help="Base model family: llama, llama-gqa, mistral, qwen2, gpt2, t5 (v1.0), flan-t5 (v1.1).")] = "llama-gqa",
 ) -> None:
     """Build a tiny base model and PEFT MPT adapters in code (3-task source + target), export, validate, report."""

@@ -10,25 +10,27 @@ from ._common import console, handle_errors, parity_table, progress, quant_line,
 
 @handle_errors
 def export_cmd(
-    base_model: Annotated[Path, typer.Option("--base-model", help="Hugging Face causal-LM directory the adapters were trained on.")],
+    base_model: Annotated[Path, typer.Option("--base-model", help="Hugging Face model directory the adapters were trained on: a causal LM (Llama, Mistral, Qwen2, GPT-2) or a T5-family encoder-decoder.")],
     adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR: a PEFT MPT adapter; NAMES is one comma-separated name per task, in order (default: the directory name, with -<i> for several tasks). Repeatable.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
     opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
-    atol: Annotated[float | None, typer.Option(help="Max abs difference allowed against PEFT's fp32 forward (default: 1e-4 for fp32, 5e-2 for fp16, 0.3 for bf16).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT| (defaults per dtype, shown in the report).")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Validation: the part of the tolerance relative to each output's magnitude (see --atol).")] = None,
     dtype: Annotated[str, typer.Option(help="Backbone precision: fp32, fp16 or bf16 (norms and softmax kept in fp32; TensorRT 11 needs the precision in the graph).")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="int8: write an int8 (dynamic, per-channel) bundle for CPUs, checked against the fp32 export.")] = None,
     min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this (default 0.9).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider for validation (bf16 needs a GPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
     seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs (default: random, recorded in the manifest).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never any other directory, never an input).")] = False,
 ) -> None:
-    """Export MPT adapters over one frozen base model into a validated ONNX bundle."""
+    """Export MPT adapters over one frozen base model (causal LM or T5) into a validated ONNX bundle."""
     quiet_libraries()
     from mpt_export.export.api import export_bundle
 
     with progress("export") as on_step:
-        b = export_bundle(base_model, adapter, out, opset=opset, atol=atol, validate=validate, force=force, seed=seed,
+        b = export_bundle(base_model, adapter, out, opset=opset, atol=atol, rtol=rtol, validate=validate, force=force,
+                          seed=seed,
                           dtype=dtype, quantize=quantize, min_agreement=min_agreement, provider=provider,
                           on_step=on_step)
     console.print(parity_table(b.manifest.get("validation")))

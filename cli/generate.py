@@ -9,30 +9,78 @@ import typer
 
 from ._common import console, handle_errors
 
+MAX_LISTED = 10
 
-def _read_jsonl(path: Path, default_task: str | None) -> tuple[list[str], list[str]]:
+
+def read_prompts(path: Path, default_task: str | None) -> list[tuple[int, str, str]]:
+    """The whole JSONL file, read and checked before anything runs: -> [(line, task, text)]. Every problem is
+    reported as ``file:line`` (the first few together)."""
     from mpt_export.errors import InputError
 
-    texts, tasks = [], []
     try:
-        lines = path.read_text().splitlines()
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise InputError(f"--input-file {path} is a directory; expected a JSONL file") from None
     except OSError as e:
         raise InputError(f"cannot read --input-file {path} ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
+    rows, problems = [], []
+    for n, bline in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line)")
+            continue
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n} is not JSON; expected one {{\"task\": ..., \"text\": ...}} object per line") from None
-        if not isinstance(rec, dict) or "text" not in rec:
-            raise InputError(f"{path}:{n} has no \"text\"; expected {{\"task\": ..., \"text\": ...}}")
-        task = rec.get("task", default_task)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{n}: not JSON ({e.msg}); expected one {{\"task\": ..., \"text\": ...}} object per line")
+            continue
+        if not isinstance(rec, dict):
+            problems.append(f"{path}:{n}: a JSON {type(rec).__name__}, expected an object {{\"task\": ..., \"text\": ...}}")
+            continue
+        text, task = rec.get("text"), rec.get("task", default_task)
+        if "text" not in rec:
+            problems.append(f"{path}:{n}: no \"text\"")
+        elif not isinstance(text, str):
+            problems.append(f"{path}:{n}: \"text\" must be a string, got {json.dumps(text)[:40]}")
+        elif not text.strip():
+            problems.append(f"{path}:{n}: \"text\" is empty")
         if task is None:
-            raise InputError(f"{path}:{n} has no \"task\" and no --task was given")
-        texts.append(rec["text"])
-        tasks.append(task)
-    return texts, tasks
+            problems.append(f"{path}:{n}: no \"task\" and no --task was given")
+        elif not isinstance(task, str):
+            problems.append(f"{path}:{n}: \"task\" must be a string, got {json.dumps(task)[:40]}")
+        if isinstance(text, str) and text.strip() and isinstance(task, str):
+            rows.append((n, task, text))
+    if problems:
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise InputError("; ".join(problems[:MAX_LISTED]) + more)
+    if not rows:
+        raise InputError(f"--input-file {path} holds no prompts; expected one {{\"task\": ..., \"text\": ...}} per line")
+    return rows
+
+
+def check_rows(s, rows: list[tuple[int, str, str]], where: str | None, max_new_tokens: int) -> None:
+    """Every row's task is known and its tokens fit, before the first one runs."""
+    from mpt_export.errors import MptExportError
+
+    problems = []
+    for n, task, text in rows:
+        label = f"{where}:{n}" if where else f"prompt {n}"
+        n_tokens = len(s.tokenizer.tok.encode(text).ids)
+        if not n_tokens:
+            problems.append(f"{label}: the text encodes to no tokens")
+            continue
+        try:
+            s.check_request(n_tokens, task, max_new_tokens)
+        except MptExportError as e:
+            problems.append(f"{label}: {e}")
+    if problems:
+        from mpt_export.errors import InputError
+
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise InputError("; ".join(problems[:MAX_LISTED]) + more)
 
 
 @handle_errors
@@ -40,72 +88,93 @@ def generate_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompt text(s); or use --input-file.")] = None,
     task: Annotated[str | None, typer.Option("--task", help="Task for every prompt (JSONL lines may name their own).")] = None,
-    input_file: Annotated[Path | None, typer.Option("--input-file", help='JSONL file, one {"task": ..., "text": ...} per line.')] = None,
+    input_file: Annotated[Path | None, typer.Option("--input-file", help='JSONL file, one {"task": ..., "text": ...} per line (read and checked whole before anything runs).')] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per batch for --input-file (tasks may mix in a batch).")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per row at most.")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output.")] = None,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a row when its text contains this string (repeatable).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a row when its text contains this (non-empty) string (repeatable).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda, tensorrt or a provider name.")] = "cpu",
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (needs --engines).")] = "onnxruntime",
     engines: Annotated[Path | None, typer.Option(help="Engines folder from `mpt-export build` (with --backend tensorrt).")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
     optimization: Annotated[str, typer.Option(help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache/--no-prompt-cache", help="Start from each task's cached prompt KV.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row: task, text, token ids, timings.")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come (one prompt only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row: task, text, token ids, finish reason, timings (with --stream: JSON lines only).")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated (one prompt; with --json any number, as JSON lines).")] = False,
 ) -> None:
     """Generate text with a bundle: one backbone, any task per row."""
     import mpt_export
     from mpt_export.errors import InputError
+    from mpt_export.runtime.sampling import SamplingConfig, check_stop
 
     if input_file is not None:
         if prompts:
             raise InputError("give prompts as arguments or --input-file, not both")
-        texts, tasks = _read_jsonl(input_file, task)
+        rows = read_prompts(input_file, task)
+        where = str(input_file)
     else:
         if not prompts:
             raise InputError("no prompt given; pass text arguments or --input-file FILE.jsonl")
         if task is None:
             raise InputError("--task is required with prompt arguments (see `mpt-export tasks list BUNDLE`)")
-        texts, tasks = list(prompts), [task] * len(prompts)
+        empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
+        if empty:
+            raise InputError(f"prompt {empty[0]} is empty; give some text to continue")
+        rows, where = [(i, task, p) for i, p in enumerate(prompts, 1)], None
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
-    if stream and len(texts) != 1:
-        raise InputError(f"--stream prints one prompt's tokens as they come; got {len(texts)} prompts")
+    if stream and not as_json and len(rows) != 1:
+        raise InputError(f"--stream prints one prompt's text as it comes; got {len(rows)} prompts (add --json to "
+                         "stream several as JSON lines)")
+    SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # bad values fail before the bundle loads
+    stop = check_stop(stop or None)
     b = mpt_export.load_bundle(bundle)
     if backend == "tensorrt":
         s = b.session(backend="tensorrt", engines=engines, prompt_kv_cache=prompt_cache)
     else:
         s = b.session(provider=provider, backend=backend, prompt_kv_cache=prompt_cache, intra_op_threads=threads,
                       optimization=optimization)
-    tok = s.tokenizer
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-              stop=stop or None)
-    for start in range(0, len(texts), batch_size):
-        bt, btasks = texts[start:start + batch_size], tasks[start:start + batch_size]
+    check_rows(s, rows, where, max_new_tokens)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        bt, btasks = [r[2] for r in batch], [r[1] for r in batch]
         ids, mask = s.encode_texts(bt)
-        on_step = None
+        on_step, streams = None, None
         if stream:
-            acc, shown = [], [""]
+            from mpt_export.runtime.streaming import TextStream
 
-            def on_step(step, rows, toks):
-                # decode the whole row each time: a byte-level token may complete a character only later
-                acc.append(int(toks[0]))
-                text = tok.decode(acc)
-                sys.stdout.write(text[len(shown[0]):])
-                sys.stdout.flush()
-                shown[0] = text
+            streams = [TextStream(s.tokenizer, stop, s.eos_token_id) for _ in batch]
+
+            def on_step(step, rows_now, toks):
+                for r, t in zip(rows_now, toks):
+                    _show(streams[r].push(t), start + int(r), as_json)
         res = s.generate_detailed(ids, btasks, mask, on_step=on_step, **kw)
-        if stream:
-            sys.stdout.write("\n")
-        for b in range(len(bt)):
-            text = s.decode_row(res, b, stop)
+        for i in range(len(batch)):
+            text = s.decode_row(res, i, stop)
+            if stream:
+                _show(streams[i].finish(text), start + i, as_json)
+                if not as_json:
+                    sys.stdout.write("\n")
             if as_json:
-                print(json.dumps({"task": btasks[b], "prompt": bt[b], "text": text,
-                                  "ids": res.ids[b, :res.lengths[b]].tolist(), "finish": res.finish[b],
-                                  "timings": {k: round(v, 4) for k, v in res.timings.items()}}))
+                rec = {"index": start + i, "task": btasks[i], "prompt": bt[i], "text": text,
+                       "ids": res.ids[i, :res.lengths[i]].tolist(), "finish": res.finish[i],
+                       "timings": {k: round(v, 4) for k, v in res.timings.items()}}
+                if where:
+                    rec["line"] = batch[i][0]
+                print(json.dumps(rec), flush=True)
             elif not stream:
-                console.print(f"[bold]{btasks[b]}[/] {bt[b]!r} -> {text!r}", highlight=False)
+                console.print(f"[bold]{btasks[i]}[/] {bt[i]!r} -> {text!r}", highlight=False)
+
+
+def _show(delta: str, index: int, as_json: bool) -> None:
+    if not delta:
+        return
+    if as_json:
+        print(json.dumps({"index": index, "delta": delta}), flush=True)
+    else:
+        sys.stdout.write(delta)
+        sys.stdout.flush()

@@ -14,7 +14,7 @@ def quantize_cmd(
     out: Annotated[Path, typer.Option("--out", help="The int8 bundle to write.")],
     min_agreement: Annotated[float, typer.Option(help="Refuse if greedy-token agreement with fp32 is below this.")] = 0.9,
     seed: Annotated[int, typer.Option(help="Seed for the comparison inputs.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never the source bundle).")] = False,
 ) -> None:
     """int8 (ONNX Runtime dynamic, per-channel) copy of a bundle for CPUs, checked against the fp32 bundle."""
     quiet_libraries()

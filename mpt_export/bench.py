@@ -74,9 +74,10 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
             return base, bundle, names
         except BundleError:
             pass
-    import shutil
+    from .atomic import claim_workdir, remove_workdir
 
-    shutil.rmtree(root, ignore_errors=True)
+    remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
+    claim_workdir(root, "bench-workdir")
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
                             vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=False, ffn=p.ffn)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BaseModelError, CheckpointError, MissingDependencyError, TaskNameError
+from .errors import InputError as MptInputError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -234,6 +235,42 @@ def check_task_name(name: str) -> None:
         raise TaskNameError(f"task name {name!r} is invalid; names use only letters, digits, '_', '.' and '-'")
 
 
+def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, hidden_size: int | None,
+                      nts: int = 1, max_positions: int | None = None, task_type: str = "CAUSAL_LM",
+                      where: str = "") -> None:
+    """The checks every path that brings a task in (export, ``tasks add``, ``Session.add_task``, loading a bundle)
+    applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values; and a prompt
+    short enough to leave room for at least one input token and one new token in the model's positions."""
+    from .errors import InputError
+
+    at = f" ({where})" if where else ""
+    H = hidden_size if hidden_size is not None else (shared.shape[1] if shared.ndim == 2 else -1)
+    if shared.ndim != 2 or cols.ndim != 2 or rows.ndim != 2 or shared.shape[1] != H or cols.shape[0] != shared.shape[0] \
+            or rows.shape != (cols.shape[1], H):
+        raise InputError(
+            f"task {name!r}{at} has shapes shared_prompt {list(shared.shape)}, cols {list(cols.shape)}, rows "
+            f"{list(rows.shape)}; expected [T, {H}], [T, r], [r, {H}] (the model's hidden size is {H})")
+    T, r = shared.shape[0], cols.shape[1]
+    if T == 0 or r == 0:
+        raise InputError(f"task {name!r}{at} has {T} prompt rows and rank {r}; both must be at least 1")
+    if T % nts:
+        raise InputError(f"task {name!r}{at} has {T} prompt rows, not a multiple of num_transformer_submodules {nts}")
+    for label, a in (("shared_prompt", shared), ("cols", cols), ("rows", rows)):
+        if not np.isfinite(a).all():
+            raise InputError(f"task {name!r}{at}: {label} contains NaN or Inf values; the task is unusable")
+    if max_positions is None:
+        return
+    n = T // nts
+    if task_type == "SEQ_2_SEQ_LM":
+        need, what = max(n + 1, T - n + 2), "its encoder prompt and one input token, or its decoder prompt, the start token and one new token"
+    else:
+        need, what = T + 2, "its virtual tokens, one input token and one new token"
+    if need > max_positions:
+        raise InputError(
+            f"task {name!r}{at} has {T} virtual tokens, but the model has only {max_positions} positions: it needs "
+            f"{need} for {what}; train the task with fewer virtual tokens")
+
+
 @dataclass
 class Task:
     name: str
@@ -376,21 +413,44 @@ class TaskBank:
             raise CheckpointError(f"{file} is not a readable task bank ({e})") from None
         if meta.get("format") != "mpt-export/tasks/1":
             raise CheckpointError(f"{file} is not an mpt-export task bank (format {meta.get('format')!r})")
-        bank = cls(meta["task_type"], int(meta["num_transformer_submodules"]))
-        i = 0
-        while f"shared.{i}" in tensors:
-            bank.shared.append(tensors[f"shared.{i}"])
-            i += 1
-        for t in json.loads(meta["tasks"]):
-            bank.tasks.append(
-                Task(t["name"], t["shared"], tensors[f"task.{t['name']}.cols"], tensors[f"task.{t['name']}.rows"],
-                     t.get("source", ""), t.get("index", 0))
-            )
+        try:
+            bank = cls(meta["task_type"], int(meta["num_transformer_submodules"]))
+            i = 0
+            while f"shared.{i}" in tensors:
+                bank.shared.append(tensors[f"shared.{i}"])
+                i += 1
+            for t in json.loads(meta["tasks"]):
+                bank.tasks.append(
+                    Task(t["name"], int(t["shared"]), tensors[f"task.{t['name']}.cols"],
+                         tensors[f"task.{t['name']}.rows"], t.get("source", ""), t.get("index", 0))
+                )
+                bank.shared[bank.tasks[-1].shared]
+        except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file} is a damaged task bank ({type(e).__name__}: {e}); copy the bundle again "
+                                  "or re-export it") from None
+        from .errors import InputError
+
+        for t in bank.tasks:
+            try:
+                check_task_arrays(t.name, bank.shared[t.shared], t.cols, t.rows, bank.hidden_size,
+                                  bank.num_transformer_submodules)
+            except InputError as e:
+                raise CheckpointError(f"{file}: {e}") from None
         return bank
 
 
-def build_task_bank(adapters: list[str], hidden_size: int | None = None, task_type: str | None = None) -> tuple[TaskBank, list[AdapterCheckpoint]]:
-    """Read ``[NAMES=]DIR`` specs into one task bank, checked against the base model's hidden size and kind."""
+def check_adapter_fits(ck: AdapterCheckpoint, max_positions: int | None, names: list[str] | None = None) -> None:
+    """Every task of an adapter passes :func:`check_task_arrays` against the model's positions."""
+    for i in range(ck.num_tasks):
+        name = names[i] if names and i < len(names) else f"#{i}"
+        check_task_arrays(name, ck.prompt_embeddings, ck.cols[i], ck.rows[i], ck.token_dim,
+                          ck.num_transformer_submodules, max_positions, ck.task_type, where=f"from {ck.path}")
+
+
+def build_task_bank(adapters: list[str], hidden_size: int | None = None, task_type: str | None = None,
+                    max_positions: int | None = None) -> tuple[TaskBank, list[AdapterCheckpoint]]:
+    """Read ``[NAMES=]DIR`` specs into one task bank, checked against the base model's hidden size, kind and
+    positions."""
     if not adapters:
         raise CheckpointError("no adapter given; pass at least one --adapter [NAMES=]DIR")
     bank: TaskBank | None = None
@@ -408,6 +468,10 @@ def build_task_bank(adapters: list[str], hidden_size: int | None = None, task_ty
                 f"{d} is a {ck.task_type} adapter, but the base model is a {task_type} model; "
                 "use the base model the adapter was trained on"
             )
+        try:
+            check_adapter_fits(ck, max_positions, names)
+        except MptInputError as e:
+            raise BaseModelError(f"{e} (base model: {max_positions} positions)") from None
         if bank is None:
             bank = TaskBank(ck.task_type, ck.num_transformer_submodules)
         bank.add_adapter(ck, names)

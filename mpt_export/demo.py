@@ -275,13 +275,15 @@ def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 
 
 def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force: bool = True, on_step=None) -> dict:
     """Build everything in code, export one bundle, validate it. Returns timings, the bundle and its report."""
-    import shutil
-
+    from .atomic import check_replaceable, claim_workdir, remove_workdir
     from .export.api import export_bundle
 
     workdir = Path(workdir)
-    if workdir.exists() and force:
-        shutil.rmtree(workdir)
+    if force:
+        remove_workdir(workdir, "demo-workdir")  # only a demo workdir this tool made; anything else is refused
+    else:
+        check_replaceable(workdir, "demo-workdir", force=False)
+    claim_workdir(workdir, "demo-workdir")
     t0 = time.perf_counter()
     if on_step:
         on_step("build tiny base model and PEFT MPT adapters")

@@ -43,6 +43,10 @@ class InputError(MptExportError):
     """Runtime inputs (ids, masks, tasks) have the wrong shape, dtype or content."""
 
 
+class NumericsError(MptExportError):
+    """The model produced NaN or Inf where numbers were expected (a broken bundle or task)."""
+
+
 class ValidationError(MptExportError):
     """Exported graphs disagree with PEFT beyond tolerance. ``report`` holds the per-output numbers."""
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle, staging_dir, write_manifest
+from .atomic import replace_dir
+from .bundle import Bundle, load_bundle, write_manifest
 from .errors import InputError, MissingDependencyError, ValidationError
 
 DEFAULT_MIN_AGREEMENT = 0.9
@@ -75,41 +76,41 @@ def agreement(ref_session, q_session, tasks: list[str], vocab: int, seed: int = 
 
 
 def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                    force: bool = False, seed: int = 0, on_step=None) -> Bundle:
-    """Write an int8 copy of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src``."""
+                    force: bool = False, seed: int = 0, on_step=None, inputs=()) -> Bundle:
+    """Write an int8 copy of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src``
+    (``src`` is never modified; ``out`` must not be ``src`` or hold it)."""
     step = on_step or (lambda s: None)
     if not 0 <= min_agreement <= 1:
         raise InputError(f"min_agreement must be in [0, 1], got {min_agreement}")
-    b = load_bundle(src)
-    if b.manifest.get("dtype", "float32") != "float32" or b.manifest.get("quantization"):
-        raise InputError(f"{src} is a {b.manifest.get('quantization', {}).get('weights') or b.manifest.get('dtype')} "
-                         "bundle; int8 quantization starts from an fp32 bundle")
-    out = Path(out)
-    with staging_dir(out, force) as tmp:
-        step("quantize graphs (int8, per channel)")
-        for p in b.path.rglob("*"):
-            rel = p.relative_to(b.path)
-            if p.is_dir():
-                (tmp / rel).mkdir(parents=True, exist_ok=True)
-            elif rel.as_posix() not in _graph_files(b.manifest) and p.name != "manifest.json":
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(p, tmp / rel)
-        manifest = json.loads(json.dumps(b.manifest))
-        manifest = quantize_graphs(tmp, manifest, src_root=b.path)
-        manifest["quantization"] = {"weights": "int8", "method": "onnxruntime dynamic quantization, per channel",
-                                    "source_bundle": str(b.path), "min_agreement": min_agreement}
-        manifest = write_manifest(tmp, manifest)
-        step("compare with the fp32 bundle")
-        q = Bundle(tmp, manifest)
-        rep = agreement(b.session(), q.session(), b.tasks, int(b.base_model["vocab_size"]), seed=seed)
-        manifest["quantization"]["report"] = rep
-        if rep["greedy_agreement"] < min_agreement:
-            raise ValidationError(
-                f"int8 greedy-token agreement with fp32 is {rep['greedy_agreement']:.1%} over {rep['tokens_compared']} "
-                f"tokens, below the required {min_agreement:.1%} (logits max abs diff {rep['logits_max_abs']:.3g}); "
-                "keep the fp32 bundle or lower --min-agreement if that is acceptable", report=rep)
-        manifest = write_manifest(tmp, manifest)
-    return Bundle(out, manifest)
+    inputs = [("source bundle", Path(src)), *inputs]
+    with load_bundle(src) as b:
+        if b.manifest.get("dtype", "float32") != "float32" or b.manifest.get("quantization"):
+            raise InputError(f"{src} is a {(b.manifest.get('quantization') or {}).get('weights') or b.manifest.get('dtype')} "
+                             "bundle; int8 quantization starts from an fp32 bundle")
+        with replace_dir(out, "bundle", force, inputs) as tmp:
+            step("quantize graphs (int8, per channel)")
+            graph_files = _graph_files(b.manifest)
+            for rel in b.manifest["files"]:
+                if rel not in graph_files:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(b.file(rel), tmp / rel)
+            manifest = json.loads(json.dumps(b.manifest))
+            manifest = quantize_graphs(tmp, manifest, src_root=b.root)
+            manifest["quantization"] = {"weights": "int8", "method": "onnxruntime dynamic quantization, per channel",
+                                        "source_bundle": str(b.path), "min_agreement": min_agreement}
+            manifest = write_manifest(tmp, manifest)
+            step("compare with the fp32 bundle")
+            q = Bundle(tmp, manifest)
+            rep = agreement(b.session(), q.session(), b.tasks, int(b.base_model["vocab_size"]), seed=seed)
+            manifest["quantization"]["report"] = rep
+            if rep["greedy_agreement"] < min_agreement:
+                raise ValidationError(
+                    f"int8 greedy-token agreement with fp32 is {rep['greedy_agreement']:.1%} over "
+                    f"{rep['tokens_compared']} tokens (free-running {rep['free_running_agreement']:.1%}), below the "
+                    f"required {min_agreement:.1%} (logits max abs diff {rep['logits_max_abs']:.3g}); keep the fp32 "
+                    "bundle or lower --min-agreement if that is acceptable", report=rep)
+            manifest = write_manifest(tmp, manifest, known=dict(manifest["files"]))
+    return load_bundle(out, verify=False)
 
 
 def _graph_files(manifest: dict) -> set[str]:

@@ -1,8 +1,10 @@
 """Runtime task swap on disk: ``tasks add`` / ``tasks remove`` rewrite ``tasks.safetensors`` and the manifest only.
 
-The backbone is untouched (same bytes, same sha256). The update is atomic: the bundle is mirrored into a staging
-directory with hard links (no weight bytes copied), the two small files are rewritten there, and the staging
-directory replaces the bundle by rename — a failure at any point leaves the old bundle as it was.
+The backbone is untouched (same bytes, same inode, same sha256). The update is atomic (``atomic.replace_dir``): the
+bundle is mirrored into a staging directory with hard links (no weight bytes copied), the two small files are
+rewritten there, and the staging directory is swapped in — a failure or a kill at any point leaves the old bundle
+(or the new one, whole) at the path. The bundle is read under the writer lock, so two concurrent ``tasks add`` both
+land instead of one overwriting the other.
 """
 
 from __future__ import annotations
@@ -11,27 +13,30 @@ import os
 import shutil
 from pathlib import Path
 
-from .bundle import Bundle, load_bundle, staging_dir, write_manifest
-from .checkpoint import parse_adapter_spec, read_adapter
-from .errors import BaseModelError, CheckpointError, TaskNameError
+from .atomic import replace_dir
+from .bundle import Bundle, load_bundle, write_manifest
+from .checkpoint import check_adapter_fits, parse_adapter_spec, read_adapter
+from .errors import BaseModelError, CheckpointError, InputError, TaskNameError
 
 
-def _mirror(src: Path, dst: Path) -> None:
-    for p in src.rglob("*"):
-        rel = p.relative_to(src)
-        if p.is_dir():
-            (dst / rel).mkdir(parents=True, exist_ok=True)
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+def _mirror(b: Bundle, dst: Path) -> dict[str, str]:
+    """Hard-link (or copy, across filesystems) every file of ``b`` except the manifest into ``dst``.
+    -> {file: sha256} of the files that are the bundle's own verified inodes (no need to hash them again)."""
+    known = {}
+    for rel, digest in b.manifest["files"].items():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(p, dst / rel)
-        except OSError:  # another filesystem or no hard links: copy
-            shutil.copy2(p, dst / rel)
+            os.link(b.file(rel), target, follow_symlinks=False)
+            known[rel] = digest
+        except OSError:  # another filesystem or no hard links: copy (and hash the copy)
+            shutil.copyfile(b.file(rel), target)
+    return known
 
 
 def check_adapter_matches(bundle: Bundle, ckpt) -> None:
-    """An adapter trained for another base model is refused: hidden size, and — where PEFT recorded them — layer
-    and head counts must be the bundle's."""
+    """An adapter trained for another base model is refused: kind, hidden size, and — where PEFT recorded them —
+    layer and head counts must be the bundle's; its prompt must fit the model's positions."""
     bm = bundle.base_model
     if ckpt.task_type != bundle.task_type:
         raise BaseModelError(f"{ckpt.path} is a {ckpt.task_type} adapter; this bundle serves a {bundle.task_type} model")
@@ -44,46 +49,66 @@ def check_adapter_matches(bundle: Bundle, ckpt) -> None:
                 f"{ckpt.path} was trained for another base model ({key} {got}, but this bundle's {what} is {want}, "
                 f"base model {bm.get('arch')} from {bm.get('name_or_path')}); train the task on the bundle's base model"
             )
+    nts = bundle.manifest.get("num_transformer_submodules", 1)
+    if ckpt.num_transformer_submodules != nts:
+        raise BaseModelError(f"{ckpt.path} has num_transformer_submodules {ckpt.num_transformer_submodules}, this "
+                             f"bundle's tasks have {nts}; train the task with the bundle's setting")
+    try:
+        check_adapter_fits(ckpt, int(bm["max_positions"]))
+    except InputError as e:
+        raise BaseModelError(str(e)) from None
 
 
 def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
-    b = load_bundle(bundle_path)
-    bank = b.task_bank()
-    pairs = []
-    for spec in adapters:  # read and check every adapter before changing anything
-        names, path = parse_adapter_spec(spec)
-        ck = read_adapter(path)
-        check_adapter_matches(b, ck)
-        pairs.append((ck, names))
-    ckpts = [ck for ck, _ in pairs]
-    for ck, names in pairs:
-        try:
-            bank.add_adapter(ck, names)
-        except TaskNameError as e:
-            raise TaskNameError(f"{e} (the bundle has: {', '.join(b.tasks)})") from None
-        except CheckpointError as e:
-            raise BaseModelError(str(e)) from None
-    return _rewrite(b, bank, extra_adapters=[ck.summary() for ck in ckpts])
+    """Add the tasks of ``[NAMES=]DIR`` adapters to the bundle at ``bundle_path`` (every adapter is read and checked
+    before anything changes)."""
+    specs = [(names, read_adapter(path)) for names, path in map(parse_adapter_spec, adapters)]
+    with load_bundle(bundle_path, verify=False) as b:  # fail early, before taking the writer lock
+        for _, ck in specs:
+            check_adapter_matches(b, ck)
+
+    def change(b: Bundle, bank):
+        for names, ck in specs:
+            try:
+                bank.add_adapter(ck, names)
+            except TaskNameError as e:
+                raise TaskNameError(f"{e} (the bundle has: {', '.join(b.tasks)})") from None
+            except CheckpointError as e:
+                raise BaseModelError(str(e)) from None
+        return [ck.summary() for _, ck in specs]
+
+    return _rewrite(bundle_path, change)
 
 
 def remove_task(bundle_path: str | Path, name: str) -> Bundle:
-    b = load_bundle(bundle_path)
-    bank = b.task_bank()
-    bank.task(name)  # unknown -> error listing the known ones
-    if len(bank.tasks) == 1:
-        raise TaskNameError(f"{name!r} is the bundle's only task; a bundle keeps at least one (add another first)")
-    bank.remove(name)
-    return _rewrite(b, bank)
+    def change(b: Bundle, bank):
+        bank.task(name)  # unknown -> error listing the known ones
+        if len(bank.tasks) == 1:
+            raise TaskNameError(f"{name!r} is the bundle's only task; a bundle keeps at least one (add another first)")
+        bank.remove(name)
+        return []
+
+    return _rewrite(bundle_path, change)
 
 
-def _rewrite(b: Bundle, bank, extra_adapters: list[dict] | None = None) -> Bundle:
-    manifest = dict(b.manifest)
-    manifest["tasks"] = bank.manifest_entries()
-    if extra_adapters:
-        manifest["adapters"] = list(manifest.get("adapters", [])) + extra_adapters
-    with staging_dir(b.path, force=True) as tmp:
-        _mirror(b.path, tmp)
+def _rewrite(bundle_path, change) -> Bundle:
+    """Under the writer lock: load the current bundle (verified), apply ``change(bundle, bank)`` to its task bank,
+    write the new bank and manifest into a hard-linked mirror, swap it in."""
+    path = Path(bundle_path)
+    with replace_dir(path, kind="bundle", allow_replace=True) as tmp:
+        b = load_bundle(path)
+        try:
+            bank = b.task_bank()
+            extra = change(b, bank)
+            manifest = dict(b.manifest)
+            manifest["tasks"] = bank.manifest_entries()
+            if extra:
+                manifest["adapters"] = list(manifest.get("adapters", [])) + extra
+            known = _mirror(b, tmp)
+        finally:
+            b.close()  # our own shared lock would keep the old copy from being deleted after the swap
         (tmp / "tasks.safetensors").unlink()  # a hard link: never write through it into the old bundle
+        known.pop("tasks.safetensors", None)
         bank.save(tmp / "tasks.safetensors")
-        manifest = write_manifest(tmp, manifest)
-    return Bundle(b.path, manifest)
+        write_manifest(tmp, manifest, known=known)
+    return load_bundle(path, verify=False)

@@ -144,8 +144,8 @@ def test_bad_inputs_fail_cleanly(llama, tmp_path):
 def test_validation_miss_is_typed_and_writes_nothing(llama, tmp_path):
     out = tmp_path / "strict"
     res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
-                  "--atol", "1e-12")
-    assert_clean_failure(res, "differ from PEFT beyond atol 1e-12", "logits (single", "max abs")
+                  "--atol", "1e-12", "--rtol", "0")
+    assert_clean_failure(res, "differ from PEFT beyond atol 1e-12 + rtol 0", "logits (single", "max abs")
     assert no_output_left(out)
 
 

@@ -206,7 +206,7 @@ def test_generate_bad_inputs(llama, tmp_path):
     assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", long), "at most 59 tokens fit")
     assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "the movie", "--max-new-tokens", "60"),
                          "input + max_new_tokens <= 59")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", ""), "prompt 0 is empty")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", ""), "prompt 1 is empty")
     assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--max-new-tokens", "0"),
                          "max_new_tokens must be a positive integer")
     from test_cli import _wide_adapter

@@ -20,7 +20,7 @@ def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
     b = mpt_export.export_bundle(case.base, case.adapters, tmp_path / "fp16", dtype="fp16", seed=3)
     assert b.manifest["dtype"] == "float16"
     val = b.manifest["validation"]
-    assert val["passed"] and val["atol"] == 5e-2 and val["dtype"] == "float16"
+    assert val["passed"] and (val["atol"], val["rtol"]) == (1e-3, 3e-2) and val["dtype"] == "float16"
     main = "encoder.onnx" if case.seq2seq else "backbone.onnx"
     g = onnx.load(str(b.file(main)), load_external_data=False)
     types = {i.name: i.type.tensor_type.elem_type for i in g.graph.input}

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
-from ..basemodel import base_arch, check_same_base, identity, tokenizer_files
-from ..bundle import FORMAT, Bundle, load_bundle, staging_dir, write_manifest
+from ..basemodel import base_arch, check_same_base, identity
+from ..atomic import check_replaceable, replace_dir
+from ..bundle import FORMAT, Bundle, load_bundle, write_manifest
 from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
 from ..errors import BaseModelError, InputError, MissingDependencyError
 from .backbone import DEFAULT_OPSET, export_backbone
 from .composer import write_composer
+from .tokenizer import write_tokenizer
 
 
 def _require_export_deps():
@@ -81,7 +84,7 @@ def adapters_from_bank(bank: TaskBank) -> list[tuple[AdapterCheckpoint, list[str
     return out
 
 
-def _validate(bundle_dir: Path, model, bank: TaskBank, atol: float, seed, provider: str, on_step) -> dict:
+def _validate(bundle: Bundle, model, bank: TaskBank, tol, seed, provider: str, on_step) -> dict:
     from .reference import peft_model_for
     from .validate import validate_causal, validate_seq2seq
 
@@ -90,9 +93,16 @@ def _validate(bundle_dir: Path, model, bank: TaskBank, atol: float, seed, provid
         pm = peft_model_for(model, ck)
         for i, n in enumerate(names):
             peft_models[n], index[n] = pm, i
-    session = Bundle(bundle_dir, json.loads((bundle_dir / "manifest.json").read_text())).session(provider=provider)
+    session = bundle.session(provider=provider)
     fn = validate_seq2seq if bank.task_type == "SEQ_2_SEQ_LM" else validate_causal
-    return fn(session, peft_models, index, vocab=session.vocab_size, atol=atol, seed=seed, on_step=on_step)
+    return fn(session, peft_models, index, vocab=session.vocab_size, tol=tol, seed=seed, on_step=on_step)
+
+
+def export_inputs(base_model, adapters) -> list[tuple[str, Path]]:
+    """What an export reads: its output must not be (or hold) any of these."""
+    from ..checkpoint import parse_adapter_spec
+
+    return [("base model", Path(base_model))] + [("adapter", parse_adapter_spec(a)[1]) for a in adapters]
 
 
 def export_bundle(
@@ -101,6 +111,7 @@ def export_bundle(
     out: str | Path,
     opset: int = DEFAULT_OPSET,
     atol: float | None = None,
+    rtol: float | None = None,
     dtype: str = "fp32",
     quantize: str | None = None,
     min_agreement: float | None = None,
@@ -113,28 +124,29 @@ def export_bundle(
     """Export PEFT MPT adapters over ``base_model`` into one validated bundle at ``out``.
 
     ``adapters`` are ``[NAMES=]DIR`` specs (``"sst2,mnli=dir_src"``); ``dtype`` fp32, fp16 or bf16 (see
-    ``precision``; the reference stays PEFT in fp32, ``atol`` defaults per dtype). Nothing is written at ``out``
+    ``precision``; the reference stays PEFT in fp32; an output passes when ``max|a-b| <= atol + rtol * max|ref|``,
+    defaults per dtype in ``precision.DEFAULT_TOL``). Nothing is written at ``out``
     unless every step, validation included, succeeds."""
-    from ..bundle import check_output_path
-    from .precision import DEFAULT_ATOL as ATOLS
-    from .precision import canonical_dtype
+    from .precision import canonical_dtype, tolerance
 
     step = on_step or (lambda s: None)
     out = Path(out)
     if quantize is not None:
         return _export_quantized(base_model, adapters, out, quantize, min_agreement, dtype=dtype, opset=opset,
-                                 atol=atol, validate=validate, force=force, seed=seed, provider=provider,
+                                 atol=atol, rtol=rtol, validate=validate, force=force, seed=seed, provider=provider,
                                  on_step=on_step)
     dtype = canonical_dtype(dtype)
-    atol = ATOLS[dtype] if atol is None else float(atol)
-    check_output_path(out, force)  # fail before any heavy work
+    tol = tolerance(dtype, atol, rtol)
+    inputs = export_inputs(base_model, adapters)
+    check_replaceable(out, "bundle", force, inputs)  # fail before any heavy work
     if dtype == "bfloat16" and validate and provider == "cpu":
         raise InputError(
             "bf16 graphs cannot be validated on ONNX Runtime's CPU provider (it has no bf16 kernels); validate on a "
             "GPU provider (--provider cuda) or pass --no-validate and check the engine with `mpt-export verify` there"
         )
     cfg, arch = base_arch(base_model)
-    bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type)
+    bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type,
+                                  max_positions=arch.max_positions)
     _require_export_deps()
     step("load base model")
     model, cfg, arch = load_base_model(base_model)  # fp32: PEFT's reference runs on it
@@ -146,7 +158,8 @@ def export_bundle(
 
         export_model = to_half(copy.deepcopy(model), dtype)
     timings = {}
-    with staging_dir(out, force) as tmp:
+    with replace_dir(out, "bundle", force, inputs) as tmp:
+        tokenizer_info = write_tokenizer(base_model, tmp / "tokenizer")  # first: a conversion error costs nothing
         t0 = time.perf_counter()
         if arch.task_type == "SEQ_2_SEQ_LM":
             from .seq2seq import WEIGHTS_FILE, export_seq2seq
@@ -165,11 +178,6 @@ def export_bundle(
         step("write composer and task bank")
         cio = write_composer(tmp / "composer.onnx", arch.hidden_size, real_opset)
         bank.save(tmp / "tasks.safetensors")
-        tok = tokenizer_files(base_model)
-        if tok:
-            (tmp / "tokenizer").mkdir()
-            for f in tok:
-                shutil.copy2(f, tmp / "tokenizer" / f.name)
         manifest = {
             "format": FORMAT,
             "created_by": tool_versions(),
@@ -182,24 +190,26 @@ def export_bundle(
             "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
             "tasks": bank.manifest_entries(),
             "adapters": [ck.summary() for ck in ckpts],
+            "tokenizer": tokenizer_info,
             "validation": None,
         }
-        write_manifest(tmp, manifest)
+        manifest = write_manifest(tmp, manifest)
         if validate:
             t0 = time.perf_counter()
-            manifest["validation"] = _validate(tmp, model, bank, atol, seed, provider, step)
+            staged = Bundle(tmp, manifest)
+            manifest["validation"] = _validate(staged, model, bank, tol, seed, provider, step)
             timings["validation_s"] = round(time.perf_counter() - t0, 2)
         manifest["timings"] = timings
-        manifest = write_manifest(tmp, manifest)
-    return Bundle(out, manifest)
+        known = dict(manifest["files"])  # nothing but the manifest changed since it was hashed
+        manifest = write_manifest(tmp, manifest, known=known)
+    return load_bundle(out, verify=False)
 
 
 def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreement, dtype: str, **kw) -> Bundle:
-    """``--quantize int8``: an fp32 bundle in a temporary sibling (validated against PEFT), then its int8 copy at
-    ``out`` (checked against the fp32 one); the fp32 bundle is removed."""
-    import tempfile
-
-    from ..bundle import check_output_path
+    """``--quantize int8``: an fp32 bundle in a staging directory beside ``out`` (validated against PEFT), then its
+    int8 copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
+    writers throughout."""
+    from ..atomic import STAGING_MARKER, clean_stale, recover, writer_lock
     from ..quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
     from .precision import canonical_dtype
 
@@ -207,38 +217,49 @@ def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreem
         raise InputError(f"unknown --quantize {quantize!r}; the only scheme is int8 (dynamic, for CPUs)")
     if canonical_dtype(dtype) != "float32":
         raise InputError("--quantize int8 starts from fp32 weights; drop --dtype or quantize an fp32 bundle")
-    check_output_path(out, kw["force"])
+    inputs = export_inputs(base_model, adapters)
+    check_replaceable(out, "bundle", kw["force"], inputs)
+    out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
-    try:
-        fp32 = export_bundle(base_model, adapters, work / "bundle", dtype="fp32", **kw)
-        return quantize_bundle(fp32.path, out, min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None
-                               else min_agreement, force=kw["force"], on_step=kw.get("on_step"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with writer_lock(out):
+        recover(out, wait_s=0)
+        clean_stale(out)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # cleaned like any staging dir
+        try:
+            (work / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+            fp32 = export_bundle(base_model, adapters, work / "bundle", dtype="fp32", **kw)
+            fp32.close()
+            return quantize_bundle(work / "bundle", out, min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None
+                                   else min_agreement, force=kw["force"], on_step=kw.get("on_step"), inputs=inputs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,
-                  seed: int | None = None, provider: str = "cpu", on_step=None) -> dict:
-    """Checksums always; with ``base_model``, its identity and parity against PEFT, recomputed from the bundle."""
-    b = load_bundle(path)
-    result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
-    if base_model is None:
-        return result
-    check_same_base(base_model, b.base_model)
-    quant = b.manifest.get("quantization")
-    if quant and atol is None:
-        rep = quant.get("report", {})
-        result["validation"] = None
-        result["note"] = (f"int8 bundle: its check is greedy-token agreement with the fp32 bundle "
-                          f"({rep.get('greedy_agreement', 0):.1%} when it was written), not an abs tolerance against "
-                          "PEFT; pass --atol to compare its logits with PEFT anyway")
-        return result
-    _require_export_deps()
-    model, _, _ = load_base_model(base_model)
-    from .precision import DEFAULT_ATOL
+                  seed: int | None = None, provider: str = "cpu", on_step=None, rtol: float | None = None) -> dict:
+    """Checksums always; with ``base_model``, its identity and parity against PEFT, recomputed from the bundle
+    (tolerance: the one the bundle was exported with, unless ``atol``/``rtol`` are given)."""
+    with load_bundle(path) as b:
+        result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
+        if base_model is None:
+            return result
+        check_same_base(base_model, b.base_model)
+        quant = b.manifest.get("quantization")
+        if quant and atol is None and rtol is None:
+            rep = quant.get("report", {})
+            result["validation"] = None
+            result["note"] = (f"int8 bundle: its check is greedy-token agreement with the fp32 bundle "
+                              f"({rep.get('greedy_agreement', 0):.1%} teacher-forced, "
+                              f"{rep.get('free_running_agreement', 0):.1%} free-running when it was written), not a "
+                              "tolerance against PEFT; pass --atol/--rtol to compare its logits with PEFT anyway")
+            return result
+        _require_export_deps()
+        model, _, _ = load_base_model(base_model)
+        from .precision import tolerance
 
-    tol = atol if atol is not None else (b.manifest.get("validation") or {}).get(
-        "atol", DEFAULT_ATOL[b.manifest.get("dtype", "float32")])
-    result["validation"] = _validate(b.path, model, b.task_bank(), tol, seed, provider, on_step)
-    return result
+        recorded = b.manifest.get("validation") or {}
+        tol = tolerance(b.manifest.get("dtype", "float32"),
+                        atol if atol is not None else recorded.get("atol"),
+                        rtol if rtol is not None else recorded.get("rtol"))
+        result["validation"] = _validate(b, model, b.task_bank(), tol, seed, provider, on_step)
+        return result

@@ -2,9 +2,14 @@
 
 Cases: every task on a single unpadded row, and one left-padded mixed-task batch whose rows are compared with PEFT
 on each row alone (the batch must not change a row's result). Outputs: last-position logits and every present
-key/value. Per output we record max abs diff and max rel diff (``max|a-b| / max|ref|``, relative to the output's
-scale, so near-zero entries do not blow it up). Failures are collected over all cases, then one ValidationError
-names each output that missed and its numbers.
+key/value (and, for T5, the encoder output and the cross-attention KV).
+
+Tolerance, per output: ``max|a - b| <= atol + rtol * max|ref|``. The error of a healthy export is rounding, which
+scales with the output's magnitude (T5's activations reach tens to thousands; a 7B model's logits and KV are larger
+than a tiny model's), so a fixed absolute bound refuses healthy large models while any bound loose enough for them
+hides real errors on small ones. The relative term follows the magnitude; ``atol`` only covers outputs that are
+all near zero. Defaults per dtype and how they were chosen: ``precision.DEFAULT_TOL``. Failures are collected over
+all cases, then one ValidationError names each output that missed and its numbers.
 """
 
 from __future__ import annotations
@@ -14,33 +19,43 @@ import numpy as np
 from ..errors import ValidationError
 
 
-def _diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+def _diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    """-> (max abs diff, max abs diff / max|ref|, max|ref|)."""
     if a.shape != ref.shape:
-        return float("inf"), float("inf")
-    d = float(np.abs(a.astype(np.float64) - ref).max()) if a.size else 0.0
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    return d, d / scale if scale > 0 else d
+        return float("inf"), float("inf"), 0.0
+    if not a.size:
+        return 0.0, 0.0, 0.0
+    a64 = a.astype(np.float64)
+    d = float(np.abs(a64 - ref).max())
+    if not np.isfinite(a64).all():
+        d = float("inf")
+    scale = float(np.abs(ref).max())
+    return d, d / scale if scale > 0 else d, scale
 
 
 class Report:
-    def __init__(self, atol: float, seed: int, dtype=np.float32):
-        self.atol, self.seed, self.dtype = atol, seed, np.dtype(dtype)
+    def __init__(self, tol: dict, seed: int, dtype=np.float32):
+        self.atol, self.rtol = float(tol["atol"]), float(tol["rtol"])
+        self.seed, self.dtype = seed, np.dtype(dtype)
         self.rows: list[dict] = []  # one per (case, task): logits and kv numbers
+
+    def allowed(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
 
     def add(self, case: str, task: str, outs: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
         per = {k: _diff(outs[k], ref[k]) for k in ref}
         kv_names = [k for k in per if k.startswith(("present.", "cross."))]
-        worst_kv_name = max(kv_names, key=lambda k: per[k][0], default="")
-        worst_kv = per[worst_kv_name] if worst_kv_name else (0.0, 0.0)
+        worst_kv_name = max(kv_names, key=lambda k: per[k][1], default="")  # worst relative to its magnitude
+        worst_kv = per[worst_kv_name] if worst_kv_name else (0.0, 0.0, 0.0)
         row = {
             "case": case, "task": task,
             "logits_max_abs": per["logits"][0], "logits_max_rel": per["logits"][1],
             "kv_max_abs": worst_kv[0], "kv_max_rel": worst_kv[1], "kv_worst_output": worst_kv_name,
-            "failed": sorted(k for k, (a, _) in per.items() if not a <= self.atol),
+            "failed": sorted(k for k, (a, _, scale) in per.items() if not a <= self.allowed(scale)),
             "_per_output": per,
         }
         if "encoder_hidden_states" in per:
-            row["encoder_max_abs"], row["encoder_max_rel"] = per["encoder_hidden_states"]
+            row["encoder_max_abs"], row["encoder_max_rel"] = per["encoder_hidden_states"][:2]
         self.rows.append(row)
 
     @property
@@ -54,7 +69,8 @@ class Report:
         out = {
             "reference": "peft forward (no cache), fp32",
             "dtype": str(self.dtype),
-            "atol": self.atol, "seed": self.seed, "passed": self.ok,
+            "rule": "max|a-b| <= atol + rtol * max|ref| per output",
+            "atol": self.atol, "rtol": self.rtol, "seed": self.seed, "passed": self.ok,
             "logits_max_abs": mx("logits_max_abs"), "logits_max_rel": mx("logits_max_rel"),
             "kv_max_abs": mx("kv_max_abs"), "kv_max_rel": mx("kv_max_rel"),
             "cases": [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.rows],
@@ -67,17 +83,19 @@ class Report:
         lines = []
         for r in self.rows:
             for name in r["failed"]:
-                a, rel = r["_per_output"][name]
-                lines.append(f"{name} ({r['case']}, task {r['task']}): max abs {a:.3g}, max rel {rel:.3g}")
+                a, rel, scale = r["_per_output"][name]
+                lines.append(f"{name} ({r['case']}, task {r['task']}): max abs {a:.3g}, max rel {rel:.3g} "
+                             f"(allowed {self.allowed(scale):.3g})")
         more = f" (+{len(lines) - 8} more)" if len(lines) > 8 else ""
         return ValidationError(
-            f"exported graphs differ from PEFT beyond atol {self.atol:g}: " + "; ".join(lines[:8]) + more
-            + ". Re-export with a looser --atol only if that difference is acceptable for your use.",
+            f"exported graphs differ from PEFT beyond atol {self.atol:g} + rtol {self.rtol:g} x max|ref|: "
+            + "; ".join(lines[:8]) + more
+            + ". Re-export with a looser --rtol/--atol only if that difference is acceptable for your use.",
             report=self.summary(),
         )
 
 
-def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, atol: float = 1e-4,
+def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
                     seed: int | None = None, on_step=None) -> dict:
     """Compare ``session`` (runtime over the new bundle) with PEFT.
 
@@ -86,7 +104,7 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
 
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     rng = np.random.default_rng(seed)
-    rep = Report(atol, seed, session.dtype)
+    rep = Report(tol or _default_tol(session), seed, session.dtype)
     names = list(peft_models)
     for t in names:
         if on_step:
@@ -124,7 +142,7 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, at
     return rep.summary()
 
 
-def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, atol: float = 1e-4,
+def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
                      seed: int | None = None, on_step=None) -> dict:
     """Encoder-decoder: PEFT's teacher-forced forward (with ``labels``) vs the encoder and decoder graphs.
 
@@ -134,7 +152,7 @@ def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, a
 
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     rng = np.random.default_rng(seed)
-    rep = Report(atol, seed, session.dtype)
+    rep = Report(tol or _default_tol(session), seed, session.dtype)
     names = list(peft_models)
     start = session.decoder_start_token_id
 
@@ -177,3 +195,9 @@ def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, a
     if not rep.ok:
         raise rep.error()
     return rep.summary()
+
+
+def _default_tol(session) -> dict:
+    from .precision import tolerance
+
+    return tolerance(session.bundle.manifest.get("dtype", "float32"))

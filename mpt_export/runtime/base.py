@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, TaskNameError
-from .sampling import SamplingConfig, select
+from ..errors import InputError, NumericsError, TaskNameError
+from .sampling import SamplingConfig, check_stop, select
 
 
 class _LRU:
@@ -154,21 +154,14 @@ class Session:
         """Make a task usable in this session at once (in memory; ``mpt-export tasks add`` persists one).
 
         ``shared_prompt`` (T, H), ``cols`` (T, r), ``rows`` (r, H)."""
-        from ..checkpoint import Task, check_task_name
+        from ..checkpoint import Task, check_task_arrays, check_task_name
 
-        P, C, R = (np.asarray(a, np.float32) for a in (shared_prompt, cols, rows))
-        H = self.hidden_size
-        if P.ndim != 2 or P.shape[1] != H or C.ndim != 2 or C.shape[0] != P.shape[0] or R.ndim != 2 \
-                or R.shape != (C.shape[1], H):
-            raise InputError(
-                f"task {name!r} has shapes shared_prompt {list(P.shape)}, cols {list(C.shape)}, rows {list(R.shape)}; "
-                f"expected [T, {H}], [T, r], [r, {H}] (this bundle's hidden size is {H})"
-            )
-        nts = self.bank.num_transformer_submodules
-        if P.shape[0] % nts:
-            raise InputError(f"task {name!r} has {P.shape[0]} prompt rows, not a multiple of num_transformer_submodules {nts}")
-        if P.shape[0] // nts + 1 > self.max_positions:
-            raise InputError(f"task {name!r} has {P.shape[0]} virtual tokens; the model has only {self.max_positions} positions")
+        try:
+            P, C, R = (np.asarray(a, np.float32) for a in (shared_prompt, cols, rows))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"task {name!r}: shared_prompt, cols and rows must be numeric arrays ({e})") from None
+        check_task_arrays(name, P, C, R, self.hidden_size, self.bank.num_transformer_submodules, self.max_positions,
+                          self.bundle.task_type)
         check_task_name(name)
         with self._bank_lock:
             if name in self.bank.names:
@@ -196,6 +189,8 @@ class Session:
         ids = ids.astype(np.int64)
         if isinstance(tasks, str):
             tasks = [tasks] * ids.shape[0]
+        if not isinstance(tasks, (list, tuple, np.ndarray)) or not all(isinstance(t, str) for t in tasks):
+            raise InputError(f"tasks must be a task name or a list of one task name per row, got {tasks!r:.80}")
         tasks = list(tasks)
         if len(tasks) != ids.shape[0]:
             raise InputError(f"tasks has {len(tasks)} name(s) but input_ids has {ids.shape[0]} row(s); give one task per row")
@@ -238,13 +233,20 @@ class Session:
                 f"{self.max_positions - plen}"
             )
 
+    def check_request(self, n_tokens: int, task: str, max_new_tokens: int) -> None:
+        """Raise the error a request of ``n_tokens`` input tokens for ``task`` with ``max_new_tokens`` would raise
+        (unknown task, too long for the model's positions) without running anything."""
+        mask = np.ones((1, max(int(n_tokens), 1)), np.int64)
+        self._check(np.zeros_like(mask), [task], mask, padding=self.padding_side)
+        self._check_new_tokens([task], mask, int(max_new_tokens))
+
     # -- generation ----------------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             from .tokenizer import BundleTokenizer
 
-            self._tokenizer = BundleTokenizer(self.bundle.path, self.bundle.manifest)
+            self._tokenizer = BundleTokenizer(self.bundle)
         return self._tokenizer
 
     padding_side = "left"
@@ -263,7 +265,8 @@ class Session:
         ``forced_tokens`` (B, N): teacher forcing — the loop feeds these tokens but records the model's own choices
         (used to measure top-1 agreement of a quantized bundle along a reference's sequence)."""
         cfg = SamplingConfig(int(max_new_tokens) if isinstance(max_new_tokens, (int, np.integer)) else max_new_tokens,
-                             float(temperature), int(top_k), float(top_p), seed)
+                             temperature, top_k, top_p, seed)
+        stop = check_stop(stop)
         ids, tasks, mask = self._check(input_ids, tasks, attention_mask, padding=self.padding_side)
         self._check_new_tokens(tasks, mask, cfg.max_new_tokens)
         B = ids.shape[0]
@@ -279,6 +282,12 @@ class Session:
         finish = ["length"] * B
         tok = self.tokenizer if stop else None
         for step in range(cfg.max_new_tokens):
+            if not np.isfinite(logits).all():
+                bad = sorted({tasks[r] for r, ok in zip(rows, np.isfinite(logits).all(-1)) if not ok})
+                raise NumericsError(
+                    f"the model produced NaN or Inf logits at generation step {step} (task {', '.join(bad)}); the "
+                    "bundle or those tasks' vectors are broken — check them with `mpt-export verify BUNDLE "
+                    "--base-model DIR`")
             nxt = select(logits, cfg, [rngs[r] for r in rows])  # (b,)
             result[rows, step] = nxt
             lengths[rows] += 1
@@ -321,6 +330,7 @@ class Session:
             texts = [texts]
         if not texts:
             raise InputError("no prompt given")
+        stop = check_stop(stop)
         ids, mask = self.encode_texts(texts)
         res = self.generate_detailed(ids, tasks, mask, max_new_tokens=max_new_tokens, stop=stop, **kw)
         return [self.decode_row(res, b, stop) for b in range(len(texts))]
@@ -330,7 +340,7 @@ class Session:
         if res.finish[b] == "eos":
             toks = toks[:-1]
         text = self.tokenizer.decode(toks)
-        for s in stop or ():
+        for s in check_stop(stop) or ():
             if s in text:
                 text = text[: text.index(s)]
         return text

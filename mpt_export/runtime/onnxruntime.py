@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError, MissingDependencyError
+from ..errors import BundleError, InputError, MissingDependencyError
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -61,7 +61,13 @@ class OrtBackend:
             providers = self.providers
             if providers[0] == "TensorrtExecutionProvider" and name != "composer":
                 providers = [("TensorrtExecutionProvider", trt_ep_options(bundle, name)), *providers[1:]]
-            sess = ort.InferenceSession(str(bundle.file(g["file"])), opts, providers=providers)
+            try:
+                sess = ort.InferenceSession(str(bundle.file(g["file"])), opts, providers=providers)
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+                raise BundleError(f"ONNX Runtime cannot load {g['file']} of {bundle.path} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); copy the bundle again or "
+                                  "re-export it") from None
+            check_graph_io(bundle, name, g, sess)
             self._ort[name] = (sess, [o.name for o in sess.get_outputs()])
 
     def _run_graph_impl(self, graph, feed):
@@ -91,6 +97,33 @@ class OrtBackend:
 
     def _take_rows(self, value, keep):
         return self._as_numpy(value)[keep]
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def check_graph_io(bundle, name: str, spec: dict, sess) -> None:
+    """The graph's real inputs and outputs must be the manifest's: names, dtypes and fixed sizes (the runtime sizes
+    its buffers from the manifest)."""
+    for side, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+        want = {x["name"]: x for x in spec[side]}
+        have = {a.name: a for a in actual}
+        if set(want) != set(have):
+            diff = sorted(set(want) ^ set(have))
+            raise BundleError(f"{spec['file']} of {bundle.path} has {side} that its manifest does not describe "
+                              f"({', '.join(diff[:6])}); the manifest was edited or belongs to another bundle — "
+                              "re-export it")
+        for n, a in have.items():
+            w = want[n]
+            dtype = _ORT_TYPES.get(a.type, a.type)
+            dims = [d if isinstance(d, int) else None for d in a.shape]
+            wdims = [d if isinstance(d, int) else None for d in w["shape"]]
+            if w.get("dtype") not in (None, dtype) or len(dims) != len(wdims) or any(
+                    x is not None and y is not None and x != y for x, y in zip(dims, wdims)):
+                raise BundleError(f"{spec['file']} of {bundle.path}: {n} is {dtype} {a.shape} in the graph but "
+                                  f"{w.get('dtype')} {w['shape']} in the manifest; the manifest was edited or belongs "
+                                  "to another bundle — re-export it")
 
 
 def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:

@@ -19,14 +19,24 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens <= 0:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
+                or self.max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        self.temperature = _number("temperature", self.temperature)
+        self.top_p = _number("top_p", self.top_p)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) and not (
+                isinstance(self.top_k, float) and self.top_k.is_integer()):
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        self.top_k = int(self.top_k)
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -35,6 +45,33 @@ class SamplingConfig:
     def generators(self, batch: int) -> list[np.random.Generator]:
         seed = self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         return [np.random.default_rng([seed, b]) for b in range(batch)]
+
+
+def _number(name: str, v) -> float:
+    import math
+
+    if isinstance(v, bool):
+        raise InputError(f"{name} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise InputError(f"{name} must be a finite number, got {v!r}")
+    return f
+
+
+def check_stop(stop) -> list[str] | None:
+    """Stop strings: None, one string, or a list of non-empty strings."""
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    if any(s == "" for s in stop):
+        raise InputError("stop strings must not be empty (an empty string would stop every row at once)")
+    return list(stop) or None
 
 
 def select(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator]) -> np.ndarray:

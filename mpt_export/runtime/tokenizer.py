@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import BundleError, InputError
 
 
 class BundleTokenizer:
-    def __init__(self, bundle_dir: Path, manifest: dict):
+    def __init__(self, bundle):
         from tokenizers import Tokenizer
 
-        tdir = Path(bundle_dir) / "tokenizer"
-        if not (tdir / "tokenizer.json").is_file():
+        manifest = bundle.manifest
+        if not bundle.has_file("tokenizer/tokenizer.json"):
             raise BundleError(
-                f"{bundle_dir} has no tokenizer/tokenizer.json, so text cannot be encoded; pass token ids "
-                "(Session.generate_ids) or export from a base model directory that holds a fast tokenizer"
+                f"{bundle.path} has no tokenizer/tokenizer.json, so text cannot be encoded; pass token ids "
+                "(Session.generate_ids) or export from a base model directory that holds a tokenizer"
             )
-        self.tok = Tokenizer.from_file(str(tdir / "tokenizer.json"))
+        try:
+            self.tok = Tokenizer.from_str(bundle.read_bytes("tokenizer/tokenizer.json").decode())
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise BundleError(f"{bundle.path}/tokenizer/tokenizer.json cannot be read by tokenizers ({e})") from None
         cfg = {}
-        if (tdir / "tokenizer_config.json").is_file():
-            cfg = json.loads((tdir / "tokenizer_config.json").read_text())
+        if bundle.has_file("tokenizer/tokenizer_config.json"):
+            try:
+                cfg = json.loads(bundle.read_bytes("tokenizer/tokenizer_config.json"))
+            except (ValueError, UnicodeDecodeError):
+                cfg = {}
+            cfg = cfg if isinstance(cfg, dict) else {}
         self.eos_token_id = self._special_id(cfg.get("eos_token"))
         if self.eos_token_id is None:
             eos = manifest["base_model"].get("eos_token_id")

@@ -7,10 +7,12 @@ not built: composing a task is one small matmul, done once per task on the host.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from ..bundle import load_bundle, staging_dir
+from ..atomic import check_replaceable, replace_dir
+from ..bundle import load_bundle
 from ..errors import ExportError, MissingDependencyError
 from .commands import resolve_precision
 from .identity import SIDECAR, make_sidecar
@@ -62,10 +64,13 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
     prec = resolve_precision(precision, major, b.manifest.get("dtype", "float32"))
     gpu_name, cc = gpu_identity()
     out = Path(out) if out else Path("engines") / b.path.name
+    inputs = [("bundle", b.path)] + ([("timing cache", Path(timing_cache))] if timing_cache else [])
+    # an engines folder this tool wrote is rebuilt in place (as trtexec --saveEngine would); anything else is refused
+    check_replaceable(out, "engines", force=False, inputs=inputs, allow_replace=True)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
     engines = {}
-    with staging_dir(out, force=True) as tmp:
+    with replace_dir(out, "engines", inputs=inputs, allow_replace=True) as tmp:
         for graph, plist in profs.items():
             step(f"build {graph} ({prec['precision']}, {len(plist)} profiles)")
             t0 = time.perf_counter()
@@ -75,7 +80,7 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
                 flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
             network = builder.create_network(flags)
             parser = trt.OnnxParser(network, logger)
-            onnx_path = b.path / b.manifest["graphs"][graph]["file"]
+            onnx_path = b.file(b.manifest["graphs"][graph]["file"])
             if not parser.parse_from_file(str(onnx_path)):
                 errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
                 raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errs} (run `mpt-export check-trt` first)")
@@ -107,5 +112,8 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
 
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     if timing_cache:
-        Path(timing_cache).write_bytes(cache_bytes)
+        tc = Path(timing_cache)
+        tmp_cache = tc.with_name(f".{tc.name}.tmp-{os.getpid()}")
+        tmp_cache.write_bytes(cache_bytes)
+        os.replace(tmp_cache, tc)  # a reader of the cache never sees half of it
     return out

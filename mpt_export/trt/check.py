@@ -54,7 +54,7 @@ def check_trt(bundle, limits: Limits | None = None) -> dict:
     for graph, spec in bundle.manifest["graphs"].items():
         if graph == "composer":
             continue
-        path = Path(bundle.path) / spec["file"]
+        path = bundle.file(spec["file"])
         model = onnx.load(str(path), load_external_data=False)
         ops = {}
         for n in model.graph.node:

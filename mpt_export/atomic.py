@@ -1,0 +1,489 @@
+"""Directories written whole or not at all, and never a directory this tool did not write.
+
+Every command that writes a directory (a bundle, an engines folder, a demo or bench workdir) goes through
+:func:`replace_dir`:
+
+1. **Ownership.** The output may be missing, empty, or a directory *this tool wrote, of the same kind* (a bundle
+   has our ``manifest.json``, an engines folder our ``engine.json``, a workdir our ``.mpt-export`` marker). Anything
+   else is refused untouched, ``--force`` or not; so is an output that is, or contains, an input of the same command.
+2. **One writer at a time.** Writers of one path serialise on ``.<name>.lock`` beside it (``flock``; released by
+   the kernel when a writer dies). A second writer waits a little, then fails with a clear message.
+3. **Staging.** The new directory is written to ``.<name>.tmp-*`` beside the output, fsynced, then
+4. **swapped in atomically.** On Linux ``renameat2(RENAME_EXCHANGE)`` exchanges the two directories in one step:
+   at every instant the path holds a whole directory, old or new. Where the filesystem cannot exchange (NFS, some
+   FUSE mounts, other systems) the old directory is renamed to ``.<name>.swap-*`` and the new one into place; a
+   writer killed between the two renames leaves the path empty for an instant, and the next open or write of that
+   path renames the ``.swap-*`` copy back (:func:`recover`).
+5. **Retiring the old copy.** Readers hold a shared ``flock`` on the directory they opened (see ``bundle.py``),
+   so the old copy is deleted only when nobody reads it; otherwise it is left as ``.<name>.old-*`` and the next
+   write of that path removes it. A writer never waits for a reader.
+
+Interrupts: SIGINT is deferred while the swap happens, and :data:`WRITES` records what was committed, so the CLI
+can say truthfully whether the output changed. A SIGKILL at any point leaves the old or the new directory at the
+path, plus temporaries that the next write removes.
+
+Fault injection for tests: ``MPT_EXPORT_FAULT_AT=N`` kills the process (``SIGKILL``; ``MPT_EXPORT_FAULT_SIGNAL=INT``
+sends SIGINT instead) at the N-th :func:`fault_point` it passes; ``MPT_EXPORT_NO_EXCHANGE=1`` forces the two-rename
+path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+STAGING_MARKER = ".mpt-export-staging"
+WORKDIR_MARKER = ".mpt-export"
+LOCK_TIMEOUT_S = float(os.environ.get("MPT_EXPORT_LOCK_TIMEOUT", "10"))
+
+# What this process committed (for truthful interrupt messages): [{"path": str, "state": "staging"|"committed"}]
+WRITES: list[dict] = []
+
+_fault_count = 0
+
+
+def fault_point(name: str) -> None:
+    """Test hook: stop the process here when this is the N-th fault point (``MPT_EXPORT_FAULT_AT=N``)."""
+    global _fault_count
+    at = os.environ.get("MPT_EXPORT_FAULT_AT")
+    if not at:
+        return
+    _fault_count += 1
+    if os.environ.get("MPT_EXPORT_FAULT_TRACE"):
+        with open(os.environ["MPT_EXPORT_FAULT_TRACE"], "a") as f:
+            f.write(f"{_fault_count} {name}\n")
+    if _fault_count == int(at):
+        sig = signal.SIGINT if os.environ.get("MPT_EXPORT_FAULT_SIGNAL") == "INT" else signal.SIGKILL
+        os.kill(os.getpid(), sig)
+        if sig == signal.SIGINT:
+            time.sleep(0.5)  # let Python deliver it here, as a user's Ctrl-C would be
+
+
+# -- ownership -----------------------------------------------------------------------------------------------------
+
+def dir_kind(path: Path) -> str | None:
+    """What this tool wrote at ``path``: 'bundle', 'engines', a workdir kind, 'staging', 'empty', or None (not ours)."""
+    path = Path(path)
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    if not names:
+        return "empty"
+    if STAGING_MARKER in names:
+        return "staging"
+    if "manifest.json" in names and _json_field(path / "manifest.json", "format", "").startswith("mpt-export/bundle/"):
+        return "bundle"
+    if "engine.json" in names and _json_field(path / "engine.json", "format", "").startswith("mpt-export/engine/"):
+        return "engines"
+    if WORKDIR_MARKER in names:
+        return _json_field(path / WORKDIR_MARKER, "kind", "") or None
+    return None
+
+
+def _json_field(file: Path, key: str, default):
+    try:
+        with open(file, "rb") as f:
+            data = json.loads(f.read(1 << 20))
+        value = data.get(key, default) if isinstance(data, dict) else default
+        return value if isinstance(value, type(default)) else default
+    except (OSError, ValueError, UnicodeDecodeError):
+        return default
+
+
+_KIND_HINT = {"bundle": "a bundle has our manifest.json", "engines": "an engines folder has our engine.json"}
+
+
+def check_replaceable(out: Path, kind: str, force: bool, inputs=(), allow_replace: bool = False) -> None:
+    """Refuse (one line, nothing touched) unless ``out`` is missing, empty, or a ``kind`` directory this tool wrote
+    (and ``force`` or ``allow_replace``); never an input of the same command or a directory holding one."""
+    out = Path(out)
+    check_not_input(out, inputs)
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory; choose another output path")
+    found = dir_kind(out)
+    if found == "empty":
+        return
+    if found != kind:
+        what = {None: "was not written by mpt-export", "staging": "is an unfinished mpt-export write"}.get(
+            found, f"holds an mpt-export {found}, not a {kind}")
+        hint = _KIND_HINT.get(kind, f"a {kind} directory has our {WORKDIR_MARKER} marker")
+        raise OutputExistsError(
+            f"output {out} exists and {what}; mpt-export only replaces what it wrote ({hint}), even with --force — "
+            "choose another output path or move that directory yourself")
+    if not (force or allow_replace):
+        raise OutputExistsError(f"output {out} already exists; choose another output path or pass --force to replace it")
+
+
+def check_not_input(out: Path, inputs) -> None:
+    """The output of a command must not be one of its inputs, nor a directory that holds one."""
+    real_out = os.path.realpath(out)
+    for label, p in inputs:
+        if p is None:
+            continue
+        real_in = os.path.realpath(p)
+        same = real_in == real_out
+        if not same and os.path.exists(out) and os.path.exists(p):
+            try:
+                same = os.path.samefile(out, p)
+            except OSError:
+                pass
+        if same:
+            raise OutputExistsError(f"output {out} is the {label} this command reads; choose another output path")
+        if real_in.startswith(real_out.rstrip(os.sep) + os.sep):
+            raise OutputExistsError(f"output {out} holds the {label} this command reads ({p}); choose another output path")
+
+
+def claim_workdir(path: Path, kind: str) -> Path:
+    """Create ``path`` (or take an empty or same-kind one) and mark it as a ``kind`` workdir of this tool."""
+    path = Path(path)
+    found = dir_kind(path) if path.is_dir() else None
+    if path.exists() and found not in ("empty", kind):
+        check_replaceable(path, kind, force=True)  # raises the right message
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / WORKDIR_MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"kind": kind, "written_by": "mpt-export"}) + "\n")
+    return path
+
+
+def remove_workdir(path: Path, kind: str) -> None:
+    """Delete a workdir this tool wrote (``kind`` marker); refuse anything else, touching nothing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    check_replaceable(path, kind, force=True)
+    shutil.rmtree(path)
+
+
+# -- the writer lock -----------------------------------------------------------------------------------------------
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+_PROC_LOCKS: dict[str, threading.RLock] = {}
+_DEPTH: dict[str, int] = {}
+_REGISTRY = threading.Lock()
+
+
+@contextmanager
+def writer_lock(out: Path, timeout: float | None = None):
+    """Exclusive lock for writers of ``out`` (a ``flock`` on ``.<name>.lock`` beside it). Re-entrant within a
+    thread (a command that writes ``out`` in two steps holds it throughout); yields True when already held."""
+    import fcntl
+
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    lock = _lock_path(out)
+    key = os.path.realpath(lock)
+    with _REGISTRY:
+        rlock = _PROC_LOCKS.setdefault(key, threading.RLock())
+    if not rlock.acquire(timeout=max(timeout, 0.001)):
+        raise OutputExistsError(f"another thread of this process is writing {out}; wait for it to finish")
+    try:
+        if _DEPTH.get(key, 0):
+            _DEPTH[key] += 1
+            try:
+                yield True
+            finally:
+                _DEPTH[key] -= 1
+            return
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+        except OSError as e:
+            raise OutputExistsError(
+                f"cannot write beside {out}: creating {lock.name} in {out.parent} failed ({e.strerror}); "
+                "the output needs a writable parent directory") from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                        raise OutputExistsError(
+                            f"another mpt-export command (pid {holder}) is writing {out}; wait for it to finish "
+                            "and run this again") from None
+                    time.sleep(0.05)
+                except OSError as e:  # no locks on this filesystem: go on without (single writer assumed)
+                    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        break
+                    raise
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
+            _DEPTH[key] = 1
+            try:
+                yield False
+            finally:
+                _DEPTH[key] = 0
+        finally:
+            os.close(fd)
+    finally:
+        rlock.release()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- exchange ------------------------------------------------------------------------------------------------------
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_libc = None
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> None:
+    """renameat2(2); raises NotImplementedError where the system or filesystem cannot do it."""
+    global _libc
+    if os.environ.get("MPT_EXPORT_NO_EXCHANGE") or not sys.platform.startswith("linux"):
+        raise NotImplementedError
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        raise NotImplementedError
+    AT_FDCWD = -100
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise NotImplementedError
+        raise OSError(err, os.strerror(err), str(a))
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C until the block is done (main thread only), so a commit is all-or-nothing for the user."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *a: got.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            raise KeyboardInterrupt
+
+
+def _temp_name(out: Path, tag: str) -> Path:
+    return out.parent / f".{out.name}.{tag}-{time.time_ns():x}-{os.urandom(3).hex()}"
+
+
+# -- retiring old copies, recovery, stale temporaries --------------------------------------------------------------
+
+def retire(old: Path) -> bool:
+    """Delete a replaced directory unless a reader holds it (shared flock). -> True if deleted."""
+    import fcntl
+
+    try:
+        fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return not os.path.exists(old)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a reader has it open; a later write removes it
+        except OSError:
+            pass
+        fault_point("retire: locked")
+        try:  # tombstone first: a reader that opened this directory before the swap sees no manifest and reopens
+            os.unlink("manifest.json", dir_fd=fd)
+        except OSError:
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+        return not os.path.exists(old)
+    finally:
+        os.close(fd)
+
+
+def _siblings(out: Path, tag: str) -> list[Path]:
+    prefix = f".{out.name}.{tag}-"
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return []
+    return sorted((out.parent / n for n in names if n.startswith(prefix)), key=lambda p: p.name)
+
+
+def clean_stale(out: Path) -> None:
+    """Remove what killed or interrupted writers of ``out`` left beside it (caller holds the writer lock)."""
+    for tag in ("tmp", "old"):
+        for p in _siblings(out, tag):
+            if p.is_dir() and not p.is_symlink() and dir_kind(p) is not None:
+                retire(p)
+
+
+def recover(out: Path, wait_s: float = 30.0) -> bool:
+    """If ``out`` is missing because a writer without atomic exchange was killed between its two renames, put the
+    old copy (``.<name>.swap-*``) back. Waits while a live writer holds the lock. -> True if ``out`` exists now."""
+    out = Path(out)
+    if os.path.lexists(out):
+        return True
+    if not _siblings(out, "swap"):
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with writer_lock(out, timeout=0):
+                if not os.path.lexists(out):
+                    swaps = _siblings(out, "swap")
+                    if swaps:
+                        os.rename(swaps[-1], out)  # the newest one is the copy that was live
+                return os.path.lexists(out)
+        except OutputExistsError:  # a writer is mid-swap (or the parent is read-only)
+            if os.path.lexists(out):
+                return True
+            if time.monotonic() >= deadline or not os.access(out.parent, os.W_OK):
+                return False
+            time.sleep(0.05)
+
+
+# -- the writer ----------------------------------------------------------------------------------------------------
+
+@contextmanager
+def replace_dir(out: str | Path, kind: str, force: bool = False, inputs=(), allow_replace: bool = False):
+    """Yield a staging directory beside ``out``; when the block succeeds it replaces ``out`` atomically (see the
+    module docstring). ``inputs``: (label, path) pairs the output must not be or contain."""
+    out = Path(os.path.abspath(out))
+    if os.path.islink(out):
+        out = Path(os.path.realpath(out))  # replace the directory the link names, keep the link
+    check_replaceable(out, kind, force, inputs, allow_replace)  # fail early, before taking locks or doing work
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputExistsError(f"cannot create {out.parent} ({e.strerror})") from None
+    entry = {"path": str(out), "state": "staging"}
+    with writer_lock(out) as nested:
+        if not nested:  # a nested write of the same path (int8 export) must not clean its own work
+            recover(out, wait_s=0)
+            clean_stale(out)
+        check_replaceable(out, kind, force, inputs, allow_replace)  # again, under the lock
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        except OSError as e:
+            raise OutputExistsError(f"cannot write in {out.parent} ({e.strerror})") from None
+        WRITES.append(entry)
+        try:
+            (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+            fault_point("staging created")
+            yield tmp
+            fault_point("staging written")
+            _finish_permissions(tmp)
+            _fsync_tree(tmp)
+            with _sigint_deferred():
+                (tmp / STAGING_MARKER).unlink()
+                fault_point("marker removed")
+                old = _swap_in(tmp, out)
+                entry["state"] = "committed"
+            fault_point("swapped")
+            _fsync_dir(out.parent)
+            if old is not None:
+                retired = _temp_name(out, "old")
+                try:
+                    os.rename(old, retired)
+                    fault_point("old renamed")
+                    retire(retired)
+                except OSError:
+                    pass
+        finally:
+            if entry["state"] != "committed" and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path) -> Path | None:
+    """Put ``tmp`` at ``out``. -> where the previous ``out`` now is (None if there was none)."""
+    if not os.path.lexists(out):
+        try:
+            _renameat2(tmp, out, _RENAME_NOREPLACE)
+        except NotImplementedError:
+            os.rename(tmp, out)
+        return None
+    try:
+        _renameat2(tmp, out, _RENAME_EXCHANGE)  # one step: out holds the new directory, tmp the old one
+        return tmp
+    except NotImplementedError:
+        pass
+    away = _temp_name(out, "swap")
+    os.rename(out, away)
+    fault_point("between renames")
+    os.rename(tmp, out)
+    return away
+
+
+def _finish_permissions(root: Path) -> None:
+    """mkdtemp and some writers make owner-only files; give what we created ordinary permissions (hard links to an
+    existing bundle's files already have them and are left alone, so their inodes do not change)."""
+    umask = _umask()
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + [""]:
+            p = os.path.join(dirpath, name) if name else dirpath
+            want = 0o777 & ~umask
+            if stat.S_IMODE(os.lstat(p).st_mode) != want:
+                os.chmod(p, want)
+        for name in files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            want = 0o666 & ~umask
+            if st.st_nlink == 1 and stat.S_IMODE(st.st_mode) != want:
+                os.chmod(p, want)
+
+
+def interrupted_message() -> str:
+    """What an interrupted command tells the user about its outputs."""
+    done = [w["path"] for w in WRITES if w["state"] == "committed"]
+    pending = [w["path"] for w in WRITES if w["state"] != "committed"]
+    parts = []
+    if done:
+        parts.append(f"{', '.join(done)} {'was' if len(done) == 1 else 'were'} written completely")
+    if pending:
+        parts.append(f"{', '.join(pending)} {'was' if len(pending) == 1 else 'were'} left as before "
+                     "(its temporary files are removed by the next write)")
+    return "; ".join(parts) if parts else "nothing was written"

@@ -1,0 +1,54 @@
+"""Incremental detokenization for streaming: emit only text that is final.
+
+Decoding token by token is not prefix-stable: a byte-level token can end in the middle of a UTF-8 character (the
+decoder shows U+FFFD until the rest arrives), and a stop string may be building up at the end of the text. So each
+push decodes the row's tokens so far and shows only the part that can no longer change: up to the first stop string
+(where the row then ends), without trailing U+FFFD, and holding back a tail that could be the start of a stop
+string. At the end, :meth:`TextStream.finish` emits whatever of the final text was held back — the concatenation of
+all emitted pieces equals ``Session.decode_row`` for that row.
+"""
+
+from __future__ import annotations
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str] | None = None, eos_token_id: int | None = None):
+        self.tok = tokenizer
+        self.stop = list(stop or [])
+        self.eos = eos_token_id
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; -> the newly final text (often '')."""
+        token_id = int(token_id)
+        if self.stopped or (self.eos is not None and token_id == self.eos):
+            return ""
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        cut = len(text)
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0:
+                cut, self.stopped = min(cut, i), True
+        if not self.stopped:
+            stable = text.rstrip("\ufffd")
+            hold = 0
+            for s in self.stop:  # the longest tail of the text that is a proper prefix of a stop string
+                for k in range(min(len(s) - 1, len(stable)), 0, -1):
+                    if stable.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+            cut = len(stable) - hold
+        return self._emit(text[:cut])
+
+    def finish(self, final_text: str) -> str:
+        """-> the rest of ``final_text`` not yet emitted."""
+        return self._emit(final_text)
+
+    def _emit(self, text: str) -> str:
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            delta, self.shown = text[len(self.shown):], text
+            return delta
+        return ""
