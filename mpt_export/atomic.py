@@ -33,6 +33,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -318,21 +319,26 @@ def _temp_name(out: Path, tag: str) -> Path:
 
 # -- retiring old copies, recovery, stale temporaries --------------------------------------------------------------
 
-def retire(old: Path) -> bool:
-    """Delete a replaced directory unless a reader holds it (shared flock). -> True if deleted."""
+def retire(old: Path, rename_to: Path | None = None) -> bool:
+    """Delete a replaced or abandoned directory unless someone holds it (a reader's shared flock, a live writer's
+    exclusive one). ``rename_to`` (an ``.old-*`` name) is applied first, under our lock, so that a deletion killed
+    half-way leaves a directory recognisable by its name alone. -> True if deleted."""
     import fcntl
 
     try:
-        fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return not os.path.exists(old)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False  # a reader has it open; a later write removes it
+            return False  # in use; a later write removes it
         except OSError:
             pass
+        if rename_to is not None:
+            os.rename(old, rename_to)
+            old = rename_to
         fault_point("retire: locked")
         try:  # tombstone first: a reader that opened this directory before the swap sees no manifest and reopens
             os.unlink("manifest.json", dir_fd=fd)
@@ -350,14 +356,24 @@ def _siblings(out: Path, tag: str) -> list[Path]:
         names = os.listdir(out.parent)
     except OSError:
         return []
-    return sorted((out.parent / n for n in names if n.startswith(prefix)), key=lambda p: p.name)
+    found = [out.parent / n for n in names if n.startswith(prefix)]
+    if tag in ("old", "swap"):  # names only this module makes: recognised by name, whatever is left inside
+        pat = re.compile(rf"^\.{re.escape(out.name)}\.{tag}-[0-9a-f]+-[0-9a-f]{{6}}$")
+        found = [p for p in found if pat.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
 
 
 def clean_stale(out: Path) -> None:
-    """Remove what killed or interrupted writers of ``out`` left beside it (caller holds the writer lock)."""
-    for tag in ("tmp", "old"):
+    """Remove what killed or interrupted writers of ``out`` left beside it (caller holds the writer lock):
+    unfinished staging directories (``.tmp-*``, ours by their marker or content) and old copies (``.old-*``;
+    ``.swap-*`` while the path itself is whole again)."""
+    for p in _siblings(out, "tmp"):
+        if p.is_dir() and not p.is_symlink() and dir_kind(p) is not None:
+            retire(p, rename_to=_temp_name(out, "old"))
+    tags = ("old", "swap") if os.path.lexists(out) else ("old",)
+    for tag in tags:
         for p in _siblings(out, tag):
-            if p.is_dir() and not p.is_symlink() and dir_kind(p) is not None:
+            if p.is_dir() and not p.is_symlink():
                 retire(p)
 
 
@@ -389,9 +405,42 @@ def recover(out: Path, wait_s: float = 30.0) -> bool:
 # -- the writer ----------------------------------------------------------------------------------------------------
 
 @contextmanager
-def replace_dir(out: str | Path, kind: str, force: bool = False, inputs=(), allow_replace: bool = False):
+def staging(out: Path):
+    """A fresh ``.<name>.tmp-*`` directory beside ``out``, marked and exclusively locked while this process writes
+    it (so another writer's clean-up leaves it alone), removed unless the caller commits it (yields [tmp, state])."""
+    import fcntl
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise OutputExistsError(f"cannot write in {out.parent} ({e.strerror})") from None
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    state = {"committed": False, "fd": fd}
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+        (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+        yield tmp, state
+    finally:
+        if state["fd"] is not None:
+            os.close(state["fd"])
+        if not state["committed"] and tmp.exists():
+            gone = _temp_name(out, "old")  # a removal killed half-way leaves a name the next write recognises
+            try:
+                os.rename(tmp, gone)
+            except OSError:
+                gone = tmp
+            shutil.rmtree(gone, ignore_errors=True)
+
+
+@contextmanager
+def replace_dir(out: str | Path, kind: str, force: bool = False, inputs=(), allow_replace: bool = False,
+                hold_lock: bool = False):
     """Yield a staging directory beside ``out``; when the block succeeds it replaces ``out`` atomically (see the
-    module docstring). ``inputs``: (label, path) pairs the output must not be or contain."""
+    module docstring). ``inputs``: (label, path) pairs the output must not be or contain. The writer lock is taken
+    to clean up and to commit; ``hold_lock`` keeps it for the whole block (read-modify-write, e.g. ``tasks add``)."""
     out = Path(os.path.abspath(out))
     if os.path.islink(out):
         out = Path(os.path.realpath(out))  # replace the directory the link names, keep the link
@@ -402,40 +451,48 @@ def replace_dir(out: str | Path, kind: str, force: bool = False, inputs=(), allo
         raise OutputExistsError(f"cannot create {out.parent} ({e.strerror})") from None
     entry = {"path": str(out), "state": "staging"}
     with writer_lock(out) as nested:
-        if not nested:  # a nested write of the same path (int8 export) must not clean its own work
+        if not nested:
             recover(out, wait_s=0)
             clean_stale(out)
-        check_replaceable(out, kind, force, inputs, allow_replace)  # again, under the lock
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        except OSError as e:
-            raise OutputExistsError(f"cannot write in {out.parent} ({e.strerror})") from None
+        check_replaceable(out, kind, force, inputs, allow_replace)
+    with staging(out) as (tmp, state):
         WRITES.append(entry)
-        try:
-            (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-            fault_point("staging created")
+        fault_point("staging created")
+        if hold_lock:
+            with writer_lock(out):
+                yield tmp
+                _commit(tmp, out, kind, force, inputs, allow_replace, entry, state)
+        else:
             yield tmp
-            fault_point("staging written")
-            _finish_permissions(tmp)
-            _fsync_tree(tmp)
-            with _sigint_deferred():
-                (tmp / STAGING_MARKER).unlink()
-                fault_point("marker removed")
-                old = _swap_in(tmp, out)
-                entry["state"] = "committed"
-            fault_point("swapped")
-            _fsync_dir(out.parent)
-            if old is not None:
-                retired = _temp_name(out, "old")
-                try:
-                    os.rename(old, retired)
-                    fault_point("old renamed")
-                    retire(retired)
-                except OSError:
-                    pass
-        finally:
-            if entry["state"] != "committed" and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            with writer_lock(out):
+                _commit(tmp, out, kind, force, inputs, allow_replace, entry, state)
+
+
+def _commit(tmp: Path, out: Path, kind, force, inputs, allow_replace, entry: dict, state: dict) -> None:
+    """Under the writer lock: swap the finished staging directory in, then retire the old copy. Ctrl-C waits until
+    this is done, so the user is told exactly what happened."""
+    fault_point("staging written")
+    check_replaceable(out, kind, force, inputs, allow_replace)  # what is there now (another writer may have run)
+    _finish_permissions(tmp)
+    _fsync_tree(tmp)
+    with _sigint_deferred():
+        (tmp / STAGING_MARKER).unlink()
+        fault_point("marker removed")
+        os.close(state["fd"])  # our lock on it: readers of the new bundle must not wait for us
+        state["fd"] = None
+        old = _swap_in(tmp, out)
+        state["committed"] = True
+        entry["state"] = "committed"
+        fault_point("swapped")
+        _fsync_dir(out.parent)
+        if old is not None:
+            retired = _temp_name(out, "old")
+            try:
+                os.rename(old, retired)
+                fault_point("old renamed")
+                retire(retired)
+            except OSError:
+                pass
 
 
 def _swap_in(tmp: Path, out: Path) -> Path | None:

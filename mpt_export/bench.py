@@ -399,6 +399,7 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
             forced = s.generate_ids(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None, forced_tokens=fp32_tokens,
                                     prompt_kv_cache=cache)
             row["agreement_vs_fp32"] = float((forced == fp32_tokens).mean())
+            row["free_running_vs_fp32"] = float((res.ids == fp32_tokens).mean())
         rows.append(row)
         s = None
     new = p.batch * p.new_tokens

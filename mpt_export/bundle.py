@@ -24,6 +24,7 @@ the task list against ``tasks.safetensors``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -228,7 +229,7 @@ def _open_in(dirfd: int, rel: str, display: str) -> int:
     except NotADirectoryError:
         raise BundleError(f"bundle path {rel} in {display} is not laid out as a directory; {_REDO}") from None
     except OSError as e:
-        if e.errno == 40:  # ELOOP: a symbolic link
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
             raise BundleError(f"bundle file {rel} in {display} is a symbolic link; bundles hold plain files only "
                               f"(links could point outside it) — {_REDO}") from None
         raise BundleError(f"cannot read bundle file {rel} in {display} ({e.strerror}); check its permissions") from None

@@ -126,6 +126,31 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 320, seq2seq: bool = F
     return tok
 
 
+def make_sentencepiece_tokenizer(out_dir: str | Path, kind: str = "t5", vocab_size: int = 100) -> int:
+    """A SentencePiece model trained on the embedded corpus, saved the way slow tokenizers are (``spiece.model`` for
+    T5, ``tokenizer.model`` for Llama) with no ``tokenizer.json``. -> its vocabulary size."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS.splitlines() * 5), model_writer=buf,
+                                   vocab_size=vocab_size, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1 if kind == "t5" else 3, character_coverage=1.0, minloglevel=2)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "t5":
+        (out_dir / "spiece.model").write_bytes(buf.getvalue())
+        cfg = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+               "extra_ids": 0}
+    else:
+        (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+               "add_bos_token": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return vocab_size
+
+
 def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
                     hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 256,
                     tokenizer: bool = True, ffn: int | None = None):

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import replace_dir
+from .atomic import fault_point, replace_dir
 from .bundle import Bundle, load_bundle, write_manifest
 from .checkpoint import check_adapter_fits, parse_adapter_spec, read_adapter
 from .errors import BaseModelError, CheckpointError, InputError, TaskNameError
@@ -95,7 +95,7 @@ def _rewrite(bundle_path, change) -> Bundle:
     """Under the writer lock: load the current bundle (verified), apply ``change(bundle, bank)`` to its task bank,
     write the new bank and manifest into a hard-linked mirror, swap it in."""
     path = Path(bundle_path)
-    with replace_dir(path, kind="bundle", allow_replace=True) as tmp:
+    with replace_dir(path, kind="bundle", allow_replace=True, hold_lock=True) as tmp:
         b = load_bundle(path)
         try:
             bank = b.task_bank()
@@ -105,10 +105,12 @@ def _rewrite(bundle_path, change) -> Bundle:
             if extra:
                 manifest["adapters"] = list(manifest.get("adapters", [])) + extra
             known = _mirror(b, tmp)
+            fault_point("bundle mirrored")
         finally:
             b.close()  # our own shared lock would keep the old copy from being deleted after the swap
         (tmp / "tasks.safetensors").unlink()  # a hard link: never write through it into the old bundle
         known.pop("tasks.safetensors", None)
         bank.save(tmp / "tasks.safetensors")
+        fault_point("task bank written")
         write_manifest(tmp, manifest, known=known)
     return load_bundle(path, verify=False)

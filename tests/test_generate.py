@@ -236,6 +236,7 @@ def test_bench_tiny_runs_end_to_end(tmp_path):
     assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
     assert r["rows"][2]["tokens_processed"] < r["rows"][1]["tokens_processed"]
     assert names[3].startswith("ORT int8") and 0 < r["rows"][3]["agreement_vs_fp32"] <= 1
+    assert 0 < r["rows"][3]["free_running_vs_fp32"] <= 1
 
 
 def test_session_options(llama):

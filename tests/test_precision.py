@@ -48,6 +48,13 @@ def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
                    for t in onnx.load(str(bundle_dir / f"{g}.onnx"), load_external_data=True).graph.initializer)
 
     assert weight_bytes(b.path) < 0.6 * weight_bytes(case.bundle)
+    # a planted 10% error in one mid-depth value projection fails the fp16 bundle's default tolerance
+    from mpt_export.export.api import _validate
+    from mpt_export.export.precision import tolerance
+    from test_validation import planted
+
+    with pytest.raises(ValidationError):
+        _validate(b, planted(model, arch, 1.10), b.task_bank(), tolerance("float16"), 3, "cpu", None)
     assert s.generate_ids(np.array([[5, 6, 7]]), ["a"], max_new_tokens=4).shape[0] == 1
 
 
@@ -72,7 +79,17 @@ def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
     q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
     rep = q.manifest["quantization"]["report"]
     assert 0.0 < rep["greedy_agreement"] <= 1.0 and rep["tokens_compared"] == 4 * 2 * 16
+    assert 0.0 < rep["free_running_agreement"] <= 1.0
     assert rep["logits_max_abs"] > 0  # really quantized
+    assert q.manifest["quantization"]["variant"] == "matmul"
+    import onnx
+
+    g = onnx.load(str(q.file("backbone.onnx")), load_external_data=False).graph
+    ops = {n.op_type for n in g.node}
+    quantized = {t.name for t in g.initializer if t.name.endswith("_quantized")}
+    assert "MatMulInteger" in ops  # the projections are int8 ...
+    assert not any(n.op_type == "Gather" and any(i.startswith(tuple(quantized)) or i in quantized for i in n.input)
+                   for n in g.node)  # ... the embedding table is not (the measured default)
     assert q.manifest["files"]["backbone.onnx.data"] != mpt_export.load_bundle(llama.bundle).manifest["files"]["backbone.onnx.data"]
     assert (q.path / "backbone.onnx.data").stat().st_size < 0.6 * (llama.bundle / "backbone.onnx.data").stat().st_size
     s = q.session()
@@ -90,6 +107,12 @@ def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
     assert no_output_left(out)
     res = run_cli("verify", q.path, "--base-model", llama.base)
     assert res.returncode == 0 and "greedy-token agreement with the fp32 bundle" in " ".join(res.stdout.split())
+    assert "free-running" in " ".join(res.stdout.split())
+    res = run_cli("quantize", llama.bundle, "--out", tmp_path / "all", "--variant", "all", "--min-agreement", "0")
+    assert res.returncode == 0 and "free-running" in res.stdout, res.stderr
+    assert json.loads((tmp_path / "all" / "manifest.json").read_text())["quantization"]["variant"] == "all"
+    assert_clean_failure(run_cli("quantize", llama.bundle, "--out", tmp_path / "v", "--variant", "half"),
+                         "unknown int8 variant 'half'")
     # an int8 bundle is not quantized again; the source is untouched
     with pytest.raises(InputError, match="starts from an fp32 bundle"):
         quantize_bundle(q.path, tmp_path / "qq")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..basemodel import base_arch, check_same_base, identity
-from ..atomic import check_replaceable, replace_dir
+from ..atomic import check_replaceable, fault_point, replace_dir
 from ..bundle import FORMAT, Bundle, load_bundle, write_manifest
 from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
 from ..errors import BaseModelError, InputError, MissingDependencyError
@@ -175,6 +173,7 @@ def export_bundle(
             real_opset = bio.pop("opset")
             graphs = {"backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio}}
         timings["backbone_export_s"] = round(time.perf_counter() - t0, 2)
+        fault_point("graphs exported")
         step("write composer and task bank")
         cio = write_composer(tmp / "composer.onnx", arch.hidden_size, real_opset)
         bank.save(tmp / "tasks.safetensors")
@@ -209,7 +208,7 @@ def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreem
     """``--quantize int8``: an fp32 bundle in a staging directory beside ``out`` (validated against PEFT), then its
     int8 copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
     writers throughout."""
-    from ..atomic import STAGING_MARKER, clean_stale, recover, writer_lock
+    from ..atomic import staging
     from ..quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
     from .precision import canonical_dtype
 
@@ -221,18 +220,12 @@ def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreem
     check_replaceable(out, "bundle", kw["force"], inputs)
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out):
-        recover(out, wait_s=0)
-        clean_stale(out)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # cleaned like any staging dir
-        try:
-            (work / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-            fp32 = export_bundle(base_model, adapters, work / "bundle", dtype="fp32", **kw)
-            fp32.close()
-            return quantize_bundle(work / "bundle", out, min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None
-                                   else min_agreement, force=kw["force"], on_step=kw.get("on_step"), inputs=inputs)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    # the fp32 bundle lives in a locked staging directory beside out: removed at the end, or by the next write
+    with staging(out) as (work, _):
+        fp32 = export_bundle(base_model, adapters, work / "bundle", dtype="fp32", **kw)
+        fp32.close()
+        return quantize_bundle(work / "bundle", out, min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None
+                               else min_agreement, force=kw["force"], on_step=kw.get("on_step"), inputs=inputs)
 
 
 def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,

@@ -61,12 +61,7 @@ class OrtBackend:
             providers = self.providers
             if providers[0] == "TensorrtExecutionProvider" and name != "composer":
                 providers = [("TensorrtExecutionProvider", trt_ep_options(bundle, name)), *providers[1:]]
-            try:
-                sess = ort.InferenceSession(str(bundle.file(g["file"])), opts, providers=providers)
-            except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-                raise BundleError(f"ONNX Runtime cannot load {g['file']} of {bundle.path} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); copy the bundle again or "
-                                  "re-export it") from None
+            sess = _inference_session(ort, bundle, g["file"], opts, providers)
             check_graph_io(bundle, name, g, sess)
             self._ort[name] = (sess, [o.name for o in sess.get_outputs()])
 
@@ -97,6 +92,25 @@ class OrtBackend:
 
     def _take_rows(self, value, keep):
         return self._as_numpy(value)[keep]
+
+
+def _inference_session(ort, bundle, file: str, opts, providers):
+    """ORT checks that external data lies inside the model's directory by resolving both paths at different
+    moments; a writer renaming the (old) directory this bundle was opened as, in between, makes that check fail
+    spuriously. The directory is the same one, so a short retry settles it; a real problem fails every time."""
+    import time
+
+    for attempt in range(6):
+        try:
+            return ort.InferenceSession(str(bundle.file(file)), opts, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+            msg = str(e)
+            if "External data path" in msg and attempt < 5:
+                time.sleep(0.02 * (attempt + 1))
+                continue
+            raise BundleError(f"ONNX Runtime cannot load {file} of {bundle.path} ({type(e).__name__}: "
+                              f"{msg.splitlines()[0][:200] if msg else ''}); copy the bundle again or "
+                              "re-export it") from None
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",

@@ -57,16 +57,16 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
                   workspace_mib: int | None = None, on_step=None) -> Path:
     step = on_step or (lambda s: None)
     b = load_bundle(bundle_path)
+    out = Path(out) if out else Path("engines") / b.path.name
+    inputs = [("bundle", b.path)] + ([("timing cache", Path(timing_cache))] if timing_cache else [])
+    # an engines folder this tool wrote is rebuilt in place (as trtexec --saveEngine would); anything else is refused
+    check_replaceable(out, "engines", force=False, inputs=inputs, allow_replace=True)
     limits = limits or Limits()
     profs = profiles(b.manifest, limits)
     trt = import_tensorrt()
     major = int(trt.__version__.split(".")[0])
     prec = resolve_precision(precision, major, b.manifest.get("dtype", "float32"))
     gpu_name, cc = gpu_identity()
-    out = Path(out) if out else Path("engines") / b.path.name
-    inputs = [("bundle", b.path)] + ([("timing cache", Path(timing_cache))] if timing_cache else [])
-    # an engines folder this tool wrote is rebuilt in place (as trtexec --saveEngine would); anything else is refused
-    check_replaceable(out, "engines", force=False, inputs=inputs, allow_replace=True)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
     engines = {}

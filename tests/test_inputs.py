@@ -1,0 +1,176 @@
+"""Bad inputs get one clear message on every path that brings them in; streamed text equals the final text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import mpt_export
+from conftest import run_cli
+from mpt_export.errors import BaseModelError, InputError, NumericsError
+from test_cli import assert_clean_failure, no_output_left
+
+
+# -- 6. every path that brings a task in checks the same things -----------------------------------------------------
+
+def test_session_add_task_refuses_poison(llama):
+    s = mpt_export.load_bundle(llama.bundle).session()
+    H, T = s.hidden_size, 5
+    P, C, R = np.ones((T, H)), np.ones((T, 2)), np.ones((2, H))
+    bad = {"NaN": (np.where(np.eye(T, H) > 0, np.nan, P), C, R, "NaN or Inf"),
+           "Inf": (P, C, np.full((2, H), np.inf), "NaN or Inf"),
+           "T=0": (np.ones((0, H)), np.ones((0, 2)), R, "at least 1"),
+           "rank 0": (P, np.ones((T, 0)), np.ones((0, H)), "at least 1"),
+           "too long": (np.ones((63, H)), np.ones((63, 2)), R, "only 64 positions"),
+           "width": (np.ones((T, H + 1)), C, np.ones((2, H + 1)), f"hidden size is {H}"),
+           "not numbers": ([["x"]], C, R, "numeric arrays")}
+    for label, (p, c, r, needle) in bad.items():
+        with pytest.raises(InputError, match=needle):
+            s.add_task(f"bad-{label.replace(' ', '').replace('=', '')}", shared_prompt=p, cols=c, rows=r)
+    assert "bad-NaN" not in s.tasks
+    s.add_task("fine", shared_prompt=P * 0.1, cols=C, rows=R)
+    assert s.generate_ids(np.array([[4, 5]]), ["fine"], max_new_tokens=2).shape == (1, 2)
+
+
+def test_a_task_longer_than_the_positions_is_refused_everywhere(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mpt_export.demo import make_source_adapter
+    from mpt_export.tasks import add_tasks
+
+    long = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "long", num_tasks=1,
+                               num_virtual_tokens=63, num_ranks=1, seed=4)
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    assert_clean_failure(run_cli("tasks", "add", b, "--adapter", f"x={long}"), "63 virtual tokens",
+                         "only 64 positions")
+    with pytest.raises(BaseModelError, match="only 64 positions"):
+        add_tasks(b, [f"x={long}"])
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", f"x={long}", "--out", out,
+                                 "--no-validate"), "63 virtual tokens", "only 64 positions")
+    assert no_output_left(out)
+
+
+def test_nan_logits_are_an_error_not_eos(llama, tmp_path):
+    """A bundle whose weights produce NaN (damaged, then re-hashed so that the checksums pass) must not end its
+    rows as if they had met EOS."""
+    import onnx
+
+    from mpt_export.bundle import write_manifest
+
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    g = onnx.load(str(b / "backbone.onnx"), load_external_data=False)
+    norm = [t for t in g.graph.initializer if "norm" in t.name and t.data_type == onnx.TensorProto.FLOAT][-1]
+    info = {e.key: e.value for e in norm.external_data}
+    if info:  # stored in the weights file
+        data = bytearray((b / "backbone.onnx.data").read_bytes())
+        off, n = int(info["offset"]), int(info["length"])
+        data[off:off + n] = np.full(n // 4, np.nan, np.float32).tobytes()
+        (b / "backbone.onnx.data").write_bytes(bytes(data))
+    else:  # small tensors live in the graph file itself
+        norm.raw_data = np.full(int(np.prod(norm.dims)), np.nan, np.float32).tobytes()
+        onnx.save(g, str(b / "backbone.onnx"))
+    write_manifest(b, json.loads((b / "manifest.json").read_text()))
+    s = mpt_export.load_bundle(b).session()
+    with pytest.raises(NumericsError, match="NaN or Inf logits at generation step 0 .*task a"):
+        s.generate_ids(np.array([[4, 5, 6]]), ["a"], max_new_tokens=3)
+    assert_clean_failure(run_cli("generate", b, "--task", "a", "the movie"), "NaN or Inf logits", "mpt-export verify")
+
+
+# -- 7. --input-file is read and checked whole, errors name file:line ------------------------------------------------
+
+def test_input_file_is_checked_before_anything_runs(llama, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"task": "a", "text": "the movie"}\n{"task": "b", "text": "the plot"}\n{"text": 7, "task": "a"}\n'
+                 'not json\n[1, 2]\n{"task": "a", "text": "  "}\n')
+    res = run_cli("generate", llama.bundle, "--input-file", f)
+    assert_clean_failure(res, f"{f}:3: \"text\" must be a string, got 7", f"{f}:4: not JSON", f"{f}:5: a JSON list",
+                         f"{f}:6: \"text\" is empty")
+    assert res.stdout == ""  # nothing generated for the good lines before the bad ones
+    f.write_text('{"task": "a", "text": "the movie"}\n{"task": "nope", "text": "the plot"}\n'
+                 + json.dumps({"task": "a", "text": " ".join(["the movie was great"] * 40)}) + "\n")
+    res = run_cli("generate", llama.bundle, "--input-file", f)
+    assert_clean_failure(res, f"{f}:2: unknown task 'nope'", f"{f}:3: input of", "too long")
+    assert res.stdout == ""
+    f.write_text("")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f), "holds no prompts")
+    f.write_bytes(b'{"task": "a", "text": "ok"}\n{"task": "a", "text": "caf\xe9"}\n')
+    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f), f"{f}:2: not UTF-8")
+    f.write_text('{"text": "the movie"}\n')
+    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f), f"{f}:1: no \"task\" and no --task")
+    res = run_cli("generate", llama.bundle, "--input-file", f, "--task", "b", "--json", "--max-new-tokens", "2")
+    assert res.returncode == 0 and json.loads(res.stdout)["line"] == 1
+
+
+# -- 8. streaming --------------------------------------------------------------------------------------------------
+
+def test_text_stream_never_shows_partial_characters_or_stop_strings(llama):
+    from mpt_export.runtime.streaming import TextStream
+
+    tok = mpt_export.load_bundle(llama.bundle).session().tokenizer
+    text = "café ☕ ok — naïve"
+    ids = tok.tok.encode(text).ids
+    assert len(ids) > len(text.split())  # byte-level pieces: characters split across tokens
+    st = TextStream(tok)
+    pieces = [st.push(i) for i in ids]
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) + st.finish(tok.decode(ids)) == tok.decode(ids) == text
+    st = TextStream(tok, stop=["☕ o"])
+    shown = "".join(st.push(i) for i in ids)
+    assert shown == "café " and st.stopped
+    partial = TextStream(tok, stop=["ok!"])
+    shown = "".join(partial.push(i) for i in ids[: len(tok.tok.encode("café ☕ ok").ids)])
+    assert shown == "café ☕ "  # "ok" could be the start of the stop string: held back until it is not
+
+
+def test_stream_equals_final_text(llama):
+    non_ascii = False
+    for seed in range(8):
+        args = ("generate", llama.bundle, "--task", "t", "the movie", "--max-new-tokens", "12", "--temperature", "3",
+                "--seed", str(seed))
+        final = json.loads(run_cli(*args, "--json").stdout)["text"]
+        streamed = run_cli(*args, "--stream")
+        assert streamed.returncode == 0 and streamed.stdout == final + "\n", (seed, streamed.stdout, final)
+        jl = run_cli(*args, "--stream", "--json")
+        lines = [json.loads(x) for x in jl.stdout.splitlines()]  # JSON lines only
+        assert "".join(x.get("delta", "") for x in lines[:-1]) == final == lines[-1]["text"]
+        non_ascii |= any(ord(ch) > 127 for ch in final)
+        if non_ascii and seed >= 2:
+            break
+    assert non_ascii  # random byte-level tokens: some texts hold multi-byte characters
+
+
+def test_stream_json_several_prompts_and_stop(llama):
+    res = run_cli("generate", llama.bundle, "--task", "a", "the movie", "the plot", "--stream", "--json",
+                  "--max-new-tokens", "6", "--stop", "e")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    finals = {x["index"]: x["text"] for x in lines if "text" in x}
+    for i, text in finals.items():
+        assert "".join(x["delta"] for x in lines if x.get("index") == i and "delta" in x) == text
+        assert "e" not in text
+
+
+# -- 9. no tracebacks ----------------------------------------------------------------------------------------------
+
+def test_more_bad_values_are_one_line(llama):
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--temperature", "nan"),
+                         "temperature must be a finite number")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--top-p", "inf"),
+                         "top_p must be a finite number")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--stop", ""),
+                         "stop strings must not be empty")
+    s = mpt_export.load_bundle(llama.bundle).session()
+    with pytest.raises(InputError, match="tasks must be a task name or a list"):
+        s.generate_ids(np.array([[4, 5]]), None)
+    with pytest.raises(InputError, match="tasks must be a task name or a list"):
+        s.generate_ids(np.array([[4, 5]]), [3])
+    with pytest.raises(InputError, match="stop must be a string or a list of strings"):
+        s.generate(["hi"], "a", stop=[None])
+    with pytest.raises(InputError, match="seed must be an integer"):
+        s.generate(["hi"], "a", seed=-1, temperature=1.0)
