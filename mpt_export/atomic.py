@@ -129,6 +129,38 @@ def check_replaceable(out: Path, kind: str, force: bool, inputs=(), allow_replac
             "choose another output path or move that directory yourself")
     if not (force or allow_replace):
         raise OutputExistsError(f"output {out} already exists; choose another output path or pass --force to replace it")
+    foreign = foreign_entries(out, found)
+    if foreign:
+        raise OutputExistsError(
+            f"output {out} is an mpt-export {found} but also holds files mpt-export did not write "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); replacing it would delete them — move "
+            "them out first or choose another output path")
+
+
+def _ours_beside(name: str) -> bool:
+    """Lock files and temporaries this module leaves beside an output, by name."""
+    return name.startswith(".") and (name.endswith(".lock") or any(f".{t}-" in name for t in ("tmp", "old", "swap")))
+
+
+def foreign_entries(path: Path, kind: str) -> list[str]:
+    """What inside a directory of ours this tool did not write: for a bundle, files its manifest does not list; for
+    a workdir, top-level entries its marker does not name. Engines folders hold only what ``build`` and ONNX Runtime's
+    TensorRT cache write."""
+    path = Path(path)
+    if kind == "bundle":
+        try:
+            listed = set(json.loads((path / "manifest.json").read_bytes()).get("files") or {})
+        except (OSError, ValueError, AttributeError):
+            return []
+        listed |= {"manifest.json", STAGING_MARKER}
+        found = [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if not p.is_dir()]
+        return [f for f in found if f not in listed]
+    if kind not in ("engines", "empty", "staging") and (path / WORKDIR_MARKER).is_file():
+        named = _json_field(path / WORKDIR_MARKER, "contents", [])
+        if not named:
+            return []
+        return sorted(n for n in os.listdir(path) if n not in named and n != WORKDIR_MARKER and not _ours_beside(n))
+    return []
 
 
 def check_not_input(out: Path, inputs) -> None:
@@ -150,8 +182,9 @@ def check_not_input(out: Path, inputs) -> None:
             raise OutputExistsError(f"output {out} holds the {label} this command reads ({p}); choose another output path")
 
 
-def claim_workdir(path: Path, kind: str) -> Path:
-    """Create ``path`` (or take an empty or same-kind one) and mark it as a ``kind`` workdir of this tool."""
+def claim_workdir(path: Path, kind: str, contents: list[str] | None = None) -> Path:
+    """Create ``path`` (or take an empty or same-kind one) and mark it as a ``kind`` workdir of this tool, naming
+    the top-level ``contents`` it will write (anything else found there later is the user's and is never deleted)."""
     path = Path(path)
     found = dir_kind(path) if path.is_dir() else None
     if path.exists() and found not in ("empty", kind):
@@ -159,7 +192,7 @@ def claim_workdir(path: Path, kind: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     marker = path / WORKDIR_MARKER
     if not marker.exists():
-        marker.write_text(json.dumps({"kind": kind, "written_by": "mpt-export"}) + "\n")
+        marker.write_text(json.dumps({"kind": kind, "written_by": "mpt-export", "contents": contents or []}) + "\n")
     return path
 
 

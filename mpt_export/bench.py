@@ -77,7 +77,8 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     from .atomic import claim_workdir, remove_workdir
 
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
-    claim_workdir(root, "bench-workdir")
+    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-fp16",
+                                                   "preset.json"])
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
                             vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=False, ffn=p.ffn)

@@ -308,7 +308,7 @@ def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force:
         remove_workdir(workdir, "demo-workdir")  # only a demo workdir this tool made; anything else is refused
     else:
         check_replaceable(workdir, "demo-workdir", force=False)
-    claim_workdir(workdir, "demo-workdir")
+    claim_workdir(workdir, "demo-workdir", contents=["base", "adapters", "bundle"])
     t0 = time.perf_counter()
     if on_step:
         on_step("build tiny base model and PEFT MPT adapters")

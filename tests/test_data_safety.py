@@ -86,17 +86,28 @@ def test_force_never_replaces_a_foreign_directory_or_an_input(llama, tmp_path):
     assert_clean_failure(cli("build", b, "--out", foreign), "was not written by mpt-export")
     assert_clean_failure(cli("build", b, "--out", b), "is the bundle this command reads")
     assert (foreign / "thesis.txt").read_text() == "years of work" and (foreign / "tiny" / "data.csv").exists()
+    from mpt_export.atomic import claim_workdir
+
+    mine = claim_workdir(tmp_path / "demo", "demo-workdir", contents=["base", "adapters", "bundle"])
+    (mine / "results.csv").write_text("keep me")  # the user's file inside a demo workdir: not ours to delete
+    assert_clean_failure(cli("demo", "--workdir", mine), "holds files mpt-export did not write (results.csv)")
+    assert (mine / "results.csv").read_text() == "keep me"
     assert tree(b) == before
 
 
 def test_force_replaces_a_bundle_this_tool_wrote(llama, tmp_path):
     out = tmp_path / "b"
-    mpt_export.export_bundle(llama.base, [f"a,b,c={llama.source}"], out, validate=False).close()
+    shutil.copytree(llama.bundle, out)
     res = cli("export", "--base-model", llama.base, "--adapter", f"x,y,z={llama.source}", "--out", out, "--force",
               "--no-validate")
     assert res.returncode == 0, res.stderr
     assert mpt_export.load_bundle(out).tasks == ["x", "y", "z"]
     assert not leftovers(out)
+    # a bundle of ours that also holds the user's own files is not ours to delete
+    (out / "notes.txt").write_text("mine")
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
+                             "--force", "--no-validate"), "holds files mpt-export did not write (notes.txt)")
+    assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(OutputExistsError, match="holds an mpt-export bundle, not a demo-workdir"):
         from mpt_export.demo import run_demo
 
@@ -241,13 +252,13 @@ def test_tasks_add_killed_at_every_step(llama, tmp_path, exchange):
 
 
 def test_export_force_killed_around_the_swap(llama, tmp_path):
-    """export --force over an existing bundle, killed mid-export, just before and just after the swap (the steps in
-    between are the same code as tasks add's, killed at every one above; an export costs ~20 s here)."""
+    """export --force over an existing bundle, killed just before and just after the swap (every step of the shared
+    write path is killed in tasks add's test above; an export costs ~20 s here)."""
     from mpt_export.tasks import remove_task
 
     new_names = ["x", "y", "z"]
     seen = {}
-    for n in (2, 4, 5):  # graphs exported, marker removed (staging complete), swapped
+    for n in (4, 5):  # staging complete (marker removed) and swapped; mid-export kills are tasks add's "staging" kills
         b = tmp_path / f"k{n}" / "bundle"
         shutil.copytree(llama.bundle, b)
         trace = tmp_path / f"trace{n}"
@@ -257,7 +268,7 @@ def test_export_force_killed_around_the_swap(llama, tmp_path):
         seen[trace.read_text().splitlines()[-1].split(" ", 1)[1]] = _check_whole(b, [OLD, new_names])
         remove_task(b, "x" if "x" in seen[list(seen)[-1]] else "a").close()  # the next write cleans up
         assert not leftovers(b), (n, leftovers(b))
-    assert seen == {"graphs exported": OLD, "marker removed": OLD, "swapped": new_names}
+    assert seen == {"marker removed": OLD, "swapped": new_names}
 
 
 def test_ctrl_c_at_every_step_tells_the_truth(llama, tmp_path):

@@ -16,16 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_python_example_runs(llama, tmp_path, monkeypatch, capsys):
-    """The README's Python block, run as written in a directory laid out like build/demo."""
+    """The README's Python block, run as written from a directory laid out like the repository after make demo."""
     code = re.search(r"## Python\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
-    (tmp_path / "adapters").mkdir()
-    os.symlink(llama.base, tmp_path / "base")
-    os.symlink(llama.source, tmp_path / "adapters" / "source")
-    os.symlink(llama.target, tmp_path / "adapters" / "target")
+    demo = tmp_path / "build" / "demo"
+    (demo / "adapters").mkdir(parents=True)
+    os.symlink(llama.base, demo / "base")
+    os.symlink(llama.source, demo / "adapters" / "source")
+    os.symlink(llama.target, demo / "adapters" / "target")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "['sst2', 'mnli', 'qnli', 'rte']" in out
+    assert mpt_export.load_bundle(tmp_path / "build" / "my-bundle").tasks == ["sst2", "mnli", "qnli", "rte"]
 
 
 def test_readme_and_help_stand_alone():
