@@ -15,8 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 # Piped output (logs, CI) gets 120 columns instead of rich's 80 so that report tables are not squeezed.
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-err_console = Console(stderr=True)
+# emoji=False: ":thumbs_up:" in a prompt or a path is text, not an emoji; user and model text is escape()d everywhere
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def handle_errors(fn):
@@ -31,6 +32,12 @@ def handle_errors(fn):
         except MptExportError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except BrokenPipeError:  # whoever read our output went away (`| head`): stop quietly, as Unix tools do
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+            raise typer.Exit(141) from None
         except OSError as e:  # the environment (disk full, permissions, a vanished file), not a bug of ours
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             err_console.print(f"[bold red]error:[/] {escape(str(e.strerror or e) + where)}", highlight=False,
@@ -99,7 +106,7 @@ def parity_table(validation: dict | None) -> Table:
         return t
     for c in validation["cases"]:
         ok = not c["failed"]
-        t.add_row(c["case"], c["task"], f"{c['logits_max_abs']:.2e}", f"{c['logits_max_rel']:.2e}",
+        t.add_row(c["case"], escape(c["task"]), f"{c['logits_max_abs']:.2e}", f"{c['logits_max_rel']:.2e}",
                   f"{c['kv_max_abs']:.2e}", f"{c['kv_max_rel']:.2e}", "[green]ok[/]" if ok else "[red]FAIL[/]")
     t.caption = (f"pass: max abs <= atol {validation['atol']:g} + rtol {validation.get('rtol', 0):g} x max|ref| per "
                  f"output; rel = max abs / max|ref|; seed {validation['seed']}")
@@ -122,7 +129,7 @@ def human(n: int) -> str:
 
 def size_table(bundle) -> Table:
     sizes = bundle.sizes()
-    t = Table(title=f"bundle {bundle.path}", title_justify="left")
+    t = Table(title=escape(f"bundle {bundle.path}"), title_justify="left")
     t.add_column("component")
     t.add_column("bytes", justify="right")
     t.add_column("", justify="right")
@@ -130,7 +137,8 @@ def size_table(bundle) -> Table:
         t.add_row(k, str(v), human(v))
     t.add_row("[bold]total[/]", str(sum(sizes.values())), human(sum(sizes.values())))
     for task in bundle.manifest["tasks"]:
-        t.add_row(f"  task {task['name']} (rank {task['rank']})", str(task["bytes"]), human(task["bytes"]))
+        nbytes = task.get("bytes", 0)
+        t.add_row(f"  task {escape(task['name'])} (rank {task['rank']})", str(nbytes), human(nbytes))
     n_shared = len({x["shared_prompt"] for x in bundle.manifest["tasks"]})
     t.caption = f"{len(bundle.tasks)} tasks over {n_shared} shared prompt(s); per-task bytes are cols + rows (fp32)"
     return t

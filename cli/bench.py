@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ._common import console, handle_errors, progress, quiet_libraries
+from ._common import console, escape, handle_errors, progress, quiet_libraries
 
 
 @handle_errors
@@ -39,7 +39,7 @@ def bench_cmd(
         print(json.dumps({**r, "rows": [{k: v for k, v in x.items() if k != "tokens"} for x in r["rows"]]}, indent=2))
         return
     c = r["config"]
-    t = Table(title=f"bench {r['preset']}: batch {c['batch']} x {c['input_len']} tokens (mixed tasks), {c['virtual_tokens']} "
+    t = Table(title=f"bench {escape(str(r['preset']))}: batch {c['batch']} x {c['input_len']} tokens (mixed tasks), {c['virtual_tokens']} "
                     f"virtual tokens, {c['new_tokens']} new tokens, {r['threads']} threads", title_justify="left")
     t.box = box.SIMPLE_HEAD
     t.pad_edge = False
@@ -47,7 +47,7 @@ def bench_cmd(
                 "peak RSS"):
         t.add_column(col, justify="left" if col == "runtime" else "right", no_wrap=True)
     for x in r["rows"]:
-        t.add_row(x["name"], f"{x['latency_s'] * 1e3:.0f}", f"{x['tokens_per_s']:.1f}", f"{x['ratio_vs_peft']:.2f}x",
+        t.add_row(escape(x["name"]), f"{x['latency_s'] * 1e3:.0f}", f"{x['tokens_per_s']:.1f}", f"{x['ratio_vs_peft']:.2f}x",
                   "yes" if x["greedy_equal_peft"] else "no",
                   f"{x['agreement_vs_fp32']:.0%}/{x['free_running_vs_fp32']:.0%}" if "agreement_vs_fp32" in x else "-",
                   f"{x['prefill_s'] * 1e3:.0f}" if x["prefill_s"] is not None else "-",
@@ -69,4 +69,4 @@ def bench_cmd(
                   "=fp32: greedy-token agreement with the fp32 run, teacher-forced/free-running; peak RSS: peak resident memory of a "
                   "fresh process that loads that row's model and runs one batch, minus the same process before loading")
     for sk in r["skipped"]:
-        console.print(f"[yellow]skipped[/] {sk}")
+        console.print(f"[yellow]skipped[/] {escape(sk)}")

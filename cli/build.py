@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors, progress
+from ._common import console, escape, handle_errors, progress
 
 
 def _limits(max_batch, max_input, max_new_tokens):
@@ -52,7 +52,7 @@ def build_cmd(
     with progress("build") as on_step:
         path = build_engines(bundle, out, limits, precision, timing_cache, version_compatible, workspace_mib, on_step)
     side = json.loads((path / "engine.json").read_text())
-    console.print(f"[green]engines[/] {path}: TensorRT {side['tensorrt_version']}, {side['gpu_name']} "
+    console.print(f"[green]engines[/] {escape(str(path))}: TensorRT {side['tensorrt_version']}, {side['gpu_name']} "
                   f"(sm {side['compute_capability']}), precision {side['precision']['precision']}")
 
 
@@ -69,5 +69,5 @@ def check_trt_cmd(
 
     summary = check_trt(load_bundle(bundle), _limits(max_batch, max_input, max_new_tokens))
     for g, s in summary.items():
-        console.print(f"[green]ok[/] {g}: {s['file']}, {s['nodes']} nodes / {s['ops']} op types, all supported; "
+        console.print(f"[green]ok[/] {g}: {escape(s['file'])}, {s['nodes']} nodes / {s['ops']} op types, all supported; "
                       f"profiles {', '.join(s['profiles'])}; external data {', '.join(s['external_data']) or '-'}")

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, handle_errors, parity_table, progress, quiet_libraries, size_table
+from ._common import console, escape, handle_errors, parity_table, progress, quiet_libraries, size_table
 
 
 @handle_errors
@@ -32,13 +32,13 @@ def demo_cmd(
     console.print(f"built inputs in {r['build_s']:.1f}s; export + validation in {r['export_s']:.1f}s "
                   f"(graph export {b.manifest['timings']['backbone_export_s']}s, validation "
                   f"{b.manifest['timings'].get('validation_s', 0)}s)")
-    t = Table(title=f"one backbone, every task: greedy continuation of {r['prompt']!r}", title_justify="left")
+    t = Table(title=escape(f"one backbone, every task: greedy continuation of {r['prompt']!r}"), title_justify="left")
     t.add_column("task")
     t.add_column("text")
     for task, text in r["outputs"].items():
-        t.add_row(task, repr(text))
-    t.add_row("rte-copy (added at runtime)", repr(r["added_output"]))
+        t.add_row(escape(task), escape(repr(text)))
+    t.add_row("rte-copy (added at runtime)", escape(repr(r["added_output"])))
     console.print(t)
     console.print(f"adding a task at runtime: {r['task_bytes']} bytes of vectors, {r['add_task_ms']:.0f} ms from "
                   "add_task to its first 16 generated tokens (composer + first request), no re-export")
-    console.print(f"[green]bundle[/] {b.path}  tasks: {', '.join(b.tasks)}")
+    console.print(f"[green]bundle[/] {escape(str(b.path))}  tasks: {escape(', '.join(b.tasks))}")

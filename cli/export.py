@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
+from ._common import console, escape, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
 
 
 @handle_errors
@@ -41,4 +41,4 @@ def export_cmd(
     if b.manifest.get("quantization"):
         console.print(quant_line(b.manifest["quantization"]["report"]))
     console.print(size_table(b))
-    console.print(f"[green]wrote[/] {b.path} with tasks: {', '.join(b.tasks)}")
+    console.print(f"[green]wrote[/] {escape(str(b.path))} with tasks: {escape(', '.join(b.tasks))}")

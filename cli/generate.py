@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors
+from ._common import console, escape, handle_errors
 
 MAX_LISTED = 10
 
@@ -40,13 +40,17 @@ def read_prompts(path: Path, default_task: str | None) -> list[tuple[int, str, s
         if not isinstance(rec, dict):
             problems.append(f"{path}:{n}: a JSON {type(rec).__name__}, expected an object {{\"task\": ..., \"text\": ...}}")
             continue
-        text, task = rec.get("text"), rec.get("task", default_task)
+        text = rec.get("text")
+        task = rec.get("task") if rec.get("task") is not None else default_task  # null: the --task default
         if "text" not in rec:
             problems.append(f"{path}:{n}: no \"text\"")
         elif not isinstance(text, str):
             problems.append(f"{path}:{n}: \"text\" must be a string, got {json.dumps(text)[:40]}")
         elif not text.strip():
             problems.append(f"{path}:{n}: \"text\" is empty")
+        elif not _valid_unicode(text):
+            problems.append(f"{path}:{n}: \"text\" is not valid Unicode (a lone surrogate)")
+            text = None
         if task is None:
             problems.append(f"{path}:{n}: no \"task\" and no --task was given")
         elif not isinstance(task, str):
@@ -123,6 +127,9 @@ def generate_cmd(
         empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
         if empty:
             raise InputError(f"prompt {empty[0]} is empty; give some text to continue")
+        bad = [i for i, p in enumerate(prompts, 1) if not _valid_unicode(p)]
+        if bad:
+            raise InputError(f"prompt {bad[0]} is not valid UTF-8 text; pass UTF-8 text")
         rows, where = [(i, task, p) for i, p in enumerate(prompts, 1)], None
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
@@ -167,7 +174,16 @@ def generate_cmd(
                     rec["line"] = batch[i][0]
                 print(json.dumps(rec), flush=True)
             elif not stream:
-                console.print(f"[bold]{btasks[i]}[/] {bt[i]!r} -> {text!r}", highlight=False)
+                console.print(f"[bold]{escape(btasks[i])}[/] {escape(repr(bt[i]))} -> {escape(repr(text))}",
+                              highlight=False)
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _show(delta: str, index: int, as_json: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, handle_errors
+from ._common import console, escape, handle_errors
 
 
 @handle_errors
@@ -23,10 +23,10 @@ def inspect_cmd(
         console.print_json(json.dumps(summaries))
         return
     for s in summaries:
-        t = Table(title=s["path"], title_justify="left", show_header=False)
+        t = Table(title=escape(s["path"]), title_justify="left", show_header=False)
         t.add_column("field")
         t.add_column("value")
         for k, v in s.items():
             if k != "path":
-                t.add_row(k, str(v))
+                t.add_row(k, escape(str(v)))
         console.print(t)

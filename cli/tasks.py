@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, handle_errors, human
+from ._common import console, escape, handle_errors, human
 
 app = typer.Typer(help="List, add or remove tasks in a bundle — vectors only: no re-export, the backbone is untouched.",
                   no_args_is_help=True)
@@ -19,12 +19,12 @@ def list_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) 
     import mpt_export
 
     b = mpt_export.load_bundle(bundle)
-    t = Table(title=f"{b.path}: {len(b.tasks)} tasks", title_justify="left")
+    t = Table(title=escape(f"{b.path}: {len(b.tasks)} tasks"), title_justify="left")
     for col in ("task", "prompt len", "rank", "bytes", "shared prompt", "source"):
         t.add_column(col)
     for x in b.manifest["tasks"]:
-        t.add_row(x["name"], str(x["prompt_len"]), str(x["rank"]), human(x["bytes"]), str(x["shared_prompt"]),
-                  x.get("source", ""))
+        t.add_row(x["name"], str(x["prompt_len"]), str(x["rank"]), human(x.get("bytes", 0)), str(x["shared_prompt"]),
+                  escape(str(x.get("source", ""))))
     console.print(t)
 
 
@@ -37,9 +37,8 @@ def add_cmd(
     """Add the tasks of MPT adapters to a bundle (rewrites tasks.safetensors and the manifest atomically)."""
     from mpt_export.tasks import add_tasks
 
-    before = set(_names(bundle))
     b = add_tasks(bundle, adapter)
-    console.print(f"[green]added[/] {', '.join(t for t in b.tasks if t not in before)}; tasks: {', '.join(b.tasks)}")
+    console.print(f"[green]added[/] {escape(', '.join(b.added_tasks))}; tasks: {escape(', '.join(b.tasks))}")
 
 
 @app.command("remove")
@@ -52,10 +51,5 @@ def remove_cmd(
     from mpt_export.tasks import remove_task
 
     b = remove_task(bundle, name)
-    console.print(f"[green]removed[/] {name}; tasks: {', '.join(b.tasks)}")
+    console.print(f"[green]removed[/] {escape(name)}; tasks: {escape(', '.join(b.tasks))}")
 
-
-def _names(bundle: Path) -> list[str]:
-    import mpt_export
-
-    return mpt_export.load_bundle(bundle).tasks

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, handle_errors, parity_table, progress, quiet_libraries
+from ._common import console, escape, handle_errors, parity_table, progress, quiet_libraries
 
 
 @handle_errors
@@ -24,9 +24,10 @@ def verify_cmd(
         with progress("verify") as on_step:
             r = verify_bundle(bundle, base_model=base_model, atol=atol, rtol=rtol, seed=seed, on_step=on_step)
         if r.get("note"):
-            console.print(r["note"])
+            console.print(escape(r["note"]))
         else:
             console.print(parity_table(r["validation"]))
     else:
         r = verify_bundle(bundle)
-    console.print(f"[green]ok[/] {r['path']}: {r['files']} files match their sha256; tasks: {', '.join(r['tasks'])}")
+    console.print(f"[green]ok[/] {escape(r['path'])}: {r['files']} files match their sha256; tasks: "
+                  f"{escape(', '.join(r['tasks']))}")

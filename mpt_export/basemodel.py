@@ -35,13 +35,20 @@ _VOLATILE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "a
 def read_base_config(path: str | Path) -> dict:
     path = Path(path)
     cfg_file = path / "config.json"
+    if not path.exists():
+        raise BaseModelError(f"base model directory {path} does not exist; expected a Hugging Face model directory "
+                             "(save_pretrained output)")
+    if not path.is_dir():
+        raise BaseModelError(f"{path} is a file, not a base model directory; pass the folder save_pretrained wrote")
     if not cfg_file.is_file():
         raise BaseModelError(
             f"{path} has no config.json; expected a Hugging Face model directory (save_pretrained output)"
         )
     try:
         cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise BaseModelError(f"cannot read {cfg_file} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BaseModelError(f"{cfg_file} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise BaseModelError(f"{cfg_file} is not a JSON object")

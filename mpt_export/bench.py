@@ -74,7 +74,7 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
             return base, bundle, names
         except BundleError:
             pass
-    from .atomic import claim_workdir, remove_workdir
+    from .atomic import claim_workdir, remove_workdir, seal_workdir
 
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
     claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-fp16",
@@ -89,6 +89,7 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     on_step("export and validate the bundle")
     export_bundle(base, [f"{','.join(names)}={adapter}"], bundle, force=True, seed=0)
     stamp.write_text(json.dumps(asdict(p)))
+    seal_workdir(root)
     return base, bundle, names
 
 
@@ -144,16 +145,28 @@ def _memory_child(spec: dict) -> int:
     return (_status_kib("VmHWM") or 0) - base_rss
 
 
-def _int8_bundle(bundle_dir: Path, out: Path, on_step) -> Path:
+def _derived_is_current(out: Path, check) -> bool:
+    """A derived bundle from an earlier run is reused only if it loads and ``check(manifest)`` says it was made from
+    the same source (a bundle of the same name made from another model must not stand in for it)."""
     from .bundle import load_bundle
     from .errors import BundleError
-    from .quantize import quantize_bundle
 
     try:
-        load_bundle(out)
-        return out
+        with load_bundle(out) as b:
+            return bool(check(b.manifest))
     except BundleError:
-        pass
+        return False
+
+
+def _int8_bundle(bundle_dir: Path, out: Path, on_step) -> Path:
+    from .bundle import load_bundle
+    from .quantize import DEFAULT_VARIANT, quantize_bundle
+
+    with load_bundle(bundle_dir, verify=False) as src:
+        digest = src.manifest["manifest_sha256"]
+    if _derived_is_current(out, lambda m: (m.get("quantization") or {}).get("source_manifest_sha256") == digest
+                           and m["quantization"].get("variant") == DEFAULT_VARIANT):
+        return out
     on_step("quantize the bundle to int8 (once)")
     quantize_bundle(bundle_dir, out, min_agreement=0.0, force=True)
     return out
@@ -264,15 +277,13 @@ def _time(fn, repeats: int, warmup: int = 1):
 
 
 def _fp16_bundle(base: Path, adapter_spec: str, out: Path, on_step) -> Path:
-    from .bundle import load_bundle
-    from .errors import BundleError
+    from .basemodel import identity
     from .export.api import export_bundle
 
-    try:
-        load_bundle(out)
+    ident = identity(base)["config_sha256"]
+    if _derived_is_current(out, lambda m: m["base_model"]["config_sha256"] == ident and
+                           [a.get("path") for a in m.get("adapters", [])] == [adapter_spec.partition("=")[2]]):
         return out
-    except BundleError:
-        pass
     on_step("export the fp16 bundle (once)")
     export_bundle(base, [adapter_spec], out, dtype="fp16", force=True, seed=0)
     return out
@@ -308,6 +319,9 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     from .export.api import adapters_from_bank, load_base_model
     from .export.reference import peft_model_for
 
+    limit = max(256, 4 * (os.cpu_count() or 1))
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= limit):
+        raise InputError(f"--threads must be an integer from 1 to {limit}, got {threads!r}")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if bundle is not None:

@@ -158,10 +158,26 @@ def check_manifest(m) -> None:
             raise _bad(f"graphs.{g}.external_data", spec["external_data"], "a file of the bundle")
         for side in ("inputs", "outputs"):
             io = spec.get(side)
-            if not isinstance(io, list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str)
-                                                   and isinstance(x.get("shape"), list) for x in io):
-                raise _bad(f"graphs.{g}.{side}", io, "a list of {name, dtype, shape}")
+            if not isinstance(io, list) or not all(
+                    isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("dtype"), str)
+                    and isinstance(x.get("shape"), list) and all(
+                        isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                        for d in x["shape"]) for x in io):
+                raise _bad(f"graphs.{g}.{side}", io, "a list of {name, dtype, shape: [int | axis name]}")
     _check_graph_fields(m, bm, graphs, task_type)
+    for key in ("eos_token_id", "bos_token_id", "decoder_start_token_id", "pad_token_id"):
+        v = bm.get(key)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < bm["vocab_size"]
+                                     for i in ids):
+            raise _bad(f"base_model.{key}", v, f"a token id below the vocabulary size {bm['vocab_size']} (or null)")
+    for key in ("validation", "quantization", "tokenizer"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise _bad(key, m[key], "an object or null")
+    for key in ("atol", "rtol"):
+        v = (m.get("validation") or {}).get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+            raise _bad(f"validation.{key}", v, "a finite number >= 0")
     tasks = m.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise _bad("tasks", tasks, "a non-empty list")
@@ -174,10 +190,21 @@ def check_manifest(m) -> None:
         seen.add(t["name"])
         for key in ("prompt_len", "rank"):
             _posint(t, key, f"tasks[{i}]")
-        _posint(t, "shared_prompt", f"tasks[{i}]", zero=True)
+        for key in ("shared_prompt", "bytes", "index_in_source"):
+            if key in t or key == "shared_prompt":
+                _posint(t, key, f"tasks[{i}]", zero=True)
+        for key in ("source", "digest"):
+            if key in t and not isinstance(t[key], str):
+                raise _bad(f"tasks[{i}].{key}", t[key], "a string")
     nts = m.get("num_transformer_submodules", 1)
     if nts not in (1, 2):
         raise _bad("num_transformer_submodules", nts, "1 or 2")
+    for i, t in enumerate(tasks):  # every task must leave room for one input token and one new token
+        T, P = t["prompt_len"], bm["max_positions"]
+        n = T // nts
+        need = max(n + 1, T - n + 2) if task_type == "SEQ_2_SEQ_LM" else T + 2
+        if need > P:
+            raise _bad("base_model.max_positions", P, f"at least {need} for task {t['name']!r} ({T} virtual tokens)")
 
 
 def _spec(graph: dict, side: str, name: str) -> dict | None:
@@ -192,20 +219,24 @@ def _check_graph_fields(m: dict, bm: dict, graphs: dict, task_type: str) -> None
     for g in model_graphs:
         spec = graphs[g]
         pe = _spec(spec, "inputs", "prompt_embeds") or _spec(spec, "inputs", "decoder_prompt_embeds")
-        if pe is None or pe.get("shape", [None])[-1] != H:
+        if pe is None or len(pe["shape"]) != 3 or pe["shape"][-1] != H:
             raise _bad(f"base_model.hidden_size ({g} graph)", H,
                        f"the width of the graph's prompt input ({pe and pe.get('shape')})")
         if pe.get("dtype") != dtype:
             raise _bad("dtype", dtype, f"the {g} graph's prompt dtype {pe.get('dtype')!r}")
     last = graphs["backbone" if task_type == "CAUSAL_LM" else "decoder"]
     logits = _spec(last, "outputs", "logits")
-    if logits is None or logits["shape"][-1] != V:
+    if logits is None or len(logits["shape"]) != 2 or logits["shape"][-1] != V:
         raise _bad("base_model.vocab_size", V, f"the graph's logits width ({logits and logits['shape']})")
     past = [x for x in last["inputs"] if x["name"].startswith("past_key_values.")]
-    if len(past) != 2 * L:
-        raise _bad("base_model.num_layers", L, f"{len(past) // 2} (the graph's past_key_values inputs)")
+    want = {f"past_key_values.{i}.{kind}" for i in range(L) for kind in ("key", "value")}
+    have = {x["name"] for x in past}
+    if have != want:
+        detail = "; ".join(x for x in (f"missing {', '.join(sorted(want - have)[:3])}" if want - have else "",
+                                        f"unexpected {', '.join(sorted(have - want)[:3])}" if have - want else "") if x)
+        raise _bad("base_model.num_layers", L, f"a past key and value input per layer in the graph ({detail})")
     for x in past:
-        if x["shape"][1] != bm["num_kv_heads"] or x["shape"][3] != bm["head_dim"]:
+        if len(x["shape"]) != 4 or x["shape"][1] != bm["num_kv_heads"] or x["shape"][3] != bm["head_dim"]:
             raise _bad(f"graph input {x['name']} shape", x["shape"],
                        f"[batch, {bm['num_kv_heads']}, past_len, {bm['head_dim']}] (base_model kv heads, head dim)")
 
@@ -223,7 +254,8 @@ def _open_in(dirfd: int, rel: str, display: str) -> int:
         for part in parts[:-1]:
             cur = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
             opened.append(cur)
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+        # O_NONBLOCK: a FIFO put in a file's place must not hang the reader (no effect on regular files)
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=cur)
     except FileNotFoundError:
         raise BundleError(f"bundle file {rel} is missing from {display}; the bundle is incomplete — {_REDO}") from None
     except NotADirectoryError:
@@ -291,6 +323,9 @@ def _read_manifest(fd: int, path: Path) -> dict:
         raise BundleError(f"cannot read {path / MANIFEST} ({e.strerror})") from None
     try:
         manifest = json.loads(raw)
+    except RecursionError:
+        raise BundleError(f"{path / MANIFEST} is nested too deeply to be a manifest; the bundle is damaged — "
+                          f"{_REDO}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path / MANIFEST} is not valid JSON ({e}); the bundle is damaged — {_REDO}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

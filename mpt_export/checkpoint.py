@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 MPT_PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # no leading '-' (an option) or '.' ('.', '..')
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
@@ -102,6 +103,8 @@ class AdapterCheckpoint:
 
 def _load_config(path: Path) -> dict:
     cfg_file = path / CONFIG_NAME
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not an adapter directory; pass the folder PEFT's save_pretrained wrote")
     if not path.is_dir():
         raise CheckpointError(f"adapter directory {path} does not exist; expected a folder written by PEFT's save_pretrained")
     if not cfg_file.is_file():
@@ -110,7 +113,9 @@ def _load_config(path: Path) -> dict:
         )
     try:
         cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"cannot read {cfg_file} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter with save_pretrained") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_file} holds {type(cfg).__name__}, expected a JSON object")
@@ -139,6 +144,9 @@ def _load_config(path: Path) -> dict:
 
 def _load_tensors(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     st, binf = path / SAFETENSORS_NAME, path / BIN_NAME
+    for f in (st, binf):
+        if f.is_file() and not os.access(f, os.R_OK):
+            raise CheckpointError(f"cannot read {f} (permission denied); check its permissions")
     if st.is_file():
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -232,7 +240,8 @@ def parse_adapter_spec(spec: str) -> tuple[list[str] | None, Path]:
 
 def check_task_name(name: str) -> None:
     if not TASK_NAME_RE.match(name or ""):
-        raise TaskNameError(f"task name {name!r} is invalid; names use only letters, digits, '_', '.' and '-'")
+        raise TaskNameError(f"task name {name!r} is invalid; names start with a letter or digit and use only "
+                            "letters, digits, '_', '.' and '-'")
 
 
 def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, hidden_size: int | None,

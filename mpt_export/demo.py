@@ -300,7 +300,7 @@ def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 
 
 def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force: bool = True, on_step=None) -> dict:
     """Build everything in code, export one bundle, validate it. Returns timings, the bundle and its report."""
-    from .atomic import check_replaceable, claim_workdir, remove_workdir
+    from .atomic import check_replaceable, claim_workdir, remove_workdir, seal_workdir
     from .export.api import export_bundle
 
     workdir = Path(workdir)
@@ -316,6 +316,7 @@ def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force:
     t_build = time.perf_counter() - t0
     t1 = time.perf_counter()
     bundle = export_bundle(inputs["base"], inputs["adapters"], workdir / "bundle", force=True, on_step=on_step)
+    seal_workdir(workdir)  # every file the demo wrote: what a later run may delete
     t_export = time.perf_counter() - t1
     if on_step:
         on_step("generate with every task from one backbone")

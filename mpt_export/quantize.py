@@ -145,6 +145,10 @@ def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEF
         raise InputError(f"unknown int8 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if not 0 <= min_agreement <= 1:
         raise InputError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    from .atomic import check_path_text, resolve_output
+
+    check_path_text(Path(out))
+    out = resolve_output(out)
     inputs = [("source bundle", Path(src)), *inputs]
     with load_bundle(src) as b:
         if b.manifest.get("dtype", "float32") != "float32" or b.manifest.get("quantization"):
@@ -160,7 +164,8 @@ def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEF
             manifest = json.loads(json.dumps(b.manifest))
             manifest = quantize_graphs(tmp, manifest, src_root=b.root, variant=variant)
             manifest["quantization"].update({"method": "onnxruntime dynamic quantization, per channel",
-                                             "source_bundle": str(b.path), "min_agreement": min_agreement})
+                                             "source_bundle": str(b.path), "min_agreement": min_agreement,
+                                             "source_manifest_sha256": b.manifest["manifest_sha256"]})
             manifest = write_manifest(tmp, manifest)
             step("compare with the fp32 bundle")
             q = Bundle(tmp, manifest)

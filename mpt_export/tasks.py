@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import fault_point, replace_dir
+from .atomic import fault_point, replace_dir, resolve_output
 from .bundle import Bundle, load_bundle, write_manifest
 from .checkpoint import check_adapter_fits, parse_adapter_spec, read_adapter
 from .errors import BaseModelError, CheckpointError, InputError, TaskNameError
@@ -77,7 +77,17 @@ def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
                 raise BaseModelError(str(e)) from None
         return [ck.summary() for _, ck in specs]
 
-    return _rewrite(bundle_path, change)
+    added: list[str] = []
+
+    def change_and_note(b, bank):
+        before = set(bank.names)
+        extra = change(b, bank)
+        added.extend(n for n in bank.names if n not in before)
+        return extra
+
+    out = _rewrite(bundle_path, change_and_note)
+    out.added_tasks = added  # what this call added (another writer may have added others meanwhile)
+    return out
 
 
 def remove_task(bundle_path: str | Path, name: str) -> Bundle:
@@ -94,7 +104,7 @@ def remove_task(bundle_path: str | Path, name: str) -> Bundle:
 def _rewrite(bundle_path, change) -> Bundle:
     """Under the writer lock: load the current bundle (verified), apply ``change(bundle, bank)`` to its task bank,
     write the new bank and manifest into a hard-linked mirror, swap it in."""
-    path = Path(bundle_path)
+    path = resolve_output(bundle_path)  # read and write the same directory, however the path was spelled
     with replace_dir(path, kind="bundle", allow_replace=True, hold_lock=True) as tmp:
         b = load_bundle(path)
         try:

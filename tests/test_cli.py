@@ -21,7 +21,7 @@ def assert_clean_failure(res, *needles):
 
 
 def no_output_left(out):
-    return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.mpt-export-tmp-*"))
 
 
 def test_help_is_complete():
@@ -96,6 +96,11 @@ def _wide_adapter(tmp_path):
     return make_source_adapter(m, tmp_path / "wide", num_tasks=2, num_virtual_tokens=3)
 
 
+def _empty_dir(path):
+    path.mkdir()
+    return path
+
+
 def _bad_cases(llama, tmp_path):
     corrupt = _copy(llama.source, tmp_path / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
@@ -125,7 +130,8 @@ def _bad_cases(llama, tmp_path):
         ("wrong count of names", [f"a,b={llama.source}"], llama.base, ["2 name(s)", "holds 3 task(s)"]),
         ("unsupported base model", [str(llama.source)], bert, ["model type 'bert' is not supported", "llama"]),
         ("base without LM head", [str(llama.source)], enc_only, ["T5EncoderModel", "not a seq2seq LM"]),
-        ("no base model", [str(llama.source)], tmp_path / "nothing", ["no config.json"]),
+        ("no base model", [str(llama.source)], tmp_path / "nothing", ["base model directory", "does not exist"]),
+        ("base model without config", [str(llama.source)], _empty_dir(tmp_path / "empty"), ["no config.json"]),
         ("no adapter dir", [str(tmp_path / "missing")], llama.base, ["does not exist"]),
     ]
 

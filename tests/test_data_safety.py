@@ -206,7 +206,7 @@ def test_a_reader_holding_the_old_bundle_never_blocks_a_writer(llama, tmp_path):
     # the session opened before the swap still reads its own (old) files, the lazily loaded tokenizer included
     assert held.tasks == OLD and isinstance(s.generate(["the movie"], ["a"], max_new_tokens=2)[0], str)
     assert held.file("tokenizer/tokenizer.json").is_file()
-    assert any(n.startswith(".b.old-") for n in leftovers(b))  # kept for the reader, not deleted under it
+    assert any(n.startswith(".b.mpt-export-old-") for n in leftovers(b))  # kept for the reader, not deleted under it
     held.close()
     del s
     import gc
@@ -286,7 +286,7 @@ def test_ctrl_c_at_every_step_tells_the_truth(llama, tmp_path):
             assert "was left as before" in msg and "written completely" not in msg, (n, msg)
         else:
             assert f"{b} was written completely" in msg, (n, msg)
-        assert not any(p.startswith(".bundle.tmp-") for p in leftovers(b)), (n, leftovers(b))
+        assert not any(p.startswith(".bundle.mpt-export-tmp-") for p in leftovers(b)), (n, leftovers(b))
     else:
         pytest.fail("tasks add never completed")
 
@@ -450,9 +450,137 @@ def test_permission_problems_are_one_line(llama):
         os.chmod(b / "tasks.safetensors", 0o600)  # unreadable to the user running the command
         assert_clean_failure(_as_nobody(["verify", b]), "cannot read bundle file tasks.safetensors", "Permission denied")
         os.chmod(b / "tasks.safetensors", 0o644)
-        before = tree(b)  # the parent directory is not writable by that user
-        res = _as_nobody(["tasks", "add", b, "--adapter", f"x={_world_readable_copy(llama.target)}"])
+        target = _world_readable_copy(llama.target)
+        os.chmod(b, 0o777)
+        before = tree(b)  # the bundle is writable for that user, its parent directory is not
+        res = _as_nobody(["tasks", "add", b, "--adapter", f"x={target}"])
         assert_clean_failure(res, "cannot write beside", "writable parent directory")
         assert tree(b) == before and not leftovers(b)
+        os.chmod(b.parent, 0o777)
+        os.chmod(b, 0o555)  # a read-only bundle in a writable parent: the user protected it, so it does not change
+        res = _as_nobody(["tasks", "add", b, "--adapter", f"x={target}"])
+        assert_clean_failure(res, "is read-only", "make it writable first")
+        assert tree(b) == before and not leftovers(b)
+        shutil.rmtree(target.parent, ignore_errors=True)
     finally:
         shutil.rmtree(b.parent, ignore_errors=True)
+
+
+# -- what a new user's adversarial pass found ------------------------------------------------------------------------
+
+def test_paths_are_resolved_as_the_kernel_resolves_them(llama, tmp_path):
+    """`link/../b` names the bundle beside the link's target: that is the bundle read, and the one written."""
+    real, cwd = tmp_path / "real", tmp_path / "cwd"
+    (real / "sub").mkdir(parents=True)
+    cwd.mkdir()
+    shutil.copytree(llama.bundle, real / "b")
+    shutil.copytree(llama.bundle, cwd / "b")
+    (cwd / "link").symlink_to(real / "sub")
+    res = subprocess.run([str(EXE), "tasks", "add", "link/../b", "--adapter", f"x={llama.target}"], cwd=cwd,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert mpt_export.load_bundle(real / "b").tasks == OLD + ["x"]
+    assert mpt_export.load_bundle(cwd / "b").tasks == OLD  # untouched
+    # and `tasks add .` from inside the bundle: committed, and said so
+    res = subprocess.run([str(EXE), "tasks", "add", ".", "--adapter", f"y={llama.target}"], cwd=cwd / "b",
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "added y" in res.stdout, res.stderr
+    assert mpt_export.load_bundle(cwd / "b").tasks == OLD + ["y"]
+
+
+def test_user_files_that_look_like_ours_are_left_alone(llama, tmp_path):
+    from mpt_export.tasks import add_tasks
+
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    shutil.copytree(llama.bundle, tmp_path / ".b.tmp-backup")  # a user's own backup with a temporary-like name
+    (tmp_path / ".b.mpt-export-tmp-mine").mkdir()  # not a name mpt-export makes (8-character id)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my notes")
+    (tmp_path / ".b.mpt-export.lock").symlink_to(precious)  # a link where our lock file goes: never written through
+    assert_clean_failure(cli("tasks", "add", b, "--adapter", f"x={llama.target}"), "is a symbolic link")
+    assert precious.read_text() == "my notes"
+    (tmp_path / ".b.mpt-export.lock").unlink()
+    add_tasks(b, [f"x={llama.target}"]).close()
+    assert (tmp_path / ".b.tmp-backup" / "manifest.json").is_file() and (tmp_path / ".b.mpt-export-tmp-mine").is_dir()
+    # links and empty directories inside a bundle are not ours either
+    (b / "extra").mkdir()
+    assert_clean_failure(cli("tasks", "add", b, "--adapter", f"y={llama.target}"), "did not write (extra)")
+    (b / "extra").rmdir()
+    (b / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    assert_clean_failure(cli("tasks", "add", b, "--adapter", f"y={llama.target}"), "did not write (elsewhere)")
+
+
+def test_a_finished_demo_workdir_keeps_files_the_user_added_anywhere_in_it(tmp_path):
+    from mpt_export.atomic import claim_workdir, remove_workdir, seal_workdir
+    from mpt_export.errors import OutputExistsError
+
+    w = claim_workdir(tmp_path / "w", "demo-workdir", contents=["base", "adapters", "bundle"])
+    (w / "base").mkdir()
+    (w / "base" / "config.json").write_text("{}")
+    seal_workdir(w)
+    (w / "base" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"did not write \(base/notes.txt\)"):
+        remove_workdir(w, "demo-workdir")
+    (w / "base" / "notes.txt").unlink()
+    (w / ".settings.lock").write_text("x")  # not a lock file of ours
+    with pytest.raises(OutputExistsError, match=r"\.settings\.lock"):
+        remove_workdir(w, "demo-workdir")
+    (w / ".settings.lock").unlink()
+    remove_workdir(w, "demo-workdir")
+    assert not w.exists()
+
+
+def test_outputs_inside_inputs_and_odd_paths_are_refused(llama, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    before = tree(b)
+    assert_clean_failure(cli("quantize", b, "--out", b / "int8"), "lies inside the source bundle")
+    assert tree(b) == before
+    bad = os.fsdecode(str(tmp_path).encode() + b"/caf\xe9-out")
+    assert_clean_failure(cli("quantize", b, "--out", bad), "is not valid UTF-8")
+    res = cli("tasks", "list", b, env={"MPT_EXPORT_LOCK_TIMEOUT": "abc"})  # readers never need the variable
+    assert res.returncode == 0, res.stderr
+    assert_clean_failure(cli("tasks", "add", b, "--adapter", f"x={llama.target}",
+                             env={"MPT_EXPORT_LOCK_TIMEOUT": "abc"}), "MPT_EXPORT_LOCK_TIMEOUT must be a number")
+    fifo = tmp_path / "fifo"
+    shutil.copytree(llama.bundle, fifo)
+    (fifo / "composer.onnx").unlink()
+    os.mkfifo(fifo / "composer.onnx")  # must not hang a reader
+    assert_clean_failure(cli("verify", fifo, timeout=60), "composer.onnx", "not a regular file")
+
+
+def test_concurrent_tasks_add_reports_only_its_own_tasks(llama, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    procs = {n: subprocess.Popen([str(EXE), "tasks", "add", str(b), "--adapter", f"{n}={llama.target}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in ("aa", "bb")}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert out.startswith(f"added {name};"), out
+
+
+def test_two_rename_fallback_never_resurrects_an_old_copy(llama, tmp_path):
+    """Killed right after the second rename, the swap copy is an old bundle: it is cleaned, never restored, even
+    when the user then moves the bundle away."""
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    n = 0
+    while True:
+        n += 1
+        trace = tmp_path / f"t{n}"
+        shutil.rmtree(b, ignore_errors=True)
+        for p in tmp_path.glob(".b.*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.copytree(llama.bundle, b)
+        res = cli("tasks", "add", b, "--adapter", f"x={llama.target}",
+                  env={"MPT_EXPORT_NO_EXCHANGE": "1", "MPT_EXPORT_FAULT_AT": str(n), "MPT_EXPORT_FAULT_TRACE": str(trace)})
+        assert res.returncode == -9
+        if trace.read_text().splitlines()[-1].endswith("swapped"):
+            break
+    assert any(".mpt-export-swap-" in x for x in leftovers(b))
+    b.rename(tmp_path / "archived")
+    with pytest.raises(BundleError, match="does not exist"):
+        mpt_export.load_bundle(b)
+    assert not b.exists()

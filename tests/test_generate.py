@@ -217,7 +217,7 @@ def test_generate_bad_inputs(llama, tmp_path):
     assert_clean_failure(run_cli("tasks", "add", llama.bundle, "--adapter", f"a={llama.target}"), "'a' is used twice")
     assert_clean_failure(run_cli("tasks", "remove", llama.bundle, "zz"), "unknown task 'zz'")
     assert _digests(llama.bundle) == before
-    assert not list(llama.bundle.parent.glob(".bundle.tmp-*"))
+    assert not list(llama.bundle.parent.glob(".bundle.mpt-export-tmp-*"))
     s = mpt_export.load_bundle(llama.bundle).session()
     with pytest.raises(BaseModelError):
         from mpt_export.checkpoint import read_adapter

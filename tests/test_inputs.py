@@ -174,3 +174,84 @@ def test_more_bad_values_are_one_line(llama):
         s.generate(["hi"], "a", stop=[None])
     with pytest.raises(InputError, match="seed must be an integer"):
         s.generate(["hi"], "a", seed=-1, temperature=1.0)
+
+
+def test_user_text_is_printed_as_text(llama):
+    """Prompts, model output and paths are never read as terminal markup or emoji codes."""
+    res = run_cli("generate", llama.bundle, "--task", "a", "the [/] movie [red]x :thumbs_up:", "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr
+    assert "'the [/] movie [red]x :thumbs_up:'" in res.stdout
+    res = run_cli("verify", str(llama.bundle) + "[/]x")
+    assert_clean_failure(res, "[/]x")
+
+
+def test_undecodable_text_and_odd_values_are_one_line(llama, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("mpt-export")
+    res = subprocess.run([str(exe), "generate", str(llama.bundle), "--task", "a", b"\xff\xfe abc"], capture_output=True)
+    assert res.returncode == 1 and b"not valid UTF-8 text" in res.stderr and b"Traceback" not in res.stderr
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"task": "a", "text": "\\ud800 x"}\n{"task": null, "text": "fine"}\n')
+    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f, "--task", "b"),
+                         f"{f}:1: \"text\" is not valid Unicode")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--threads", "100000"),
+                         "threads must be an integer from 1 to")
+    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--threads", "-2"),
+                         "threads must be an integer")
+    for opset in ("9999", "-1"):
+        assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
+                                     tmp_path / "o", "--opset", opset), "--opset")
+    res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", tmp_path / "q",
+                  "--quantize", "int8", "--min-agreement", "2")
+    assert_clean_failure(res, "--min-agreement must be in [0, 1]")
+    assert "validate" not in res.stderr  # refused before any export work
+    assert_clean_failure(run_cli("inspect", "/etc/hostname"), "is a file, not an adapter directory")
+    assert_clean_failure(run_cli("export", "--base-model", tmp_path / "nope", "--adapter", str(llama.source), "--out",
+                                 tmp_path / "o"), "does not exist")
+    from mpt_export.checkpoint import check_task_name
+    from mpt_export.errors import TaskNameError
+
+    for bad in ("-x", ".", "..", ".hidden"):
+        with pytest.raises(TaskNameError, match="start with a letter or digit"):
+            check_task_name(bad)
+
+
+def test_crafted_manifest_fields_are_one_line(llama, tmp_path):
+    from test_data_safety import _edit
+
+    def shape(m):
+        m["graphs"]["backbone"]["outputs"][0]["shape"] = []
+
+    cases = {"logits shape": (shape, "vocab_size"),
+             "eos": (lambda m: m["base_model"].update(eos_token_id="x"), "eos_token_id"),
+             "eos range": (lambda m: m["base_model"].update(eos_token_id=10**30), "eos_token_id"),
+             "bytes": (lambda m: m["tasks"][0].update(bytes="x"), "tasks[0].bytes"),
+             "source": (lambda m: m["tasks"][0].update(source=5), "tasks[0].source"),
+             "atol": (lambda m: m.update(validation={"atol": "x"}), "validation.atol"),
+             "positions": (lambda m: m["base_model"].update(max_positions=3), "max_positions"),
+             "renamed past": (lambda m: m["graphs"]["backbone"]["inputs"][5].update(name="past_key_values.9.key"),
+                              "past_key_values.9.key")}
+    for label, (fn, needle) in cases.items():
+        b = tmp_path / label.replace(" ", "_")
+        shutil.copytree(llama.bundle, b)
+        _edit(b, fn, redigest=True)
+        assert_clean_failure(run_cli("verify", b), needle)
+        assert_clean_failure(run_cli("tasks", "list", b), needle)
+    b = tmp_path / "deep"
+    shutil.copytree(llama.bundle, b)
+    (b / "manifest.json").write_text("[" * 200000)
+    assert_clean_failure(run_cli("verify", b), "nested too deeply")
+
+
+def test_closed_pipe_ends_quietly(llama):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("mpt-export")
+    res = subprocess.run(f"'{exe}' tasks list '{llama.bundle}' | head -c 10 > /dev/null; echo rc=${{PIPESTATUS[0]}}",
+                         shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert "error" not in res.stderr and "Traceback" not in res.stderr, res.stderr

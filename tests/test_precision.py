@@ -130,3 +130,17 @@ def test_export_quantize_int8_cli(make_case, tmp_path):
     assert man["quantization"]["weights"] == "int8" and man["validation"]["passed"]
     assert not list(tmp_path.glob(".q.fp32-*"))  # the intermediate fp32 bundle is gone
     assert mpt_export.load_bundle(out).session().generate_ids(np.array([[5, 6]]), ["a"], max_new_tokens=3).shape[0] == 1
+
+
+def test_bench_never_reuses_a_derived_bundle_made_from_another_source(llama, make_case, tmp_path):
+    from mpt_export.bench import _int8_bundle
+
+    out = tmp_path / "bundle-int8"
+    _int8_bundle(llama.bundle, out, lambda s: None)
+    first = mpt_export.load_bundle(out).manifest["manifest_sha256"]
+    _int8_bundle(llama.bundle, out, lambda s: None)  # same source: reused as it is
+    assert mpt_export.load_bundle(out).manifest["manifest_sha256"] == first
+    other = make_case("gpt2").bundle  # another model, a bundle of the same name
+    _int8_bundle(other, out, lambda s: None)
+    q = mpt_export.load_bundle(out).manifest["quantization"]
+    assert q["source_manifest_sha256"] == mpt_export.load_bundle(other).manifest["manifest_sha256"]

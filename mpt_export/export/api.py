@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..basemodel import base_arch, check_same_base, identity
-from ..atomic import check_replaceable, fault_point, replace_dir
+from ..atomic import check_path_text, check_replaceable, fault_point, replace_dir, resolve_output
 from ..bundle import FORMAT, Bundle, load_bundle, write_manifest
 from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
 from ..errors import BaseModelError, InputError, MissingDependencyError
@@ -128,7 +128,12 @@ def export_bundle(
     from .precision import canonical_dtype, tolerance
 
     step = on_step or (lambda s: None)
-    out = Path(out)
+    check_path_text(Path(out))
+    out = resolve_output(out)  # what the user named, as the kernel resolves it ("link/..", ".")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
+        raise InputError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got {opset!r}")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise InputError(f"--min-agreement must be in [0, 1], got {min_agreement}")
     if quantize is not None:
         return _export_quantized(base_model, adapters, out, quantize, min_agreement, dtype=dtype, opset=opset,
                                  atol=atol, rtol=rtol, validate=validate, force=force, seed=seed, provider=provider,
@@ -146,6 +151,11 @@ def export_bundle(
     bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type,
                                   max_positions=arch.max_positions)
     _require_export_deps()
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise InputError(f"--opset {opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()}); "
+                         "choose 18 or another opset it supports")
     step("load base model")
     model, cfg, arch = load_base_model(base_model)  # fp32: PEFT's reference runs on it
     export_model = model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import BundleError, InputError, MissingDependencyError
@@ -53,7 +55,12 @@ class OrtBackend:
         self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = levels[optimization]
-        if intra_op_threads:
+        if intra_op_threads is not None:
+            limit = max(256, 4 * (os.cpu_count() or 1))
+            if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) \
+                    or not 0 <= intra_op_threads <= limit:
+                raise InputError(f"threads must be an integer from 1 to {limit} (0 or none: one per core), got "
+                                 f"{intra_op_threads!r}")
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3
         self._ort = {}

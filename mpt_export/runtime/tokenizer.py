@@ -8,6 +8,15 @@ import numpy as np
 from ..errors import BundleError, InputError
 
 
+def check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode (no lone surrogates, which undecodable bytes in a command line become)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid Unicode text (it holds undecodable bytes or a lone surrogate); "
+                         "pass UTF-8 text") from None
+
+
 class BundleTokenizer:
     def __init__(self, bundle):
         from tokenizers import Tokenizer
@@ -46,6 +55,7 @@ class BundleTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InputError(f"prompt {i} is empty; give some text to continue")
+            check_text(t, f"prompt {i}")
         encs = [self.tok.encode(t).ids for t in texts]
         S = max(len(e) for e in encs)
         ids = np.full((len(encs), S), self.pad_token_id, np.int64)
