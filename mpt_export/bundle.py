@@ -120,7 +120,7 @@ def _posint(d: dict, key: str, where: str, zero: bool = False) -> int:
 
 def check_manifest(m) -> None:
     """Every field the runtime trusts: present, of the right type, consistent with the others and the graph specs."""
-    from .checkpoint import TASK_NAME_RE
+    from .taskbank import TASK_NAME_RE
 
     if not isinstance(m, dict):
         raise _bad("the top level", type(m).__name__, "a JSON object")
@@ -423,7 +423,7 @@ class Bundle:
 
     def task_bank(self):
         """The task bank, checked against the manifest's task list (names, order, shapes, content digests)."""
-        from .checkpoint import TaskBank
+        from .taskbank import TaskBank
 
         bank = TaskBank.load(self.file("tasks.safetensors"))
         want = [(t["name"], t["shared_prompt"], t["prompt_len"], t["rank"], t.get("digest"))
@@ -457,19 +457,10 @@ class Bundle:
 
     def session(self, provider: str = "cpu", backend: str = "onnxruntime", engines: str | Path | None = None,
                 **options):
-        """A session over this bundle: ONNX Runtime (``provider``: cpu, cuda, tensorrt — ORT's TensorRT EP — or an
-        ORT provider name), or ``backend="tensorrt"`` with the engines folder written by ``mpt-export build``."""
-        if backend == "tensorrt":
-            if engines is None:
-                raise BundleError("the TensorRT backend needs the engines folder (mpt-export build BUNDLE --out DIR)")
-            from .runtime.tensorrt import trt_session
+        """Shortcut to :func:`mpt_export.runtime.open_session` over this bundle."""
+        from .runtime import open_session
 
-            return trt_session(self, engines, **options)
-        if backend != "onnxruntime":
-            raise BundleError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
-        from .runtime.onnxruntime import ort_session
-
-        return ort_session(self, provider=provider, **options)
+        return open_session(self, provider=provider, backend=backend, engines=engines, **options)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -18,23 +18,21 @@ and is often gone by the time a model ships. Only numpy and safetensors are need
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BaseModelError, CheckpointError, MissingDependencyError, TaskNameError
+from .errors import BaseModelError, CheckpointError, MissingDependencyError
 from .errors import InputError as MptInputError
+from .taskbank import TASK_NAME_RE, Task, TaskBank, check_task_arrays, check_task_name  # noqa: F401 (re-exported)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 MPT_PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # no leading '-' (an option) or '.' ('.', '..')
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
@@ -236,216 +234,6 @@ def parse_adapter_spec(spec: str) -> tuple[list[str] | None, Path]:
         names_l = [s.strip() for s in names.split(",")]
         return names_l, Path(d)
     return None, Path(spec)
-
-
-def check_task_name(name: str) -> None:
-    if not TASK_NAME_RE.match(name or ""):
-        raise TaskNameError(f"task name {name!r} is invalid; names start with a letter or digit and use only "
-                            "letters, digits, '_', '.' and '-'")
-
-
-def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, hidden_size: int | None,
-                      nts: int = 1, max_positions: int | None = None, task_type: str = "CAUSAL_LM",
-                      where: str = "") -> None:
-    """The checks every path that brings a task in (export, ``tasks add``, ``Session.add_task``, loading a bundle)
-    applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values; and a prompt
-    short enough to leave room for at least one input token and one new token in the model's positions."""
-    from .errors import InputError
-
-    at = f" ({where})" if where else ""
-    H = hidden_size if hidden_size is not None else (shared.shape[1] if shared.ndim == 2 else -1)
-    if shared.ndim != 2 or cols.ndim != 2 or rows.ndim != 2 or shared.shape[1] != H or cols.shape[0] != shared.shape[0] \
-            or rows.shape != (cols.shape[1], H):
-        raise InputError(
-            f"task {name!r}{at} has shapes shared_prompt {list(shared.shape)}, cols {list(cols.shape)}, rows "
-            f"{list(rows.shape)}; expected [T, {H}], [T, r], [r, {H}] (the model's hidden size is {H})")
-    T, r = shared.shape[0], cols.shape[1]
-    if T == 0 or r == 0:
-        raise InputError(f"task {name!r}{at} has {T} prompt rows and rank {r}; both must be at least 1")
-    if T % nts:
-        raise InputError(f"task {name!r}{at} has {T} prompt rows, not a multiple of num_transformer_submodules {nts}")
-    for label, a in (("shared_prompt", shared), ("cols", cols), ("rows", rows)):
-        if not np.isfinite(a).all():
-            raise InputError(f"task {name!r}{at}: {label} contains NaN or Inf values; the task is unusable")
-    if max_positions is None:
-        return
-    n = T // nts
-    if task_type == "SEQ_2_SEQ_LM":
-        need, what = max(n + 1, T - n + 2), "its encoder prompt and one input token, or its decoder prompt, the start token and one new token"
-    else:
-        need, what = T + 2, "its virtual tokens, one input token and one new token"
-    if need > max_positions:
-        raise InputError(
-            f"task {name!r}{at} has {T} virtual tokens, but the model has only {max_positions} positions: it needs "
-            f"{need} for {what}; train the task with fewer virtual tokens")
-
-
-@dataclass
-class Task:
-    name: str
-    shared: int  # index into TaskBank.shared
-    cols: np.ndarray  # (T, r)
-    rows: np.ndarray  # (r, D)
-    source: str = ""  # adapter directory it came from
-    index_in_source: int = 0
-
-    @property
-    def rank(self) -> int:
-        return int(self.cols.shape[1])
-
-    def digest(self, shared: np.ndarray) -> str:
-        """Content hash of everything that determines this task's prompt (cache key for runtimes)."""
-        h = hashlib.sha256()
-        for a in (shared, self.cols, self.rows):
-            h.update(str(a.shape).encode())
-            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        return h.hexdigest()[:16]
-
-
-@dataclass
-class TaskBank:
-    """Shared prompts (deduplicated) and per-task low-rank factors, in task order."""
-
-    task_type: str
-    num_transformer_submodules: int
-    shared: list[np.ndarray] = field(default_factory=list)  # each (T, D)
-    tasks: list[Task] = field(default_factory=list)
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.shared[0].shape[1])
-
-    def task(self, name: str) -> Task:
-        for t in self.tasks:
-            if t.name == name:
-                return t
-        raise TaskNameError(f"unknown task {name!r}; this bundle has: {', '.join(self.names) or '(none)'}")
-
-    def prompt(self, name: str) -> np.ndarray:
-        """The composed prompt in numpy, (T, D) — the reference the composer graph must match."""
-        t = self.task(name)
-        return self.shared[t.shared] * (t.cols @ t.rows)
-
-    def _shared_index(self, p: np.ndarray) -> int:
-        for i, s in enumerate(self.shared):
-            if s.shape == p.shape and np.array_equal(s, p):
-                return i
-        self.shared.append(p)
-        return len(self.shared) - 1
-
-    def add_adapter(self, ckpt: AdapterCheckpoint, names: list[str] | None = None) -> list[str]:
-        if self.tasks or self.shared:
-            if ckpt.task_type != self.task_type:
-                raise CheckpointError(
-                    f"{ckpt.path} is a {ckpt.task_type} adapter but the bank holds {self.task_type} tasks; "
-                    "one bundle serves one base model"
-                )
-            if ckpt.token_dim != self.hidden_size:
-                raise CheckpointError(
-                    f"{ckpt.path} has token_dim {ckpt.token_dim}, the other tasks have {self.hidden_size}; "
-                    "adapters in one bundle must be trained on the same base model"
-                )
-            if ckpt.num_transformer_submodules != self.num_transformer_submodules:
-                raise CheckpointError(
-                    f"{ckpt.path} has num_transformer_submodules {ckpt.num_transformer_submodules}, the other "
-                    f"tasks have {self.num_transformer_submodules}"
-                )
-        n = ckpt.num_tasks
-        if names is None:
-            base = ckpt.path.resolve().name
-            names = [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
-        elif len(names) != n:
-            raise TaskNameError(
-                f"{len(names)} name(s) given for {ckpt.path} ({','.join(names)}), but it holds {n} task(s); "
-                f"give exactly one name per task, in order, e.g. {','.join(f't{i}' for i in range(n))}={ckpt.path}"
-            )
-        for nm in names:
-            check_task_name(nm)
-            if nm in self.names or names.count(nm) > 1:
-                raise TaskNameError(f"task name {nm!r} is used twice; every task in a bundle needs a unique name")
-        si = self._shared_index(ckpt.prompt_embeddings)
-        for i, nm in enumerate(names):
-            self.tasks.append(
-                Task(nm, si, ckpt.cols[i].copy(), ckpt.rows[i].copy(), source=str(ckpt.path), index_in_source=i)
-            )
-        return names
-
-    def remove(self, name: str) -> None:
-        t = self.task(name)
-        self.tasks.remove(t)
-        used = sorted({x.shared for x in self.tasks})
-        remap = {old: new for new, old in enumerate(used)}
-        self.shared = [self.shared[i] for i in used]
-        for x in self.tasks:
-            x.shared = remap[x.shared]
-
-    def manifest_entries(self) -> list[dict]:
-        """The manifest's ``tasks`` list."""
-        return [
-            {"name": t.name, "shared_prompt": t.shared, "prompt_len": int(self.shared[t.shared].shape[0]),
-             "rank": t.rank, "source": t.source, "index_in_source": t.index_in_source,
-             "digest": t.digest(self.shared[t.shared]), "bytes": int((t.cols.size + t.rows.size) * 4)}
-            for t in self.tasks
-        ]
-
-    # -- persistence (tasks.safetensors) -------------------------------------------------------------------------
-    def save(self, file: str | Path) -> None:
-        from safetensors.numpy import save_file
-
-        tensors = {f"shared.{i}": np.ascontiguousarray(s, np.float32) for i, s in enumerate(self.shared)}
-        meta_tasks = []
-        for t in self.tasks:
-            tensors[f"task.{t.name}.cols"] = np.ascontiguousarray(t.cols, np.float32)
-            tensors[f"task.{t.name}.rows"] = np.ascontiguousarray(t.rows, np.float32)
-            meta_tasks.append({"name": t.name, "shared": t.shared, "source": t.source, "index": t.index_in_source})
-        meta = {
-            "format": "mpt-export/tasks/1",
-            "task_type": self.task_type,
-            "num_transformer_submodules": str(self.num_transformer_submodules),
-            "tasks": json.dumps(meta_tasks),
-        }
-        save_file(tensors, str(file), metadata=meta)
-
-    @classmethod
-    def load(cls, file: str | Path) -> "TaskBank":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(file), "numpy") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file} is not a readable task bank ({e})") from None
-        if meta.get("format") != "mpt-export/tasks/1":
-            raise CheckpointError(f"{file} is not an mpt-export task bank (format {meta.get('format')!r})")
-        try:
-            bank = cls(meta["task_type"], int(meta["num_transformer_submodules"]))
-            i = 0
-            while f"shared.{i}" in tensors:
-                bank.shared.append(tensors[f"shared.{i}"])
-                i += 1
-            for t in json.loads(meta["tasks"]):
-                bank.tasks.append(
-                    Task(t["name"], int(t["shared"]), tensors[f"task.{t['name']}.cols"],
-                         tensors[f"task.{t['name']}.rows"], t.get("source", ""), t.get("index", 0))
-                )
-                bank.shared[bank.tasks[-1].shared]
-        except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file} is a damaged task bank ({type(e).__name__}: {e}); copy the bundle again "
-                                  "or re-export it") from None
-        from .errors import InputError
-
-        for t in bank.tasks:
-            try:
-                check_task_arrays(t.name, bank.shared[t.shared], t.cols, t.rows, bank.hidden_size,
-                                  bank.num_transformer_submodules)
-            except InputError as e:
-                raise CheckpointError(f"{file}: {e}") from None
-        return bank
 
 
 def check_adapter_fits(ck: AdapterCheckpoint, max_positions: int | None, names: list[str] | None = None) -> None:

@@ -211,7 +211,7 @@ def test_undecodable_text_and_odd_values_are_one_line(llama, tmp_path):
     assert_clean_failure(run_cli("inspect", "/etc/hostname"), "is a file, not an adapter directory")
     assert_clean_failure(run_cli("export", "--base-model", tmp_path / "nope", "--adapter", str(llama.source), "--out",
                                  tmp_path / "o"), "does not exist")
-    from mpt_export.checkpoint import check_task_name
+    from mpt_export.taskbank import check_task_name
     from mpt_export.errors import TaskNameError
 
     for bad in ("-x", ".", "..", ".hidden"):

@@ -12,7 +12,8 @@ from .. import __version__
 from ..basemodel import base_arch, check_same_base, identity
 from ..atomic import check_path_text, check_replaceable, fault_point, replace_dir, resolve_output
 from ..bundle import FORMAT, Bundle, load_bundle, write_manifest
-from ..checkpoint import AdapterCheckpoint, TaskBank, build_task_bank
+from ..checkpoint import AdapterCheckpoint, build_task_bank
+from ..taskbank import TaskBank
 from ..errors import BaseModelError, InputError, MissingDependencyError
 from .backbone import DEFAULT_OPSET, export_backbone
 from .composer import write_composer

@@ -154,7 +154,7 @@ class Session:
         """Make a task usable in this session at once (in memory; ``mpt-export tasks add`` persists one).
 
         ``shared_prompt`` (T, H), ``cols`` (T, r), ``rows`` (r, H)."""
-        from ..checkpoint import Task, check_task_arrays, check_task_name
+        from ..taskbank import Task, check_task_arrays, check_task_name
 
         try:
             P, C, R = (np.asarray(a, np.float32) for a in (shared_prompt, cols, rows))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..trt.build import gpu_identity, import_tensorrt
+from ..trt.env import gpu_identity, import_tensorrt
 from ..trt.identity import check_sidecar, read_sidecar
 
 

@@ -13,43 +13,11 @@ from pathlib import Path
 
 from ..atomic import check_replaceable, replace_dir
 from ..bundle import load_bundle
-from ..errors import ExportError, MissingDependencyError
+from ..errors import ExportError
 from .commands import resolve_precision
+from .env import gpu_identity, import_tensorrt
 from .identity import SIDECAR, make_sidecar
 from .profiles import Limits, profiles
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingDependencyError(
-            "the tensorrt Python package is not installed here; install TensorRT for this GPU (pip install tensorrt "
-            "from NVIDIA's index, or JetPack on Jetson), or print the equivalent trtexec commands with "
-            "`mpt-export build BUNDLE --print-trtexec`"
-        ) from None
-    return trt
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of device 0, through torch or cuda-python."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    except ImportError:
-        pass
-    try:
-        from cuda.bindings import runtime as cudart
-
-        err, prop = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            return prop.name.decode(errors="replace").rstrip("\0"), f"{prop.major}.{prop.minor}"
-    except ImportError:
-        pass
-    raise MissingDependencyError("no CUDA GPU visible (through torch or cuda-python); TensorRT engines need one")
 
 
 def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | None = None, precision: str = "auto",
