@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, build, demo, export, generate, inspect, quantize, tasks, verify
+from . import bench, bench_serve, build, demo, export, generate, inspect, quantize, serve, tasks, verify
 
 app = typer.Typer(
     name="mpt-export",
@@ -23,7 +23,9 @@ app.command(name="generate")(generate.generate_cmd)
 app.add_typer(tasks.app, name="tasks")
 app.command(name="build")(build.build_cmd)
 app.command(name="check-trt")(build.check_trt_cmd)
+app.command(name="serve")(serve.serve_cmd)
 app.command(name="bench")(bench.bench_cmd)
+app.command(name="bench-serve")(bench_serve.bench_serve_cmd)
 app.command(name="demo")(demo.demo_cmd)
 
 

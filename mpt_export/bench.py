@@ -38,6 +38,7 @@ class Preset:
     new_tokens: int
     ffn: int | None = None
     nts: int | None = None
+    tokenizer: bool = True  # the demo's byte-level BPE (its ids are a subset of the model's): text in and out
 
     @property
     def seq2seq(self) -> bool:
@@ -81,7 +82,7 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
                                                    "preset.json"])
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
-                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=False, ffn=p.ffn)
+                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=p.tokenizer, ffn=p.ffn)
     make_source_adapter(model, adapter, num_tasks=p.num_tasks, num_virtual_tokens=p.virtual_tokens,
                         num_ranks=p.rank, task_type="SEQ_2_SEQ_LM" if p.seq2seq else "CAUSAL_LM",
                         num_transformer_submodules=p.nts)

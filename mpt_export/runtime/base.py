@@ -102,6 +102,25 @@ class Session:
         """Rows ``keep`` of a loop-state value (backends that keep state on a device override this)."""
         return value[keep]
 
+    # How the decode-loop state of this model kind is laid out, for merging rows that joined at different times
+    # (continuous batching): state name -> (length axis, group); the group's mask is the state named "<group>"
+    # and marks real slots with 1. Values without a length axis (None) are per-row only.
+    state_layout: dict[str, tuple[int | None, str | None]] = {}
+
+    def state_group_of(self, name: str) -> tuple[int | None, str | None]:
+        if name in self.state_layout:
+            return self.state_layout[name]
+        for prefix, spec in self.state_layout.items():
+            if prefix.endswith("*") and name.startswith(prefix[:-1]):
+                return spec
+        return None, None
+
+    def replace_bank(self, bank) -> None:
+        """Serve ``bank``'s tasks from now on (a reloaded bundle whose graphs did not change). Rows in flight keep
+        their prompts; caches are keyed by content, so changed tasks never reuse stale entries."""
+        with self._bank_lock:
+            self.bank = bank
+
     def close(self) -> None:
         pass
 

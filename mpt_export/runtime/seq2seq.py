@@ -20,6 +20,10 @@ from .base import Session
 
 class Seq2SeqSession(Session):
     padding_side = "right"
+    state_layout = {"decoder_attention_mask": (1, "decoder_attention_mask"),
+                    "past_key_values.*": (2, "decoder_attention_mask"),
+                    "encoder_attention_mask": (1, "encoder_attention_mask"),
+                    "cross.*": (2, "encoder_attention_mask")}
 
     def __init__(self, bundle, **options):
         super().__init__(bundle, **options)

@@ -68,6 +68,16 @@ class BundleTokenizer:
             mask[b, sl] = 1
         return ids, mask
 
+    def encode(self, text: str, what: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """One text's token ids (checked: non-empty, valid Unicode, at least one token)."""
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{what} is empty; give some text to continue")
+        check_text(text, what)
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if not ids:
+            raise InputError(f"{what} encodes to no tokens; give some text to continue")
+        return ids
+
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 

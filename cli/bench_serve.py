@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from ._common import console, escape, handle_errors, progress, quiet_libraries
+
+
+@handle_errors
+def bench_serve_cmd(
+    bundle: Annotated[Path | None, typer.Argument(help="Bundle to serve (default: the --preset's, built under --workdir).")] = None,
+    preset: Annotated[str, typer.Option(help="Without BUNDLE: the bench preset whose bundle to serve (see `mpt-export bench --help`).")] = "gpt2-small-shape",
+    workdir: Annotated[Path, typer.Option(help="Where the preset's bundle is built (shared with `mpt-export bench`).")] = Path("build/bench"),
+    clients: Annotated[int, typer.Option(help="Concurrent clients (in a process of their own).")] = 16,
+    requests: Annotated[int | None, typer.Option(help="Requests per mode (default: 4 per client).")] = None,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per request.")] = 32,
+    max_batch: Annotated[int | None, typer.Option(help="Server --max-batch (default: --clients).")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling (default: one per core).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
+) -> None:
+    """The real server under N concurrent mixed-task clients vs the same requests one at a time vs the ceiling."""
+    quiet_libraries()
+    from mpt_export.serving.bench import run_bench_serve
+
+    with progress("bench-serve") as on_step:
+        if bundle is None:
+            from mpt_export.bench import PRESETS, _prepare
+            from mpt_export.errors import InputError
+
+            if preset not in PRESETS:
+                raise InputError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            _, bundle, _ = _prepare(preset, workdir, on_step)
+        r = run_bench_serve(bundle, clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens,
+                            max_batch=max_batch, threads=threads, workdir=workdir / "serve", on_step=on_step)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    t = Table(title=escape(f"bench-serve {r['bundle']}: {r['requests']} requests x {r['prompt_len']} prompt tokens, "
+                           f"{r['max_tokens']} new, mixed tasks, greedy"), title_justify="left")
+    t.box = box.SIMPLE_HEAD
+    for col in ("mode", "req/s", "tok/s", "x seq", "TTFT p50", "TTFT p95", "tok lat p50", "tok lat p95", "batch"):
+        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+
+    def ms(x):
+        return f"{x * 1e3:.0f} ms" if x == x else "-"
+
+    for label, row in (("one at a time", r["sequential"]), (f"{r['clients']} clients", r["concurrent"])):
+        t.add_row(label, f"{row['requests_per_s']:.2f}", f"{row['tokens_per_s']:.1f}", f"{row['ratio_vs_sequential']:.2f}x",
+                  ms(row["ttft_p50_s"]), ms(row["ttft_p95_s"]), ms(row["tpot_p50_s"]), ms(row["tpot_p95_s"]),
+                  f"{row['mean_batch']:.1f}")
+    c = r["ceiling"]
+    t.add_row("ceiling (no HTTP)", "-", f"{c['tokens_per_s']:.1f}",
+              f"{c['ratio_vs_sequential']:.2f}x", "-", "-", "-", "-", str(r["clients"]))
+    t.caption = (f"served tokens/s = {r['served_vs_ceiling']:.0%} of the ceiling (one Session.generate on a batch of {r['clients']}); batch: mean rows per decode step "
+                 "(engine step record); tok lat: per-token latency after the first")
+    console.print(t)

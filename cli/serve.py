@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import handle_errors
+
+
+@handle_errors
+def serve_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory to serve (every task is a model).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one, printed at start).")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Rows decoded together at most (continuous batching across tasks).")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting at most; beyond it new ones get 429 with Retry-After.")] = 256,
+    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY on /v1 and /admin (default: env MPT_EXPORT_API_KEY).")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda or a provider name.")] = "cpu",
+    drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT: seconds to finish the requests in flight before exiting.")] = 30.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
+) -> None:
+    """Serve a bundle over HTTP with OpenAI-compatible routes; requests for any task share the backbone's batches."""
+    from mpt_export.errors import InputError
+    from mpt_export.serving.server import serve
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be in [0, 65535], got {port}")
+    if max_batch < 1 or max_queue < 1 or max_body_bytes < 1:
+        raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
+    key = api_key if api_key is not None else os.environ.get("MPT_EXPORT_API_KEY") or None
+    raise typer.Exit(serve(str(bundle), host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=key,
+                           threads=threads, provider=provider, drain_timeout=drain_timeout, max_body=max_body_bytes))
