@@ -248,7 +248,8 @@ def test_errors_are_openai_shaped(srv):
 def test_queue_full_is_429_and_the_server_recovers(served):
     with server(served["bundle"], "--max-batch", "1", "--max-queue", "1") as s:
         c = s.client()
-        busy = c.completions.create(model="sst2", prompt="the movie was", max_tokens=200, temperature=0, stream=True)
+        busy = c.completions.create(model="sst2", prompt="the movie was", max_tokens=480, temperature=0,
+                                    stream=True)  # long enough to outlast the probe on a loaded machine
         it = iter(busy)
         next(it)  # the only row is busy
         waiting = threading.Thread(target=lambda: c.completions.create(model="mnli", prompt="x y", max_tokens=2,
