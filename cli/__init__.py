@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, bench_serve, build, demo, export, generate, inspect, quantize, serve, tasks, verify
+from . import bench, bench_export, bench_serve, build, demo, export, generate, inspect, quantize, serve, tasks, verify
 
 app = typer.Typer(
     name="mpt-export",
@@ -26,6 +26,7 @@ app.command(name="check-trt")(build.check_trt_cmd)
 app.command(name="serve")(serve.serve_cmd)
 app.command(name="bench")(bench.bench_cmd)
 app.command(name="bench-serve")(bench_serve.bench_serve_cmd)
+app.command(name="bench-export")(bench_export.bench_export_cmd)
 app.command(name="demo")(demo.demo_cmd)
 
 

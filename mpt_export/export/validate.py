@@ -95,27 +95,40 @@ class Report:
         )
 
 
-def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
-                    seed: int | None = None, on_step=None) -> dict:
-    """Compare ``session`` (runtime over the new bundle) with PEFT.
+class Cases:
+    """Validation inputs and PEFT's outputs on them, computed before the bundle is opened — so the torch model can
+    be freed first and the two never hold the weights at the same time."""
+
+    def __init__(self, kind: str, seed: int):
+        self.kind, self.seed = kind, seed
+        self.single: list[tuple[str, dict, dict]] = []  # (task, inputs, reference)
+        self.batch: dict = {}  # rows, inputs, per-row references
+
+
+def _seed(seed):
+    return int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+
+
+def reference_causal(peft_models: dict, task_index: dict, vocab: int, seed: int | None = None,
+                     on_step=None) -> Cases:
+    """PEFT's outputs for every task on a single unpadded row, and for a left-padded mixed-task batch row by row.
 
     ``peft_models`` maps task name -> PeftModel, ``task_index`` task name -> index inside its adapter."""
     from .reference import peft_causal_forward
 
-    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    seed = _seed(seed)
     rng = np.random.default_rng(seed)
-    rep = Report(tol or _default_tol(session), seed, session.dtype)
+    cases = Cases("causal", seed)
     names = list(peft_models)
     for t in names:
         if on_step:
-            on_step(f"validate {t}")
+            on_step(f"reference {t}")
         n = int(rng.integers(3, 13))
         ids = rng.integers(0, vocab, size=(1, n), dtype=np.int64)
-        ref = peft_causal_forward(peft_models[t], ids, task_index[t])
-        rep.add("single", t, session.forward(ids, [t]), ref)
+        cases.single.append((t, {"ids": ids}, peft_causal_forward(peft_models[t], ids, task_index[t])))
     # Mixed-task, left-padded batch: each row vs PEFT on that row alone.
     if on_step:
-        on_step("validate mixed batch")
+        on_step("reference mixed batch")
     rows = [names[i % len(names)] for i in range(max(len(names), 3))]
     lens = [int(rng.integers(2, 14)) for _ in rows]
     lens[0] = max(lens)  # one row unpadded, the others padded by different amounts
@@ -127,7 +140,19 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, to
         row = rng.integers(0, vocab, size=(1, n), dtype=np.int64)
         ids[b, S - n:], mask[b, S - n:] = row[0], 1
         solo.append(peft_causal_forward(peft_models[t], row, task_index[t]))
-    feed = session.prepare(ids, rows, mask)
+    cases.batch = {"rows": rows, "ids": ids, "mask": mask, "refs": solo}
+    return cases
+
+
+def compare_causal(session, cases: Cases, tol: dict | None = None, on_step=None) -> dict:
+    """The bundle (``session``) on the cases' inputs vs PEFT's outputs."""
+    rep = Report(tol or _default_tol(session), cases.seed, session.dtype)
+    if on_step:
+        on_step("validate against the reference")
+    for t, inp, ref in cases.single:
+        rep.add("single", t, session.forward(inp["ids"], [t]), ref)
+    rows = cases.batch["rows"]
+    feed = session.prepare(cases.batch["ids"], rows, cases.batch["mask"])
     outs = session._run_graph_impl("backbone", feed)
     full = feed["attention_mask"]
     for b, t in enumerate(rows):
@@ -136,38 +161,35 @@ def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, to
         for k, v in outs.items():
             if k.startswith("present."):
                 got[k] = v[b:b + 1][:, :, keep]
-        rep.add("batch", t, got, solo[b])
+        rep.add("batch", t, got, cases.batch["refs"][b])
     if not rep.ok:
         raise rep.error()
     return rep.summary()
 
 
-def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
-                     seed: int | None = None, on_step=None) -> dict:
-    """Encoder-decoder: PEFT's teacher-forced forward (with ``labels``) vs the encoder and decoder graphs.
+def reference_seq2seq(peft_models: dict, task_index: dict, vocab: int, start: int, seed: int | None = None,
+                      on_step=None) -> Cases:
+    """Encoder-decoder: PEFT's teacher-forced forward (with ``labels``) on single rows per task, then a padded
+    mixed-task batch row by row. Compared later: encoder output, last-position logits, decoder self-attention KV
+    (decoder prompt rows included) and cross-attention KV."""
+    from .reference import peft_seq2seq_forward
 
-    Compared per case: encoder output, last-position logits, decoder self-attention KV (decoder prompt rows
-    included) and cross-attention KV; single rows per task, then a padded mixed-task batch vs each row alone."""
-    from .reference import peft_seq2seq_forward, shift_right
-
-    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    seed = _seed(seed)
     rng = np.random.default_rng(seed)
-    rep = Report(tol or _default_tol(session), seed, session.dtype)
+    cases = Cases("seq2seq", seed)
     names = list(peft_models)
-    start = session.decoder_start_token_id
 
     def sample(n, m):
         return (rng.integers(2, vocab, size=(1, n), dtype=np.int64), rng.integers(2, vocab, size=(1, m), dtype=np.int64))
 
     for t in names:
         if on_step:
-            on_step(f"validate {t}")
+            on_step(f"reference {t}")
         ids, labels = sample(int(rng.integers(3, 13)), int(rng.integers(2, 7)))
-        ref = peft_seq2seq_forward(peft_models[t], ids, labels, task_index[t])
-        out = session.forward(ids, [t], decoder_input_ids=shift_right(labels, start))
-        rep.add("single", t, out, ref)
+        cases.single.append((t, {"ids": ids, "labels": labels},
+                             peft_seq2seq_forward(peft_models[t], ids, labels, task_index[t])))
     if on_step:
-        on_step("validate mixed batch")
+        on_step("reference mixed batch")
     rows = [names[i % len(names)] for i in range(max(len(names), 3))]
     lens = [int(rng.integers(2, 14)) for _ in rows]
     lens[0] = max(lens)
@@ -181,7 +203,22 @@ def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, t
         row, lab = sample(n, m)
         ids[b, :n], mask[b, :n], labels[b] = row[0], 1, lab[0]  # right-padded, as T5 expects
         solo.append(peft_seq2seq_forward(peft_models[t], row, lab, task_index[t]))
-    outs = session.forward(ids, rows, mask, decoder_input_ids=shift_right(labels, start))
+    cases.batch = {"rows": rows, "ids": ids, "mask": mask, "labels": labels, "refs": solo, "start": start}
+    return cases
+
+
+def compare_seq2seq(session, cases: Cases, tol: dict | None = None, on_step=None) -> dict:
+    from .reference import shift_right
+
+    rep = Report(tol or _default_tol(session), cases.seed, session.dtype)
+    start = session.decoder_start_token_id
+    if on_step:
+        on_step("validate against the reference")
+    for t, inp, ref in cases.single:
+        rep.add("single", t, session.forward(inp["ids"], [t], decoder_input_ids=shift_right(inp["labels"], start)), ref)
+    c = cases.batch
+    rows = c["rows"]
+    outs = session.forward(c["ids"], rows, c["mask"], decoder_input_ids=shift_right(c["labels"], start))
     for b, t in enumerate(rows):
         ekeep = outs["encoder_attention_mask"][b] == 1
         dkeep = outs["decoder_attention_mask"][b] == 1
@@ -191,10 +228,22 @@ def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, t
                 got[k] = v[b:b + 1][:, :, dkeep]
             elif k.startswith("cross."):
                 got[k] = v[b:b + 1][:, :, ekeep]
-        rep.add("batch", t, got, solo[b])
+        rep.add("batch", t, got, c["refs"][b])
     if not rep.ok:
         raise rep.error()
     return rep.summary()
+
+
+def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
+                    seed: int | None = None, on_step=None) -> dict:
+    """Reference and comparison in one call (both models held at once: fine for small models)."""
+    return compare_causal(session, reference_causal(peft_models, task_index, vocab, seed, on_step), tol, on_step)
+
+
+def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
+                     seed: int | None = None, on_step=None) -> dict:
+    cases = reference_seq2seq(peft_models, task_index, vocab, session.decoder_start_token_id, seed, on_step)
+    return compare_seq2seq(session, cases, tol, on_step)
 
 
 def _default_tol(session) -> dict:

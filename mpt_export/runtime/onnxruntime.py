@@ -34,7 +34,7 @@ class OrtBackend:
     """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
 
     def _open_ort(self, bundle, provider: str, intra_op_threads: int | None, optimization: str = "all",
-                  io_binding: bool = True) -> None:
+                  io_binding: bool = True, prepack: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -63,6 +63,8 @@ class OrtBackend:
                                  f"{intra_op_threads!r}")
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self._ort = {}
         for name, g in bundle.manifest["graphs"].items():
             providers = self.providers
@@ -170,11 +172,13 @@ def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:
 
 
 def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = None, optimization: str = "all",
-                io_binding: bool = True, **options):
+                io_binding: bool = True, prepack: bool = True, **options):
     """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime.
 
     ``intra_op_threads`` (default: ORT's, one per core), ``optimization`` (disable|basic|extended|all),
-    ``io_binding`` (decode steps keep KV as OrtValues on the provider's device)."""
+    ``io_binding`` (decode steps keep KV as OrtValues on the provider's device), ``prepack`` (ONNX Runtime's
+    packed copies of MatMul weights: faster steps; off, the weights stay memory-mapped from the bundle and are read
+    in place — for one-off runs such as validation)."""
     if bundle.task_type == "SEQ_2_SEQ_LM":
         from .seq2seq import Seq2SeqSession as Kind
     else:
@@ -183,6 +187,6 @@ def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = No
     class OrtSession(OrtBackend, Kind):
         def __init__(self):
             Kind.__init__(self, bundle, **options)
-            self._open_ort(bundle, provider, intra_op_threads, optimization, io_binding)
+            self._open_ort(bundle, provider, intra_op_threads, optimization, io_binding, prepack)
 
     return OrtSession()

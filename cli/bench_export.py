@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from ._common import console, escape, handle_errors, progress, quiet_libraries
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b else "-"
+
+
+@handle_errors
+def bench_export_cmd(
+    shape: Annotated[str, typer.Option(help="Real model shape: tinyllama-1.1b, llama-3b, t5-xl or llama-7b (random weights).")] = "tinyllama-1.1b",
+    dtype: Annotated[str | None, typer.Option(help="Export dtype (default: fp32; fp16 for llama-7b).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the model, adapter and bundle are built.")] = Path("build/bench-export"),
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the shape's files (tens of GB) for a later run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
+) -> None:
+    """Export a real model size on this machine: peak memory vs weight bytes, time per phase, parity, start-up and
+    generation."""
+    quiet_libraries()
+    from mpt_export.bench_export import run_bench_export
+
+    with progress("bench-export") as on_step:
+        r = run_bench_export(shape, dtype=dtype, workdir=workdir, keep=keep, on_step=on_step)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    ex = r["export"]
+    t = Table(title=escape(f"bench-export {r['shape']} ({r['params'] / 1e9:.2f} B params, {r['dtype']}, random "
+                           "weights, 2 tasks x 100 virtual tokens)"), title_justify="left", box=box.SIMPLE_HEAD)
+    t.add_column("figure", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    tm = ex["timings"]
+    rows = [("weights", _gib(r["weight_bytes"])),
+            ("export peak RSS (whole process)", f"{_gib(ex['peak_rss'])}  ({ex['ratio']:.2f}x weights)"),
+            ("  torch phase peak (load, export, reference)", f"{tm.get('torch_phase_peak_rss_mib', 0) / 1024:.2f} GiB"),
+            ("  validation peak (ONNX Runtime)", f"{tm.get('validate_peak_rss_mib', 0) / 1024:.2f} GiB"
+             if "validate_peak_rss_mib" in tm else "-"),
+            ("export wall time", f"{ex['wall_s']:.0f} s"),
+            ("  load / graph export+write / reference / validate",
+             " / ".join(f"{tm.get(k, 0):.0f} s" for k in ("load_s", "graph_export_s", "reference_s", "validate_s"))),
+            ("bundle", _gib(ex["bundle_bytes"]))]
+    v = ex.get("validation")
+    if v:
+        rows.append(("parity (max rel: logits / KV)", f"{v['logits_max_rel']:.2e} / {v['kv_max_rel']:.2e}"))
+    sh = r.get("shallow")
+    if sh:
+        sv = sh["validation"]
+        rows += [(f"validation on a {sh['layers']}-layer copy", f"{_gib(sh['weight_bytes'])} weights, peak "
+                  f"{_gib(sh['peak_rss'])} ({sh['ratio']:.2f}x), {'passed' if sv['passed'] else 'FAILED'}"),
+                 ("  its parity (max rel: logits / KV)", f"{sv['logits_max_rel']:.2e} / {sv['kv_max_rel']:.2e}")]
+    st = r.get("startup")
+    if st:
+        for k in ("cold", "warm"):
+            x = st.get(k)
+            if x and "open_s" in x:
+                rows.append((f"open + session ({k})", f"{x['open_s']:.1f} s + {x['session_s']:.1f} s, peak "
+                             f"{_gib(x['peak_rss'])}"))
+            elif k == "cold":
+                rows.append(("open + session (cold)", "- (dropping the page cache needs root)"))
+    g = r.get("generate", {})
+    if "tokens_per_s" in g:
+        rows.append(("generate 8 x 64 -> 8 new", f"{g['tokens_per_s']:.1f} tok/s, peak {_gib(g['peak_rss'])} "
+                     f"({g['peak_rss'] / r['weight_bytes']:.2f}x weights)"))
+    else:
+        rows.append(("generate", escape(g.get("skipped") or g.get("error", "-"))))
+    for a, b in rows:
+        t.add_row(escape(a), b)
+    console.print(t)
