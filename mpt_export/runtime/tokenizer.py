@@ -17,6 +17,17 @@ def check_text(text: str, what: str) -> None:
                          "pass UTF-8 text") from None
 
 
+def tokenizer_config(bundle) -> dict:
+    """The bundle's ``tokenizer/tokenizer_config.json`` as a dict ({} when absent or unreadable: it is optional)."""
+    if not bundle.has_file("tokenizer/tokenizer_config.json"):
+        return {}
+    try:
+        cfg = json.loads(bundle.read_bytes("tokenizer/tokenizer_config.json"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 class BundleTokenizer:
     def __init__(self, bundle):
         from tokenizers import Tokenizer
@@ -31,13 +42,7 @@ class BundleTokenizer:
             self.tok = Tokenizer.from_str(bundle.read_bytes("tokenizer/tokenizer.json").decode())
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise BundleError(f"{bundle.path}/tokenizer/tokenizer.json cannot be read by tokenizers ({e})") from None
-        cfg = {}
-        if bundle.has_file("tokenizer/tokenizer_config.json"):
-            try:
-                cfg = json.loads(bundle.read_bytes("tokenizer/tokenizer_config.json"))
-            except (ValueError, UnicodeDecodeError):
-                cfg = {}
-            cfg = cfg if isinstance(cfg, dict) else {}
+        cfg = tokenizer_config(bundle)
         self.eos_token_id = self._special_id(cfg.get("eos_token"))
         if self.eos_token_id is None:
             eos = manifest["base_model"].get("eos_token_id")

@@ -3,7 +3,6 @@ in a sandboxed environment — a template is code from a model repository and mu
 
 from __future__ import annotations
 
-import json
 
 from ..errors import InputError
 
@@ -34,13 +33,9 @@ class ChatTemplate:
     def from_bundle(cls, bundle) -> "ChatTemplate | None":
         """The bundle's chat template (``tokenizer/chat_template.jinja`` or ``chat_template`` in
         ``tokenizer_config.json``), or None when the base model has none."""
-        cfg = {}
-        if bundle.has_file("tokenizer/tokenizer_config.json"):
-            try:
-                cfg = json.loads(bundle.read_bytes("tokenizer/tokenizer_config.json"))
-            except (ValueError, UnicodeDecodeError):
-                cfg = {}
-        cfg = cfg if isinstance(cfg, dict) else {}
+        from ..runtime.tokenizer import tokenizer_config
+
+        cfg = tokenizer_config(bundle)
         source = None
         if bundle.has_file("tokenizer/chat_template.jinja"):
             source = bundle.read_bytes("tokenizer/chat_template.jinja").decode("utf-8", errors="replace")
