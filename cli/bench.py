@@ -26,7 +26,7 @@ def bench_cmd(
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
     if bundle is None:
-        from mpt_export.atomic import check_replaceable
+        from mpt_export.ownership import check_replaceable
 
         check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()

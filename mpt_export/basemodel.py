@@ -44,15 +44,20 @@ def read_base_config(path: str | Path) -> dict:
         raise BaseModelError(
             f"{path} has no config.json; expected a Hugging Face model directory (save_pretrained output)"
         )
+    return read_json_object(cfg_file, BaseModelError)
+
+
+def read_json_object(file: Path, error: type, fix: str = "") -> dict:
+    """A JSON file holding an object, or one ``error`` naming the file and what is wrong (``fix``: what to do)."""
     try:
-        cfg = json.loads(cfg_file.read_text())
+        data = json.loads(file.read_text())
     except OSError as e:
-        raise BaseModelError(f"cannot read {cfg_file} ({e.strerror})") from None
+        raise error(f"cannot read {file} ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise BaseModelError(f"{cfg_file} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise BaseModelError(f"{cfg_file} is not a JSON object")
-    return cfg
+        raise error(f"{file} is not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{file} holds {type(data).__name__}, expected a JSON object{fix}")
+    return data
 
 
 def config_sha256(cfg: dict) -> str:

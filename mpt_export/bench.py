@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_ref import flops_causal, flops_seq2seq, machine_rates, peft_loop, peft_seq2seq_loop
 from .errors import InputError
 
 
@@ -75,7 +76,7 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
             return base, bundle, names
         except BundleError:
             pass
-    from .atomic import claim_workdir, remove_workdir, seal_workdir
+    from .ownership import claim_workdir, remove_workdir, seal_workdir
 
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
     claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-fp16",
@@ -92,16 +93,6 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     stamp.write_text(json.dumps(asdict(p)))
     seal_workdir(root)
     return base, bundle, names
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _measure_memory(spec: dict) -> int | None:
@@ -122,13 +113,15 @@ def _measure_memory(spec: dict) -> int | None:
 def _memory_child(spec: dict) -> int:
     import torch
 
+    from .memory import status_bytes
+
     torch.set_num_threads(spec["threads"])
     from .bundle import load_bundle
 
     ids = np.asarray(spec["ids"], np.int64)
-    base_rss = _status_kib("VmRSS") or 0
+    base_rss = status_bytes("VmRSS") or 0
     if spec["kind"] == "peft":
-        from .export.api import adapters_from_bank, load_base_model
+        from .export.torchside import adapters_from_bank, load_base_model
         from .export.reference import peft_model_for
 
         model, _, _ = load_base_model(spec["base"], attn_implementation="sdpa")
@@ -137,13 +130,13 @@ def _memory_child(spec: dict) -> int:
         pm = peft_model_for(model, ck)
         task_ids = torch.tensor([names.index(t) for t in spec["tasks"]])
         if spec["seq2seq"]:
-            _peft_seq2seq_loop(pm, torch.from_numpy(ids), task_ids, spec["new"], spec["start"])
+            peft_seq2seq_loop(pm, torch.from_numpy(ids), task_ids, spec["new"], spec["start"])
         else:
-            _peft_loop(pm, torch.from_numpy(ids), task_ids, spec["new"])
+            peft_loop(pm, torch.from_numpy(ids), task_ids, spec["new"])
     else:
         s = load_bundle(spec["bundle"], verify=False).session(provider=spec["provider"], intra_op_threads=spec["threads"])
         s.generate_ids(ids, spec["tasks"], max_new_tokens=spec["new"], eos_token_id=None, prompt_kv_cache=spec["cache"])
-    return (_status_kib("VmHWM") or 0) - base_rss
+    return (status_bytes("VmHWM") or 0) - base_rss
 
 
 def _derived_is_current(out: Path, check) -> bool:
@@ -171,98 +164,6 @@ def _int8_bundle(bundle_dir: Path, out: Path, on_step) -> Path:
     on_step("quantize the bundle to int8 (once)")
     quantize_bundle(bundle_dir, out, min_agreement=0.0, force=True)
     return out
-
-
-def machine_rates(threads: int) -> dict:
-    """Measured fp32 matmul rate (torch, ``threads`` threads) and memory bandwidth (large array copy)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for _ in range(3):
-        a @ b
-    n, t0 = 10, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    flops = 2 * 1024**3 * n / (time.perf_counter() - t0)
-    src = np.ones(64 * 2**20 // 4, np.float32)  # 64 MiB, far past the caches
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        np.copyto(dst, src)
-    bw = 2 * src.nbytes * 5 / (time.perf_counter() - t0)  # read + write
-    return {"matmul_flops_per_s": flops, "mem_bytes_per_s": bw}
-
-
-def _flops(p: Preset, body_params: int, prompt_len: int, with_prompt: bool, all_lm_rows: bool) -> float:
-    """Matmul FLOPs for one batch: weights x tokens, attention scores/values, and the LM-head rows computed."""
-    B, S, N, H, L, V = p.batch, p.input_len, p.new_tokens, p.hidden, p.layers, p.vocab
-    pre = (prompt_len + S) if with_prompt else S  # tokens run through the body in the prefill
-    tokens = B * (pre + N - 1)
-    ctx_prefill = sum(range(prompt_len + 1, prompt_len + S + 1)) if not with_prompt else sum(range(1, prompt_len + S + 1))
-    ctx_decode = sum(prompt_len + S + i for i in range(1, N))
-    attn = 4 * H * L * B * (ctx_prefill + ctx_decode)
-    lm_rows = B * ((prompt_len + S) if all_lm_rows else 1) + B * (N - 1)
-    return 2 * body_params * tokens + attn + 2 * H * V * lm_rows
-
-
-def _flops_seq2seq(p: Preset, enc_params: int, dec_params: int) -> float:
-    """Encoder over prompt + input once, decoder one token per step (no prompt-KV cache is possible here)."""
-    B, N, H, V, L = p.batch, p.new_tokens, p.hidden, p.vocab, p.layers
-    E = p.virtual_tokens + p.input_len
-    attn = 4 * H * L * B * (E * E + sum(range(1, N + 1)) + N * E)
-    return 2 * enc_params * B * E + 2 * dec_params * B * N + attn + 2 * H * V * B * N
-
-
-def _peft_seq2seq_loop(pm, ids_t, task_ids, new_tokens: int, start: int):
-    """PEFT's forward (with labels: its forward needs them) for the encoder and the first decoder step, then a
-    KV-cache loop over the base model reusing the encoder output."""
-    import inspect
-
-    import torch
-
-    base = pm.base_model
-    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        B = ids_t.shape[0]
-        out = pm(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), task_ids=task_ids, use_cache=True,
-                 labels=torch.full((B, 1), start, dtype=torch.long))
-        enc = (out.encoder_last_hidden_state,)
-        enc_mask = torch.ones(B, enc[0].shape[1], dtype=torch.long)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        toks = [nxt]
-        for _ in range(new_tokens - 1):
-            out = base(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=nxt, use_cache=True,
-                       **{cache_kw: cache})
-            cache = getattr(out, "cache", None) or out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(nxt)
-    return torch.cat(toks, dim=1).numpy()
-
-
-def _peft_loop(pm, ids_t, task_ids, new_tokens: int):
-    """PEFT forward (prefill, all positions' logits as PEFT computes them), then a KV-cache loop over the base."""
-    import inspect
-
-    import torch
-
-    cache_kw = "cache" if "cache" in inspect.signature(pm.base_model.forward).parameters else "past_key_values"
-    with torch.no_grad():
-        mask = torch.ones_like(ids_t)
-        out = pm(input_ids=ids_t, attention_mask=mask, task_ids=task_ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        toks = [nxt]
-        full_mask = torch.ones(ids_t.shape[0], cache.get_seq_length(), dtype=torch.long, device=ids_t.device)
-        for _ in range(new_tokens - 1):
-            full_mask = torch.cat([full_mask, torch.ones_like(nxt)], dim=1)
-            out = pm.base_model(input_ids=nxt, attention_mask=full_mask, use_cache=True, **{cache_kw: cache})
-            cache = getattr(out, "cache", None) or out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(nxt)
-    return torch.cat(toks, dim=1).cpu().numpy()
 
 
 def _time(fn, repeats: int, warmup: int = 1):
@@ -317,12 +218,13 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     import torch
 
     from .bundle import load_bundle
-    from .export.api import adapters_from_bank, load_base_model
+    from .export.torchside import adapters_from_bank, load_base_model
     from .export.reference import peft_model_for
 
-    limit = max(256, 4 * (os.cpu_count() or 1))
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= limit):
-        raise InputError(f"--threads must be an integer from 1 to {limit}, got {threads!r}")
+    if threads is not None:
+        from .runtime.onnxruntime import check_threads
+
+        check_threads(threads, "--threads")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if bundle is not None:
@@ -356,17 +258,17 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     ids_t = torch.from_numpy(ids)
     if p.seq2seq:
         start = int(b.base_model.get("decoder_start_token_id") or 0)
-        t_peft, tok_peft = _time(lambda: _peft_seq2seq_loop(pm, ids_t, task_ids, p.new_tokens, start), repeats)
+        t_peft, tok_peft = _time(lambda: peft_seq2seq_loop(pm, ids_t, task_ids, p.new_tokens, start), repeats)
         enc_p = sum(x.numel() for n, x in model.named_parameters() if n.startswith("encoder."))
         dec_p = sum(x.numel() for n, x in model.named_parameters() if n.startswith("decoder."))
-        peft_flops = ours_flops = ours_cached_flops = _flops_seq2seq(p, enc_p, dec_p)
+        peft_flops = ours_flops = ours_cached_flops = flops_seq2seq(p, enc_p, dec_p)
     else:
-        t_peft, tok_peft = _time(lambda: _peft_loop(pm, ids_t, task_ids, p.new_tokens), repeats)
+        t_peft, tok_peft = _time(lambda: peft_loop(pm, ids_t, task_ids, p.new_tokens), repeats)
         body = sum(x.numel() for n, x in model.named_parameters() if "wte" not in n and "embed" not in n
                    and "lm_head" not in n and "wpe" not in n)
-        peft_flops = _flops(p, body, p.virtual_tokens, True, True)
-        ours_flops = _flops(p, body, p.virtual_tokens, True, False)
-        ours_cached_flops = _flops(p, body, p.virtual_tokens, False, False)
+        peft_flops = flops_causal(p, body, p.virtual_tokens, True, True)
+        ours_flops = flops_causal(p, body, p.virtual_tokens, True, False)
+        ours_cached_flops = flops_causal(p, body, p.virtual_tokens, False, False)
     weight_bytes = sum(x.numel() * x.element_size() for x in {id(x): x for x in model.parameters()}.values())
     mem = {"ids": ids.tolist(), "tasks": tasks, "new": p.new_tokens, "threads": threads, "seq2seq": p.seq2seq,
            "start": int(b.base_model.get("decoder_start_token_id") or 0), "base": str(base)}

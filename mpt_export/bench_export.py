@@ -201,7 +201,7 @@ def _gpu_provider() -> str | None:
 
 def run_bench_export(shape_name: str, dtype: str | None = None, workdir: str | Path = "build/bench-export",
                      keep: bool = False, on_step=None) -> dict:
-    from .atomic import claim_workdir, remove_workdir, seal_workdir
+    from .ownership import claim_workdir, remove_workdir, seal_workdir
     from .export.precision import canonical_dtype
 
     step = on_step or (lambda s: None)

@@ -18,13 +18,13 @@ and is often gone by the time a model ships. Only numpy and safetensors are need
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .basemodel import read_json_object
 from .errors import BaseModelError, CheckpointError, MissingDependencyError
 from .errors import InputError as MptInputError
 from .taskbank import TASK_NAME_RE, Task, TaskBank, check_task_arrays, check_task_name  # noqa: F401 (re-exported)
@@ -109,14 +109,7 @@ def _load_config(path: Path) -> dict:
         raise CheckpointError(
             f"{path} has no {CONFIG_NAME}; expected a PEFT adapter directory (save_pretrained output)"
         )
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except OSError as e:
-        raise CheckpointError(f"cannot read {cfg_file} ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter with save_pretrained") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_file} holds {type(cfg).__name__}, expected a JSON object")
+    cfg = read_json_object(cfg_file, CheckpointError, "; re-save the adapter with save_pretrained")
     peft_type = cfg.get("peft_type")
     if peft_type != MPT_PEFT_TYPE:
         raise CheckpointError(

@@ -300,7 +300,7 @@ def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 
 
 def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force: bool = True, on_step=None) -> dict:
     """Build everything in code, export one bundle, validate it. Returns timings, the bundle and its report."""
-    from .atomic import check_replaceable, claim_workdir, remove_workdir, seal_workdir
+    from .ownership import check_replaceable, claim_workdir, remove_workdir, seal_workdir
     from .export.api import export_bundle
 
     workdir = Path(workdir)

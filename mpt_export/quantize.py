@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import replace_dir
-from .bundle import Bundle, load_bundle, write_manifest
+from .bundle import Bundle, load_bundle
+from .manifest import write_manifest
 from .errors import InputError, MissingDependencyError, ValidationError
 
 DEFAULT_MIN_AGREEMENT = 0.9
@@ -49,12 +50,16 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise InputError(f"unknown int8 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
 def int8_plan(model_path: Path, variant: str) -> dict:
     """Which nodes of a graph to quantize for ``variant``: -> quantize_dynamic keyword arguments and a summary."""
     import onnx
 
-    if variant not in VARIANTS:
-        raise InputError(f"unknown int8 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    check_variant(variant)
     g = onnx.load(str(model_path), load_external_data=False).graph
     inits = {t.name for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
@@ -141,13 +146,13 @@ def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEF
     """Write an int8 copy of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src``
     (``src`` is never modified; ``out`` must not be ``src`` or hold it)."""
     step = on_step or (lambda s: None)
-    if variant not in VARIANTS:
-        raise InputError(f"unknown int8 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    check_variant(variant)
     if not 0 <= min_agreement <= 1:
         raise InputError(f"min_agreement must be in [0, 1], got {min_agreement}")
-    from .atomic import check_path_text, resolve_output
+    from .atomic import resolve_output
+    from .ownership import check_path_text
 
-    check_path_text(Path(out))
+    check_path_text(Path(out))  # before hashing the source: a bad output path costs nothing
     out = resolve_output(out)
     inputs = [("source bundle", Path(src)), *inputs]
     with load_bundle(src) as b:

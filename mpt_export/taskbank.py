@@ -26,6 +26,14 @@ def check_task_name(name: str) -> None:
                             "letters, digits, '_', '.' and '-'")
 
 
+def positions_needed(T: int, nts: int, task_type: str) -> int:
+    """Positions a task of ``T`` virtual tokens needs at least: causal, its prompt + one input token + one new token;
+    T5, the larger of its encoder side (its half of the prompt + one input token) and its decoder side (its half +
+    the start token + one new token)."""
+    n = T // nts
+    return max(n + 1, T - n + 2) if task_type == "SEQ_2_SEQ_LM" else T + 2
+
+
 def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, hidden_size: int | None,
                       nts: int = 1, max_positions: int | None = None, task_type: str = "CAUSAL_LM",
                       where: str = "") -> None:
@@ -51,11 +59,9 @@ def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.
             raise InputError(f"task {name!r}{at}: {label} contains NaN or Inf values; the task is unusable")
     if max_positions is None:
         return
-    n = T // nts
-    if task_type == "SEQ_2_SEQ_LM":
-        need, what = max(n + 1, T - n + 2), "its encoder prompt and one input token, or its decoder prompt, the start token and one new token"
-    else:
-        need, what = T + 2, "its virtual tokens, one input token and one new token"
+    need = positions_needed(T, nts, task_type)
+    what = ("its encoder prompt and one input token, or its decoder prompt, the start token and one new token"
+            if task_type == "SEQ_2_SEQ_LM" else "its virtual tokens, one input token and one new token")
     if need > max_positions:
         raise InputError(
             f"task {name!r}{at} has {T} virtual tokens, but the model has only {max_positions} positions: it needs "
@@ -70,18 +76,25 @@ class Task:
     rows: np.ndarray  # (r, D)
     source: str = ""  # adapter directory it came from
     index_in_source: int = 0
+    _digest: tuple = field(default=((), ""), repr=False, compare=False)  # (the arrays it was computed for, digest)
 
     @property
     def rank(self) -> int:
         return int(self.cols.shape[1])
 
     def digest(self, shared: np.ndarray) -> str:
-        """Content hash of everything that determines this task's prompt (cache key for runtimes)."""
-        h = hashlib.sha256()
-        for a in (shared, self.cols, self.rows):
-            h.update(str(a.shape).encode())
-            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        return h.hexdigest()[:16]
+        """Content hash of everything that determines this task's prompt (cache key for runtimes): computed again
+        only when one of the arrays is replaced, not on every request (arrays are replaced, never changed in
+        place: every path that changes a task assigns new ones)."""
+        arrays = (shared, self.cols, self.rows)
+        seen = self._digest[0]
+        if len(seen) != 3 or any(x is not y for x, y in zip(seen, arrays)):
+            h = hashlib.sha256()
+            for a in arrays:
+                h.update(str(a.shape).encode())
+                h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+            self._digest = (arrays, h.hexdigest()[:16])
+        return self._digest[1]
 
 
 @dataclass

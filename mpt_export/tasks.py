@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from .atomic import fault_point, replace_dir, resolve_output
-from .bundle import Bundle, load_bundle, write_manifest
+from .bundle import Bundle, load_bundle
+from .manifest import write_manifest
 from .checkpoint import check_adapter_fits, parse_adapter_spec, read_adapter
 from .errors import BaseModelError, CheckpointError, InputError, TaskNameError
 
@@ -67,25 +68,20 @@ def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
         for _, ck in specs:
             check_adapter_matches(b, ck)
 
+    added: list[str] = []
+
     def change(b: Bundle, bank):
+        added.clear()  # (a retried rewrite starts over)
         for names, ck in specs:
             try:
-                bank.add_adapter(ck, names)
+                added.extend(bank.add_adapter(ck, names))
             except TaskNameError as e:
                 raise TaskNameError(f"{e} (the bundle has: {', '.join(b.tasks)})") from None
-            except CheckpointError as e:
+            except CheckpointError as e:  # the bundle changed since the check above (another writer)
                 raise BaseModelError(str(e)) from None
         return [ck.summary() for _, ck in specs]
 
-    added: list[str] = []
-
-    def change_and_note(b, bank):
-        before = set(bank.names)
-        extra = change(b, bank)
-        added.extend(n for n in bank.names if n not in before)
-        return extra
-
-    out = _rewrite(bundle_path, change_and_note)
+    out = _rewrite(bundle_path, change)
     out.added_tasks = added  # what this call added (another writer may have added others meanwhile)
     return out
 

@@ -123,8 +123,9 @@ def baseline():
     import torch
 
     import mpt_export
-    from mpt_export.bench import PRESETS, _peft_loop, _prepare
-    from mpt_export.export.api import adapters_from_bank, load_base_model
+    from mpt_export.bench import PRESETS, _prepare
+    from mpt_export.bench_ref import peft_loop
+    from mpt_export.export.torchside import adapters_from_bank, load_base_model
     from mpt_export.export.reference import peft_model_for
 
     p = PRESETS["gpt2-small-shape"]
@@ -152,7 +153,7 @@ def baseline():
         task_ids = torch.tensor([ck_names.index(t) for t in tasks]).cuda()
 
         def run():
-            toks = _peft_loop(pm, ids_t, task_ids, p.new_tokens)
+            toks = peft_loop(pm, ids_t, task_ids, p.new_tokens)
             torch.cuda.synchronize()
             return toks
 

@@ -63,7 +63,8 @@ def study(workdir: Path, arch: str, nts, act_scale: float, layers: int = 2) -> d
     import mpt_export
     from mpt_export.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter
     from mpt_export.errors import ValidationError
-    from mpt_export.export.api import _validate, load_base_model
+    from mpt_export.export.api import _validate
+    from mpt_export.export.torchside import load_base_model
 
     seq2seq = arch in SEQ2SEQ_ARCHS
     root = workdir / f"{arch}-{nts}-{act_scale:g}"
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="build/tolerance")
     ap.add_argument("--archs", default=None, help="comma-separated subset of: " + ",".join(sorted({c[0] for c in CASES})))
     args = ap.parse_args(argv)
-    from mpt_export.atomic import claim_workdir
+    from mpt_export.ownership import claim_workdir
 
     workdir = claim_workdir(Path(args.workdir), "tolerance-workdir")
     pick = set(args.archs.split(",")) if args.archs else None

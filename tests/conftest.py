@@ -89,7 +89,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def peft_refs(case):
     """The case's bundle and, per task, (PEFT model over the base, task index in its adapter)."""
     import mpt_export
-    from mpt_export.export.api import adapters_from_bank, load_base_model
+    from mpt_export.export.torchside import adapters_from_bank, load_base_model
     from mpt_export.export.reference import peft_model_for
 
     model, _, _ = load_base_model(case.base)

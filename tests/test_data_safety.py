@@ -86,7 +86,7 @@ def test_force_never_replaces_a_foreign_directory_or_an_input(llama, tmp_path):
     assert_clean_failure(cli("build", b, "--out", foreign), "was not written by mpt-export")
     assert_clean_failure(cli("build", b, "--out", b), "is the bundle this command reads")
     assert (foreign / "thesis.txt").read_text() == "years of work" and (foreign / "tiny" / "data.csv").exists()
-    from mpt_export.atomic import claim_workdir
+    from mpt_export.ownership import claim_workdir
 
     mine = claim_workdir(tmp_path / "demo", "demo-workdir", contents=["base", "adapters", "bundle"])
     (mine / "results.csv").write_text("keep me")  # the user's file inside a demo workdir: not ours to delete
@@ -350,7 +350,7 @@ def test_killed_between_renames_is_recovered_on_open(llama, tmp_path):
 # -- 4. the manifest's own integrity ----------------------------------------------------------------------------------
 
 def _edit(b: Path, fn, redigest: bool):
-    from mpt_export.bundle import DIGEST_KEY, manifest_digest
+    from mpt_export.manifest import DIGEST_KEY, manifest_digest
 
     m = json.loads((b / "manifest.json").read_text())
     fn(m)
@@ -512,7 +512,7 @@ def test_user_files_that_look_like_ours_are_left_alone(llama, tmp_path):
 
 
 def test_a_finished_demo_workdir_keeps_files_the_user_added_anywhere_in_it(tmp_path):
-    from mpt_export.atomic import claim_workdir, remove_workdir, seal_workdir
+    from mpt_export.ownership import claim_workdir, remove_workdir, seal_workdir
     from mpt_export.errors import OutputExistsError
 
     w = claim_workdir(tmp_path / "w", "demo-workdir", contents=["base", "adapters", "bundle"])

@@ -6,7 +6,7 @@ import pytest
 
 import mpt_export
 from conftest import left_padded, peft_refs
-from mpt_export.export.api import load_base_model
+from mpt_export.export.torchside import load_base_model
 from mpt_export.export.reference import peft_causal_forward
 
 ARCHS = ["llama", "llama-gqa", "gpt2", "mistral", "qwen2"]

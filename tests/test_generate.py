@@ -11,7 +11,7 @@ import pytest
 import mpt_export
 from conftest import left_padded, run_cli
 from mpt_export.errors import BaseModelError, InputError, TaskNameError
-from mpt_export.export.api import adapters_from_bank, load_base_model
+from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_model_for
 
 

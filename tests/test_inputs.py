@@ -60,7 +60,7 @@ def test_nan_logits_are_an_error_not_eos(llama, tmp_path):
     rows as if they had met EOS."""
     import onnx
 
-    from mpt_export.bundle import write_manifest
+    from mpt_export.manifest import write_manifest
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
@@ -126,6 +126,27 @@ def test_text_stream_never_shows_partial_characters_or_stop_strings(llama):
     partial = TextStream(tok, stop=["ok!"])
     shown = "".join(partial.push(i) for i in ids[: len(tok.tok.encode("café ☕ ok").ids)])
     assert shown == "café ☕ "  # "ok" could be the start of the stop string: held back until it is not
+
+
+def test_text_stream_window_agrees_with_whole_decodes(llama):
+    """Each push decodes a short window; what it shows is always a prefix of decoding the whole row."""
+    from mpt_export.runtime.streaming import TextStream, cut_at_stop
+
+    tok = mpt_export.load_bundle(llama.bundle).session().tokenizer
+    rng = np.random.default_rng(0)
+    vocab = tok.tok.get_vocab_size()
+    for n in range(60):
+        ids = rng.integers(0, vocab, int(rng.integers(1, 40))).tolist()
+        stop = ["e t"] if n % 3 == 0 else None
+        st = TextStream(tok, stop=stop)
+        pieces = []
+        for k, i in enumerate(ids):
+            pieces.append(st.push(i))
+            assert tok.decode(ids[: k + 1]).startswith("".join(pieces))
+            if st.stopped:
+                break
+        final = cut_at_stop(tok.decode(ids[: k + 1]), stop)
+        assert "".join(pieces) + st.finish(final) == final
 
 
 def test_stream_equals_final_text(llama):

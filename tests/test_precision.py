@@ -9,7 +9,7 @@ import pytest
 import mpt_export
 from conftest import run_cli
 from mpt_export.errors import InputError, ValidationError
-from mpt_export.export.api import adapters_from_bank, load_base_model
+from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_causal_forward, peft_model_for, peft_seq2seq_forward, shift_right
 from test_cli import assert_clean_failure, no_output_left
 

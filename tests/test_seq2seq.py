@@ -9,7 +9,7 @@ import pytest
 
 import mpt_export
 from conftest import peft_refs, run_cli
-from mpt_export.export.api import load_base_model
+from mpt_export.export.torchside import load_base_model
 from mpt_export.export.reference import peft_model_for, peft_seq2seq_forward, shift_right
 from test_cli import assert_clean_failure, no_output_left
 

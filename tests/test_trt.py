@@ -103,7 +103,7 @@ def test_check_trt_passes_on_bundles(make_case, arch, nts):
 
 
 def test_check_trt_fails_precisely(llama, tmp_path):
-    from mpt_export.bundle import write_manifest
+    from mpt_export.manifest import write_manifest
     from mpt_export.quantize import quantize_bundle
 
     q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)

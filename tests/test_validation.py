@@ -13,7 +13,8 @@ import pytest
 import mpt_export
 from conftest import TINY, run_cli
 from mpt_export.errors import ValidationError
-from mpt_export.export.api import _validate, load_base_model
+from mpt_export.export.api import _validate
+from mpt_export.export.torchside import load_base_model
 from mpt_export.export.precision import DEFAULT_TOL, tolerance
 from test_cli import assert_clean_failure
 
@@ -75,7 +76,7 @@ def test_healthy_t5_with_large_activations_passes_by_default(tmp_path):
     val = b.manifest["validation"]
     assert val["passed"] and (val["atol"], val["rtol"]) == (1e-5, 1e-4)
     # the activations really are large, so a fixed absolute bound of 1e-4 would have been tight
-    from mpt_export.export.api import adapters_from_bank
+    from mpt_export.export.torchside import adapters_from_bank
     from mpt_export.export.reference import peft_model_for
 
     ref_model, _, _ = load_base_model(tmp_path / "base")

@@ -234,18 +234,6 @@ def compare_seq2seq(session, cases: Cases, tol: dict | None = None, on_step=None
     return rep.summary()
 
 
-def validate_causal(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
-                    seed: int | None = None, on_step=None) -> dict:
-    """Reference and comparison in one call (both models held at once: fine for small models)."""
-    return compare_causal(session, reference_causal(peft_models, task_index, vocab, seed, on_step), tol, on_step)
-
-
-def validate_seq2seq(session, peft_models: dict, task_index: dict, vocab: int, tol: dict | None = None,
-                     seed: int | None = None, on_step=None) -> dict:
-    cases = reference_seq2seq(peft_models, task_index, vocab, session.decoder_start_token_id, seed, on_step)
-    return compare_seq2seq(session, cases, tol, on_step)
-
-
 def _default_tol(session) -> dict:
     from .precision import tolerance
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError, NumericsError, TaskNameError
 from .sampling import SamplingConfig, check_stop, select
+from .streaming import TextStream, cut_at_stop
 
 
 class _LRU:
@@ -299,7 +300,7 @@ class Session:
         result = np.full((B, cfg.max_new_tokens), eos if eos is not None else 0, np.int64)
         lengths = np.zeros(B, np.int64)
         finish = ["length"] * B
-        tok = self.tokenizer if stop else None
+        streams = [TextStream(self.tokenizer, stop) for _ in range(B)] if stop else None  # incremental stop check
         for step in range(cfg.max_new_tokens):
             if not np.isfinite(logits).all():
                 bad = sorted({tasks[r] for r, ok in zip(rows, np.isfinite(logits).all(-1)) if not ok})
@@ -317,10 +318,12 @@ class Session:
                 done |= nxt == eos
                 for r in rows[nxt == eos]:
                     finish[r] = "eos"
-            if stop:
+            if streams:
                 for j, r in enumerate(rows):
-                    if not done[j] and any(s in tok.decode(result[r, : lengths[r]]) for s in stop):
-                        done[j], finish[r] = True, "stop"
+                    if not done[j]:
+                        streams[r].push(nxt[j])
+                        if streams[r].stopped:
+                            done[j], finish[r] = True, "stop"
             if step == cfg.max_new_tokens - 1 or done.all():
                 break
             if forced_tokens is not None:
@@ -358,8 +361,4 @@ class Session:
         toks = res.ids[b, : res.lengths[b]]
         if res.finish[b] == "eos":
             toks = toks[:-1]
-        text = self.tokenizer.decode(toks)
-        for s in check_stop(stop) or ():
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+        return cut_at_stop(self.tokenizer.decode(toks), check_stop(stop))

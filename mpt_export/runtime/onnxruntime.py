@@ -30,6 +30,14 @@ def resolve_provider(provider: str) -> list[str]:
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
+def check_threads(value, what: str = "threads") -> int:
+    """A thread count: an integer from 0 (one per core) to a sane limit; one clear error otherwise."""
+    limit = max(256, 4 * (os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise InputError(f"{what} must be an integer from 1 to {limit} (0 or none: one per core), got {value!r}")
+    return int(value)
+
+
 class OrtBackend:
     """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
 
@@ -56,12 +64,7 @@ class OrtBackend:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = levels[optimization]
         if intra_op_threads is not None:
-            limit = max(256, 4 * (os.cpu_count() or 1))
-            if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) \
-                    or not 0 <= intra_op_threads <= limit:
-                raise InputError(f"threads must be an integer from 1 to {limit} (0 or none: one per core), got "
-                                 f"{intra_op_threads!r}")
-            opts.intra_op_num_threads = int(intra_op_threads)
+            opts.intra_op_num_threads = check_threads(intra_op_threads)
         opts.log_severity_level = 3
         if not prepack:
             opts.add_session_config_entry("session.disable_prepacking", "1")

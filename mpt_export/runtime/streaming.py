@@ -2,13 +2,27 @@
 
 Decoding token by token is not prefix-stable: a byte-level token can end in the middle of a UTF-8 character (the
 decoder shows U+FFFD until the rest arrives), and a stop string may be building up at the end of the text. So each
-push decodes the row's tokens so far and shows only the part that can no longer change: up to the first stop string
-(where the row then ends), without trailing U+FFFD, and holding back a tail that could be the start of a stop
-string. At the end, :meth:`TextStream.finish` emits whatever of the final text was held back — the concatenation of
-all emitted pieces equals ``Session.decode_row`` for that row.
+push shows only the part that can no longer change: up to the first stop string (where the row then ends), without
+trailing U+FFFD, and holding back a tail that could be the start of a stop string. At the end,
+:meth:`TextStream.finish` emits whatever of the final text was held back — the concatenation of all emitted pieces
+equals ``Session.decode_row`` for that row.
+
+Each push decodes a short window, not the whole row (which would cost O(length) per token): the tokens since the
+last complete character, decoded together with the few tokens before them, minus those tokens' own text — the way
+Hugging Face's streamers do it, so decoders that treat the first token specially (a leading space) agree.
 """
 
 from __future__ import annotations
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = len(text)
+    for s in stop or ():
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
 
 
 class TextStream:
@@ -19,6 +33,21 @@ class TextStream:
         self.ids: list[int] = []
         self.shown = ""
         self.stopped = False
+        self._done = ""  # text of ids[:_read], complete characters only
+        self._prefix, self._read = 0, 0  # window start; end of the tokens whose text is in _done
+        self._prefix_text = ""  # decode(ids[_prefix:_read])
+        self._longest = max((len(s) for s in self.stop), default=0)
+
+    def _text(self) -> str:
+        """The row's text so far (its last character may still be incomplete: U+FFFD)."""
+        new = self.tok.decode(self.ids[self._prefix:])
+        tail = new[len(self._prefix_text):]
+        if tail and not new.endswith("\ufffd"):  # complete: commit, move the window
+            self._done += tail
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
+            return self._done
+        return self._done + tail
 
     def push(self, token_id: int) -> str:
         """Add one generated token; -> the newly final text (often '')."""
@@ -26,10 +55,11 @@ class TextStream:
         if self.stopped or (self.eos is not None and token_id == self.eos):
             return ""
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
+        text = self._text()
+        start = max(0, len(self.shown) - self._longest)  # a stop string cannot lie wholly in what was shown
         cut = len(text)
         for s in self.stop:
-            i = text.find(s)
+            i = text.find(s, start)
             if i >= 0:
                 cut, self.stopped = min(cut, i), True
         if not self.stopped:

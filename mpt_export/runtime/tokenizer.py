@@ -57,17 +57,11 @@ class BundleTokenizer:
 
     def encode_batch(self, texts: list[str], padding: str = "left") -> tuple[np.ndarray, np.ndarray]:
         """Padded ids and mask, int64 (B, S): left-padded for decoder-only models, right-padded for encoders."""
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise InputError(f"prompt {i} is empty; give some text to continue")
-            check_text(t, f"prompt {i}")
-        encs = [self.tok.encode(t).ids for t in texts]
+        encs = [self.encode(t, f"prompt {i}") for i, t in enumerate(texts)]
         S = max(len(e) for e in encs)
         ids = np.full((len(encs), S), self.pad_token_id, np.int64)
         mask = np.zeros((len(encs), S), np.int64)
         for b, e in enumerate(encs):
-            if not e:
-                raise InputError(f"prompt {b} encodes to no tokens; give some text to continue")
             sl = slice(S - len(e), S) if padding == "left" else slice(0, len(e))
             ids[b, sl] = e
             mask[b, sl] = 1

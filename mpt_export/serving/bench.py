@@ -54,10 +54,11 @@ def client_main(argv=None) -> None:
                 if not line.startswith("data: {"):
                     continue
                 now = time.perf_counter()
-                if '"usage":{' in line.replace(" ", "") and '"choices":[]' in line.replace(" ", ""):
+                flat = line.replace(" ", "")  # no JSON parsing per token: the client stays light
+                if '"choices":[]' in flat and '"usage":{' in flat:
                     n = json.loads(line[6:])["usage"]["completion_tokens"]
                     continue
-                if '"finish_reason":null' in line.replace(" ", ""):  # a token chunk (the finish chunk carries none)
+                if '"finish_reason":null' in flat:  # a token chunk (the finish chunk carries none)
                     first = first or now
                     last = now
         results.append({"i": i, "t0": t0, "ttft": (first or time.perf_counter()) - t0,
@@ -98,18 +99,12 @@ def _load(url: str, jobs: list[dict], clients: int, key: str | None, workdir: Pa
             "tpot_p95_s": _pct([r["tpot"] for r in rs if r["tpot"]], 95)}
 
 
-def _steps(url: str, key: str | None, since: int) -> list[dict]:
+def _steps(url: str, key: str | None, since: int = 0) -> dict:
+    """The server's step record after step ``since``: {"steps": [...], "step_count": N}."""
     import httpx
 
     h = {"Authorization": f"Bearer {key}"} if key else {}
-    return [s for s in httpx.get(url + "/admin/steps", headers=h, timeout=30).json()["steps"] if s["step"] > since]
-
-
-def _step_count(url: str, key: str | None) -> int:
-    import httpx
-
-    h = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.get(url + "/admin/steps", headers=h, timeout=30).json()["step_count"]
+    return httpx.get(url + "/admin/steps", params={"since": since}, headers=h, timeout=30).json()
 
 
 def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None = None, prompt_len: int = 64,
@@ -120,7 +115,7 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
 
     import mpt_export
 
-    from ..atomic import claim_workdir
+    from ..ownership import claim_workdir
     from ..errors import InputError
 
     step = on_step or (lambda s: None)
@@ -172,9 +167,9 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
         step(f"one at a time: {len(jobs)} requests")
         sequential = _load(url, jobs, 1, key, workdir)
         step(f"concurrent: {clients} clients, {len(jobs)} requests")
-        since = _step_count(url, key)
+        since = _steps(url, key, 1 << 62)["step_count"]
         concurrent = _load(url, jobs, clients, key, workdir)
-        decode = [x["batch"] for x in _steps(url, key, since) if x["kind"] == "decode"]
+        decode = [x["batch"] for x in _steps(url, key, since)["steps"] if x["kind"] == "decode"]
         concurrent["mean_batch"] = float(np.mean(decode)) if decode else 0.0
         sequential["mean_batch"] = 1.0
     finally:

@@ -34,56 +34,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError, MptExportError, NumericsError
 from ..runtime.sampling import SamplingConfig, check_stop, select
-from ..runtime.streaming import TextStream
-
-
-class QueueFull(MptExportError):
-    """The waiting queue is at ``max_queue``: try again later."""
-
-
-class Draining(MptExportError):
-    """The engine is shutting down and takes no new requests."""
-
-
-@dataclass
-class Request:
-    """One sequence to generate. ``on_event(kind, data)`` is called from the engine thread with
-    ``("token", {"text": delta, "token": id})`` for every generated token (``delta``: the text that became final
-    with it, often ""), then ``("done", request)`` or
-    ``("error", exception)``."""
-
-    task: str
-    ids: list[int]
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    seed_row: int = 0  # the row index Session.generate would give this sequence (a prompt list's position)
-    stop: list[str] | None = None
-    on_event: Callable | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    # filled by the engine
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish: str | None = None  # "eos" | "stop" | "length" | "cancelled"
-    error: Exception | None = None
-    t_submit: float = 0.0
-    t_first: float | None = None
-    t_done: float | None = None
-
-    @property
-    def finish_reason(self) -> str | None:
-        """OpenAI's name: EOS and stop strings are both "stop"."""
-        return {"eos": "stop"}.get(self.finish, self.finish)
+from ..runtime.streaming import TextStream, cut_at_stop
+from .batchstate import build_state, copy_row, length_groups, unused_columns, used_columns
+from .request import Draining, QueueFull, Request
 
 
 class _Row:
@@ -118,6 +76,7 @@ class Engine:
         self._rows: list[_Row | None] = []  # None: a free slot (its row finished; decoded, ignored)
         self._free_since: dict[int, int] = {}  # free slot -> step it was freed
         self._state: dict | None = None
+        self._layout: dict | None = None  # mask name -> [(state name, length axis)]
         self._accepting = True
         self._stopping = False
         self._admitting = 0
@@ -242,6 +201,12 @@ class Engine:
                            "batch": len(rows), "rows": graph_rows, "ms": round(1000 * (time.perf_counter() - t0), 3),
                            "t": time.time()})
 
+    def _groups(self) -> dict:
+        """The state's length groups (fixed per session kind: worked out once)."""
+        if self._layout is None:
+            self._layout = length_groups(self.session, self._state)
+        return self._layout
+
     def _live(self) -> list[_Row]:
         return [r for r in self._rows if r is not None]
 
@@ -276,15 +241,14 @@ class Engine:
         if not newcomers:
             return
         if self._state is None:
-            self._rows, self._state, self._free_since = [], None, {}
             self._rebuild([(row, state, i) for row, i in newcomers])
             return
-        groups = _groups(self.session, self._state)
+        groups = self._groups()
         rest = []
         for row, i in newcomers:
             slot = next(iter(sorted(self._free_since)), None)
-            if slot is not None and all(_used(state[g][i]) <= self._state[g].shape[1] for g in groups):
-                _copy_row(groups, self._state, slot, state, i)
+            if slot is not None and all(used_columns(state[g][i]) <= self._state[g].shape[1] for g in groups):
+                copy_row(groups, self._state, slot, state, i)
                 self._rows[slot] = row
                 del self._free_since[slot]
                 self.joins["in_place"] += 1
@@ -305,15 +269,14 @@ class Engine:
         self._state = build_state(self.session, [(src, i) for _, src, i in parts])
 
     def _decode(self) -> None:
-        live = self._live()
+        slots = [j for j, r in enumerate(self._rows) if r is not None]
+        live = [self._rows[j] for j in slots]
         tokens = np.array([r.next_token if r is not None else self.pad_id for r in self._rows], np.int64)
         t0 = time.perf_counter()
         logits, state = self.session._step(self._state, tokens)
         self._log("decode", live, len(self._rows), t0)
         self._state = {k: _as_numpy(v) for k, v in state.items()}
-        logits = np.asarray(logits)
-        slots = [j for j, r in enumerate(self._rows) if r is not None]
-        keep = self._advance(live, logits[slots])
+        keep = self._advance(live, np.asarray(logits)[slots])
         self._free([slots[j] for j in np.flatnonzero(~keep)])
         self._compact()
 
@@ -342,8 +305,8 @@ class Engine:
         stale = any(self.step_count - t >= FREE_SLOT_STEPS for t in self._free_since.values())
         if not stale:
             live = [j for j, r in enumerate(self._rows) if r is not None]
-            stale = any(_unused(self._state[g], live) * 4 >= self._state[g].shape[1] > 16
-                        for g in _groups(self.session, self._state))
+            stale = any(unused_columns(self._state[g], live) * 4 >= self._state[g].shape[1] > 16
+                        for g in self._groups())
         if stale:
             self.joins["compact"] += 1
             self._rebuild([(r, self._state, j) for j, r in enumerate(self._rows) if r is not None])
@@ -389,10 +352,7 @@ class Engine:
             row.next_token = tok
             return False
         toks = req.tokens[:-1] if finish == "eos" else req.tokens
-        text = self.tokenizer.decode(toks)
-        for s in req.stop or ():
-            if s in text:
-                text = text[: text.index(s)]
+        text = cut_at_stop(self.tokenizer.decode(toks), req.stop)
         rest = row.stream.finish(text)
         if rest:
             self._emit(req, "token", {"text": rest, "token": None})
@@ -415,65 +375,3 @@ class Engine:
                 req.on_event(kind, data)
             except Exception:  # a consumer that went away must not stop the engine
                 pass
-
-
-# -- state plumbing -------------------------------------------------------------------------------------------------
-
-def _groups(session, state: dict) -> dict[str, list[tuple[str, int]]]:
-    """mask name -> [(state name, length axis)] for every state value that has a length axis."""
-    out: dict[str, list[tuple[str, int]]] = {}
-    for name in state:
-        axis, group = session.state_group_of(name)
-        if axis is not None:
-            out.setdefault(group, []).append((name, axis))
-    return out
-
-
-def _used(mask_row: np.ndarray) -> int:
-    """How many trailing columns a row needs: from its first real slot to the end."""
-    nz = np.flatnonzero(mask_row)
-    return int(len(mask_row) - nz[0]) if len(nz) else 0
-
-
-def _unused(mask: np.ndarray, rows: list[int]) -> int:
-    """Leading columns that none of ``rows`` uses."""
-    return int(mask.shape[1] - max(_used(mask[j]) for j in rows)) if rows else 0
-
-
-def _copy_row(groups: dict, dst: dict, j: int, src: dict, i: int) -> None:
-    """Row ``i`` of ``src`` into row ``j`` of ``dst`` in place, right-aligned, zeros (mask 0) before it."""
-    done = set()
-    for group, members in groups.items():
-        n = _used(src[group][i])
-        for name, axis in members:
-            d, v = dst[name][j], src[name][i]
-            a = axis - 1  # the row's own axes
-            lead = [slice(None)] * d.ndim
-            lead[a] = slice(0, d.shape[a] - n)
-            d[tuple(lead)] = 0
-            tail_d, tail_s = list(lead), [slice(None)] * v.ndim
-            tail_d[a], tail_s[a] = slice(d.shape[a] - n, None), slice(v.shape[a] - n, None)
-            d[tuple(tail_d)] = v[tuple(tail_s)]
-            done.add(name)
-    for name in dst:
-        if name not in done:
-            dst[name][j] = src[name][i]
-
-
-def build_state(session, parts: list[tuple[dict, int]]) -> dict:
-    """A batch state whose row ``k`` is row ``parts[k][1]`` of state ``parts[k][0]``: along every length axis each
-    row keeps its used columns right-aligned, left-padded with zeros (mask 0) to the longest row's need."""
-    first = parts[0][0]
-    groups = _groups(session, first)
-    lengths = {g: max(_used(src[g][i]) for src, i in parts) for g in groups}
-    out = {}
-    for name, value in first.items():
-        axis, group = session.state_group_of(name)
-        shape = list(value.shape)
-        shape[0] = len(parts)
-        if axis is not None:
-            shape[axis] = lengths[group]
-        out[name] = np.zeros(shape, value.dtype)
-    for k, (src, i) in enumerate(parts):
-        _copy_row(groups, out, k, src, i)
-    return out

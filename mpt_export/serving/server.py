@@ -21,7 +21,9 @@ import sys
 import time
 
 from ..errors import InputError
-from .app import DEFAULT_MAX_BODY, APIError, ServerState, build_app
+from .app import build_app
+from .protocol import DEFAULT_MAX_BODY, APIError
+from .state import ServerState
 
 
 def bind(host: str, port: int) -> socket.socket:

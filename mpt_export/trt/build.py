@@ -11,7 +11,9 @@ import os
 import time
 from pathlib import Path
 
-from ..atomic import check_replaceable, replace_dir
+from ..atomic import replace_dir
+
+from ..ownership import check_replaceable
 from ..bundle import load_bundle
 from ..errors import ExportError
 from .commands import resolve_precision
