@@ -112,13 +112,14 @@ def _inference_session(ort, bundle, file: str, opts, providers):
     spuriously. The directory is the same one, so a short retry settles it; a real problem fails every time."""
     import time
 
-    for attempt in range(6):
+    for attempt in range(10):
         try:
             return ort.InferenceSession(str(bundle.file(file)), opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
             msg = str(e)
-            if "External data path" in msg and attempt < 5:
-                time.sleep(0.02 * (attempt + 1))
+            # ORT's wording differs between releases ("External data path ...", "... escapes model directory")
+            if ("External data path" in msg or "escapes model directory" in msg) and attempt < 9:
+                time.sleep(0.02 * (attempt + 1))  # up to ~0.9 s in all: a loaded machine renames slowly
                 continue
             raise BundleError(f"ONNX Runtime cannot load {file} of {bundle.path} ({type(e).__name__}: "
                               f"{msg.splitlines()[0][:200] if msg else ''}); copy the bundle again or "
