@@ -80,6 +80,7 @@ def build_model(shape: Shape, out: Path, dtype: str, layers: int | None = None, 
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device="cpu")  # storage only, no values to copy
+    model.tie_weights()  # to_empty gives tied parameters (T5's shared / encoder / decoder embeddings) storage each
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # (non-persistent buffers such as rotary frequencies are not saved: the loader makes them)
         for p in model.parameters():
