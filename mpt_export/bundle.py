@@ -19,7 +19,8 @@ old copy on disk until the last reader lets go. On Linux the handle is reachable
 Integrity: the manifest carries its own sha256 (over its canonical JSON) and the sha256 of every file; paths in it
 are relative, plain and stay inside the bundle (no ``..``, no symbolic links); the fields the runtime trusts are
 checked against each other and the graph I/O specs at load, against the graphs themselves when a session opens, and
-the task list against ``tasks.safetensors``.
+the task list against ``tasks.safetensors``. Files are hashed in chunks (bounded memory); a verification stamp kept
+outside the bundle (:mod:`mpt_export.stamps`) lets later opens of unchanged files skip the hashing.
 """
 
 from __future__ import annotations
@@ -259,24 +260,42 @@ class Bundle:
         return open_session(self, provider=provider, backend=backend, engines=engines, **options)
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True) -> Bundle:
     """Open a bundle directory: its manifest's own digest and fields are checked; with ``verify`` (default) every
-    file's sha256 too. The bundle is read through one handle taken here (see the module docstring)."""
+    file's sha256 too — except files that a verification stamp (see :mod:`mpt_export.stamps`) shows unchanged since
+    they were last hashed, unless ``trust_stamp`` is False. The bundle is read through one handle taken here (see
+    the module docstring)."""
+    from . import stamps
+
     path = Path(path)
     fd = _open_dir(path)
     try:
         manifest = _read_manifest(fd, path)
+        dir_stat = os.fstat(fd)
+        stamp = stamps.read(dir_stat, manifest[DIGEST_KEY]) if verify and trust_stamp else {}
+        started, hashed, vouched = time.time_ns(), False, {}
         for rel, digest in manifest["files"].items():
             ffd = _open_in(fd, rel, str(path))
             try:
-                if verify and sha256_stream(ffd) != digest:
+                st = os.fstat(ffd)
+                if not verify:
+                    continue
+                if stamps.trusted(stamp, rel, digest, st):
+                    vouched[rel] = stamp[rel]
+                    continue
+                if sha256_stream(ffd) != digest:
                     raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}; it was modified or "
                                       f"corrupted — {REDO}")
+                hashed = True
+                if stamps.file_key(os.fstat(ffd)) == stamps.file_key(st) and stamps.stampable(st, started):
+                    vouched[rel] = [digest, *stamps.file_key(st)]
             except OSError as e:
                 raise BundleError(f"cannot read bundle file {rel} in {path} ({e.strerror}); check its "
                                   "permissions") from None
             finally:
                 os.close(ffd)
+        if hashed:
+            stamps.write(dir_stat, manifest[DIGEST_KEY], vouched)
     except BaseException:
         os.close(fd)
         raise

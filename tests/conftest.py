@@ -63,6 +63,13 @@ class Case:
 _cases: dict[str, Case] = {}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Verification stamps go to this run's own cache (the CLIs and servers the tests start inherit it), never the
+    user's ~/.cache."""
+    os.environ["MPT_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def make_case(tmp_path_factory):
     def get(arch: str, nts: int | None = None) -> Case:
