@@ -50,13 +50,27 @@ def bench_export_cmd(
             ("bundle", _gib(ex["bundle_bytes"]))]
     v = ex.get("validation")
     if v:
-        rows.append(("parity (max rel: logits / KV)", f"{v['logits_max_rel']:.2e} / {v['kv_max_rel']:.2e}"))
+        worst = max(v["logits_max_rel"], v["kv_max_rel"])
+        rows.append(("parity (max rel: logits / KV)", f"{v['logits_max_rel']:.2e} / {v['kv_max_rel']:.2e}  "
+                     f"({'passed' if v['passed'] else 'FAILED'}, worst = {worst / v['rtol']:.2f}x rtol {v['rtol']:g})"))
+    else:
+        rows.append(("parity", "not checked at full size here (see the next rows)"))
     sh = r.get("shallow")
     if sh:
         sv = sh["validation"]
-        rows += [(f"validation on a {sh['layers']}-layer copy", f"{_gib(sh['weight_bytes'])} weights, peak "
+        role = "validation stand-in" if sh.get("stands_in_for_validation") else "for the planted error"
+        rows += [(f"{sh['layers']}-layer copy ({role})", f"{_gib(sh['weight_bytes'])} weights, peak "
                   f"{_gib(sh['peak_rss'])} ({sh['ratio']:.2f}x), {'passed' if sv['passed'] else 'FAILED'}"),
                  ("  its parity (max rel: logits / KV)", f"{sv['logits_max_rel']:.2e} / {sv['kv_max_rel']:.2e}")]
+    pl = r.get("planted")
+    if pl:
+        if "caught" not in pl:
+            rows.append(("planted error", escape(pl.get("error", "-"))))
+        elif pl["caught"]:
+            rows.append((f"  planted error (mid-depth v x{pl['factor']})", f"caught: worst rel {pl['worst_rel']:.2e} "
+                         f"= {pl['worst_rel'] / pl['rtol']:.0f}x rtol {pl['rtol']:g}"))
+        else:
+            rows.append((f"  planted error (mid-depth v x{pl['factor']})", "[red]NOT caught[/]"))
     st = r.get("startup")
     if st:
         for k in ("cold", "warm"):

@@ -81,13 +81,12 @@ def build_model(shape: Shape, out: Path, dtype: str, layers: int | None = None, 
         torch.set_default_dtype(default)
     model = model.to_empty(device="cpu")  # storage only, no values to copy
     model.tie_weights()  # to_empty gives tied parameters (T5's shared / encoder / decoder embeddings) storage each
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # (non-persistent buffers such as rotary frequencies are not saved: the loader makes them)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)  # norms
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    # Each architecture's own initialisation, as ``from_config`` gives it: T5's scales q by (d_model * d_kv)**-0.5
+    # because its attention has no 1/sqrt(d) — one std for every matrix would make its attention ~7x sharper than
+    # the model was designed for (near one-hot softmax), and such a network amplifies rounding layer after layer.
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.apply(model._init_weights)
     model.config.dtype = tdtype
     model.save_pretrained(str(out / "base"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -96,6 +95,57 @@ def build_model(shape: Shape, out: Path, dtype: str, layers: int | None = None, 
                         num_transformer_submodules=1 if shape.family == "t5" else None)
     del model
     return weights
+
+
+PLANTED_FACTOR = {"float32": 1.01, "float16": 1.10, "bfloat16": 1.10}  # as the validation tests plant them
+
+
+def mid_value_projection(model):
+    """The value projection of the mid-depth attention layer (the decoder's for T5, GPT-2's fused c_attn): where a
+    planted error goes."""
+    if hasattr(model, "decoder") and hasattr(model.decoder, "block"):
+        blocks = model.decoder.block
+        return blocks[len(blocks) // 2].layer[0].SelfAttention.v.weight
+    if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
+        blocks = model.transformer.h
+        return blocks[len(blocks) // 2].attn.c_attn.weight
+    blocks = model.model.layers
+    return blocks[len(blocks) // 2].self_attn.v_proj.weight
+
+
+_PLANT = """
+import json, shutil
+from pathlib import Path
+import torch
+from mpt_export.bench_export import mid_value_projection
+from mpt_export.errors import ValidationError
+from mpt_export.export.api import verify_bundle
+from mpt_export.export.torchside import load_base_model
+base, out = Path({base!r}), Path({out!r})
+model, _, _ = load_base_model(base, dtype={dtype!r})
+with torch.no_grad():
+    mid_value_projection(model).mul_({factor!r})
+model.save_pretrained(str(out))
+del model
+for f in base.iterdir():
+    if f.is_file() and not (out / f.name).exists():
+        shutil.copy2(f, out / f.name)
+try:
+    verify_bundle({bundle!r}, base_model=out, seed=0)
+    print(json.dumps({{"caught": False}}))
+except ValidationError as e:
+    cases = e.report["cases"]
+    print(json.dumps({{"caught": True, "rtol": e.report["rtol"], "failed_outputs": sum(len(c["failed"]) for c in cases),
+                      "worst_rel": max(max(c["logits_max_rel"], c["kv_max_rel"]) for c in cases)}}))
+"""
+
+
+def planted_check(base: Path, bundle: Path, out: Path, dtype: str) -> dict:
+    """``verify`` the bundle against a copy of its base model with one weight matrix (the mid-depth value
+    projection) scaled by ``PLANTED_FACTOR``: the check must fail, and by how much tells the margin."""
+    factor = PLANTED_FACTOR[dtype]
+    r = _child_rss(_PLANT.format(base=str(base), out=str(out), dtype=dtype, factor=factor, bundle=str(bundle)))
+    return {"factor": factor, **r}
 
 
 def build_model_isolated(shape: Shape, out: Path, dtype: str, layers: int | None = None) -> int:
@@ -240,17 +290,23 @@ def run_bench_export(shape_name: str, dtype: str | None = None, workdir: str | P
                  "cpu" if shape.validate_full or gpu is None else gpu)
     result["export"] = ex
     result["export"]["ratio"] = ex["peak_rss"] / weights
-    if not full_validate:
-        shallow = root / "shallow"
-        if shallow.exists():
-            shutil.rmtree(shallow)
-        shallow.mkdir()
-        step(f"validate on the same shape cut to {SHALLOW_LAYERS} layers (this machine cannot hold a full "
-             f"{shape_name} {short} session)")
-        sw = build_model_isolated(shape, shallow, dtype, layers=SHALLOW_LAYERS)
-        sx = _export(shallow / "base", shallow / "adapter", shallow / "bundle", short, True, "cpu")
-        result["shallow"] = {"layers": SHALLOW_LAYERS, "weight_bytes": sw, **sx, "ratio": sx["peak_rss"] / sw}
+    # A copy of the shape cut to a few layers (real layer sizes): it stands in for validation where the full model
+    # cannot be validated here, and for every shape it takes the planted-error check (a second full-size model
+    # would not fit the disk beside the first).
+    shallow = root / "shallow"
+    if shallow.exists():
         shutil.rmtree(shallow)
+    shallow.mkdir()
+    step(f"the same shape cut to {SHALLOW_LAYERS} layers: export with validation"
+         + ("" if full_validate else f" (this machine cannot hold a full {shape_name} {short} session)"))
+    sw = build_model_isolated(shape, shallow, dtype, layers=SHALLOW_LAYERS)
+    sx = _export(shallow / "base", shallow / "adapter", shallow / "bundle", short, True, "cpu")
+    result["shallow"] = {"layers": SHALLOW_LAYERS, "weight_bytes": sw, **sx, "ratio": sx["peak_rss"] / sw,
+                         "stands_in_for_validation": not full_validate}
+    step(f"planted error: verify the {SHALLOW_LAYERS}-layer bundle against its base with the mid-depth value "
+         f"projection x{PLANTED_FACTOR[dtype]}")
+    result["planted"] = planted_check(shallow / "base", shallow / "bundle", shallow / "planted", dtype)
+    shutil.rmtree(shallow)
     runnable = shape.validate_full or dtype == "float32"
     if runnable:
         step("open + session: cold (page cache dropped) and warm")

@@ -15,19 +15,11 @@ from conftest import TINY, run_cli
 from mpt_export.errors import ValidationError
 from mpt_export.export.api import _validate
 from mpt_export.export.torchside import load_base_model
+from mpt_export.bench_export import mid_value_projection
 from mpt_export.export.precision import DEFAULT_TOL, tolerance
 from test_cli import assert_clean_failure
 
 ARCHS = ["llama", "llama-gqa", "mistral", "qwen2", "gpt2", "t5", "flan-t5"]
-
-
-def value_projection(model, arch: str):
-    """The value projection of the mid-depth attention layer (the decoder's for T5; GPT-2's fused c_attn)."""
-    if arch in ("t5", "flan-t5"):
-        return model.decoder.block[len(model.decoder.block) // 2].layer[0].SelfAttention.v.weight
-    if arch == "gpt2":
-        return model.transformer.h[len(model.transformer.h) // 2].attn.c_attn.weight
-    return model.model.layers[len(model.model.layers) // 2].self_attn.v_proj.weight
 
 
 def planted(model, arch: str, factor: float):
@@ -35,7 +27,7 @@ def planted(model, arch: str, factor: float):
 
     bad = copy.deepcopy(model)
     with torch.no_grad():
-        value_projection(bad, arch).mul_(factor)
+        mid_value_projection(bad).mul_(factor)
     return bad
 
 
