@@ -158,3 +158,43 @@ def test_bad_inputs(make_case, llama, tmp_path):
                          "SEQ_2_SEQ_LM adapter", "CAUSAL_LM model")
     assert_clean_failure(run_cli("tasks", "add", t5.bundle, "--adapter", f"x={make_case('t5', 1).target}"),
                          "num_transformer_submodules 1")
+
+
+@pytest.mark.parametrize("nts", [1, 2])
+def test_separate_token_tables_export_what_peft_computes(tmp_path, nts):
+    """A T5 checkpoint whose encoder and decoder token tables differ from ``shared`` (transformers keeps them apart
+    when the saved values differ): the graphs embed ids with the tables PEFT uses, so validation passes and
+    generation equals PEFT's teacher-forced greedy tokens."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from conftest import TINY
+    from mpt_export.demo import make_base_model, make_source_adapter
+
+    model = make_base_model(tmp_path / "base", arch="flan-t5", seed=4, **TINY)
+    g = torch.Generator().manual_seed(9)
+    V, H = model.shared.weight.shape
+    with torch.no_grad():
+        model.encoder.embed_tokens = torch.nn.Embedding(V, H)
+        model.decoder.embed_tokens = torch.nn.Embedding(V, H)
+        model.encoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
+        model.decoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
+    model.save_pretrained(str(tmp_path / "base"))
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "base"))
+    assert loaded.encoder.embed_tokens.weight is not loaded.shared.weight  # really three tables
+    assert not torch.equal(loaded.decoder.embed_tokens.weight, loaded.shared.weight)
+    make_source_adapter(loaded, tmp_path / "src", num_tasks=2, num_virtual_tokens=4, num_ranks=1,
+                        task_type="SEQ_2_SEQ_LM", num_transformer_submodules=nts)
+    b = mpt_export.export_bundle(tmp_path / "base", [f"a,b={tmp_path / 'src'}"], tmp_path / "bundle", seed=2)
+    assert b.manifest["validation"]["passed"]
+    ids = np.array([[5, 9, 14, 3, 7]])
+    s = b.session()
+    got = s.generate_ids(ids, ["b"], max_new_tokens=4, eos_token_id=None)[0]
+    # teacher-forced: PEFT's greedy choice at every position of the bundle's own output
+    from mpt_export.export.torchside import adapters_from_bank
+
+    ck, names = adapters_from_bank(b.task_bank())[0]
+    pm = peft_model_for(AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "base")), ck)
+    for k in range(1, len(got) + 1):
+        ref = peft_seq2seq_forward(pm, ids, np.array([got[:k]]), names.index("b"))
+        assert int(ref["logits"][0].argmax()) == int(got[k - 1]), (k, got)

@@ -62,13 +62,14 @@ def seq2seq_io(arch, dtype: str = "float32") -> dict:
     return {"encoder": enc, "decoder": dec}
 
 
-def _wrappers(model, arch):
+def _wrappers(model, arch, embed=None, decoder_embed=None):
     import torch
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     L, d = arch.num_layers, arch.head_dim
     scale = bool(getattr(model.config, "scale_decoder_outputs", getattr(model.config, "tie_word_embeddings", True)))
-    embed = model.get_input_embeddings()
+    embed = embed or model.get_input_embeddings()
+    decoder_embed = decoder_embed or embed
 
     class Encoder(torch.nn.Module):
         def __init__(self):
@@ -92,7 +93,7 @@ def _wrappers(model, arch):
 
         def forward(self, decoder_input_ids, decoder_prompt_embeds, decoder_attention_mask, encoder_attention_mask,
                     past, cross):
-            embeds = torch.cat([decoder_prompt_embeds.to(embed.weight.dtype), embed(decoder_input_ids)], dim=1)
+            embeds = torch.cat([decoder_prompt_embeds.to(embed.weight.dtype), decoder_embed(decoder_input_ids)], dim=1)
             cache = EncoderDecoderCache(
                 DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)]),
                 DynamicCache(ddp_cache_data=[(cross[2 * i], cross[2 * i + 1]) for i in range(L)]),
@@ -117,8 +118,11 @@ def _wrappers(model, arch):
     return Encoder().eval(), Decoder().eval()
 
 
-def export_seq2seq(model, arch, out_dir: str | Path, opset: int) -> dict:
-    """Write ``encoder.onnx``, ``decoder.onnx`` and one shared ``weights.onnx.data`` into ``out_dir``."""
+def export_seq2seq(model, arch, out_dir: str | Path, opset: int, embed=None, decoder_embed=None) -> dict:
+    """Write ``encoder.onnx``, ``decoder.onnx`` and one shared ``weights.onnx.data`` into ``out_dir``.
+
+    ``embed`` embeds the encoder's input ids and ``decoder_embed`` the decoder's (default: the model's input
+    embeddings for both): they must be the tables PEFT uses — see ``torchside.token_embeddings``."""
     import onnx
     import torch
 
@@ -128,7 +132,7 @@ def export_seq2seq(model, arch, out_dir: str | Path, opset: int) -> dict:
     out_dir = Path(out_dir)
     dtype = model.get_input_embeddings().weight.dtype
     io = seq2seq_io(arch, str(dtype).replace("torch.", ""))
-    enc, dec = _wrappers(model, arch)
+    enc, dec = _wrappers(model, arch, embed, decoder_embed)
     L, h, d, H, V = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size, arch.vocab_size
     B, S, P, DS, DP, PL = 2, 3, 4, 3, 2, 5  # every dynamic size >= 2 so none is specialised
     ids = torch.randint(2, V, (B, S))

@@ -93,6 +93,19 @@ def references(model, bank: TaskBank, seed, on_step):
     return reference_causal(peft_models, index, vocab, seed, on_step)
 
 
+def token_embeddings(model, bank: TaskBank) -> dict:
+    """The tables that embed token ids where PEFT runs an encoder-decoder: PEFT's own ``word_embeddings`` (the one it
+    finds in the model, T5's ``encoder.embed_tokens``) for the encoder's ids, and for the decoder's ids too when the
+    prompt has a decoder part (``num_transformer_submodules`` 2, PEFT embeds them itself); with the encoder-only
+    prompt PEFT hands the decoder its ids, so the decoder's own ``embed_tokens``. All one table in every released
+    T5 — but a checkpoint with separate tables must export what PEFT computes."""
+    from .reference import peft_model_for
+
+    word = peft_model_for(model, adapters_from_bank(bank)[0][0]).word_embeddings
+    decoder = word if bank.num_transformer_submodules == 2 else model.get_decoder().embed_tokens
+    return {"embed": word, "decoder_embed": decoder}
+
+
 ISOLATE_BYTES = 256 * 2**20  # base-model weight files from this size on are exported in a child process
 
 
@@ -124,7 +137,7 @@ def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
         from .seq2seq import WEIGHTS_FILE, export_seq2seq
 
         step("export encoder and decoder")
-        sio = export_seq2seq(model, arch, tmp, opset=spec["opset"])
+        sio = export_seq2seq(model, arch, tmp, opset=spec["opset"], **token_embeddings(model, bank))
         real_opset = sio.pop("opset")
         graphs = {"encoder": {"file": "encoder.onnx", "external_data": WEIGHTS_FILE, **sio["encoder"]},
                   "decoder": {"file": "decoder.onnx", "external_data": WEIGHTS_FILE, **sio["decoder"]}}
