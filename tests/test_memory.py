@@ -1,5 +1,6 @@
-"""Export memory at a size where a second copy of the weights would show: a ~320 MB fp32 model exported (with
-validation) by the CLI in a child process; its peak resident memory, from ``wait4`` (the export and its own torch
+"""Export memory at a size where a second copy of the weights would show: a ~320 MB fp32 model (decoder-only, and
+encoder-decoder, whose two graphs are rewritten to share one weights file) exported (with validation) by the CLI in
+a child process; its peak resident memory, from ``wait4`` (the export and its own torch
 child), against the weight bytes. No timing is asserted."""
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from mpt_export.bench_export import Shape, _run_measured, build_model
 EXE = Path(sys.executable).with_name("mpt-export")
 
 
-@pytest.fixture(scope="module")
-def mid_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mid")
-    weights = build_model(Shape("llama", 640, 8, 10, 5, 1728, 32000, 512), root, "fp32")
-    return root, weights
+SHAPES = {"llama": Shape("llama", 640, 8, 10, 5, 1728, 32000, 512),
+          "t5": Shape("t5", 512, 8, 8, 8, 1536, 32128, 512)}
 
 
-def test_export_peak_memory_stays_near_the_weights(mid_model, tmp_path):
-    root, weights = mid_model
+@pytest.mark.parametrize("family", list(SHAPES))
+def test_export_peak_memory_stays_near_the_weights(family, tmp_path):
+    root = tmp_path / "model"
+    weights = build_model(SHAPES[family], root, "fp32")
     assert 250e6 < weights < 400e6
     out = tmp_path / "bundle"
     code, _, peak, tail = _run_measured([str(EXE), "export", "--base-model", str(root / "base"), "--adapter",

@@ -174,39 +174,109 @@ def export_seq2seq(model, arch, out_dir: str | Path, opset: int, embed=None, dec
 
 def share_weights(root: Path, graphs: list[str], data_name: str, threshold: int = 1024, align: int = 4096) -> None:
     """Rewrite ``graphs`` so that their initializers over ``threshold`` bytes live once, by content, in one
-    ``data_name`` file (offsets aligned for memory mapping). Each graph's own ``.data`` file is removed."""
+    ``data_name`` file (offsets aligned for memory mapping). Each graph's own ``.data`` file is removed.
+
+    Streams: the graphs are loaded without their weights, and each tensor is copied from its graph's data file in
+    chunks while it is hashed (a tensor already stored is cut off again) — a large model is never held in memory
+    a second time beside the torch model, not even its largest tensor."""
     import onnx
 
-    models = {g: onnx.load(str(root / g), load_external_data=True) for g in graphs}
+    models = {g: onnx.load(str(root / g), load_external_data=False) for g in graphs}
     offsets: dict[str, tuple[int, int]] = {}
+    sources: dict[str, object] = {}
     tmp = root / (data_name + ".tmp")
-    with open(tmp, "wb") as f:
-        for g, m in models.items():
-            for t in m.graph.initializer:
-                raw = onnx.numpy_helper.to_array(t).tobytes() if not t.HasField("raw_data") else t.raw_data
-                if len(raw) < threshold:
-                    continue
-                key = hashlib.sha256(str(t.data_type).encode() + str(list(t.dims)).encode() + raw).hexdigest()
-                if key not in offsets:
+    try:
+        with open(tmp, "wb") as f:
+            for g, m in models.items():
+                for t in m.graph.initializer:
+                    if _tensor_size(t) < threshold:
+                        if t.data_location == onnx.TensorProto.EXTERNAL:  # small but external: keep it inline
+                            raw = b"".join(_tensor_chunks(root, t, sources))
+                            del t.external_data[:]
+                            t.data_location = onnx.TensorProto.DEFAULT
+                            t.raw_data = raw
+                        continue
+                    start = f.tell()
+                    if start % align:
+                        f.write(b"\0" * (align - start % align))
                     pos = f.tell()
-                    if pos % align:
-                        f.write(b"\0" * (align - pos % align))
-                        pos = f.tell()
-                    f.write(raw)
-                    offsets[key] = (pos, len(raw))
-                off, length = offsets[key]
-                t.ClearField("float_data")
-                t.ClearField("int64_data")
-                t.ClearField("int32_data")
-                t.ClearField("raw_data")
-                del t.external_data[:]
-                for k, v in (("location", data_name), ("offset", str(off)), ("length", str(length))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
-                t.data_location = onnx.TensorProto.EXTERNAL
+                    h = hashlib.sha256(str(t.data_type).encode() + str(list(t.dims)).encode())
+                    for chunk in _tensor_chunks(root, t, sources):
+                        h.update(chunk)
+                        f.write(chunk)
+                    length = f.tell() - pos
+                    key = h.hexdigest()
+                    if key in offsets:  # stored already: take back this copy
+                        f.seek(start)
+                        f.truncate(start)
+                    else:
+                        offsets[key] = (pos, length)
+                    off, length = offsets[key]
+                    for field in ("float_data", "int64_data", "int32_data", "double_data", "raw_data"):
+                        t.ClearField(field)
+                    del t.external_data[:]
+                    for k, v in (("location", data_name), ("offset", str(off)), ("length", str(length))):
+                        entry = t.external_data.add()
+                        entry.key, entry.value = k, v
+                    t.data_location = onnx.TensorProto.EXTERNAL
+    finally:
+        for src in sources.values():
+            src.close()
     for g, m in models.items():
-        old = root / (g + ".data")
         onnx.save(m, str(root / g), save_as_external_data=False)
+    for g in graphs:
+        old = root / (g + ".data")
         if old.exists():
             old.unlink()
     os.replace(tmp, root / data_name)
+
+
+_CHUNK = 16 * 2**20
+
+
+def _external(t) -> dict:
+    ext = {e.key: e.value for e in t.external_data}
+    loc = ext["location"]
+    if "/" in loc or "\\" in loc or loc.startswith("."):  # the exporter writes a plain name beside the graph
+        raise ExportError(f"unexpected external data location {loc!r} in an exported graph")
+    return ext
+
+
+def _tensor_size(t) -> int:
+    import onnx
+
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        ext = _external(t)
+        if "length" in ext:
+            return int(ext["length"])
+    elif t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _tensor_chunks(root: Path, t, sources: dict):
+    """An initializer's raw bytes in chunks: inline, or read from the external data file the exporter wrote."""
+    import onnx
+
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        yield t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+        return
+    ext = _external(t)
+    loc = ext["location"]
+    if loc not in sources:
+        sources[loc] = open(root / loc, "rb")
+    src = sources[loc]
+    src.seek(int(ext.get("offset", 0)))
+    left = int(ext["length"]) if "length" in ext else None
+    while left is None or left > 0:
+        chunk = src.read(_CHUNK if left is None else min(_CHUNK, left))
+        if not chunk:
+            if left:
+                raise ExportError(f"{loc} ends before tensor {t.name} does (the export was cut short)")
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
