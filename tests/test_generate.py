@@ -249,6 +249,30 @@ def test_session_options(llama):
         b.session(optimization="max")
 
 
+def test_prepack_policy(llama):
+    """Packed weight copies only where two copies of the weights fit in available memory; results are the same."""
+    from mpt_export.runtime.onnxruntime import available_memory, graph_weight_bytes, prepack_fits
+
+    b = mpt_export.load_bundle(llama.bundle)
+    w = graph_weight_bytes(b)
+    assert w == (llama.bundle / "backbone.onnx.data").stat().st_size > 0
+    assert prepack_fits(w, 2 * w) and not prepack_fits(w, 2 * w - 1) and prepack_fits(w, None)
+    assert available_memory() > 0
+    ids = np.array([[3, 4, 5, 6], [7, 8, 9, 10]])
+    runs = {}
+    for choice in ("auto", True, False):
+        s = b.session(prepack=choice)
+        runs[choice] = (s.prepacked, s.generate_ids(ids, ["a", "t"], max_new_tokens=6, eos_token_id=None))
+    assert runs["auto"][0] is True and runs[True][0] is True and runs[False][0] is False  # a tiny model fits
+    np.testing.assert_array_equal(runs[False][1], runs[True][1])
+    with pytest.raises(InputError, match="prepack must be True, False or 'auto'"):
+        b.session(prepack="yes")
+    res = run_cli("generate", llama.bundle, "--task", "a", "the movie was", "--max-new-tokens", "4", "--no-prepack",
+                  "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["text"] == b.session().generate(["the movie was"], ["a"], max_new_tokens=4)[0]
+
+
 def test_bench_a_bundle(llama, tmp_path):
     from test_cli import assert_clean_failure
 

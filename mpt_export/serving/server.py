@@ -42,7 +42,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
           api_key: str | None = None, threads: int | None = None, provider: str = "cpu", drain_timeout: float = 30.0,
-          max_body: int = DEFAULT_MAX_BODY, log=None) -> int:
+          max_body: int = DEFAULT_MAX_BODY, log=None, prepack: bool | str = "auto") -> int:
     """Run the server until a signal stops it. -> exit code (0 after a drain)."""
     try:
         import uvicorn
@@ -57,7 +57,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int
 
     load_bundle(bundle, verify=False).close()  # a wrong path or a damaged manifest fails now, before listening
     state = ServerState(bundle, provider=provider, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                        api_key=api_key, max_body=max_body)
+                        api_key=api_key, max_body=max_body, prepack=prepack)
     app = build_app(state)
     sock = bind(host, port)
     actual = sock.getsockname()[1]
@@ -101,7 +101,10 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int
 
         def loaded(_):
             if state.status == "ready":
-                say(f"serving {bundle} on http://{host}:{actual} — tasks: {', '.join(state.session.tasks)}")
+                packed = getattr(state.session, "prepacked", None)
+                weights = "" if packed is None else (" (weights prepacked)" if packed else
+                                                     " (weights read in place, not prepacked)")
+                say(f"serving {bundle} on http://{host}:{actual}{weights} — tasks: {', '.join(state.session.tasks)}")
             elif state.status == "failed":
                 say(f"error: {state.error}")
                 server.should_exit = True

@@ -16,9 +16,9 @@ class ServerState:
 
     def __init__(self, bundle_path: str | Path, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_BODY):
+                 max_body: int = DEFAULT_MAX_BODY, prepack: bool | str = "auto"):
         self.bundle_path = Path(bundle_path)
-        self.provider, self.threads = provider, threads
+        self.provider, self.threads, self.prepack = provider, threads, prepack
         self.max_batch, self.max_queue = max_batch, max_queue
         self.api_key = api_key or None
         self.max_body = max_body
@@ -37,7 +37,7 @@ class ServerState:
         try:
             self.bundle = load_bundle(self.bundle_path)
             self.session = self.bundle.session(provider=self.provider, intra_op_threads=self.threads,
-                                               io_binding=False)
+                                               io_binding=False, prepack=self.prepack)
             self.session.tokenizer  # noqa: B018 - fail now, not on the first request
             self.chat = ChatTemplate.from_bundle(self.bundle)
             self.engine = Engine(self.session, self.max_batch, self.max_queue).start()
