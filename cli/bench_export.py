@@ -73,19 +73,21 @@ def bench_export_cmd(
             rows.append((f"  planted error (mid-depth v x{pl['factor']})", "[red]NOT caught[/]"))
     st = r.get("startup")
     if st:
-        for k in ("cold", "warm"):
+        for k, label in (("cold", "cold"), ("warm", "warm"), ("warm_prepacked", "warm, --prepack")):
             x = st.get(k)
             if x and "open_s" in x:
-                rows.append((f"open + session ({k})", f"{x['open_s']:.1f} s + {x['session_s']:.1f} s, peak "
-                             f"{_gib(x['peak_rss'])}"))
+                how = "prepacked" if x.get("prepacked") else "weights in place"
+                rows.append((f"open + session ({label})", f"{x['open_s']:.1f} s + {x['session_s']:.1f} s ({how}), "
+                             f"peak {_gib(x['peak_rss'])}"))
             elif k == "cold":
                 rows.append(("open + session (cold)", "- (dropping the page cache needs root)"))
-    g = r.get("generate", {})
-    if "tokens_per_s" in g:
-        rows.append(("generate 8 x 64 -> 8 new", f"{g['tokens_per_s']:.1f} tok/s, peak {_gib(g['peak_rss'])} "
-                     f"({g['peak_rss'] / r['weight_bytes']:.2f}x weights)"))
-    else:
-        rows.append(("generate", escape(g.get("skipped") or g.get("error", "-"))))
+    for key, label in (("generate", "generate 8 x 64 -> 8 new"), ("generate_prepacked", "  the same, --prepack")):
+        g = r.get(key, {})
+        if "tokens_per_s" in g:
+            rows.append((label, f"{g['tokens_per_s']:.1f} tok/s, peak {_gib(g['peak_rss'])} "
+                         f"({g['peak_rss'] / r['weight_bytes']:.2f}x weights: weights + KV and activations)"))
+        elif key == "generate":
+            rows.append(("generate", escape(g.get("skipped") or g.get("error", "-"))))
     for a, b in rows:
         t.add_row(escape(a), b)
     console.print(t)

@@ -207,9 +207,10 @@ t0 = time.perf_counter()
 import mpt_export
 b = mpt_export.load_bundle({bundle!r})
 t1 = time.perf_counter()
-s = b.session()
+s = b.session(prepack={prepack!r})
 t2 = time.perf_counter()
-out = {{"open_s": t1 - t0, "session_s": t2 - t1, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
+out = {{"open_s": t1 - t0, "session_s": t2 - t1, "prepacked": s.prepacked,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
 if {generate!r}:
     import numpy as np
     rng = np.random.default_rng(0)
@@ -309,13 +310,15 @@ def run_bench_export(shape_name: str, dtype: str | None = None, workdir: str | P
     shutil.rmtree(shallow)
     runnable = shape.validate_full or dtype == "float32"
     if runnable:
-        step("open + session: cold (page cache dropped) and warm")
+        step("open + session: cold (page cache dropped) and warm; warm with weights prepacked")
         cold = _drop_caches()
-        c = _child_rss(_OPEN.format(bundle=str(bundle), generate=False))
-        w = _child_rss(_OPEN.format(bundle=str(bundle), generate=False))
-        result["startup"] = {"cold": c if cold else None, "warm": w, "cold_dropped_cache": cold}
-        step("generate: 8 prompts x 64 tokens, 8 new tokens")
-        result["generate"] = _child_rss(_OPEN.format(bundle=str(bundle), generate=True))
+        c = _child_rss(_OPEN.format(bundle=str(bundle), generate=False, prepack="auto"))
+        w = _child_rss(_OPEN.format(bundle=str(bundle), generate=False, prepack="auto"))
+        wp = _child_rss(_OPEN.format(bundle=str(bundle), generate=False, prepack=True))
+        result["startup"] = {"cold": c if cold else None, "warm": w, "warm_prepacked": wp, "cold_dropped_cache": cold}
+        step("generate: 8 prompts x 64 tokens, 8 new tokens (default, then prepacked)")
+        result["generate"] = _child_rss(_OPEN.format(bundle=str(bundle), generate=True, prepack="auto"))
+        result["generate_prepacked"] = _child_rss(_OPEN.format(bundle=str(bundle), generate=True, prepack=True))
     else:
         result["generate"] = {"skipped": f"an fp16 session of this size does not fit ONNX Runtime's CPU provider here "
                                          f"(it keeps MatMul weights as fp32: ~{2 * weights / 2**30:.0f} GiB)"}
