@@ -27,6 +27,7 @@ def build_cmd(
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines that later TensorRT releases of the same major can load.")] = False,
     workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
     trt_version: Annotated[int, typer.Option(help="With --print-trtexec: the TensorRT major version of the target board (10 for JetPack 6).")] = 10,
+    tf32: Annotated[bool, typer.Option("--tf32", help="Let fp32 layers use TF32 tensor cores (TensorRT's default; off here so fp32 means fp32).")] = False,
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
@@ -38,7 +39,7 @@ def build_cmd(
         from mpt_export.trt.profiles import profiles
 
         b = load_bundle(bundle)
-        prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"))
+        prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"), tf32)
         engines = out or Path("engines") / b.path.name
         cmds = trtexec_commands(b, profiles(b.manifest, limits), engines, prec,
                                 str(timing_cache) if timing_cache else None, workspace_mib, version_compatible)
@@ -50,7 +51,8 @@ def build_cmd(
     from mpt_export.trt.build import build_engines
 
     with progress("build") as on_step:
-        path = build_engines(bundle, out, limits, precision, timing_cache, version_compatible, workspace_mib, on_step)
+        path = build_engines(bundle, out, limits, precision, timing_cache, version_compatible, workspace_mib, on_step,
+                             tf32=tf32)
     side = json.loads((path / "engine.json").read_text())
     console.print(f"[green]engines[/] {escape(str(path))}: TensorRT {side['tensorrt_version']}, {side['gpu_name']} "
                   f"(sm {side['compute_capability']}), precision {side['precision']['precision']}")

@@ -60,15 +60,50 @@ def test_seq2seq_profiles(make_case, nts):
 
 
 def test_precision_rules():
-    assert resolve_precision("auto", 10, "float32") == {"precision": "fp32", "strongly_typed": False, "flags": []}
-    assert resolve_precision("fp16", 10, "float32")["flags"] == ["--fp16"]
-    assert resolve_precision("bf16", 10, "float32")["flags"] == ["--bf16"]
-    assert resolve_precision("auto", 10, "float16")["flags"] == ["--stronglyTyped"]
-    assert resolve_precision("fp16", 11, "float16") == {"precision": "fp16", "strongly_typed": True, "flags": []}
+    def core(*a, **k):
+        return {k_: v for k_, v in resolve_precision(*a, **k).items()}
+
+    assert core("auto", 10, "float32") == {"precision": "fp32", "strongly_typed": False, "flags": ["--noTF32"],
+                                           "tf32": False}
+    assert core("auto", 10, "float32", tf32=True) == {"precision": "fp32", "strongly_typed": False, "flags": [],
+                                                      "tf32": True}
+    assert resolve_precision("fp16", 10, "float32")["flags"] == ["--fp16", "--noTF32"]
+    assert resolve_precision("bf16", 10, "float32")["flags"] == ["--bf16", "--noTF32"]
+    assert resolve_precision("auto", 10, "float16")["flags"] == ["--stronglyTyped", "--noTF32"]
+    assert core("fp16", 11, "float16") == {"precision": "fp16", "strongly_typed": True, "flags": ["--noTF32"],
+                                           "tf32": False}
     with pytest.raises(InputError, match="TensorRT 11 builds strongly typed networks: --precision fp16 needs a fp16 bundle"):
         resolve_precision("fp16", 11, "float32")
     with pytest.raises(InputError, match="unknown --precision 'int4'"):
         resolve_precision("int4", 10, "float32")
+
+
+def trtexec_profile_groups(cmd: list[str]) -> list[dict]:
+    """trtexec's own rule (samples/common/sampleOptions.cpp, getOptimizationProfiles / BuildOptions::parse): each
+    ``--profile=<i>`` takes the min/opt/max shape options right behind it; indices are unique and cover 0..n-1; any
+    shape option left over once profiles are given ('Multiple --minShapes/--optShapes/--maxShapes without
+    --profile are not allowed') is an error."""
+    groups, i = {}, 0
+    while i < len(cmd):
+        a = cmd[i]
+        if a.startswith("--profile="):
+            idx = int(a.split("=", 1)[1])
+            assert idx not in groups, "Optimization profile index cannot be the same."
+            g, j = {}, i + 1
+            while j < len(cmd) and j <= i + 3:
+                key = cmd[j].split("=", 1)[0]
+                if key not in ("--minShapes", "--optShapes", "--maxShapes") or key in g:
+                    break
+                g[key] = cmd[j].split("=", 1)[1]
+                j += 1
+            groups[idx] = g
+            i = j
+            continue
+        assert not a.startswith(("--minShapes", "--optShapes", "--maxShapes")) or not groups and \
+            sum(c.startswith(a.split("=")[0]) for c in cmd) == 1, f"{a}: shape option outside a --profile group"
+        i += 1
+    assert sorted(groups) == list(range(len(groups))), "Found invalid or missing shape spec at profile index"
+    return [groups[k] for k in sorted(groups)]
 
 
 def test_trtexec_and_ort_options(llama, tmp_path):
@@ -77,11 +112,21 @@ def test_trtexec_and_ort_options(llama, tmp_path):
     (cmd,) = trtexec_commands(b, p, tmp_path / "eng", resolve_precision("fp16", 10, "float32"), "cache.bin", 2048, True)
     assert cmd[0] == "trtexec" and cmd[1] == f"--onnx={llama.bundle / 'backbone.onnx'}"
     assert cmd[2] == f"--saveEngine={tmp_path / 'eng' / 'backbone.plan'}"
-    mins = [c for c in cmd if c.startswith("--minShapes=")]
-    assert len(mins) == 2  # prefill, then decode
-    assert mins[0].startswith("--minShapes=input_ids:1x0,prompt_embeds:1x0x32,attention_mask:1x1,")
-    assert "--optShapes=input_ids:2x1," in " ".join(cmd)
-    assert cmd[-4:] == ["--fp16", "--timingCacheFile=cache.bin", "--memPoolSize=workspace:2048M", "--versionCompatible"]
+    groups = trtexec_profile_groups(cmd)
+    assert len(groups) == 2 and all(set(g) == {"--minShapes", "--optShapes", "--maxShapes"} for g in groups)
+    assert cmd[3] == "--profile=0" and cmd[7] == "--profile=1"  # prefill, then decode, each group complete
+    assert groups[0]["--minShapes"].startswith("input_ids:1x0,prompt_embeds:1x0x32,attention_mask:1x1,")
+    assert groups[1]["--optShapes"].startswith("input_ids:2x1,")
+    for g, prof in zip(groups, p["backbone"]):
+        assert g["--maxShapes"] == ",".join(f"{n}:{'x'.join(map(str, s['max']))}" for n, s in prof["shapes"].items())
+    assert cmd[-5:] == ["--fp16", "--noTF32", "--timingCacheFile=cache.bin", "--memPoolSize=workspace:2048M",
+                        "--versionCompatible"]
+    (tf,) = trtexec_commands(b, p, tmp_path / "eng", resolve_precision("auto", 10, "float32", tf32=True))
+    assert "--noTF32" not in tf and not any(a.startswith("--fp16") for a in tf)
+    # the rule itself: the old form (repeated groups without --profile) is what trtexec refuses
+    old_form = [a for a in cmd if not a.startswith("--profile=")]
+    with pytest.raises(AssertionError, match="outside a --profile group"):
+        trtexec_profile_groups(old_form)
     o = ort_trt_provider_options(p["backbone"], tmp_path / "cache")
     assert o["trt_profile_min_shapes"].count("input_ids:") == 2 and o["trt_engine_cache_enable"]
     assert o["trt_profile_max_shapes"].split(",")[0] == "input_ids:4x32"

@@ -24,7 +24,7 @@ from .profiles import Limits, profiles
 
 def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | None = None, precision: str = "auto",
                   timing_cache: str | Path | None = None, version_compatible: bool = False,
-                  workspace_mib: int | None = None, on_step=None) -> Path:
+                  workspace_mib: int | None = None, on_step=None, tf32: bool = False) -> Path:
     step = on_step or (lambda s: None)
     b = load_bundle(bundle_path)
     out = Path(out) if out else Path("engines") / b.path.name
@@ -35,7 +35,7 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
     profs = profiles(b.manifest, limits)
     trt = import_tensorrt()
     major = int(trt.__version__.split(".")[0])
-    prec = resolve_precision(precision, major, b.manifest.get("dtype", "float32"))
+    prec = resolve_precision(precision, major, b.manifest.get("dtype", "float32"), tf32)
     gpu_name, cc = gpu_identity()
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
@@ -57,6 +57,8 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
             config = builder.create_builder_config()
             if workspace_mib:
                 config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+            if not prec["tf32"]:  # on by default in TensorRT 10/11: an fp32 engine would multiply in TF32
+                config.clear_flag(trt.BuilderFlag.TF32)
             if "--fp16" in prec["flags"]:
                 config.set_flag(trt.BuilderFlag.FP16)
             if "--bf16" in prec["flags"]:

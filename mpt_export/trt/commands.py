@@ -4,6 +4,9 @@ TensorRT 10 (JetPack 6 boards stay on it): builder precision flags (``--fp16``, 
 kernels for an fp32 graph; an fp16 bundle is built ``--stronglyTyped`` (the graph's own types). TensorRT 11 removed
 those flags and builds strongly typed networks only: the precision is the bundle's, so ``--precision fp16`` needs an
 fp16 bundle (``mpt-export export --dtype fp16``).
+
+TF32: TensorRT 10 and 11 turn ``BuilderFlag.TF32`` on by default, so an "fp32" engine would run its matrix products
+with 10-bit mantissas. Engines are built without it (``--noTF32`` in the trtexec lines) unless ``--tf32`` asks.
 """
 
 from __future__ import annotations
@@ -18,8 +21,17 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _BUNDLE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def resolve_precision(precision: str, trt_major: int, bundle_dtype: str) -> dict:
-    """-> {"precision": effective, "strongly_typed": bool, "flags": [builder flags]} or a clear error."""
+def resolve_precision(precision: str, trt_major: int, bundle_dtype: str, tf32: bool = False) -> dict:
+    """-> {"precision": effective, "strongly_typed": bool, "flags": [builder flags], "tf32": bool} or a clear
+    error. The flags are trtexec's (``--noTF32`` unless ``tf32``)."""
+    out = _resolve_precision(precision, trt_major, bundle_dtype)
+    out["tf32"] = bool(tf32)
+    if not tf32:
+        out["flags"] = [*out["flags"], "--noTF32"]
+    return out
+
+
+def _resolve_precision(precision: str, trt_major: int, bundle_dtype: str) -> dict:
     if precision not in PRECISIONS:
         raise InputError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if bundle_dtype not in _BUNDLE_PRECISION:
@@ -43,16 +55,17 @@ def resolve_precision(precision: str, trt_major: int, bundle_dtype: str) -> dict
 
 def trtexec_commands(bundle, profiles: dict, engines_dir: str | Path, precision: dict, timing_cache: str | None = None,
                      workspace_mib: int | None = None, version_compatible: bool = False) -> list[list[str]]:
-    """One trtexec command per graph. Several optimization profiles are given by repeating the
-    --minShapes/--optShapes/--maxShapes group, in profile order."""
+    """One trtexec command per graph. Each optimization profile is ``--profile=<index>`` followed directly by its
+    ``--minShapes``/``--optShapes``/``--maxShapes`` (trtexec reads the three options right behind each
+    ``--profile``, and refuses repeated shape options without it)."""
     cmds = []
     for graph, profs in profiles.items():
         spec = bundle.manifest["graphs"][graph]
         cmd = ["trtexec", f"--onnx={Path(bundle.path) / spec['file']}",
                f"--saveEngine={Path(engines_dir) / (graph + '.plan')}"]
-        for p in profs:
+        for i, p in enumerate(profs):
             f = shape_flags(p)
-            cmd += [f"--minShapes={f['min']}", f"--optShapes={f['opt']}", f"--maxShapes={f['max']}"]
+            cmd += [f"--profile={i}", f"--minShapes={f['min']}", f"--optShapes={f['opt']}", f"--maxShapes={f['max']}"]
         cmd += precision["flags"]
         if timing_cache:
             cmd.append(f"--timingCacheFile={timing_cache}")
