@@ -237,3 +237,33 @@ def test_ort_tensorrt_ep_options_fit_the_model(llama, tmp_path):
     assert maxes["attention_mask"] == "8x34"  # P 5 + max_input 29 (59 positions left, split 29 input / 30 new)
     assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--provider", "tensorrt"),
                          "provider 'tensorrt'", "available providers are")
+
+
+@pytest.mark.parametrize("arch,nts", [("llama", None), ("t5", 1), ("t5", 2)])
+def test_every_profile_is_ordered_over_a_grid_of_limits(make_case, arch, nts):
+    """0 <= min <= opt <= max for every dimension of every profile of every graph — TensorRT's rule — for limits
+    from 1 up (max-new-tokens 1 with an encoder-only prompt used to give opt < min), in the profiles, the trtexec
+    lines and ONNX Runtime's TensorRT-EP options alike."""
+    import copy
+    import itertools
+
+    b = mpt_export.load_bundle(make_case(arch, nts).bundle)
+    man = copy.deepcopy(b.manifest)
+    man["base_model"]["max_positions"] = 100_000
+    checked = 0
+    for mb, mi, mn in itertools.product([1, 2, 3, 8], [1, 2, 5, 64, 513], [1, 2, 3, 128]):
+        for ob, oi in ((None, None), (1, 1), (mb, mi)):
+            profs = profiles(man, Limits(max_batch=mb, max_input=mi, max_new_tokens=mn, opt_batch=ob, opt_input=oi))
+            for graph, plist in profs.items():
+                for prof in plist:
+                    for name, sh in prof["shapes"].items():
+                        assert all(0 <= lo <= o <= hi for lo, o, hi in zip(sh["min"], sh["opt"], sh["max"])), \
+                            (mb, mi, mn, graph, prof["name"], name, sh)
+                        checked += 1
+                opts = ort_trt_provider_options(plist, "/tmp/unused")
+                triples = zip(*(o.split(",") for o in (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"],
+                                                       opts["trt_profile_max_shapes"])))
+                for lo, o, hi in triples:
+                    dims = [list(map(int, x.split(":")[1].split("x"))) for x in (lo, o, hi)]
+                    assert all(a <= c <= e for a, c, e in zip(*dims)), (lo, o, hi)
+    assert checked > 1000

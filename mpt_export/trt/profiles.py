@@ -53,8 +53,29 @@ def _prompt_lengths(manifest: dict) -> tuple[int, int]:
     return longest, 0
 
 
+def _valid(ranges: dict) -> dict:
+    """TensorRT requires 0 <= min <= opt <= max for every dimension of every profile: opt is a tuning point and is
+    clamped into [min, max] (e.g. a decode profile with --max-new-tokens 1, whose midpoint falls below its
+    minimum); min > max would be a bug in the ranges themselves."""
+    out = {}
+    for graph, profs in ranges.items():
+        out[graph] = {}
+        for pname, dims in profs.items():
+            fixed = {}
+            for d, (lo, opt, hi) in dims.items():
+                if not 0 <= lo <= hi:
+                    raise AssertionError(f"profile {graph}/{pname}: {d} has min {lo} > max {hi}")
+                fixed[d] = (lo, min(max(opt, lo), hi), hi)
+            out[graph][pname] = fixed
+    return out
+
+
 def dim_ranges(manifest: dict, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
-    """Per graph and profile: symbolic dimension name -> (min, opt, max)."""
+    """Per graph and profile: symbolic dimension name -> (min, opt, max), 0 <= min <= opt <= max."""
+    return _valid(_dim_ranges(manifest, limits))
+
+
+def _dim_ranges(manifest: dict, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     B, ob = limits.max_batch, limits.opt_batch
     S, os_, N = limits.max_input, limits.opt_input, limits.max_new_tokens
     P, PD = _prompt_lengths(manifest)
