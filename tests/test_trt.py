@@ -187,8 +187,11 @@ def test_engine_identity(make_case, llama):
         check_sidecar(side, b, "10.3.0", "9.0")
     compat = {**side, "version_compatible": True}
     check_sidecar(compat, b, "10.4.1", "8.7")  # later 10.x loads a version-compatible engine
-    with pytest.raises(EngineMismatchError, match="TensorRT 10.3.0"):
-        check_sidecar(compat, b, "11.0.0", "8.7")
+    check_sidecar(compat, b, "11.0.0", "8.7")  # and TensorRT 11, as documented
+    with pytest.raises(EngineMismatchError, match="TensorRT 10.3.0, this machine runs TensorRT 10.2.0"):
+        check_sidecar(compat, b, "10.2.0", "8.7")  # never an older runtime
+    with pytest.raises(EngineMismatchError, match="TensorRT 10.3.0, this machine runs TensorRT 11.0.0"):
+        check_sidecar(side, b, "11.0.0", "8.7")  # not version-compatible: only 10.3.0
     other = mpt_export.load_bundle(make_case("gpt2").bundle)
     with pytest.raises(EngineMismatchError, match="built from a different bundle.*graphs that differ: backbone"):
         check_sidecar(side, other, "10.3.0", "8.7")
@@ -267,3 +270,18 @@ def test_every_profile_is_ordered_over_a_grid_of_limits(make_case, arch, nts):
                     dims = [list(map(int, x.split(":")[1].split("x"))) for x in (lo, o, hi)]
                     assert all(a <= c <= e for a, c, e in zip(*dims)), (lo, o, hi)
     assert checked > 1000
+
+
+def test_version_rules_table():
+    """TensorRT's documented rule: exact version always; version-compatible (built with >= 8.6) on later releases of
+    the same major and on the documented cross-major pairs 8 -> 9, 8 -> 10, 10 -> 11; never on an older runtime."""
+    from mpt_export.trt.identity import engine_loads
+
+    table = [  # built, runtime, version_compatible, loads
+        ("10.3.0", "10.3.0", False, True), ("10.3.0", "10.4.1", False, False), ("10.3.0", "10.4.1", True, True),
+        ("10.4.1", "10.3.0", True, False), ("10.3.0", "11.0.0", True, True), ("10.3.0", "11.2.1", False, False),
+        ("11.0.0", "10.9.0", True, False), ("11.0.0", "11.1.0", True, True), ("11.1.0", "12.0.0", True, False),
+        ("8.6.1", "9.2.0", True, True), ("8.6.1", "10.0.1", True, True), ("8.6.1", "11.0.0", True, False),
+        ("8.5.3", "8.6.1", True, False), ("8.6.1", "8.6.2", True, True), ("9.2.0", "10.0.0", True, False),
+    ]
+    assert [engine_loads(b, r, vc) for b, r, vc, _ in table] == [ok for *_, ok in table]

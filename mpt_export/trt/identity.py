@@ -5,6 +5,11 @@ weights), the TensorRT version, the GPU name and compute capability, whether the
 precision, the limits and the profiles. An engine built by another TensorRT version (unless version-compatible and
 run by a later release of the same major), for another GPU architecture, or from a different bundle is refused
 with one message that says how to rebuild.
+
+Version rule (TensorRT's "Version Compatibility" documentation and support matrix): an engine loads on the release
+that built it; one built with ``--version-compatible`` (from 8.6 on) also loads on any later release of the same
+major, and across majors exactly on the documented pairs — built with 8, run by 9 or 10; built with 10, run by 11 —
+never on an older runtime.
 """
 
 from __future__ import annotations
@@ -43,6 +48,21 @@ def make_sidecar(bundle, trt_version: str, gpu_name: str, compute_capability: st
             "max_prompt_len": max(int(t["prompt_len"]) for t in bundle.manifest["tasks"])}
 
 
+CROSS_MAJOR = {8: (9, 10), 10: (11,)}  # version-compatible engines: built with key, loadable by these majors
+
+
+def engine_loads(built: str, runtime: str, version_compatible: bool) -> bool:
+    """Whether TensorRT ``runtime`` can deserialize an engine built by ``built`` (see the module docstring)."""
+    if str(built) == str(runtime):
+        return True
+    if not version_compatible:
+        return False
+    b, r = _vtuple(built), _vtuple(runtime)
+    if b < (8, 6) or r < b:
+        return False
+    return b[0] == r[0] or r[0] in CROSS_MAJOR.get(b[0], ())
+
+
 def _major(v: str) -> int:
     return int(str(v).split(".")[0])
 
@@ -57,15 +77,12 @@ def check_sidecar(sidecar: dict, bundle, trt_version: str, compute_capability: s
     if sidecar.get("format") != FORMAT:
         raise EngineMismatchError(f"engine sidecar format {sidecar.get('format')!r} is not {FORMAT!r}; {rebuild}")
     built = str(sidecar["tensorrt_version"])
-    if built != str(trt_version):
-        ok = sidecar.get("version_compatible") and _major(built) == _major(trt_version) and \
-            _vtuple(trt_version) >= _vtuple(built)
-        if not ok:
-            raise EngineMismatchError(
-                f"engine was built with TensorRT {built}, this machine runs TensorRT {trt_version}; engines only load "
-                f"on the version that built them (or later {_major(built)}.x releases when built with "
-                f"--version-compatible); {rebuild}"
-            )
+    if not engine_loads(built, str(trt_version), bool(sidecar.get("version_compatible"))):
+        later = ", ".join([f"later {_major(built)}.x"] + [f"{m}.x" for m in CROSS_MAJOR.get(_major(built), ())])
+        raise EngineMismatchError(
+            f"engine was built with TensorRT {built}, this machine runs TensorRT {trt_version}; engines only load on "
+            f"the version that built them (or, built with --version-compatible, on {later} releases); {rebuild}"
+        )
     if str(sidecar["compute_capability"]) != str(compute_capability):
         raise EngineMismatchError(
             f"engine was built for a GPU of compute capability {sidecar['compute_capability']} "
