@@ -9,19 +9,22 @@ import typer
 from ._common import console, escape, handle_errors, progress
 
 
-def _limits(max_batch, max_input, max_new_tokens):
-    from mpt_export.trt.profiles import Limits
+def _limits(bundle, max_batch, max_input, max_new_tokens):
+    """The limits to use (typed ones kept, defaults fitted to the model) and the line that says which they are."""
+    from mpt_export.trt.profiles import describe_limits, fit_limits
 
-    return Limits(max_batch=max_batch, max_input=max_input, max_new_tokens=max_new_tokens)
+    typed = {"max_batch": max_batch, "max_input": max_input, "max_new_tokens": max_new_tokens}
+    limits = fit_limits(bundle.manifest, **typed)
+    return limits, describe_limits(limits, typed)
 
 
 @handle_errors
 def build_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     out: Annotated[Path | None, typer.Option("--out", help="Engines folder (default engines/<bundle name>).")] = None,
-    max_batch: Annotated[int, typer.Option(help="Largest batch the engines accept.")] = 8,
-    max_input: Annotated[int, typer.Option(help="Longest input (tokens) the engines accept.")] = 512,
-    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per request.")] = 128,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch the engines accept (default 8).")] = None,
+    max_input: Annotated[int | None, typer.Option(help="Longest input (tokens) the engines accept (default 512, less where the model's positions are fewer).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Most new tokens per request (default 128, at most a quarter of the positions left after the prompt).")] = None,
     precision: Annotated[str, typer.Option(help="auto (the bundle's), fp32, fp16, bf16. TensorRT 11 needs a bundle of that dtype.")] = "auto",
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and written (faster rebuilds).")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines that later TensorRT releases of the same major can load.")] = False,
@@ -33,23 +36,25 @@ def build_cmd(
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
     from mpt_export.bundle import load_bundle
 
-    limits = _limits(max_batch, max_input, max_new_tokens)
+    b = load_bundle(bundle)
+    limits, said = _limits(b, max_batch, max_input, max_new_tokens)
     if print_trtexec:
         from mpt_export.trt.commands import format_commands, resolve_precision, trtexec_commands
         from mpt_export.trt.profiles import profiles
 
-        b = load_bundle(bundle)
         prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"), tf32)
         engines = out or Path("engines") / b.path.name
         cmds = trtexec_commands(b, profiles(b.manifest, limits), engines, prec,
                                 str(timing_cache) if timing_cache else None, workspace_mib, version_compatible)
         print(f"# TensorRT {trt_version}.x, precision {prec['precision']}; profiles in order: "
               + "; ".join(f"{g}: {', '.join(p['name'] for p in ps)}" for g, ps in profiles(b.manifest, limits).items()))
+        print(f"# {said}")
         print(f"mkdir -p {engines}")
         print(format_commands(cmds))
         return
     from mpt_export.trt.build import build_engines
 
+    console.print(escape(said))
     with progress("build") as on_step:
         path = build_engines(bundle, out, limits, precision, timing_cache, version_compatible, workspace_mib, on_step,
                              tf32=tf32)
@@ -61,15 +66,20 @@ def build_cmd(
 @handle_errors
 def check_trt_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    max_batch: Annotated[int, typer.Option(help="Profile limit: batch.")] = 8,
-    max_input: Annotated[int, typer.Option(help="Profile limit: input tokens.")] = 512,
-    max_new_tokens: Annotated[int, typer.Option(help="Profile limit: new tokens.")] = 128,
+    max_batch: Annotated[int | None, typer.Option(help="Profile limit: batch (default 8).")] = None,
+    max_input: Annotated[int | None, typer.Option(help="Profile limit: input tokens (default 512, fitted to the model).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Profile limit: new tokens (default 128, fitted to the model).")] = None,
 ) -> None:
     """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
     from mpt_export.bundle import load_bundle
     from mpt_export.trt.check import check_trt
 
-    summary = check_trt(load_bundle(bundle), _limits(max_batch, max_input, max_new_tokens))
+    b = load_bundle(bundle)
+    limits, said = _limits(b, max_batch, max_input, max_new_tokens)
+    console.print(escape(said))
+    summary = check_trt(b, limits)
     for g, s in summary.items():
         console.print(f"[green]ok[/] {g}: {escape(s['file'])}, {s['nodes']} nodes / {s['ops']} op types, all supported; "
                       f"profiles {', '.join(s['profiles'])}; external data {', '.join(s['external_data']) or '-'}")
+        for w in s.get("warnings", []):
+            console.print(f"[yellow]warning[/] {escape(w)}")

@@ -237,7 +237,7 @@ def test_ort_tensorrt_ep_options_fit_the_model(llama, tmp_path):
     o = trt_ep_options(b, "backbone", cache_dir=tmp_path / "c")  # defaults (512 + 128) shrink to 64 positions
     assert o["trt_engine_cache_path"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
     maxes = dict(x.split(":") for x in o["trt_profile_max_shapes"].split(",")[:4])
-    assert maxes["attention_mask"] == "8x34"  # P 5 + max_input 29 (59 positions left, split 29 input / 30 new)
+    assert maxes["attention_mask"] == "8x50"  # P 5 + max_input 45 (59 positions left: 14 new tokens, 45 input)
     assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--provider", "tensorrt"),
                          "provider 'tensorrt'", "available providers are")
 
@@ -285,3 +285,77 @@ def test_version_rules_table():
         ("8.5.3", "8.6.1", True, False), ("8.6.1", "8.6.2", True, True), ("9.2.0", "10.0.0", True, False),
     ]
     assert [engine_loads(b, r, vc) for b, r, vc, _ in table] == [ok for *_, ok in table]
+
+
+def test_check_trt_scans_subgraphs_and_functions_and_lists_every_problem(llama, tmp_path):
+    """CastLike is supported (TensorRT 10 parser); a float64 initializer is only a warning (the parser casts it
+    down); an unsupported op inside an If branch or a model-local function is found; all problems come in one run."""
+    from onnx import TensorProto, helper
+
+    from mpt_export.manifest import write_manifest
+
+    def edit(dst, bad_ops: bool):
+        shutil.copytree(llama.bundle, dst)
+        m = onnx.load(str(dst / "backbone.onnx"), load_external_data=False)
+        g = m.graph
+        g.initializer.append(helper.make_tensor("dbl", TensorProto.DOUBLE, [2], [0.5, 1.5]))
+        g.node.extend([helper.make_node("CastLike", ["dbl", "cast_to"], ["dbl_f"], name="castlike_node"),
+                       helper.make_node("Constant", [], ["cast_to"], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [0.0]))])
+        if bad_ops:
+            then = helper.make_graph([helper.make_node("Unique", ["dbl_f"], ["u"], name="unique_in_then")], "then",
+                                     [], [helper.make_tensor_value_info("u", TensorProto.FLOAT, [None])])
+            other = helper.make_graph([helper.make_node("Identity", ["dbl_f"], ["e"], name="id_in_else")], "else",
+                                      [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [None])])
+            g.node.extend([helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("b", TensorProto.BOOL, [], [True])),
+                           helper.make_node("If", ["cond"], ["if_out"], name="branch", then_branch=then, else_branch=other),
+                           helper.make_node("LocalDet", ["dbl_f"], ["det_out"], domain="local.fn", name="call_fn")])
+            m.functions.append(helper.make_function("local.fn", "LocalDet", ["x"], ["y"],
+                                                    [helper.make_node("Det", ["x"], ["y"], name="det_in_fn")],
+                                                    [helper.make_opsetid("", 18)]))
+            m.opset_import.append(helper.make_opsetid("local.fn", 1))
+        onnx.save(m, str(dst / "backbone.onnx"))
+        write_manifest(dst, json.loads((dst / "manifest.json").read_text()))
+        return dst
+
+    ok = edit(tmp_path / "castlike", bad_ops=False)
+    summary = check_trt(mpt_export.load_bundle(ok), LIM)
+    assert any("float64 initializer" in w and "dbl" in w for w in summary["backbone"]["warnings"])
+    res = run_cli("check-trt", ok, "--max-input", "32", "--max-new-tokens", "16")
+    assert res.returncode == 0 and "all supported" in res.stdout and "warning" in res.stdout, res.stdout
+    bad = edit(tmp_path / "bad", bad_ops=True)
+    with pytest.raises(TrtCheckError) as e:
+        check_trt(mpt_export.load_bundle(bad), Limits(max_input=60, max_new_tokens=16))
+    probs = " | ".join(e.value.problems)
+    assert "unsupported op Unique (node unique_in_then in graph > If branch.then_branch" in probs
+    assert "unsupported op Det (node det_in_fn in function local.fn.LocalDet" in probs
+    assert "exceeds the model's 64 positions" in probs and len(e.value.problems) == 3
+    assert "CastLike" not in probs and "dbl" not in probs
+    res = run_cli("check-trt", bad, "--max-input", "60")
+    assert_clean_failure(res, "3 problem(s) for TensorRT", "Unique", "Det", "--max-input 60")
+
+
+@pytest.mark.parametrize("arch,nts", [("llama", None), ("t5", 2)])
+def test_default_limits_fit_the_model(make_case, arch, nts):
+    """No limits typed: the defaults fit the model's positions (a quarter of the room after the prompt for new
+    tokens, the rest for input); T5's relative positions keep 512 / 128. Only typed limits are refused."""
+    from mpt_export.trt.profiles import fit_limits
+
+    bundle = make_case(arch, nts).bundle
+    b = mpt_export.load_bundle(bundle)
+    lim = fit_limits(b.manifest)
+    if arch == "t5":
+        assert (lim.max_batch, lim.max_input, lim.max_new_tokens) == (8, 512, 128)
+    else:
+        room = 64 - 5  # tiny models: 64 positions, 5 virtual tokens
+        assert (lim.max_batch, lim.max_input, lim.max_new_tokens) == (8, room - room // 4, room // 4)
+        assert fit_limits(b.manifest, max_input=50).max_new_tokens == room - 50  # what the typed input leaves
+        assert fit_limits(b.manifest, max_new_tokens=4).max_input == room - 4
+        with pytest.raises(InputError, match="exceeds the model's 64 positions"):
+            profiles(b.manifest, fit_limits(b.manifest, max_input=512))
+    profiles(b.manifest, lim)  # fits
+    res = run_cli("check-trt", bundle)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"max input {lim.max_input} (default), max new tokens {lim.max_new_tokens} (default)" in \
+        " ".join(res.stdout.split())
+    res = run_cli("build", bundle, "--print-trtexec", "--max-batch", "2")
+    assert res.returncode == 0 and "max batch 2, max input" in res.stdout

@@ -196,16 +196,10 @@ def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:
     """ONNX Runtime TensorRT-EP options for one graph: the bundle's prefill/decode profiles and an engine cache on
     disk (default ``engines/<bundle>/ort-trt-cache``). Default limits shrink to fit the model's positions."""
     from ..trt.commands import ort_trt_provider_options
-    from ..trt.profiles import Limits, profiles
+    from ..trt.profiles import fit_limits, profiles
 
     if limits is None:
-        limits = Limits()
-        try:
-            profiles(bundle.manifest, limits)
-        except InputError:  # a small model: split what its positions leave between input and new tokens
-            longest = max(int(t["prompt_len"]) for t in bundle.manifest["tasks"])
-            room = max(2, int(bundle.manifest["base_model"]["max_positions"]) - longest)
-            limits = Limits(max_input=max(1, room // 2), max_new_tokens=max(1, room - room // 2))
+        limits = fit_limits(bundle.manifest)
     from pathlib import Path
 
     cache = cache_dir or Path("engines") / bundle.path.name / "ort-trt-cache"
@@ -220,7 +214,7 @@ def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = No
 
     ``intra_op_threads`` (default: ORT's, one per core), ``optimization`` (disable|basic|extended|all),
     ``io_binding`` (decode steps keep KV as OrtValues on the provider's device), ``prepack``: ONNX Runtime's packed
-    copies of MatMul weights, made when the session opens — faster steps (1.55x generation on a 3B model), but a
+    copies of MatMul weights, made when the session opens — faster steps (1.3-1.6x generation on a 3B model), but a
     second copy of the weights in memory and seconds of start-up per GB (~20 s for 13 GB); off, the weights stay
     memory-mapped from the bundle, read in place (start-up in well under a second, pages shared with other
     processes). ``"auto"`` (default): on where both copies fit in the memory available (``MemAvailable``)."""

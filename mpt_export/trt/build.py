@@ -19,7 +19,7 @@ from ..errors import ExportError
 from .commands import resolve_precision
 from .env import gpu_identity, import_tensorrt
 from .identity import SIDECAR, make_sidecar
-from .profiles import Limits, profiles
+from .profiles import Limits, fit_limits, profiles
 
 
 def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | None = None, precision: str = "auto",
@@ -31,7 +31,7 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
     inputs = [("bundle", b.path)] + ([("timing cache", Path(timing_cache))] if timing_cache else [])
     # an engines folder this tool wrote is rebuilt in place (as trtexec --saveEngine would); anything else is refused
     check_replaceable(out, "engines", force=False, inputs=inputs, allow_replace=True)
-    limits = limits or Limits()
+    limits = limits or fit_limits(b.manifest)
     profs = profiles(b.manifest, limits)
     trt = import_tensorrt()
     major = int(trt.__version__.split(".")[0])

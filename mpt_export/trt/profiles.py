@@ -43,6 +43,41 @@ class Limits:
         return asdict(self)
 
 
+DEFAULT_LIMITS = (8, 512, 128)  # max batch, max input, max new tokens
+
+
+def fit_limits(manifest: dict, max_batch: int | None = None, max_input: int | None = None,
+               max_new_tokens: int | None = None) -> Limits:
+    """The limits to build for: what the user typed, and defaults that fit the model. With absolute positions
+    (Llama, GPT-2...) the room after the longest prompt is shared: the default --max-new-tokens is at most a quarter
+    of it and --max-input gets the rest (each at most its usual default); T5's relative positions set no limit, so
+    its defaults stay. Only limits the user typed can then be refused (by ``profiles``)."""
+    db, di, dn = DEFAULT_LIMITS
+    B = max_batch if max_batch is not None else db
+    if manifest["task_type"] == "SEQ_2_SEQ_LM":
+        return Limits(max_batch=B, max_input=max_input if max_input is not None else di,
+                      max_new_tokens=max_new_tokens if max_new_tokens is not None else dn)
+    P, _ = _prompt_lengths(manifest)
+    room = int(manifest["base_model"]["max_positions"]) - P
+    N = max_new_tokens
+    if N is None:
+        N = min(dn, max(1, room // 4))
+        if max_input is not None:
+            N = max(1, min(N, room - max_input))
+    S = max_input if max_input is not None else max(1, min(di, room - N))
+    if max_input is None and max_new_tokens is None and room < 2:
+        raise InputError(f"the model's {manifest['base_model']['max_positions']} positions leave no room after its "
+                         f"{P}-token prompts: no input fits")
+    return Limits(max_batch=B, max_input=S, max_new_tokens=N)
+
+
+def describe_limits(limits: Limits, typed: dict) -> str:
+    parts = []
+    for key, label in (("max_batch", "max batch"), ("max_input", "max input"), ("max_new_tokens", "max new tokens")):
+        parts.append(f"{label} {getattr(limits, key)}{'' if typed.get(key) is not None else ' (default)'}")
+    return "limits: " + ", ".join(parts)
+
+
 def _prompt_lengths(manifest: dict) -> tuple[int, int]:
     """(longest encoder/causal prompt, longest decoder prompt) in rows."""
     nts = int(manifest.get("num_transformer_submodules", 1))
@@ -81,9 +116,7 @@ def _dim_ranges(manifest: dict, limits: Limits) -> dict[str, dict[str, tuple[int
     P, PD = _prompt_lengths(manifest)
     maxpos = int(manifest["base_model"]["max_positions"])
     batch = (1, ob, B)
-    if manifest["task_type"] == "SEQ_2_SEQ_LM":
-        if P + S > maxpos:
-            raise InputError(f"--max-input {S} + {P} virtual tokens exceeds the model's {maxpos} positions; lower --max-input")
+    if manifest["task_type"] == "SEQ_2_SEQ_LM":  # relative positions: no length limit from the model
         E = (1, P + os_, P + S)
         return {
             "encoder": {"encoder": {"batch": batch, "enc_seq": (1, os_, S), "enc_len": E, "prompt_len": (0, P, P)}},
