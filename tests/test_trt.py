@@ -359,3 +359,74 @@ def test_default_limits_fit_the_model(make_case, arch, nts):
         " ".join(res.stdout.split())
     res = run_cli("build", bundle, "--print-trtexec", "--max-batch", "2")
     assert res.returncode == 0 and "max batch 2, max input" in res.stdout
+
+
+TRT_RECEIVERS = {"runtime": "Runtime", "engine": "ICudaEngine", "ctx": "IExecutionContext", "builder": "Builder",
+                 "network": "INetworkDefinition", "parser": "OnnxParser", "config": "IBuilderConfig",
+                 "prof": "IOptimizationProfile", "cache": "ITimingCache", "used": "ITimingCache"}
+TRT_SCOPES = {"Logger": ("Logger", "Severity")}  # Logger.WARNING: the Severity enum nested in the logger binding
+
+
+def trt_names_used(source: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(class, member, keyword names passed) for every TensorRT name in ``source``: ``trt.X``, ``trt.X.Y`` and
+    members of the variables that hold TensorRT objects in our code (TRT_RECEIVERS)."""
+    import ast
+
+    tree = ast.parse(source)
+    calls = {id(n.func): tuple(k.arg for k in n.keywords if k.arg) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    used = []
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Attribute):
+            continue
+        v = n.value
+        if isinstance(v, ast.Name) and v.id == "trt":
+            used.append(("trt", n.attr, calls.get(id(n), ())))
+        elif isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "trt" \
+                and not v.attr.startswith("__"):  # trt.__version__.split is Python's
+            used.append((v.attr, n.attr, calls.get(id(n), ())))
+        elif isinstance(v, ast.Name) and v.id in TRT_RECEIVERS:
+            used.append((TRT_RECEIVERS[v.id], n.attr, calls.get(id(n), ())))
+    return used
+
+
+def trt_name_problems(used, api) -> list[str]:
+    classes, module = api["classes"], set(api["module"]) | {"__version__"}
+    bad = []
+    for owner, member, kwargs in used:
+        if owner == "trt":
+            if member not in classes and member not in module:
+                bad.append(f"trt.{member}")
+            continue
+        scopes = TRT_SCOPES.get(owner, (owner,))
+        found = [classes[s][member] for s in scopes if member in classes.get(s, {})]
+        if not found:
+            bad.append(f"{owner}.{member}")
+        elif any(k not in found[0] for k in kwargs):
+            bad.append(f"{owner}.{member}({', '.join(kwargs)}): keyword not in {found[0]}")
+    return bad
+
+
+def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
+    """The TensorRT-only code cannot run here: every attribute, method, enum member and keyword argument it uses
+    on TensorRT objects must appear in TensorRT 10's Python bindings (tensorrt_api.json, extracted from the
+    bindings' C++ source by scripts/trt_api_names.py)."""
+    from pathlib import Path
+
+    import mpt_export.runtime.tensorrt as rt
+    import mpt_export.trt.build as tb
+
+    api = json.loads((Path(tb.__file__).with_name("tensorrt_api.json")).read_text())
+    assert api["release"].startswith("10.")
+    used = [u for m in (tb, rt) for u in trt_names_used(Path(m.__file__).read_text())]
+    names = {f"{o}.{m}" for o, m, _ in used}
+    for expected in ("Runtime.engine_host_code_allowed", "Runtime.deserialize_cuda_engine",
+                     "IExecutionContext.execute_async_v3", "IExecutionContext.set_input_shape",
+                     "IExecutionContext.set_optimization_profile_async", "IBuilderConfig.set_timing_cache",
+                     "IBuilderConfig.clear_flag", "BuilderFlag.TF32", "BuilderFlag.VERSION_COMPATIBLE",
+                     "IBuilderConfig.get_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape"):
+        assert expected in names, expected  # the scan sees the calls that matter
+    assert trt_name_problems(used, api) == []
+    # the guard itself fails on a wrong name, a wrong member and a wrong keyword
+    wrong = trt_names_used("runtime.deserialize_engine(b)\nx = trt.BuilderFlag.TF16\n"
+                           "config.set_timing_cache(c, ignore_mismatches=True)\ny = trt.Logger.WARN\n")
+    assert len(trt_name_problems(wrong, api)) == 4

@@ -3,6 +3,19 @@
 Device buffers are torch CUDA tensors; shapes are set per call; the profile is chosen per call (the first whose
 ranges hold every input shape: prefill or decode); during decoding the KV outputs stay on the GPU and go back in as
 the next step's inputs. The composer runs on the host (one small matmul per task, cached).
+
+Streams: one CUDA stream per session. Every device allocation (inputs, outputs), every engine execution and every
+gather of KV rows (rows that finished early leave the batch) is issued on it, so the caching allocator's
+stream-ordered reuse of freed blocks is safe and a gather never reads a buffer TensorRT is still writing.
+
+Memory: one execution context per engine, switched between its profiles (``set_optimization_profile_async``) —
+contexts per profile would each allocate activation memory for the largest profile.
+
+API use follows TensorRT 10's Python bindings (checked by tests/test_trt.py against ``tensorrt_api.json``, taken
+from the bindings' source): a version-compatible plan embeds the lean runtime, so the runtime must allow engine
+host code before deserialising it; ``deserialize_cuda_engine`` returns None on failure, ``set_input_shape`` and
+``execute_async_v3`` return False, ``get_tensor_shape`` has -1 for a dimension it cannot infer — each is an error
+here, never a garbage result.
 """
 
 from __future__ import annotations
@@ -12,9 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, MptExportError
 from ..trt.env import gpu_identity, import_tensorrt
-from ..trt.identity import check_sidecar, read_sidecar
+from ..trt.identity import EngineMismatchError, check_sidecar, read_sidecar
+
+
+class TrtRuntimeError(MptExportError):
+    """TensorRT refused an execution (shape outside the engine, a failed launch)."""
 
 
 class TrtBackend:
@@ -28,21 +45,29 @@ class TrtBackend:
         check_sidecar(sidecar, bundle, trt.__version__, cc)
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
+        if sidecar.get("version_compatible"):
+            # the plan carries TensorRT's lean runtime (host code): loading it must be allowed explicitly — only
+            # engines whose sidecar matched this bundle get here
+            runtime.engine_host_code_allowed = True
+        self._stream = torch.cuda.Stream()
+        self._lock = threading.Lock()  # one stream, one execution at a time
         self._trt = {}
         for graph, info in sidecar["engines"].items():
-            engine = runtime.deserialize_cuda_engine((Path(engines_dir) / info["file"]).read_bytes())
-            contexts = []
-            stream = torch.cuda.Stream()
-            for i, prof in enumerate(sidecar["profiles"][graph]):
-                ctx = engine.create_execution_context()
-                ctx.set_optimization_profile_async(i, stream.cuda_stream)
-                contexts.append((ctx, prof))
+            path = Path(engines_dir) / info["file"]
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise EngineMismatchError(
+                    f"TensorRT {trt.__version__} could not load {path} (see its log above: a plan from another "
+                    f"TensorRT version or GPU, or a damaged file); rebuild it with `mpt-export build {bundle.path}`")
+            ctx = engine.create_execution_context()
+            if ctx is None:
+                raise TrtRuntimeError(f"TensorRT could not create an execution context for {path} (out of GPU "
+                                      "memory?)")
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
             dtypes = {n: self._torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-            self._trt[graph] = {"engine": engine, "contexts": contexts, "outputs": outputs, "dtypes": dtypes,
-                                "stream": stream, "lock": threading.Lock()}
-        stream.synchronize()
+            self._trt[graph] = {"engine": engine, "context": ctx, "profile": None, "profiles": sidecar["profiles"][graph],
+                                "outputs": outputs, "dtypes": dtypes}
 
     @staticmethod
     def _torch_dtype(trt, dt):
@@ -55,38 +80,54 @@ class TrtBackend:
         t = self._torch.as_tensor(v) if isinstance(v, np.ndarray) else v
         return t.to(device="cuda", dtype=dtype).contiguous()
 
+    def _profile_for(self, graph, shapes) -> int:
+        for i, prof in enumerate(self._trt[graph]["profiles"]):
+            if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], s["min"], s["max"]))
+                   for n, s in prof["shapes"].items() if n in shapes):
+                return i
+        raise InputError(f"input shapes {shapes} fall outside every {graph} engine profile; rebuild with larger "
+                         "--max-batch / --max-input / --max-new-tokens")
+
     def _execute(self, graph, feed):
         g = self._trt[graph]
         shapes = {k: list(v.shape) for k, v in feed.items()}
-        for ctx, prof in g["contexts"]:
-            if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], s["min"], s["max"]))
-                   for n, s in prof["shapes"].items() if n in shapes):
-                break
-        else:
-            raise InputError(f"input shapes {shapes} fall outside every {graph} engine profile; rebuild with larger "
-                             "--max-batch / --max-input / --max-new-tokens")
+        index = self._profile_for(graph, shapes)
         torch = self._torch
+        stream = self._stream
         keep = []
-        with g["lock"], torch.cuda.stream(g["stream"]):
+        with self._lock, torch.cuda.stream(stream):
+            ctx = g["context"]
+            if g["profile"] != index:
+                if not ctx.set_optimization_profile_async(index, stream.cuda_stream):
+                    raise TrtRuntimeError(f"TensorRT refused to switch {graph} to profile {index}")
+                g["profile"] = index
             for name, v in feed.items():
                 t = self._device(v, g["dtypes"][name])
                 keep.append(t)
-                ctx.set_input_shape(name, list(t.shape))
+                if not ctx.set_input_shape(name, list(t.shape)):
+                    raise TrtRuntimeError(f"TensorRT refused shape {list(t.shape)} for {graph} input {name} (profile "
+                                          f"{g['profiles'][index]['name']}); rebuild with larger limits")
                 # empty tensors (no prompt, no past) still need a valid address
-                ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy(g).data_ptr())
+                ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy().data_ptr())
             outs = {}
             for name in g["outputs"]:
-                o = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=g["dtypes"][name], device="cuda")
+                shape = tuple(ctx.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise TrtRuntimeError(f"TensorRT cannot infer the shape of {graph} output {name} ({shape}) from the "
+                                          "inputs given")
+                o = torch.empty(shape, dtype=g["dtypes"][name], device="cuda")
                 outs[name] = o
-                ctx.set_tensor_address(name, o.data_ptr() if o.numel() else self._dummy(g).data_ptr())
-            ctx.execute_async_v3(g["stream"].cuda_stream)
-            g["stream"].synchronize()
+                ctx.set_tensor_address(name, o.data_ptr() if o.numel() else self._dummy().data_ptr())
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise TrtRuntimeError(f"TensorRT failed to run {graph} (see its log above); the outputs are not used")
+            stream.synchronize()
         return outs
 
-    def _dummy(self, g):
-        if "dummy" not in g:
-            g["dummy"] = self._torch.empty(16, device="cuda")
-        return g["dummy"]
+    def _dummy(self):
+        if getattr(self, "_dummy_buf", None) is None:
+            with self._torch.cuda.stream(self._stream):
+                self._dummy_buf = self._torch.empty(16, device="cuda")
+        return self._dummy_buf
 
     def _run_graph_impl(self, graph, feed):
         if graph == "composer":  # shared_prompt ⊙ (task_cols @ task_rows), on the host
@@ -100,9 +141,14 @@ class TrtBackend:
         return out  # KV stays on the GPU for the next step
 
     def _take_rows(self, value, keep):
+        """Rows that stay in the batch: gathered on the session's stream (ordered after the execution that wrote
+        ``value``, and before any reuse of its memory)."""
         if isinstance(value, np.ndarray):
             return value[keep]
-        return value[self._torch.as_tensor(np.flatnonzero(keep), device=value.device)]
+        torch = self._torch
+        with self._lock, torch.cuda.stream(self._stream):
+            idx = torch.as_tensor(np.flatnonzero(keep), device=value.device)
+            return value.index_select(0, idx)
 
 
 def trt_session(bundle, engines_dir, **options):

@@ -66,7 +66,12 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
             if version_compatible:
                 config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
             cache = config.create_timing_cache(cache_bytes)
-            config.set_timing_cache(cache, ignore_mismatch=False)
+            if not config.set_timing_cache(cache, ignore_mismatch=False):
+                # a cache written on another GPU or TensorRT version: TensorRT refuses it; build with a fresh one
+                step(f"warning: the timing cache {timing_cache} was made on another device or TensorRT version; "
+                     "ignoring it (it will be replaced)")
+                cache_bytes = b""
+                config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
             for p in plist:
                 prof = builder.create_optimization_profile()
                 for name, s in p["shapes"].items():
@@ -76,14 +81,16 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
             if plan is None:
                 raise ExportError(f"TensorRT failed to build {graph}; see the log above")
             (tmp / f"{graph}.plan").write_bytes(bytes(plan))
-            cache_bytes = bytes(config.get_timing_cache().serialize())
+            used = config.get_timing_cache()
+            if used is not None:  # None when no cache was attached: the engine is kept, the cache file is not written
+                cache_bytes = bytes(used.serialize())
             engines[graph] = {"file": f"{graph}.plan", "build_s": round(time.perf_counter() - t0, 1)}
         sidecar = make_sidecar(b, trt.__version__, gpu_name, cc, prec, limits.to_dict(), profs, version_compatible,
                                engines)
         import json
 
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
-    if timing_cache:
+    if timing_cache and cache_bytes:
         tc = Path(timing_cache)
         tmp_cache = tc.with_name(f".{tc.name}.tmp-{os.getpid()}")
         tmp_cache.write_bytes(cache_bytes)
