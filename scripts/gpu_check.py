@@ -3,7 +3,10 @@
 1. Environment: Python, torch/CUDA/GPU, onnxruntime and its providers, tensorrt.
 2. Demo bundle built in code here (exports with this machine's torch/transformers — a compatibility check too).
 3. TensorRT importable: build engines for the demo bundle, compare with ONNX Runtime (max abs diff per output on the
-   validation inputs) and time generation. Otherwise: say so.
+   validation inputs) and time generation; a batch whose rows hit EOS at different steps (rows leave the batch:
+   the KV gather) must give ONNX Runtime's tokens; a version-compatible build loaded back; a second build reusing
+   the first one's timing cache; a T5 bundle built and compared; the `build --print-trtexec` commands executed by
+   trtexec when it is on PATH. Otherwise: each says skipped — which proves nothing about those paths.
 4. ORT CUDA provider present: the same comparison through it. Otherwise: say so.
 5. PyTorch CUDA baseline: PEFT eager on the GPT-2-small-shaped bench workload (8 x 64 tokens, 100 virtual tokens,
    8 new tokens) in fp32 and fp16, next to this runtime on the CPU (ORT, prompt KV cache) on the same machine.
@@ -106,6 +109,128 @@ def trt():
     return {"build_s": round(time.perf_counter() - t0, 1), **res}
 
 
+def _need_trt(what: str) -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        R["skipped"].append(f"TensorRT ({what}): the tensorrt package is not importable on this machine")
+        return False
+    return (WORK / "engines" / "engine.json").is_file()
+
+
+@step("tensorrt: rows finishing early (EOS) equal onnxruntime")
+def trt_early_eos():
+    if not _need_trt("early EOS"):
+        return {"skipped": True}
+    import mpt_export
+
+    b = mpt_export.load_bundle(WORK / "demo" / "bundle")
+    ref, new = b.session(), b.session(backend="tensorrt", engines=WORK / "engines")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(2, ref.vocab_size, (6, 10))
+    tasks = [b.tasks[i % len(b.tasks)] for i in range(6)]
+    free = ref.generate_ids(ids, tasks, max_new_tokens=12, eos_token_id=None)
+    eos = int(free[0, 2])  # row 0 stops at its third token; other rows stop wherever they meet it, or run on
+    a = ref.generate_detailed(ids, tasks, max_new_tokens=12, eos_token_id=eos)
+    g = new.generate_detailed(ids, tasks, max_new_tokens=12, eos_token_id=eos)
+    lengths = [int(x) for x in a.lengths]
+    if len(set(lengths)) < 2:
+        raise AssertionError(f"no row finished early (lengths {lengths}); the check did not exercise the gather")
+    if not (a.ids == g.ids).all():
+        raise AssertionError(f"tokens differ from ONNX Runtime: {a.ids.tolist()} vs {g.ids.tolist()}")
+    return {"lengths": lengths, "tokens_equal": True}
+
+
+@step("tensorrt: version-compatible engines load back")
+def trt_version_compatible():
+    if not _need_trt("version-compatible"):
+        return {"skipped": True}
+    import mpt_export
+    from mpt_export.trt.build import build_engines
+    from mpt_export.trt.profiles import Limits
+
+    b = mpt_export.load_bundle(WORK / "demo" / "bundle")
+    eng = build_engines(b.path, WORK / "engines-vc", Limits(max_batch=4, max_input=32, max_new_tokens=16),
+                        version_compatible=True)
+    side = json.loads((eng / "engine.json").read_text())
+    ids = np.random.default_rng(2).integers(2, 200, (2, 8))
+    ref = b.session().generate_ids(ids, b.tasks[:2], max_new_tokens=8, eos_token_id=None)
+    got = b.session(backend="tensorrt", engines=eng).generate_ids(ids, b.tasks[:2], max_new_tokens=8, eos_token_id=None)
+    if not (ref == got).all():
+        raise AssertionError("version-compatible engine's tokens differ from ONNX Runtime's")
+    return {"version_compatible": side["version_compatible"], "tokens_equal": True}
+
+
+@step("tensorrt: second build reuses the first one's timing cache")
+def trt_timing_cache():
+    if not _need_trt("timing cache"):
+        return {"skipped": True}
+    from mpt_export.trt.build import build_engines
+    from mpt_export.trt.profiles import Limits
+
+    cache = WORK / "timing.cache"
+    if cache.exists():
+        cache.unlink()
+    lim = Limits(max_batch=4, max_input=32, max_new_tokens=16)
+    t0 = time.perf_counter()
+    build_engines(WORK / "demo" / "bundle", WORK / "engines-tc1", lim, timing_cache=cache)
+    first = time.perf_counter() - t0
+    size = cache.stat().st_size
+    t0 = time.perf_counter()
+    build_engines(WORK / "demo" / "bundle", WORK / "engines-tc2", lim, timing_cache=cache)
+    return {"first_build_s": round(first, 1), "second_build_s": round(time.perf_counter() - t0, 1),
+            "cache_bytes": size, "cache_bytes_after": cache.stat().st_size}
+
+
+@step("tensorrt: T5 bundle built and compared")
+def trt_t5():
+    if not _need_trt("T5"):
+        return {"skipped": True}
+    import mpt_export
+    from mpt_export.demo import build_demo_inputs
+    from mpt_export.trt.build import build_engines
+    from mpt_export.trt.profiles import Limits
+
+    inp = build_demo_inputs(WORK / "t5", arch="t5", train=False)
+    b = mpt_export.export_bundle(inp["base"], inp["adapters"], WORK / "t5" / "bundle", force=True)
+    eng = build_engines(b.path, WORK / "engines-t5", Limits(max_batch=4, max_input=32, max_new_tokens=1))
+    eng = build_engines(b.path, WORK / "engines-t5", Limits(max_batch=4, max_input=32, max_new_tokens=12))
+    ids = np.random.default_rng(3).integers(2, 200, (3, 9))
+    tasks = [b.tasks[i % len(b.tasks)] for i in range(3)]
+    ref = b.session().generate_ids(ids, tasks, max_new_tokens=8, eos_token_id=None)
+    got = b.session(backend="tensorrt", engines=eng).generate_ids(ids, tasks, max_new_tokens=8, eos_token_id=None)
+    if not (ref == got).all():
+        raise AssertionError(f"T5 tokens differ from ONNX Runtime: {ref.tolist()} vs {got.tolist()}")
+    return {"tokens_equal": True, "built_with_max_new_tokens_1_too": True}
+
+
+@step("trtexec: the printed commands run")
+def trtexec_lines():
+    import shlex
+    import shutil
+    import subprocess
+
+    if not shutil.which("trtexec"):
+        R["skipped"].append("trtexec: not on PATH; the --print-trtexec lines were not executed")
+        return {"skipped": True}
+    exe = Path(sys.executable).with_name("mpt-export")
+    res = subprocess.run([str(exe), "build", str(WORK / "demo" / "bundle"), "--print-trtexec", "--out",
+                          str(WORK / "engines-trtexec"), "--max-batch", "4", "--max-input", "32",
+                          "--max-new-tokens", "16"], capture_output=True, text=True, check=True)
+    (WORK / "engines-trtexec").mkdir(parents=True, exist_ok=True)
+    done = []
+    for block in res.stdout.replace("\\\n", " ").splitlines():  # continuation lines joined
+        if not block.startswith("trtexec"):
+            continue
+        r = subprocess.run(shlex.split(block), capture_output=True, text=True, timeout=300)
+        done.append(r.returncode)
+        if r.returncode != 0:
+            raise AssertionError(f"trtexec exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}")
+    if not done:
+        raise AssertionError(f"no trtexec line found in: {res.stdout[:400]}")
+    return {"commands_run": len(done)}
+
+
 @step("onnxruntime CUDA provider vs CPU")
 def ort_cuda():
     import onnxruntime as ort
@@ -173,4 +298,8 @@ def baseline():
 
 R["skipped"] = sorted(set(R["skipped"]))
 (OUT / "gpu_check.json").write_text(json.dumps(R, indent=2, default=str))
+print("\n| step | result | seconds |\n|---|---|---|")
+for name, r in R["steps"].items():
+    status = "skipped" if r.get("skipped") else ("pass" if r["ok"] else "FAIL: " + r["error"][:120])
+    print(f"| {name} | {status} | {r.get('seconds', '')} |")
 print("skipped:", *R["skipped"], sep="\n  ")
