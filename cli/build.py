@@ -44,10 +44,11 @@ def build_cmd(
 
         prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"), tf32)
         engines = out or Path("engines") / b.path.name
-        cmds = trtexec_commands(b, profiles(b.manifest, limits), engines, prec,
-                                str(timing_cache) if timing_cache else None, workspace_mib, version_compatible)
+        profs = profiles(b.manifest, limits)
+        cmds = trtexec_commands(b, profs, engines, prec, str(timing_cache) if timing_cache else None, workspace_mib,
+                                version_compatible)
         print(f"# TensorRT {trt_version}.x, precision {prec['precision']}; profiles in order: "
-              + "; ".join(f"{g}: {', '.join(p['name'] for p in ps)}" for g, ps in profiles(b.manifest, limits).items()))
+              + "; ".join(f"{g}: {', '.join(p['name'] for p in ps)}" for g, ps in profs.items()))
         print(f"# {said}")
         print(f"mkdir -p {engines}")
         print(format_commands(cmds))

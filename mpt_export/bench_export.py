@@ -193,7 +193,8 @@ def _drop_caches() -> bool:
 
 
 def _child_rss(code: str, timeout: float = 3600) -> dict:
-    """Run ``code`` in a fresh interpreter; it prints one JSON line; its peak RSS is added (bytes)."""
+    """Run ``code`` in a fresh interpreter (so its memory figures are its own); -> the JSON line it printed last,
+    or {"error": ...}."""
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         return {"error": (res.stderr or res.stdout).strip().splitlines()[-1][:300] if (res.stderr or res.stdout) else

@@ -6,15 +6,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def status_bytes(key: str) -> int | None:
-    """A memory figure from ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: the peak), in bytes; None off Linux."""
+def _proc_kb(path: str, key: str) -> int | None:
+    """A ``Key:  N kB`` figure from a /proc file, in bytes; None off Linux or when the key is missing."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
     return None
+
+
+def status_bytes(key: str) -> int | None:
+    """A memory figure from ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: the peak), in bytes; None off Linux."""
+    return _proc_kb("/proc/self/status", key)
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (bytes): what can be allocated without swapping, page cache included;
+    None where the system does not say."""
+    return _proc_kb("/proc/meminfo", "MemAvailable")
 
 
 def rss_mib() -> float:

@@ -110,12 +110,15 @@ def trt():
 
 
 def _need_trt(what: str) -> bool:
+    """False (skipped) where TensorRT is not importable; an error where it is but the first build did not land."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         R["skipped"].append(f"TensorRT ({what}): the tensorrt package is not importable on this machine")
         return False
-    return (WORK / "engines" / "engine.json").is_file()
+    if not (WORK / "engines" / "engine.json").is_file():
+        raise RuntimeError("the first TensorRT build (step 'tensorrt engines vs onnxruntime') failed: nothing to run")
+    return True
 
 
 @step("tensorrt: rows finishing early (EOS) equal onnxruntime")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,7 +130,8 @@ def test_the_cli_stamps_a_settled_bundle(llama, tmp_path):
     shutil.copytree(llama.bundle, b)
     time.sleep(stamps.FRESH_S + 0.2)
     cache = tmp_path / "cli-cache"
-    res = subprocess.run([str(shutil.which("mpt-export")), "generate", str(b), "hi", "--task", "a",
+    exe = Path(sys.executable).with_name("mpt-export")  # the venv's, whether or not its bin is on PATH
+    res = subprocess.run([str(exe), "generate", str(b), "hi", "--task", "a",
                           "--max-new-tokens", "2"], capture_output=True, text=True,
                          env={**os.environ, stamps.CACHE_ENV: str(cache)})
     assert res.returncode == 0, res.stderr

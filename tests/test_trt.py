@@ -60,9 +60,7 @@ def test_seq2seq_profiles(make_case, nts):
 
 
 def test_precision_rules():
-    def core(*a, **k):
-        return {k_: v for k_, v in resolve_precision(*a, **k).items()}
-
+    core = resolve_precision
     assert core("auto", 10, "float32") == {"precision": "fp32", "strongly_typed": False, "flags": ["--noTF32"],
                                            "tf32": False}
     assert core("auto", 10, "float32", tf32=True) == {"precision": "fp32", "strongly_typed": False, "flags": [],

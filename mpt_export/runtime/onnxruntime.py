@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ..errors import BundleError, InputError, MissingDependencyError
+from ..memory import available_memory
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -117,18 +118,6 @@ def graph_weight_bytes(bundle) -> int:
         except (OSError, BundleError):  # a missing file is reported when its graph is opened
             pass
     return total
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (bytes), or None where the system does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def prepack_fits(weight_bytes: int, available: int | None) -> bool:

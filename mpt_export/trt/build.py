@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 from ..atomic import replace_dir
-
-from ..ownership import check_replaceable
 from ..bundle import load_bundle
 from ..errors import ExportError
+from ..ownership import check_replaceable
 from .commands import resolve_precision
 from .env import gpu_identity, import_tensorrt
 from .identity import SIDECAR, make_sidecar

@@ -43,16 +43,14 @@ class Limits:
         return asdict(self)
 
 
-DEFAULT_LIMITS = (8, 512, 128)  # max batch, max input, max new tokens
-
-
 def fit_limits(manifest: dict, max_batch: int | None = None, max_input: int | None = None,
                max_new_tokens: int | None = None) -> Limits:
     """The limits to build for: what the user typed, and defaults that fit the model. With absolute positions
     (Llama, GPT-2...) the room after the longest prompt is shared: the default --max-new-tokens is at most a quarter
     of it and --max-input gets the rest (each at most its usual default); T5's relative positions set no limit, so
     its defaults stay. Only limits the user typed can then be refused (by ``profiles``)."""
-    db, di, dn = DEFAULT_LIMITS
+    d = Limits()
+    db, di, dn = d.max_batch, d.max_input, d.max_new_tokens
     B = max_batch if max_batch is not None else db
     if manifest["task_type"] == "SEQ_2_SEQ_LM":
         return Limits(max_batch=B, max_input=max_input if max_input is not None else di,
