@@ -23,23 +23,36 @@ def bench_serve_cmd(
     max_batch: Annotated[int | None, typer.Option(help="Server --max-batch (default: --clients).")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling (default: one per core).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count (each replica --threads cores, default 1), then the time to replace a killed replica.")] = False,
+    replicas: Annotated[str, typer.Option(help="With --ray: replica counts to compare, comma-separated.")] = "1,2",
 ) -> None:
     """The real server under N concurrent mixed-task clients vs the same requests one at a time vs the ceiling."""
     quiet_libraries()
-    from mpt_export.serving.bench import run_bench_serve
+    from mpt_export.errors import InputError
+    from mpt_export.serving.bench import run_bench_ray, run_bench_serve
 
     with progress("bench-serve") as on_step:
         if bundle is None:
             from mpt_export.bench import PRESETS, _prepare
-            from mpt_export.errors import InputError
-
             if preset not in PRESETS:
                 raise InputError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
             _, bundle, _ = _prepare(preset, workdir, on_step)
-        r = run_bench_serve(bundle, clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens,
+        if ray:
+            try:
+                counts = tuple(int(x) for x in replicas.split(","))
+            except ValueError:
+                raise InputError(f"--replicas takes comma-separated counts (e.g. 1,2), got {replicas!r}") from None
+            r = run_bench_ray(bundle, counts, clients=clients, requests=requests, prompt_len=prompt_len,
+                              max_tokens=max_tokens, threads=threads or 1, max_batch=max_batch,
+                              workdir=workdir / "serve", on_step=on_step)
+        else:
+            r = run_bench_serve(bundle, clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens,
                             max_batch=max_batch, threads=threads, workdir=workdir / "serve", on_step=on_step)
     if as_json:
         print(json.dumps(r, indent=2))
+        return
+    if ray:
+        _print_ray(r)
         return
     t = Table(title=escape(f"bench-serve {r['bundle']}: {r['requests']} requests x {r['prompt_len']} prompt tokens, "
                            f"{r['max_tokens']} new, mixed tasks, greedy"), title_justify="left")
@@ -59,4 +72,22 @@ def bench_serve_cmd(
               f"{c['ratio_vs_sequential']:.2f}x", "-", "-", "-", "-", str(r["clients"]))
     t.caption = (f"served tokens/s = {r['served_vs_ceiling']:.0%} of the ceiling (one Session.generate on a batch of {r['clients']}); batch: mean rows per decode step "
                  "(engine step record); tok lat: per-token latency after the first")
+    console.print(t)
+
+
+def _print_ray(r: dict) -> None:
+    t = Table(title=escape(f"bench-serve --ray {r['bundle']}: {r['requests']} requests x {r['prompt_len']} prompt "
+                           f"tokens, {r['max_tokens']} new, {r['clients']} clients, mixed tasks, greedy; "
+                           f"{r['threads']} core(s) per replica, {r['cpus']} cores here"), title_justify="left")
+    t.box = box.SIMPLE_HEAD
+    for col in ("replicas", "req/s", "tok/s", "x 1st", "TTFT p50", "TTFT p95", "ready in"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for row in r["rows"]:
+        t.add_row(str(row["replicas"]), f"{row['requests_per_s']:.2f}", f"{row['tokens_per_s']:.1f}",
+                  f"{row['ratio_vs_first']:.2f}x", f"{row['ttft_p50_s'] * 1e3:.0f} ms",
+                  f"{row['ttft_p95_s'] * 1e3:.0f} ms", f"{row['start_s']:.1f} s")
+    rep = r.get("replace")
+    if rep:
+        t.caption = (f"killed replica replaced in {rep['replace_s']:.1f} s; {rep['requests_meanwhile']} requests sent "
+                     f"meanwhile, {rep['failed_meanwhile']} failed")
     console.print(t)

@@ -22,6 +22,10 @@ def serve_cmd(
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda or a provider name.")] = "cpu",
     drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT: seconds to finish the requests in flight before exiting.")] = 30.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve replicas (each one this server's engine; needs the ray extra).", rich_help_panel="Ray Serve")] = False,
+    replicas: Annotated[int | None, typer.Option(help="With --ray: a fixed number of replicas (default 1).", rich_help_panel="Ray Serve")] = None,
+    autoscale: Annotated[str | None, typer.Option(help="With --ray: MIN:MAX replicas, scaled on ongoing requests (one full batch per replica).", rich_help_panel="Ray Serve")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="With --ray: join this Ray cluster ('auto': the one `ray start` runs on this node); default: start a local Ray instance that stops with this command.", rich_help_panel="Ray Serve")] = None,
 ) -> None:
     """Serve a bundle over HTTP with OpenAI-compatible routes; requests for any task share the backbone's batches."""
     from mpt_export.errors import InputError
@@ -32,6 +36,15 @@ def serve_cmd(
     if max_batch < 1 or max_queue < 1 or max_body_bytes < 1:
         raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
     key = api_key if api_key is not None else os.environ.get("MPT_EXPORT_API_KEY") or None
+    if not ray and (replicas is not None or autoscale is not None or ray_address is not None):
+        raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
+    if ray:
+        from mpt_export.serving.ray_serve import serve_ray
+
+        raise typer.Exit(serve_ray(str(bundle), host=host, port=port, replicas=replicas, autoscale=autoscale,
+                                   address=ray_address, max_batch=max_batch, max_queue=max_queue, api_key=key,
+                                   threads=threads, provider=provider, drain_timeout=drain_timeout,
+                                   max_body=max_body_bytes, prepack="auto" if prepack is None else prepack))
     raise typer.Exit(serve(str(bundle), host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=key,
                            threads=threads, provider=provider, drain_timeout=drain_timeout, max_body=max_body_bytes,
                            prepack="auto" if prepack is None else prepack))

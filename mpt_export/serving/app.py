@@ -23,7 +23,9 @@ from .protocol import (APIError, api_error, error_body, messages_of, number, pro
 from .state import ServerState
 
 
-def build_app(state: ServerState):
+def build_app(state: ServerState, headers: dict | None = None, identity: dict | None = None):
+    """The ASGI app over ``state``. ``headers``: added to every response (Ray Serve: the replica id);
+    ``identity``: added to ``/health``'s body (which replica and process answered)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -63,7 +65,7 @@ def build_app(state: ServerState):
         return run
 
     async def health(request):
-        body = {"status": state.status, **({"error": state.error} if state.error else {})}
+        body = {"status": state.status, **({"error": state.error} if state.error else {}), **(identity or {})}
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
     async def metrics(request):
@@ -262,4 +264,23 @@ def build_app(state: ServerState):
                                            status_code=500),
     })
     app.state.server = state
-    return app
+    return _with_headers(app, headers) if headers else app
+
+
+def _with_headers(app, headers: dict):
+    """An ASGI wrapper adding ``headers`` to every HTTP response (streams included)."""
+    extra = [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+
+        await app(scope, receive, send_with)
+
+    wrapped.state = app.state
+    return wrapped

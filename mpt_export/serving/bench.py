@@ -188,5 +188,139 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
             "ceiling": ceiling, "served_vs_ceiling": concurrent["tokens_per_s"] / ceiling["tokens_per_s"]}
 
 
+def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, tmp: Path):
+    """``mpt-export serve --ray`` in a process of its own (a local Ray instance below it). -> (process, url)."""
+    import os
+    import socket
+
+    from ..errors import MptExportError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("mpt-export")
+    args = [str(exe), "serve", str(bundle), "--ray", "--replicas", str(replicas), "--threads", str(threads),
+            "--port", str(port), "--api-key", key, "--max-batch", str(max_batch)]
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.strip())
+        if "serving " in line or "error:" in line:
+            break
+    if proc.poll() is not None or not any("serving " in x for x in lines):
+        _stop(proc)
+        raise MptExportError(f"the Ray server did not start: {' | '.join(lines[-3:])}")
+    _drain_stderr(proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _drain_stderr(proc) -> None:
+    """Keep reading a child's stderr so it never blocks on a full pipe."""
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+
+
+def _stop(proc, timeout: float = 120) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _replace_time(url: str, key: str, job: dict, timeout: float = 120) -> dict:
+    """Kill one replica's process (its pid from /health) and time until a new replica answers; every request
+    sent meanwhile must succeed."""
+    import os
+    import signal
+
+    import httpx
+
+    from ..errors import MptExportError
+
+    h = {"Authorization": f"Bearer {key}"}
+    pids = {}
+    for _ in range(200):
+        r = httpx.get(url + "/health", timeout=30).json()
+        pids[r["replica"]] = r["pid"]
+        if len(pids) >= 2:
+            break
+    victim, pid = sorted(pids.items())[0]
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.perf_counter()
+    seen, sent, failed = set(), 0, 0
+    body = {"model": job["task"], "prompt": job["prompt"], "max_tokens": 2, "temperature": 0}
+    while time.perf_counter() - t0 < timeout:
+        r = httpx.post(url + "/v1/completions", json=body, headers=h, timeout=60)
+        sent += 1
+        failed += r.status_code != 200
+        seen.add(r.headers.get("x-mpt-export-replica"))
+        if seen - set(pids):
+            return {"replace_s": time.perf_counter() - t0, "requests_meanwhile": sent, "failed_meanwhile": failed}
+    raise MptExportError(f"no replacement replica answered within {timeout:g} s of killing {victim}")
+
+
+def run_bench_ray(bundle: str | Path, replicas: tuple[int, ...] = (1, 2), clients: int = 8,
+                  requests: int | None = None, prompt_len: int = 32, max_tokens: int = 16, threads: int = 1,
+                  max_batch: int | None = None, workdir: str | Path = "build/bench-serve", on_step=None) -> dict:
+    """``mpt-export bench-serve --ray``: the same mixed-task load through Ray Serve with 1, 2, ... replicas of
+    ``threads`` cores each (requests/s as a ratio to the first), then the time Serve takes to replace a killed
+    replica."""
+    import os
+    import tempfile
+
+    import mpt_export
+
+    from ..errors import InputError
+    from ..ownership import claim_workdir
+    from .ray_serve import import_ray
+
+    import_ray()
+    step = on_step or (lambda s: None)
+    if clients < 1 or prompt_len < 1 or max_tokens < 1 or threads < 1 or not replicas or min(replicas) < 1:
+        raise InputError("--clients, --prompt-len, --max-tokens, --threads and --replicas must be >= 1")
+    requests = requests or 4 * clients
+    workdir = claim_workdir(Path(workdir), "bench-serve-workdir")
+    b = mpt_export.load_bundle(bundle)
+    tasks, vocab = b.tasks, int(b.base_model["vocab_size"])
+    b.session(intra_op_threads=threads).check_request(prompt_len, tasks[0], max_tokens)
+    b.close()
+    rng = np.random.default_rng(0)
+    jobs = [{"task": tasks[i % len(tasks)], "prompt": rng.integers(2, vocab, prompt_len).tolist(),
+             "max_tokens": max_tokens} for i in range(requests)]
+    key = "bench-" + os.urandom(6).hex()
+    rows, replace = [], None
+    for n in replicas:
+        step(f"Ray Serve, {n} replica(s) of {threads} core(s): {clients} clients, {len(jobs)} requests")
+        tmp = tempfile.mkdtemp(prefix="mptray", dir="/tmp")  # Ray's socket paths must stay short
+        t0 = time.perf_counter()
+        proc, url = _ray_server(bundle, n, threads, max_batch or clients, key, Path(tmp))
+        start_s = time.perf_counter() - t0
+        try:
+            _load(url, [dict(j, max_tokens=2) for j in jobs[:4 * n * len(tasks)]], clients, key, workdir)  # warm-up
+            row = _load(url, jobs, clients, key, workdir)
+            row.update(replicas=n, start_s=start_s)
+            rows.append(row)
+            if n >= 2 and replace is None:
+                step("kill one replica, time its replacement")
+                replace = _replace_time(url, key, jobs[0])
+        finally:
+            _stop(proc)
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    for row in rows:
+        row["ratio_vs_first"] = row["requests_per_s"] / rows[0]["requests_per_s"]
+    return {"bundle": str(bundle), "clients": clients, "requests": len(jobs), "prompt_len": prompt_len,
+            "max_tokens": max_tokens, "threads": threads, "cpus": os.cpu_count(), "rows": rows, "replace": replace}
+
+
 if __name__ == "__main__":
     client_main()

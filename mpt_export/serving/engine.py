@@ -92,6 +92,10 @@ class Engine:
         self._thread.start()
         return self
 
+    def alive(self) -> bool:
+        """The engine thread is running (it stops only when told to, or when the process is failing)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def check(self, req: Request) -> SamplingConfig:
         """The errors ``submit`` would raise for ``req`` (unknown task, too long, bad sampling values)."""
         cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.seed)

@@ -16,12 +16,13 @@ class ServerState:
 
     def __init__(self, bundle_path: str | Path, provider: str = "cpu", threads: int | None = None,
                  max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_BODY, prepack: bool | str = "auto"):
+                 max_body: int = DEFAULT_MAX_BODY, prepack: bool | str = "auto", drain_timeout: float = 30.0):
         self.bundle_path = Path(bundle_path)
         self.provider, self.threads, self.prepack = provider, threads, prepack
         self.max_batch, self.max_queue = max_batch, max_queue
         self.api_key = api_key or None
         self.max_body = max_body
+        self.drain_timeout = drain_timeout
         self.status = "loading"
         self.error: str | None = None
         self.bundle = self.session = self.engine = self.chat = None
