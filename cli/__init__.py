@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, bench_export, bench_serve, build, demo, export, generate, inspect, quantize, serve, tasks, verify
+from . import bench, bench_export, bench_serve, build, demo, export, generate, inspect, quantize, serve, tasks, triton, verify
 
 app = typer.Typer(
     name="mpt-export",
@@ -24,6 +24,7 @@ app.add_typer(tasks.app, name="tasks")
 app.command(name="build")(build.build_cmd)
 app.command(name="check-trt")(build.check_trt_cmd)
 app.command(name="serve")(serve.serve_cmd)
+app.command(name="triton")(triton.triton_cmd)
 app.command(name="bench")(bench.bench_cmd)
 app.command(name="bench-serve")(bench_serve.bench_serve_cmd)
 app.command(name="bench-export")(bench_export.bench_export_cmd)

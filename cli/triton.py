@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import console, escape, handle_errors
+
+
+@handle_errors
+def triton_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    out: Annotated[Path, typer.Option(help="Model repository to write (give it to tritonserver --model-repository).")],
+    backend: Annotated[str, typer.Option(help="Graph models as onnxruntime (model.onnx) or tensorrt (model.plan, from --engines).")] = "onnxruntime",
+    engines: Annotated[Path | None, typer.Option(help="With --backend tensorrt: the folder `mpt-export build` wrote for this bundle (on the GPU Triton runs on).")] = None,
+    max_batch: Annotated[int, typer.Option(help="max_batch_size of the graph models, and rows the generation engine batches at most.")] = 8,
+    instances: Annotated[int, typer.Option(help="Instances of each graph model (instance_group count).")] = 1,
+    kind: Annotated[str, typer.Option(help="Where the graph models run: cpu (KIND_CPU) or gpu (KIND_GPU).")] = "cpu",
+    max_queue: Annotated[int, typer.Option(help="Requests waiting per model at most (dynamic_batching default_queue_policy.max_queue_size; the engine's queue).")] = 256,
+    graph_calls: Annotated[str | None, typer.Option(help="How the generation model runs the graphs: onnxruntime (in its own process; default for --backend onnxruntime) or bls (through Triton's graph models; default for --backend tensorrt).")] = None,
+    prefix: Annotated[str, typer.Option(help="Prefix for the model names (two bundles in one repository).")] = "",
+    force: Annotated[bool, typer.Option(help="Replace --out if it is a repository this tool wrote.")] = False,
+) -> None:
+    """Write a Triton Inference Server model repository: the graphs as ONNX Runtime or TensorRT models, and a
+    decoupled Python-backend model `generate` that batches every task together and streams tokens."""
+    from mpt_export.serving.triton import write_repository
+
+    r = write_repository(bundle, out, backend=backend, engines=engines, max_batch=max_batch, instances=instances,
+                         kind=kind, max_queue=max_queue, prefix=prefix, graph_calls=graph_calls, force=force)
+    files = f"{r['linked']} files hard-linked to the bundle's" + (f", {r['copied']} copied (another filesystem)"
+                                                                  if r["copied"] else "")
+    console.print(f"[green]wrote[/] {escape(r['out'])}: models {escape(', '.join(r['models']))} "
+                  f"({r['backend']} graphs; generate runs them through {r['graph_calls']}); {files}")
+    console.print(escape(f"start: tritonserver --model-repository {Path(r['out']).resolve()}"))

@@ -1,0 +1,392 @@
+"""``mpt-export triton``: a bundle as a Triton Inference Server model repository.
+
+```
+OUT/
+  .mpt-export                      what this tool wrote (so --force may replace it, and nothing else)
+  composer/  config.pbtxt  1/model.onnx                         onnxruntime_onnx (always: one small matmul)
+  backbone/  config.pbtxt  1/model.onnx/{model.onnx, <weights>} onnxruntime_onnx, or 1/model.plan (tensorrt_plan)
+  generate/  config.pbtxt  1/model.py  1/bundle/...             python backend, decoupled: the generation engine
+```
+(T5 bundles: ``encoder`` and ``decoder`` in place of ``backbone``, each with the shared weights file in its own
+model directory.) Files are **hard links** to the bundle's (no extra disk; the repository is a snapshot — a later
+re-export replaces the bundle's files, never these), or copies where a link cannot be made (another filesystem).
+
+Graph models: ``max_batch_size`` > 0 with the batch axis left out of ``dims``, names and dtypes from the manifest
+(checked against the graphs), ``dynamic_batching`` with a bounded queue, ``instance_group``. Triton's dynamic batcher
+only merges requests of equal shapes, so rows with different past lengths — every decode step of a mixed-task batch
+— never merge there: batching across tasks happens in ``generate``, which runs the same continuous-batching engine as
+``mpt-export serve`` (see :mod:`mpt_export.serving.triton_generate`). Its graph calls go, by default, to ONNX Runtime
+inside the Python backend's process (``graph_calls: onnxruntime``): the KV cache then stays in place between steps.
+With BLS (``graph_calls: bls``, the default for ``--backend tensorrt``, whose plans run in Triton's TensorRT backend)
+every step sends the KV cache to the graph model and back through Triton's shared memory.
+
+Before the repository is moved into place it is checked the way Triton would check it (:func:`check_repository`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import InputError, MptExportError
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "string": "TYPE_STRING"}
+ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL",
+                  8: "TYPE_STRING", 11: "TYPE_FP64"}
+KIND = "triton-repository"
+GENERATE = "generate"
+
+# The generation model's tensors (names as Triton's LLM backends use them: text_input / text_output, max_tokens,
+# stream, sampling settings), plus the task.
+GEN_INPUTS = [  # name, type, dims, optional
+    ("text_input", "TYPE_STRING", [1], False),
+    ("task", "TYPE_STRING", [1], False),
+    ("max_tokens", "TYPE_INT32", [1], True),
+    ("temperature", "TYPE_FP32", [1], True),
+    ("top_k", "TYPE_INT32", [1], True),
+    ("top_p", "TYPE_FP32", [1], True),
+    ("seed", "TYPE_INT64", [1], True),
+    ("stop", "TYPE_STRING", [-1], True),
+    ("stream", "TYPE_BOOL", [1], True),
+]
+GEN_OUTPUTS = [("text_output", "TYPE_STRING", [1]), ("output_ids", "TYPE_INT64", [-1]),
+               ("finish_reason", "TYPE_STRING", [1])]
+
+
+class TritonRepositoryError(MptExportError):
+    """A repository Triton would refuse (or one this bundle's engines cannot make)."""
+
+
+# -- config text ------------------------------------------------------------------------------------------------------
+def _q(s: str) -> str:
+    return json.dumps(str(s))
+
+
+def _tensors(kind: str, items) -> list[str]:
+    out = [f"{kind} ["]
+    for i, (name, dtype, dims, optional) in enumerate(items):
+        opt = " optional: true" if optional else ""
+        sep = "," if i < len(items) - 1 else ""
+        out.append(f"  {{ name: {_q(name)} data_type: {dtype} dims: [ {', '.join(map(str, dims))} ]{opt} }}{sep}")
+    out.append("]")
+    return out
+
+
+def _graph_tensors(specs: list[dict], batched: bool) -> list[tuple]:
+    items = []
+    for s in specs:
+        dims = [d if isinstance(d, int) else -1 for d in s["shape"]]
+        items.append((s["name"], TRITON_DTYPES[s["dtype"]], dims[1:] if batched else dims, False))
+    return items
+
+
+def graph_config(name: str, spec: dict, platform: str, max_batch: int, instances: int, kind: str, max_queue: int,
+                 profiles: int = 0) -> str:
+    """config.pbtxt of one graph model. ``profiles``: a TensorRT plan's optimization profile count (all offered to
+    every instance; Triton picks the one whose ranges hold a request's shapes)."""
+    backend = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}[platform]
+    lines = [f"name: {_q(name)}", f"platform: {_q(platform)}", f"backend: {_q(backend)}",
+             f"max_batch_size: {max_batch}"]
+    lines += _tensors("input", _graph_tensors(spec["inputs"], True))
+    lines += _tensors("output", _graph_tensors(spec["outputs"], True))
+    lines += ["dynamic_batching {", "  max_queue_delay_microseconds: 0",
+              f"  default_queue_policy {{ max_queue_size: {max_queue} }}", "}"]
+    group = f"  {{ count: {instances} kind: {'KIND_GPU' if kind == 'gpu' else 'KIND_CPU'}"
+    if profiles:
+        group += f" profile: [ {', '.join(_q(str(i)) for i in range(profiles))} ]"
+    lines += ["instance_group [", group + " }", "]"]
+    return "\n".join(lines) + "\n"
+
+
+def generate_config(name: str, params: dict) -> str:
+    lines = [f"name: {_q(name)}", 'backend: "python"', "max_batch_size: 0",
+             "model_transaction_policy { decoupled: true }"]
+    lines += _tensors("input", GEN_INPUTS)
+    lines += _tensors("output", [(n, t, d, False) for n, t, d in GEN_OUTPUTS])
+    # one instance: its engine is where rows of every task merge into one batch (two instances would split them)
+    lines += ["instance_group [ { count: 1 kind: KIND_CPU } ]"]
+    for k, v in params.items():
+        lines.append(f"parameters {{ key: {_q(k)} value {{ string_value: {_q(v)} }} }}")
+    return "\n".join(lines) + "\n"
+
+
+# -- writing ------------------------------------------------------------------------------------------------------------
+def _place(src: Path, dst: Path, how: dict) -> None:
+    """Hard-link ``src`` at ``dst`` (copy where a link cannot be made); ``how`` counts which."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+        how["linked"] += 1
+    except OSError:
+        shutil.copy2(src, dst)
+        how["copied"] += 1
+
+
+def check_engines(bundle, engines: Path | None, max_batch: int) -> dict:
+    """The engines folder for ``--backend tensorrt``: written by ``mpt-export build`` from this very bundle, one plan
+    per graph, profiles that take ``max_batch`` rows. -> its sidecar. (TensorRT version and GPU are checked where
+    the plans run: by Triton, when it loads them.)"""
+    from ..trt.identity import EngineMismatchError, bundle_fingerprint, read_sidecar
+
+    if engines is None:
+        raise InputError("--backend tensorrt needs the engines built from this bundle: run `mpt-export build "
+                         f"{bundle.path} --out engines/{bundle.path.name}` on the GPU Triton will use, then pass "
+                         "--engines engines/<name>")
+    try:
+        sidecar = read_sidecar(engines)
+    except EngineMismatchError as e:
+        raise TritonRepositoryError(f"--engines {engines}: {e}") from None
+    fp = bundle_fingerprint(bundle)
+    if sidecar.get("bundle", {}).get("digest") != fp["digest"]:
+        raise TritonRepositoryError(
+            f"the engines in {engines} were built from another bundle ({sidecar.get('bundle', {}).get('bundle_path')}"
+            f"), not {bundle.path}; rebuild them: mpt-export build {bundle.path} --out {engines}")
+    for graph in fp["graphs"]:
+        info = sidecar.get("engines", {}).get(graph)
+        if not info or not (Path(engines) / info["file"]).is_file():
+            raise TritonRepositoryError(f"{engines} has no engine for the {graph} graph; rebuild them: "
+                                        f"mpt-export build {bundle.path} --out {engines}")
+    built = int(sidecar.get("limits", {}).get("max_batch", max_batch))
+    if built < max_batch:
+        raise TritonRepositoryError(f"the engines in {engines} take at most {built} rows (their profiles), "
+                                    f"--max-batch is {max_batch}; pass --max-batch {built} or rebuild with "
+                                    f"--max-batch {max_batch}")
+    return sidecar
+
+
+def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=None, max_batch: int = 8,
+                     instances: int = 1, kind: str = "cpu", max_queue: int = 256, prefix: str = "",
+                     graph_calls: str | None = None, force: bool = False) -> dict:
+    """Write the model repository (atomically: ``out`` holds all of it or none of it). -> what was written."""
+    from ..atomic import replace_dir
+    from ..bundle import load_bundle
+
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise InputError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
+    if kind not in ("cpu", "gpu"):
+        raise InputError(f"--kind must be cpu or gpu, got {kind!r}")
+    if backend == "tensorrt" and kind != "gpu":
+        raise InputError("--backend tensorrt runs TensorRT plans, which need a GPU instance: pass --kind gpu")
+    if not 1 <= max_batch <= 4096 or instances < 1 or max_queue < 1:
+        raise InputError("--max-batch (1-4096), --instances and --max-queue must be >= 1")
+    if prefix and not all(c.isalnum() or c in "_-." for c in prefix):
+        raise InputError(f"--prefix may hold letters, digits, '_', '-' and '.', got {prefix!r}")
+    graph_calls = graph_calls or ("bls" if backend == "tensorrt" else "onnxruntime")
+    if graph_calls not in ("onnxruntime", "bls"):
+        raise InputError(f"--graph-calls must be onnxruntime or bls, got {graph_calls!r}")
+    b = load_bundle(bundle_path)
+    try:
+        engines = Path(engines) if engines else None
+        sidecar = check_engines(b, engines, max_batch) if backend == "tensorrt" else None
+        graphs = b.manifest["graphs"]
+        for g, spec in graphs.items():
+            for t in spec["inputs"] + spec["outputs"]:
+                if isinstance(t["shape"][0], int) or t["dtype"] not in TRITON_DTYPES:
+                    raise TritonRepositoryError(f"{g}'s {t['name']} ({t['dtype']} {t['shape']}) has no batch axis "
+                                                "first or a type Triton lacks; re-export the bundle with this version")
+        names = {g: f"{prefix}{g}" for g in graphs}
+        gen_name = f"{prefix}{GENERATE}"
+        inputs = [("bundle", b.path)] + ([("engines", engines)] if engines else [])
+        how = {"linked": 0, "copied": 0}
+        with replace_dir(out, KIND, force, inputs) as tmp:
+            (tmp / ".mpt-export").write_text(json.dumps({"kind": KIND, "written_by": "mpt-export",
+                                                         "contents": sorted(names.values()) + [gen_name]}) + "\n")
+            for g, spec in graphs.items():
+                d = tmp / names[g]
+                plan = sidecar and g in sidecar["engines"]
+                if plan:
+                    _place(Path(engines) / sidecar["engines"][g]["file"], d / "1" / "model.plan", how)
+                    (d / "1" / "engine.json").write_text(json.dumps(sidecar, indent=1) + "\n")  # what it was built from
+                    nprof = len(sidecar.get("profiles", {}).get(g, [])) or 1
+                    cfg = graph_config(names[g], spec, "tensorrt_plan", max_batch, instances, "gpu", max_queue, nprof)
+                elif spec.get("external_data"):  # several files: Triton wants them in a directory named model.onnx
+                    _place(b.file(spec["file"]), d / "1" / "model.onnx" / "model.onnx", how)
+                    _place(b.file(spec["external_data"]), d / "1" / "model.onnx" / spec["external_data"], how)
+                    cfg = graph_config(names[g], spec, "onnxruntime_onnx", max_batch, instances, kind, max_queue)
+                else:
+                    _place(b.file(spec["file"]), d / "1" / "model.onnx", how)
+                    # the composer runs once per task (cached): CPU is where it belongs even on a GPU server
+                    cfg = graph_config(names[g], spec, "onnxruntime_onnx", max_batch, instances,
+                                       kind if g != "composer" else "cpu", max_queue)
+                (d / "config.pbtxt").write_text(cfg)
+            gdir = tmp / gen_name
+            for rel in b.manifest["files"]:
+                _place(b.file(rel), gdir / "1" / "bundle" / rel, how)
+            _place(b.root / "manifest.json", gdir / "1" / "bundle" / "manifest.json", how)
+            shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), gdir / "1" / "model.py")
+            params = {"graph_calls": graph_calls, "max_batch": str(max_batch), "max_queue": str(max_queue),
+                      "provider": "cuda" if kind == "gpu" and graph_calls == "onnxruntime" else "cpu",
+                      "graph_models": json.dumps(names)}
+            (gdir / "config.pbtxt").write_text(generate_config(gen_name, params))
+            problems = check_repository(tmp, b, {names[g]: g for g in graphs})
+            if problems:
+                raise TritonRepositoryError("the repository would not load in Triton: " + "; ".join(problems[:6]))
+            from ..ownership import seal_workdir
+
+            seal_workdir(tmp)
+        return {"out": str(out), "models": [*names.values(), gen_name], "graph_calls": graph_calls,
+                "backend": backend, **how}
+    finally:
+        b.close()
+
+
+# -- checking -----------------------------------------------------------------------------------------------------------
+def parse_config(path: Path):
+    """config.pbtxt -> Triton's own ``ModelConfig`` protobuf (from tritonclient). Errors name the file."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError("checking a Triton config needs tritonclient: pip install 'mpt-export[triton]' "
+                                     "grpcio") from None
+    cfg = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(Path(path).read_text(), cfg)
+    except text_format.ParseError as e:
+        raise TritonRepositoryError(f"{path} is not a valid Triton model config: {e}") from None
+    return cfg
+
+
+def _onnx_io(model_file: Path) -> dict:
+    import onnx
+
+    m = onnx.load(str(model_file), load_external_data=False)
+    io = {}
+    for side, values in (("input", m.graph.input), ("output", m.graph.output)):
+        for v in values:
+            t = v.type.tensor_type
+            io[(side, v.name)] = (ONNX_TO_TRITON.get(t.elem_type, f"onnx type {t.elem_type}"), len(t.shape.dim),
+                                  [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim])
+    locations = set()
+    for init in m.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            locations |= {e.value for e in init.external_data if e.key == "location"}
+    return {"io": io, "external": locations}
+
+
+def check_model(model_dir: Path, graph_spec: dict | None = None) -> list[str]:
+    """What Triton would refuse in one model directory (its config rules, the files its backend loads), and, for a
+    graph model, any difference from the graph itself. -> problems (empty: fine)."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    problems = []
+    model_dir = Path(model_dir)
+    cfg_file = model_dir / "config.pbtxt"
+    if not cfg_file.is_file():
+        return [f"{model_dir.name}: no config.pbtxt"]
+    try:
+        cfg = parse_config(cfg_file)
+    except TritonRepositoryError as e:
+        return [str(e)]
+    where = model_dir.name
+    if cfg.name != model_dir.name:
+        problems.append(f"{where}: config name {cfg.name!r} is not the directory's name")
+    platform_backend = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+    if cfg.platform and platform_backend.get(cfg.platform, cfg.backend) != cfg.backend:
+        problems.append(f"{where}: platform {cfg.platform!r} and backend {cfg.backend!r} disagree")
+    default_file = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}.get(cfg.backend)
+    if default_file is None:
+        problems.append(f"{where}: unknown backend {cfg.backend!r}")
+    if cfg.max_batch_size < 0:
+        problems.append(f"{where}: max_batch_size {cfg.max_batch_size} < 0")
+    versions = sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        problems.append(f"{where}: no numeric version directory")
+    seen = set()
+    for side, tensors in (("input", cfg.input), ("output", cfg.output)):
+        if not tensors and cfg.backend != "python":
+            problems.append(f"{where}: no {side}s")
+        for t in tensors:
+            if not t.name or t.name in seen:
+                problems.append(f"{where}: {side} name {t.name!r} empty or repeated")
+            seen.add(t.name)
+            if t.data_type == pb.DataType.TYPE_INVALID:
+                problems.append(f"{where}: {side} {t.name} has no data_type")
+            if not t.dims and not t.HasField("reshape"):
+                problems.append(f"{where}: {side} {t.name} has no dims")
+            if any(d < -1 or d == 0 for d in t.dims):
+                problems.append(f"{where}: {side} {t.name} dims {list(t.dims)}: each must be >= 1 or -1")
+    if cfg.HasField("dynamic_batching"):
+        if cfg.max_batch_size == 0:
+            problems.append(f"{where}: dynamic_batching needs max_batch_size > 0")
+        if cfg.dynamic_batching.default_queue_policy.max_queue_size <= 0:
+            problems.append(f"{where}: dynamic_batching's queue is unbounded (default_queue_policy.max_queue_size)")
+    for g in cfg.instance_group:
+        if g.count < 1:
+            problems.append(f"{where}: instance_group count {g.count} < 1")
+        if cfg.backend == "tensorrt" and g.kind != pb.ModelInstanceGroup.Kind.KIND_GPU:
+            problems.append(f"{where}: TensorRT plans run on KIND_GPU instances only")
+        if g.profile and cfg.backend != "tensorrt":
+            problems.append(f"{where}: optimization profiles apply to TensorRT plans only")
+    if cfg.backend == "python" and not cfg.model_transaction_policy.decoupled:
+        problems.append(f"{where}: the generation model streams several responses per request: it must be "
+                        "decoupled (model_transaction_policy { decoupled: true })")
+    for v in versions:
+        path = model_dir / v / (cfg.default_model_filename or default_file or "")
+        if not path.exists():
+            problems.append(f"{where}: {v}/{path.name} is missing")
+            continue
+        if cfg.backend == "onnxruntime" and graph_spec is not None:
+            onnx_file = path / "model.onnx" if path.is_dir() else path
+            if not onnx_file.is_file():
+                problems.append(f"{where}: {v}/{path.name}/ holds no model.onnx")
+                continue
+            info = _onnx_io(onnx_file)
+            for loc in info["external"]:
+                if not (onnx_file.parent / loc).is_file():
+                    problems.append(f"{where}: external data {loc} is not beside {onnx_file.name}")
+            problems += _compare_io(where, cfg, info["io"])
+    if graph_spec is not None:
+        want = {("input", s["name"]): s for s in graph_spec["inputs"]} | {("output", s["name"]): s
+                                                                          for s in graph_spec["outputs"]}
+        have = {("input", t.name): t for t in cfg.input} | {("output", t.name): t for t in cfg.output}
+        for key in sorted(set(want) ^ set(have)):
+            problems.append(f"{where}: {key[0]} {key[1]} is in {'the graph' if key in want else 'the config'} only")
+    return problems
+
+
+def _compare_io(where: str, cfg, io: dict) -> list[str]:
+    """Config tensors against the ONNX graph's: names, types, ranks (the batch axis outside ``dims`` when
+    ``max_batch_size > 0``), fixed sizes."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    problems = []
+    batched = cfg.max_batch_size > 0
+    have = {("input", t.name): t for t in cfg.input} | {("output", t.name): t for t in cfg.output}
+    for key in sorted(set(io) ^ set(have)):
+        problems.append(f"{where}: {key[0]} {key[1]} is in {'the ONNX graph' if key in io else 'config.pbtxt'} only")
+    for key in sorted(set(io) & set(have)):
+        dtype, rank, dims = io[key]
+        t = have[key]
+        tname = pb.DataType.Name(t.data_type)
+        if tname != dtype:
+            problems.append(f"{where}: {key[0]} {key[1]} is {tname} in config.pbtxt, {dtype} in the graph")
+        if len(t.dims) + batched != rank:
+            problems.append(f"{where}: {key[0]} {key[1]} has dims {list(t.dims)} (+ batch: {batched}) but rank "
+                            f"{rank} in the graph" + ("; with max_batch_size > 0 dims must leave the batch axis out"
+                                                      if len(t.dims) == rank else ""))
+            continue
+        gdims = dims[1:] if batched else dims
+        if batched and dims[0] not in (-1, 0):
+            problems.append(f"{where}: {key[0]} {key[1]}'s first axis is fixed ({dims[0]}): it cannot be batched")
+        for c, g in zip(t.dims, gdims):
+            if g > 0 and c != g:
+                problems.append(f"{where}: {key[0]} {key[1]} dims {list(t.dims)} disagree with the graph's {gdims}")
+                break
+    return problems
+
+
+def check_repository(root: Path, bundle=None, names: dict | None = None) -> list[str]:
+    """Every model directory under ``root`` (see :func:`check_model`); with ``bundle`` and ``names`` (model name ->
+    graph), graph models are compared with the bundle's graphs too. -> problems."""
+    root = Path(root)
+    problems = []
+    graphs = bundle.manifest["graphs"] if bundle is not None else {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        problems += check_model(d, graphs.get((names or {}).get(d.name, d.name)))
+    return problems
