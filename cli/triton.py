@@ -28,8 +28,8 @@ def triton_cmd(
 
     r = write_repository(bundle, out, backend=backend, engines=engines, max_batch=max_batch, instances=instances,
                          kind=kind, max_queue=max_queue, prefix=prefix, graph_calls=graph_calls, force=force)
-    files = f"{r['linked']} files hard-linked to the bundle's" + (f", {r['copied']} copied (another filesystem)"
-                                                                  if r["copied"] else "")
+    files = (f"{r['copied']} files copied ({r['bytes'] / 2**20:,.0f} MiB), {r['cloned']} cloned (copy-on-write), "
+             f"{r['linked']} hard links between the repository's models")
     console.print(f"[green]wrote[/] {escape(r['out'])}: models {escape(', '.join(r['models']))} "
                   f"({r['backend']} graphs; generate runs them through {r['graph_calls']}); {files}")
     console.print(escape(f"start: tritonserver --model-repository {Path(r['out']).resolve()}"))

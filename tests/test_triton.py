@@ -54,14 +54,20 @@ def repo(llama, tmp_path_factory):
 def test_repository_layout_and_configs(llama, repo):
     out, r = repo
     b = mpt_export.load_bundle(llama.bundle)
-    assert sorted(r["models"]) == ["backbone", "composer", "generate"] and r["copied"] == 0
+    assert sorted(r["models"]) == ["backbone", "composer", "generate"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["backbone", "composer", "generate"]
     # the layout Triton loads: <model>/config.pbtxt, <model>/1/model.onnx (a directory when it has external data)
     assert (out / "composer" / "1" / "model.onnx").is_file()
     assert (out / "backbone" / "1" / "model.onnx" / "model.onnx").is_file()
     data = b.manifest["graphs"]["backbone"]["external_data"]
-    linked = out / "backbone" / "1" / "model.onnx" / data
-    assert os.stat(linked).st_ino == os.stat(b.path / data).st_ino  # a hard link: no second copy of the weights
+    placed = out / "backbone" / "1" / "model.onnx" / data
+    # one copy in the repository (the generation model's bundle links to it); the user's bundle is never linked
+    assert os.stat(placed).st_ino == os.stat(out / "generate" / "1" / "bundle" / data).st_ino
+    assert os.stat(b.path / data).st_nlink == 1 and r["copied"] + r["cloned"] == len(b.manifest["files"]) + 1
+    assert placed.read_bytes() == (b.path / data).read_bytes()
+    import onnx
+
+    onnx.load(str(b.path / "backbone.onnx"), load_external_data=True)  # ONNX-reading commands still take the bundle
     assert (out / "generate" / "1" / "model.py").is_file()
     for name in ("backbone", "composer"):
         cfg = parse(out / name / "config.pbtxt")
@@ -98,12 +104,15 @@ def test_t5_shared_weights_in_each_model_dir(make_case, tmp_path):
     b = mpt_export.load_bundle(case.bundle)
     graphs = b.manifest["graphs"]
     assert {"encoder", "decoder"} <= set(graphs)
+    inodes = set()
     for g in ("encoder", "decoder"):
         data = graphs[g]["external_data"]
         f = out / g / "1" / "model.onnx" / data
-        assert f.is_file() and os.stat(f).st_ino == os.stat(b.path / data).st_ino
+        assert f.is_file() and os.stat(b.path / data).st_nlink == 1
+        inodes.add(os.stat(f).st_ino)
         cfg = parse(out / g / "config.pbtxt")
         assert {t.name for t in cfg.input} == {s["name"] for s in graphs[g]["inputs"]}
+    assert len(inodes) == 1  # one copy of the shared weights, linked into both model directories
     assert check_repository(out, b) == []
     b.close()
 
@@ -296,9 +305,12 @@ def test_model_py_adapter(repo, monkeypatch):
             return self._value
 
     class Request:
-        def __init__(self, inputs):
-            self.inputs, self.sent = inputs, []
+        def __init__(self, inputs, cancel_after=None):
+            self.inputs, self.sent, self.cancel_after = inputs, [], cancel_after
             self.done = threading.Event()
+
+        def is_cancelled(self):  # as Triton reports a client's cancellation: True once cancelled
+            return self.cancel_after is not None and len(self.sent) >= self.cancel_after
 
         def get_response_sender(self):
             req = self
@@ -306,6 +318,8 @@ def test_model_py_adapter(repo, monkeypatch):
             class Sender:
                 def send(self, response=None, flags=0):
                     req.sent.append((response, flags))
+                    if req.cancel_after is not None and len(req.sent) == req.cancel_after:
+                        model._check_cancelled()  # the watcher's pass, at this moment (the thread polls it)
                     if flags & FINAL:
                         req.done.set()
             return Sender()
@@ -332,7 +346,7 @@ def test_model_py_adapter(repo, monkeypatch):
                       "model_repository": str(out / "generate"), "model_version": "1"})
     try:
         reqs = [Request(_inputs("b", "hello", stream=True)), Request(_inputs("c", "it was")),
-                Request(_inputs("zzz", "x"))]
+                Request(_inputs("zzz", "x")), Request(_inputs("a", "hello", max_tokens=40, stream=True), cancel_after=3)]
         assert model.execute(reqs) is None  # decoupled: responses come from the engine thread
         for r in reqs:
             assert r.done.wait(60)
@@ -345,6 +359,8 @@ def test_model_py_adapter(repo, monkeypatch):
         whole = {t.name(): t.as_numpy() for t in reqs[1].sent[0][0].output_tensors}
         assert whole["text_output"][0].decode() == s.generate(["it was"], ["c"], max_new_tokens=6)[0]
         assert len(reqs[2].sent) == 1 and reqs[2].sent[0][0].error[0] == "error" and "zzz" in reqs[2].sent[0][0].error[1]
+        last = {t.name(): t.as_numpy() for t in reqs[3].sent[-1][0].output_tensors}
+        assert last["finish_reason"][0] == b"cancelled" and len(reqs[3].sent) < 40  # left the batch early
         s.close()
         b.close()
     finally:

@@ -8,8 +8,9 @@ OUT/
   generate/  config.pbtxt  1/model.py  1/bundle/...             python backend, decoupled: the generation engine
 ```
 (T5 bundles: ``encoder`` and ``decoder`` in place of ``backbone``, each with the shared weights file in its own
-model directory.) Files are **hard links** to the bundle's (no extra disk; the repository is a snapshot — a later
-re-export replaces the bundle's files, never these), or copies where a link cannot be made (another filesystem).
+model directory.) Each bundle file is **copied once** (a copy-on-write clone where the filesystem has them), and
+the repository's other places for it are hard links to that copy: one copy of the weights in the repository, and
+the bundle's own files are never linked (ONNX's loader refuses a weights file with several links).
 
 Graph models: ``max_batch_size`` > 0 with the batch axis left out of ``dims``, names and dtypes from the manifest
 (checked against the graphs), ``dynamic_batching`` with a bounded queue, ``instance_group``. Triton's dynamic batcher
@@ -114,15 +115,39 @@ def generate_config(name: str, params: dict) -> str:
 
 
 # -- writing ------------------------------------------------------------------------------------------------------------
-def _place(src: Path, dst: Path, how: dict) -> None:
-    """Hard-link ``src`` at ``dst`` (copy where a link cannot be made); ``how`` counts which."""
+def _clone_or_copy(src: Path, dst: Path) -> str:
+    """``dst`` as a copy of ``src``: a copy-on-write clone where the filesystem has them (btrfs, XFS: no extra disk),
+    else a plain copy. -> "cloned" or "copied"."""
+    import fcntl
+
+    FICLONE = 0x40049409
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        try:
+            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
+            return "cloned"
+        except OSError:
+            shutil.copyfileobj(fi, fo, 16 << 20)
+            return "copied"
+
+
+def _place(src: Path, dst: Path, how: dict, placed: dict) -> None:
+    """Put bundle file ``src`` at ``dst``. The bundle's own files are never hard-linked: a weights file with several
+    links is refused by ONNX's loader (it reads them as a possible hard-link attack), which would break every
+    ONNX-reading command on the user's bundle. So each bundle file is copied (cloned) once, and later places in the
+    repository hard-link to that copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-        how["linked"] += 1
-    except OSError:
-        shutil.copy2(src, dst)
-        how["copied"] += 1
+    key = os.fspath(src)
+    if key in placed:
+        try:
+            os.link(placed[key], dst)
+            how["linked"] += 1
+            return
+        except OSError:
+            pass
+    kind = _clone_or_copy(src, dst)
+    how[kind] += 1
+    how["bytes"] += dst.stat().st_size if kind == "copied" else 0
+    placed.setdefault(key, dst)
 
 
 def check_engines(bundle, engines: Path | None, max_batch: int) -> dict:
@@ -190,7 +215,8 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
         names = {g: f"{prefix}{g}" for g in graphs}
         gen_name = f"{prefix}{GENERATE}"
         inputs = [("bundle", b.path)] + ([("engines", engines)] if engines else [])
-        how = {"linked": 0, "copied": 0}
+        how = {"linked": 0, "copied": 0, "cloned": 0, "bytes": 0}
+        placed: dict = {}
         with replace_dir(out, KIND, force, inputs) as tmp:
             (tmp / ".mpt-export").write_text(json.dumps({"kind": KIND, "written_by": "mpt-export",
                                                          "contents": sorted(names.values()) + [gen_name]}) + "\n")
@@ -198,24 +224,24 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
                 d = tmp / names[g]
                 plan = sidecar and g in sidecar["engines"]
                 if plan:
-                    _place(Path(engines) / sidecar["engines"][g]["file"], d / "1" / "model.plan", how)
+                    _place(Path(engines) / sidecar["engines"][g]["file"], d / "1" / "model.plan", how, placed)
                     (d / "1" / "engine.json").write_text(json.dumps(sidecar, indent=1) + "\n")  # what it was built from
                     nprof = len(sidecar.get("profiles", {}).get(g, [])) or 1
                     cfg = graph_config(names[g], spec, "tensorrt_plan", max_batch, instances, "gpu", max_queue, nprof)
                 elif spec.get("external_data"):  # several files: Triton wants them in a directory named model.onnx
-                    _place(b.file(spec["file"]), d / "1" / "model.onnx" / "model.onnx", how)
-                    _place(b.file(spec["external_data"]), d / "1" / "model.onnx" / spec["external_data"], how)
+                    _place(b.file(spec["file"]), d / "1" / "model.onnx" / "model.onnx", how, placed)
+                    _place(b.file(spec["external_data"]), d / "1" / "model.onnx" / spec["external_data"], how, placed)
                     cfg = graph_config(names[g], spec, "onnxruntime_onnx", max_batch, instances, kind, max_queue)
                 else:
-                    _place(b.file(spec["file"]), d / "1" / "model.onnx", how)
+                    _place(b.file(spec["file"]), d / "1" / "model.onnx", how, placed)
                     # the composer runs once per task (cached): CPU is where it belongs even on a GPU server
                     cfg = graph_config(names[g], spec, "onnxruntime_onnx", max_batch, instances,
                                        kind if g != "composer" else "cpu", max_queue)
                 (d / "config.pbtxt").write_text(cfg)
             gdir = tmp / gen_name
             for rel in b.manifest["files"]:
-                _place(b.file(rel), gdir / "1" / "bundle" / rel, how)
-            _place(b.root / "manifest.json", gdir / "1" / "bundle" / "manifest.json", how)
+                _place(b.file(rel), gdir / "1" / "bundle" / rel, how, placed)
+            _place(b.root / "manifest.json", gdir / "1" / "bundle" / "manifest.json", how, placed)
             shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), gdir / "1" / "model.py")
             params = {"graph_calls": graph_calls, "max_batch": str(max_batch), "max_queue": str(max_queue),
                       "provider": "cuda" if kind == "gpu" and graph_calls == "onnxruntime" else "cpu",

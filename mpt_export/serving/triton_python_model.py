@@ -9,6 +9,7 @@ through ONNX Runtime (``graph_calls: onnxruntime``) or go to the repository's gr
 
 import json
 import os
+import threading
 
 import numpy as np
 
@@ -28,6 +29,23 @@ class TritonPythonModel:
             bls=self._bls, models=json.loads(params.get("graph_models", "{}")) or None,
             max_batch=int(params.get("max_batch", "8")), max_queue=int(params.get("max_queue", "256")),
             provider=params.get("provider", "cpu"))
+        # requests a client cancelled (or whose connection dropped) leave the batch at the next step
+        self._inflight = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_cancelled, daemon=True)
+        self._watcher.start()
+
+    def _watch_cancelled(self):
+        while not self._stop.wait(0.1):
+            self._check_cancelled()
+
+    def _check_cancelled(self):
+        with self._lock:
+            items = list(self._inflight.values())
+        for request, req in items:
+            if request.is_cancelled():
+                self.generation.cancel(req)
 
     def _bls(self, model_name, feed, output_names):
         pb = self.pb
@@ -51,7 +69,10 @@ class TritonPythonModel:
                     inputs[name] = tensor.as_numpy()
             sender = request.get_response_sender()
 
-            def send(outputs, final, error, sender=sender):
+            def send(outputs, final, error, sender=sender, request=request):
+                if final:
+                    with self._lock:
+                        self._inflight.pop(id(request), None)
                 flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
                 if error is not None:
                     response = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(error))
@@ -59,8 +80,14 @@ class TritonPythonModel:
                     response = pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()])
                 sender.send(response, flags=flags)
 
-            self.generation.submit(inputs, send)
+            req = self.generation.submit(inputs, send)
+            if req is not None:
+                with self._lock:
+                    self._inflight[id(request)] = (request, req)
+                    if req.t_done is not None:  # it finished before it was recorded
+                        self._inflight.pop(id(request), None)
         return None
 
     def finalize(self):
+        self._stop.set()
         self.generation.close()
