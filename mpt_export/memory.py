@@ -34,12 +34,41 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB."""
+    """Peak resident memory of this process so far, MiB: ``VmHWM`` (this program's own, since its exec).
+    ``ru_maxrss`` is only the fallback off Linux: Linux carries it across exec, so a command started by a large
+    process (a test runner, a notebook) would report that process's peak as its own."""
+    hwm = status_bytes("VmHWM")
+    if hwm is not None:
+        return round(hwm / 2**20, 1)
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+
+
+def tree_peak_bytes(pid: int) -> int:
+    """The largest ``VmHWM`` among ``pid`` and its descendants now (0 off Linux)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = [n for n in Path("/proc").iterdir() if n.name.isdigit()]
+    except OSError:
+        return 0
+    for d in names:
+        try:
+            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    best, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        best = max(best, _proc_kb(f"/proc/{p}/status", "VmHWM") or 0)
+        todo += children.get(p, [])
+    return best
 
 
 def release_freed_memory() -> None:
