@@ -2,8 +2,8 @@
 
 A random-weight model of a real shape (created straight in the target dtype: no fp32 copy of a half model) with a
 100-virtual-token, 2-task MPT adapter is built once under the workdir, exported with validation by the real CLI in
-a child process (its peak resident memory from ``wait4``'s ``ru_maxrss``, which covers the export's own child
-too), and then opened and run: ``load_bundle`` + ``session()`` cold and warm, and ``session.generate`` on 8 prompts
+a child process (its peak resident memory: the largest ``VmHWM`` of it and the export's own child, sampled), and
+then opened and run: ``load_bundle`` + ``session()`` cold and warm, and ``session.generate`` on 8 prompts
 x 64 tokens, 8 new tokens — each in a fresh process so every figure is its own peak.
 
 Where a shape cannot be validated on this machine (ONNX Runtime's CPU provider keeps fp16 MatMul weights as fp32,
@@ -208,7 +208,8 @@ def _child_rss(code: str, timeout: float = 3600) -> dict:
 
 
 _OPEN = """
-import json, time, resource, sys
+import json, time, sys
+from mpt_export.memory import peak_rss_mib
 t0 = time.perf_counter()
 import mpt_export
 b = mpt_export.load_bundle({bundle!r})
@@ -216,7 +217,7 @@ t1 = time.perf_counter()
 s = b.session(prepack={prepack!r})
 t2 = time.perf_counter()
 out = {{"open_s": t1 - t0, "session_s": t2 - t1, "prepacked": s.prepacked,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
+        "peak_rss": int(peak_rss_mib() * 2**20)}}
 if {generate!r}:
     import numpy as np
     rng = np.random.default_rng(0)
@@ -227,7 +228,7 @@ if {generate!r}:
     r = s.generate_detailed(ids, names, max_new_tokens=8, eos_token_id=None)
     out["generate_s"] = time.perf_counter() - t3
     out["tokens_per_s"] = float(r.lengths.sum()) / out["generate_s"]
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = int(peak_rss_mib() * 2**20)
 print(json.dumps(out))
 """
 
