@@ -47,28 +47,31 @@ def peak_rss_mib() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
-def tree_peak_bytes(pid: int) -> int:
-    """The largest ``VmHWM`` among ``pid`` and its descendants now (0 off Linux)."""
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc; empty off Linux)."""
     children: dict[int, list[int]] = {}
     try:
         names = [n for n in Path("/proc").iterdir() if n.name.isdigit()]
     except OSError:
-        return 0
+        return set()
     for d in names:
         try:
             ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(d.name))
-    best, todo, seen = 0, [pid], set()
+    out, todo = set(), [pid]
     while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        best = max(best, _proc_kb(f"/proc/{p}/status", "VmHWM") or 0)
-        todo += children.get(p, [])
-    return best
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def tree_peak_bytes(pid: int) -> int:
+    """The largest ``VmHWM`` among ``pid`` and its descendants now (0 off Linux)."""
+    return max((_proc_kb(f"/proc/{p}/status", "VmHWM") or 0 for p in {pid} | descendants(pid)), default=0)
 
 
 def release_freed_memory() -> None:

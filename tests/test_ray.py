@@ -26,31 +26,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 import mpt_export  # noqa: E402
+from mpt_export.memory import descendants  # noqa: E402
 
 pytestmark = pytest.mark.ray
 EXE = Path(sys.executable).with_name("mpt-export")
 KEY = "ray-key-1"
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
 
 
 def alive(pid: int) -> bool:

@@ -25,7 +25,8 @@ from tritonclient.grpc import model_config_pb2 as pb  # noqa: E402
 
 import mpt_export  # noqa: E402
 from conftest import run_cli  # noqa: E402
-from mpt_export.serving.triton import ONNX_TO_TRITON, check_model, check_repository, write_repository  # noqa: E402
+from mpt_export.serving.triton import write_repository  # noqa: E402
+from mpt_export.serving.triton_check import ONNX_TO_TRITON, check_model, check_repository  # noqa: E402
 
 PROMPTS = ["the cat sat", "once upon a time", "hello", "a b c d e f"]
 

@@ -207,10 +207,9 @@ def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = No
     second copy of the weights in memory and seconds of start-up per GB (~20 s for 13 GB); off, the weights stay
     memory-mapped from the bundle, read in place (start-up in well under a second, pages shared with other
     processes). ``"auto"`` (default): on where both copies fit in the memory available (``MemAvailable``)."""
-    if bundle.task_type == "SEQ_2_SEQ_LM":
-        from .seq2seq import Seq2SeqSession as Kind
-    else:
-        from .causal import CausalSession as Kind
+    from .kinds import session_kind
+
+    Kind = session_kind(bundle)
 
     class OrtSession(OrtBackend, Kind):
         def __init__(self):

@@ -152,10 +152,9 @@ class TrtBackend:
 
 
 def trt_session(bundle, engines_dir, **options):
-    if bundle.task_type == "SEQ_2_SEQ_LM":
-        from .seq2seq import Seq2SeqSession as Kind
-    else:
-        from .causal import CausalSession as Kind
+    from .kinds import session_kind
+
+    Kind = session_kind(bundle)
 
     class TrtSession(TrtBackend, Kind):
         def __init__(self):

@@ -111,7 +111,6 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
                     max_tokens: int = 32, max_batch: int | None = None, threads: int | None = None,
                     workdir: str | Path = "build/bench-serve", on_step=None) -> dict:
     import os
-    import signal
 
     import mpt_export
 
@@ -173,13 +172,7 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
         concurrent["mean_batch"] = float(np.mean(decode)) if decode else 0.0
         sequential["mean_batch"] = 1.0
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(proc, timeout=60)
     for row in (sequential, concurrent):
         row["ratio_vs_sequential"] = row["tokens_per_s"] / sequential["tokens_per_s"]
     ceiling["ratio_vs_sequential"] = ceiling["tokens_per_s"] / sequential["tokens_per_s"]
@@ -191,13 +184,11 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
 def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, tmp: Path):
     """``mpt-export serve --ray`` in a process of its own (a local Ray instance below it). -> (process, url)."""
     import os
-    import socket
 
     from ..errors import MptExportError
+    from .ray_serve import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port("127.0.0.1")
     exe = Path(sys.executable).with_name("mpt-export")
     args = [str(exe), "serve", str(bundle), "--ray", "--replicas", str(replicas), "--threads", str(threads),
             "--port", str(port), "--api-key", key, "--max-batch", str(max_batch)]

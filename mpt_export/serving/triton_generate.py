@@ -25,10 +25,9 @@ DEFAULT_MAX_TOKENS = 16
 
 def bls_session(bundle, call, models: dict):
     """A session of the bundle's kind whose graphs run through ``call(model_name, feed, output_names)``."""
-    if bundle.task_type == "SEQ_2_SEQ_LM":
-        from ..runtime.seq2seq import Seq2SeqSession as Kind
-    else:
-        from ..runtime.causal import CausalSession as Kind
+    from ..runtime.kinds import session_kind
+
+    Kind = session_kind(bundle)
 
     outputs = {g: [o["name"] for o in spec["outputs"]] for g, spec in bundle.manifest["graphs"].items()}
     dtype = {g: {i["name"]: np.dtype(i["dtype"]) for i in spec["inputs"]} for g, spec in bundle.manifest["graphs"].items()}
