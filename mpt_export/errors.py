@@ -53,3 +53,7 @@ class ValidationError(MptExportError):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report or {}
+
+
+class GenerationError(MptExportError):
+    """A graph call failed for one request (retried alone, it still failed); the other requests are unaffected."""

@@ -289,6 +289,32 @@ def test_generation_through_bls_equals_session(repo):
     assert max(n for m, n in standin.calls if m == "backbone") > 1
 
 
+def test_bls_limits_refused_at_admission(repo):
+    """The graph models' limits (Triton's max_batch_size; TensorRT plans' profile maxima from the repository's
+    engine_limits) are checked when a request arrives: a request beyond them gets one final error at once, naming
+    the limit, and never reaches a batch — the requests beside it are served as usual."""
+    from mpt_export.serving.triton_generate import TritonGeneration
+
+    out, _ = repo
+    standin = _StandIn(out)
+    gen = TritonGeneration(out / "generate" / "1" / "bundle", graph_calls="bls", bls=standin, max_batch=4,
+                           models={"backbone": "backbone", "composer": "composer"},
+                           engine_limits={"max_batch": 8, "max_input": 6, "max_new_tokens": 5})
+    try:
+        assert gen.engine.max_batch == 4  # Triton's max_batch_size is the tighter one
+        long_text = " ".join(["word"] * 40)
+        res = _run_all(gen, [_inputs("a", long_text, max_tokens=3), _inputs("a", "hi", max_tokens=6),
+                             _inputs("b", "hi", max_tokens=5)])
+        assert "max_input" in res[0]["error"] and "TensorRT plans" in res[0]["error"], res[0]["error"]
+        assert "max_new_tokens" in res[1]["error"], res[1]["error"]
+        assert res[2]["error"] is None and res[2]["responses"]
+        assert not res[0]["responses"] and not res[1]["responses"]
+        seen = [n for m, n in standin.calls if m == "backbone"]
+        assert seen and max(seen) <= 4
+    finally:
+        gen.close()
+
+
 def test_model_py_adapter(repo, monkeypatch):
     """The model.py Triton loads, run with a small stand-in of ``triton_python_backend_utils`` (the names it uses are
     those of Triton's Python backend): a decoupled stream of responses, the last flagged final."""
@@ -403,7 +429,9 @@ def test_tensorrt_backend_layout(llama, tmp_path):
     assert g.kind == pb.ModelInstanceGroup.Kind.KIND_GPU and list(g.profile) == [str(i) for i in range(len(
         sidecar["profiles"]["backbone"]))]
     assert parse(out / "composer" / "config.pbtxt").platform == "onnxruntime_onnx"  # the composer stays ONNX
-    assert parse(out / "generate" / "config.pbtxt").parameters["graph_calls"].string_value == "bls"
+    params = parse(out / "generate" / "config.pbtxt").parameters
+    assert params["graph_calls"].string_value == "bls"
+    assert json.loads(params["engine_limits"].string_value) == sidecar["limits"]  # checked at admission
 
 
 def test_bad_input_writes_nothing(llama, make_case, tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, NumericsError, TaskNameError
+from .limits import BackendLimits
 from .sampling import SamplingConfig, check_stop, select
 from .streaming import TextStream, cut_at_stop
 
@@ -99,6 +100,16 @@ class Session:
         """One decode step for the running rows: -> (logits (b, V), new state)."""
         raise NotImplementedError
 
+    # -- the step protocol (what the serving engine drives; ``generate_detailed`` runs the same two calls) --------
+    def prefill(self, ids: np.ndarray, tasks: list[str], mask: np.ndarray, use_cache: bool | None = None):
+        """A first pass over padded ``ids`` (B, S) with ``mask``, one task per row -> (last-position logits (B, V),
+        decode state {name: (B, ...)} laid out as :attr:`state_layout` says, tokens processed)."""
+        return self._start(ids, tasks, mask, self.prompt_kv_cache if use_cache is None else use_cache)
+
+    def decode_step(self, state: dict, tokens: np.ndarray):
+        """One new token per row of ``state`` -> (logits (b, V), the next state). ``state`` is not modified."""
+        return self._step(state, tokens)
+
     def _take_rows(self, value, keep: np.ndarray):
         """Rows ``keep`` of a loop-state value (backends that keep state on a device override this)."""
         return value[keep]
@@ -107,6 +118,10 @@ class Session:
     # (continuous batching): state name -> (length axis, group); the group's mask is the state named "<group>"
     # and marks real slots with 1. Values without a length axis (None) are per-row only.
     state_layout: dict[str, tuple[int | None, str | None]] = {}
+
+    # A backend's fixed maxima (TensorRT profiles, Triton's max_batch_size), checked with every input; None: any
+    # shape the model's positions allow.
+    limits: BackendLimits | None = None
 
     def state_group_of(self, name: str) -> tuple[int | None, str | None]:
         if name in self.state_layout:
@@ -234,6 +249,8 @@ class Session:
         if ((ids < 0) | (ids >= self.vocab_size))[mask == 1].any():
             raise InputError(f"input_ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
         longest = int(mask.sum(1).max())
+        if self.limits is not None:
+            self.limits.check(batch=ids.shape[0], longest=longest)
         plen = max(self.prompt_len(t) for t in set(tasks))
         limit = self.max_positions - plen
         if longest > limit:
@@ -259,6 +276,8 @@ class Session:
         mask = np.ones((1, max(int(n_tokens), 1)), np.int64)
         self._check(np.zeros_like(mask), [task], mask, padding=self.padding_side)
         self._check_new_tokens([task], mask, int(max_new_tokens))
+        if self.limits is not None:
+            self.limits.check(new_tokens=int(max_new_tokens))
 
     # -- generation ----------------------------------------------------------------------------------------------
     @property
@@ -289,6 +308,8 @@ class Session:
         stop = check_stop(stop)
         ids, tasks, mask = self._check(input_ids, tasks, attention_mask, padding=self.padding_side)
         self._check_new_tokens(tasks, mask, cfg.max_new_tokens)
+        if self.limits is not None:
+            self.limits.check(new_tokens=cfg.max_new_tokens)
         B = ids.shape[0]
         eos = self.eos_token_id if eos_token_id == "auto" else eos_token_id
         use_cache = self.prompt_kv_cache if prompt_kv_cache is None else prompt_kv_cache

@@ -70,6 +70,13 @@ class OrtBackend:
         self.prepacked = resolve_prepack(bundle, prepack)
         if not self.prepacked:
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        if self.providers[0] == "TensorrtExecutionProvider":  # its engines take only their profiles' shapes
+            from ..trt.profiles import fit_limits
+            from .limits import BackendLimits
+
+            self.limits = BackendLimits.from_dict(
+                fit_limits(bundle.manifest).to_dict(), "ONNX Runtime's TensorRT provider profiles for this bundle",
+                "use mpt-export build and --backend tensorrt with larger --max-batch/--max-input/--max-new-tokens")
         self._ort = {}
         for name, g in bundle.manifest["graphs"].items():
             providers = self.providers

@@ -1,5 +1,10 @@
 """Token selection: greedy, or sampling with temperature / top-k / top-p. One generator per row, seeded from
-(seed, row), so a row's draws do not depend on which other rows are still running."""
+(seed, row), so a row's draws do not depend on which other rows are still running.
+
+Numerically safe for every temperature the checks accept: a temperature below :data:`GREEDY_BELOW` is greedy (the
+distribution it asks for is the argmax to within float precision), and the logits are shifted by their maximum
+*before* they are divided by the temperature, so no value overflows (``exp`` sees only numbers <= 0 and the
+best token's is exactly 1)."""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ import numpy as np
 
 from ..errors import InputError
 
+GREEDY_BELOW = 1e-5  # temperatures under this pick the argmax: exp(-delta / t) underflows for any useful delta
+
 
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
@@ -40,7 +47,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def generators(self, batch: int) -> list[np.random.Generator]:
         seed = self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
@@ -79,11 +86,13 @@ def select(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generat
     if cfg.greedy:
         return logits.argmax(-1).astype(np.int64)
     out = np.empty(logits.shape[0], np.int64)
-    for b, row in enumerate(logits.astype(np.float64) / cfg.temperature):
+    scaled = logits.astype(np.float64)
+    scaled = (scaled - scaled.max(-1, keepdims=True)) / cfg.temperature  # <= 0 everywhere: nothing overflows
+    for b, row in enumerate(scaled):
         if cfg.top_k and cfg.top_k < row.size:
             kth = np.partition(row, -cfg.top_k)[-cfg.top_k]
             row = np.where(row < kth, -np.inf, row)
-        p = np.exp(row - row.max())
+        p = np.exp(row)  # the best token's is exp(0) = 1, so the sum is >= 1
         p /= p.sum()
         if cfg.top_p < 1.0:
             order = np.argsort(-p, kind="stable")

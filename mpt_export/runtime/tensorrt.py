@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import InputError, MptExportError
 from ..trt.env import gpu_identity, import_tensorrt
 from ..trt.identity import EngineMismatchError, check_sidecar, read_sidecar
+from .limits import BackendLimits
 
 
 class TrtRuntimeError(MptExportError):
@@ -49,6 +50,10 @@ class TrtBackend:
             # the plan carries TensorRT's lean runtime (host code): loading it must be allowed explicitly — only
             # engines whose sidecar matched this bundle get here
             runtime.engine_host_code_allowed = True
+        # the profiles' maxima, checked before anything runs (a shape outside them would fail mid-batch)
+        self.limits = BackendLimits.from_dict(sidecar.get("limits"), f"the TensorRT engines in {engines_dir}",
+                                              f"rebuild them with larger limits (mpt-export build {bundle.path} "
+                                              "--max-batch/--max-input/--max-new-tokens)")
         self._stream = torch.cuda.Stream()
         self._lock = threading.Lock()  # one stream, one execution at a time
         self._trt = {}

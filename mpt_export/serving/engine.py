@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from ..errors import InputError, MptExportError, NumericsError
+from ..errors import GenerationError, InputError, MptExportError, NumericsError
 from ..runtime.sampling import SamplingConfig, check_stop, select
 from ..runtime.streaming import TextStream, cut_at_stop
 from .batchstate import build_state, copy_row, length_groups, unused_columns, used_columns
@@ -58,6 +58,15 @@ def _as_numpy(v):
     return v if isinstance(v, np.ndarray) else v.numpy()
 
 
+def _row_error(what: str, req: Request, e: Exception) -> Exception:
+    """The error one row ends with: ours as they are, anything else (a backend's own exception) named and wrapped."""
+    if isinstance(e, MptExportError):
+        return e
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return GenerationError(f"the {what} graph call failed for this request alone (task {req.task}, "
+                           f"{len(req.ids)} input tokens, {len(req.tokens)} generated): {type(e).__name__}: {first}")
+
+
 FREE_SLOT_STEPS = 4  # a finished row's slot waits this many decode steps for a newcomer before the batch is compacted
 
 
@@ -67,6 +76,9 @@ class Engine:
             raise InputError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.session = session
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
+        limits = getattr(session, "limits", None)
+        if limits is not None and limits.max_batch is not None:  # the backend cannot run more rows in one call
+            self.max_batch = min(self.max_batch, limits.max_batch)
         self.tokenizer = session.tokenizer
         self.eos = session.eos_token_id
         self.pad_id = getattr(self.tokenizer, "pad_token_id", 0) or 0
@@ -85,6 +97,7 @@ class Engine:
         self.step_count = 0
         self.tokens_generated = 0
         self.joins = {"in_place": 0, "rebuild": 0, "compact": 0}  # how rows entered and left the batch
+        self.retries = 0  # failed batched graph calls that were run again row by row
 
     # -- public ------------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -185,7 +198,7 @@ class Engine:
                     self._prefill(newcomers)
                 if self._rows:
                     self._decode()
-            except Exception as e:  # a failed graph call fails the requests in it; the engine keeps serving
+            except Exception as e:  # a bug in the engine itself (graph calls are isolated per row below)
                 for row in self._live():
                     self._fail(row.req, e)
                 for req in newcomers:
@@ -215,15 +228,22 @@ class Engine:
         return [r for r in self._rows if r is not None]
 
     def _prefill(self, reqs: list[Request]) -> None:
-        s = self.session
         rows = []
         for req in reqs:
             try:
                 rows.append(_Row(req, self.check(req), self.tokenizer, self.eos))
             except MptExportError as e:  # e.g. its task was removed by a reload since it was queued
                 self._fail(req, e)
-        if not rows:
-            return
+        joining = []
+        for part, out in self._isolated(rows, self._prefill_call, "prefill"):
+            logits, state = out
+            keep = self._advance(part, logits)
+            joining += [(r, state, i) for i, (r, k) in enumerate(zip(part, keep)) if k]
+        self._join(joining)
+
+    def _prefill_call(self, rows: list[_Row]):
+        """One prefill graph call for ``rows`` (left- or right-padded as the model wants) -> (logits, state)."""
+        s = self.session
         S = max(len(r.req.ids) for r in rows)
         ids = np.full((len(rows), S), self.pad_id, np.int64)
         mask = np.zeros((len(rows), S), np.int64)
@@ -232,24 +252,42 @@ class Engine:
             sl = slice(S - n, S) if s.padding_side == "left" else slice(0, n)
             ids[b, sl], mask[b, sl] = r.req.ids, 1
         t0 = time.perf_counter()
-        logits, state, _ = s._start(ids, [r.req.task for r in rows], mask, s.prompt_kv_cache)
+        logits, state, _ = s.prefill(ids, [r.req.task for r in rows], mask)
         self._log("prefill", rows, len(rows), t0)
-        state = {k: _as_numpy(v) for k, v in state.items()}
-        keep = self._advance(rows, np.asarray(logits))
-        self._join([(r, i) for i, (r, k) in enumerate(zip(rows, keep)) if k], state)
+        return np.asarray(logits), {k: _as_numpy(v) for k, v in state.items()}
 
-    def _join(self, newcomers: list[tuple[_Row, int]], state: dict) -> None:
-        """Put the newcomers' rows (``(row, index in state)``) into the running batch: each into a free slot when
-        it fits there (its used length <= the batch's, per group: one row copied in place), the rest by rebuilding
-        the batch once (every live row and newcomer copied, free slots dropped, unused columns trimmed)."""
+    def _isolated(self, rows: list, call, what: str):
+        """``call(rows)`` once for all of them; if that graph call fails, once per row, so that only the rows whose
+        own call fails get the error (the others go on as if nothing happened). -> [(rows, result)]"""
+        if len(rows) > 1:
+            try:
+                return [(rows, call(rows))]
+            except Exception:  # any backend failure: ONNX Runtime, TensorRT, a BLS call
+                self.retries += 1
+        return self._alone(rows, call, what)
+
+    def _alone(self, rows: list, call, what: str):
+        """``call([row])`` for each row; a row whose call fails ends with that error. -> [([row], result)]"""
+        out = []
+        for r in rows:
+            try:
+                out.append(([r], call([r])))
+            except Exception as e:
+                self._fail(r.req, _row_error(what, r.req, e))
+        return out
+
+    def _join(self, newcomers: list[tuple[_Row, dict, int]]) -> None:
+        """Put the newcomers' rows (``(row, state, index in state)``) into the running batch: each into a free slot
+        when it fits there (its used length <= the batch's, per group: one row copied in place), the rest by
+        rebuilding the batch once (every live row and newcomer copied, free slots dropped, unused columns trimmed)."""
         if not newcomers:
             return
         if self._state is None:
-            self._rebuild([(row, state, i) for row, i in newcomers])
+            self._rebuild(newcomers)
             return
         groups = self._groups()
         rest = []
-        for row, i in newcomers:
+        for row, state, i in newcomers:
             slot = next(iter(sorted(self._free_since)), None)
             if slot is not None and all(used_columns(state[g][i]) <= self._state[g].shape[1] for g in groups):
                 copy_row(groups, self._state, slot, state, i)
@@ -277,12 +315,35 @@ class Engine:
         live = [self._rows[j] for j in slots]
         tokens = np.array([r.next_token if r is not None else self.pad_id for r in self._rows], np.int64)
         t0 = time.perf_counter()
-        logits, state = self.session._step(self._state, tokens)
+        try:
+            logits, state = self.session.decode_step(self._state, tokens)
+        except Exception:  # retried row by row: only the rows that fail alone get an error
+            self.retries += 1
+            self._decode_alone(slots)
+            return
         self._log("decode", live, len(self._rows), t0)
         self._state = {k: _as_numpy(v) for k, v in state.items()}
         keep = self._advance(live, np.asarray(logits)[slots])
         self._free([slots[j] for j in np.flatnonzero(~keep)])
         self._compact()
+
+    def _decode_alone(self, slots: list[int]) -> None:
+        """The batched step failed: step each live row by itself (its own state, compacted) and rebuild the batch
+        from the rows that succeeded and go on."""
+        parts = {id(self._rows[j]): (self._rows[j], build_state(self.session, [(self._state, j)])) for j in slots}
+
+        def step(rows):
+            row, state = parts[id(rows[0])]
+            t0 = time.perf_counter()
+            logits, new = self.session.decode_step(state, np.array([row.next_token], np.int64))
+            self._log("decode", rows, 1, t0)
+            return np.asarray(logits), {k: _as_numpy(v) for k, v in new.items()}
+
+        going = []
+        for rows, (logits, state) in self._alone([self._rows[j] for j in slots], step, "decode"):
+            if self._advance(rows, logits)[0]:
+                going.append((rows[0], state, 0))
+        self._rebuild(going)
 
     def _leave(self, idx: list[int], finish: str) -> None:
         for i in idx:
@@ -316,8 +377,9 @@ class Engine:
             self._rebuild([(r, self._state, j) for j, r in enumerate(self._rows) if r is not None])
 
     def _advance(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:
-        """Sample each row's next token, emit its text, finish it if due. -> which rows go on."""
-        keep = np.ones(len(rows), bool)
+        """Sample each row's next token, emit its text, finish it if due. -> which rows go on. Whatever goes wrong
+        with one row (NaN logits, its sampling, its text) ends that row alone."""
+        keep = np.zeros(len(rows), bool)
         finite = np.isfinite(logits).all(-1)
         greedy = [i for i, r in enumerate(rows) if r.cfg.greedy and finite[i]]
         nxt = np.zeros(len(rows), np.int64)
@@ -328,11 +390,14 @@ class Engine:
                 self._fail(r.req, NumericsError(
                     f"the model produced NaN or Inf logits at generation step {len(r.req.tokens)} (task "
                     f"{r.req.task}); the bundle or the task's vectors are broken"))
-                keep[i] = False
                 continue
-            if not r.cfg.greedy:
-                nxt[i] = select(logits[i:i + 1], r.cfg, [r.rng])[0]
-            keep[i] = not self._take(r, int(nxt[i]))
+            try:
+                if not r.cfg.greedy:
+                    nxt[i] = select(logits[i:i + 1], r.cfg, [r.rng])[0]
+                keep[i] = not self._take(r, int(nxt[i]))
+            except Exception as e:  # this row's own problem: it ends, the batch goes on
+                if r.req.t_done is None:
+                    self._fail(r.req, _row_error("sampling", r.req, e))
         return keep
 
     def _take(self, row: _Row, tok: int) -> bool:

@@ -241,7 +241,9 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
             shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), gdir / "1" / "model.py")
             params = {"graph_calls": graph_calls, "max_batch": str(max_batch), "max_queue": str(max_queue),
                       "provider": "cuda" if kind == "gpu" and graph_calls == "onnxruntime" else "cpu",
-                      "graph_models": json.dumps(names)}
+                      "graph_models": json.dumps(names),
+                      # what the graph models take (TensorRT profiles' maxima), checked when a request is admitted
+                      "engine_limits": json.dumps(sidecar.get("limits", {}) if sidecar else {})}
             (gdir / "config.pbtxt").write_text(generate_config(gen_name, params))
             problems = check_repository(tmp, b, {names[g]: g for g in graphs})
             if problems:

@@ -23,9 +23,12 @@ from .request import Request
 DEFAULT_MAX_TOKENS = 16
 
 
-def bls_session(bundle, call, models: dict):
-    """A session of the bundle's kind whose graphs run through ``call(model_name, feed, output_names)``."""
+def bls_session(bundle, call, models: dict, max_batch: int | None = None, engine_limits: dict | None = None):
+    """A session of the bundle's kind whose graphs run through ``call(model_name, feed, output_names)``: at most
+    ``max_batch`` rows per call (the graph models' ``max_batch_size``) and, for TensorRT plans, their profiles'
+    ``engine_limits`` — checked before a request runs."""
     from ..runtime.kinds import session_kind
+    from ..runtime.limits import BackendLimits
 
     Kind = session_kind(bundle)
 
@@ -35,6 +38,10 @@ def bls_session(bundle, call, models: dict):
     class BlsSession(Kind):
         def __init__(self):
             Kind.__init__(self, bundle)
+            fix = "rebuild the engines and the repository with larger --max-batch/--max-input/--max-new-tokens"
+            base = BackendLimits.from_dict(engine_limits, "the TensorRT plans of this Triton repository", fix) or \
+                BackendLimits(source="the Triton graph models", fix="write the repository with a larger --max-batch")
+            self.limits = base.tighter(max_batch=max_batch)
 
         def _run_graph_impl(self, graph, feed):
             feed = {k: np.ascontiguousarray(v, dtype=dtype[graph][k]) for k, v in feed.items()}
@@ -73,7 +80,8 @@ class TritonGeneration:
     finalize."""
 
     def __init__(self, bundle_dir, graph_calls: str = "onnxruntime", bls=None, models: dict | None = None,
-                 max_batch: int = 8, max_queue: int = 256, provider: str = "cpu", threads: int | None = None):
+                 max_batch: int = 8, max_queue: int = 256, provider: str = "cpu", threads: int | None = None,
+                 engine_limits: dict | None = None):
         from ..bundle import load_bundle
 
         self.bundle = load_bundle(bundle_dir)
@@ -82,7 +90,8 @@ class TritonGeneration:
         elif graph_calls == "bls":
             if bls is None:
                 raise InputError("graph_calls 'bls' needs the BLS call (the Triton adapter gives it)")
-            self.session = bls_session(self.bundle, bls, models or {g: g for g in self.bundle.manifest["graphs"]})
+            self.session = bls_session(self.bundle, bls, models or {g: g for g in self.bundle.manifest["graphs"]},
+                                       max_batch=max_batch, engine_limits=engine_limits)
         else:
             raise InputError(f"graph_calls must be onnxruntime or bls, got {graph_calls!r}")
         self.tokenizer = self.session.tokenizer

@@ -28,7 +28,7 @@ class TritonPythonModel:
             os.path.join(version_dir, "bundle"), graph_calls=params.get("graph_calls", "onnxruntime"),
             bls=self._bls, models=json.loads(params.get("graph_models", "{}")) or None,
             max_batch=int(params.get("max_batch", "8")), max_queue=int(params.get("max_queue", "256")),
-            provider=params.get("provider", "cpu"))
+            provider=params.get("provider", "cpu"), engine_limits=json.loads(params.get("engine_limits", "{}")))
         # requests a client cancelled (or whose connection dropped) leave the batch at the next step
         self._inflight = {}
         self._lock = threading.Lock()
