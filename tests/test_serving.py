@@ -27,6 +27,7 @@ import mpt_export  # noqa: E402
 
 EXE = Path(sys.executable).with_name("mpt-export")
 KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 class Server:
@@ -229,20 +230,70 @@ def test_errors_are_openai_shaped(srv):
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"], (body, err)
-    r = httpx.post(srv.url + "/v1/completions", content=b"{not json", headers=h)
+    hj = {**h, "Content-Type": "application/json"}
+    r = httpx.post(srv.url + "/v1/completions", content=b"{not json", headers=hj)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = httpx.post(srv.url + "/v1/completions", content=b"x" * (2 << 20), headers=h)
+    r = httpx.post(srv.url + "/v1/completions", content=b"x" * (2 << 20), headers=hj)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "sst2", "messages": [{"role": "user",
                                                                                           "content": "hi"}]}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_missing"
     assert httpx.get(srv.url + "/nowhere").json()["error"]["code"] == "not_found"
-    metrics = httpx.get(srv.url + "/metrics").text
+    assert httpx.get(srv.url + "/metrics").status_code == 401  # its labels name the tasks
+    metrics = httpx.get(srv.url + "/metrics", headers=h).text
     for name in ("mpt_export_requests_total", "mpt_export_queue_depth", "mpt_export_running_batch_size",
                  "mpt_export_generated_tokens_total", "mpt_export_time_to_first_token_seconds_bucket",
                  "mpt_export_time_per_output_token_seconds_bucket"):
         assert name in metrics, name
     assert 'status="401"' in metrics and 'status="404"' in metrics and 'task="sst2"' in metrics
+
+
+def test_one_request_never_fails_another(srv, offline):
+    """A temperature that used to overflow (1e-320, inside the API's [0, 2]) sent beside greedy requests: every
+    request answers 200 with its offline text; a browser-style cross-site POST (no JSON content type) is refused;
+    prompts far beyond what the model could take are refused without tokenizing while /health stays fast."""
+    c = srv.client()
+    jobs = [dict(model="sst2", prompt=PROMPTS[i], max_tokens=10, temperature=0) for i in range(3)]
+    jobs.append(dict(model="mnli", prompt=PROMPTS[3], max_tokens=10, temperature=1e-320, seed=3))
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda j: c.completions.create(**j).choices[0].text, jobs))
+    assert got == [offline(j["model"], j["prompt"], 10) for j in jobs]  # below 1e-5 a temperature is greedy
+    h = {"Authorization": f"Bearer {KEY}"}
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {**h, **({"Content-Type": ctype} if ctype else {})}
+        body = json.dumps({"model": "sst2", "prompt": "x", "max_tokens": 2})
+        r = httpx.post(srv.url + "/v1/completions", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+        r = httpx.post(srv.url + "/admin/reload", content=b"", headers=headers)
+        assert r.status_code == 415, (ctype, r.text)
+    # the cap: positions x the longest token's bytes; four prompts at it run while four far beyond it are refused
+    from mpt_export.serving.protocol import prompt_cap
+
+    cap = prompt_cap(offline.session)
+    at_cap = ("the movie was " * cap)[:cap]
+    huge = "the movie was " * (900_000 // 14)
+    slow = []
+
+    def call(text):
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "rte", "prompt": text, "max_tokens": 2},
+                       headers=h, timeout=120)
+        return r, time.monotonic() - t0
+
+    with ThreadPoolExecutor(8) as ex:
+        futs = [ex.submit(call, t) for t in [at_cap, huge] * 4]
+        while not all(f.done() for f in futs):
+            t0 = time.monotonic()
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+            slow.append(time.monotonic() - t0)
+            time.sleep(0.05)
+        results = [f.result() for f in futs]
+    assert max(slow, default=0) < 0.5, slow
+    for i, (r, _) in enumerate(results):
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "prompt", err
+        assert err["code"] == ("prompt_too_long" if i % 2 else None), err  # at the cap: too many tokens
+    assert max(dt for r, dt in results[1::2]) < 2.0
 
 
 def test_queue_full_is_429_and_the_server_recovers(served):
@@ -256,12 +307,16 @@ def test_queue_full_is_429_and_the_server_recovers(served):
                                                                        temperature=0))
         waiting.start()  # fills the queue of one
         deadline = time.monotonic() + 10
-        while "mpt_export_queue_depth 1.0" not in httpx.get(s.url + "/metrics").text:
+        while "mpt_export_queue_depth 1.0" not in httpx.get(s.url + "/metrics", headers=AUTH).text:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        r = httpx.post(s.url + "/v1/completions", json={"model": "qnli", "prompt": "z", "max_tokens": 2})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        with ThreadPoolExecutor(6) as ex:  # several at once: the busy row may finish early on a loaded machine
+            probes = list(ex.map(lambda _: httpx.post(s.url + "/v1/completions", timeout=60, json={
+                "model": "qnli", "prompt": "z", "max_tokens": 2}), range(6)))
+        r = next((p for p in probes if p.status_code == 429), None)
+        assert r is not None and r.headers["retry-after"] == "1", [p.status_code for p in probes]
         assert r.json()["error"]["code"] == "queue_full"
+        assert all(p.status_code in (200, 429) for p in probes)
         list(it)
         waiting.join(timeout=60)
         r = c.completions.create(model="qnli", prompt="z", max_tokens=2, temperature=0)  # healthy afterwards
@@ -281,7 +336,7 @@ def test_disconnect_frees_the_row(srv):
     rid = steps[0]["requests"][0]
     ran = [s for s in steps if rid in s["requests"]]
     assert len(ran) < 300, len(ran)  # it stopped long before its 400 tokens
-    assert "mpt_export_running_batch_size 0.0" in httpx.get(srv.url + "/metrics").text
+    assert "mpt_export_running_batch_size 0.0" in httpx.get(srv.url + "/metrics", headers=AUTH).text
 
 
 def test_sigterm_drains_a_request_in_flight(served, offline):
@@ -296,7 +351,7 @@ def test_sigterm_drains_a_request_in_flight(served, offline):
         t = threading.Thread(target=run)
         t.start()
         deadline = time.monotonic() + 30
-        while "mpt_export_running_batch_size 1.0" not in httpx.get(s.url + "/metrics").text:
+        while "mpt_export_running_batch_size 1.0" not in httpx.get(s.url + "/metrics", headers=AUTH).text:
             assert time.monotonic() < deadline
             time.sleep(0.005)
         os.kill(s.proc.pid, signal.SIGTERM)
@@ -325,7 +380,7 @@ def test_health_while_loading_and_reload(served, tmp_path):
         res = subprocess.run([str(EXE), "tasks", "add", str(b), "--adapter", f"fresh={served['target']}"],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
-        r = httpx.post(s.url + "/admin/reload", headers={"Authorization": f"Bearer {KEY}"})
+        r = httpx.post(s.url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and r.json()["added"] == ["fresh"]
         assert "fresh" in [m.id for m in c.models.list().data]
         assert first + "".join(ch.choices[0].text for ch in it) == \
@@ -342,7 +397,7 @@ def test_health_while_loading_and_reload(served, tmp_path):
         # a changed backbone is not reloaded
         mpt_export.export_bundle(served["base"], [f"sst2,mnli,qnli={served['root'] / 'src'}"], b, force=True,
                                  dtype="fp16", validate=False).close()
-        r = httpx.post(s.url + "/admin/reload", headers={"Authorization": f"Bearer {KEY}"})
+        r = httpx.post(s.url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 409 and r.json()["error"]["code"] == "restart_required"
         assert c.completions.create(model="rte", prompt="x y", max_tokens=2, temperature=0).choices
         assert s.stop() == 0

@@ -72,10 +72,20 @@ class BundleTokenizer:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{what} is empty; give some text to continue")
         check_text(text, what)
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it runs (encode does not): a server's event loop and engine thread
+        # keep running while a long prompt is tokenized in a worker
+        ids = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if not ids:
             raise InputError(f"{what} encodes to no tokens; give some text to continue")
         return ids
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The longest token's text in UTF-8 bytes (vocabulary and added tokens; at least the decoded length)."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            vocab = self.tok.get_vocab(with_added_tokens=True)
+            self._max_token_bytes = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1)
+        return self._max_token_bytes
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)

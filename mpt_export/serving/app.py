@@ -16,10 +16,10 @@ import json
 import time
 import uuid
 
-from ..errors import InputError, MptExportError
+from ..errors import MptExportError
 from .request import Request
-from .protocol import (APIError, api_error, error_body, messages_of, number, prompts_of, read_json, room_for, sampling,
-                       task_of, usage_of)
+from .protocol import (APIError, api_error, chat_prompt, error_body, number, prompts_of, read_json, room_for,
+                       sampling, task_of, usage_of)
 from .state import ServerState
 
 
@@ -53,12 +53,26 @@ def build_app(state: ServerState, headers: dict | None = None, identity: dict | 
         if state.status == "failed":
             raise APIError(503, f"the bundle could not be loaded: {state.error}", code="load_failed")
 
+    def json_body(request) -> None:
+        """POSTs must say they carry JSON. A browser sends a cross-site form or ``text/plain`` POST without asking
+        the server first (no CORS preflight); ``application/json`` needs a preflight, which this server never
+        grants, so a web page cannot make a visitor's browser run completions or reloads here."""
+        if request.method != "POST":
+            return
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"POST {request.url.path} needs Content-Type: application/json, got "
+                           f"{media or 'none'}", code="unsupported_media_type")
+
     def guarded(handler):
-        """Every /v1 and /admin route: the API key, then readiness; an APIError becomes its OpenAI-shaped answer."""
+        """Every /v1 and /admin route and /metrics: the API key, a JSON body for POSTs, then readiness (not for
+        /metrics); an APIError becomes its OpenAI-shaped answer."""
         async def run(request):
             try:
                 authorize(request)
-                ready()
+                json_body(request)
+                if handler is not metrics:
+                    ready()
                 return await handler(request)
             except APIError as e:
                 return error(e)
@@ -68,7 +82,7 @@ def build_app(state: ServerState, headers: dict | None = None, identity: dict | 
         body = {"status": state.status, **({"error": state.error} if state.error else {}), **(identity or {})}
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
-    async def metrics(request):
+    async def metrics(request):  # behind the key when there is one: its labels name the tasks
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     @guarded
@@ -107,19 +121,12 @@ def build_app(state: ServerState, headers: dict | None = None, identity: dict | 
             data = await read_json(request, state.max_body)
             task = task_of(state, data)
             opts = sampling(data)
-            tok = state.session.tokenizer
+            # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
+            # the GIL), after a size check that needs no tokenizer
             if chat:
-                if state.chat is None:
-                    raise APIError(400, "this bundle's base model has no chat template, so /v1/chat/completions "
-                                   "is not available; use /v1/completions", param="messages",
-                                   code="chat_template_missing")
-                messages = messages_of(data.get("messages"))
-                try:
-                    prompts = [tok.encode(state.chat.render(messages), "the rendered chat", add_special_tokens=False)]
-                except InputError as e:
-                    raise APIError(400, str(e), param="messages") from None
+                prompts = await asyncio.to_thread(chat_prompt, state, data.get("messages"))
             else:
-                prompts = prompts_of(data.get("prompt"), tok, state)
+                prompts = await asyncio.to_thread(prompts_of, data.get("prompt"), state.session.tokenizer, state)
             default_max = 16 if not chat else None
             max_tokens = data.get("max_completion_tokens") if chat and "max_tokens" not in data else data.get(
                 "max_tokens")
@@ -248,7 +255,7 @@ def build_app(state: ServerState, headers: dict | None = None, identity: dict | 
 
     routes = [
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/metrics", guarded(metrics), methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

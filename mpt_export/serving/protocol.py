@@ -119,8 +119,21 @@ def is_ids(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
+def prompt_cap(session) -> int:
+    """The most characters a prompt the model could take can have: its positions times the longest token's length
+    in UTF-8 bytes (a character is at least one byte), so anything longer is refused without tokenizing it."""
+    return session.max_positions * max(session.tokenizer.max_token_bytes, 4)
+
+
+def check_size(text: str, what: str, cap: int, param: str) -> None:
+    if len(text) > cap:
+        raise APIError(400, f"{what} has {len(text)} characters: more than this model's {cap} (its positions times "
+                       "its longest token), so it cannot fit; shorten it", param=param, code="prompt_too_long")
+
+
 def prompts_of(raw, tok, state) -> list[list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of token-id lists."""
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of token-id lists. Strings
+    longer than :func:`prompt_cap` are refused before they are tokenized."""
     if isinstance(raw, str) or is_ids(raw):
         raw = [raw]
     if not isinstance(raw, list) or not raw or len(raw) > state.max_queue or not all(
@@ -128,6 +141,10 @@ def prompts_of(raw, tok, state) -> list[list[int]]:
         raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists "
                        f"(at most {state.max_queue})", param="prompt")
     vocab = state.session.vocab_size
+    cap = prompt_cap(state.session)
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            check_size(p, f"prompt {i}", cap, "prompt")
     out = []
     for i, p in enumerate(raw):
         if isinstance(p, str):
@@ -147,6 +164,21 @@ def room_for(state, task: str, n_prompt: int) -> int:
     if s.bundle.task_type == "SEQ_2_SEQ_LM":
         return s.max_positions - s.split_prompt(task)[1].shape[0] - 1
     return s.max_positions - s.prompt_len(task) - n_prompt
+
+
+def chat_prompt(state, raw) -> list[list[int]]:
+    """The chat request's messages rendered with the bundle's template and tokenized -> [ids] (one prompt)."""
+    if state.chat is None:
+        raise APIError(400, "this bundle's base model has no chat template, so /v1/chat/completions is not "
+                       "available; use /v1/completions", param="messages", code="chat_template_missing")
+    messages = messages_of(raw)
+    check_size("".join(m["content"] for m in messages), "the messages' content", prompt_cap(state.session),
+               "messages")
+    try:
+        text = state.chat.render(messages)
+        return [state.session.tokenizer.encode(text, "the rendered chat", add_special_tokens=False)]
+    except InputError as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 def messages_of(raw) -> list[dict]:
