@@ -17,9 +17,11 @@ old copy on disk until the last reader lets go. On Linux the handle is reachable
 (``/proc/self/fd/N``) that ONNX Runtime, TensorRT and ``tokenizers`` can open.
 
 Integrity: the manifest carries its own sha256 (over its canonical JSON) and the sha256 of every file; paths in it
-are relative, plain and stay inside the bundle (no ``..``, no symbolic links); the fields the runtime trusts are
-checked against each other and the graph I/O specs at load, against the graphs themselves when a session opens, and
-the task list against ``tasks.safetensors``. Files are hashed in chunks (bounded memory); a verification stamp kept
+are relative, plain and stay inside the bundle (no ``..``); a symbolic link anywhere inside the bundle, listed or
+not, is refused at load (files the manifest does not list are never read); the fields the runtime trusts are checked
+against each other and the graph I/O specs at load, against the graphs themselves when a session opens, and the task
+list against ``tasks.safetensors`` (names, order, shapes, per-task content digests) by every reader and by a
+verifying load. Files are hashed in chunks (bounded memory); a verification stamp kept
 outside the bundle (:mod:`mpt_export.stamps`) lets later opens of unchanged files skip the hashing.
 """
 
@@ -66,6 +68,50 @@ def _open_in(dirfd: int, rel: str, display: str) -> int:
         os.close(fd)
         raise BundleError(f"bundle file {rel} in {display} is not a regular file; {REDO}")
     return fd
+
+
+_MAX_DEPTH = 32  # directories inside a bundle: ours go one level deep (tokenizer/)
+
+
+def _refuse_links(dirfd: int, path: Path, prefix: str = "", depth: int = 0) -> None:
+    """A symbolic link anywhere inside the bundle is refused, whether the manifest lists it or not, to a file or a
+    directory, dangling or not: bundles hold plain files only (a link is copied as a link, may point outside the
+    bundle, and can be changed without changing any file the manifest hashes). Links are never followed here."""
+    if depth > _MAX_DEPTH:
+        raise BundleError(f"bundle {path} has directories nested more than {_MAX_DEPTH} deep ({prefix.rstrip('/')}); "
+                          f"it is not a bundle mpt-export wrote — {REDO}")
+    try:
+        names = sorted(os.listdir(dirfd))
+    except OSError as e:
+        raise BundleError(f"cannot list {(prefix.rstrip('/') or '.')} in bundle {path} ({e.strerror}); check its "
+                          "permissions") from None
+    for name in names:
+        rel = prefix + name
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone meanwhile: nothing to follow
+        except OSError as e:
+            raise BundleError(f"cannot read {rel} in bundle {path} ({e.strerror}); check its permissions") from None
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = f" (pointing to {os.readlink(name, dir_fd=dirfd)})"
+            except OSError:
+                target = ""
+            raise BundleError(f"{rel} in bundle {path} is a symbolic link{target}; bundles hold plain files only and "
+                              "every link in one is refused (it could point outside the bundle) — replace it with the "
+                              "file itself (`cp -rL` copies a bundle that way) or remove it, or re-export the bundle")
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise BundleError(f"cannot open {rel} in bundle {path} ({e.strerror}); check its permissions") from None
+            try:
+                _refuse_links(sub, path, rel + "/", depth + 1)
+            finally:
+                os.close(sub)
 
 
 def _open_dir(path: Path) -> int:
@@ -219,24 +265,17 @@ class Bundle:
         return _read_in(self._fd, name, self.path)
 
     def task_bank(self):
-        """The task bank, checked against the manifest's task list (names, order, shapes, content digests)."""
+        """The task bank, checked against the manifest's task list (names, order, shapes, content digests) — the check
+        every reader runs, and :func:`load_bundle` too when it verifies."""
+        from .errors import CheckpointError
         from .taskbank import TaskBank
 
-        bank = TaskBank.load(self.file("tasks.safetensors"))
-        want = [(t["name"], t["shared_prompt"], t["prompt_len"], t["rank"], t.get("digest"))
-                for t in self.manifest["tasks"]]
-        have = [(t.name, t.shared, int(bank.shared[t.shared].shape[0]), t.rank, t.digest(bank.shared[t.shared]))
-                for t in bank.tasks]
-        if len(want) != len(have) or any(w[:4] != h[:4] or (w[4] is not None and w[4] != h[4])
-                                         for w, h in zip(want, have)):
-            raise BundleError(f"{self.path}: the manifest's task list ({', '.join(w[0] for w in want)}) does not "
-                              f"match tasks.safetensors ({', '.join(h[0] for h in have)}); {REDO}")
-        if bank.num_transformer_submodules != self.manifest.get("num_transformer_submodules", 1) \
-                or bank.task_type != self.task_type:
-            raise BundleError(f"{self.path}: tasks.safetensors was written for another model kind; {REDO}")
-        if bank.hidden_size != self.base_model["hidden_size"]:
-            raise BundleError(f"{self.path}: tasks.safetensors holds prompts of width {bank.hidden_size}, the model's "
-                              f"hidden size is {self.base_model['hidden_size']}; {REDO}")
+        f = self.file("tasks.safetensors")
+        try:
+            bank = TaskBank.load(f)
+        except CheckpointError as e:  # say the bundle's path, not the handle's /proc path
+            raise BundleError(str(e).replace(str(f), str(self.path / "tasks.safetensors"))) from None
+        check_task_bank(self.manifest, bank, self.path)
         return bank
 
     def sizes(self) -> dict[str, int]:
@@ -260,17 +299,65 @@ class Bundle:
         return open_session(self, provider=provider, backend=backend, engines=engines, **options)
 
 
+def _task_differences(manifest: dict, bank) -> list[str]:
+    """Per task of the manifest, what tasks.safetensors holds differently (names and order already equal)."""
+    out = []
+    for w, t in zip(manifest["tasks"], bank.tasks):
+        shared = bank.shared[t.shared] if 0 <= t.shared < len(bank.shared) else None
+        found = {"shared prompt": t.shared, "prompt length": None if shared is None else int(shared.shape[0]),
+                 "rank": t.rank, "content digest": None if shared is None else t.digest(shared)}
+        expected = {"shared prompt": w["shared_prompt"], "prompt length": w["prompt_len"], "rank": w["rank"],
+                    "content digest": w.get("digest")}
+        diffs = [f"{k} {expected[k]} expected, {found[k]} found" for k in expected
+                 if expected[k] is not None and expected[k] != found[k]]
+        if diffs:
+            out.append(f"task {w['name']!r} ({'; '.join(diffs)})")
+    return out
+
+
+def check_task_bank(manifest: dict, bank, path: Path) -> None:
+    """``tasks.safetensors`` must hold exactly the manifest's tasks: same names in the same order, and per task the
+    shared prompt, prompt length, rank and content digest the manifest records (a task bank edited after the bundle
+    was written — vectors swapped between tasks, say — is refused even when every file's sha256 was recomputed)."""
+    want = [t["name"] for t in manifest["tasks"]]
+    have = bank.names
+    if want != have:
+        if sorted(want) == sorted(have):
+            what = "holds the same tasks in another order"
+        else:
+            parts = [f"lacks {', '.join(repr(n) for n in want if n not in have)}" if set(want) - set(have) else "",
+                     f"also holds {', '.join(repr(n) for n in have if n not in want)}" if set(have) - set(want) else ""]
+            what = " and ".join(p for p in parts if p)
+        raise BundleError(f"{path}: the manifest's task list ({', '.join(want)}) does not match tasks.safetensors "
+                          f"({', '.join(have)}): the task bank {what}; it was changed after the bundle was written — "
+                          f"{REDO}")
+    differs = _task_differences(manifest, bank)
+    if differs:
+        raise BundleError(f"{path}: tasks.safetensors does not hold the vectors the manifest records for "
+                          f"{' and '.join(differs)}; the task bank was changed after the bundle was written — {REDO}")
+    if bank.num_transformer_submodules != manifest.get("num_transformer_submodules", 1) \
+            or bank.task_type != manifest["task_type"]:
+        raise BundleError(f"{path}: tasks.safetensors was written for another model kind ({bank.task_type}, "
+                          f"num_transformer_submodules {bank.num_transformer_submodules}; the manifest says "
+                          f"{manifest['task_type']}, {manifest.get('num_transformer_submodules', 1)}); {REDO}")
+    if bank.hidden_size != manifest["base_model"]["hidden_size"]:
+        raise BundleError(f"{path}: tasks.safetensors holds prompts of width {bank.hidden_size}, the model's hidden "
+                          f"size is {manifest['base_model']['hidden_size']}; {REDO}")
+
+
 def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True) -> Bundle:
-    """Open a bundle directory: its manifest's own digest and fields are checked; with ``verify`` (default) every
-    file's sha256 too — except files that a verification stamp (see :mod:`mpt_export.stamps`) shows unchanged since
-    they were last hashed, unless ``trust_stamp`` is False. The bundle is read through one handle taken here (see
-    the module docstring)."""
+    """Open a bundle directory: its manifest's own digest and fields are checked, and a symbolic link anywhere in
+    it is refused; with ``verify`` (default) every file's sha256 too — except files that a verification stamp (see
+    :mod:`mpt_export.stamps`) shows unchanged since they were last hashed, unless ``trust_stamp`` is False — and the
+    task bank against the manifest's task list (:func:`check_task_bank`, as every reader does). The bundle is read
+    through one handle taken here (see the module docstring)."""
     from . import stamps
 
     path = Path(path)
     fd = _open_dir(path)
     try:
         manifest = _read_manifest(fd, path)
+        _refuse_links(fd, path)
         dir_stat = os.fstat(fd)
         stamp = stamps.read(dir_stat, manifest[DIGEST_KEY]) if verify and trust_stamp else {}
         started, hashed, vouched = time.time_ns(), False, {}
@@ -299,4 +386,11 @@ def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True)
     except BaseException:
         os.close(fd)
         raise
-    return Bundle(path, manifest, fd)
+    bundle = Bundle(path, manifest, fd)
+    if verify:  # the readers' own check of the task bank: a bundle that verifies is one every reader opens
+        try:
+            bundle.task_bank()
+        except BaseException:
+            bundle.close()
+            raise
+    return bundle
