@@ -9,6 +9,32 @@ import typer
 from ._common import handle_errors
 
 
+KEY_ENV = "MPT_EXPORT_API_KEY"
+
+
+def _api_key(option: str | None, env: str | None) -> str | None:
+    """The key to require (--api-key, else the environment), or None for no key. A key that would not protect the
+    server, or that no client could send, is refused: empty or only whitespace (which would turn auth off without a word),
+    with whitespace around it (HTTP strips it from the header, so no request would match), or with characters a
+    header cannot carry (control characters, non-ASCII)."""
+    from mpt_export.errors import InputError
+
+    where, key = ("--api-key", option) if option is not None else (KEY_ENV, env)
+    if key is None:
+        return None
+    off = f"to serve without a key, omit --api-key and unset {KEY_ENV}"
+    if not key.strip():
+        raise InputError(f"{where} is {'empty' if not key else 'only whitespace'}; an API key must be a non-empty "
+                         f"string (the one clients send); {off}")
+    if key != key.strip():
+        raise InputError(f"{where} begins or ends with whitespace, which HTTP strips from the Authorization header, "
+                         f"so no client could send it; pass the key without it ({off})")
+    if not all(" " <= c <= "~" for c in key):
+        raise InputError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
+                         f"use printable ASCII ({off})")
+    return key
+
+
 @handle_errors
 def serve_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory to serve (every task is a model).")],
@@ -16,7 +42,7 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port (0: a free one, printed at start).")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Rows decoded together at most (continuous batching across tasks).")] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; beyond it new ones get 429 with Retry-After.")] = 256,
-    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY on /v1 and /admin (default: env MPT_EXPORT_API_KEY).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY on /v1 and /admin (default: env MPT_EXPORT_API_KEY; a key must be non-empty printable ASCII — omit both to serve without one).")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
     prepack: Annotated[bool | None, typer.Option("--prepack/--no-prepack", help="ONNX Runtime CPU: packed copies of the MatMul weights at start — faster steps, but a second copy of the weights in memory and ~1.5 s of start-up per GB (default: only where both copies fit in available memory).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda or a provider name.")] = "cpu",
@@ -35,7 +61,7 @@ def serve_cmd(
         raise InputError(f"--port must be in [0, 65535], got {port}")
     if max_batch < 1 or max_queue < 1 or max_body_bytes < 1:
         raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
-    key = api_key if api_key is not None else os.environ.get("MPT_EXPORT_API_KEY") or None
+    key = _api_key(api_key, os.environ.get(KEY_ENV))
     if not ray and (replicas is not None or autoscale is not None or ray_address is not None):
         raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
     if ray:

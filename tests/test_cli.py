@@ -204,3 +204,24 @@ def test_runtime_input_errors(llama):
         s.logits(np.ones((1, 60), np.int64), ["a"])
     with pytest.raises(InputError, match="provider 'nosuch'.*available providers are: .*CPUExecutionProvider"):
         mpt_export.load_bundle(llama.bundle).session(provider="nosuch")
+
+
+def test_an_api_key_that_would_not_protect_the_server_is_refused(tmp_path, monkeypatch):
+    """An empty or blank key used to switch auth off without a word; a key no client can send is refused too. All
+    before the bundle is opened (so no bundle is needed here), one line, exit code 1."""
+    nowhere = tmp_path / "no-bundle"
+    monkeypatch.delenv("MPT_EXPORT_API_KEY", raising=False)
+    off = "omit --api-key and unset MPT_EXPORT_API_KEY"
+    for key, said in (("", "--api-key is empty"), ("   ", "--api-key is only whitespace"),
+                      (" key", "--api-key begins or ends with whitespace"), ("k\tey", "cannot carry")):
+        res = run_cli("serve", nowhere, "--api-key", key)
+        assert_clean_failure(res, said, off)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    for key, said in (("", "MPT_EXPORT_API_KEY is empty"), (" \t", "MPT_EXPORT_API_KEY is only whitespace")):
+        monkeypatch.setenv("MPT_EXPORT_API_KEY", key)
+        assert_clean_failure(run_cli("serve", nowhere), said, off)
+        assert_clean_failure(run_cli("serve", nowhere, "--ray"), said, off)
+    monkeypatch.setenv("MPT_EXPORT_API_KEY", "")  # the option decides when given: a good key there is used
+    assert_clean_failure(run_cli("serve", nowhere, "--api-key", "s3cret key"), "does not exist")
+    monkeypatch.delenv("MPT_EXPORT_API_KEY")
+    assert_clean_failure(run_cli("serve", nowhere), "does not exist")  # no key at all: allowed, as documented
