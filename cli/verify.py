@@ -16,7 +16,8 @@ def verify_cmd(
     rtol: Annotated[float | None, typer.Option(help="Parity: part of the tolerance relative to each output's magnitude (default: the bundle's own).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the parity inputs (default: random).")] = None,
 ) -> None:
-    """Check every file's sha256 against the manifest; with --base-model, re-run parity against PEFT."""
+    """Check every file's sha256 against the manifest and the task bank against its task list (as every reader does),
+    refusing links; with --base-model, re-run parity against PEFT."""
     from mpt_export.export.api import verify_bundle
 
     if base_model is not None:
