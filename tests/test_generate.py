@@ -195,6 +195,10 @@ def test_generate_cli(llama, tmp_path):
     assert rows[1]["text"] == s.generate(["the plot"], ["t"], max_new_tokens=4)[0]  # batch of 2 == alone
     res = run_cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--stream")
     assert res.returncode == 0 and res.stdout.rstrip("\n") == rows[1]["text"]
+    # a temperature whose logits / t overflowed (a traceback once): below 1e-5 sampling is greedy
+    res = run_cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--temperature",
+                  "1e-320", "--seed", "1", "--stream")
+    assert res.returncode == 0 and res.stdout.rstrip("\n") == rows[1]["text"], res.stderr
 
 
 def test_generate_bad_inputs(llama, tmp_path):
