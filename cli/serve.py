@@ -9,30 +9,6 @@ import typer
 from ._common import handle_errors
 
 
-KEY_ENV = "MPT_EXPORT_API_KEY"
-
-
-def _api_key(option: str | None, env: str | None) -> str | None:
-    """The key to require (--api-key, else the environment), or None for no key. A key that would not protect the
-    server, or that no client could send, is refused: empty or only whitespace (which would turn auth off without a word),
-    with whitespace around it (HTTP strips it from the header, so no request would match), or with characters a
-    header cannot carry (control characters, non-ASCII)."""
-    from mpt_export.errors import InputError
-
-    where, key = ("--api-key", option) if option is not None else (KEY_ENV, env)
-    if key is None:
-        return None
-    off = f"to serve without a key, omit --api-key and unset {KEY_ENV}"
-    if not key.strip():
-        raise InputError(f"{where} is {'empty' if not key else 'only whitespace'}; an API key must be a non-empty "
-                         f"string (the one clients send); {off}")
-    if key != key.strip():
-        raise InputError(f"{where} begins or ends with whitespace, which HTTP strips from the Authorization header, "
-                         f"so no client could send it; pass the key without it ({off})")
-    if not all(" " <= c <= "~" for c in key):
-        raise InputError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
-                         f"use printable ASCII ({off})")
-    return key
 
 
 @handle_errors
@@ -61,7 +37,9 @@ def serve_cmd(
         raise InputError(f"--port must be in [0, 65535], got {port}")
     if max_batch < 1 or max_queue < 1 or max_body_bytes < 1:
         raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
-    key = _api_key(api_key, os.environ.get(KEY_ENV))
+    from mpt_export.serving.protocol import KEY_ENV, api_key_of
+
+    key = api_key_of(api_key, os.environ.get(KEY_ENV))
     if not ray and (replicas is not None or autoscale is not None or ray_address is not None):
         raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
     if ray:

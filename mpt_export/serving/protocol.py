@@ -15,6 +15,30 @@ UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "logit_bias": No
                "response_format": None, "top_logprobs": None}
 
 
+KEY_ENV = "MPT_EXPORT_API_KEY"
+
+
+def api_key_of(option: str | None, env: str | None = None, where: str = "--api-key") -> str | None:
+    """The key to require (``option``, else the environment's), or None for no key. A key that would not protect
+    the server, or that no client could send, is refused: empty or only whitespace (which would turn auth off
+    without a word), with whitespace around it (HTTP strips it from the header, so no request would match), or with
+    characters a header cannot carry (control characters, non-ASCII)."""
+    where, key = (where, option) if option is not None else (KEY_ENV, env)
+    if key is None:
+        return None
+    off = f"to serve without a key, omit --api-key and unset {KEY_ENV}"
+    if not isinstance(key, str) or not key.strip():
+        raise InputError(f"{where} is {'empty' if not key else 'only whitespace'}; an API key must be a non-empty "
+                         f"string (the one clients send); {off}")
+    if key != key.strip():
+        raise InputError(f"{where} begins or ends with whitespace, which HTTP strips from the Authorization header, "
+                         f"so no client could send it; pass the key without it ({off})")
+    if not all(" " <= c <= "~" for c in key):
+        raise InputError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
+                         f"use printable ASCII ({off})")
+    return key
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type_: str | None = None, headers: dict | None = None):
