@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import MptExportError
 from .engine import Engine
 from .request import Request
-from .protocol import DEFAULT_MAX_BODY, APIError
+from .protocol import DEFAULT_MAX_BODY, APIError, api_key_of
 
 
 class ServerState:
@@ -20,7 +20,7 @@ class ServerState:
         self.bundle_path = Path(bundle_path)
         self.provider, self.threads, self.prepack = provider, threads, prepack
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.api_key = api_key or None
+        self.api_key = api_key_of(api_key, where="api_key")  # None: no key; "" is refused, never "no key"
         self.max_body = max_body
         self.drain_timeout = drain_timeout
         self.status = "loading"
@@ -56,13 +56,14 @@ class ServerState:
         if self.bundle:
             self.bundle.close()
 
-    def reload(self) -> dict:
-        """Re-read the bundle from disk: new and removed tasks take effect between two engine steps; requests in
-        flight keep running. Refused (409) when anything but the task bank changed."""
+    def reload(self, bundle=None) -> dict:
+        """Re-read the bundle from disk (or take ``bundle``, an opened :class:`~mpt_export.bundle.Bundle`: Ray
+        replicas pass the one their service pins): new and removed tasks take effect between two engine steps;
+        requests in flight keep running. Refused (409) when anything but the task bank changed."""
         from ..bundle import load_bundle
 
         with self._reload_lock:
-            new = load_bundle(self.bundle_path)
+            new = load_bundle(self.bundle_path) if bundle is None else bundle
             old_files = {k: v for k, v in self.bundle.manifest["files"].items() if k != "tasks.safetensors"}
             new_files = {k: v for k, v in new.manifest["files"].items() if k != "tasks.safetensors"}
             if old_files != new_files:
@@ -78,7 +79,29 @@ class ServerState:
             old.close()
             after = self.session.tasks
             return {"tasks": after, "added": [t for t in after if t not in before],
-                    "removed": sorted(before - set(after))}
+                    "removed": sorted(before - set(after)), "digest": self.digest}
+
+    def load_from(self, bundle) -> None:
+        """:meth:`load` over an already opened ``bundle`` (Ray replicas: the bundle their service pins, whose task
+        bank may differ from the one on disk). Raises on failure (the replica's constructor reports it)."""
+        from .chat import ChatTemplate
+
+        try:
+            self.bundle = bundle
+            self.session = bundle.session(provider=self.provider, intra_op_threads=self.threads, io_binding=False,
+                                          prepack=self.prepack)
+            self.session.tokenizer  # noqa: B018 - fail now, not on the first request
+            self.chat = ChatTemplate.from_bundle(bundle)
+            self.engine = Engine(self.session, self.max_batch, self.max_queue).start()
+            self.status = "ready"
+        except Exception as e:
+            self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)
+            raise
+
+    @property
+    def digest(self) -> str | None:
+        """The served bundle's identity: its manifest's own sha256 (it covers every file's sha256)."""
+        return self.bundle.manifest.get("manifest_sha256") if self.bundle is not None else None
 
     # -- metrics -----------------------------------------------------------------------------------------------
     def _metrics(self) -> None:
