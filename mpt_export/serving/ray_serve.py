@@ -445,7 +445,8 @@ class _Service:
             live = self.live_replicas()
             reports = self.ray.get(self.control.replica_reports.remote())
             seen = {r: (reports.get(r) or {}).get("digest") for r in sorted(live)}
-            if (live and all(d == digest for d in seen.values())) or time.monotonic() > deadline:
+            # no replica at all (autoscaled to 0, or all being replaced): the next ones start with this digest
+            if all(d == digest for d in seen.values()) or time.monotonic() > deadline:
                 return seen
             time.sleep(0.2)
 
@@ -490,18 +491,22 @@ class _Service:
             self.pin, self.manifest = pin, pin["manifest"]
         replicas = self.replica_digests(pin["digest"], REPLICAS_TIMEOUT)
         behind = {r: d for r, d in replicas.items() if d != pin["digest"]}
-        if behind or not replicas:
+        if behind:
             # keep every pin a replica may still serve; Serve replaces a replica whose reconfigure failed
             return refuse(500, "reload_incomplete",
                           f"digest {pin['digest'][:12]} was deployed, but within {REPLICAS_TIMEOUT:g} s "
-                          + (", ".join(f"replica {r} still serves {(d or 'nothing')[:12]}" for r, d in behind.items())
-                             or "no replica reported it"))
+                          + ", ".join(f"replica {r} still serves {(d or 'nothing')[:12]}" for r, d in behind.items())
+                          + " (Serve replaces a replica whose reconfigure failed; reload again to check)")
         self.ray.get(self.control.keep_only.remote([pin["digest"]]))
         return {"tasks": after, "added": [t for t in after if t not in before],
                 "removed": sorted(set(before) - set(after)), "digest": pin["digest"], "replicas": replicas}
 
     def reload_and_say(self, why: str) -> dict:
-        result = self.reload()
+        try:
+            result = self.reload()
+        except Exception as e:  # Ray itself failed (the control actor, the Serve controller): the driver goes on
+            result = {"error": {"status": 500, "code": "reload_failed",
+                                "message": f"the reload failed: {type(e).__name__}: {_short(e)}"}}
         if "error" in result:
             self.say(f"{why}: reload refused: {result['error']['message']}")
         else:
