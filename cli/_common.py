@@ -44,7 +44,7 @@ def handle_errors(fn):
                               soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            from mpt_export.atomic import interrupted_message
+            from mpt_export.storage.atomic import interrupted_message
 
             err_console.print(f"[bold red]interrupted[/] ({escape(interrupted_message())})", highlight=False,
                               soft_wrap=True)

@@ -26,11 +26,11 @@ def bench_cmd(
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
     if bundle is None:
-        from mpt_export.ownership import check_replaceable
+        from mpt_export.storage.ownership import check_replaceable
 
         check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()
-    from mpt_export.bench import run_bench
+    from mpt_export.tools.bench import run_bench
 
     with progress("bench") as on_step:
         r = run_bench(preset=preset, workdir=workdir, repeats=repeats, threads=threads, on_step=on_step, bundle=bundle,

@@ -26,7 +26,7 @@ def bench_export_cmd(
     """Export a real model size on this machine: peak memory vs weight bytes, time per phase, parity, start-up and
     generation."""
     quiet_libraries()
-    from mpt_export.bench_export import run_bench_export
+    from mpt_export.tools.bench_export import run_bench_export
 
     with progress("bench-export") as on_step:
         r = run_bench_export(shape, dtype=dtype, workdir=workdir, keep=keep, on_step=on_step)

@@ -29,11 +29,11 @@ def bench_serve_cmd(
     """The real server under N concurrent mixed-task clients vs the same requests one at a time vs the ceiling."""
     quiet_libraries()
     from mpt_export.errors import InputError
-    from mpt_export.serving.bench import run_bench_ray, run_bench_serve
+    from mpt_export.tools.bench_serve import run_bench_ray, run_bench_serve
 
     with progress("bench-serve") as on_step:
         if bundle is None:
-            from mpt_export.bench import PRESETS, _prepare
+            from mpt_export.tools.bench import PRESETS, _prepare
             if preset not in PRESETS:
                 raise InputError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
             _, bundle, _ = _prepare(preset, workdir, on_step)

@@ -11,7 +11,7 @@ from ._common import console, escape, handle_errors, progress
 
 def _limits(bundle, max_batch, max_input, max_new_tokens):
     """The limits to use (typed ones kept, defaults fitted to the model) and the line that says which they are."""
-    from mpt_export.trt.profiles import describe_limits, fit_limits
+    from mpt_export.runtime.trt.profiles import describe_limits, fit_limits
 
     typed = {"max_batch": max_batch, "max_input": max_input, "max_new_tokens": max_new_tokens}
     limits = fit_limits(bundle.manifest, **typed)
@@ -34,13 +34,13 @@ def build_cmd(
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
-    from mpt_export.bundle import load_bundle
+    from mpt_export.bundle.reader.reader import load_bundle
 
     b = load_bundle(bundle)
     limits, said = _limits(b, max_batch, max_input, max_new_tokens)
     if print_trtexec:
-        from mpt_export.trt.commands import format_commands, resolve_precision, trtexec_commands
-        from mpt_export.trt.profiles import profiles
+        from mpt_export.runtime.trt.commands import format_commands, resolve_precision, trtexec_commands
+        from mpt_export.runtime.trt.profiles import profiles
 
         prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"), tf32)
         engines = out or Path("engines") / b.path.name
@@ -53,7 +53,7 @@ def build_cmd(
         print(f"mkdir -p {engines}")
         print(format_commands(cmds))
         return
-    from mpt_export.trt.build import build_engines
+    from mpt_export.export.trt_build import build_engines
 
     console.print(escape(said))
     with progress("build") as on_step:
@@ -72,8 +72,8 @@ def check_trt_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(help="Profile limit: new tokens (default 128, fitted to the model).")] = None,
 ) -> None:
     """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
-    from mpt_export.bundle import load_bundle
-    from mpt_export.trt.check import check_trt
+    from mpt_export.bundle.reader.reader import load_bundle
+    from mpt_export.runtime.trt.check import check_trt
 
     b = load_bundle(bundle)
     limits, said = _limits(b, max_batch, max_input, max_new_tokens)

@@ -15,11 +15,11 @@ def demo_cmd(
     arch: Annotated[str, typer.Option(help="Base model family: llama, llama-gqa, mistral, qwen2, gpt2, t5 (v1.0), flan-t5 (v1.1).")] = "llama-gqa",
 ) -> None:
     """Build a tiny base model and PEFT MPT adapters in code (3-task source + target), export, validate, report."""
-    from mpt_export.ownership import check_replaceable
+    from mpt_export.storage.ownership import check_replaceable
 
     check_replaceable(workdir, "demo-workdir", force=True)  # refuse a directory it did not make before loading torch
     quiet_libraries()
-    from mpt_export.demo import ARCHS, run_demo
+    from mpt_export.tools.demo import ARCHS, run_demo
     from mpt_export.errors import InputError
 
     if arch not in ARCHS:

@@ -25,7 +25,7 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never any other directory, never an input).")] = False,
 ) -> None:
     """Export MPT adapters over one frozen base model (causal LM or T5) into a validated ONNX bundle."""
-    from mpt_export.ownership import check_replaceable
+    from mpt_export.storage.ownership import check_replaceable
     from mpt_export.export.api import export_inputs
 
     check_replaceable(out, "bundle", force, export_inputs(base_model, adapter))  # refuse before loading torch

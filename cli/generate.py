@@ -151,22 +151,12 @@ def generate_cmd(
         batch = rows[start:start + batch_size]
         bt, btasks = [r[2] for r in batch], [r[1] for r in batch]
         ids, mask = s.encode_texts(bt)
-        on_step, streams = None, None
-        if stream:
-            from mpt_export.runtime.streaming import TextStream
-
-            streams = [TextStream(s.tokenizer, stop, s.eos_token_id) for _ in batch]
-
-            def on_step(step, rows_now, toks):
-                for r, t in zip(rows_now, toks):
-                    _show(streams[r].push(t), start + int(r), as_json)
-        res = s.generate_detailed(ids, btasks, mask, on_step=on_step, **kw)
+        on_text = (lambda r, delta, start=start: _show(delta, start + r, as_json)) if stream else None
+        res = s.generate_detailed(ids, btasks, mask, on_text=on_text, **kw)
         for i in range(len(batch)):
             text = s.decode_row(res, i, stop)
-            if stream:
-                _show(streams[i].finish(text), start + i, as_json)
-                if not as_json:
-                    sys.stdout.write("\n")
+            if stream and not as_json:
+                sys.stdout.write("\n")
             if as_json:
                 rec = {"index": start + i, "task": btasks[i], "prompt": bt[i], "text": text,
                        "ids": res.ids[i, :res.lengths[i]].tolist(), "finish": res.finish[i],

@@ -16,7 +16,7 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
 ) -> None:
     """Show what is in PEFT Multitask Prompt Tuning checkpoints: kind, tasks, shapes, bytes per task."""
-    from mpt_export.checkpoint import read_adapter
+    from mpt_export.source.adapters import read_adapter
 
     summaries = [read_adapter(a).summary() for a in adapters]
     if as_json:

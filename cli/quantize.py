@@ -18,11 +18,11 @@ def quantize_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never the source bundle).")] = False,
 ) -> None:
     """int8 (ONNX Runtime dynamic, per-channel) copy of a bundle for CPUs, checked against the fp32 bundle."""
-    from mpt_export.ownership import check_replaceable
+    from mpt_export.storage.ownership import check_replaceable
 
     check_replaceable(out, "bundle", force, [("source bundle", bundle)])  # refuse before loading torch
     quiet_libraries()
-    from mpt_export.quantize import quantize_bundle
+    from mpt_export.export.quantize import quantize_bundle
 
     with progress("quantize") as on_step:
         b = quantize_bundle(bundle, out, min_agreement=min_agreement, force=force, seed=seed, on_step=on_step,

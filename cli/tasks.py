@@ -35,7 +35,7 @@ def add_cmd(
     adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR of a PEFT MPT adapter trained on the bundle's base model. Repeatable.")],
 ) -> None:
     """Add the tasks of MPT adapters to a bundle (rewrites tasks.safetensors and the manifest atomically)."""
-    from mpt_export.tasks import add_tasks
+    from mpt_export.export.task_edits import add_tasks
 
     b = add_tasks(bundle, adapter)
     console.print(f"[green]added[/] {escape(', '.join(b.added_tasks))}; tasks: {escape(', '.join(b.tasks))}")
@@ -48,7 +48,7 @@ def remove_cmd(
     name: Annotated[str, typer.Argument(help="Task to remove.")],
 ) -> None:
     """Remove a task (its shared prompt goes too when no other task uses it)."""
-    from mpt_export.tasks import remove_task
+    from mpt_export.export.task_edits import remove_task
 
     b = remove_task(bundle, name)
     console.print(f"[green]removed[/] {escape(name)}; tasks: {escape(', '.join(b.tasks))}")

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["export_bundle", "verify_bundle", "load_bundle", "read_adapter", "Bundle", "errors", "__version__"]
 
@@ -16,11 +16,11 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name in ("load_bundle", "Bundle"):
-        from . import bundle
+        from .bundle import reader as bundle
 
         return getattr(bundle, name)
     if name == "read_adapter":
-        from .checkpoint import read_adapter
+        from .source.adapters import read_adapter
 
         return read_adapter
     if name == "errors":

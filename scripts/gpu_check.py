@@ -64,7 +64,7 @@ def env():
 
 @step("demo bundle (export + validation vs PEFT)")
 def demo():
-    from mpt_export.demo import run_demo
+    from mpt_export.tools.demo import run_demo
 
     r = run_demo(WORK / "demo", arch="llama-gqa")
     v = r["bundle"].manifest["validation"]
@@ -99,8 +99,8 @@ def trt():
         R["skipped"].append("TensorRT: the tensorrt package is not importable on this machine; nothing TensorRT ran")
         return {"skipped": True}
     import mpt_export
-    from mpt_export.trt.build import build_engines
-    from mpt_export.trt.profiles import Limits
+    from mpt_export.export.trt_build import build_engines
+    from mpt_export.runtime.trt.profiles import Limits
 
     b = mpt_export.load_bundle(WORK / "demo" / "bundle")
     t0 = time.perf_counter()
@@ -149,8 +149,8 @@ def trt_version_compatible():
     if not _need_trt("version-compatible"):
         return {"skipped": True}
     import mpt_export
-    from mpt_export.trt.build import build_engines
-    from mpt_export.trt.profiles import Limits
+    from mpt_export.export.trt_build import build_engines
+    from mpt_export.runtime.trt.profiles import Limits
 
     b = mpt_export.load_bundle(WORK / "demo" / "bundle")
     eng = build_engines(b.path, WORK / "engines-vc", Limits(max_batch=4, max_input=32, max_new_tokens=16),
@@ -168,8 +168,8 @@ def trt_version_compatible():
 def trt_timing_cache():
     if not _need_trt("timing cache"):
         return {"skipped": True}
-    from mpt_export.trt.build import build_engines
-    from mpt_export.trt.profiles import Limits
+    from mpt_export.export.trt_build import build_engines
+    from mpt_export.runtime.trt.profiles import Limits
 
     cache = WORK / "timing.cache"
     if cache.exists():
@@ -190,9 +190,9 @@ def trt_t5():
     if not _need_trt("T5"):
         return {"skipped": True}
     import mpt_export
-    from mpt_export.demo import build_demo_inputs
-    from mpt_export.trt.build import build_engines
-    from mpt_export.trt.profiles import Limits
+    from mpt_export.tools.demo import build_demo_inputs
+    from mpt_export.export.trt_build import build_engines
+    from mpt_export.runtime.trt.profiles import Limits
 
     inp = build_demo_inputs(WORK / "t5", arch="t5", train=False)
     b = mpt_export.export_bundle(inp["base"], inp["adapters"], WORK / "t5" / "bundle", force=True)
@@ -251,8 +251,8 @@ def baseline():
     import torch
 
     import mpt_export
-    from mpt_export.bench import PRESETS, _prepare
-    from mpt_export.bench_ref import peft_loop
+    from mpt_export.tools.bench import PRESETS, _prepare
+    from mpt_export.tools.bench_ref import peft_loop
     from mpt_export.export.torchside import adapters_from_bank, load_base_model
     from mpt_export.export.reference import peft_model_for
 

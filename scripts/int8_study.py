@@ -28,8 +28,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     import mpt_export
-    from mpt_export.ownership import claim_workdir
-    from mpt_export.quantize import VARIANTS, quantize_bundle
+    from mpt_export.storage.ownership import claim_workdir
+    from mpt_export.export.quantize import VARIANTS, quantize_bundle
 
     work = claim_workdir(Path(args.workdir), "int8-study")
     src = mpt_export.load_bundle(args.bundle)

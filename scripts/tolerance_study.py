@@ -61,7 +61,7 @@ def study(workdir: Path, arch: str, nts, act_scale: float, layers: int = 2) -> d
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     import mpt_export
-    from mpt_export.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter
+    from mpt_export.tools.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter
     from mpt_export.errors import ValidationError
     from mpt_export.export.api import _validate
     from mpt_export.export.torchside import load_base_model
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="build/tolerance")
     ap.add_argument("--archs", default=None, help="comma-separated subset of: " + ",".join(sorted({c[0] for c in CASES})))
     args = ap.parse_args(argv)
-    from mpt_export.ownership import claim_workdir
+    from mpt_export.storage.ownership import claim_workdir
 
     workdir = claim_workdir(Path(args.workdir), "tolerance-workdir")
     pick = set(args.archs.split(",")) if args.archs else None

@@ -1,4 +1,4 @@
-"""Write mpt_export/trt/tensorrt_api.json: the names TensorRT's Python bindings define, read from their source.
+"""Write mpt_export/runtime/trt/tensorrt_api.json: the names TensorRT's Python bindings define, read from their source.
 
     python scripts/trt_api_names.py TENSORRT_CHECKOUT COMMIT RELEASE
 
@@ -57,7 +57,7 @@ def main(repo: str, commit: str, release: str) -> None:
         extract(read(repo, commit, f), classes, module)
     data = {"release": release, "commit": commit, "source": FILES,
             "module": sorted(module), "classes": {k: dict(sorted(v.items())) for k, v in sorted(classes.items())}}
-    dest = Path(__file__).resolve().parents[1] / "mpt_export" / "trt" / "tensorrt_api.json"
+    dest = Path(__file__).resolve().parents[1] / "mpt_export" / "runtime" / "trt" / "tensorrt_api.json"
     dest.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
     print(f"{dest}: {len(classes)} classes, {sum(len(v) for v in classes.values())} members, {len(module)} module names")
 

@@ -22,7 +22,7 @@ class Case:
     def __init__(self, root: Path, arch: str, nts: int | None = None):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        from mpt_export.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter, make_target_adapter
+        from mpt_export.tools.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter, make_target_adapter
 
         self.root, self.arch = root, arch
         self.seq2seq = arch in SEQ2SEQ_ARCHS

@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mpt_export.checkpoint import build_task_bank, parse_adapter_spec, read_adapter
-from mpt_export.taskbank import TaskBank
+from mpt_export.source.adapters import build_task_bank, parse_adapter_spec, read_adapter
+from mpt_export.bundle.reader.taskbank import TaskBank
 from mpt_export.errors import BaseModelError, CheckpointError, TaskNameError
 
 

@@ -35,7 +35,7 @@ def test_help_is_complete():
 
 
 def test_import_and_help_stay_light():
-    code = ("import sys, mpt_export, mpt_export.bundle, mpt_export.checkpoint; "
+    code = ("import sys, mpt_export, mpt_export.bundle.reader, mpt_export.source.adapters; "
             "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'transformers', 'onnx') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -90,7 +90,7 @@ def _lora_adapter(base, out):
 
 
 def _wide_adapter(tmp_path):
-    from mpt_export.demo import make_base_model, make_source_adapter
+    from mpt_export.tools.demo import make_base_model, make_source_adapter
 
     m = make_base_model(tmp_path / "wide_base", arch="llama", hidden=48, layers=1, heads=4, tokenizer=False)
     return make_source_adapter(m, tmp_path / "wide", num_tasks=2, num_virtual_tokens=3)

@@ -86,7 +86,7 @@ def test_force_never_replaces_a_foreign_directory_or_an_input(llama, tmp_path):
     assert_clean_failure(cli("build", b, "--out", foreign), "was not written by mpt-export")
     assert_clean_failure(cli("build", b, "--out", b), "is the bundle this command reads")
     assert (foreign / "thesis.txt").read_text() == "years of work" and (foreign / "tiny" / "data.csv").exists()
-    from mpt_export.ownership import claim_workdir
+    from mpt_export.storage.ownership import claim_workdir
 
     mine = claim_workdir(tmp_path / "demo", "demo-workdir", contents=["base", "adapters", "bundle"])
     (mine / "results.csv").write_text("keep me")  # the user's file inside a demo workdir: not ours to delete
@@ -109,7 +109,7 @@ def test_force_replaces_a_bundle_this_tool_wrote(llama, tmp_path):
                              "--force", "--no-validate"), "holds files mpt-export did not write (notes.txt)")
     assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(OutputExistsError, match="holds an mpt-export bundle, not a demo-workdir"):
-        from mpt_export.demo import run_demo
+        from mpt_export.tools.demo import run_demo
 
         run_demo(out)
 
@@ -136,7 +136,7 @@ json.dump({"ok": ok, "errors": errors[:10], "n_errors": len(errors)}, open(out, 
 
 
 def test_readers_see_a_whole_bundle_while_writers_swap(llama, tmp_path):
-    from mpt_export.tasks import add_tasks, remove_task
+    from mpt_export.export.task_edits import add_tasks, remove_task
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
@@ -192,7 +192,7 @@ def test_readers_see_a_whole_bundle_while_writers_swap(llama, tmp_path):
 
 
 def test_a_reader_holding_the_old_bundle_never_blocks_a_writer(llama, tmp_path):
-    from mpt_export.tasks import remove_task
+    from mpt_export.export.task_edits import remove_task
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
@@ -226,7 +226,7 @@ def _check_whole(b: Path, allowed: list[list[str]]) -> list[str]:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_tasks_add_killed_at_every_step(llama, tmp_path, exchange):
-    from mpt_export.tasks import remove_task
+    from mpt_export.export.task_edits import remove_task
 
     env = {} if exchange else {"MPT_EXPORT_NO_EXCHANGE": "1"}
     steps, outcomes = [], []
@@ -254,7 +254,7 @@ def test_tasks_add_killed_at_every_step(llama, tmp_path, exchange):
 def test_export_force_killed_around_the_swap(llama, tmp_path):
     """export --force over an existing bundle, killed just before and just after the swap (every step of the shared
     write path is killed in tasks add's test above; an export costs ~20 s here)."""
-    from mpt_export.tasks import remove_task
+    from mpt_export.export.task_edits import remove_task
 
     new_names = ["x", "y", "z"]
     seen = {}
@@ -295,7 +295,7 @@ def test_ctrl_c_at_every_step_tells_the_truth(llama, tmp_path):
 @pytest.mark.parametrize("syscalls", ["rename,renameat,renameat2", "unlink,unlinkat,rmdir"])
 def test_tasks_add_killed_at_each_syscall(llama, tmp_path, syscalls):
     """SIGKILL injected by strace at the N-th rename (or unlink) the writer makes, for every N."""
-    from mpt_export.tasks import remove_task
+    from mpt_export.export.task_edits import remove_task
 
     probe = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True)
     if probe.returncode != 0:
@@ -350,7 +350,7 @@ def test_killed_between_renames_is_recovered_on_open(llama, tmp_path):
 # -- 4. the manifest's own integrity ----------------------------------------------------------------------------------
 
 def _edit(b: Path, fn, redigest: bool):
-    from mpt_export.manifest import DIGEST_KEY, manifest_digest
+    from mpt_export.bundle.reader.manifest import DIGEST_KEY, manifest_digest
 
     m = json.loads((b / "manifest.json").read_text())
     fn(m)
@@ -430,8 +430,8 @@ def test_links_and_unreadable_files_in_a_bundle(llama, tmp_path):
 def _retask(b: Path, fn) -> None:
     """Rewrite the bundle's task bank with ``fn(bank)`` and recompute every digest the manifest has for it (its
     sha256 in ``files`` and the manifest's own) — what someone who edits a bundle on purpose would do."""
-    from mpt_export.manifest import sha256_file
-    from mpt_export.taskbank import TaskBank
+    from mpt_export.bundle.reader.manifest import sha256_file
+    from mpt_export.bundle.reader.taskbank import TaskBank
 
     bank = TaskBank.load(b / "tasks.safetensors")
     fn(bank)
@@ -554,7 +554,7 @@ def test_paths_are_resolved_as_the_kernel_resolves_them(llama, tmp_path):
 
 
 def test_user_files_that_look_like_ours_are_left_alone(llama, tmp_path):
-    from mpt_export.tasks import add_tasks
+    from mpt_export.export.task_edits import add_tasks
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
@@ -577,7 +577,7 @@ def test_user_files_that_look_like_ours_are_left_alone(llama, tmp_path):
 
 
 def test_a_finished_demo_workdir_keeps_files_the_user_added_anywhere_in_it(tmp_path):
-    from mpt_export.ownership import claim_workdir, remove_workdir, seal_workdir
+    from mpt_export.storage.ownership import claim_workdir, remove_workdir, seal_workdir
     from mpt_export.errors import OutputExistsError
 
     w = claim_workdir(tmp_path / "w", "demo-workdir", contents=["base", "adapters", "bundle"])

@@ -44,7 +44,7 @@ def test_readme_and_help_stand_alone():
 def test_sentencepiece_only_base_model_gets_a_tokenizer_json(tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from mpt_export.demo import make_base_model, make_sentencepiece_tokenizer, make_source_adapter
+    from mpt_export.tools.demo import make_base_model, make_sentencepiece_tokenizer, make_source_adapter
 
     base = tmp_path / "base"
     vocab = make_sentencepiece_tokenizer(base, kind=kind)

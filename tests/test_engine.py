@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import mpt_export
-from mpt_export.serving.engine import Engine
-from mpt_export.serving.request import QueueFull, Request
+from mpt_export.engine.batching import Engine
+from mpt_export.engine.request import QueueFull, Request
 
 
 def _jobs(bundle, n, seed):

@@ -142,7 +142,7 @@ def _digests(d):
 def test_tasks_add_generate_remove(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mpt_export.demo import make_source_adapter
+    from mpt_export.tools.demo import make_source_adapter
 
     bdir = tmp_path / "b"
     shutil.copytree(llama.bundle, bdir)
@@ -156,7 +156,7 @@ def test_tasks_add_generate_remove(llama, tmp_path):
     assert b.manifest["files"]["backbone.onnx.data"] == backbone_sha
     # the new task generates exactly what PEFT's forward gives
     model, _, _ = load_base_model(llama.base)
-    from mpt_export.checkpoint import read_adapter
+    from mpt_export.source.adapters import read_adapter
 
     pm = peft_model_for(model, read_adapter(new))
     ids = np.array([[7, 8, 9, 10]])
@@ -224,8 +224,8 @@ def test_generate_bad_inputs(llama, tmp_path):
     assert not list(llama.bundle.parent.glob(".bundle.mpt-export-tmp-*"))
     s = mpt_export.load_bundle(llama.bundle).session()
     with pytest.raises(BaseModelError):
-        from mpt_export.checkpoint import read_adapter
-        from mpt_export.tasks import check_adapter_matches
+        from mpt_export.source.adapters import read_adapter
+        from mpt_export.export.task_edits import check_adapter_matches
 
         check_adapter_matches(mpt_export.load_bundle(llama.bundle), read_adapter(other))
     del s

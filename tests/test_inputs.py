@@ -38,8 +38,8 @@ def test_session_add_task_refuses_poison(llama):
 def test_a_task_longer_than_the_positions_is_refused_everywhere(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mpt_export.demo import make_source_adapter
-    from mpt_export.tasks import add_tasks
+    from mpt_export.tools.demo import make_source_adapter
+    from mpt_export.export.task_edits import add_tasks
 
     long = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "long", num_tasks=1,
                                num_virtual_tokens=63, num_ranks=1, seed=4)
@@ -60,7 +60,7 @@ def test_nan_logits_are_an_error_not_eos(llama, tmp_path):
     rows as if they had met EOS."""
     import onnx
 
-    from mpt_export.manifest import write_manifest
+    from mpt_export.bundle.reader.manifest import write_manifest
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
@@ -232,7 +232,7 @@ def test_undecodable_text_and_odd_values_are_one_line(llama, tmp_path):
     assert_clean_failure(run_cli("inspect", "/etc/hostname"), "is a file, not an adapter directory")
     assert_clean_failure(run_cli("export", "--base-model", tmp_path / "nope", "--adapter", str(llama.source), "--out",
                                  tmp_path / "o"), "does not exist")
-    from mpt_export.taskbank import check_task_name
+    from mpt_export.bundle.reader.taskbank import check_task_name
     from mpt_export.errors import TaskNameError
 
     for bad in ("-x", ".", "..", ".hidden"):

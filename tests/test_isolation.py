@@ -14,8 +14,8 @@ import pytest
 
 import mpt_export
 from mpt_export.errors import GenerationError, NumericsError
-from mpt_export.serving.engine import Engine
-from mpt_export.serving.request import Request
+from mpt_export.engine.batching import Engine
+from mpt_export.engine.request import Request
 
 MARK_LEN = 30  # the faulty request's prompt: longer than any other row ever gets (prompt + text + new tokens)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mpt_export.bench_export import Shape, _run_measured, build_model
+from mpt_export.tools.bench_export import Shape, _run_measured, build_model
 
 EXE = Path(sys.executable).with_name("mpt-export")
 

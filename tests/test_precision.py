@@ -74,7 +74,7 @@ def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
 
 
 def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
-    from mpt_export.quantize import quantize_bundle
+    from mpt_export.export.quantize import quantize_bundle
 
     q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
     rep = q.manifest["quantization"]["report"]
@@ -133,7 +133,7 @@ def test_export_quantize_int8_cli(make_case, tmp_path):
 
 
 def test_bench_never_reuses_a_derived_bundle_made_from_another_source(llama, make_case, tmp_path):
-    from mpt_export.bench import _int8_bundle
+    from mpt_export.tools.bench import _int8_bundle
 
     out = tmp_path / "bundle-int8"
     _int8_bundle(llama.bundle, out, lambda s: None)

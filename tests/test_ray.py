@@ -36,7 +36,7 @@ openai = pytest.importorskip("openai")
 grpc = pytest.importorskip("grpc")
 
 import mpt_export  # noqa: E402
-from mpt_export.memory import descendants  # noqa: E402
+from mpt_export.runtime.memory import descendants  # noqa: E402
 
 pytestmark = pytest.mark.ray
 EXE = Path(sys.executable).with_name("mpt-export")
@@ -554,7 +554,7 @@ def test_ray_cli_errors(tmp_path):
     r = run_cli("serve", tmp_path, "--replicas", "2")
     assert r.returncode == 1 and "--ray" in r.stdout + r.stderr
     for bad in ("3", "a:b", "4:2", "0:0"):
-        from mpt_export.serving.ray_serve import parse_autoscale
+        from mpt_export.serving.ray.service import parse_autoscale
 
         with pytest.raises(InputError, match="MIN:MAX"):
             parse_autoscale(bad)
@@ -564,7 +564,7 @@ def test_ray_cli_errors(tmp_path):
 def test_ray_deployment_options_leave_the_429_to_the_engine():
     """Serve lets a replica hold more requests than its engine (so the engine's 429 answers first) and its router
     never sheds with a plain-text 503."""
-    from mpt_export.serving.ray_serve import deployment_options
+    from mpt_export.serving.ray.service import deployment_options
 
     o = deployment_options(2, None, 4, 4, 1.0, 0.0, 30.0)
     assert o["max_ongoing_requests"] > 4 + 4 and o["max_queued_requests"] == -1

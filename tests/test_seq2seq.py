@@ -107,7 +107,7 @@ def test_weights_stored_once_across_graphs(make_case):
 def test_generate_tasks_add_remove_cli(make_case, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from mpt_export.demo import make_source_adapter
+    from mpt_export.tools.demo import make_source_adapter
 
     case = make_case("t5", 2)
     bdir = tmp_path / "b"
@@ -122,7 +122,7 @@ def test_generate_tasks_add_remove_cli(make_case, tmp_path):
     b = mpt_export.load_bundle(bdir)
     assert b.tasks[-1] == "new" and b.manifest["files"]["weights.onnx.data"] == weights
     model, _, _ = load_base_model(case.base)
-    from mpt_export.checkpoint import read_adapter
+    from mpt_export.source.adapters import read_adapter
 
     pm = peft_model_for(model, read_adapter(new))
     ids = np.array([[5, 6, 7, 8]])
@@ -169,7 +169,7 @@ def test_separate_token_tables_export_what_peft_computes(tmp_path, nts):
     from transformers import AutoModelForSeq2SeqLM
 
     from conftest import TINY
-    from mpt_export.demo import make_base_model, make_source_adapter
+    from mpt_export.tools.demo import make_base_model, make_source_adapter
 
     model = make_base_model(tmp_path / "base", arch="flan-t5", seed=4, **TINY)
     g = torch.Generator().manual_seed(9)

@@ -101,7 +101,7 @@ def served(tmp_path_factory):
     target task; its bundle."""
     from transformers import AutoModelForCausalLM
 
-    from mpt_export.demo import make_base_model, make_source_adapter, make_target_adapter
+    from mpt_export.tools.demo import make_base_model, make_source_adapter, make_target_adapter
 
     root = tmp_path_factory.mktemp("served")
     model = make_base_model(root / "base", arch="llama-gqa", hidden=128, layers=4, heads=4, max_positions=512, seed=7)
@@ -267,7 +267,7 @@ def test_one_request_never_fails_another(srv, offline):
         r = httpx.post(srv.url + "/admin/reload", content=b"", headers=headers)
         assert r.status_code == 415, (ctype, r.text)
     # the cap: positions x the longest token's bytes; four prompts at it run while four far beyond it are refused
-    from mpt_export.serving.protocol import prompt_cap
+    from mpt_export.serving.http.protocol import prompt_cap
 
     cap = prompt_cap(offline.session)
     at_cap = ("the movie was " * cap)[:cap]

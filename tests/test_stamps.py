@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import mpt_export
-from mpt_export import bundle as bundle_mod
-from mpt_export import stamps
+from mpt_export.bundle.reader import reader as bundle_mod
+from mpt_export.bundle.reader import stamps
 from mpt_export.errors import BundleError
 from test_cli import assert_clean_failure, run_cli
 

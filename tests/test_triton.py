@@ -25,8 +25,8 @@ from tritonclient.grpc import model_config_pb2 as pb  # noqa: E402
 
 import mpt_export  # noqa: E402
 from conftest import run_cli  # noqa: E402
-from mpt_export.serving.triton import write_repository  # noqa: E402
-from mpt_export.serving.triton_check import ONNX_TO_TRITON, check_model, check_repository  # noqa: E402
+from mpt_export.serving.triton.writer.writer import write_repository  # noqa: E402
+from mpt_export.serving.triton.writer.check import ONNX_TO_TRITON, check_model, check_repository  # noqa: E402
 
 PROMPTS = ["the cat sat", "once upon a time", "hello", "a b c d e f"]
 
@@ -216,7 +216,7 @@ def _check_equal(gen, bundle_dir, stream_too=True):
 
 
 def test_generation_in_process_equals_session(repo):
-    from mpt_export.serving.triton_generate import TritonGeneration
+    from mpt_export.serving.triton.writer.generate import TritonGeneration
 
     out, _ = repo
     bundle_dir = out / "generate" / "1" / "bundle"
@@ -275,7 +275,7 @@ class _StandIn:
 
 
 def test_generation_through_bls_equals_session(repo):
-    from mpt_export.serving.triton_generate import TritonGeneration
+    from mpt_export.serving.triton.writer.generate import TritonGeneration
 
     out, _ = repo
     standin = _StandIn(out)
@@ -293,7 +293,7 @@ def test_bls_limits_refused_at_admission(repo):
     """The graph models' limits (Triton's max_batch_size; TensorRT plans' profile maxima from the repository's
     engine_limits) are checked when a request arrives: a request beyond them gets one final error at once, naming
     the limit, and never reaches a batch — the requests beside it are served as usual."""
-    from mpt_export.serving.triton_generate import TritonGeneration
+    from mpt_export.serving.triton.writer.generate import TritonGeneration
 
     out, _ = repo
     standin = _StandIn(out)
@@ -398,8 +398,8 @@ def test_model_py_adapter(repo, monkeypatch):
 def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only") -> Path:
     """An engines folder as `mpt-export build` writes it (its sidecar from the library; the plan bytes are not a
     real engine — this machine has no GPU — and nothing here deserializes them)."""
-    from mpt_export.trt.identity import SIDECAR, make_sidecar
-    from mpt_export.trt.profiles import fit_limits, profiles
+    from mpt_export.runtime.trt.identity import SIDECAR, make_sidecar
+    from mpt_export.runtime.trt.profiles import fit_limits, profiles
 
     b = mpt_export.load_bundle(bundle_dir)
     limits = fit_limits(b.manifest)

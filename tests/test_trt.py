@@ -10,10 +10,10 @@ import pytest
 import mpt_export
 from conftest import run_cli
 from mpt_export.errors import InputError
-from mpt_export.trt.check import TrtCheckError, check_trt
-from mpt_export.trt.commands import ort_trt_provider_options, resolve_precision, trtexec_commands
-from mpt_export.trt.identity import EngineMismatchError, check_sidecar, make_sidecar
-from mpt_export.trt.profiles import Limits, profiles
+from mpt_export.runtime.trt.check import TrtCheckError, check_trt
+from mpt_export.runtime.trt.commands import ort_trt_provider_options, resolve_precision, trtexec_commands
+from mpt_export.runtime.trt.identity import EngineMismatchError, check_sidecar, make_sidecar
+from mpt_export.runtime.trt.profiles import Limits, profiles
 from test_cli import assert_clean_failure
 
 LIM = Limits(max_batch=4, max_input=32, max_new_tokens=16)  # tiny models have 64 positions
@@ -146,8 +146,8 @@ def test_check_trt_passes_on_bundles(make_case, arch, nts):
 
 
 def test_check_trt_fails_precisely(llama, tmp_path):
-    from mpt_export.manifest import write_manifest
-    from mpt_export.quantize import quantize_bundle
+    from mpt_export.bundle.reader.manifest import write_manifest
+    from mpt_export.export.quantize import quantize_bundle
 
     q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
     with pytest.raises(TrtCheckError, match="unsupported op DynamicQuantizeLinear") as e:
@@ -216,7 +216,7 @@ def test_tensorrt_engine_matches_onnxruntime(llama, tmp_path):
         pytest.skip("no CUDA GPU")
     import numpy as np
 
-    from mpt_export.trt.build import build_engines
+    from mpt_export.export.trt_build import build_engines
 
     eng = build_engines(llama.bundle, tmp_path / "eng", LIM)
     b = mpt_export.load_bundle(llama.bundle)
@@ -273,7 +273,7 @@ def test_every_profile_is_ordered_over_a_grid_of_limits(make_case, arch, nts):
 def test_version_rules_table():
     """TensorRT's documented rule: exact version always; version-compatible (built with >= 8.6) on later releases of
     the same major and on the documented cross-major pairs 8 -> 9, 8 -> 10, 10 -> 11; never on an older runtime."""
-    from mpt_export.trt.identity import engine_loads
+    from mpt_export.runtime.trt.identity import engine_loads
 
     table = [  # built, runtime, version_compatible, loads
         ("10.3.0", "10.3.0", False, True), ("10.3.0", "10.4.1", False, False), ("10.3.0", "10.4.1", True, True),
@@ -290,7 +290,7 @@ def test_check_trt_scans_subgraphs_and_functions_and_lists_every_problem(llama, 
     down); an unsupported op inside an If branch or a model-local function is found; all problems come in one run."""
     from onnx import TensorProto, helper
 
-    from mpt_export.manifest import write_manifest
+    from mpt_export.bundle.reader.manifest import write_manifest
 
     def edit(dst, bad_ops: bool):
         shutil.copytree(llama.bundle, dst)
@@ -336,7 +336,7 @@ def test_check_trt_scans_subgraphs_and_functions_and_lists_every_problem(llama, 
 def test_default_limits_fit_the_model(make_case, arch, nts):
     """No limits typed: the defaults fit the model's positions (a quarter of the room after the prompt for new
     tokens, the rest for input); T5's relative positions keep 512 / 128. Only typed limits are refused."""
-    from mpt_export.trt.profiles import fit_limits
+    from mpt_export.runtime.trt.profiles import fit_limits
 
     bundle = make_case(arch, nts).bundle
     b = mpt_export.load_bundle(bundle)
@@ -411,7 +411,7 @@ def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
     from pathlib import Path
 
     import mpt_export.runtime.tensorrt as rt
-    import mpt_export.trt.build as tb
+    import mpt_export.export.trt_build as tb
 
     api = json.loads((Path(tb.__file__).with_name("tensorrt_api.json")).read_text())
     assert api["release"].startswith("10.")

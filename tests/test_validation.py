@@ -15,7 +15,7 @@ from conftest import TINY, run_cli
 from mpt_export.errors import ValidationError
 from mpt_export.export.api import _validate
 from mpt_export.export.torchside import load_base_model
-from mpt_export.bench_export import mid_value_projection
+from mpt_export.tools.bench_export import mid_value_projection
 from mpt_export.export.precision import DEFAULT_TOL, tolerance
 from test_cli import assert_clean_failure
 
@@ -51,7 +51,7 @@ def test_healthy_t5_with_large_activations_passes_by_default(tmp_path):
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from mpt_export.demo import make_base_model, make_source_adapter
+    from mpt_export.tools.demo import make_base_model, make_source_adapter
     from mpt_export.export.reference import peft_seq2seq_forward
 
     model = make_base_model(tmp_path / "base", arch="t5", seed=3, **TINY)

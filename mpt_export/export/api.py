@@ -6,21 +6,20 @@ import os
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..basemodel import base_arch, check_same_base, identity
-from ..atomic import fault_point, replace_dir, resolve_output
-from ..ownership import check_path_text, check_replaceable
-from ..bundle import Bundle, load_bundle
-from ..manifest import FORMAT, write_manifest
-from ..checkpoint import build_task_bank
-from ..taskbank import TaskBank
+from ..version import __version__
+from ..source.basemodel import base_arch, check_same_base, identity
+from ..storage.atomic import fault_point, replace_dir, resolve_output
+from ..storage.ownership import check_path_text, check_replaceable
+from ..bundle.reader import Bundle, load_bundle
+from ..bundle.manifest import FORMAT, write_manifest
+from ..source.adapters import build_task_bank
+from ..bundle.taskbank import TaskBank
 from ..errors import InputError
-from ..memory import peak_rss_mib, release_freed_memory, rss_mib
+from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
 from .backbone import DEFAULT_OPSET
 from .composer import write_composer
 from .tokenizer import write_tokenizer
-from .torchside import (ISOLATE_BYTES, load_base_model, references, require_export_deps, run_isolated,
-                        torch_phase, weight_bytes)
+from .torchside import (ISOLATE_BYTES, load_base_model, references, require_export_deps, run_isolated, torch_phase, weight_bytes)
 
 
 def tool_versions() -> dict:
@@ -59,7 +58,7 @@ def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
 
 def export_inputs(base_model, adapters) -> list[tuple[str, Path]]:
     """What an export reads: its output must not be (or hold) any of these."""
-    from ..checkpoint import parse_adapter_spec
+    from ..source.adapters import parse_adapter_spec
 
     return [("base model", Path(base_model))] + [("adapter", parse_adapter_spec(a)[1]) for a in adapters]
 
@@ -171,8 +170,8 @@ def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreem
     """``--quantize int8``: an fp32 bundle in a staging directory beside ``out`` (validated against PEFT), then its
     int8 copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
     writers throughout."""
-    from ..atomic import staging
-    from ..quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
+    from ..storage.atomic import staging
+    from .quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
     from .precision import canonical_dtype
 
     if quantize != "int8":

@@ -17,7 +17,7 @@ import inspect
 import warnings
 from pathlib import Path
 
-from ..archs import CausalArch
+from ..source.archs import CausalArch
 from ..errors import ExportError
 
 DEFAULT_OPSET = 18

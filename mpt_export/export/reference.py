@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint import AdapterCheckpoint
+from ..source.adapters import AdapterCheckpoint
 
 
 def peft_model_for(base_model, ckpt: AdapterCheckpoint):

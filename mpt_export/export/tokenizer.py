@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..basemodel import tokenizer_files
+from ..source.basemodel import tokenizer_files
 from ..errors import BaseModelError
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..basemodel import base_arch
-from ..checkpoint import AdapterCheckpoint
+from ..source.basemodel import base_arch
+from ..source.adapters import AdapterCheckpoint
 from ..errors import BaseModelError, ExportError, MissingDependencyError
-from ..memory import peak_rss_mib, release_freed_memory, rss_mib
-from ..taskbank import TaskBank
+from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
+from ..bundle.taskbank import TaskBank
 from .backbone import export_backbone
 
 
@@ -195,7 +195,8 @@ def run_isolated(spec: dict, bank: TaskBank, step) -> dict:
     import sys
     import tempfile
 
-    from .. import errors
+    from .. import errors as error_types
+    from ..errors import MptExportError
 
     rfd, wfd = os.pipe()
     log = tempfile.TemporaryFile()
@@ -228,8 +229,8 @@ def run_isolated(spec: dict, bank: TaskBank, step) -> dict:
                 return msg[1]
             else:
                 _, name, text = msg
-                cls = getattr(errors, name, None)
-                if isinstance(cls, type) and issubclass(cls, errors.MptExportError):
+                cls = getattr(error_types, name, None)
+                if isinstance(cls, type) and issubclass(cls, MptExportError):
                     raise cls(text)
                 if name == "KeyboardInterrupt":
                     raise KeyboardInterrupt

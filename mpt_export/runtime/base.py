@@ -11,16 +11,15 @@ row's result does not depend on what else is in the batch (PEFT's own positions 
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, NumericsError, TaskNameError
+from ..errors import InputError, TaskNameError
 from .limits import BackendLimits
-from .sampling import SamplingConfig, check_stop, select
-from .streaming import TextStream, cut_at_stop
+from .decode import GenerationResult, generate  # noqa: F401 (GenerationResult: re-exported)
+from .sampling import SamplingConfig, check_stop
+from .streaming import cut_at_stop
 
 
 class _LRU:
@@ -45,17 +44,6 @@ class _LRU:
 
     def __len__(self):
         return len(self._d)
-
-
-@dataclass
-class GenerationResult:
-    """``ids`` (B, N) int64, rows padded with EOS (or 0) after they stop; ``lengths`` tokens generated per row."""
-
-    ids: np.ndarray
-    lengths: np.ndarray
-    finish: list[str]  # "eos" | "stop" | "length" per row
-    timings: dict = field(default_factory=dict)
-    tokens_processed: int = 0  # tokens run through the model (prompt rows included when not cached)
 
 
 class Session:
@@ -189,20 +177,15 @@ class Session:
         """Make a task usable in this session at once (in memory; ``mpt-export tasks add`` persists one).
 
         ``shared_prompt`` (T, H), ``cols`` (T, r), ``rows`` (r, H)."""
-        from ..taskbank import Task, check_task_arrays, check_task_name
-
         try:
             P, C, R = (np.asarray(a, np.float32) for a in (shared_prompt, cols, rows))
         except (TypeError, ValueError) as e:
             raise InputError(f"task {name!r}: shared_prompt, cols and rows must be numeric arrays ({e})") from None
-        check_task_arrays(name, P, C, R, self.hidden_size, self.bank.num_transformer_submodules, self.max_positions,
-                          self.bundle.task_type)
-        check_task_name(name)
         with self._bank_lock:
             if name in self.bank.names:
                 raise TaskNameError(f"task {name!r} already exists in this session; remove it first or pick another name")
-            si = self.bank._shared_index(P)
-            self.bank.tasks.append(Task(name, si, C, R, source="session"))
+            self.bank.add(name, P, C, R, source="session", hidden_size=self.hidden_size,
+                          max_positions=self.max_positions, task_type=self.bundle.task_type)
 
     def remove_task(self, name: str) -> None:
         with self._bank_lock:
@@ -293,13 +276,14 @@ class Session:
     def generate_detailed(self, input_ids, tasks, attention_mask=None, max_new_tokens: int = 16,
                           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                           eos_token_id: int | None | str = "auto", stop: list[str] | None = None,
-                          prompt_kv_cache: bool | None = None, on_step=None,
+                          prompt_kv_cache: bool | None = None, on_step=None, on_text=None,
                           forced_tokens: np.ndarray | None = None) -> GenerationResult:
-        """Prefill, then one-token steps feeding each step's KV back in.
+        """Prefill, then one-token steps feeding each step's KV back in (the loop is :func:`.decode.generate`).
 
         Rows stop at EOS, at a stop string (needs the tokenizer) or after ``max_new_tokens``; finished rows are
         dropped from the batch so they stop costing work. ``on_step(step, rows, tokens)`` is called with the
-        original row indices and their new tokens after every step (for streaming).
+        original row indices and their new tokens after every step; ``on_text(row, text)`` with each row's text as
+        it becomes final (streaming: the pieces of a row add up to :meth:`decode_row`'s text).
 
         ``forced_tokens`` (B, N): teacher forcing — the loop feeds these tokens but records the model's own choices
         (used to measure top-1 agreement of a quantized bundle along a reference's sequence)."""
@@ -310,55 +294,9 @@ class Session:
         self._check_new_tokens(tasks, mask, cfg.max_new_tokens)
         if self.limits is not None:
             self.limits.check(new_tokens=cfg.max_new_tokens)
-        B = ids.shape[0]
         eos = self.eos_token_id if eos_token_id == "auto" else eos_token_id
         use_cache = self.prompt_kv_cache if prompt_kv_cache is None else prompt_kv_cache
-        rngs = cfg.generators(B)
-        t0 = time.perf_counter()
-        logits, state, processed = self._start(ids, tasks, mask, use_cache)
-        t_prefill = time.perf_counter() - t0
-        rows = np.arange(B)  # original index of each running row
-        result = np.full((B, cfg.max_new_tokens), eos if eos is not None else 0, np.int64)
-        lengths = np.zeros(B, np.int64)
-        finish = ["length"] * B
-        streams = [TextStream(self.tokenizer, stop) for _ in range(B)] if stop else None  # incremental stop check
-        for step in range(cfg.max_new_tokens):
-            if not np.isfinite(logits).all():
-                bad = sorted({tasks[r] for r, ok in zip(rows, np.isfinite(logits).all(-1)) if not ok})
-                raise NumericsError(
-                    f"the model produced NaN or Inf logits at generation step {step} (task {', '.join(bad)}); the "
-                    "bundle or those tasks' vectors are broken — check them with `mpt-export verify BUNDLE "
-                    "--base-model DIR`")
-            nxt = select(logits, cfg, [rngs[r] for r in rows])  # (b,)
-            result[rows, step] = nxt
-            lengths[rows] += 1
-            if on_step:
-                on_step(step, rows.copy(), nxt.copy())
-            done = np.zeros(len(rows), bool)
-            if eos is not None:
-                done |= nxt == eos
-                for r in rows[nxt == eos]:
-                    finish[r] = "eos"
-            if streams:
-                for j, r in enumerate(rows):
-                    if not done[j]:
-                        streams[r].push(nxt[j])
-                        if streams[r].stopped:
-                            done[j], finish[r] = True, "stop"
-            if step == cfg.max_new_tokens - 1 or done.all():
-                break
-            if forced_tokens is not None:
-                nxt = np.asarray(forced_tokens, np.int64)[rows, step]
-            keep = ~done
-            if not keep.all():  # finished rows leave the batch
-                rows, nxt = rows[keep], nxt[keep]
-                state = {k: self._take_rows(v, keep) for k, v in state.items()}
-            logits, state = self._step(state, nxt)
-            processed += len(rows)
-        total = time.perf_counter() - t0
-        return GenerationResult(result[:, : int(lengths.max())], lengths, finish,
-                                {"prefill_s": t_prefill, "decode_s": total - t_prefill, "total_s": total},
-                                tokens_processed=processed)
+        return generate(self, ids, tasks, mask, cfg, eos, stop, use_cache, on_step, on_text, forced_tokens)
 
     def generate_ids(self, input_ids, tasks, attention_mask=None, max_new_tokens: int = 16, **kw) -> np.ndarray:
         """New token ids, np.int64 [batch, new]; a row that stopped early is padded with EOS."""

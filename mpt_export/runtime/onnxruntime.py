@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from ..errors import BundleError, InputError, MissingDependencyError
-from ..memory import available_memory
+from .memory import available_memory
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -71,7 +71,7 @@ class OrtBackend:
         if not self.prepacked:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.providers[0] == "TensorrtExecutionProvider":  # its engines take only their profiles' shapes
-            from ..trt.profiles import fit_limits
+            from .trt.profiles import fit_limits
             from .limits import BackendLimits
 
             self.limits = BackendLimits.from_dict(
@@ -191,8 +191,8 @@ def check_graph_io(bundle, name: str, spec: dict, sess) -> None:
 def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:
     """ONNX Runtime TensorRT-EP options for one graph: the bundle's prefill/decode profiles and an engine cache on
     disk (default ``engines/<bundle>/ort-trt-cache``). Default limits shrink to fit the model's positions."""
-    from ..trt.commands import ort_trt_provider_options
-    from ..trt.profiles import fit_limits, profiles
+    from .trt.commands import ort_trt_provider_options
+    from .trt.profiles import fit_limits, profiles
 
     if limits is None:
         limits = fit_limits(bundle.manifest)

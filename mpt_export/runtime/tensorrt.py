@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MptExportError
-from ..trt.env import gpu_identity, import_tensorrt
-from ..trt.identity import EngineMismatchError, check_sidecar, read_sidecar
+from .trt.env import gpu_identity, import_tensorrt
+from .trt.identity import EngineMismatchError, check_sidecar, read_sidecar
 from .limits import BackendLimits
 
 

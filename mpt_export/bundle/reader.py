@@ -1,0 +1,396 @@
+"""The bundle: a directory users copy to a device.
+
+    manifest.json          format, tool versions, base-model identity, graph I/O, tasks, sha256 of every file,
+                           the validation report, and the sha256 of the manifest itself
+    backbone.onnx(.data)   the frozen base model, weights stored once
+    composer.onnx          shared_prompt ⊙ (task_cols @ task_rows)
+    tasks.safetensors      the task bank
+    tokenizer/             the base model's tokenizer files
+
+Writing: :func:`mpt_export.storage.atomic.replace_dir` (staged beside the path, swapped in atomically, only ever replacing
+a bundle this tool wrote).
+
+Reading: :func:`load_bundle` opens the directory once and keeps that handle (a directory file descriptor with a
+shared ``flock``); the manifest and every file are read through it, so a reader sees one bundle whole even while a
+writer swaps in a new one (the swap moves the name, not the directory the reader holds), and the writer leaves the
+old copy on disk until the last reader lets go. On Linux the handle is reachable as a path
+(``/proc/self/fd/N``) that ONNX Runtime, TensorRT and ``tokenizers`` can open.
+
+Integrity: the manifest carries its own sha256 (over its canonical JSON) and the sha256 of every file; paths in it
+are relative, plain and stay inside the bundle (no ``..``); a symbolic link anywhere inside the bundle, listed or
+not, is refused at load (files the manifest does not list are never read); the fields the runtime trusts are checked
+against each other and the graph I/O specs at load, against the graphs themselves when a session opens, and the task
+list against ``tasks.safetensors`` (names, order, shapes, per-task content digests) by every reader and by a
+verifying load. Files are hashed in chunks (bounded memory); a verification stamp kept
+outside the bundle (:mod:`mpt_export.bundle.stamps`) lets later opens of unchanged files skip the hashing.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+from ..errors import BundleError
+from .manifest import DIGEST_KEY, FORMAT, MANIFEST, REDO, check_manifest, manifest_digest, sha256_stream
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+_PROC_FD = Path("/proc/self/fd")
+
+
+def _open_in(dirfd: int, rel: str, display: str) -> int:
+    """Open ``rel`` under ``dirfd`` for reading, refusing symbolic links at every level."""
+    parts = rel.split("/")
+    cur, opened = dirfd, []
+    try:
+        for part in parts[:-1]:
+            cur = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+            opened.append(cur)
+        # O_NONBLOCK: a FIFO put in a file's place must not hang the reader (no effect on regular files)
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=cur)
+    except FileNotFoundError:
+        raise BundleError(f"bundle file {rel} is missing from {display}; the bundle is incomplete — {REDO}") from None
+    except NotADirectoryError:
+        raise BundleError(f"bundle path {rel} in {display} is not laid out as a directory; {REDO}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise BundleError(f"bundle file {rel} in {display} is a symbolic link; bundles hold plain files only "
+                              f"(links could point outside it) — {REDO}") from None
+        raise BundleError(f"cannot read bundle file {rel} in {display} ({e.strerror}); check its permissions") from None
+    finally:
+        for o in opened:
+            os.close(o)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"bundle file {rel} in {display} is not a regular file; {REDO}")
+    return fd
+
+
+_MAX_DEPTH = 32  # directories inside a bundle: ours go one level deep (tokenizer/)
+
+
+def _refuse_links(dirfd: int, path: Path, prefix: str = "", depth: int = 0) -> None:
+    """A symbolic link anywhere inside the bundle is refused, whether the manifest lists it or not, to a file or a
+    directory, dangling or not: bundles hold plain files only (a link is copied as a link, may point outside the
+    bundle, and can be changed without changing any file the manifest hashes). Links are never followed here."""
+    if depth > _MAX_DEPTH:
+        raise BundleError(f"bundle {path} has directories nested more than {_MAX_DEPTH} deep ({prefix.rstrip('/')}); "
+                          f"it is not a bundle mpt-export wrote — {REDO}")
+    try:
+        names = sorted(os.listdir(dirfd))
+    except OSError as e:
+        raise BundleError(f"cannot list {(prefix.rstrip('/') or '.')} in bundle {path} ({e.strerror}); check its "
+                          "permissions") from None
+    for name in names:
+        rel = prefix + name
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone meanwhile: nothing to follow
+        except OSError as e:
+            raise BundleError(f"cannot read {rel} in bundle {path} ({e.strerror}); check its permissions") from None
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = f" (pointing to {os.readlink(name, dir_fd=dirfd)})"
+            except OSError:
+                target = ""
+            raise BundleError(f"{rel} in bundle {path} is a symbolic link{target}; bundles hold plain files only and "
+                              "every link in one is refused (it could point outside the bundle) — replace it with the "
+                              "file itself (`cp -rL` copies a bundle that way) or remove it, or re-export the bundle")
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise BundleError(f"cannot open {rel} in bundle {path} ({e.strerror}); check its permissions") from None
+            try:
+                _refuse_links(sub, path, rel + "/", depth + 1)
+            finally:
+                os.close(sub)
+
+
+def _open_dir(path: Path) -> int:
+    """A descriptor of the bundle directory with a shared lock (writers delete an old copy only when no reader holds
+    it). A directory retired between our open and our lock has no manifest (the writer removes it first): reopen."""
+    import fcntl
+
+    from ..storage.atomic import recover
+
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if recover(path):
+                continue
+            raise BundleError(f"bundle {path} does not exist; create one with `mpt-export export`") from None
+        except NotADirectoryError:
+            raise BundleError(f"{path} is a file, not a bundle directory; pass the directory that "
+                              "`mpt-export export --out` wrote") from None
+        except OSError as e:
+            raise BundleError(f"cannot open bundle {path} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass  # no locks here (some network filesystems): readers still see one directory whole
+        try:
+            os.stat(MANIFEST, dir_fd=fd, follow_symlinks=False)
+            return fd
+        except FileNotFoundError:
+            if not os.listdir(fd):  # retired under us (emptied): the path has the new bundle now
+                os.close(fd)
+                time.sleep(0.01)
+                continue
+            os.close(fd)
+            raise BundleError(f"{path} has no {MANIFEST}; it is not an mpt-export bundle (or its export did not "
+                              "finish)") from None
+        except OSError as e:
+            os.close(fd)
+            raise BundleError(f"cannot read {path} ({e.strerror})") from None
+    raise BundleError(f"bundle {path} kept changing while it was opened; try again")
+
+
+def _read_in(dirfd: int, rel: str, path: Path) -> bytes:
+    """A bundle file's bytes, read through the bundle's directory handle."""
+    fd = _open_in(dirfd, rel, str(path))
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BundleError(f"cannot read {path / rel} ({e.strerror}); check its permissions") from None
+
+
+def _read_manifest(fd: int, path: Path) -> dict:
+    raw = _read_in(fd, MANIFEST, path)
+    try:
+        manifest = json.loads(raw)
+    except RecursionError:
+        raise BundleError(f"{path / MANIFEST} is nested too deeply to be a manifest; the bundle is damaged — "
+                          f"{REDO}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path / MANIFEST} is not valid JSON ({e}); the bundle is damaged — {REDO}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        if isinstance(found, str) and found.startswith("mpt-export/bundle/"):
+            raise BundleError(f"{path} is a {found} bundle; this mpt-export reads {FORMAT} — re-export it with this "
+                              "version")
+        raise BundleError(f"{path / MANIFEST} has format {found!r}, expected {FORMAT!r}; it is not an mpt-export "
+                          "bundle (or was written by another version — re-export it)")
+    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        raise BundleError(f"{path / MANIFEST} does not match its own sha256 ({DIGEST_KEY}); it was edited or "
+                          f"corrupted — {REDO}")
+    check_manifest(manifest)
+    return manifest
+
+
+class BundlePath(type(Path())):
+    """A path into an open bundle that keeps the bundle (and so its directory handle) alive while it is in use:
+    ``load_bundle(p).file("backbone.onnx")`` stays valid although the Bundle object itself is dropped."""
+
+    _keep = None
+
+
+def _bundle_path(bundle: "Bundle", p: Path) -> Path:
+    out = BundlePath(p)
+    out._keep = bundle
+    return out
+
+
+class Bundle:
+    """A loaded (checksum-verified) bundle, read through one directory handle taken at open (see module docstring).
+    Close it (or use ``with``) to let a writer delete the copy it holds once it has been replaced."""
+
+    def __init__(self, path: Path, manifest: dict, fd: int | None = None):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._fd = fd
+        self._bank = None
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, tasks={self.tasks})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        self.close()
+
+    @property
+    def root(self) -> Path:
+        """A path to the directory this bundle was opened as (stable while a writer replaces ``path``)."""
+        if self._fd is not None and _PROC_FD.is_dir():
+            return _PROC_FD / str(self._fd)
+        return self.path
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t["name"] for t in self.manifest["tasks"]]
+
+    @property
+    def task_type(self) -> str:
+        return self.manifest["task_type"]
+
+    @property
+    def base_model(self) -> dict:
+        return self.manifest["base_model"]
+
+    def has_file(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def file(self, name: str) -> Path:
+        """The path to read bundle file ``name`` (one the manifest lists) through this bundle's handle."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"{self.path} has no file {name!r} in its manifest")
+        return _bundle_path(self, self.root / name) if self._fd is not None else self.path / name
+
+    def read_bytes(self, name: str) -> bytes:
+        self.file(name)
+        if self._fd is None:
+            return (self.path / name).read_bytes()
+        return _read_in(self._fd, name, self.path)
+
+    def task_bank(self):
+        """The task bank, checked against the manifest's task list (names, order, shapes, content digests) — the check
+        every reader runs, and :func:`load_bundle` too when it verifies."""
+        from ..errors import CheckpointError
+        from .taskbank import TaskBank
+
+        f = self.file("tasks.safetensors")
+        try:
+            bank = TaskBank.load(f)
+        except CheckpointError as e:  # say the bundle's path, not the handle's /proc path
+            raise BundleError(str(e).replace(str(f), str(self.path / "tasks.safetensors"))) from None
+        check_task_bank(self.manifest, bank, self.path)
+        return bank
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes per component: the model graphs and their weights, composer, task bank, tokenizer, manifest."""
+        comp: dict[str, int] = {}
+        for rel in sorted([*self.manifest["files"], MANIFEST]):
+            try:
+                size = os.stat(self.root / rel).st_size
+            except OSError:
+                continue
+            key = "tokenizer" if rel.startswith("tokenizer/") else rel.split(".")[0]
+            key = {"weights": "weights (shared)"}.get(key, key)
+            comp[key] = comp.get(key, 0) + size
+        return comp
+
+    def session(self, provider: str = "cpu", backend: str = "onnxruntime", engines: str | Path | None = None,
+                **options):
+        """Shortcut to :func:`mpt_export.runtime.open_session` over this bundle."""
+        from ..runtime import open_session
+
+        return open_session(self, provider=provider, backend=backend, engines=engines, **options)
+
+
+def _task_differences(manifest: dict, bank) -> list[str]:
+    """Per task of the manifest, what tasks.safetensors holds differently (names and order already equal)."""
+    out = []
+    for w, t in zip(manifest["tasks"], bank.tasks):
+        shared = bank.shared[t.shared] if 0 <= t.shared < len(bank.shared) else None
+        found = {"shared prompt": t.shared, "prompt length": None if shared is None else int(shared.shape[0]),
+                 "rank": t.rank, "content digest": None if shared is None else t.digest(shared)}
+        expected = {"shared prompt": w["shared_prompt"], "prompt length": w["prompt_len"], "rank": w["rank"],
+                    "content digest": w.get("digest")}
+        diffs = [f"{k} {expected[k]} expected, {found[k]} found" for k in expected
+                 if expected[k] is not None and expected[k] != found[k]]
+        if diffs:
+            out.append(f"task {w['name']!r} ({'; '.join(diffs)})")
+    return out
+
+
+def check_task_bank(manifest: dict, bank, path: Path) -> None:
+    """``tasks.safetensors`` must hold exactly the manifest's tasks: same names in the same order, and per task the
+    shared prompt, prompt length, rank and content digest the manifest records (a task bank edited after the bundle
+    was written — vectors swapped between tasks, say — is refused even when every file's sha256 was recomputed)."""
+    want = [t["name"] for t in manifest["tasks"]]
+    have = bank.names
+    if want != have:
+        if sorted(want) == sorted(have):
+            what = "holds the same tasks in another order"
+        else:
+            parts = [f"lacks {', '.join(repr(n) for n in want if n not in have)}" if set(want) - set(have) else "",
+                     f"also holds {', '.join(repr(n) for n in have if n not in want)}" if set(have) - set(want) else ""]
+            what = " and ".join(p for p in parts if p)
+        raise BundleError(f"{path}: the manifest's task list ({', '.join(want)}) does not match tasks.safetensors "
+                          f"({', '.join(have)}): the task bank {what}; it was changed after the bundle was written — "
+                          f"{REDO}")
+    differs = _task_differences(manifest, bank)
+    if differs:
+        raise BundleError(f"{path}: tasks.safetensors does not hold the vectors the manifest records for "
+                          f"{' and '.join(differs)}; the task bank was changed after the bundle was written — {REDO}")
+    if bank.num_transformer_submodules != manifest.get("num_transformer_submodules", 1) \
+            or bank.task_type != manifest["task_type"]:
+        raise BundleError(f"{path}: tasks.safetensors was written for another model kind ({bank.task_type}, "
+                          f"num_transformer_submodules {bank.num_transformer_submodules}; the manifest says "
+                          f"{manifest['task_type']}, {manifest.get('num_transformer_submodules', 1)}); {REDO}")
+    if bank.hidden_size != manifest["base_model"]["hidden_size"]:
+        raise BundleError(f"{path}: tasks.safetensors holds prompts of width {bank.hidden_size}, the model's hidden "
+                          f"size is {manifest['base_model']['hidden_size']}; {REDO}")
+
+
+def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True) -> Bundle:
+    """Open a bundle directory: its manifest's own digest and fields are checked, and a symbolic link anywhere in
+    it is refused; with ``verify`` (default) every file's sha256 too — except files that a verification stamp (see
+    :mod:`mpt_export.bundle.stamps`) shows unchanged since they were last hashed, unless ``trust_stamp`` is False — and the
+    task bank against the manifest's task list (:func:`check_task_bank`, as every reader does). The bundle is read
+    through one handle taken here (see the module docstring)."""
+    from . import stamps
+
+    path = Path(path)
+    fd = _open_dir(path)
+    try:
+        manifest = _read_manifest(fd, path)
+        _refuse_links(fd, path)
+        dir_stat = os.fstat(fd)
+        stamp = stamps.read(dir_stat, manifest[DIGEST_KEY]) if verify and trust_stamp else {}
+        started, hashed, vouched = time.time_ns(), False, {}
+        for rel, digest in manifest["files"].items():
+            ffd = _open_in(fd, rel, str(path))
+            try:
+                st = os.fstat(ffd)
+                if not verify:
+                    continue
+                if stamps.trusted(stamp, rel, digest, st):
+                    vouched[rel] = stamp[rel]
+                    continue
+                if sha256_stream(ffd) != digest:
+                    raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}; it was modified or "
+                                      f"corrupted — {REDO}")
+                hashed = True
+                if stamps.file_key(os.fstat(ffd)) == stamps.file_key(st) and stamps.stampable(st, started):
+                    vouched[rel] = [digest, *stamps.file_key(st)]
+            except OSError as e:
+                raise BundleError(f"cannot read bundle file {rel} in {path} ({e.strerror}); check its "
+                                  "permissions") from None
+            finally:
+                os.close(ffd)
+        if hashed:
+            stamps.write(dir_stat, manifest[DIGEST_KEY], vouched)
+    except BaseException:
+        os.close(fd)
+        raise
+    bundle = Bundle(path, manifest, fd)
+    if verify:  # the readers' own check of the task bank: a bundle that verifies is one every reader opens
+        try:
+            bundle.task_bank()
+        except BaseException:
+            bundle.close()
+            raise
+    return bundle

@@ -1,0 +1,258 @@
+"""The task bank: named tasks over deduplicated shared prompts, and the rules every task obeys.
+
+A small home shared by the checkpoint reader (which fills a bank from PEFT adapters), the bundle (which stores one
+as ``tasks.safetensors``) and the runtime (which composes prompts from it) — none of them needs the others for this.
+Only numpy and safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, TaskNameError
+
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # no leading '-' (an option) or '.' ('.', '..')
+
+
+def check_task_name(name: str) -> None:
+    if not TASK_NAME_RE.match(name or ""):
+        raise TaskNameError(f"task name {name!r} is invalid; names start with a letter or digit and use only "
+                            "letters, digits, '_', '.' and '-'")
+
+
+def positions_needed(T: int, nts: int, task_type: str) -> int:
+    """Positions a task of ``T`` virtual tokens needs at least: causal, its prompt + one input token + one new token;
+    T5, the larger of its encoder side (its half of the prompt + one input token) and its decoder side (its half +
+    the start token + one new token)."""
+    n = T // nts
+    return max(n + 1, T - n + 2) if task_type == "SEQ_2_SEQ_LM" else T + 2
+
+
+def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, hidden_size: int | None,
+                      nts: int = 1, max_positions: int | None = None, task_type: str = "CAUSAL_LM",
+                      where: str = "") -> None:
+    """The checks every path that brings a task in (export, ``tasks add``, ``Session.add_task``, loading a bundle)
+    applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values; and a prompt
+    short enough to leave room for at least one input token and one new token in the model's positions."""
+    from ..errors import InputError
+
+    at = f" ({where})" if where else ""
+    H = hidden_size if hidden_size is not None else (shared.shape[1] if shared.ndim == 2 else -1)
+    if shared.ndim != 2 or cols.ndim != 2 or rows.ndim != 2 or shared.shape[1] != H or cols.shape[0] != shared.shape[0] \
+            or rows.shape != (cols.shape[1], H):
+        raise InputError(
+            f"task {name!r}{at} has shapes shared_prompt {list(shared.shape)}, cols {list(cols.shape)}, rows "
+            f"{list(rows.shape)}; expected [T, {H}], [T, r], [r, {H}] (the model's hidden size is {H})")
+    T, r = shared.shape[0], cols.shape[1]
+    if T == 0 or r == 0:
+        raise InputError(f"task {name!r}{at} has {T} prompt rows and rank {r}; both must be at least 1")
+    if T % nts:
+        raise InputError(f"task {name!r}{at} has {T} prompt rows, not a multiple of num_transformer_submodules {nts}")
+    for label, a in (("shared_prompt", shared), ("cols", cols), ("rows", rows)):
+        if not np.isfinite(a).all():
+            raise InputError(f"task {name!r}{at}: {label} contains NaN or Inf values; the task is unusable")
+    if max_positions is None:
+        return
+    need = positions_needed(T, nts, task_type)
+    what = ("its encoder prompt and one input token, or its decoder prompt, the start token and one new token"
+            if task_type == "SEQ_2_SEQ_LM" else "its virtual tokens, one input token and one new token")
+    if need > max_positions:
+        raise InputError(
+            f"task {name!r}{at} has {T} virtual tokens, but the model has only {max_positions} positions: it needs "
+            f"{need} for {what}; train the task with fewer virtual tokens")
+
+
+@dataclass
+class Task:
+    name: str
+    shared: int  # index into TaskBank.shared
+    cols: np.ndarray  # (T, r)
+    rows: np.ndarray  # (r, D)
+    source: str = ""  # adapter directory it came from
+    index_in_source: int = 0
+    _digest: tuple = field(default=((), ""), repr=False, compare=False)  # (the arrays it was computed for, digest)
+
+    @property
+    def rank(self) -> int:
+        return int(self.cols.shape[1])
+
+    def digest(self, shared: np.ndarray) -> str:
+        """Content hash of everything that determines this task's prompt (cache key for runtimes): computed again
+        only when one of the arrays is replaced, not on every request (arrays are replaced, never changed in
+        place: every path that changes a task assigns new ones)."""
+        arrays = (shared, self.cols, self.rows)
+        seen = self._digest[0]
+        if len(seen) != 3 or any(x is not y for x, y in zip(seen, arrays)):
+            h = hashlib.sha256()
+            for a in arrays:
+                h.update(str(a.shape).encode())
+                h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+            self._digest = (arrays, h.hexdigest()[:16])
+        return self._digest[1]
+
+
+@dataclass
+class TaskBank:
+    """Shared prompts (deduplicated) and per-task low-rank factors, in task order."""
+
+    task_type: str
+    num_transformer_submodules: int
+    shared: list[np.ndarray] = field(default_factory=list)  # each (T, D)
+    tasks: list[Task] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.shared[0].shape[1])
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise TaskNameError(f"unknown task {name!r}; this bundle has: {', '.join(self.names) or '(none)'}")
+
+    def prompt(self, name: str) -> np.ndarray:
+        """The composed prompt in numpy, (T, D) — the reference the composer graph must match."""
+        t = self.task(name)
+        return self.shared[t.shared] * (t.cols @ t.rows)
+
+    def _shared_index(self, p: np.ndarray) -> int:
+        for i, s in enumerate(self.shared):
+            if s.shape == p.shape and np.array_equal(s, p):
+                return i
+        self.shared.append(p)
+        return len(self.shared) - 1
+
+    def add_adapter(self, ckpt, names: list[str] | None = None) -> list[str]:
+        """Add the tasks of a read adapter (``checkpoint.AdapterCheckpoint``) under ``names`` (default: the
+        adapter directory's name, with ``-<i>`` for several)."""
+        if self.tasks or self.shared:
+            if ckpt.task_type != self.task_type:
+                raise CheckpointError(
+                    f"{ckpt.path} is a {ckpt.task_type} adapter but the bank holds {self.task_type} tasks; "
+                    "one bundle serves one base model"
+                )
+            if ckpt.token_dim != self.hidden_size:
+                raise CheckpointError(
+                    f"{ckpt.path} has token_dim {ckpt.token_dim}, the other tasks have {self.hidden_size}; "
+                    "adapters in one bundle must be trained on the same base model"
+                )
+            if ckpt.num_transformer_submodules != self.num_transformer_submodules:
+                raise CheckpointError(
+                    f"{ckpt.path} has num_transformer_submodules {ckpt.num_transformer_submodules}, the other "
+                    f"tasks have {self.num_transformer_submodules}"
+                )
+        n = ckpt.num_tasks
+        if names is None:
+            base = ckpt.path.resolve().name
+            names = [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
+        elif len(names) != n:
+            raise TaskNameError(
+                f"{len(names)} name(s) given for {ckpt.path} ({','.join(names)}), but it holds {n} task(s); "
+                f"give exactly one name per task, in order, e.g. {','.join(f't{i}' for i in range(n))}={ckpt.path}"
+            )
+        for nm in names:
+            check_task_name(nm)
+            if nm in self.names or names.count(nm) > 1:
+                raise TaskNameError(f"task name {nm!r} is used twice; every task in a bundle needs a unique name")
+        si = self._shared_index(ckpt.prompt_embeddings)
+        for i, nm in enumerate(names):
+            self.tasks.append(
+                Task(nm, si, ckpt.cols[i].copy(), ckpt.rows[i].copy(), source=str(ckpt.path), index_in_source=i)
+            )
+        return names
+
+    def add(self, name: str, shared_prompt: np.ndarray, cols: np.ndarray, rows: np.ndarray, source: str = "session",
+            hidden_size: int | None = None, max_positions: int | None = None, task_type: str = "CAUSAL_LM") -> None:
+        """Add one task from its arrays — ``shared_prompt`` (T, H), ``cols`` (T, r), ``rows`` (r, H), float32 —
+        checked against this bank (hidden size, submodules) and the model's positions; the shared prompt is stored
+        once when another task already has it."""
+        hidden = hidden_size if hidden_size is not None else (self.hidden_size if self.shared else None)
+        check_task_arrays(name, shared_prompt, cols, rows, hidden, self.num_transformer_submodules, max_positions,
+                          task_type)
+        check_task_name(name)
+        if name in self.names:
+            raise TaskNameError(f"task {name!r} already exists; remove it first or pick another name")
+        self.tasks.append(Task(name, self._shared_index(shared_prompt), cols, rows, source=source))
+
+    def remove(self, name: str) -> None:
+        t = self.task(name)
+        self.tasks.remove(t)
+        used = sorted({x.shared for x in self.tasks})
+        remap = {old: new for new, old in enumerate(used)}
+        self.shared = [self.shared[i] for i in used]
+        for x in self.tasks:
+            x.shared = remap[x.shared]
+
+    def manifest_entries(self) -> list[dict]:
+        """The manifest's ``tasks`` list."""
+        return [
+            {"name": t.name, "shared_prompt": t.shared, "prompt_len": int(self.shared[t.shared].shape[0]),
+             "rank": t.rank, "source": t.source, "index_in_source": t.index_in_source,
+             "digest": t.digest(self.shared[t.shared]), "bytes": int((t.cols.size + t.rows.size) * 4)}
+            for t in self.tasks
+        ]
+
+    # -- persistence (tasks.safetensors) -------------------------------------------------------------------------
+    def save(self, file: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {f"shared.{i}": np.ascontiguousarray(s, np.float32) for i, s in enumerate(self.shared)}
+        meta_tasks = []
+        for t in self.tasks:
+            tensors[f"task.{t.name}.cols"] = np.ascontiguousarray(t.cols, np.float32)
+            tensors[f"task.{t.name}.rows"] = np.ascontiguousarray(t.rows, np.float32)
+            meta_tasks.append({"name": t.name, "shared": t.shared, "source": t.source, "index": t.index_in_source})
+        meta = {
+            "format": "mpt-export/tasks/1",
+            "task_type": self.task_type,
+            "num_transformer_submodules": str(self.num_transformer_submodules),
+            "tasks": json.dumps(meta_tasks),
+        }
+        save_file(tensors, str(file), metadata=meta)
+
+    @classmethod
+    def load(cls, file: str | Path) -> "TaskBank":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), "numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable task bank ({e})") from None
+        if meta.get("format") != "mpt-export/tasks/1":
+            raise CheckpointError(f"{file} is not an mpt-export task bank (format {meta.get('format')!r})")
+        try:
+            bank = cls(meta["task_type"], int(meta["num_transformer_submodules"]))
+            i = 0
+            while f"shared.{i}" in tensors:
+                bank.shared.append(tensors[f"shared.{i}"])
+                i += 1
+            for t in json.loads(meta["tasks"]):
+                bank.tasks.append(
+                    Task(t["name"], int(t["shared"]), tensors[f"task.{t['name']}.cols"],
+                         tensors[f"task.{t['name']}.rows"], t.get("source", ""), t.get("index", 0))
+                )
+                bank.shared[bank.tasks[-1].shared]
+        except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file} is a damaged task bank ({type(e).__name__}: {e}); copy the bundle again "
+                                  "or re-export it") from None
+        from ..errors import InputError
+
+        for t in bank.tasks:
+            try:
+                check_task_arrays(t.name, bank.shared[t.shared], t.cols, t.rows, bank.hidden_size,
+                                  bank.num_transformer_submodules)
+            except InputError as e:
+                raise CheckpointError(f"{file}: {e}") from None
+        return bank

@@ -1,0 +1,136 @@
+"""The decode loop's per-row logic, in one place: choosing each row's next token (greedy or sampled with its own
+generator), recording it, EOS, stop strings, ``max_new_tokens``, finish reasons, the streamed text deltas and the
+final text. :func:`generate` (``Session.generate_detailed``) and the serving engine (``mpt_export.engine``) both
+drive rows through it, so a request's tokens and text are the same whichever runs it.
+
+A row finishes with ``"eos"`` (the EOS token is recorded, not shown), ``"stop"`` (a stop string appeared: the text
+is cut before it) or ``"length"``. With a tokenizer, :meth:`Row.take` returns the text that became final with the
+token (often "", see :mod:`.streaming`), and :meth:`Row.final_text` / :meth:`Row.rest` the whole text and what of
+it was not streamed yet.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import NumericsError
+from .sampling import SamplingConfig, select
+from .streaming import TextStream, cut_at_stop
+
+
+@dataclass
+class GenerationResult:
+    """``ids`` (B, N) int64, rows padded with EOS (or 0) after they stop; ``lengths`` tokens generated per row."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    finish: list[str]  # "eos" | "stop" | "length" per row
+    timings: dict = field(default_factory=dict)
+    tokens_processed: int = 0  # tokens run through the model (prompt rows included when not cached)
+
+
+class Row:
+    """One sequence being generated: its sampling settings and generator, its tokens, its text and its finish."""
+
+    __slots__ = ("cfg", "rng", "eos", "stop", "tokens", "finish", "text")
+
+    def __init__(self, cfg: SamplingConfig, rng, eos: int | None, tokenizer=None, stop: list[str] | None = None,
+                 stream: bool = False):
+        self.cfg, self.rng, self.eos, self.stop = cfg, rng, eos, stop
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        # the text is followed token by token when it is streamed or a stop string must be found in it
+        self.text = TextStream(tokenizer, stop, eos) if tokenizer is not None and (stream or stop) else None
+
+    def take(self, tok: int) -> str | None:
+        """Record one token. -> the text that became final with it ("" often; None for EOS, which is not text);
+        :attr:`finish` is set when the row is done."""
+        self.tokens.append(tok)
+        if self.eos is not None and tok == self.eos:
+            self.finish = "eos"
+            return None
+        delta = self.text.push(tok) if self.text is not None else ""
+        if self.text is not None and self.text.stopped:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.cfg.max_new_tokens:
+            self.finish = "length"
+        return delta
+
+    def final_text(self, tokenizer) -> str:
+        toks = self.tokens[:-1] if self.finish == "eos" else self.tokens
+        return cut_at_stop(tokenizer.decode(toks), self.stop)
+
+    def rest(self, final_text: str) -> str:
+        """What of the final text was not streamed by :meth:`take` yet."""
+        return self.text.finish(final_text) if self.text is not None else final_text
+
+
+def choose(rows: list[Row], logits: np.ndarray) -> tuple[np.ndarray, dict[int, Exception]]:
+    """Each row's next token from its logits (b, V). -> (tokens (b,), {row index: error} for rows that cannot go on:
+    NaN/Inf logits, or their sampling failed). Greedy rows take one vectorized argmax."""
+    finite = np.isfinite(logits).all(-1)
+    nxt = np.zeros(len(rows), np.int64)
+    greedy = [i for i, r in enumerate(rows) if r.cfg.greedy and finite[i]]
+    if greedy:
+        nxt[greedy] = logits[greedy].argmax(-1)
+    failed: dict[int, Exception] = {}
+    for i, r in enumerate(rows):
+        if not finite[i]:
+            failed[i] = NumericsError(f"the model produced NaN or Inf logits at generation step {len(r.tokens)}")
+        elif not r.cfg.greedy:
+            try:
+                nxt[i] = select(logits[i:i + 1], r.cfg, [r.rng])[0]
+            except Exception as e:  # this row's own numbers
+                failed[i] = e
+    return nxt, failed
+
+
+def generate(session, ids, tasks, mask, cfg: SamplingConfig, eos: int | None, stop: list[str] | None,
+             use_cache: bool, on_step=None, on_text=None, forced_tokens=None) -> GenerationResult:
+    """Prefill, then one-token steps feeding each step's KV back in; finished rows leave the batch (they stop
+    costing work). ``on_step(step, rows, tokens)``: original row indices and their new tokens after every step;
+    ``on_text(row, text)``: each row's streamed text (``Session.generate_detailed`` documents the rest)."""
+    B = ids.shape[0]
+    tok = session.tokenizer if (stop or on_text) else None
+    rows = [Row(cfg, rng, eos, tok, stop, stream=on_text is not None) for rng in cfg.generators(B)]
+    t0 = time.perf_counter()
+    logits, state, processed = session.prefill(ids, tasks, mask, use_cache)
+    t_prefill = time.perf_counter() - t0
+    live = np.arange(B)  # original index of each running row
+    for step in range(cfg.max_new_tokens):
+        nxt, failed = choose([rows[r] for r in live], logits)  # (b,)
+        if failed:
+            bad = sorted({tasks[live[i]] for i in failed})
+            raise NumericsError(f"{next(iter(failed.values()))} (task {', '.join(bad)}); the bundle or those "
+                                "tasks' vectors are broken — check them with `mpt-export verify BUNDLE --base-model DIR`")
+        if on_step:
+            on_step(step, live.copy(), nxt.copy())
+        for r, t in zip(live, nxt):
+            delta = rows[r].take(int(t))
+            if on_text and delta:
+                on_text(int(r), delta)
+            if on_text and rows[r].finish:
+                rest = rows[r].rest(rows[r].final_text(tok))
+                if rest:
+                    on_text(int(r), rest)
+        keep = np.array([rows[r].finish is None for r in live])
+        if not keep.any() or step == cfg.max_new_tokens - 1:
+            break
+        if forced_tokens is not None:
+            nxt = np.asarray(forced_tokens, np.int64)[live, step]
+        if not keep.all():  # finished rows leave the batch
+            live, nxt = live[keep], nxt[keep]
+            state = {k: session._take_rows(v, keep) for k, v in state.items()}
+        logits, state = session.decode_step(state, nxt)
+        processed += len(live)
+    total = time.perf_counter() - t0
+    lengths = np.array([len(r.tokens) for r in rows], np.int64)
+    result = np.full((B, int(lengths.max())), eos if eos is not None else 0, np.int64)
+    for b, r in enumerate(rows):
+        result[b, :len(r.tokens)] = r.tokens
+    return GenerationResult(result, lengths, [r.finish or "length" for r in rows],
+                            {"prefill_s": t_prefill, "decode_s": total - t_prefill, "total_s": total},
+                            tokens_processed=processed)

@@ -1,0 +1,230 @@
+"""The OpenAI wire protocol for the server: request bodies read and checked (one 400 naming the field for anything
+malformed or unsupported), OpenAI-shaped errors, usage. No HTTP framework in here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ...errors import InputError, TaskNameError
+from ...engine.request import Draining, QueueFull
+
+DEFAULT_MAX_BODY = 1 << 20
+UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "logit_bias": None, "best_of": 1,
+               "presence_penalty": 0, "frequency_penalty": 0, "tools": None, "functions": None,
+               "response_format": None, "top_logprobs": None}
+
+
+KEY_ENV = "MPT_EXPORT_API_KEY"
+
+
+def api_key_of(option: str | None, env: str | None = None, where: str = "--api-key") -> str | None:
+    """The key to require (``option``, else the environment's), or None for no key. A key that would not protect
+    the server, or that no client could send, is refused: empty or only whitespace (which would turn auth off
+    without a word), with whitespace around it (HTTP strips it from the header, so no request would match), or with
+    characters a header cannot carry (control characters, non-ASCII)."""
+    where, key = (where, option) if option is not None else (KEY_ENV, env)
+    if key is None:
+        return None
+    off = f"to serve without a key, omit --api-key and unset {KEY_ENV}"
+    if not isinstance(key, str) or not key.strip():
+        raise InputError(f"{where} is {'empty' if not key else 'only whitespace'}; an API key must be a non-empty "
+                         f"string (the one clients send); {off}")
+    if key != key.strip():
+        raise InputError(f"{where} begins or ends with whitespace, which HTTP strips from the Authorization header, "
+                         f"so no client could send it; pass the key without it ({off})")
+    if not all(" " <= c <= "~" for c in key):
+        raise InputError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
+                         f"use printable ASCII ({off})")
+    return key
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+
+async def read_json(request, limit: int) -> dict:
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > limit:
+        raise APIError(413, f"request body of {cl} bytes exceeds the server's limit of {limit}",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the server's limit of {limit} bytes", code="request_too_large")
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return data
+
+
+def number(data, key, default, lo=None, hi=None, integer=False, lo_open=False):
+    v = data.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+        raise APIError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:40]}",
+                       param=key)
+    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        bounds = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
+        raise APIError(400, f"{key} must be {bounds}, got {v}", param=key)
+    return int(v) if integer else float(v)
+
+
+def sampling(data: dict) -> dict:
+    for key, neutral in UNSUPPORTED.items():
+        if key in data and data[key] not in (neutral, None):
+            raise APIError(400, f"{key} is not supported by this server", param=key)
+    n = data.get("n", 1)
+    if n not in (1, None):
+        raise APIError(400, "n must be 1: this server returns one choice per prompt", param="n")
+    stop = data.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
+                             or len(stop) > 16):
+        raise APIError(400, "stop must be a non-empty string or a list of up to 16 non-empty strings", param="stop")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be true or false", param="stream")
+    opts = data.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise APIError(400, "stream_options must be an object", param="stream_options")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise APIError(400, f"seed must be an integer >= 0, got {json.dumps(seed)[:40]}", param="seed")
+    return {"temperature": number(data, "temperature", 1.0, 0, 2),  # OpenAI's default and range
+            "top_p": number(data, "top_p", 1.0, 0, 1, lo_open=True),
+            "top_k": number(data, "top_k", 0, 0, integer=True),
+            "seed": seed, "stop": stop or None, "stream": stream,
+            "include_usage": bool(opts.get("include_usage"))}
+
+
+def task_of(state, data: dict) -> str:
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "model is required: the task to run (see GET /v1/models)", param="model")
+    if model not in state.session.tasks:
+        raise APIError(404, f"the model {model!r} does not exist; this bundle serves: {', '.join(state.session.tasks)}",
+                       param="model", code="model_not_found")
+    return model
+
+
+def error_body(e: APIError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+def api_error(e) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFull):
+        return APIError(429, str(e), code="queue_full", type_="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(e, Draining):
+        return APIError(503, str(e), code="draining")
+    if isinstance(e, TaskNameError):
+        return APIError(404, str(e), param="model", code="model_not_found")
+    param = "max_tokens" if "new tokens" in str(e) or "max_new_tokens" in str(e) else "prompt"
+    for key in ("temperature", "top_p", "top_k", "seed", "stop"):
+        if str(e).startswith(key):
+            param = key
+    return APIError(400, str(e), param=param)
+
+
+def is_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def prompt_cap(session) -> int:
+    """The most characters a prompt the model could take can have: its positions times the longest token's length
+    in UTF-8 bytes (a character is at least one byte), so anything longer is refused without tokenizing it."""
+    return session.max_positions * max(session.tokenizer.max_token_bytes, 4)
+
+
+def check_size(text: str, what: str, cap: int, param: str) -> None:
+    if len(text) > cap:
+        raise APIError(400, f"{what} has {len(text)} characters: more than this model's {cap} (its positions times "
+                       "its longest token), so it cannot fit; shorten it", param=param, code="prompt_too_long")
+
+
+def prompts_of(raw, tok, state) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of token-id lists. Strings
+    longer than :func:`prompt_cap` are refused before they are tokenized."""
+    if isinstance(raw, str) or is_ids(raw):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or len(raw) > state.max_queue or not all(
+            isinstance(p, str) or is_ids(p) for p in raw):
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists "
+                       f"(at most {state.max_queue})", param="prompt")
+    vocab = state.session.vocab_size
+    cap = prompt_cap(state.session)
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            check_size(p, f"prompt {i}", cap, "prompt")
+    out = []
+    for i, p in enumerate(raw):
+        if isinstance(p, str):
+            try:
+                out.append(tok.encode(p, f"prompt {i}"))
+            except InputError as e:
+                raise APIError(400, str(e), param="prompt") from None
+        else:
+            if not all(0 <= t < vocab for t in p):
+                raise APIError(400, f"prompt {i} holds token ids outside the vocabulary [0, {vocab})", param="prompt")
+            out.append(list(p))
+    return out
+
+
+def room_for(state, task: str, n_prompt: int) -> int:
+    s = state.session
+    if s.bundle.task_type == "SEQ_2_SEQ_LM":
+        return s.max_positions - s.split_prompt(task)[1].shape[0] - 1
+    return s.max_positions - s.prompt_len(task) - n_prompt
+
+
+def chat_prompt(state, raw) -> list[list[int]]:
+    """The chat request's messages rendered with the bundle's template and tokenized -> [ids] (one prompt)."""
+    if state.chat is None:
+        raise APIError(400, "this bundle's base model has no chat template, so /v1/chat/completions is not "
+                       "available; use /v1/completions", param="messages", code="chat_template_missing")
+    messages = messages_of(raw)
+    check_size("".join(m["content"] for m in messages), "the messages' content", prompt_cap(state.session),
+               "messages")
+    try:
+        text = state.chat.render(messages)
+        return [state.session.tokenizer.encode(text, "the rendered chat", add_special_tokens=False)]
+    except InputError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def messages_of(raw) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a role and content", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def usage_of(reqs) -> dict:
+    prompt = sum(len(r.ids) for r in reqs)
+    completion = sum(len(r.tokens) for r in reqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

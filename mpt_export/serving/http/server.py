@@ -1,0 +1,141 @@
+"""The server process: uvicorn over :func:`~mpt_export.serving.http.app.build_app`, with our own signal handling.
+
+- The socket is bound first (``--port 0`` picks a free port; the real one is printed), then the bundle loads in a
+  worker thread while ``/health`` answers 503.
+- SIGTERM / SIGINT: ``/health`` turns 503 and new ``/v1`` calls get 503, uvicorn stops accepting connections and
+  waits for the requests in flight (streams included) up to ``drain_timeout``; then the engine finishes what is left
+  within the same budget, and the process exits 0. A second SIGINT stops at once.
+- SIGHUP: reload the bundle's tasks from disk (as ``POST /admin/reload``).
+
+``MPT_EXPORT_SERVE_LOAD_DELAY`` (seconds) delays the load, so tests can watch ``/health`` answer 503 while loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+
+from ...errors import InputError
+from .app import build_app
+from .protocol import DEFAULT_MAX_BODY, APIError
+from .state import ServerState
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
+          api_key: str | None = None, threads: int | None = None, provider: str = "cpu", drain_timeout: float = 30.0,
+          max_body: int = DEFAULT_MAX_BODY, log=None, prepack: bool | str = "auto") -> int:
+    """Run the server until a signal stops it. -> exit code (0 after a drain)."""
+    try:
+        import uvicorn
+    except ImportError:
+        from ...errors import MissingDependencyError
+
+        raise MissingDependencyError("serving needs the serve extra: pip install 'mpt-export[serve]'") from None
+    if drain_timeout < 0:
+        raise InputError(f"--drain-timeout must be >= 0, got {drain_timeout}")
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    from ...bundle.reader import load_bundle
+
+    load_bundle(bundle, verify=False).close()  # a wrong path or a damaged manifest fails now, before listening
+    state = ServerState(bundle, provider=provider, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                        api_key=api_key, max_body=max_body, prepack=prepack)
+    app = build_app(state)
+    sock = bind(host, port)
+    actual = sock.getsockname()[1]
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # ours are installed below (uvicorn's re-raise the signal at exit)
+            yield
+
+        def install_signal_handlers(self) -> None:  # older uvicorn releases
+            pass
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
+                            timeout_graceful_shutdown=max(1, int(drain_timeout)) if drain_timeout else None)
+    server = Server(config)
+    stopped_at: list[float] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop(sig):
+            if stopped_at and sig == signal.SIGINT:
+                server.force_exit = True
+                return
+            if not stopped_at:
+                stopped_at.append(time.monotonic())
+                say(f"{signal.Signals(sig).name}: draining (finishing requests in flight, up to {drain_timeout:g} s)")
+                state.status = "draining"
+            server.should_exit = True
+
+        async def reload():
+            try:
+                result = await asyncio.to_thread(state.reload)
+                say(f"reloaded: tasks {', '.join(result['tasks'])}")
+            except (APIError, Exception) as e:  # a refused reload keeps serving the bundle it has
+                say(f"reload refused: {getattr(e, 'message', e)}")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+
+        def loaded(_):
+            if state.status == "ready":
+                packed = getattr(state.session, "prepacked", None)
+                weights = "" if packed is None else (" (weights prepacked)" if packed else
+                                                     " (weights read in place, not prepacked)")
+                say(f"serving {bundle} on http://{host}:{actual}{weights} — tasks: {', '.join(state.session.tasks)}")
+            elif state.status == "failed":
+                say(f"error: {state.error}")
+                server.should_exit = True
+
+        def load():
+            delay = float(os.environ.get("MPT_EXPORT_SERVE_LOAD_DELAY", "0") or 0)  # test hook: a slow load
+            if delay > 0:
+                time.sleep(delay)
+            state.load()
+
+        loop.run_in_executor(None, load).add_done_callback(lambda f: loop.call_soon_threadsafe(loaded, f))
+        say(f"listening on http://{host}:{actual} (loading {bundle})")
+        await server.serve(sockets=[sock])
+
+    # The engine thread and the event loop share the GIL: a short switch interval lets the engine take it back
+    # soon after each graph call instead of waiting out the loop's 5 ms slice.
+    sys.setswitchinterval(0.0005)
+    try:
+        try:
+            import uvloop  # optional ([serve] installs it on Linux/macOS): a faster event loop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
+    finally:
+        left = drain_timeout - (time.monotonic() - stopped_at[0]) if stopped_at else 0
+        drained = state.drain(max(left, 0.0)) if state.engine else True
+        state.close()
+        sock.close()
+    if not drained:
+        say("drain timeout: requests still running were cancelled")
+    return 0 if state.status != "failed" else 1

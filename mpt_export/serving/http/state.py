@@ -1,0 +1,132 @@
+"""What the routes share: the bundle, its session and engine, readiness, reload and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ...errors import MptExportError
+from ...engine.batching import Engine
+from ...engine.request import Request
+from .protocol import DEFAULT_MAX_BODY, APIError, api_key_of
+
+
+class ServerState:
+    """The bundle, its session and engine, readiness, metrics — shared by the routes."""
+
+    def __init__(self, bundle_path: str | Path, provider: str = "cpu", threads: int | None = None,
+                 max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
+                 max_body: int = DEFAULT_MAX_BODY, prepack: bool | str = "auto", drain_timeout: float = 30.0):
+        self.bundle_path = Path(bundle_path)
+        self.provider, self.threads, self.prepack = provider, threads, prepack
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.api_key = api_key_of(api_key, where="api_key")  # None: no key; "" is refused, never "no key"
+        self.max_body = max_body
+        self.drain_timeout = drain_timeout
+        self.status = "loading"
+        self.error: str | None = None
+        self.bundle = self.session = self.engine = self.chat = None
+        self._reload_lock = threading.Lock()
+        self._metrics()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Open the bundle and start the engine (runs in a worker thread while /health answers 503)."""
+        from ...bundle.reader import load_bundle
+        from .chat import ChatTemplate
+
+        try:
+            self.bundle = load_bundle(self.bundle_path)
+            self.session = self.bundle.session(provider=self.provider, intra_op_threads=self.threads,
+                                               io_binding=False, prepack=self.prepack)
+            self.session.tokenizer  # noqa: B018 - fail now, not on the first request
+            self.chat = ChatTemplate.from_bundle(self.bundle)
+            self.engine = Engine(self.session, self.max_batch, self.max_queue).start()
+            self.status = "ready"
+        except Exception as e:  # reported by /health and the server's log line
+            self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)
+
+    def drain(self, timeout: float) -> bool:
+        self.status = "draining"
+        return self.engine.drain(timeout) if self.engine else True
+
+    def close(self) -> None:
+        if self.engine:
+            self.engine.stop()
+        if self.bundle:
+            self.bundle.close()
+
+    def reload(self, bundle=None) -> dict:
+        """Re-read the bundle from disk (or take ``bundle``, an opened :class:`~mpt_export.bundle.reader.Bundle`: Ray
+        replicas pass the one their service pins): new and removed tasks take effect between two engine steps;
+        requests in flight keep running. Refused (409) when anything but the task bank changed."""
+        from ...bundle.reader import load_bundle
+
+        with self._reload_lock:
+            new = load_bundle(self.bundle_path) if bundle is None else bundle
+            old_files = {k: v for k, v in self.bundle.manifest["files"].items() if k != "tasks.safetensors"}
+            new_files = {k: v for k, v in new.manifest["files"].items() if k != "tasks.safetensors"}
+            if old_files != new_files:
+                changed = sorted(k for k in set(old_files) | set(new_files) if old_files.get(k) != new_files.get(k))
+                new.close()
+                raise APIError(409, f"the bundle's graphs or tokenizer changed on disk ({', '.join(changed[:4])}); "
+                               "a reload only takes new task vectors — restart the server to serve it",
+                               code="restart_required")
+            before = set(self.session.tasks)
+            self.session.replace_bank(new.task_bank())
+            old, self.bundle = self.bundle, new
+            self.session.bundle = new
+            old.close()
+            after = self.session.tasks
+            return {"tasks": after, "added": [t for t in after if t not in before],
+                    "removed": sorted(before - set(after)), "digest": self.digest}
+
+    def load_from(self, bundle) -> None:
+        """:meth:`load` over an already opened ``bundle`` (Ray replicas: the bundle their service pins, whose task
+        bank may differ from the one on disk). Raises on failure (the replica's constructor reports it)."""
+        from .chat import ChatTemplate
+
+        try:
+            self.bundle = bundle
+            self.session = bundle.session(provider=self.provider, intra_op_threads=self.threads, io_binding=False,
+                                          prepack=self.prepack)
+            self.session.tokenizer  # noqa: B018 - fail now, not on the first request
+            self.chat = ChatTemplate.from_bundle(bundle)
+            self.engine = Engine(self.session, self.max_batch, self.max_queue).start()
+            self.status = "ready"
+        except Exception as e:
+            self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)
+            raise
+
+    @property
+    def digest(self) -> str | None:
+        """The served bundle's identity: its manifest's own sha256 (it covers every file's sha256)."""
+        return self.bundle.manifest.get("manifest_sha256") if self.bundle is not None else None
+
+    # -- metrics -----------------------------------------------------------------------------------------------
+    def _metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.m_requests = Counter("mpt_export_requests", "HTTP requests by task and status", ["task", "status"],
+                                  registry=r)
+        self.m_tokens = Counter("mpt_export_generated_tokens", "tokens generated", registry=r)
+        Gauge("mpt_export_queue_depth", "requests waiting", registry=r).set_function(
+            lambda: self.engine.queue_depth if self.engine else 0)
+        Gauge("mpt_export_running_batch_size", "rows in the running batch", registry=r).set_function(
+            lambda: self.engine.running if self.engine else 0)
+        self.m_ttft = Histogram("mpt_export_time_to_first_token_seconds", "from submission to the first token",
+                                registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.m_tpot = Histogram("mpt_export_time_per_output_token_seconds", "mean time per token after the first",
+                                registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+
+    def observe(self, req: Request) -> None:
+        self.m_tokens.inc(len(req.tokens))
+        if req.t_first is not None:
+            self.m_ttft.observe(req.t_first - req.t_submit)
+            if len(req.tokens) > 1 and req.t_done is not None:
+                self.m_tpot.observe((req.t_done - req.t_first) / (len(req.tokens) - 1))
+
+    def count(self, task: str | None, status: int) -> None:
+        known = self.session is not None and task in self.session.tasks
+        self.m_requests.labels(task if known else "-", str(status)).inc()

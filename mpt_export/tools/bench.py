@@ -1,0 +1,349 @@
+"""Throughput of the runtime against PyTorch/PEFT eager, measured in one run on one machine.
+
+Rows: PEFT eager (PyTorch, same thread count: PEFT's forward for the prefill, then a KV-cache loop over the base
+model — PEFT's own ``generate`` re-injects the prompt at every step on some transformers releases, so it is not used),
+this runtime with the prompt-KV cache off, and with it on. Each row: median latency per batch over repeated runs
+after a warm-up, tokens/s, the ratio to PEFT, whether its greedy tokens equal PEFT's, and the floor — the matmul
+FLOPs the work needs over this machine's measured matmul rate, and the weight bytes one decode step reads over its
+measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bench_ref import flops_causal, flops_seq2seq, machine_rates, peft_loop, peft_seq2seq_loop
+from ..errors import InputError
+
+
+@dataclass
+class Preset:
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    max_positions: int
+    virtual_tokens: int
+    num_tasks: int
+    rank: int
+    batch: int
+    input_len: int
+    new_tokens: int
+    ffn: int | None = None
+    nts: int | None = None
+    tokenizer: bool = True  # the demo's byte-level BPE (its ids are a subset of the model's): text in and out
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.arch in ("t5", "flan-t5")
+
+
+PRESETS = {
+    # GPT-2 small's shape, random weights; 100 virtual tokens as in the MPT paper; a mixed-task batch of 8 x 64.
+    "gpt2-small-shape": Preset("gpt2", 768, 12, 12, 50257, 1024, 100, 4, 1, 8, 64, 8),
+    # T5-Base's shape (12+12 layers, d_model 768, d_ff 3072), 100 virtual tokens on the encoder as in the paper,
+    # 8 x 64-token inputs, 4 new tokens (classification-style outputs as in GLUE).
+    "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
+    # seconds-long smoke runs of the same code paths (tests)
+    "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
+    "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),
+}
+
+
+def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
+    """Base model, source adapter and bundle for a preset, built in code once and reused while the preset is the same."""
+    from ..bundle.reader import load_bundle
+    from .demo import make_base_model, make_source_adapter
+    from ..errors import BundleError
+    from ..export.api import export_bundle
+
+    p = PRESETS[preset_name]
+    root = workdir / preset_name
+    stamp = root / "preset.json"
+    base, adapter, bundle = root / "base", root / "adapter", root / "bundle"
+    names = [f"task{i}" for i in range(p.num_tasks)]
+    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(p):
+        try:
+            load_bundle(bundle)
+            return base, bundle, names
+        except BundleError:
+            pass
+    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+
+    remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
+    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-fp16",
+                                                   "preset.json"])
+    on_step(f"build {preset_name} base model and adapter (random weights)")
+    model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
+                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=p.tokenizer, ffn=p.ffn)
+    make_source_adapter(model, adapter, num_tasks=p.num_tasks, num_virtual_tokens=p.virtual_tokens,
+                        num_ranks=p.rank, task_type="SEQ_2_SEQ_LM" if p.seq2seq else "CAUSAL_LM",
+                        num_transformer_submodules=p.nts)
+    del model
+    on_step("export and validate the bundle")
+    export_bundle(base, [f"{','.join(names)}={adapter}"], bundle, force=True, seed=0)
+    stamp.write_text(json.dumps(asdict(p)))
+    seal_workdir(root)
+    return base, bundle, names
+
+
+def _measure_memory(spec: dict) -> int | None:
+    """Peak resident memory of one row, measured in a fresh process (in this one, memory freed by an earlier row is
+    reused without showing up): the peak after loading the row's model and running one batch, minus the resident
+    memory after imports."""
+    import subprocess
+    import sys
+
+    try:
+        res = subprocess.run([sys.executable, "-m", "mpt_export.tools.bench", json.dumps(spec)], capture_output=True,
+                             text=True, timeout=900)
+        return int(res.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _memory_child(spec: dict) -> int:
+    import torch
+
+    from ..runtime.memory import status_bytes
+
+    torch.set_num_threads(spec["threads"])
+    from ..bundle.reader import load_bundle
+
+    ids = np.asarray(spec["ids"], np.int64)
+    base_rss = status_bytes("VmRSS") or 0
+    if spec["kind"] == "peft":
+        from ..export.torchside import adapters_from_bank, load_base_model
+        from ..export.reference import peft_model_for
+
+        model, _, _ = load_base_model(spec["base"], attn_implementation="sdpa")
+        b = load_bundle(spec["bundle"], verify=False)
+        (ck, names), = adapters_from_bank(b.task_bank())
+        pm = peft_model_for(model, ck)
+        task_ids = torch.tensor([names.index(t) for t in spec["tasks"]])
+        if spec["seq2seq"]:
+            peft_seq2seq_loop(pm, torch.from_numpy(ids), task_ids, spec["new"], spec["start"])
+        else:
+            peft_loop(pm, torch.from_numpy(ids), task_ids, spec["new"])
+    else:
+        s = load_bundle(spec["bundle"], verify=False).session(provider=spec["provider"], intra_op_threads=spec["threads"])
+        s.generate_ids(ids, spec["tasks"], max_new_tokens=spec["new"], eos_token_id=None, prompt_kv_cache=spec["cache"])
+    return (status_bytes("VmHWM") or 0) - base_rss
+
+
+def _derived_is_current(out: Path, check) -> bool:
+    """A derived bundle from an earlier run is reused only if it loads and ``check(manifest)`` says it was made from
+    the same source (a bundle of the same name made from another model must not stand in for it)."""
+    from ..bundle.reader import load_bundle
+    from ..errors import BundleError
+
+    try:
+        with load_bundle(out) as b:
+            return bool(check(b.manifest))
+    except BundleError:
+        return False
+
+
+def _int8_bundle(bundle_dir: Path, out: Path, on_step) -> Path:
+    from ..bundle.reader import load_bundle
+    from ..export.quantize import DEFAULT_VARIANT, quantize_bundle
+
+    with load_bundle(bundle_dir, verify=False) as src:
+        digest = src.manifest["manifest_sha256"]
+    if _derived_is_current(out, lambda m: (m.get("quantization") or {}).get("source_manifest_sha256") == digest
+                           and m["quantization"].get("variant") == DEFAULT_VARIANT):
+        return out
+    on_step("quantize the bundle to int8 (once)")
+    quantize_bundle(bundle_dir, out, min_agreement=0.0, force=True)
+    return out
+
+
+def _time(fn, repeats: int, warmup: int = 1):
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _fp16_bundle(base: Path, adapter_spec: str, out: Path, on_step) -> Path:
+    from ..source.basemodel import identity
+    from ..export.api import export_bundle
+
+    ident = identity(base)["config_sha256"]
+    if _derived_is_current(out, lambda m: m["base_model"]["config_sha256"] == ident and
+                           [a.get("path") for a in m.get("adapters", [])] == [adapter_spec.partition("=")[2]]):
+        return out
+    on_step("export the fp16 bundle (once)")
+    export_bundle(base, [adapter_spec], out, dtype="fp16", force=True, seed=0)
+    return out
+
+
+def preset_for_bundle(manifest: dict, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> Preset:
+    """The bench workload for a user's bundle: its model's shape, its first adapter's prompt, a mixed-task batch."""
+    bm = manifest["base_model"]
+    first = manifest["tasks"][0]
+    group = [t for t in manifest["tasks"] if t["source"] == first["source"] and t["shared_prompt"] == first["shared_prompt"]]
+    arch = "t5" if manifest["task_type"] == "SEQ_2_SEQ_LM" else bm.get("model_type", "llama")
+    nts = int(manifest.get("num_transformer_submodules", 1))
+    return Preset(arch, int(bm["hidden_size"]), int(bm["num_layers"]), int(bm["num_attention_heads"]),
+                  int(bm["vocab_size"]), int(bm["max_positions"]), int(first["prompt_len"]) // nts, len(group),
+                  int(first["rank"]), batch, input_len, new_tokens, nts=nts)
+
+
+def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "build/bench", repeats: int = 5,
+              threads: int | None = None, on_step=None, bundle: str | Path | None = None,
+              base_model: str | Path | None = None, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> dict:
+    """Benchmark a preset (built once under ``workdir``) or a user's ``bundle`` with its ``base_model`` (PEFT's
+    baseline needs it); returns rows and machine figures (see module docstring)."""
+    if bundle is None and preset not in PRESETS:
+        raise InputError(f"unknown bench preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if bundle is not None and base_model is None:
+        raise InputError("benchmarking a bundle needs --base-model (PEFT eager is the baseline measured in the same run)")
+    if repeats < 1:
+        raise InputError(f"repeats must be >= 1, got {repeats}")
+    step = on_step or (lambda s: None)
+    import torch
+
+    from ..bundle.reader import load_bundle
+    from ..export.torchside import adapters_from_bank, load_base_model
+    from ..export.reference import peft_model_for
+
+    if threads is not None:
+        from ..runtime.onnxruntime import check_threads
+
+        check_threads(threads, "--threads")
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if bundle is not None:
+        from ..source.basemodel import check_same_base
+
+        user = load_bundle(bundle)
+        check_same_base(base_model, user.base_model)
+        p = preset_for_bundle(user.manifest, batch, input_len, new_tokens)
+        base, bundle_dir = Path(base_model), user.path
+        names = [t["name"] for t in user.manifest["tasks"]][: p.num_tasks]
+        derived = Path(workdir) / f"{user.path.name}-derived"
+        preset = f"bundle {user.path}"
+    else:
+        p = PRESETS[preset]
+        base, bundle_dir, names = _prepare(preset, Path(workdir), step)
+        derived = bundle_dir.parent
+    step("measure machine matmul rate and memory bandwidth")
+    rates = machine_rates(threads)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, p.vocab, (p.batch, p.input_len), dtype=np.int64)
+    tasks = [names[i % len(names)] for i in range(p.batch)]
+
+    step("PEFT eager")
+    import gc
+
+    model, _, arch = load_base_model(base, attn_implementation="sdpa")  # PyTorch's fastest attention for the baseline
+    b = load_bundle(bundle_dir)
+    ck, ck_names = adapters_from_bank(b.task_bank())[0]  # PEFT batches one adapter: its tasks are the workload
+    pm = peft_model_for(model, ck)
+    task_ids = torch.tensor([ck_names.index(t) for t in tasks])
+    ids_t = torch.from_numpy(ids)
+    if p.seq2seq:
+        start = int(b.base_model.get("decoder_start_token_id") or 0)
+        t_peft, tok_peft = _time(lambda: peft_seq2seq_loop(pm, ids_t, task_ids, p.new_tokens, start), repeats)
+        enc_p = sum(x.numel() for n, x in model.named_parameters() if n.startswith("encoder."))
+        dec_p = sum(x.numel() for n, x in model.named_parameters() if n.startswith("decoder."))
+        peft_flops = ours_flops = ours_cached_flops = flops_seq2seq(p, enc_p, dec_p)
+    else:
+        t_peft, tok_peft = _time(lambda: peft_loop(pm, ids_t, task_ids, p.new_tokens), repeats)
+        body = sum(x.numel() for n, x in model.named_parameters() if "wte" not in n and "embed" not in n
+                   and "lm_head" not in n and "wpe" not in n)
+        peft_flops = flops_causal(p, body, p.virtual_tokens, True, True)
+        ours_flops = flops_causal(p, body, p.virtual_tokens, True, False)
+        ours_cached_flops = flops_causal(p, body, p.virtual_tokens, False, False)
+    weight_bytes = sum(x.numel() * x.element_size() for x in {id(x): x for x in model.parameters()}.values())
+    mem = {"ids": ids.tolist(), "tasks": tasks, "new": p.new_tokens, "threads": threads, "seq2seq": p.seq2seq,
+           "start": int(b.base_model.get("decoder_start_token_id") or 0), "base": str(base)}
+    step("memory: PEFT eager in a fresh process")
+    peft_rss = _measure_memory({**mem, "kind": "peft", "bundle": str(bundle_dir)})
+    pm = model = None  # free the PyTorch model before the runtime rows
+    gc.collect()
+
+    rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops": peft_flops, "prefill_s": None,
+             "decode_s": None, "peak_rss": peft_rss}]
+    variants = [("ORT", bundle_dir, "cpu", False, ours_flops)]
+    if not p.seq2seq:  # the encoder is bidirectional: no per-task prompt KV to cache
+        variants.append(("ORT + prompt KV", bundle_dir, "cpu", True, ours_cached_flops))
+    variants.append(("ORT int8" + ("" if p.seq2seq else " + prompt KV"), _int8_bundle(bundle_dir, derived / "bundle-int8", step), "cpu",
+                     not p.seq2seq, ours_cached_flops if not p.seq2seq else ours_flops))
+    import onnxruntime as ort
+
+    skipped = []
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        spec = f"{','.join(ck_names)}={ck.path}"
+        variants.append(("ORT fp16 CUDA", _fp16_bundle(base, spec, derived / "bundle-fp16", step), "cuda", not p.seq2seq,
+                         ours_cached_flops if not p.seq2seq else ours_flops))
+    else:
+        skipped.append("fp16: no GPU execution provider in this onnxruntime (install onnxruntime-gpu on a GPU machine)")
+    rows_task_kv_ms = None
+    fp32_tokens = None
+    for label, bdir, provider, cache, flops in variants:
+        step(label)
+        gc.collect()
+        s = load_bundle(bdir).session(provider=provider, intra_op_threads=threads)
+        if cache:
+            t0 = time.perf_counter()
+            s.task_kv(tasks[0])
+            if rows_task_kv_ms is None:
+                rows_task_kv_ms = (time.perf_counter() - t0) * 1e3
+        lat, res = _time(lambda c=cache: s.generate_detailed(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None,
+                                                             prompt_kv_cache=c), repeats)
+        row = {"name": label, "latency_s": lat, "tokens": res.ids, "flops": flops,
+               "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
+               "tokens_processed": res.tokens_processed,
+               "peak_rss": _measure_memory({**mem, "kind": "ort", "bundle": str(bdir), "provider": provider,
+                                            "cache": cache})}
+        if fp32_tokens is None:
+            fp32_tokens = res.ids
+        else:  # teacher-forced top-1 agreement with the fp32 greedy sequence
+            forced = s.generate_ids(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None, forced_tokens=fp32_tokens,
+                                    prompt_kv_cache=cache)
+            row["agreement_vs_fp32"] = float((forced == fp32_tokens).mean())
+            row["free_running_vs_fp32"] = float((res.ids == fp32_tokens).mean())
+        rows.append(row)
+        s = None
+    new = p.batch * p.new_tokens
+    for r in rows:
+        r["tokens_per_s"] = new / r["latency_s"]
+        r["ratio_vs_peft"] = t_peft / r["latency_s"]
+        r["greedy_equal_peft"] = bool(np.array_equal(r["tokens"], tok_peft))
+        r["floor_s"] = r["flops"] / rates["matmul_flops_per_s"]
+        r["share_of_floor"] = r["floor_s"] / r["latency_s"]
+        r["tokens"] = r["tokens"].tolist()
+    decode_step_floor = weight_bytes / rates["mem_bytes_per_s"]
+    bank = b.task_bank()
+    t0 = bank.tasks[0]
+    bm = b.base_model  # prompt KV kept per task (fp32): layers x (key, value) x kv_heads x head_dim x P
+    kv_bytes = 0 if p.seq2seq else 2 * bm["num_layers"] * bm["num_kv_heads"] * bm["head_dim"] * p.virtual_tokens * 4
+    per_task = {"vectors": int((t0.cols.size + t0.rows.size) * 4), "shared_prompt": int(bank.shared[0].nbytes),
+                "prompt_kv_cache": kv_bytes}
+    return {
+        "skipped": skipped, "bytes_per_task": per_task,
+        "preset": preset, "config": asdict(p), "threads": threads, "repeats": repeats, "machine": rates,
+        "weight_bytes": weight_bytes, "decode_step_bytes_floor_s": decode_step_floor, "rows": rows,
+        "task_kv_once_ms": rows_task_kv_ms, "cpu_count": os.cpu_count(),
+    }
+
+
+if __name__ == "__main__":  # the memory probe's child process (see _measure_memory)
+    import sys
+
+    print(_memory_child(json.loads(sys.argv[1])))
