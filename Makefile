@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test check bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/mpt-export bench --preset gpt2-small-shape --workdir build/bench
 
+# every tier (what CI runs): unit (no torch, no processes), integration (tiny exports, the CLI in-process),
+# e2e (console scripts, kill tests, servers, Ray, docs)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# the fast loop while working: unit + integration
+check: $(STAMP)
+	$(PY) -m pytest -q tests/unit tests/integration
 
 clean:
 	rm -rf build .pytest_cache

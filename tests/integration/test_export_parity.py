@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 import mpt_export
-from conftest import left_padded, peft_refs
+from support import left_padded, peft_refs
 from mpt_export.export.torchside import load_base_model
 from mpt_export.export.reference import peft_causal_forward
 

@@ -3,7 +3,6 @@ a planted 1% error in one attention projection fails on every architecture."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -11,24 +10,14 @@ import numpy as np
 import pytest
 
 import mpt_export
-from conftest import TINY, run_cli
+from support import TINY, planted, cli
 from mpt_export.errors import ValidationError
 from mpt_export.export.api import _validate
 from mpt_export.export.torchside import load_base_model
-from mpt_export.tools.bench_export import mid_value_projection
 from mpt_export.export.precision import DEFAULT_TOL, tolerance
-from test_cli import assert_clean_failure
+from support import assert_clean_failure
 
 ARCHS = ["llama", "llama-gqa", "mistral", "qwen2", "gpt2", "t5", "flan-t5"]
-
-
-def planted(model, arch: str, factor: float):
-    import torch
-
-    bad = copy.deepcopy(model)
-    with torch.no_grad():
-        mid_value_projection(bad).mul_(factor)
-    return bad
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -86,18 +75,18 @@ def test_verify_against_a_changed_base_model_fails_with_numbers(llama, tmp_path)
     changed = tmp_path / "changed"
     shutil.copytree(llama.base, changed)
     planted(model, "llama", 1.01).save_pretrained(str(changed))  # same config: only the weights differ
-    res = run_cli("verify", llama.bundle, "--base-model", changed, "--seed", "3")
+    res = cli("verify", llama.bundle, "--base-model", changed, "--seed", "3")
     assert_clean_failure(res, "differ from PEFT beyond atol 1e-05 + rtol 0.0001", "max rel", "allowed")
-    res = run_cli("verify", llama.bundle, "--base-model", llama.base, "--seed", "3")
+    res = cli("verify", llama.bundle, "--base-model", llama.base, "--seed", "3")
     assert res.returncode == 0 and "rtol 0.0001" in " ".join(res.stdout.split())
 
 
 def test_tolerance_options(llama, tmp_path):
     out = tmp_path / "b"
-    res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
+    res = cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
                   "--rtol", "1e-3", "--atol", "0", "--seed", "2")
     assert res.returncode == 0, res.stderr
     val = json.loads((out / "manifest.json").read_text())["validation"]
     assert (val["atol"], val["rtol"]) == (0.0, 1e-3)
-    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
                                  tmp_path / "c", "--rtol", "nan"), "--rtol must be a finite number")

@@ -8,20 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli
-
-
-def assert_clean_failure(res, *needles):
-    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
-    err = res.stderr + res.stdout
-    assert "Traceback" not in err and "locals" not in err.lower()
-    assert "error:" in err
-    for n in needles:
-        assert n in " ".join(err.split()), (n, err)
-
-
-def no_output_left(out):
-    return not out.exists() and not list(out.parent.glob(f".{out.name}.mpt-export-tmp-*"))
+from support import assert_clean_failure, no_output_left, run_cli, wide_adapter
 
 
 def test_help_is_complete():
@@ -89,13 +76,6 @@ def _lora_adapter(base, out):
     return out
 
 
-def _wide_adapter(tmp_path):
-    from mpt_export.tools.demo import make_base_model, make_source_adapter
-
-    m = make_base_model(tmp_path / "wide_base", arch="llama", hidden=48, layers=1, heads=4, tokenizer=False)
-    return make_source_adapter(m, tmp_path / "wide", num_tasks=2, num_virtual_tokens=3)
-
-
 def _empty_dir(path):
     path.mkdir()
     return path
@@ -123,7 +103,7 @@ def _bad_cases(llama, tmp_path):
         ("corrupt safetensors", [str(corrupt)], llama.base, ["corrupt or truncated", "adapter_model.safetensors"]),
         ("truncated safetensors", [str(trunc)], llama.base, ["corrupt or truncated"]),
         ("lora adapter", [str(_lora_adapter(llama.base, tmp_path / "lora"))], llama.base, ["LORA", "MULTITASK_PROMPT_TUNING"]),
-        ("token_dim != hidden", [str(_wide_adapter(tmp_path))], llama.base, ["token_dim 48", "hidden size is 32"]),
+        ("token_dim != hidden", [str(wide_adapter(tmp_path))], llama.base, ["token_dim 48", "hidden size is 32"]),
         ("tensors vs config", [str(mismatched)], llama.base, ["prompt_embeddings has shape [5, 32]", "implies [7, 32]"]),
         ("duplicate name", [f"a,b,c={llama.source}", f"c={llama.target}"], llama.base, ["'c' is used twice"]),
         ("invalid name", [f"a,b,c d={llama.source}"], llama.base, ["'c d' is invalid"]),

@@ -24,9 +24,9 @@ from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as pb  # noqa: E402
 
 import mpt_export  # noqa: E402
-from conftest import run_cli  # noqa: E402
-from mpt_export.serving.triton.writer.writer import write_repository  # noqa: E402
-from mpt_export.serving.triton.writer.check import ONNX_TO_TRITON, check_model, check_repository  # noqa: E402
+from support import cli  # noqa: E402
+from mpt_export.serving.triton.writer import write_repository  # noqa: E402
+from mpt_export.serving.triton.check import ONNX_TO_TRITON, check_model, check_repository  # noqa: E402
 
 PROMPTS = ["the cat sat", "once upon a time", "hello", "a b c d e f"]
 
@@ -216,7 +216,7 @@ def _check_equal(gen, bundle_dir, stream_too=True):
 
 
 def test_generation_in_process_equals_session(repo):
-    from mpt_export.serving.triton.writer.generate import TritonGeneration
+    from mpt_export.serving.triton.generate import TritonGeneration
 
     out, _ = repo
     bundle_dir = out / "generate" / "1" / "bundle"
@@ -275,7 +275,7 @@ class _StandIn:
 
 
 def test_generation_through_bls_equals_session(repo):
-    from mpt_export.serving.triton.writer.generate import TritonGeneration
+    from mpt_export.serving.triton.generate import TritonGeneration
 
     out, _ = repo
     standin = _StandIn(out)
@@ -293,7 +293,7 @@ def test_bls_limits_refused_at_admission(repo):
     """The graph models' limits (Triton's max_batch_size; TensorRT plans' profile maxima from the repository's
     engine_limits) are checked when a request arrives: a request beyond them gets one final error at once, naming
     the limit, and never reaches a batch — the requests beside it are served as usual."""
-    from mpt_export.serving.triton.writer.generate import TritonGeneration
+    from mpt_export.serving.triton.generate import TritonGeneration
 
     out, _ = repo
     standin = _StandIn(out)
@@ -417,7 +417,7 @@ def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only") 
 def test_tensorrt_backend_layout(llama, tmp_path):
     engines = _engines_for(llama.bundle, tmp_path / "engines")
     out = tmp_path / "repo"
-    r = run_cli("triton", llama.bundle, "--out", out, "--backend", "tensorrt", "--engines", engines, "--kind", "gpu",
+    r = cli("triton", llama.bundle, "--out", out, "--backend", "tensorrt", "--engines", engines, "--kind", "gpu",
                 "--max-batch", "4")
     assert r.returncode == 0, r.stdout + r.stderr
     cfg = parse(out / "backbone" / "config.pbtxt")
@@ -438,7 +438,7 @@ def test_bad_input_writes_nothing(llama, make_case, tmp_path):
     out = tmp_path / "repo"
 
     def refused(*args, expect):
-        r = run_cli("triton", llama.bundle, "--out", out, *args)
+        r = cli("triton", llama.bundle, "--out", out, *args)
         text = r.stdout + r.stderr
         assert r.returncode == 1 and "Traceback" not in text and expect in text, text
         return text
@@ -459,9 +459,9 @@ def test_bad_input_writes_nothing(llama, make_case, tmp_path):
     assert (out / "mine.txt").read_text() == "keep"
     (out / "mine.txt").unlink()
     out.rmdir()
-    assert run_cli("triton", llama.bundle, "--out", out).returncode == 0
+    assert cli("triton", llama.bundle, "--out", out).returncode == 0
     first = (out / "backbone" / "config.pbtxt").stat().st_ino
     refused(expect="--force")
-    r = run_cli("triton", llama.bundle, "--out", out, "--force", "--max-batch", "2")
+    r = cli("triton", llama.bundle, "--out", out, "--force", "--max-batch", "2")
     assert r.returncode == 0 and parse(out / "backbone" / "config.pbtxt").max_batch_size == 2
     assert (out / "backbone" / "config.pbtxt").stat().st_ino != first

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mpt_export
-from conftest import left_padded, run_cli
+from support import left_padded, cli
 from mpt_export.errors import BaseModelError, InputError, TaskNameError
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_model_for
@@ -149,7 +149,7 @@ def test_tasks_add_generate_remove(llama, tmp_path):
     backbone_sha = json.loads((bdir / "manifest.json").read_text())["files"]["backbone.onnx.data"]
     new = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "new", num_tasks=2,
                               num_virtual_tokens=7, num_ranks=3, seed=99)
-    res = run_cli("tasks", "add", bdir, "--adapter", f"qa,nli={new}")
+    res = cli("tasks", "add", bdir, "--adapter", f"qa,nli={new}")
     assert res.returncode == 0, res.stderr
     b = mpt_export.load_bundle(bdir)
     assert b.tasks == ["a", "b", "c", "t", "qa", "nli"]
@@ -169,9 +169,9 @@ def test_tasks_add_generate_remove(llama, tmp_path):
     for i, n in enumerate([4, 6, 2]):
         np.testing.assert_array_equal(mixed[i], s.generate_ids(bi[i:i + 1, -n:], [["qa", "a", "nli"][i]],
                                                                max_new_tokens=6, eos_token_id=None)[0])
-    res = run_cli("tasks", "list", bdir)
+    res = cli("tasks", "list", bdir)
     assert res.returncode == 0 and "nli" in res.stdout
-    res = run_cli("tasks", "remove", bdir, "qa")
+    res = cli("tasks", "remove", bdir, "qa")
     assert res.returncode == 0, res.stderr
     assert mpt_export.load_bundle(bdir).tasks == ["a", "b", "c", "t", "nli"]
     # the original bundle (hard-linked mirror) was never written through
@@ -179,7 +179,7 @@ def test_tasks_add_generate_remove(llama, tmp_path):
 
 
 def test_generate_cli(llama, tmp_path):
-    res = run_cli("generate", llama.bundle, "--task", "a", "the movie was", "a great", "--max-new-tokens", "5", "--json")
+    res = cli("generate", llama.bundle, "--task", "a", "the movie was", "a great", "--max-new-tokens", "5", "--json")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["task"] for r in rows] == ["a", "a"] and all(1 <= len(r["ids"]) <= 5 for r in rows)
@@ -188,38 +188,38 @@ def test_generate_cli(llama, tmp_path):
     f = tmp_path / "in.jsonl"
     f.write_text("\n".join(json.dumps({"task": t, "text": x}) for t, x in
                            [("a", "one frozen backbone"), ("t", "the plot"), ("b", "question : where")]))
-    res = run_cli("generate", llama.bundle, "--input-file", f, "--batch-size", "2", "--max-new-tokens", "4", "--json")
+    res = cli("generate", llama.bundle, "--input-file", f, "--batch-size", "2", "--max-new-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["task"] for r in rows] == ["a", "t", "b"]
     assert rows[1]["text"] == s.generate(["the plot"], ["t"], max_new_tokens=4)[0]  # batch of 2 == alone
-    res = run_cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--stream")
+    res = cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--stream")
     assert res.returncode == 0 and res.stdout.rstrip("\n") == rows[1]["text"]
     # a temperature whose logits / t overflowed (a traceback once): below 1e-5 sampling is greedy
-    res = run_cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--temperature",
+    res = cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--temperature",
                   "1e-320", "--seed", "1", "--stream")
     assert res.returncode == 0 and res.stdout.rstrip("\n") == rows[1]["text"], res.stderr
 
 
 def test_generate_bad_inputs(llama, tmp_path):
-    from test_cli import assert_clean_failure
+    from support import assert_clean_failure
 
     before = _digests(llama.bundle)
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "nope", "hi"), "unknown task 'nope'", "a, b, c, t")
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "nope", "hi"), "unknown task 'nope'", "a, b, c, t")
     long = " ".join(["the movie was great"] * 40)
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", long), "at most 59 tokens fit")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "the movie", "--max-new-tokens", "60"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", long), "at most 59 tokens fit")
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "the movie", "--max-new-tokens", "60"),
                          "input + max_new_tokens <= 59")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", ""), "prompt 1 is empty")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--max-new-tokens", "0"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", ""), "prompt 1 is empty")
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--max-new-tokens", "0"),
                          "max_new_tokens must be a positive integer")
-    from test_cli import _wide_adapter
+    from support import wide_adapter
 
-    other = _wide_adapter(tmp_path)
-    assert_clean_failure(run_cli("tasks", "add", llama.bundle, "--adapter", f"w1,w2={other}"),
+    other = wide_adapter(tmp_path)
+    assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"w1,w2={other}"),
                          "trained for another base model", "token_dim 48", "hidden size is 32")
-    assert_clean_failure(run_cli("tasks", "add", llama.bundle, "--adapter", f"a={llama.target}"), "'a' is used twice")
-    assert_clean_failure(run_cli("tasks", "remove", llama.bundle, "zz"), "unknown task 'zz'")
+    assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"a={llama.target}"), "'a' is used twice")
+    assert_clean_failure(cli("tasks", "remove", llama.bundle, "zz"), "unknown task 'zz'")
     assert _digests(llama.bundle) == before
     assert not list(llama.bundle.parent.glob(".bundle.mpt-export-tmp-*"))
     s = mpt_export.load_bundle(llama.bundle).session()
@@ -232,7 +232,7 @@ def test_generate_bad_inputs(llama, tmp_path):
 
 
 def test_bench_tiny_runs_end_to_end(tmp_path):
-    res = run_cli("bench", "--preset", "tiny", "--workdir", tmp_path, "--repeats", "1", "--json")
+    res = cli("bench", "--preset", "tiny", "--workdir", tmp_path, "--repeats", "1", "--json")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     names = [x["name"] for x in r["rows"]]
@@ -271,17 +271,17 @@ def test_prepack_policy(llama):
     np.testing.assert_array_equal(runs[False][1], runs[True][1])
     with pytest.raises(InputError, match="prepack must be True, False or 'auto'"):
         b.session(prepack="yes")
-    res = run_cli("generate", llama.bundle, "--task", "a", "the movie was", "--max-new-tokens", "4", "--no-prepack",
+    res = cli("generate", llama.bundle, "--task", "a", "the movie was", "--max-new-tokens", "4", "--no-prepack",
                   "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["text"] == b.session().generate(["the movie was"], ["a"], max_new_tokens=4)[0]
 
 
 def test_bench_a_bundle(llama, tmp_path):
-    from test_cli import assert_clean_failure
+    from support import assert_clean_failure
 
-    assert_clean_failure(run_cli("bench", llama.bundle, "--workdir", tmp_path), "needs --base-model")
-    res = run_cli("bench", llama.bundle, "--base-model", llama.base, "--workdir", tmp_path, "--repeats", "1",
+    assert_clean_failure(cli("bench", llama.bundle, "--workdir", tmp_path), "needs --base-model")
+    res = cli("bench", llama.bundle, "--base-model", llama.base, "--workdir", tmp_path, "--repeats", "1",
                   "--batch", "3", "--input-len", "8", "--new-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import mpt_export
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_python_example_runs(llama, tmp_path, monkeypatch, capsys):

@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 import mpt_export
-from conftest import peft_refs, run_cli
+from support import peft_refs, cli
 from mpt_export.export.torchside import load_base_model
 from mpt_export.export.reference import peft_model_for, peft_seq2seq_forward, shift_right
-from test_cli import assert_clean_failure, no_output_left
+from support import assert_clean_failure, no_output_left
 
 CASES = [("t5", 2), ("t5", 1), ("flan-t5", 1), ("flan-t5", 2)]
 
@@ -112,13 +112,13 @@ def test_generate_tasks_add_remove_cli(make_case, tmp_path):
     case = make_case("t5", 2)
     bdir = tmp_path / "b"
     shutil.copytree(case.bundle, bdir)
-    res = run_cli("generate", bdir, "--task", "t", "the movie was", "--max-new-tokens", "4", "--json")
+    res = cli("generate", bdir, "--task", "t", "the movie was", "--max-new-tokens", "4", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["task"] == "t"
     weights = json.loads((bdir / "manifest.json").read_text())["files"]["weights.onnx.data"]
     new = make_source_adapter(AutoModelForSeq2SeqLM.from_pretrained(str(case.base)), tmp_path / "new", num_tasks=1,
                               num_virtual_tokens=3, num_ranks=1, seed=7, task_type="SEQ_2_SEQ_LM")
-    assert run_cli("tasks", "add", bdir, "--adapter", f"new={new}").returncode == 0
+    assert cli("tasks", "add", bdir, "--adapter", f"new={new}").returncode == 0
     b = mpt_export.load_bundle(bdir)
     assert b.tasks[-1] == "new" and b.manifest["files"]["weights.onnx.data"] == weights
     model, _, _ = load_base_model(case.base)
@@ -129,18 +129,18 @@ def test_generate_tasks_add_remove_cli(make_case, tmp_path):
     s = b.session()
     assert s.generate_ids(ids, ["new"], max_new_tokens=5, eos_token_id=None).tolist() == [
         peft_greedy_seq2seq(pm, 0, ids, 5, s.decoder_start_token_id)]
-    assert run_cli("tasks", "remove", bdir, "new").returncode == 0
+    assert cli("tasks", "remove", bdir, "new").returncode == 0
     assert mpt_export.load_bundle(bdir).tasks == ["a", "b", "c", "t"]
 
 
 def test_bad_inputs(make_case, llama, tmp_path):
     t5 = make_case("t5", 2)
     out = tmp_path / "o1"
-    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(t5.source), "--out", out),
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(t5.source), "--out", out),
                          "SEQ_2_SEQ_LM adapter", "CAUSAL_LM model")
     assert no_output_left(out)
     out = tmp_path / "o2"
-    assert_clean_failure(run_cli("export", "--base-model", t5.base, "--adapter", str(llama.source), "--out", out),
+    assert_clean_failure(cli("export", "--base-model", t5.base, "--adapter", str(llama.source), "--out", out),
                          "CAUSAL_LM adapter", "SEQ_2_SEQ_LM model")
     assert no_output_left(out)
     # num_transformer_submodules inconsistent with the tensors (saved with 2, config says 1)
@@ -150,13 +150,13 @@ def test_bad_inputs(make_case, llama, tmp_path):
     cfg["num_transformer_submodules"] = 1
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     out = tmp_path / "o3"
-    assert_clean_failure(run_cli("export", "--base-model", t5.base, "--adapter", str(bad), "--out", out),
+    assert_clean_failure(cli("export", "--base-model", t5.base, "--adapter", str(bad), "--out", out),
                          "prompt_embeddings has shape [10, 32]", "num_transformer_submodules=1", "implies [5, 32]")
     assert no_output_left(out)
     # a T5 adapter into a causal bundle, and the reverse
-    assert_clean_failure(run_cli("tasks", "add", llama.bundle, "--adapter", f"x={t5.target}"),
+    assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"x={t5.target}"),
                          "SEQ_2_SEQ_LM adapter", "CAUSAL_LM model")
-    assert_clean_failure(run_cli("tasks", "add", t5.bundle, "--adapter", f"x={make_case('t5', 1).target}"),
+    assert_clean_failure(cli("tasks", "add", t5.bundle, "--adapter", f"x={make_case('t5', 1).target}"),
                          "num_transformer_submodules 1")
 
 

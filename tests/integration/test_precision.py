@@ -7,11 +7,11 @@ import onnx
 import pytest
 
 import mpt_export
-from conftest import run_cli
+from support import cli
 from mpt_export.errors import InputError, ValidationError
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_causal_forward, peft_model_for, peft_seq2seq_forward, shift_right
-from test_cli import assert_clean_failure, no_output_left
+from support import assert_clean_failure, no_output_left
 
 
 @pytest.mark.parametrize("arch,nts", [("llama-gqa", None), ("gpt2", None), ("t5", 2)])
@@ -51,7 +51,7 @@ def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
     # a planted 10% error in one mid-depth value projection fails the fp16 bundle's default tolerance
     from mpt_export.export.api import _validate
     from mpt_export.export.precision import tolerance
-    from test_validation import planted
+    from support import planted
 
     with pytest.raises(ValidationError):
         _validate(b, planted(model, arch, 1.10), b.task_bank(), tolerance("float16"), 3, "cpu", None)
@@ -60,7 +60,7 @@ def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
 
 def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
     out = tmp_path / "bf16"
-    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
                                  "--dtype", "bf16"), "no bf16 kernels", "--no-validate")
     assert no_output_left(out)
     b = mpt_export.export_bundle(llama.base, [str(llama.source)], out, dtype="bf16", validate=False)
@@ -69,7 +69,7 @@ def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
     assert g.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
     with pytest.raises(InputError, match="bf16 bundle"):
         b.session()
-    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
                                  tmp_path / "x", "--dtype", "fp8"), "unknown dtype 'fp8'")
 
 
@@ -102,16 +102,16 @@ def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
     with pytest.raises(ValidationError, match="greedy-token agreement with fp32 is"):
         quantize_bundle(llama.bundle, out, min_agreement=strict)
     assert no_output_left(out)
-    res = run_cli("quantize", llama.bundle, "--out", out, "--min-agreement", str(strict))
+    res = cli("quantize", llama.bundle, "--out", out, "--min-agreement", str(strict))
     assert_clean_failure(res, "below the required")
     assert no_output_left(out)
-    res = run_cli("verify", q.path, "--base-model", llama.base)
+    res = cli("verify", q.path, "--base-model", llama.base)
     assert res.returncode == 0 and "greedy-token agreement with the fp32 bundle" in " ".join(res.stdout.split())
     assert "free-running" in " ".join(res.stdout.split())
-    res = run_cli("quantize", llama.bundle, "--out", tmp_path / "all", "--variant", "all", "--min-agreement", "0")
+    res = cli("quantize", llama.bundle, "--out", tmp_path / "all", "--variant", "all", "--min-agreement", "0")
     assert res.returncode == 0 and "free-running" in res.stdout, res.stderr
     assert json.loads((tmp_path / "all" / "manifest.json").read_text())["quantization"]["variant"] == "all"
-    assert_clean_failure(run_cli("quantize", llama.bundle, "--out", tmp_path / "v", "--variant", "half"),
+    assert_clean_failure(cli("quantize", llama.bundle, "--out", tmp_path / "v", "--variant", "half"),
                          "unknown int8 variant 'half'")
     # an int8 bundle is not quantized again; the source is untouched
     with pytest.raises(InputError, match="starts from an fp32 bundle"):
@@ -122,7 +122,7 @@ def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
 def test_export_quantize_int8_cli(make_case, tmp_path):
     case = make_case("t5", 2)
     out = tmp_path / "q"
-    res = run_cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--out", out,
+    res = cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--out", out,
                   "--quantize", "int8", "--min-agreement", "0")
     assert res.returncode == 0, res.stderr
     assert "greedy-token agreement" in res.stdout

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import mpt_export
-from conftest import run_cli
+from support import cli
 from mpt_export.errors import BaseModelError, InputError, NumericsError
-from test_cli import assert_clean_failure, no_output_left
+from support import assert_clean_failure, no_output_left
 
 
 # -- 6. every path that brings a task in checks the same things -----------------------------------------------------
@@ -45,12 +45,12 @@ def test_a_task_longer_than_the_positions_is_refused_everywhere(llama, tmp_path)
                                num_virtual_tokens=63, num_ranks=1, seed=4)
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
-    assert_clean_failure(run_cli("tasks", "add", b, "--adapter", f"x={long}"), "63 virtual tokens",
+    assert_clean_failure(cli("tasks", "add", b, "--adapter", f"x={long}"), "63 virtual tokens",
                          "only 64 positions")
     with pytest.raises(BaseModelError, match="only 64 positions"):
         add_tasks(b, [f"x={long}"])
     out = tmp_path / "out"
-    assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", f"x={long}", "--out", out,
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", f"x={long}", "--out", out,
                                  "--no-validate"), "63 virtual tokens", "only 64 positions")
     assert no_output_left(out)
 
@@ -60,7 +60,7 @@ def test_nan_logits_are_an_error_not_eos(llama, tmp_path):
     rows as if they had met EOS."""
     import onnx
 
-    from mpt_export.bundle.reader.manifest import write_manifest
+    from mpt_export.bundle.manifest import write_manifest
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
@@ -79,7 +79,7 @@ def test_nan_logits_are_an_error_not_eos(llama, tmp_path):
     s = mpt_export.load_bundle(b).session()
     with pytest.raises(NumericsError, match="NaN or Inf logits at generation step 0 .*task a"):
         s.generate_ids(np.array([[4, 5, 6]]), ["a"], max_new_tokens=3)
-    assert_clean_failure(run_cli("generate", b, "--task", "a", "the movie"), "NaN or Inf logits", "mpt-export verify")
+    assert_clean_failure(cli("generate", b, "--task", "a", "the movie"), "NaN or Inf logits", "mpt-export verify")
 
 
 # -- 7. --input-file is read and checked whole, errors name file:line ------------------------------------------------
@@ -88,22 +88,22 @@ def test_input_file_is_checked_before_anything_runs(llama, tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"task": "a", "text": "the movie"}\n{"task": "b", "text": "the plot"}\n{"text": 7, "task": "a"}\n'
                  'not json\n[1, 2]\n{"task": "a", "text": "  "}\n')
-    res = run_cli("generate", llama.bundle, "--input-file", f)
+    res = cli("generate", llama.bundle, "--input-file", f)
     assert_clean_failure(res, f"{f}:3: \"text\" must be a string, got 7", f"{f}:4: not JSON", f"{f}:5: a JSON list",
                          f"{f}:6: \"text\" is empty")
     assert res.stdout == ""  # nothing generated for the good lines before the bad ones
     f.write_text('{"task": "a", "text": "the movie"}\n{"task": "nope", "text": "the plot"}\n'
                  + json.dumps({"task": "a", "text": " ".join(["the movie was great"] * 40)}) + "\n")
-    res = run_cli("generate", llama.bundle, "--input-file", f)
+    res = cli("generate", llama.bundle, "--input-file", f)
     assert_clean_failure(res, f"{f}:2: unknown task 'nope'", f"{f}:3: input of", "too long")
     assert res.stdout == ""
     f.write_text("")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f), "holds no prompts")
+    assert_clean_failure(cli("generate", llama.bundle, "--input-file", f), "holds no prompts")
     f.write_bytes(b'{"task": "a", "text": "ok"}\n{"task": "a", "text": "caf\xe9"}\n')
-    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f), f"{f}:2: not UTF-8")
+    assert_clean_failure(cli("generate", llama.bundle, "--input-file", f), f"{f}:2: not UTF-8")
     f.write_text('{"text": "the movie"}\n')
-    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f), f"{f}:1: no \"task\" and no --task")
-    res = run_cli("generate", llama.bundle, "--input-file", f, "--task", "b", "--json", "--max-new-tokens", "2")
+    assert_clean_failure(cli("generate", llama.bundle, "--input-file", f), f"{f}:1: no \"task\" and no --task")
+    res = cli("generate", llama.bundle, "--input-file", f, "--task", "b", "--json", "--max-new-tokens", "2")
     assert res.returncode == 0 and json.loads(res.stdout)["line"] == 1
 
 
@@ -154,10 +154,10 @@ def test_stream_equals_final_text(llama):
     for seed in range(8):
         args = ("generate", llama.bundle, "--task", "t", "the movie", "--max-new-tokens", "12", "--temperature", "3",
                 "--seed", str(seed))
-        final = json.loads(run_cli(*args, "--json").stdout)["text"]
-        streamed = run_cli(*args, "--stream")
+        final = json.loads(cli(*args, "--json").stdout)["text"]
+        streamed = cli(*args, "--stream")
         assert streamed.returncode == 0 and streamed.stdout == final + "\n", (seed, streamed.stdout, final)
-        jl = run_cli(*args, "--stream", "--json")
+        jl = cli(*args, "--stream", "--json")
         lines = [json.loads(x) for x in jl.stdout.splitlines()]  # JSON lines only
         assert "".join(x.get("delta", "") for x in lines[:-1]) == final == lines[-1]["text"]
         non_ascii |= any(ord(ch) > 127 for ch in final)
@@ -167,7 +167,7 @@ def test_stream_equals_final_text(llama):
 
 
 def test_stream_json_several_prompts_and_stop(llama):
-    res = run_cli("generate", llama.bundle, "--task", "a", "the movie", "the plot", "--stream", "--json",
+    res = cli("generate", llama.bundle, "--task", "a", "the movie", "the plot", "--stream", "--json",
                   "--max-new-tokens", "6", "--stop", "e")
     assert res.returncode == 0, res.stderr
     lines = [json.loads(x) for x in res.stdout.splitlines()]
@@ -180,11 +180,11 @@ def test_stream_json_several_prompts_and_stop(llama):
 # -- 9. no tracebacks ----------------------------------------------------------------------------------------------
 
 def test_more_bad_values_are_one_line(llama):
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--temperature", "nan"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--temperature", "nan"),
                          "temperature must be a finite number")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--top-p", "inf"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--top-p", "inf"),
                          "top_p must be a finite number")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--stop", ""),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--stop", ""),
                          "stop strings must not be empty")
     s = mpt_export.load_bundle(llama.bundle).session()
     with pytest.raises(InputError, match="tasks must be a task name or a list"):
@@ -199,10 +199,10 @@ def test_more_bad_values_are_one_line(llama):
 
 def test_user_text_is_printed_as_text(llama):
     """Prompts, model output and paths are never read as terminal markup or emoji codes."""
-    res = run_cli("generate", llama.bundle, "--task", "a", "the [/] movie [red]x :thumbs_up:", "--max-new-tokens", "2")
+    res = cli("generate", llama.bundle, "--task", "a", "the [/] movie [red]x :thumbs_up:", "--max-new-tokens", "2")
     assert res.returncode == 0, res.stderr
     assert "'the [/] movie [red]x :thumbs_up:'" in res.stdout
-    res = run_cli("verify", str(llama.bundle) + "[/]x")
+    res = cli("verify", str(llama.bundle) + "[/]x")
     assert_clean_failure(res, "[/]x")
 
 
@@ -216,23 +216,23 @@ def test_undecodable_text_and_odd_values_are_one_line(llama, tmp_path):
     assert res.returncode == 1 and b"not valid UTF-8 text" in res.stderr and b"Traceback" not in res.stderr
     f = tmp_path / "s.jsonl"
     f.write_text('{"task": "a", "text": "\\ud800 x"}\n{"task": null, "text": "fine"}\n')
-    assert_clean_failure(run_cli("generate", llama.bundle, "--input-file", f, "--task", "b"),
+    assert_clean_failure(cli("generate", llama.bundle, "--input-file", f, "--task", "b"),
                          f"{f}:1: \"text\" is not valid Unicode")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--threads", "100000"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--threads", "100000"),
                          "threads must be an integer from 1 to")
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--threads", "-2"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--threads", "-2"),
                          "threads must be an integer")
     for opset in ("9999", "-1"):
-        assert_clean_failure(run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
+        assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
                                      tmp_path / "o", "--opset", opset), "--opset")
-    res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", tmp_path / "q",
+    res = cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", tmp_path / "q",
                   "--quantize", "int8", "--min-agreement", "2")
     assert_clean_failure(res, "--min-agreement must be in [0, 1]")
     assert "validate" not in res.stderr  # refused before any export work
-    assert_clean_failure(run_cli("inspect", "/etc/hostname"), "is a file, not an adapter directory")
-    assert_clean_failure(run_cli("export", "--base-model", tmp_path / "nope", "--adapter", str(llama.source), "--out",
+    assert_clean_failure(cli("inspect", "/etc/hostname"), "is a file, not an adapter directory")
+    assert_clean_failure(cli("export", "--base-model", tmp_path / "nope", "--adapter", str(llama.source), "--out",
                                  tmp_path / "o"), "does not exist")
-    from mpt_export.bundle.reader.taskbank import check_task_name
+    from mpt_export.bundle.taskbank import check_task_name
     from mpt_export.errors import TaskNameError
 
     for bad in ("-x", ".", "..", ".hidden"):
@@ -241,7 +241,7 @@ def test_undecodable_text_and_odd_values_are_one_line(llama, tmp_path):
 
 
 def test_crafted_manifest_fields_are_one_line(llama, tmp_path):
-    from test_data_safety import _edit
+    from support import edit_manifest
 
     def shape(m):
         m["graphs"]["backbone"]["outputs"][0]["shape"] = []
@@ -258,13 +258,13 @@ def test_crafted_manifest_fields_are_one_line(llama, tmp_path):
     for label, (fn, needle) in cases.items():
         b = tmp_path / label.replace(" ", "_")
         shutil.copytree(llama.bundle, b)
-        _edit(b, fn, redigest=True)
-        assert_clean_failure(run_cli("verify", b), needle)
-        assert_clean_failure(run_cli("tasks", "list", b), needle)
+        edit_manifest(b, fn, redigest=True)
+        assert_clean_failure(cli("verify", b), needle)
+        assert_clean_failure(cli("tasks", "list", b), needle)
     b = tmp_path / "deep"
     shutil.copytree(llama.bundle, b)
     (b / "manifest.json").write_text("[" * 200000)
-    assert_clean_failure(run_cli("verify", b), "nested too deeply")
+    assert_clean_failure(cli("verify", b), "nested too deeply")
 
 
 def test_closed_pipe_ends_quietly(llama):

@@ -8,13 +8,13 @@ import onnx
 import pytest
 
 import mpt_export
-from conftest import run_cli
+from support import cli
 from mpt_export.errors import InputError
 from mpt_export.runtime.trt.check import TrtCheckError, check_trt
 from mpt_export.runtime.trt.commands import ort_trt_provider_options, resolve_precision, trtexec_commands
 from mpt_export.runtime.trt.identity import EngineMismatchError, check_sidecar, make_sidecar
 from mpt_export.runtime.trt.profiles import Limits, profiles
-from test_cli import assert_clean_failure
+from support import assert_clean_failure
 
 LIM = Limits(max_batch=4, max_input=32, max_new_tokens=16)  # tiny models have 64 positions
 
@@ -57,23 +57,6 @@ def test_seq2seq_profiles(make_case, nts):
     PD = 5 if nts == 2 else 0
     assert first["decoder_prompt_embeds"]["max"] == [4, PD, 32] and first["past_key_values.0.key"]["max"][2] == 0
     assert dec["past_key_values.0.key"]["max"] == [4, 4, PD + 16, 8] and dec["cross.1.value"]["max"] == [4, 4, 37, 8]
-
-
-def test_precision_rules():
-    core = resolve_precision
-    assert core("auto", 10, "float32") == {"precision": "fp32", "strongly_typed": False, "flags": ["--noTF32"],
-                                           "tf32": False}
-    assert core("auto", 10, "float32", tf32=True) == {"precision": "fp32", "strongly_typed": False, "flags": [],
-                                                      "tf32": True}
-    assert resolve_precision("fp16", 10, "float32")["flags"] == ["--fp16", "--noTF32"]
-    assert resolve_precision("bf16", 10, "float32")["flags"] == ["--bf16", "--noTF32"]
-    assert resolve_precision("auto", 10, "float16")["flags"] == ["--stronglyTyped", "--noTF32"]
-    assert core("fp16", 11, "float16") == {"precision": "fp16", "strongly_typed": True, "flags": ["--noTF32"],
-                                           "tf32": False}
-    with pytest.raises(InputError, match="TensorRT 11 builds strongly typed networks: --precision fp16 needs a fp16 bundle"):
-        resolve_precision("fp16", 11, "float32")
-    with pytest.raises(InputError, match="unknown --precision 'int4'"):
-        resolve_precision("int4", 10, "float32")
 
 
 def trtexec_profile_groups(cmd: list[str]) -> list[dict]:
@@ -128,11 +111,11 @@ def test_trtexec_and_ort_options(llama, tmp_path):
     o = ort_trt_provider_options(p["backbone"], tmp_path / "cache")
     assert o["trt_profile_min_shapes"].count("input_ids:") == 2 and o["trt_engine_cache_enable"]
     assert o["trt_profile_max_shapes"].split(",")[0] == "input_ids:4x32"
-    res = run_cli("build", llama.bundle, "--print-trtexec", "--max-batch", "4", "--max-input", "32",
+    res = cli("build", llama.bundle, "--print-trtexec", "--max-batch", "4", "--max-input", "32",
                   "--max-new-tokens", "16", "--precision", "fp16")
     assert res.returncode == 0, res.stderr
     assert "trtexec" in res.stdout and "--fp16" in res.stdout and "prefill, decode" in res.stdout
-    assert_clean_failure(run_cli("build", llama.bundle, "--print-trtexec", "--trt-version", "11", "--precision", "fp16",
+    assert_clean_failure(cli("build", llama.bundle, "--print-trtexec", "--trt-version", "11", "--precision", "fp16",
                                  "--max-input", "32", "--max-new-tokens", "16"), "needs a fp16 bundle")
 
 
@@ -141,12 +124,12 @@ def test_check_trt_passes_on_bundles(make_case, arch, nts):
     b = make_case(arch, nts).bundle
     summary = check_trt(mpt_export.load_bundle(b), LIM)
     assert set(summary) == ({"encoder", "decoder"} if arch == "t5" else {"backbone"})
-    res = run_cli("check-trt", b, "--max-input", "32", "--max-new-tokens", "16")
+    res = cli("check-trt", b, "--max-input", "32", "--max-new-tokens", "16")
     assert res.returncode == 0 and "all supported" in res.stdout
 
 
 def test_check_trt_fails_precisely(llama, tmp_path):
-    from mpt_export.bundle.reader.manifest import write_manifest
+    from mpt_export.bundle.manifest import write_manifest
     from mpt_export.export.quantize import quantize_bundle
 
     q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
@@ -163,7 +146,7 @@ def test_check_trt_fails_precisely(llama, tmp_path):
                                               name="contrib_gelu"))
     onnx.save(m, str(bad / "backbone.onnx"))
     write_manifest(bad, json.loads((bad / "manifest.json").read_text()))
-    assert_clean_failure(run_cli("check-trt", bad, "--max-input", "32", "--max-new-tokens", "16"),
+    assert_clean_failure(cli("check-trt", bad, "--max-input", "32", "--max-new-tokens", "16"),
                          "unsupported op FastGelu (domain com.microsoft: an ONNX Runtime contrib op, node contrib_gelu)")
     # external data cut short (and the manifest rewritten to match, so only check-trt can tell)
     data = (bad / "backbone.onnx.data").read_bytes()
@@ -201,10 +184,10 @@ def test_build_and_generate_errors_without_tensorrt(llama, tmp_path):
         pytest.skip("tensorrt is installed: the engine tests below cover building")
     except ImportError:
         pass
-    assert_clean_failure(run_cli("build", llama.bundle, "--max-input", "32", "--max-new-tokens", "16", "--out",
+    assert_clean_failure(cli("build", llama.bundle, "--max-input", "32", "--max-new-tokens", "16", "--out",
                                  tmp_path / "eng"), "tensorrt Python package is not installed", "--print-trtexec")
     assert not (tmp_path / "eng").exists()
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--backend", "tensorrt"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--backend", "tensorrt"),
                          "needs the engines folder")
 
 
@@ -236,7 +219,7 @@ def test_ort_tensorrt_ep_options_fit_the_model(llama, tmp_path):
     assert o["trt_engine_cache_path"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
     maxes = dict(x.split(":") for x in o["trt_profile_max_shapes"].split(",")[:4])
     assert maxes["attention_mask"] == "8x50"  # P 5 + max_input 45 (59 positions left: 14 new tokens, 45 input)
-    assert_clean_failure(run_cli("generate", llama.bundle, "--task", "a", "hi", "--provider", "tensorrt"),
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "hi", "--provider", "tensorrt"),
                          "provider 'tensorrt'", "available providers are")
 
 
@@ -270,27 +253,12 @@ def test_every_profile_is_ordered_over_a_grid_of_limits(make_case, arch, nts):
     assert checked > 1000
 
 
-def test_version_rules_table():
-    """TensorRT's documented rule: exact version always; version-compatible (built with >= 8.6) on later releases of
-    the same major and on the documented cross-major pairs 8 -> 9, 8 -> 10, 10 -> 11; never on an older runtime."""
-    from mpt_export.runtime.trt.identity import engine_loads
-
-    table = [  # built, runtime, version_compatible, loads
-        ("10.3.0", "10.3.0", False, True), ("10.3.0", "10.4.1", False, False), ("10.3.0", "10.4.1", True, True),
-        ("10.4.1", "10.3.0", True, False), ("10.3.0", "11.0.0", True, True), ("10.3.0", "11.2.1", False, False),
-        ("11.0.0", "10.9.0", True, False), ("11.0.0", "11.1.0", True, True), ("11.1.0", "12.0.0", True, False),
-        ("8.6.1", "9.2.0", True, True), ("8.6.1", "10.0.1", True, True), ("8.6.1", "11.0.0", True, False),
-        ("8.5.3", "8.6.1", True, False), ("8.6.1", "8.6.2", True, True), ("9.2.0", "10.0.0", True, False),
-    ]
-    assert [engine_loads(b, r, vc) for b, r, vc, _ in table] == [ok for *_, ok in table]
-
-
 def test_check_trt_scans_subgraphs_and_functions_and_lists_every_problem(llama, tmp_path):
     """CastLike is supported (TensorRT 10 parser); a float64 initializer is only a warning (the parser casts it
     down); an unsupported op inside an If branch or a model-local function is found; all problems come in one run."""
     from onnx import TensorProto, helper
 
-    from mpt_export.bundle.reader.manifest import write_manifest
+    from mpt_export.bundle.manifest import write_manifest
 
     def edit(dst, bad_ops: bool):
         shutil.copytree(llama.bundle, dst)
@@ -318,7 +286,7 @@ def test_check_trt_scans_subgraphs_and_functions_and_lists_every_problem(llama, 
     ok = edit(tmp_path / "castlike", bad_ops=False)
     summary = check_trt(mpt_export.load_bundle(ok), LIM)
     assert any("float64 initializer" in w and "dbl" in w for w in summary["backbone"]["warnings"])
-    res = run_cli("check-trt", ok, "--max-input", "32", "--max-new-tokens", "16")
+    res = cli("check-trt", ok, "--max-input", "32", "--max-new-tokens", "16")
     assert res.returncode == 0 and "all supported" in res.stdout and "warning" in res.stdout, res.stdout
     bad = edit(tmp_path / "bad", bad_ops=True)
     with pytest.raises(TrtCheckError) as e:
@@ -328,7 +296,7 @@ def test_check_trt_scans_subgraphs_and_functions_and_lists_every_problem(llama, 
     assert "unsupported op Det (node det_in_fn in function local.fn.LocalDet" in probs
     assert "exceeds the model's 64 positions" in probs and len(e.value.problems) == 3
     assert "CastLike" not in probs and "dbl" not in probs
-    res = run_cli("check-trt", bad, "--max-input", "60")
+    res = cli("check-trt", bad, "--max-input", "60")
     assert_clean_failure(res, "3 problem(s) for TensorRT", "Unique", "Det", "--max-input 60")
 
 
@@ -351,80 +319,9 @@ def test_default_limits_fit_the_model(make_case, arch, nts):
         with pytest.raises(InputError, match="exceeds the model's 64 positions"):
             profiles(b.manifest, fit_limits(b.manifest, max_input=512))
     profiles(b.manifest, lim)  # fits
-    res = run_cli("check-trt", bundle)
+    res = cli("check-trt", bundle)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"max input {lim.max_input} (default), max new tokens {lim.max_new_tokens} (default)" in \
         " ".join(res.stdout.split())
-    res = run_cli("build", bundle, "--print-trtexec", "--max-batch", "2")
+    res = cli("build", bundle, "--print-trtexec", "--max-batch", "2")
     assert res.returncode == 0 and "max batch 2, max input" in res.stdout
-
-
-TRT_RECEIVERS = {"runtime": "Runtime", "engine": "ICudaEngine", "ctx": "IExecutionContext", "builder": "Builder",
-                 "network": "INetworkDefinition", "parser": "OnnxParser", "config": "IBuilderConfig",
-                 "prof": "IOptimizationProfile", "cache": "ITimingCache", "used": "ITimingCache"}
-TRT_SCOPES = {"Logger": ("Logger", "Severity")}  # Logger.WARNING: the Severity enum nested in the logger binding
-
-
-def trt_names_used(source: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(class, member, keyword names passed) for every TensorRT name in ``source``: ``trt.X``, ``trt.X.Y`` and
-    members of the variables that hold TensorRT objects in our code (TRT_RECEIVERS)."""
-    import ast
-
-    tree = ast.parse(source)
-    calls = {id(n.func): tuple(k.arg for k in n.keywords if k.arg) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    used = []
-    for n in ast.walk(tree):
-        if not isinstance(n, ast.Attribute):
-            continue
-        v = n.value
-        if isinstance(v, ast.Name) and v.id == "trt":
-            used.append(("trt", n.attr, calls.get(id(n), ())))
-        elif isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "trt" \
-                and not v.attr.startswith("__"):  # trt.__version__.split is Python's
-            used.append((v.attr, n.attr, calls.get(id(n), ())))
-        elif isinstance(v, ast.Name) and v.id in TRT_RECEIVERS:
-            used.append((TRT_RECEIVERS[v.id], n.attr, calls.get(id(n), ())))
-    return used
-
-
-def trt_name_problems(used, api) -> list[str]:
-    classes, module = api["classes"], set(api["module"]) | {"__version__"}
-    bad = []
-    for owner, member, kwargs in used:
-        if owner == "trt":
-            if member not in classes and member not in module:
-                bad.append(f"trt.{member}")
-            continue
-        scopes = TRT_SCOPES.get(owner, (owner,))
-        found = [classes[s][member] for s in scopes if member in classes.get(s, {})]
-        if not found:
-            bad.append(f"{owner}.{member}")
-        elif any(k not in found[0] for k in kwargs):
-            bad.append(f"{owner}.{member}({', '.join(kwargs)}): keyword not in {found[0]}")
-    return bad
-
-
-def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
-    """The TensorRT-only code cannot run here: every attribute, method, enum member and keyword argument it uses
-    on TensorRT objects must appear in TensorRT 10's Python bindings (tensorrt_api.json, extracted from the
-    bindings' C++ source by scripts/trt_api_names.py)."""
-    from pathlib import Path
-
-    import mpt_export.runtime.tensorrt as rt
-    import mpt_export.export.trt_build as tb
-
-    api = json.loads((Path(tb.__file__).with_name("tensorrt_api.json")).read_text())
-    assert api["release"].startswith("10.")
-    used = [u for m in (tb, rt) for u in trt_names_used(Path(m.__file__).read_text())]
-    names = {f"{o}.{m}" for o, m, _ in used}
-    for expected in ("Runtime.engine_host_code_allowed", "Runtime.deserialize_cuda_engine",
-                     "IExecutionContext.execute_async_v3", "IExecutionContext.set_input_shape",
-                     "IExecutionContext.set_optimization_profile_async", "IBuilderConfig.set_timing_cache",
-                     "IBuilderConfig.clear_flag", "BuilderFlag.TF32", "BuilderFlag.VERSION_COMPATIBLE",
-                     "IBuilderConfig.get_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape"):
-        assert expected in names, expected  # the scan sees the calls that matter
-    assert trt_name_problems(used, api) == []
-    # the guard itself fails on a wrong name, a wrong member and a wrong keyword
-    wrong = trt_names_used("runtime.deserialize_engine(b)\nx = trt.BuilderFlag.TF16\n"
-                           "config.set_timing_cache(c, ignore_mismatches=True)\ny = trt.Logger.WARN\n")
-    assert len(trt_name_problems(wrong, api)) == 4

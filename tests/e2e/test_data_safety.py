@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import mpt_export
-from conftest import run_cli
+from support import run_cli
 from mpt_export.errors import BundleError, OutputExistsError
-from test_cli import assert_clean_failure
+from support import assert_clean_failure
 
 EXE = Path(sys.executable).with_name("mpt-export")
 OLD = ["a", "b", "c", "t"]
@@ -349,16 +349,6 @@ def test_killed_between_renames_is_recovered_on_open(llama, tmp_path):
 
 # -- 4. the manifest's own integrity ----------------------------------------------------------------------------------
 
-def _edit(b: Path, fn, redigest: bool):
-    from mpt_export.bundle.reader.manifest import DIGEST_KEY, manifest_digest
-
-    m = json.loads((b / "manifest.json").read_text())
-    fn(m)
-    if redigest:
-        m[DIGEST_KEY] = manifest_digest(m)
-    (b / "manifest.json").write_text(json.dumps(m, indent=2))
-
-
 def test_manifest_edits_are_refused(llama, tmp_path):
     edits = {
         "rename a task": lambda m: m["tasks"][0].update(name="renamed"),
@@ -370,7 +360,7 @@ def test_manifest_edits_are_refused(llama, tmp_path):
     for label, fn in edits.items():
         b = tmp_path / label.replace(" ", "_")
         shutil.copytree(llama.bundle, b)
-        _edit(b, fn, redigest=False)
+        edit_manifest(b, fn, redigest=False)
         with pytest.raises(BundleError, match="does not match its own sha256"):
             mpt_export.load_bundle(b)
         assert_clean_failure(run_cli("verify", b), "does not match its own sha256")
@@ -396,20 +386,20 @@ def test_crafted_manifests_with_a_valid_digest_are_still_refused(llama, tmp_path
     for label, (fn, needle) in cases.items():
         b = tmp_path / label.replace(" ", "_")
         shutil.copytree(llama.bundle, b)
-        _edit(b, fn, redigest=True)
+        edit_manifest(b, fn, redigest=True)
         with pytest.raises(BundleError, match=needle):
             mpt_export.load_bundle(b)
         assert_clean_failure(run_cli("verify", b), needle)
     # the task list against the task bank: by every reader, and by a verifying load (so `verify` fails there too)
     b = tmp_path / "task"
     shutil.copytree(llama.bundle, b)
-    _edit(b, lambda m: m["tasks"][0].update(name="renamed"), redigest=True)
+    edit_manifest(b, lambda m: m["tasks"][0].update(name="renamed"), redigest=True)
     for res in (run_cli("generate", b, "--task", "renamed", "hi"), run_cli("verify", b)):
         assert_clean_failure(res, "does not match tasks.safetensors", "lacks 'renamed' and also holds 'a'")
     # fields that load cannot see are checked where they are used: the graph I/O against the graphs
     b = tmp_path / "vocab"
     shutil.copytree(llama.bundle, b)
-    _edit(b, vocab, redigest=True)
+    edit_manifest(b, vocab, redigest=True)
     with pytest.raises(BundleError, match="logits is float32 .* in the graph but float32 .* in the manifest"):
         mpt_export.load_bundle(b).session()
 
@@ -430,14 +420,14 @@ def test_links_and_unreadable_files_in_a_bundle(llama, tmp_path):
 def _retask(b: Path, fn) -> None:
     """Rewrite the bundle's task bank with ``fn(bank)`` and recompute every digest the manifest has for it (its
     sha256 in ``files`` and the manifest's own) — what someone who edits a bundle on purpose would do."""
-    from mpt_export.bundle.reader.manifest import sha256_file
-    from mpt_export.bundle.reader.taskbank import TaskBank
+    from mpt_export.bundle.manifest import sha256_file
+    from mpt_export.bundle.taskbank import TaskBank
 
     bank = TaskBank.load(b / "tasks.safetensors")
     fn(bank)
     (b / "tasks.safetensors").unlink()
     bank.save(b / "tasks.safetensors")
-    _edit(b, lambda m: m["files"].update({"tasks.safetensors": sha256_file(b / "tasks.safetensors")}), redigest=True)
+    edit_manifest(b, lambda m: m["files"].update({"tasks.safetensors": sha256_file(b / "tasks.safetensors")}), redigest=True)
 
 
 def test_a_task_bank_edited_with_digests_recomputed_fails_verify_and_every_reader(llama, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpt_export.source.adapters import build_task_bank, parse_adapter_spec, read_adapter
-from mpt_export.bundle.reader.taskbank import TaskBank
+from mpt_export.bundle.taskbank import TaskBank
 from mpt_export.errors import BaseModelError, CheckpointError, TaskNameError
 
 

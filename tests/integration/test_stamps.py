@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import mpt_export
-from mpt_export.bundle.reader import reader as bundle_mod
-from mpt_export.bundle.reader import stamps
+from mpt_export.bundle import reader as bundle_mod
+from mpt_export.bundle import stamps
 from mpt_export.errors import BundleError
-from test_cli import assert_clean_failure, run_cli
+from support import assert_clean_failure, cli
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_a_changed_byte_after_the_stamp_is_refused(aged, hashed, keep_mtime):
         assert f.stat().st_mtime_ns == st.st_mtime_ns
     with pytest.raises(BundleError, match="backbone.onnx.data does not match its sha256"):
         mpt_export.load_bundle(aged)
-    assert_clean_failure(run_cli("verify", aged), "backbone.onnx.data", "sha256")
+    assert_clean_failure(cli("verify", aged), "backbone.onnx.data", "sha256")
 
 
 def test_a_copy_is_hashed_on_its_first_open(aged, hashed, tmp_path):

@@ -1,0 +1,165 @@
+"""What the tests share besides fixtures: the tiny-model case (built in code, never downloaded), the CLI run
+in-process (:func:`cli`, through typer's runner: no fresh interpreter per call) or as the installed console script
+(:func:`run_cli`, for the end-to-end tier), and a few assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import traceback
+from contextlib import chdir
+from pathlib import Path
+
+TINY = dict(hidden=32, layers=2, heads=4, max_positions=64)
+
+
+class Case:
+    """A base model dir, a 3-task source adapter (rank 2), a target adapter (rank 1, own P*), and their bundle."""
+
+    def __init__(self, root: Path, arch: str, nts: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        from mpt_export.tools.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter, make_target_adapter
+
+        self.root, self.arch = root, arch
+        self.seq2seq = arch in SEQ2SEQ_ARCHS
+        task_type = "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
+        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        self.base = root / "base"
+        model = make_base_model(self.base, arch=arch, seed=0, **TINY)
+        self.source = make_source_adapter(model, root / "source", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1,
+                                          task_type=task_type, num_transformer_submodules=nts)
+        model = auto.from_pretrained(str(self.base))
+        self.target = make_target_adapter(model, root / "target", self.source, source_task=2, num_ranks=1, seed=2,
+                                          init="ONLY_SOURCE_SHARED", task_type=task_type)
+        # The init file named in the target's config is gone, as on a user's machine: reading must not need it.
+        self.init_copy = root / "gone" / "adapter_model.safetensors"
+        self._bundle = None
+
+    @property
+    def adapters(self) -> list[str]:
+        return [f"a,b,c={self.source}", f"t={self.target}"]
+
+    @property
+    def bundle(self) -> Path:
+        if self._bundle is None:
+            import json
+
+            from mpt_export import export_bundle
+
+            cfg_file = self.target / "adapter_config.json"
+            cfg = json.loads(cfg_file.read_text())
+            cfg["prompt_tuning_init_state_dict_path"] = str(self.init_copy)  # does not exist
+            cfg_file.write_text(json.dumps(cfg))
+            out = self.root / "bundle"
+            export_bundle(self.base, self.adapters, out, seed=123)
+            self._bundle = out
+        return self._bundle
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    exe = Path(sys.executable).with_name("mpt-export")
+    env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns when not on a terminal
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+
+
+def peft_refs(case):
+    """The case's bundle and, per task, (PEFT model over the base, task index in its adapter)."""
+    import mpt_export
+    from mpt_export.export.torchside import adapters_from_bank, load_base_model
+    from mpt_export.export.reference import peft_model_for
+
+    model, _, _ = load_base_model(case.base)
+    b = mpt_export.load_bundle(case.bundle)
+    refs = {}
+    for ck, names in adapters_from_bank(b.task_bank()):
+        pm = peft_model_for(model, ck)
+        for i, n in enumerate(names):
+            refs[n] = (pm, i)
+    return b, refs
+
+
+def left_padded(vocab: int, lens: list[int], seed: int = 5):
+    """Random token rows of the given lengths, left-padded: (ids, mask), int64 (B, max(lens))."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    S = max(lens)
+    ids = np.zeros((len(lens), S), np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lens):
+        ids[i, S - n:] = rng.integers(0, vocab, n)
+        mask[i, S - n:] = 1
+    return ids, mask
+
+
+class CliResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> CliResult:
+    """The CLI in this process (typer's runner), as :func:`run_cli` reports it. A Python exception that escapes a
+    command (a bug: the console script would print a traceback) is re-raised here, never taken for exit code 1."""
+    from typer.testing import CliRunner
+
+    from mpt_export.cli import app
+
+    runner = CliRunner()
+    with chdir(cwd or os.getcwd()):
+        res = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})}, catch_exceptions=True)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"`mpt-export {shlex.join(map(str, args))}` raised "
+                             + "".join(traceback.format_exception(res.exception)))
+    return CliResult(res.exit_code, res.stdout, res.stderr)
+
+
+def assert_clean_failure(res, *needles):
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr + res.stdout
+    assert "Traceback" not in err and "locals" not in err.lower()
+    assert "error:" in err
+    for n in needles:
+        assert n in " ".join(err.split()), (n, err)
+
+
+def no_output_left(out):
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.mpt-export-tmp-*"))
+
+
+def wide_adapter(tmp_path):
+    """A 2-task adapter for a base model of another width (hidden 48) than the cases' (32)."""
+    from mpt_export.tools.demo import make_base_model, make_source_adapter
+
+    m = make_base_model(tmp_path / "wide_base", arch="llama", hidden=48, layers=1, heads=4, tokenizer=False)
+    return make_source_adapter(m, tmp_path / "wide", num_tasks=2, num_virtual_tokens=3)
+
+
+def edit_manifest(b: Path, fn, redigest: bool):
+    """Edit a bundle's manifest.json in place with ``fn``; ``redigest``: recompute its own sha256 as an attacker
+    would."""
+    from mpt_export.bundle.manifest import DIGEST_KEY, manifest_digest
+
+    m = json.loads((b / "manifest.json").read_text())
+    fn(m)
+    if redigest:
+        m[DIGEST_KEY] = manifest_digest(m)
+    (b / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def planted(model, arch: str, factor: float):
+    """A copy of ``model`` with one mid-depth value projection scaled by ``factor`` (a planted error)."""
+    import copy
+
+    from mpt_export.tools.bench_export import mid_value_projection
+
+    import torch
+
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        mid_value_projection(bad).mul_(factor)
+    return bad

@@ -1,0 +1,173 @@
+"""Rules that need neither torch nor a subprocess: sampling numerics, backend limits, API keys, the per-row decode
+logic, TensorRT precision and version rules, and every TensorRT name the code uses against TensorRT's bindings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mpt_export.errors import InputError, NumericsError
+from mpt_export.runtime.decode import Row, choose
+from mpt_export.runtime.limits import BackendLimits
+from mpt_export.runtime.sampling import GREEDY_BELOW, SamplingConfig, select
+from mpt_export.runtime.trt.commands import resolve_precision
+from mpt_export.serving.http.protocol import api_key_of
+
+
+def test_sampling_is_safe_for_every_accepted_temperature():
+    logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 30
+    for t in (1e-320, 1e-300, GREEDY_BELOW / 10, GREEDY_BELOW, 1e-3, 0.7, 2.0, 50.0):
+        cfg = SamplingConfig(4, t, 0, 1.0, seed=1)
+        got = select(logits, cfg, cfg.generators(3))
+        assert got.shape == (3,) and ((0 <= got) & (got < 50)).all(), t
+        if t < GREEDY_BELOW:
+            assert cfg.greedy and (got == logits.argmax(-1)).all()
+    cfg = SamplingConfig(4, 1e-4, 0, 1e-9, seed=1)  # top_p keeping one token: the argmax, whatever the scale
+    assert (select(logits * 1e6, cfg, cfg.generators(3)) == logits.argmax(-1)).all()
+
+
+def test_choose_ends_only_the_rows_that_cannot_go_on():
+    logits = np.random.default_rng(1).normal(size=(4, 20))
+    logits[2, 5] = np.nan
+    cfgs = [SamplingConfig(3, 0.0), SamplingConfig(3, 0.8, seed=2), SamplingConfig(3, 0.0), SamplingConfig(3, 0.0)]
+    rows = [Row(c, c.generators(1)[0], eos=7) for c in cfgs]
+    nxt, failed = choose(rows, logits)
+    assert list(failed) == [2] and isinstance(failed[2], NumericsError)
+    assert nxt[0] == logits[0].argmax() and nxt[3] == logits[3].argmax()
+    r = rows[0]
+    assert r.take(3) == "" and r.finish is None  # no tokenizer: no text, just ids
+    assert r.take(7) is None and r.finish == "eos" and r.tokens == [3, 7]
+    r = rows[3]
+    for tok in (1, 2, 3):
+        r.take(tok)
+    assert r.finish == "length" and r.tokens == [1, 2, 3]
+
+
+def test_backend_limits_name_the_limit_and_only_tighten():
+    lim = BackendLimits.from_dict({"max_batch": 8, "max_input": 64, "max_new_tokens": 16, "opt_batch": 4},
+                                  "the TensorRT engines in e/")
+    lim.check(batch=8, longest=64, new_tokens=16)
+    for kw, word in ((dict(batch=9), "max_batch"), (dict(longest=65), "max_input"),
+                     (dict(new_tokens=17), "max_new_tokens")):
+        with pytest.raises(InputError, match=word) as e:
+            lim.check(**kw)
+        assert "the TensorRT engines in e/" in str(e.value) and "rebuild" in str(e.value)
+    assert lim.tighter(max_batch=4).max_batch == 4 and lim.tighter(max_batch=32).max_batch == 8
+    assert BackendLimits.from_dict({}, "x") is None and BackendLimits(source="t").tighter(max_batch=3).max_batch == 3
+
+
+@pytest.mark.parametrize("key,word", [("", "empty"), ("   ", "only whitespace"), (" k", "whitespace"),
+                                      ("k\n", "whitespace"), ("kä", "printable ASCII")])
+def test_an_api_key_that_would_not_protect_the_server_is_refused(key, word):
+    with pytest.raises(InputError, match=word):
+        api_key_of(key)
+    with pytest.raises(InputError, match="MPT_EXPORT_API_KEY"):
+        api_key_of(None, key)
+    assert api_key_of(None, None) is None and api_key_of("k-1") == "k-1"
+
+
+def test_precision_rules():
+    core = resolve_precision
+    assert core("auto", 10, "float32") == {"precision": "fp32", "strongly_typed": False, "flags": ["--noTF32"],
+                                           "tf32": False}
+    assert core("auto", 10, "float32", tf32=True) == {"precision": "fp32", "strongly_typed": False, "flags": [],
+                                                      "tf32": True}
+    assert resolve_precision("fp16", 10, "float32")["flags"] == ["--fp16", "--noTF32"]
+    assert resolve_precision("bf16", 10, "float32")["flags"] == ["--bf16", "--noTF32"]
+    assert resolve_precision("auto", 10, "float16")["flags"] == ["--stronglyTyped", "--noTF32"]
+    assert core("fp16", 11, "float16") == {"precision": "fp16", "strongly_typed": True, "flags": ["--noTF32"],
+                                           "tf32": False}
+    with pytest.raises(InputError, match="TensorRT 11 builds strongly typed networks: --precision fp16 needs a fp16 bundle"):
+        resolve_precision("fp16", 11, "float32")
+    with pytest.raises(InputError, match="unknown --precision 'int4'"):
+        resolve_precision("int4", 10, "float32")
+
+
+def test_version_rules_table():
+    """TensorRT's documented rule: exact version always; version-compatible (built with >= 8.6) on later releases of
+    the same major and on the documented cross-major pairs 8 -> 9, 8 -> 10, 10 -> 11; never on an older runtime."""
+    from mpt_export.runtime.trt.identity import engine_loads
+
+    table = [  # built, runtime, version_compatible, loads
+        ("10.3.0", "10.3.0", False, True), ("10.3.0", "10.4.1", False, False), ("10.3.0", "10.4.1", True, True),
+        ("10.4.1", "10.3.0", True, False), ("10.3.0", "11.0.0", True, True), ("10.3.0", "11.2.1", False, False),
+        ("11.0.0", "10.9.0", True, False), ("11.0.0", "11.1.0", True, True), ("11.1.0", "12.0.0", True, False),
+        ("8.6.1", "9.2.0", True, True), ("8.6.1", "10.0.1", True, True), ("8.6.1", "11.0.0", True, False),
+        ("8.5.3", "8.6.1", True, False), ("8.6.1", "8.6.2", True, True), ("9.2.0", "10.0.0", True, False),
+    ]
+    assert [engine_loads(b, r, vc) for b, r, vc, _ in table] == [ok for *_, ok in table]
+
+
+TRT_RECEIVERS = {"runtime": "Runtime", "engine": "ICudaEngine", "ctx": "IExecutionContext", "builder": "Builder",
+                 "network": "INetworkDefinition", "parser": "OnnxParser", "config": "IBuilderConfig",
+                 "prof": "IOptimizationProfile", "cache": "ITimingCache", "used": "ITimingCache"}
+TRT_SCOPES = {"Logger": ("Logger", "Severity")}  # Logger.WARNING: the Severity enum nested in the logger binding
+
+
+def trt_names_used(source: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(class, member, keyword names passed) for every TensorRT name in ``source``: ``trt.X``, ``trt.X.Y`` and
+    members of the variables that hold TensorRT objects in our code (TRT_RECEIVERS)."""
+    import ast
+
+    tree = ast.parse(source)
+    calls = {id(n.func): tuple(k.arg for k in n.keywords if k.arg) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    used = []
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Attribute):
+            continue
+        v = n.value
+        if isinstance(v, ast.Name) and v.id == "trt":
+            used.append(("trt", n.attr, calls.get(id(n), ())))
+        elif isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "trt" \
+                and not v.attr.startswith("__"):  # trt.__version__.split is Python's
+            used.append((v.attr, n.attr, calls.get(id(n), ())))
+        elif isinstance(v, ast.Name) and v.id in TRT_RECEIVERS:
+            used.append((TRT_RECEIVERS[v.id], n.attr, calls.get(id(n), ())))
+    return used
+
+
+def trt_name_problems(used, api) -> list[str]:
+    classes, module = api["classes"], set(api["module"]) | {"__version__"}
+    bad = []
+    for owner, member, kwargs in used:
+        if owner == "trt":
+            if member not in classes and member not in module:
+                bad.append(f"trt.{member}")
+            continue
+        scopes = TRT_SCOPES.get(owner, (owner,))
+        found = [classes[s][member] for s in scopes if member in classes.get(s, {})]
+        if not found:
+            bad.append(f"{owner}.{member}")
+        elif any(k not in found[0] for k in kwargs):
+            bad.append(f"{owner}.{member}({', '.join(kwargs)}): keyword not in {found[0]}")
+    return bad
+
+
+def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
+    """The TensorRT-only code cannot run here: every attribute, method, enum member and keyword argument it uses
+    on TensorRT objects must appear in TensorRT 10's Python bindings (tensorrt_api.json, extracted from the
+    bindings' C++ source by scripts/trt_api_names.py)."""
+    from pathlib import Path
+
+    import mpt_export.runtime.tensorrt as rt
+    import mpt_export.export.trt_build as tb
+
+    import mpt_export.runtime.trt as trt_pkg
+
+    api = json.loads((Path(trt_pkg.__file__).with_name("tensorrt_api.json")).read_text())
+    assert api["release"].startswith("10.")
+    used = [u for m in (tb, rt) for u in trt_names_used(Path(m.__file__).read_text())]
+    names = {f"{o}.{m}" for o, m, _ in used}
+    for expected in ("Runtime.engine_host_code_allowed", "Runtime.deserialize_cuda_engine",
+                     "IExecutionContext.execute_async_v3", "IExecutionContext.set_input_shape",
+                     "IExecutionContext.set_optimization_profile_async", "IBuilderConfig.set_timing_cache",
+                     "IBuilderConfig.clear_flag", "BuilderFlag.TF32", "BuilderFlag.VERSION_COMPATIBLE",
+                     "IBuilderConfig.get_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape"):
+        assert expected in names, expected  # the scan sees the calls that matter
+    assert trt_name_problems(used, api) == []
+    # the guard itself fails on a wrong name, a wrong member and a wrong keyword
+    wrong = trt_names_used("runtime.deserialize_engine(b)\nx = trt.BuilderFlag.TF16\n"
+                           "config.set_timing_cache(c, ignore_mismatches=True)\ny = trt.Logger.WARN\n")
+    assert len(trt_name_problems(wrong, api)) == 4
