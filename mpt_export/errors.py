@@ -57,3 +57,42 @@ class ValidationError(MptExportError):
 
 class GenerationError(MptExportError):
     """A graph call failed for one request (retried alone, it still failed); the other requests are unaffected."""
+
+
+class TrtRuntimeError(MptExportError):
+    """TensorRT refused an execution (shape outside the engine, a failed launch)."""
+
+
+class TrtCheckError(MptExportError):
+    """A graph TensorRT's ONNX parser would refuse; ``problems`` lists every one found."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems
+
+
+class EngineMismatchError(MptExportError):
+    """An engine does not belong to this bundle, TensorRT version or GPU."""
+
+
+class QueueFull(MptExportError):
+    """The waiting queue is at ``max_queue``: try again later."""
+
+
+class Draining(MptExportError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class TritonRepositoryError(MptExportError):
+    """A repository Triton would refuse (or one this bundle's engines cannot make)."""
+
+
+class APIError(MptExportError):
+    """An HTTP answer in OpenAI's error shape: status, message, the offending parameter, a code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}

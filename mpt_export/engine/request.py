@@ -7,15 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import MptExportError
-
-
-class QueueFull(MptExportError):
-    """The waiting queue is at ``max_queue``: try again later."""
-
-
-class Draining(MptExportError):
-    """The engine is shutting down and takes no new requests."""
+from ..errors import Draining, QueueFull
 
 
 @dataclass

@@ -25,14 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, MptExportError
+from ..errors import InputError, TrtRuntimeError
 from .trt.env import gpu_identity, import_tensorrt
 from .trt.identity import EngineMismatchError, check_sidecar, read_sidecar
 from .limits import BackendLimits
-
-
-class TrtRuntimeError(MptExportError):
-    """TensorRT refused an execution (shape outside the engine, a failed launch)."""
 
 
 class TrtBackend:

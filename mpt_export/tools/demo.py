@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import InputError
+
 CORPUS = """
 the movie was great and the actors were wonderful . the plot was thin but the music carried it .
 a terrible film , slow and boring , with a script that made no sense at all .
@@ -191,7 +193,7 @@ def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, voc
             n_positions=max_positions, feed_forward_proj="gated-gelu" if flan else "relu",
             tie_word_embeddings=not flan))
     else:
-        raise ValueError(f"unknown demo arch {arch!r}; choose from {', '.join(ARCHS)}")
+        raise InputError(f"unknown demo arch {arch!r}; choose from {', '.join(ARCHS)}")
     with torch.no_grad():  # random init is tiny for some modules (zeros for biases); make every weight matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):

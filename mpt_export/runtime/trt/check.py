@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from ...errors import MptExportError
+from ...errors import MptExportError, TrtCheckError
 from .profiles import fit_limits, profiles
 
 OPS_FILE = Path(__file__).with_name("onnx_tensorrt_ops.txt")
@@ -75,12 +75,6 @@ def _initializers(graph):
                     yield from _initializers(g)
             elif a.type == onnx.AttributeProto.TENSOR and n.op_type == "Constant":
                 yield a.t
-
-
-class TrtCheckError(MptExportError):
-    def __init__(self, message: str, problems: list[str]):
-        super().__init__(message)
-        self.problems = problems
 
 
 def check_trt(bundle, limits=None) -> dict:

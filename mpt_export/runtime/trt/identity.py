@@ -18,14 +18,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from ...errors import MptExportError
+from ...errors import EngineMismatchError  # noqa: F401 (re-exported)
 
 SIDECAR = "engine.json"
 FORMAT = "mpt-export/engine/1"
-
-
-class EngineMismatchError(MptExportError):
-    """An engine does not belong to this bundle, TensorRT version or GPU."""
 
 
 def bundle_fingerprint(bundle) -> dict:

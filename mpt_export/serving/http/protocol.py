@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from ...errors import InputError, TaskNameError
+from ...errors import APIError, InputError, TaskNameError
 from ...engine.request import Draining, QueueFull
 
 DEFAULT_MAX_BODY = 1 << 20
@@ -37,15 +37,6 @@ def api_key_of(option: str | None, env: str | None = None, where: str = "--api-k
         raise InputError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
                          f"use printable ASCII ({off})")
     return key
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}
 
 
 async def read_json(request, limit: int) -> dict:

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import MptExportError
+from ...errors import TritonRepositoryError
 
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL",
                   8: "TYPE_STRING", 11: "TYPE_FP64"}
-
-
-class TritonRepositoryError(MptExportError):
-    """A repository Triton would refuse (or one this bundle's engines cannot make)."""
 
 
 def parse_config(path: Path):

@@ -55,7 +55,9 @@ class TritonPythonModel:
             preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0))  # outputs as numpy, not on a GPU
         response = request.exec()
         if response.has_error():
-            raise RuntimeError(f"{model_name}: {response.error().message()}")
+            from mpt_export.errors import GenerationError
+
+            raise GenerationError(f"{model_name}: {response.error().message()}")
         return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in output_names}
 
     def execute(self, requests):
