@@ -44,12 +44,7 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int
           api_key: str | None = None, threads: int | None = None, provider: str = "cpu", drain_timeout: float = 30.0,
           max_body: int = DEFAULT_MAX_BODY, log=None, prepack: bool | str = "auto") -> int:
     """Run the server until a signal stops it. -> exit code (0 after a drain)."""
-    try:
-        import uvicorn
-    except ImportError:
-        from ...errors import MissingDependencyError
-
-        raise MissingDependencyError("serving needs the serve extra: pip install 'mpt-export[serve]'") from None
+    uvicorn = _import_uvicorn()
     if drain_timeout < 0:
         raise InputError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -61,61 +56,13 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     app = build_app(state)
     sock = bind(host, port)
     actual = sock.getsockname()[1]
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):  # ours are installed below (uvicorn's re-raise the signal at exit)
-            yield
-
-        def install_signal_handlers(self) -> None:  # older uvicorn releases
-            pass
-
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
-                            timeout_graceful_shutdown=max(1, int(drain_timeout)) if drain_timeout else None)
-    server = Server(config)
+    server = _server(uvicorn, app, drain_timeout)
     stopped_at: list[float] = []
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-
-        def stop(sig):
-            if stopped_at and sig == signal.SIGINT:
-                server.force_exit = True
-                return
-            if not stopped_at:
-                stopped_at.append(time.monotonic())
-                say(f"{signal.Signals(sig).name}: draining (finishing requests in flight, up to {drain_timeout:g} s)")
-                state.status = "draining"
-            server.should_exit = True
-
-        async def reload():
-            try:
-                result = await asyncio.to_thread(state.reload)
-                say(f"reloaded: tasks {', '.join(result['tasks'])}")
-            except (APIError, Exception) as e:  # a refused reload keeps serving the bundle it has
-                say(f"reload refused: {getattr(e, 'message', e)}")
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
-
-        def loaded(_):
-            if state.status == "ready":
-                packed = getattr(state.session, "prepacked", None)
-                weights = "" if packed is None else (" (weights prepacked)" if packed else
-                                                     " (weights read in place, not prepacked)")
-                say(f"serving {bundle} on http://{host}:{actual}{weights} — tasks: {', '.join(state.session.tasks)}")
-            elif state.status == "failed":
-                say(f"error: {state.error}")
-                server.should_exit = True
-
-        def load():
-            delay = float(os.environ.get("MPT_EXPORT_SERVE_LOAD_DELAY", "0") or 0)  # test hook: a slow load
-            if delay > 0:
-                time.sleep(delay)
-            state.load()
-
-        loop.run_in_executor(None, load).add_done_callback(lambda f: loop.call_soon_threadsafe(loaded, f))
+        _handle_signals(loop, server, state, stopped_at, drain_timeout, say)
+        _load_in_background(loop, server, state, f"{bundle} on http://{host}:{actual}", say)
         say(f"listening on http://{host}:{actual} (loading {bundle})")
         await server.serve(sockets=[sock])
 
@@ -123,19 +70,106 @@ def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     # soon after each graph call instead of waiting out the loop's 5 ms slice.
     sys.setswitchinterval(0.0005)
     try:
-        try:
-            import uvloop  # optional ([serve] installs it on Linux/macOS): a faster event loop
-
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            loop_factory = None
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(main())
+        _run(main)
     finally:
-        left = drain_timeout - (time.monotonic() - stopped_at[0]) if stopped_at else 0
-        drained = state.drain(max(left, 0.0)) if state.engine else True
-        state.close()
+        drained = _drain(state, stopped_at, drain_timeout)
         sock.close()
     if not drained:
         say("drain timeout: requests still running were cancelled")
     return 0 if state.status != "failed" else 1
+
+
+def _import_uvicorn():
+    try:
+        import uvicorn
+    except ImportError:
+        from ...errors import MissingDependencyError
+
+        raise MissingDependencyError("serving needs the serve extra: pip install 'mpt-export[serve]'") from None
+    return uvicorn
+
+
+def _server(uvicorn, app, drain_timeout: float):
+    """A uvicorn server for ``app`` that leaves the signals to us and waits up to ``drain_timeout`` for requests in
+    flight when it stops."""
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # ours are installed by _handle_signals (uvicorn's re-raise the signal at exit)
+            yield
+
+        def install_signal_handlers(self) -> None:  # older uvicorn releases
+            pass
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
+                            timeout_graceful_shutdown=max(1, int(drain_timeout)) if drain_timeout else None)
+    return Server(config)
+
+
+def _handle_signals(loop, server, state: ServerState, stopped_at: list[float], drain_timeout: float, say) -> None:
+    """SIGTERM/SIGINT: drain (a second SIGINT stops at once; ``stopped_at`` gets the time of the first signal).
+    SIGHUP: reload the bundle's tasks."""
+
+    def stop(sig):
+        if stopped_at and sig == signal.SIGINT:
+            server.force_exit = True
+            return
+        if not stopped_at:
+            stopped_at.append(time.monotonic())
+            say(f"{signal.Signals(sig).name}: draining (finishing requests in flight, up to {drain_timeout:g} s)")
+            state.status = "draining"
+        server.should_exit = True
+
+    async def reload():
+        try:
+            result = await asyncio.to_thread(state.reload)
+            say(f"reloaded: tasks {', '.join(result['tasks'])}")
+        except (APIError, Exception) as e:  # a refused reload keeps serving the bundle it has
+            say(f"reload refused: {getattr(e, 'message', e)}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+
+
+def _load_in_background(loop, server, state: ServerState, where: str, say) -> None:
+    """Load the bundle in a worker thread; then say where it is served (``where``), or stop the server if it failed."""
+
+    def loaded(_):
+        if state.status == "ready":
+            packed = getattr(state.session, "prepacked", None)
+            weights = "" if packed is None else (" (weights prepacked)" if packed else
+                                                 " (weights read in place, not prepacked)")
+            say(f"serving {where}{weights} — tasks: {', '.join(state.session.tasks)}")
+        elif state.status == "failed":
+            say(f"error: {state.error}")
+            server.should_exit = True
+
+    def load():
+        delay = float(os.environ.get("MPT_EXPORT_SERVE_LOAD_DELAY", "0") or 0)  # test hook: a slow load
+        if delay > 0:
+            time.sleep(delay)
+        state.load()
+
+    loop.run_in_executor(None, load).add_done_callback(lambda f: loop.call_soon_threadsafe(loaded, f))
+
+
+def _run(main) -> None:
+    """Run the coroutine function ``main`` to completion, on uvloop where it is installed."""
+    try:
+        import uvloop  # optional ([serve] installs it on Linux/macOS): a faster event loop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+
+
+def _drain(state: ServerState, stopped_at: list[float], drain_timeout: float) -> bool:
+    """Let the engine finish what is left within what remains of the drain budget, then close the state.
+    -> whether everything finished."""
+    left = drain_timeout - (time.monotonic() - stopped_at[0]) if stopped_at else 0
+    drained = state.drain(max(left, 0.0)) if state.engine else True
+    state.close()
+    return drained

@@ -1,0 +1,90 @@
+"""The pinned bundle: what the service pins of a bundle (its manifest and task bank: all a reload may change), and
+the bundle a replica serves for a pin — the pinned manifest and task bank over the graphs, weights and tokenizer of
+the bundle on the replica's node (equal by sha256 to the pinned manifest's)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ...bundle.reader import Bundle
+from ...errors import BundleError
+
+PINNED = "tasks.safetensors"  # with the manifest: all a reload may change
+
+
+def graph_changes(old: dict, new: dict) -> list[str]:
+    """Files other than the task bank whose sha256 differs between two manifests (graphs, weights, tokenizer)."""
+    a = {k: v for k, v in old["files"].items() if k != PINNED}
+    b = {k: v for k, v in new["files"].items() if k != PINNED}
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def make_pin(bundle: Bundle) -> dict:
+    """What the service pins for ``bundle`` (opened and verified): its manifest and task bank bytes, checked."""
+    from ...bundle.manifest import DIGEST_KEY
+
+    data = bundle.read_bytes(PINNED)
+    if hashlib.sha256(data).hexdigest() != bundle.manifest["files"][PINNED]:
+        raise BundleError(f"{bundle.path}/{PINNED} changed while it was read; try again")
+    return {"digest": bundle.manifest[DIGEST_KEY], "manifest": bundle.manifest, PINNED: data}
+
+
+class PinnedBundle(Bundle):
+    """A bundle whose manifest and task bank are the service's pin, and whose other files (graphs, weights,
+    tokenizer — equal by sha256 to the pinned manifest's) are read through a directory handle of the bundle on this
+    node. The task bank sits in a private temporary directory until :meth:`drop_pin` (after the bank is loaded)."""
+
+    def __init__(self, path: Path, manifest: dict, fd: int, pin_dir: Path):
+        super().__init__(path, manifest, fd)
+        self._pin_dir = pin_dir
+
+    def file(self, name: str) -> Path:
+        if name == PINNED:
+            return self._pin_dir / PINNED
+        return super().file(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        return (self._pin_dir / PINNED).read_bytes() if name == PINNED else super().read_bytes(name)
+
+    def drop_pin(self) -> None:
+        shutil.rmtree(self._pin_dir, ignore_errors=True)
+
+
+def open_pinned(bundle_path: str | Path, pin: dict, current: Bundle | None = None) -> PinnedBundle:
+    """The bundle a replica serves for ``pin``: the pin's manifest and task bank (checked against the pin's digest)
+    over the graphs of ``current`` (the bundle the replica already serves: a reload) or of the bundle at
+    ``bundle_path`` on this node (verified, and refused when its graphs or tokenizer are not the pinned ones)."""
+    from ...bundle.reader import load_bundle
+    from ...bundle.manifest import DIGEST_KEY, check_manifest, manifest_digest
+
+    manifest, digest, data = pin["manifest"], pin["digest"], pin[PINNED]
+    if manifest.get(DIGEST_KEY) != digest or manifest_digest(manifest) != digest:
+        raise BundleError(f"the service's pinned manifest for digest {digest[:12]} does not match its own sha256")
+    check_manifest(manifest)
+    if hashlib.sha256(data).hexdigest() != manifest["files"].get(PINNED):
+        raise BundleError(f"the service's pinned {PINNED} for digest {digest[:12]} does not match its manifest")
+    if current is not None and getattr(current, "_fd", None) is not None:
+        path, fd = current.path, os.dup(current._fd)  # the replica's open bundle: nothing on disk is read again
+    else:
+        disk = load_bundle(bundle_path)
+        changed = graph_changes(disk.manifest, manifest)
+        if changed:
+            disk.close()
+            raise BundleError(f"{bundle_path} on this node does not hold the graphs and tokenizer this service serves "
+                              f"(digest {digest[:12]}): {', '.join(changed[:4])} differ; restart `mpt-export serve "
+                              "--ray` to serve the bundle now on disk")
+        path, fd, disk._fd = disk.path, disk._fd, None  # the handle moves to the pinned bundle
+    pin_dir = Path(tempfile.mkdtemp(prefix="mpt-export-pin-"))
+    try:
+        fdw = os.open(pin_dir / PINNED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fdw, "wb") as f:
+            f.write(data)
+    except BaseException:
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        os.close(fd)
+        raise
+    return PinnedBundle(path, manifest, fd, pin_dir)
