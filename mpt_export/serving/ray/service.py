@@ -193,12 +193,16 @@ class _Service:
                 continue
             try:
                 n = self.ray.get(self.control.take.remote(0.5))
-            except self.ray.exceptions.RayActorError:  # the control actor died: a new one, with the current pin
-                self.say("the service's control actor stopped; starting a new one")
+            except self.ray.exceptions.RayError as e:  # the control actor died (killed, out of memory): a new one
+                self.say(f"the service's control actor stopped ({type(e).__name__}); starting a new one")
                 self.start_control()
                 continue
             if n:
-                self.ray.get(self.control.answer.remote(self.reload_and_say("POST /admin/reload")))
+                answer = self.reload_and_say("POST /admin/reload")
+                try:
+                    self.ray.get(self.control.answer.remote(answer))
+                except self.ray.exceptions.RayError:  # the askers' actor went away; they get reload_failed
+                    self.start_control()
 
 
 def serve_ray(bundle: str, host: str = "127.0.0.1", port: int = 8000, replicas: int | None = None,
