@@ -34,7 +34,7 @@ def build_cmd(
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
-    from mpt_export.bundle.reader.reader import load_bundle
+    from mpt_export.bundle.reader import load_bundle
 
     b = load_bundle(bundle)
     limits, said = _limits(b, max_batch, max_input, max_new_tokens)
@@ -72,7 +72,7 @@ def check_trt_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(help="Profile limit: new tokens (default 128, fitted to the model).")] = None,
 ) -> None:
     """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
-    from mpt_export.bundle.reader.reader import load_bundle
+    from mpt_export.bundle.reader import load_bundle
     from mpt_export.runtime.trt.check import check_trt
 
     b = load_bundle(bundle)

@@ -31,24 +31,18 @@ def serve_cmd(
 ) -> None:
     """Serve a bundle over HTTP with OpenAI-compatible routes; requests for any task share the backbone's batches."""
     from mpt_export.errors import InputError
-    from mpt_export.serving.http.server import serve
-
-    if not 0 <= port <= 65535:
-        raise InputError(f"--port must be in [0, 65535], got {port}")
-    if max_batch < 1 or max_queue < 1 or max_body_bytes < 1:
-        raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
+    from mpt_export.serving.http.options import ServeOptions
     from mpt_export.serving.http.protocol import KEY_ENV, api_key_of
 
-    key = api_key_of(api_key, os.environ.get(KEY_ENV))
     if not ray and (replicas is not None or autoscale is not None or ray_address is not None):
         raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
+    options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+                           api_key=api_key_of(api_key, os.environ.get(KEY_ENV)), threads=threads, provider=provider,
+                           drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, prepack=prepack)
     if ray:
         from mpt_export.serving.ray.service import serve_ray
 
-        raise typer.Exit(serve_ray(str(bundle), host=host, port=port, replicas=replicas, autoscale=autoscale,
-                                   address=ray_address, max_batch=max_batch, max_queue=max_queue, api_key=key,
-                                   threads=threads, provider=provider, drain_timeout=drain_timeout,
-                                   max_body=max_body_bytes, prepack="auto" if prepack is None else prepack))
-    raise typer.Exit(serve(str(bundle), host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=key,
-                           threads=threads, provider=provider, drain_timeout=drain_timeout, max_body=max_body_bytes,
-                           prepack="auto" if prepack is None else prepack))
+        raise typer.Exit(serve_ray(str(bundle), options, replicas=replicas, autoscale=autoscale, address=ray_address))
+    from mpt_export.serving.http.server import serve
+
+    raise typer.Exit(serve(str(bundle), options))

@@ -24,7 +24,7 @@ def triton_cmd(
 ) -> None:
     """Write a Triton Inference Server model repository: the graphs as ONNX Runtime or TensorRT models, and a
     decoupled Python-backend model `generate` that batches every task together and streams tokens."""
-    from mpt_export.serving.triton.writer.writer import write_repository
+    from mpt_export.serving.triton.writer import write_repository
 
     r = write_repository(bundle, out, backend=backend, engines=engines, max_batch=max_batch, instances=instances,
                          kind=kind, max_queue=max_queue, prefix=prefix, graph_calls=graph_calls, force=force)

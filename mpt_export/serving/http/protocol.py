@@ -151,10 +151,10 @@ def prompts_of(raw, tok, state) -> list[list[int]]:
     longer than :func:`prompt_cap` are refused before they are tokenized."""
     if isinstance(raw, str) or is_ids(raw):
         raw = [raw]
-    if not isinstance(raw, list) or not raw or len(raw) > state.max_queue or not all(
+    if not isinstance(raw, list) or not raw or len(raw) > state.options.max_queue or not all(
             isinstance(p, str) or is_ids(p) for p in raw):
         raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists "
-                       f"(at most {state.max_queue})", param="prompt")
+                       f"(at most {state.options.max_queue})", param="prompt")
     vocab = state.session.vocab_size
     cap = prompt_cap(state.session)
     for i, p in enumerate(raw):

@@ -22,7 +22,8 @@ import time
 
 from ...errors import InputError
 from .app import build_app
-from .protocol import DEFAULT_MAX_BODY, APIError
+from .options import ServeOptions
+from .protocol import APIError
 from .state import ServerState
 
 
@@ -40,21 +41,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
-          api_key: str | None = None, threads: int | None = None, provider: str = "cpu", drain_timeout: float = 30.0,
-          max_body: int = DEFAULT_MAX_BODY, log=None, prepack: bool | str = "auto") -> int:
+def serve(bundle: str, options: ServeOptions | None = None, log=None) -> int:
     """Run the server until a signal stops it. -> exit code (0 after a drain)."""
+    o = options or ServeOptions()
     uvicorn = _import_uvicorn()
-    if drain_timeout < 0:
-        raise InputError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     from ...bundle.reader import load_bundle
 
     load_bundle(bundle, verify=False).close()  # a wrong path or a damaged manifest fails now, before listening
-    state = ServerState(bundle, provider=provider, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                        api_key=api_key, max_body=max_body, prepack=prepack)
+    state = ServerState(bundle, o)
     app = build_app(state)
-    sock = bind(host, port)
+    host, drain_timeout = o.host, o.drain_timeout
+    sock = bind(host, o.port)
     actual = sock.getsockname()[1]
     server = _server(uvicorn, app, drain_timeout)
     stopped_at: list[float] = []

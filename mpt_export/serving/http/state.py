@@ -8,21 +8,16 @@ from pathlib import Path
 from ...errors import MptExportError
 from ...engine.batching import Engine
 from ...engine.request import Request
-from .protocol import DEFAULT_MAX_BODY, APIError, api_key_of
+from .options import ServeOptions
+from .protocol import APIError
 
 
 class ServerState:
     """The bundle, its session and engine, readiness, metrics — shared by the routes."""
 
-    def __init__(self, bundle_path: str | Path, provider: str = "cpu", threads: int | None = None,
-                 max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_BODY, prepack: bool | str = "auto", drain_timeout: float = 30.0):
+    def __init__(self, bundle_path: str | Path, options: ServeOptions | None = None):
         self.bundle_path = Path(bundle_path)
-        self.provider, self.threads, self.prepack = provider, threads, prepack
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.api_key = api_key_of(api_key, where="api_key")  # None: no key; "" is refused, never "no key"
-        self.max_body = max_body
-        self.drain_timeout = drain_timeout
+        self.options = options = options or ServeOptions()
         self.status = "loading"
         self.error: str | None = None
         self.bundle = self.session = self.engine = self.chat = None
@@ -31,20 +26,14 @@ class ServerState:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def load(self) -> None:
-        """Open the bundle and start the engine (runs in a worker thread while /health answers 503)."""
+        """Open the bundle and start the engine (runs in a worker thread while /health answers 503); a failure is
+        reported by /health and the server's log line."""
         from ...bundle.reader import load_bundle
-        from .chat import ChatTemplate
 
         try:
-            self.bundle = load_bundle(self.bundle_path)
-            self.session = self.bundle.session(provider=self.provider, intra_op_threads=self.threads,
-                                               io_binding=False, prepack=self.prepack)
-            self.session.tokenizer  # noqa: B018 - fail now, not on the first request
-            self.chat = ChatTemplate.from_bundle(self.bundle)
-            self.engine = Engine(self.session, self.max_batch, self.max_queue).start()
-            self.status = "ready"
-        except Exception as e:  # reported by /health and the server's log line
-            self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)
+            self.load_from(load_bundle(self.bundle_path))
+        except Exception:  # status and error are set
+            pass
 
     def drain(self, timeout: float) -> bool:
         self.status = "draining"
@@ -82,17 +71,18 @@ class ServerState:
                     "removed": sorted(before - set(after)), "digest": self.digest}
 
     def load_from(self, bundle) -> None:
-        """:meth:`load` over an already opened ``bundle`` (Ray replicas: the bundle their service pins, whose task
-        bank may differ from the one on disk). Raises on failure (the replica's constructor reports it)."""
+        """Serve an opened ``bundle`` (:meth:`load`; Ray replicas: the bundle their service pins, whose task bank
+        may differ from the one on disk): its session, tokenizer, chat template and engine. Raises on failure."""
         from .chat import ChatTemplate
 
+        o = self.options
         try:
             self.bundle = bundle
-            self.session = bundle.session(provider=self.provider, intra_op_threads=self.threads, io_binding=False,
-                                          prepack=self.prepack)
+            self.session = bundle.session(provider=o.provider, intra_op_threads=o.threads, io_binding=False,
+                                          prepack=o.prepack)
             self.session.tokenizer  # noqa: B018 - fail now, not on the first request
             self.chat = ChatTemplate.from_bundle(bundle)
-            self.engine = Engine(self.session, self.max_batch, self.max_queue).start()
+            self.engine = Engine(self.session, o.max_batch, o.max_queue).start()
             self.status = "ready"
         except Exception as e:
             self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)

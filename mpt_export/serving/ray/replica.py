@@ -21,7 +21,7 @@ from .pin import open_pinned
 RELOAD_TIMEOUT = 300.0  # a replica waits this long for the driver's answer
 
 
-def _replica_state(bundle: str, control: tuple[str, str], options: dict):
+def _replica_state(bundle: str, control: tuple[str, str], options):
     """A :class:`ServerState` whose ``reload()`` (``POST /admin/reload``) asks the driver to reload the service."""
     from ..http.protocol import APIError
     from ..http.state import ServerState
@@ -43,7 +43,7 @@ def _replica_state(bundle: str, control: tuple[str, str], options: dict):
                 raise APIError(int(e["status"]), e["message"], code=e["code"])
             return result
 
-    return ReplicaState(bundle, **options)
+    return ReplicaState(bundle, options)
 
 
 def _deployment():
@@ -56,7 +56,7 @@ def _deployment():
         """One replica: the bundle's session and continuous-batching engine under the OpenAI routes. It opens the
         bundle in its first ``reconfigure`` (the digest the service serves), not in the constructor."""
 
-        def __init__(self, bundle: str, options: dict, control: tuple[str, str]):
+        def __init__(self, bundle: str, options, control: tuple[str, str]):
             self.bundle_path, self.control = bundle, tuple(control)
             self.state = _replica_state(bundle, self.control, options)
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -102,7 +102,7 @@ def _deployment():
         def __del__(self):
             state = getattr(self, "state", None)
             if state is not None:
-                state.drain(float(state.drain_timeout))
+                state.drain(float(state.options.drain_timeout))
                 state.close()
 
     return MptExportReplica

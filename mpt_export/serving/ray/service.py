@@ -43,7 +43,8 @@ import uuid
 from pathlib import Path
 
 from ...bundle.reader import Bundle
-from ...errors import InputError, MptExportError
+from ...errors import MptExportError
+from ..http.options import ServeOptions
 from .cluster import leave_ray, private_ray_env, start_ray
 from .control import CONTROL_NAMESPACE, Control
 from .options import APP_NAME, REPLICA_HEADER, deployment_options, import_ray, parse_autoscale
@@ -66,10 +67,10 @@ def free_port(host: str) -> int:
 class _Service:
     """The driver's side of the service: the pin, the deployed digest, reloads."""
 
-    def __init__(self, ray, serve, bundle: str, state_opts: dict, opts: dict, say):
+    def __init__(self, ray, serve, bundle: str, options: ServeOptions, opts: dict, say):
         self.ray, self.serve, self.bundle, self.opts, self.say = ray, serve, bundle, opts, say
         self.control_name = f"mpt-export-control-{uuid.uuid4().hex[:12]}"
-        self.app_args = (bundle, state_opts, (self.control_name, CONTROL_NAMESPACE))
+        self.app_args = (bundle, options, (self.control_name, CONTROL_NAMESPACE))
         self.control = None
         self.manifest: dict | None = None  # the served digest's manifest
         self.pin: dict | None = None
@@ -205,35 +206,30 @@ class _Service:
                     self.start_control()
 
 
-def serve_ray(bundle: str, host: str = "127.0.0.1", port: int = 8000, replicas: int | None = None,
-              autoscale: str | None = None, address: str | None = None, max_batch: int = 16, max_queue: int = 256,
-              api_key: str | None = None, threads: int | None = None, provider: str = "cpu",
-              drain_timeout: float = 30.0, max_body: int | None = None, prepack: bool | str = "auto",
-              log=None) -> int:
-    """Deploy the bundle on Ray Serve and run until SIGTERM/SIGINT. -> exit code."""
+def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | None = None,
+              autoscale: str | None = None, address: str | None = None, log=None) -> int:
+    """Deploy the bundle on Ray Serve and run until SIGTERM/SIGINT. -> exit code. ``options`` go to every replica
+    (its engine and routes); Serve's HTTP proxy listens on their host and port."""
     from ...bundle.reader import load_bundle
-    from ..http.protocol import DEFAULT_MAX_BODY
 
+    o = options or ServeOptions()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     scale = parse_autoscale(autoscale)
-    if drain_timeout < 0:
-        raise InputError(f"--drain-timeout must be >= 0, got {drain_timeout}")
     bundle = str(Path(bundle).resolve())
     served = load_bundle(bundle)  # verified here once: a wrong path fails now, and replicas on this node trust the stamp
     most = scale[1] if scale else (replicas or 1)
+    threads = o.threads
     if threads is None:  # each replica gets its share of this machine's cores (Ray schedules by num_cpus)
         threads = max(1, (os.cpu_count() or 1) // most) if address is None else 1
-    gpus = 1.0 if provider.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider") else 0.0
+    gpus = 1.0 if o.provider.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider") \
+        else 0.0
     try:
-        opts = deployment_options(replicas, scale, max_batch, max_queue, float(threads), gpus, drain_timeout)
+        opts = deployment_options(replicas, scale, o.max_batch, o.max_queue, float(threads), gpus, o.drain_timeout)
     except BaseException:
         served.close()
         raise
-    if port == 0:
-        port = free_port(host)
-    state_opts = {"provider": provider, "threads": threads, "max_batch": max_batch, "max_queue": max_queue,
-                  "api_key": api_key, "max_body": max_body or DEFAULT_MAX_BODY, "prepack": prepack,
-                  "drain_timeout": drain_timeout}
+    host, port = o.host, (o.port or free_port(o.host))
+    replica_options = o.with_(threads=threads)
     ray = serve = None
     started_ray = False
     workdir = Path(tempfile.mkdtemp(prefix="mpt-export-ray-"))  # 0700: the Ray token of a local instance
@@ -244,9 +240,9 @@ def serve_ray(bundle: str, host: str = "127.0.0.1", port: int = 8000, replicas: 
         stop, hup = _take_signals()
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         how = (f"autoscaling {scale[0]}-{scale[1]} replicas" if scale else f"{opts['num_replicas']} replicas")
-        _run(_Service(ray, serve, bundle, state_opts, opts, say), served, stop, hup,
+        _run(_Service(ray, serve, bundle, replica_options, opts, say), served, stop, hup,
              f"serving {bundle} on http://{host}:{port} with Ray Serve ({how}, {threads:g} CPU each")
-        say(f"stopping: replicas finish their requests (up to {drain_timeout:g} s)")
+        say(f"stopping: replicas finish their requests (up to {o.drain_timeout:g} s)")
         serve.delete(APP_NAME)
         return 0
     finally:

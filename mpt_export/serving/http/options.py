@@ -1,0 +1,37 @@
+"""What ``mpt-export serve`` is told, as one typed object from the command line to where each value is used (the
+socket, the session, the engine, the routes, each Ray replica): one name per concept, checked once here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ...errors import InputError
+from .protocol import DEFAULT_MAX_BODY, api_key_of
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"  # 127.0.0.1: this machine only
+    port: int = 8000  # 0: a free one, printed at start
+    max_batch: int = 16  # rows decoded together at most (lowered to a backend's own limit)
+    max_queue: int = 256  # requests waiting at most; beyond it 429
+    api_key: str | None = None  # None: no key; never empty (see protocol.api_key_of)
+    threads: int | None = None  # ONNX Runtime intra-op threads (None: one per core)
+    provider: str = "cpu"  # ONNX Runtime provider
+    drain_timeout: float = 30.0  # seconds to finish the requests in flight on SIGTERM/SIGINT
+    max_body_bytes: int = DEFAULT_MAX_BODY  # largest request body (413 beyond)
+    prepack: bool | str = "auto"  # ONNX Runtime weight prepacking: True, False or "auto" (None means "auto")
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_body_bytes < 1:
+            raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
+        if self.drain_timeout < 0:
+            raise InputError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
+        if self.prepack is None:
+            object.__setattr__(self, "prepack", "auto")
+
+    def with_(self, **changes) -> "ServeOptions":
+        return replace(self, **changes)
