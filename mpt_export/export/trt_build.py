@@ -17,7 +17,7 @@ from ..errors import ExportError
 from ..storage.ownership import check_replaceable
 from ..runtime.trt.commands import resolve_precision
 from ..runtime.trt.env import gpu_identity, import_tensorrt
-from ..runtime.trt.identity import SIDECAR, make_sidecar
+from ..runtime.trt.sidecar import SIDECAR, make_sidecar
 from ..runtime.trt.profiles import Limits, fit_limits, profiles
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import InputError, TrtRuntimeError
 from .trt.env import gpu_identity, import_tensorrt
-from .trt.identity import EngineMismatchError, check_sidecar, read_sidecar
+from .trt.sidecar import EngineMismatchError, check_sidecar, read_sidecar
 from .limits import BackendLimits
 
 

@@ -398,7 +398,7 @@ def test_model_py_adapter(repo, monkeypatch):
 def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only") -> Path:
     """An engines folder as `mpt-export build` writes it (its sidecar from the library; the plan bytes are not a
     real engine — this machine has no GPU — and nothing here deserializes them)."""
-    from mpt_export.runtime.trt.identity import SIDECAR, make_sidecar
+    from mpt_export.runtime.trt.sidecar import SIDECAR, make_sidecar
     from mpt_export.runtime.trt.profiles import fit_limits, profiles
 
     b = mpt_export.load_bundle(bundle_dir)

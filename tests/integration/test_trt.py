@@ -12,7 +12,7 @@ from support import cli
 from mpt_export.errors import InputError
 from mpt_export.runtime.trt.check import TrtCheckError, check_trt
 from mpt_export.runtime.trt.commands import ort_trt_provider_options, resolve_precision, trtexec_commands
-from mpt_export.runtime.trt.identity import EngineMismatchError, check_sidecar, make_sidecar
+from mpt_export.runtime.trt.sidecar import EngineMismatchError, check_sidecar, make_sidecar
 from mpt_export.runtime.trt.profiles import Limits, profiles
 from support import assert_clean_failure
 

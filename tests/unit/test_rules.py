@@ -88,7 +88,7 @@ def test_precision_rules():
 def test_version_rules_table():
     """TensorRT's documented rule: exact version always; version-compatible (built with >= 8.6) on later releases of
     the same major and on the documented cross-major pairs 8 -> 9, 8 -> 10, 10 -> 11; never on an older runtime."""
-    from mpt_export.runtime.trt.identity import engine_loads
+    from mpt_export.runtime.trt.sidecar import engine_loads
 
     table = [  # built, runtime, version_compatible, loads
         ("10.3.0", "10.3.0", False, True), ("10.3.0", "10.4.1", False, False), ("10.3.0", "10.4.1", True, True),

@@ -150,7 +150,7 @@ def check_engines(bundle, engines: Path | None, max_batch: int) -> dict:
     """The engines folder for ``--backend tensorrt``: written by ``mpt-export build`` from this very bundle, one plan
     per graph, profiles that take ``max_batch`` rows. -> its sidecar. (TensorRT version and GPU are checked where
     the plans run: by Triton, when it loads them.)"""
-    from ...runtime.trt.identity import EngineMismatchError, bundle_fingerprint, read_sidecar
+    from ...runtime.trt.sidecar import EngineMismatchError, bundle_fingerprint, read_sidecar
 
     if engines is None:
         raise InputError("--backend tensorrt needs the engines built from this bundle: run `mpt-export build "
