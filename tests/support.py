@@ -14,6 +14,7 @@ from contextlib import chdir
 from pathlib import Path
 
 TINY = dict(hidden=32, layers=2, heads=4, max_positions=64)
+EXE = Path(sys.executable).with_name("mpt-export")  # the installed console script
 
 
 class Case:
@@ -62,9 +63,8 @@ class Case:
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
-    exe = Path(sys.executable).with_name("mpt-export")
     env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns when not on a terminal
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 def peft_refs(case):

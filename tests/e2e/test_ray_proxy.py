@@ -1,25 +1,19 @@
-"""`mpt-export serve --ray`, for real: a local Ray instance started by the server process this test launches (2 CPU
-replicas), driven over Serve's HTTP proxy by the official `openai` client and httpx. Every Ray process is a
-descendant of that server process; the tests stop it by pid and check that none is left (never `ray stop`, which
-stops by name).
+"""`mpt-export serve --ray`, for real, as a client meets it: a local Ray instance started by the server process this
+run launches (2 CPU replicas), driven over Serve's HTTP proxy by the official `openai` client and httpx — mixed tasks
+equal their offline results, overload answers OpenAI-shaped 429s — while every other listener of the process tree
+(the private control plane) refuses a client without the run's token; bad --ray options fail before any Ray starts.
+Every Ray process is a descendant of that server process; the server is stopped by pid (never `ray stop`, which stops
+by name).
 
-One server serves the module's checks in order (Ray takes ~30-50 s to start here), on a copy of the llama bundle
-that the reload checks change with `mpt-export tasks add/remove`: mixed tasks, overload (429), the private control
-plane (every listener of the process tree), reload through one replica and by SIGHUP (every replica takes the
-digest), a replacement replica serving the served digest (not the disk's), a graph change refused, then the stop."""
+The server is the run's one Ray server (tests/e2e/conftest.py), shared in order with test_ray_reload.py, which runs
+after this module and stops it."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,27 +29,10 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 grpc = pytest.importorskip("grpc")
 
-import mpt_export  # noqa: E402
 from mpt_export.runtime.memory import descendants  # noqa: E402
+from rayserver import AUTH, PROMPTS, complete  # noqa: E402
 
 pytestmark = pytest.mark.ray
-EXE = Path(sys.executable).with_name("mpt-export")
-KEY = "ray-key-1"
-AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cmdline(pid: int) -> str:
@@ -66,132 +43,18 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-class RayServer:
-    """`mpt-export serve --ray` owned by this test: started here, stopped by pid, its process tree checked."""
-
-    def __init__(self, bundle, *args):
-        self.tmp = tempfile.mkdtemp(prefix="mptray", dir="/tmp")  # Ray's socket paths must stay short
-        self.port = free_port()
-        env = {**os.environ, "RAY_TMPDIR": self.tmp, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.proc = subprocess.Popen([str(EXE), "serve", str(bundle), "--ray", "--port", str(self.port),
-                                      "--api-key", KEY, *map(str, args)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 240
-        while not any("serving " in x for x in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"the Ray server did not start: {self.lines[-20:]}")
-            time.sleep(0.1)
-        self.tree = descendants(self.proc.pid)
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def client(self):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-    def health(self) -> dict:
-        r = httpx.get(self.url + "/health", timeout=30)
-        return {**r.json(), "status_code": r.status_code}
-
-    def replicas(self, want: int = 2, tries: int = 500) -> dict[str, dict]:
-        """replica id -> its /health, until ``want`` replicas answered (bounded in count)."""
-        seen: dict[str, dict] = {}
-        for _ in range(tries):
-            if len(seen) >= want:
-                break
-            h = self.health()
-            seen[h["replica"]] = h
-        return seen
-
-    def models_by_replica(self, want: int = 2, tries: int = 500) -> dict[str, list]:
-        """replica id (X-Mpt-Export-Replica) -> the /v1/models body it answered, until ``want`` replicas answered."""
-        seen: dict[str, list] = {}
-        for _ in range(tries):
-            if len(seen) >= want:
-                break
-            r = httpx.get(self.url + "/v1/models", headers=AUTH, timeout=30)
-            assert r.status_code == 200, r.text
-            seen.setdefault(r.headers["x-mpt-export-replica"], []).append(r.json())
-        return seen
-
-    def wait_line(self, text: str, after: int, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines[after:]:
-                if text in line:
-                    return line
-            time.sleep(0.1)
-        raise AssertionError(f"no {text!r} in the server's output within {timeout:g} s: {self.lines[after:][-10:]}")
-
-    def stop(self, timeout=90):
-        """SIGTERM to the server (it deletes the app and shuts down the Ray it started); then every process it
-        had below it must be gone. Survivors are killed by pid and reported."""
-        self.tree |= descendants(self.proc.pid)
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        deadline = time.monotonic() + 20
-        while any(alive(p) for p in self.tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = sorted(p for p in self.tree if alive(p))
-        self.kill(cleanup=False)
-        return rc, left
-
-    def kill(self, cleanup: bool = True):
-        for p in [self.proc.pid, *sorted(self.tree | descendants(self.proc.pid))]:
-            if alive(p):
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=30)
-        if cleanup:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-PROMPTS = ["the cat sat", "once upon a time", "hello", "a b c d e f", "good morning to", "it was"]
-
-
-def complete(client, task, prompt, max_tokens=6):
-    raw = client.completions.with_raw_response.create(model=task, prompt=prompt, max_tokens=max_tokens, temperature=0)
-    return raw.parse().choices[0].text, raw.headers.get("x-mpt-export-replica")
-
-
-def tasks_cli(*args):
-    r = subprocess.run([str(EXE), "tasks", *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 # -- the shared server ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def case(llama, tmp_path_factory):
-    """The llama case's bundle copied (the reload checks change it) and the offline results the server must give."""
-    root = tmp_path_factory.mktemp("raybundle")
-    bundle = root / "bundle"
-    shutil.copytree(llama.bundle, bundle)
-    b = mpt_export.load_bundle(bundle)
-    tasks = b.tasks
-    s = b.session()
-    want = {(t, p): s.generate([p], [t], max_new_tokens=6)[0] for t in tasks for p in PROMPTS}
-    s.close()
-    b.close()
-    return {"bundle": bundle, "tasks": tasks, "want": want, "llama": llama, "state": {}}
+@pytest.fixture
+def case(ray_case):
+    """The run's Ray bundle copy and offline results (tests/e2e/conftest.py)."""
+    return ray_case
 
 
-@pytest.fixture(scope="module")
-def srv(case):
-    s = RayServer(case["bundle"], "--replicas", "2", "--threads", "1", "--max-batch", "4", "--max-queue", "4")
-    yield s
-    s.kill()  # when a check failed before test_ray_stop_leaves_nothing
+@pytest.fixture
+def srv(ray_srv):
+    """The run's one Ray server (tests/e2e/conftest.py)."""
+    return ray_srv
 
 
 def test_ray_replicas_mixed_tasks(srv, case):
@@ -417,135 +280,11 @@ def test_ray_control_plane_private(srv):
     assert not any(token in cmdline(p) for p in tree)
 
 
-# -- reload ------------------------------------------------------------------------------------------------------
-
-def _check_one_service(srv, case, tasks: list[str], digest: str, replicas: set[str] | None = None) -> dict:
-    """Both replicas answer /v1/models with the same body, listing ``tasks``, and serve ``digest``."""
-    health = srv.replicas()
-    assert len(health) == 2, health
-    assert {h["digest"] for h in health.values()} == {digest}, health
-    if replicas is not None:
-        assert set(health) == replicas, "a reload restarted replicas instead of reconfiguring them"
-    models = srv.models_by_replica()
-    assert len(models) == 2, models
-    bodies = [b for bs in models.values() for b in bs]
-    assert all(b == bodies[0] for b in bodies), "/v1/models differs between replicas"
-    assert [m["id"] for m in bodies[0]["data"]] == tasks
-    return health
-
-
-def _all_succeed(srv, task: str, like: str, want: dict, n: int = 30) -> set[str]:
-    client = srv.client()
-    jobs = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    with ThreadPoolExecutor(6) as pool:
-        got = list(pool.map(lambda p: complete(client, task, p), jobs))
-    for p, (text, _) in zip(jobs, got):
-        assert text == want[(like, p)], (task, p)
-    return {r for _, r in got}
-
-
-def test_ray_reload_reaches_every_replica(srv, case):
-    tasks, want = case["tasks"], case["want"]
-    before = srv.replicas()
-    assert len(before) == 2
-    tasks_cli("add", case["bundle"], "--adapter", f"t2={case['llama'].target}")  # t2 has t's vectors
-    r = httpx.post(srv.url + "/admin/reload", headers=AUTH, json={}, timeout=300)
-    assert r.status_code == 200, r.text
-    res = r.json()
-    digest = mpt_export.load_bundle(case["bundle"]).manifest["manifest_sha256"]
-    assert res["added"] == ["t2"] and res["removed"] == [] and res["tasks"] == tasks + ["t2"]
-    assert res["digest"] == digest != case["state"]["digest"]
-    assert res["replicas"] == {rep: digest for rep in before}, res["replicas"]  # answered when all had it
-    # every request for the new task succeeds, whichever replica takes it
-    seen = _all_succeed(srv, "t2", tasks[-1], want)
-    _check_one_service(srv, case, tasks + ["t2"], digest, replicas=set(before))
-    assert seen <= set(before)
-    case["state"]["digest"] = digest
-
-
-def test_ray_sighup_reloads_every_replica(srv, case):
-    tasks, want = case["tasks"], case["want"]
-    before = set(srv.replicas())
-    tasks_cli("remove", case["bundle"], "t2")
-    tasks_cli("add", case["bundle"], "--adapter", f"t3={case['llama'].target}")
-    digest = mpt_export.load_bundle(case["bundle"]).manifest["manifest_sha256"]
-    mark = len(srv.lines)
-    os.kill(srv.proc.pid, signal.SIGHUP)
-    line = srv.wait_line("SIGHUP: reloaded", mark)
-    assert digest[:12] in line and "t3" in line, line
-    _all_succeed(srv, "t3", tasks[-1], want)
-    _check_one_service(srv, case, tasks + ["t3"], digest, replicas=before)
-    with pytest.raises(openai.NotFoundError):
-        srv.client().completions.create(model="t2", prompt="x", max_tokens=2)
-    case["state"]["digest"] = digest
-
-
-def test_ray_replacement_serves_the_served_digest(srv, case):
-    """The bundle on disk changes without a reload, then a replica is killed: Serve's replacement opens the digest
-    the service serves (pinned by the driver), not what is on disk; requests meanwhile all succeed."""
-    tasks, want = case["tasks"], case["want"]
-    served = case["state"]["digest"]
-    tasks_cli("add", case["bundle"], "--adapter", f"t4={case['llama'].target}")  # on disk only
-    pids = {rep: h["pid"] for rep, h in srv.replicas().items()}
-    assert len(pids) == 2, pids
-    victim, pid = sorted(pids.items())[0]
-    assert pid in descendants(srv.proc.pid)  # a process of this test's server, nobody else's
-    os.kill(pid, signal.SIGKILL)
-    t_kill = time.monotonic()
-    client = srv.client()
-    after, seen = [], set()
-    deadline = t_kill + 120
-    for _ in range(5000):  # bounded in count and in time
-        if time.monotonic() > deadline:
-            break
-        text, rep = complete(client, tasks[2], PROMPTS[1])
-        after.append(text)
-        seen.add(rep)
-        if any(r not in pids for r in seen) and len(seen - {victim}) == 2:
-            break
-    replaced = time.monotonic() - t_kill
-    assert victim not in seen, "a request was answered by the killed replica"
-    assert len(seen) == 2 and any(r not in pids for r in seen), f"no replacement replica within 120 s: {seen}"
-    assert set(after) == {want[(tasks[2], PROMPTS[1])]}
-    print(f"\nray: replica replaced in {replaced:.1f} s ({len(after)} requests served meanwhile, none failed)")
-    health = _check_one_service(srv, case, tasks + ["t3"], served)
-    assert victim not in health
-    for _ in range(6):
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="t4", prompt="x", max_tokens=2)
-
-
-def test_ray_reload_refuses_a_graph_change(srv, case):
-    """A reload only takes task vectors: a re-exported backbone is refused (409 restart_required), as by the
-    single-process server, and the service keeps serving its digest."""
-    llama = case["llama"]
-    mpt_export.export_bundle(llama.base, llama.adapters, case["bundle"], force=True, dtype="fp16",
-                             validate=False).close()
-    r = httpx.post(srv.url + "/admin/reload", headers=AUTH, json={}, timeout=300)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "restart_required", r.text
-    _check_one_service(srv, case, case["tasks"] + ["t3"], case["state"]["digest"])
-    assert _all_succeed(srv, "t3", case["tasks"][-1], case["want"], n=6)
-
-
-def test_ray_stop_leaves_nothing(srv):
-    token = getattr(srv, "token", None)
-    rc, left = srv.stop()
-    try:
-        assert rc == 0, srv.lines[-20:]
-        assert not left, f"Ray processes left running after the server stopped: {left}"
-        if token is not None:  # the token file is gone, and the token was never logged
-            assert not srv.token_file.exists() and not srv.token_file.parent.exists()
-            assert not any(token in line for line in srv.lines)
-            for p in Path(srv.tmp).rglob("*"):
-                if p.is_file() and not p.is_symlink() and p.stat().st_size < 64 << 20:
-                    assert token.encode() not in p.read_bytes(), f"the Ray token is written in {p}"
-    finally:
-        shutil.rmtree(srv.tmp, ignore_errors=True)
-
+# -- options, checked before any Ray starts ----------------------------------------------------------------------------
 
 def test_ray_cli_errors(tmp_path):
     """Bad --ray options: one line, exit 1, no Ray started."""
-    from conftest import run_cli
+    from support import run_cli
 
     from mpt_export.errors import InputError
 

@@ -1,0 +1,116 @@
+"""The server, for real: `mpt-export serve` on 127.0.0.1 (a free port), driven by the official `openai` client and
+httpx; results compared with the library's own offline generation. This module: a server's life, each check with a
+server of its own — a full queue answers 429 and the server recovers, SIGTERM drains a request in flight, /health
+while loading, reload (by request and by SIGHUP) and a changed backbone refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import mpt_export  # noqa: E402
+from servers import AUTH, KEY, PROMPTS, server  # noqa: E402
+from support import EXE  # noqa: E402
+
+
+def test_queue_full_is_429_and_the_server_recovers(served):
+    with server(served["bundle"], "--max-batch", "1", "--max-queue", "1") as s:
+        c = s.client()
+        busy = c.completions.create(model="sst2", prompt="the movie was", max_tokens=480, temperature=0,
+                                    stream=True)  # long enough to outlast the probe on a loaded machine
+        it = iter(busy)
+        next(it)  # the only row is busy
+        waiting = threading.Thread(target=lambda: c.completions.create(model="mnli", prompt="x y", max_tokens=2,
+                                                                       temperature=0))
+        waiting.start()  # fills the queue of one
+        deadline = time.monotonic() + 10
+        while "mpt_export_queue_depth 1.0" not in httpx.get(s.url + "/metrics", headers=AUTH).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with ThreadPoolExecutor(6) as ex:  # several at once: the busy row may finish early on a loaded machine
+            probes = list(ex.map(lambda _: httpx.post(s.url + "/v1/completions", timeout=60, json={
+                "model": "qnli", "prompt": "z", "max_tokens": 2}), range(6)))
+        r = next((p for p in probes if p.status_code == 429), None)
+        assert r is not None and r.headers["retry-after"] == "1", [p.status_code for p in probes]
+        assert r.json()["error"]["code"] == "queue_full"
+        assert all(p.status_code in (200, 429) for p in probes)
+        list(it)
+        waiting.join(timeout=60)
+        r = c.completions.create(model="qnli", prompt="z", max_tokens=2, temperature=0)  # healthy afterwards
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert s.stop() == 0
+
+
+def test_sigterm_drains_a_request_in_flight(served, offline):
+    with server(served["bundle"], "--drain-timeout", "60") as s:
+        c = s.client()
+        out = {}
+
+        def run():
+            out["text"] = c.completions.create(model="rte", prompt=PROMPTS[0], max_tokens=250, temperature=0
+                                               ).choices[0].text
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.monotonic() + 30
+        while "mpt_export_running_batch_size 1.0" not in httpx.get(s.url + "/metrics", headers=AUTH).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(s.proc.pid, signal.SIGTERM)
+        t.join(timeout=60)
+        assert s.proc.wait(timeout=60) == 0
+        assert out["text"] == offline("rte", PROMPTS[0], 250)
+        assert any("draining" in x for x in s.lines)
+
+
+def test_health_while_loading_and_reload(served, tmp_path):
+    import shutil
+
+    b = tmp_path / "bundle"
+    shutil.copytree(served["bundle"], b)
+    with server(b, "--api-key", KEY, env={"MPT_EXPORT_SERVE_LOAD_DELAY": "1.5"}, ready=False) as s:
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        s.wait_ready()
+        c = s.client()
+        # a task added on disk appears after a reload, while a request is in flight
+        stream = c.completions.create(model="sst2", prompt="the movie was", max_tokens=120, temperature=0, stream=True)
+        it = iter(stream)
+        first = next(it).choices[0].text
+        res = subprocess.run([str(EXE), "tasks", "add", str(b), "--adapter", f"fresh={served['target']}"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        r = httpx.post(s.url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.json()["added"] == ["fresh"]
+        assert "fresh" in [m.id for m in c.models.list().data]
+        assert first + "".join(ch.choices[0].text for ch in it) == \
+            mpt_export.load_bundle(b).session().generate(["the movie was"], ["sst2"], max_new_tokens=120)[0]
+        r = c.completions.create(model="fresh", prompt="the plot", max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        # SIGHUP reloads too
+        subprocess.run([str(EXE), "tasks", "remove", str(b), "fresh"], check=True, capture_output=True, timeout=120)
+        os.kill(s.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "fresh" in [m.id for m in c.models.list().data]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # a changed backbone is not reloaded
+        mpt_export.export_bundle(served["base"], [f"sst2,mnli,qnli={served['root'] / 'src'}"], b, force=True,
+                                 dtype="fp16", validate=False).close()
+        r = httpx.post(s.url + "/admin/reload", json={}, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "restart_required"
+        assert c.completions.create(model="rte", prompt="x y", max_tokens=2, temperature=0).choices
+        assert s.stop() == 0

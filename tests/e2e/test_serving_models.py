@@ -1,0 +1,79 @@
+"""The server, for real: `mpt-export serve` on 127.0.0.1 (a free port), driven by the official `openai` client and
+httpx; results compared with the library's own offline generation. This module: other models and drivers — a base
+model with a chat template (chat completions), a T5 bundle, and bench-serve's tiny preset end to end."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import mpt_export  # noqa: E402
+from servers import server  # noqa: E402
+
+
+def test_chat_completions_with_a_template(tmp_path, served):
+    """A base model with a chat template: export copies it, the server renders it (sandboxed) and generates."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(served["base"], base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}assistant:{% endif %}")
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    b = mpt_export.export_bundle(base, [f"sst2,mnli,qnli={served['root'] / 'src'}"], tmp_path / "b", validate=False)
+    s_off = b.session()
+    with server(tmp_path / "b") as s:
+        c = s.client()
+        msgs = [{"role": "user", "content": "the movie was"}]
+        r = c.chat.completions.create(model="mnli", messages=msgs, max_tokens=6, temperature=0)
+        ids = s_off.tokenizer.encode("user: the movie was\nassistant:", add_special_tokens=False)
+        ref = s_off.generate_detailed(np.array([ids]), ["mnli"], max_new_tokens=6)
+        assert r.choices[0].message.content == s_off.decode_row(ref, 0) and r.choices[0].message.role == "assistant"
+        chunks = list(c.chat.completions.create(model="mnli", messages=msgs, max_tokens=6, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "mnli", "messages": "hi"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        assert s.stop() == 0
+
+
+def test_a_t5_bundle_is_served(make_case):
+    case = make_case("t5", 2)
+    sess = mpt_export.load_bundle(case.bundle).session()
+    with server(case.bundle) as s:
+        c = s.client()
+        jobs = [("a", "the movie", 6), ("t", "the plot was", 9), ("b", "one", 4), ("c", "a frozen backbone", 7)]
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda j: c.completions.create(model=j[0], prompt=j[1], max_tokens=j[2],
+                                                             temperature=0).choices[0].text, jobs))
+        assert got == [sess.generate([p], [t], max_new_tokens=n)[0] for t, p, n in jobs]
+        text = "".join(ch.choices[0].text for ch in c.completions.create(model="t", prompt="the plot was",
+                                                                          max_tokens=9, temperature=0, stream=True))
+        assert text == got[1]
+        assert s.stop() == 0
+
+
+def test_bench_serve_tiny_runs_end_to_end(tmp_path):
+    """The bench drives its own server with a client process of its own and reports every figure."""
+    from support import run_cli
+
+    res = run_cli("bench-serve", "--preset", "tiny", "--workdir", tmp_path, "--clients", "4", "--requests", "8",
+                  "--prompt-len", "8", "--max-tokens", "6", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["clients"] == 4 and r["requests"] == 8
+    for mode in ("sequential", "concurrent"):
+        row = r[mode]
+        assert row["requests"] == 8 and 8 <= row["tokens"] <= 48 and row["tokens_per_s"] > 0
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"]
+    assert r["sequential"]["tokens"] == r["concurrent"]["tokens"]  # the same greedy requests, the same tokens
+    assert r["concurrent"]["mean_batch"] > 1 and r["ceiling"]["tokens_per_s"] > 0 and r["served_vs_ceiling"] > 0
