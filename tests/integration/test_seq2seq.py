@@ -168,7 +168,7 @@ def test_separate_token_tables_export_what_peft_computes(tmp_path, nts):
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from conftest import TINY
+    from support import TINY
     from mpt_export.tools.demo import make_base_model, make_source_adapter
 
     model = make_base_model(tmp_path / "base", arch="flan-t5", seed=4, **TINY)
