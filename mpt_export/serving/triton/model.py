@@ -18,7 +18,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
-        from .generate import TritonGeneration
+        from mpt_export.serving.triton.generate import TritonGeneration  # absolute: this file is copied into a repository
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
