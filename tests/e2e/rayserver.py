@@ -48,6 +48,7 @@ class RayServer:
                                       "--api-key", KEY, *map(str, args)], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
+        self.tree: set[int] = set()  # filled once it started; kill() may run before that
         threading.Thread(target=self._read, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 240
