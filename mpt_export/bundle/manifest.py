@@ -1,5 +1,5 @@
 """The bundle's manifest: its constants, digests (of every file and of itself) and the checks of every field the
-runtime trusts. Reading a bundle is in ``bundle.py``; the format is documented in docs/bundle-format.md."""
+runtime trusts. Reading a bundle is in ``reader.py``; the format is documented in docs/bundle-format.md."""
 
 from __future__ import annotations
 
@@ -96,8 +96,6 @@ def _posint(d: dict, key: str, where: str, zero: bool = False) -> int:
 
 def check_manifest(m) -> None:
     """Every field the runtime trusts: present, of the right type, consistent with the others and the graph specs."""
-    from .taskbank import TASK_NAME_RE, positions_needed
-
     if not isinstance(m, dict):
         raise _bad("the top level", type(m).__name__, "a JSON object")
     task_type = m.get("task_type")
@@ -105,6 +103,18 @@ def check_manifest(m) -> None:
         raise _bad("task_type", task_type, f"one of {', '.join(REQUIRED)}")
     if m.get("dtype", "float32") not in DTYPES:
         raise _bad("dtype", m.get("dtype"), f"one of {', '.join(DTYPES)}")
+    files = _check_files(m, task_type)
+    bm = _check_base_model(m)
+    graphs = _check_graph_specs(m, files, task_type)
+    _check_graph_fields(m, bm, graphs, task_type)
+    _check_token_ids(bm)
+    _check_reports(m)
+    tasks = _check_tasks(m)
+    _check_positions(m, bm, tasks, task_type)
+
+
+def _check_files(m: dict, task_type: str) -> dict:
+    """``files``: plain relative paths inside the bundle, each with a sha256; every file the task type needs."""
     files = m.get("files")
     if not isinstance(files, dict) or not files:
         raise _bad("files", files, "an object mapping each file to its sha256")
@@ -117,12 +127,22 @@ def check_manifest(m) -> None:
     for req in REQUIRED[task_type]:
         if req not in files:
             raise BundleError(f"{MANIFEST} does not list {req}; the bundle is incomplete — {REDO}")
+    return files
+
+
+def _check_base_model(m: dict) -> dict:
+    """``base_model``: an object with the positive sizes the runtime allocates by."""
     bm = m.get("base_model")
     if not isinstance(bm, dict):
         raise _bad("base_model", bm, "an object")
     for key in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size",
                 "max_positions"):
         _posint(bm, key, "base_model")
+    return bm
+
+
+def _check_graph_specs(m: dict, files: dict, task_type: str) -> dict:
+    """``graphs``: the task type's graphs, each a file of the bundle with well-formed input and output specs."""
     graphs = m.get("graphs")
     if not isinstance(graphs, dict) or set(graphs) != set(GRAPHS[task_type]):
         raise _bad("graphs", sorted(graphs) if isinstance(graphs, dict) else graphs,
@@ -140,13 +160,21 @@ def check_manifest(m) -> None:
                         isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
                         for d in x["shape"]) for x in io):
                 raise _bad(f"graphs.{g}.{side}", io, "a list of {name, dtype, shape: [int | axis name]}")
-    _check_graph_fields(m, bm, graphs, task_type)
+    return graphs
+
+
+def _check_token_ids(bm: dict) -> None:
+    """The special token ids: null, or ids (or lists of ids) below the vocabulary size."""
     for key in ("eos_token_id", "bos_token_id", "decoder_start_token_id", "pad_token_id"):
         v = bm.get(key)
         ids = v if isinstance(v, list) else [v]
         if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < bm["vocab_size"]
                                      for i in ids):
             raise _bad(f"base_model.{key}", v, f"a token id below the vocabulary size {bm['vocab_size']} (or null)")
+
+
+def _check_reports(m: dict) -> None:
+    """``validation``, ``quantization`` and ``tokenizer``: objects or null; the recorded tolerances finite."""
     for key in ("validation", "quantization", "tokenizer"):
         if m.get(key) is not None and not isinstance(m[key], dict):
             raise _bad(key, m[key], "an object or null")
@@ -154,6 +182,12 @@ def check_manifest(m) -> None:
         v = (m.get("validation") or {}).get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
             raise _bad(f"validation.{key}", v, "a finite number >= 0")
+
+
+def _check_tasks(m: dict) -> list:
+    """``tasks``: a non-empty list of uniquely named tasks with their sizes (and optional source, digest)."""
+    from .taskbank import TASK_NAME_RE
+
     tasks = m.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise _bad("tasks", tasks, "a non-empty list")
@@ -174,10 +208,17 @@ def check_manifest(m) -> None:
         for key in ("source", "digest"):
             if key in t and not isinstance(t[key], str):
                 raise _bad(f"tasks[{i}].{key}", t[key], "a string")
+    return tasks
+
+
+def _check_positions(m: dict, bm: dict, tasks: list, task_type: str) -> None:
+    """``num_transformer_submodules`` 1 or 2, and every task leaves room for one input token and one new token."""
+    from .taskbank import positions_needed
+
     nts = m.get("num_transformer_submodules", 1)
     if nts not in (1, 2):
         raise _bad("num_transformer_submodules", nts, "1 or 2")
-    for i, t in enumerate(tasks):  # every task must leave room for one input token and one new token
+    for i, t in enumerate(tasks):
         T, P = t["prompt_len"], bm["max_positions"]
         need = positions_needed(T, nts, task_type)
         if need > P:

@@ -91,19 +91,47 @@ def export_bundle(
     memory is gone before ONNX Runtime opens the graphs, so the weights are never held twice. ``isolate`` runs that
     work in a child process (default: when the weights are ``ISOLATE_BYTES`` or more), the only way to hand all of
     it back — torch's exporter, the safetensors mapping and the C heap keep pages after the model is freed."""
-    from .precision import canonical_dtype, tolerance
-
     step = on_step or (lambda s: None)
     check_path_text(Path(out))
     out = resolve_output(out)  # what the user named, as the kernel resolves it ("link/..", ".")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
-        raise InputError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got {opset!r}")
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise InputError(f"--min-agreement must be in [0, 1], got {min_agreement}")
+    _check_options(opset, min_agreement)
     if quantize is not None:
         return _export_quantized(base_model, adapters, out, quantize, min_agreement, dtype=dtype, opset=opset,
                                  atol=atol, rtol=rtol, validate=validate, force=force, seed=seed, provider=provider,
                                  on_step=on_step)
+    dtype, tol, inputs, arch, bank, ckpts = _check_inputs(base_model, adapters, out, opset, dtype, atol, rtol,
+                                                          validate, force, provider)
+    if isolate is None:
+        isolate = weight_bytes(base_model) >= ISOLATE_BYTES
+    with replace_dir(out, "bundle", force, inputs) as tmp:
+        spec = {"base_model": str(base_model), "dtype": dtype, "out": str(tmp), "opset": opset,
+                "validate": validate, "seed": seed}
+        tokenizer_info, res = _torch_artifacts(tmp, base_model, bank, spec, isolate, step)
+        timings = dict(res["timings"])
+        manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, dtype, res, tokenizer_info, step)
+        if validate:
+            manifest["validation"] = _validation_report(tmp, manifest, res["cases"], tol, provider, step, timings)
+        timings["isolated"] = bool(isolate)
+        manifest["timings"] = timings
+        known = dict(manifest["files"])  # nothing but the manifest changed since it was hashed
+        manifest = write_manifest(tmp, manifest, known=known)
+    return load_bundle(out, verify=False)
+
+
+def _check_options(opset, min_agreement) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
+        raise InputError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got {opset!r}")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise InputError(f"--min-agreement must be in [0, 1], got {min_agreement}")
+
+
+def _check_inputs(base_model, adapters, out: Path, opset: int, dtype: str, atol, rtol, validate: bool, force: bool,
+                  provider: str):
+    """Everything checked before any heavy work: the dtype and its tolerance, the output replaceable, the base
+    model's architecture, the adapters read into a task bank, the export dependencies and the opset.
+    -> (dtype, tol, inputs, arch, bank, checkpoints)"""
+    from .precision import canonical_dtype, tolerance
+
     dtype = canonical_dtype(dtype)
     tol = tolerance(dtype, atol, rtol)
     inputs = export_inputs(base_model, adapters)
@@ -122,48 +150,51 @@ def export_bundle(
     if opset > onnx.defs.onnx_opset_version():
         raise InputError(f"--opset {opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()}); "
                          "choose 18 or another opset it supports")
-    if isolate is None:
-        isolate = weight_bytes(base_model) >= ISOLATE_BYTES
-    timings = {}
-    with replace_dir(out, "bundle", force, inputs) as tmp:
-        tokenizer_info = write_tokenizer(base_model, tmp / "tokenizer")  # first: a conversion error costs nothing
-        bank.save(tmp / "tasks.safetensors")
-        spec = {"base_model": str(base_model), "dtype": dtype, "out": str(tmp), "opset": opset,
-                "validate": validate, "seed": seed}
-        res = (run_isolated if isolate else torch_phase)(spec, bank, step)
-        graphs, real_opset, cases = res["graphs"], res["opset"], res["cases"]
-        timings.update(res["timings"])
-        fault_point("graphs exported")
-        step("write composer and task bank")
-        cio = write_composer(tmp / "composer.onnx", arch.hidden_size, real_opset)
-        manifest = {
-            "format": FORMAT,
-            "created_by": tool_versions(),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "task_type": arch.task_type,
-            "dtype": dtype,
-            "opset": real_opset,
-            "base_model": identity(base_model),
-            "num_transformer_submodules": bank.num_transformer_submodules,
-            "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
-            "tasks": bank.manifest_entries(),
-            "adapters": [ck.summary() for ck in ckpts],
-            "tokenizer": tokenizer_info,
-            "validation": None,
-        }
-        manifest = write_manifest(tmp, manifest)
-        if validate:
-            t0 = time.perf_counter()
-            timings["validate_start_rss_mib"] = rss_mib()
-            staged = Bundle(tmp, manifest)
-            manifest["validation"] = _compare(staged, cases, tol, provider, step)
-            timings["validate_s"] = round(time.perf_counter() - t0, 2)
-            timings["validate_peak_rss_mib"] = peak_rss_mib()  # the process's peak (this phase's when isolated)
-        timings["isolated"] = bool(isolate)
-        manifest["timings"] = timings
-        known = dict(manifest["files"])  # nothing but the manifest changed since it was hashed
-        manifest = write_manifest(tmp, manifest, known=known)
-    return load_bundle(out, verify=False)
+    return dtype, tol, inputs, arch, bank, ckpts
+
+
+def _torch_artifacts(tmp: Path, base_model, bank: TaskBank, spec: dict, isolate: bool, step):
+    """The tokenizer and task bank written into ``tmp``, then the torch phase (graphs exported, PEFT's references),
+    in a child process when ``isolate``. -> (tokenizer info, the torch phase's result)"""
+    tokenizer_info = write_tokenizer(base_model, tmp / "tokenizer")  # first: a conversion error costs nothing
+    bank.save(tmp / "tasks.safetensors")
+    res = (run_isolated if isolate else torch_phase)(spec, bank, step)
+    fault_point("graphs exported")
+    return tokenizer_info, res
+
+
+def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dtype: str, res: dict,
+                          tokenizer_info, step) -> dict:
+    """The composer graph and the manifest (no validation report yet), with every file's sha256."""
+    step("write composer and task bank")
+    cio = write_composer(tmp / "composer.onnx", arch.hidden_size, res["opset"])
+    manifest = {
+        "format": FORMAT,
+        "created_by": tool_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "task_type": arch.task_type,
+        "dtype": dtype,
+        "opset": res["opset"],
+        "base_model": identity(base_model),
+        "num_transformer_submodules": bank.num_transformer_submodules,
+        "graphs": {**res["graphs"], "composer": {"file": "composer.onnx", **cio}},
+        "tasks": bank.manifest_entries(),
+        "adapters": [ck.summary() for ck in ckpts],
+        "tokenizer": tokenizer_info,
+        "validation": None,
+    }
+    return write_manifest(tmp, manifest)
+
+
+def _validation_report(tmp: Path, manifest: dict, cases, tol, provider: str, step, timings: dict) -> dict:
+    """The staged bundle against PEFT's reference outputs; its time and memory go into ``timings``."""
+    t0 = time.perf_counter()
+    timings["validate_start_rss_mib"] = rss_mib()
+    staged = Bundle(tmp, manifest)
+    report = _compare(staged, cases, tol, provider, step)
+    timings["validate_s"] = round(time.perf_counter() - t0, 2)
+    timings["validate_peak_rss_mib"] = peak_rss_mib()  # the process's peak (this phase's when isolated)
+    return report
 
 
 def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreement, dtype: str, **kw) -> Bundle:

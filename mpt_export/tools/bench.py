@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_memory import measure_memory
 from .bench_ref import flops_causal, flops_seq2seq, machine_rates, peft_loop, peft_seq2seq_loop
 from ..errors import InputError
 
@@ -93,50 +94,6 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     stamp.write_text(json.dumps(asdict(p)))
     seal_workdir(root)
     return base, bundle, names
-
-
-def _measure_memory(spec: dict) -> int | None:
-    """Peak resident memory of one row, measured in a fresh process (in this one, memory freed by an earlier row is
-    reused without showing up): the peak after loading the row's model and running one batch, minus the resident
-    memory after imports."""
-    import subprocess
-    import sys
-
-    try:
-        res = subprocess.run([sys.executable, "-m", "mpt_export.tools.bench", json.dumps(spec)], capture_output=True,
-                             text=True, timeout=900)
-        return int(res.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
-def _memory_child(spec: dict) -> int:
-    import torch
-
-    from ..runtime.memory import status_bytes
-
-    torch.set_num_threads(spec["threads"])
-    from ..bundle.reader import load_bundle
-
-    ids = np.asarray(spec["ids"], np.int64)
-    base_rss = status_bytes("VmRSS") or 0
-    if spec["kind"] == "peft":
-        from ..export.torchside import adapters_from_bank, load_base_model
-        from ..export.reference import peft_model_for
-
-        model, _, _ = load_base_model(spec["base"], attn_implementation="sdpa")
-        b = load_bundle(spec["bundle"], verify=False)
-        (ck, names), = adapters_from_bank(b.task_bank())
-        pm = peft_model_for(model, ck)
-        task_ids = torch.tensor([names.index(t) for t in spec["tasks"]])
-        if spec["seq2seq"]:
-            peft_seq2seq_loop(pm, torch.from_numpy(ids), task_ids, spec["new"], spec["start"])
-        else:
-            peft_loop(pm, torch.from_numpy(ids), task_ids, spec["new"])
-    else:
-        s = load_bundle(spec["bundle"], verify=False).session(provider=spec["provider"], intra_op_threads=spec["threads"])
-        s.generate_ids(ids, spec["tasks"], max_new_tokens=spec["new"], eos_token_id=None, prompt_kv_cache=spec["cache"])
-    return (status_bytes("VmHWM") or 0) - base_rss
 
 
 def _derived_is_current(out: Path, check) -> bool:
@@ -215,11 +172,37 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}")
     step = on_step or (lambda s: None)
-    import torch
+    threads = _set_threads(threads)
+    p, base, bundle_dir, names, derived, preset = _workload(preset, workdir, bundle, base_model, batch, input_len,
+                                                            new_tokens, step)
+    step("measure machine matmul rate and memory bandwidth")
+    rates = machine_rates(threads)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, p.vocab, (p.batch, p.input_len), dtype=np.int64)
+    tasks = [names[i % len(names)] for i in range(p.batch)]
+    peft = _peft_row(p, base, bundle_dir, ids, tasks, repeats, threads, step)
+    variants, skipped = _variants(p, base, bundle_dir, derived, peft, step)
+    rows, task_kv_ms = _runtime_rows(variants, ids, tasks, p, repeats, threads, peft["mem"], step)
+    rows = [peft["row"], *rows]
+    new = p.batch * p.new_tokens
+    for r in rows:
+        r["tokens_per_s"] = new / r["latency_s"]
+        r["ratio_vs_peft"] = peft["row"]["latency_s"] / r["latency_s"]
+        r["greedy_equal_peft"] = bool(np.array_equal(r["tokens"], peft["row"]["tokens"]))
+        r["floor_s"] = r["flops"] / rates["matmul_flops_per_s"]
+        r["share_of_floor"] = r["floor_s"] / r["latency_s"]
+        r["tokens"] = r["tokens"].tolist()
+    return {
+        "skipped": skipped, "bytes_per_task": _bytes_per_task(peft["bundle"], p),
+        "preset": preset, "config": asdict(p), "threads": threads, "repeats": repeats, "machine": rates,
+        "weight_bytes": peft["weight_bytes"], "decode_step_bytes_floor_s": peft["weight_bytes"] / rates["mem_bytes_per_s"],
+        "rows": rows, "task_kv_once_ms": task_kv_ms, "cpu_count": os.cpu_count(),
+    }
 
-    from ..bundle.reader import load_bundle
-    from ..export.torchside import adapters_from_bank, load_base_model
-    from ..export.reference import peft_model_for
+
+def _set_threads(threads: int | None) -> int:
+    """torch's thread count for the run (checked when given; torch's own default otherwise)."""
+    import torch
 
     if threads is not None:
         from ..runtime.onnxruntime import check_threads
@@ -227,29 +210,37 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
         check_threads(threads, "--threads")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    if bundle is not None:
-        from ..source.basemodel import check_same_base
+    return threads
 
-        user = load_bundle(bundle)
-        check_same_base(base_model, user.base_model)
-        p = preset_for_bundle(user.manifest, batch, input_len, new_tokens)
-        base, bundle_dir = Path(base_model), user.path
-        names = [t["name"] for t in user.manifest["tasks"]][: p.num_tasks]
-        derived = Path(workdir) / f"{user.path.name}-derived"
-        preset = f"bundle {user.path}"
-    else:
-        p = PRESETS[preset]
+
+def _workload(preset, workdir, bundle, base_model, batch: int, input_len: int, new_tokens: int, step):
+    """What is measured: a user's bundle (its shape, its first adapter's tasks) or a preset's, built once.
+    -> (preset, base model, bundle dir, task names, folder for derived bundles, the preset's label)"""
+    if bundle is None:
         base, bundle_dir, names = _prepare(preset, Path(workdir), step)
-        derived = bundle_dir.parent
-    step("measure machine matmul rate and memory bandwidth")
-    rates = machine_rates(threads)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(2, p.vocab, (p.batch, p.input_len), dtype=np.int64)
-    tasks = [names[i % len(names)] for i in range(p.batch)]
+        return PRESETS[preset], base, bundle_dir, names, bundle_dir.parent, preset
+    from ..bundle.reader import load_bundle
+    from ..source.basemodel import check_same_base
 
-    step("PEFT eager")
+    user = load_bundle(bundle)
+    check_same_base(base_model, user.base_model)
+    p = preset_for_bundle(user.manifest, batch, input_len, new_tokens)
+    names = [t["name"] for t in user.manifest["tasks"]][: p.num_tasks]
+    return p, Path(base_model), user.path, names, Path(workdir) / f"{user.path.name}-derived", f"bundle {user.path}"
+
+
+def _peft_row(p: Preset, base: Path, bundle_dir: Path, ids, tasks, repeats: int, threads: int, step) -> dict:
+    """PEFT eager, the baseline: its row, the FLOPs each variant needs, the weight bytes, the memory probe's spec,
+    and the adapter measured (PEFT batches one adapter: its tasks are the workload). The model is freed after."""
     import gc
 
+    import torch
+
+    from ..bundle.reader import load_bundle
+    from ..export.reference import peft_model_for
+    from ..export.torchside import adapters_from_bank, load_base_model
+
+    step("PEFT eager")
     model, _, arch = load_base_model(base, attn_implementation="sdpa")  # PyTorch's fastest attention for the baseline
     b = load_bundle(bundle_dir)
     ck, ck_names = adapters_from_bank(b.task_bank())[0]  # PEFT batches one adapter: its tasks are the workload
@@ -273,28 +264,43 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     mem = {"ids": ids.tolist(), "tasks": tasks, "new": p.new_tokens, "threads": threads, "seq2seq": p.seq2seq,
            "start": int(b.base_model.get("decoder_start_token_id") or 0), "base": str(base)}
     step("memory: PEFT eager in a fresh process")
-    peft_rss = _measure_memory({**mem, "kind": "peft", "bundle": str(bundle_dir)})
+    peft_rss = measure_memory({**mem, "kind": "peft", "bundle": str(bundle_dir)})
     pm = model = None  # free the PyTorch model before the runtime rows
     gc.collect()
+    row = {"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops": peft_flops, "prefill_s": None,
+           "decode_s": None, "peak_rss": peft_rss}
+    return {"row": row, "flops": ours_flops, "cached_flops": ours_cached_flops, "weight_bytes": weight_bytes,
+            "mem": mem, "bundle": b, "adapter": ck, "adapter_tasks": ck_names}
 
-    rows = [{"name": "PEFT eager", "latency_s": t_peft, "tokens": tok_peft, "flops": peft_flops, "prefill_s": None,
-             "decode_s": None, "peak_rss": peft_rss}]
-    variants = [("ORT", bundle_dir, "cpu", False, ours_flops)]
+
+def _variants(p: Preset, base: Path, bundle_dir: Path, derived: Path, peft: dict, step):
+    """The runtime rows to measure: (label, bundle, provider, prompt-KV cache, FLOPs) each, and what was skipped."""
+    flops, cached = peft["flops"], peft["cached_flops"]
+    variants = [("ORT", bundle_dir, "cpu", False, flops)]
     if not p.seq2seq:  # the encoder is bidirectional: no per-task prompt KV to cache
-        variants.append(("ORT + prompt KV", bundle_dir, "cpu", True, ours_cached_flops))
+        variants.append(("ORT + prompt KV", bundle_dir, "cpu", True, cached))
     variants.append(("ORT int8" + ("" if p.seq2seq else " + prompt KV"), _int8_bundle(bundle_dir, derived / "bundle-int8", step), "cpu",
-                     not p.seq2seq, ours_cached_flops if not p.seq2seq else ours_flops))
+                     not p.seq2seq, cached if not p.seq2seq else flops))
     import onnxruntime as ort
 
     skipped = []
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        spec = f"{','.join(ck_names)}={ck.path}"
+        spec = f"{','.join(peft['adapter_tasks'])}={peft['adapter'].path}"
         variants.append(("ORT fp16 CUDA", _fp16_bundle(base, spec, derived / "bundle-fp16", step), "cuda", not p.seq2seq,
-                         ours_cached_flops if not p.seq2seq else ours_flops))
+                         cached if not p.seq2seq else flops))
     else:
         skipped.append("fp16: no GPU execution provider in this onnxruntime (install onnxruntime-gpu on a GPU machine)")
-    rows_task_kv_ms = None
-    fp32_tokens = None
+    return variants, skipped
+
+
+def _runtime_rows(variants, ids, tasks, p: Preset, repeats: int, threads: int, mem: dict, step):
+    """One row per variant (the first is the fp32 reference the others' agreement is measured against), and the
+    time to compute one task's prompt KV the first time. -> (rows, task_kv_once_ms)"""
+    import gc
+
+    from ..bundle.reader import load_bundle
+
+    rows, task_kv_ms, fp32_tokens = [], None, None
     for label, bdir, provider, cache, flops in variants:
         step(label)
         gc.collect()
@@ -302,14 +308,14 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
         if cache:
             t0 = time.perf_counter()
             s.task_kv(tasks[0])
-            if rows_task_kv_ms is None:
-                rows_task_kv_ms = (time.perf_counter() - t0) * 1e3
+            if task_kv_ms is None:
+                task_kv_ms = (time.perf_counter() - t0) * 1e3
         lat, res = _time(lambda c=cache: s.generate_detailed(ids, tasks, max_new_tokens=p.new_tokens, eos_token_id=None,
                                                              prompt_kv_cache=c), repeats)
         row = {"name": label, "latency_s": lat, "tokens": res.ids, "flops": flops,
                "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
                "tokens_processed": res.tokens_processed,
-               "peak_rss": _measure_memory({**mem, "kind": "ort", "bundle": str(bdir), "provider": provider,
+               "peak_rss": measure_memory({**mem, "kind": "ort", "bundle": str(bdir), "provider": provider,
                                             "cache": cache})}
         if fp32_tokens is None:
             fp32_tokens = res.ids
@@ -320,30 +326,14 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
             row["free_running_vs_fp32"] = float((res.ids == fp32_tokens).mean())
         rows.append(row)
         s = None
-    new = p.batch * p.new_tokens
-    for r in rows:
-        r["tokens_per_s"] = new / r["latency_s"]
-        r["ratio_vs_peft"] = t_peft / r["latency_s"]
-        r["greedy_equal_peft"] = bool(np.array_equal(r["tokens"], tok_peft))
-        r["floor_s"] = r["flops"] / rates["matmul_flops_per_s"]
-        r["share_of_floor"] = r["floor_s"] / r["latency_s"]
-        r["tokens"] = r["tokens"].tolist()
-    decode_step_floor = weight_bytes / rates["mem_bytes_per_s"]
+    return rows, task_kv_ms
+
+
+def _bytes_per_task(b, p: Preset) -> dict:
+    """What one more task costs: its vectors, its shared prompt, and the prompt KV kept per task (fp32)."""
     bank = b.task_bank()
     t0 = bank.tasks[0]
     bm = b.base_model  # prompt KV kept per task (fp32): layers x (key, value) x kv_heads x head_dim x P
     kv_bytes = 0 if p.seq2seq else 2 * bm["num_layers"] * bm["num_kv_heads"] * bm["head_dim"] * p.virtual_tokens * 4
-    per_task = {"vectors": int((t0.cols.size + t0.rows.size) * 4), "shared_prompt": int(bank.shared[0].nbytes),
-                "prompt_kv_cache": kv_bytes}
-    return {
-        "skipped": skipped, "bytes_per_task": per_task,
-        "preset": preset, "config": asdict(p), "threads": threads, "repeats": repeats, "machine": rates,
-        "weight_bytes": weight_bytes, "decode_step_bytes_floor_s": decode_step_floor, "rows": rows,
-        "task_kv_once_ms": rows_task_kv_ms, "cpu_count": os.cpu_count(),
-    }
-
-
-if __name__ == "__main__":  # the memory probe's child process (see _measure_memory)
-    import sys
-
-    print(_memory_child(json.loads(sys.argv[1])))
+    return {"vectors": int((t0.cols.size + t0.rows.size) * 4), "shared_prompt": int(bank.shared[0].nbytes),
+            "prompt_kv_cache": kv_bytes}

@@ -1,0 +1,193 @@
+"""Completions over the engine, for the HTTP routes: a body read into prompts and options, one engine request per
+prompt, then either one JSON answer once every request is done (all cancelled when the client disconnects first) or
+a server-sent event stream. Also how every error is answered (OpenAI-shaped, counted in the metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from ...errors import MptExportError
+from ...engine.request import Request
+from .protocol import (APIError, api_error, chat_prompt, error_body, number, prompts_of, read_json, room_for, sampling,
+                       task_of, usage_of)
+from .state import ServerState
+
+
+def error_response(state: ServerState, e: APIError, task=None):
+    """``e`` as its OpenAI-shaped answer, counted under ``task``."""
+    from starlette.responses import JSONResponse
+
+    state.count(task, e.status)
+    return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
+
+
+async def generate(state: ServerState, request, chat: bool):
+    """``POST /v1/completions`` (``chat`` False) or ``/v1/chat/completions``: any APIError answered under the task."""
+    task = None
+    try:
+        data = await read_json(request, state.options.max_body_bytes)
+        task = task_of(state, data)
+        opts = sampling(data)
+        # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
+        # the GIL), after a size check that needs no tokenizer
+        if chat:
+            prompts = await asyncio.to_thread(chat_prompt, state, data.get("messages"))
+        else:
+            prompts = await asyncio.to_thread(prompts_of, data.get("prompt"), state.session.tokenizer, state)
+        max_tokens = _max_tokens(state, data, task, prompts, chat)
+        return await _run(state, request, task, prompts, max_tokens, opts, chat)
+    except APIError as e:
+        return error_response(state, e, task)
+
+
+def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool) -> int:
+    """Completions: ``max_tokens`` (16 by default); chat: ``max_tokens`` or ``max_completion_tokens``, by default as
+    many as the positions allow."""
+    default_max = 16 if not chat else None
+    max_tokens = data.get("max_completion_tokens") if chat and "max_tokens" not in data else data.get(
+        "max_tokens")
+    if max_tokens is None and default_max is None:  # chat: as much as the positions allow
+        max_tokens = max(1, room_for(state, task, max(len(p) for p in prompts)))
+    return number({"max_tokens": max_tokens}, "max_tokens", default_max, 1, integer=True)
+
+
+def _requests(task, prompts, max_tokens, opts, rid: str, queue: asyncio.Queue) -> list[Request]:
+    """One engine request per prompt; their events are put on ``queue`` (from the engine's thread) as
+    ``(prompt index, kind, payload)``."""
+    loop = asyncio.get_running_loop()
+    reqs = []
+    for i, ids in enumerate(prompts):
+        def on_event(kind, payload, i=i):
+            loop.call_soon_threadsafe(queue.put_nowait, (i, kind, payload))
+
+        reqs.append(Request(task=task, ids=ids, max_new_tokens=max_tokens, temperature=opts["temperature"],
+                            top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], seed_row=i,
+                            stop=opts["stop"], on_event=on_event, id=f"{rid}-{i}"))
+    return reqs
+
+
+def _submit(state: ServerState, reqs: list[Request]) -> None:
+    """All of the requests or none: one refused cancels those already submitted."""
+    try:
+        for r in reqs:
+            state.engine.submit(r)
+    except (MptExportError, APIError) as e:
+        for r in reqs:
+            if r.t_submit:
+                state.engine.cancel(r.id)
+        raise api_error(e) from None
+
+
+async def _run(state: ServerState, request, task, prompts, max_tokens, opts, chat):
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    queue: asyncio.Queue = asyncio.Queue()
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    reqs = _requests(task, prompts, max_tokens, opts, rid, queue)
+    _submit(state, reqs)
+    created = int(time.time())
+    if opts["stream"]:
+        return StreamingResponse(_stream(state, rid, created, task, reqs, queue, opts, chat),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+    done = await _wait_all(state, request, reqs, queue)
+    if not done:
+        return Response(status_code=499)  # the client went away; its rows were freed
+    failed = [r for r in reqs if r.error is not None]
+    if failed:
+        return error_response(state, APIError(500, f"generation failed: {failed[0].error}",
+                                              code="generation_failed"), task)
+    for r in reqs:
+        state.observe(r)
+    state.count(task, 200)
+    return JSONResponse(_body(rid, created, task, reqs, chat), headers={"X-Request-Id": rid})
+
+
+def _body(rid: str, created: int, task, reqs: list[Request], chat: bool) -> dict:
+    """The answer once every request is done: a chat.completion or a text_completion."""
+    usage = usage_of(reqs)
+    if chat:
+        r = reqs[0]
+        choices = [{"index": 0, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": None, "finish_reason": r.finish_reason}]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": task, "choices": choices,
+                "usage": usage}
+    choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+               for i, r in enumerate(reqs)]
+    return {"id": rid, "object": "text_completion", "created": created, "model": task, "choices": choices,
+            "usage": usage}
+
+
+async def _wait_all(state: ServerState, request, reqs, queue) -> bool:
+    """Wait until every request is done; if the client disconnects first, cancel them. -> completed?"""
+    pending = {i for i in range(len(reqs))}
+
+    async def events():
+        while pending:
+            i, kind, _ = await queue.get()
+            if kind in ("done", "error"):
+                pending.discard(i)
+
+    async def disconnected():
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    ev, dc = asyncio.ensure_future(events()), asyncio.ensure_future(disconnected())
+    finished, _ = await asyncio.wait({ev, dc}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (ev, dc):
+        if t not in finished:
+            t.cancel()
+    if ev in finished:
+        return True
+    for r in reqs:
+        state.engine.cancel(r.id)
+    state.count(reqs[0].task, 499)
+    return False
+
+
+async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, chat):
+    """The server-sent events: a chunk per token, one per finished prompt, errors, usage if asked, ``[DONE]``."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    pending = set(range(len(reqs)))
+    status = 200
+
+    def chunk(i, text=None, finish=None, role=False):
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else {"content": text or ""}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": task,
+                                      "choices": [choice]}) + "\n\n"
+
+    try:
+        if chat:
+            yield chunk(0, role=True)
+        while pending:
+            i, kind, payload = await queue.get()
+            if kind == "token":
+                yield chunk(i, payload["text"])
+            elif kind == "done":
+                pending.discard(i)
+                state.observe(payload)
+                yield chunk(i, finish=payload.finish_reason)
+            elif kind == "error":
+                pending.discard(i)
+                status = 500
+                err = APIError(500, f"generation failed: {payload}", code="generation_failed")
+                yield "data: " + json.dumps(error_body(err)) + "\n\n"
+        if opts["include_usage"]:
+            yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": task,
+                                         "choices": [], "usage": usage_of(reqs)}) + "\n\n"
+        yield "data: [DONE]\n\n"
+        state.count(task, status)
+    finally:
+        if pending:  # the client went away mid-stream: free its rows at the next step
+            for i in pending:
+                state.engine.cancel(reqs[i].id)
+            state.count(task, 499)
