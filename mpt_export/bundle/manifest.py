@@ -247,6 +247,8 @@ def _check_graph_fields(m: dict, bm: dict, graphs: dict, task_type: str) -> None
     if logits is None or len(logits["shape"]) != 2 or logits["shape"][-1] != V:
         raise _bad("base_model.vocab_size", V, f"the graph's logits width ({logits and logits['shape']})")
     past = [x for x in last["inputs"] if x["name"].startswith("past_key_values.")]
+    if len(past) != 2 * L:  # before building names from L: a crafted huge num_layers must cost nothing
+        raise _bad("base_model.num_layers", L, f"half the graph's {len(past)} past key/value inputs")
     want = {f"past_key_values.{i}.{kind}" for i in range(L) for kind in ("key", "value")}
     have = {x["name"] for x in past}
     if have != want:

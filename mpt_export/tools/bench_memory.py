@@ -41,7 +41,7 @@ def memory_child(spec: dict) -> int:
 
         model, _, _ = load_base_model(spec["base"], attn_implementation="sdpa")
         b = load_bundle(spec["bundle"], verify=False)
-        (ck, names), = adapters_from_bank(b.task_bank())
+        ck, names = adapters_from_bank(b.task_bank())[0]  # the bench's tasks come from the first adapter
         pm = peft_model_for(model, ck)
         task_ids = torch.tensor([names.index(t) for t in spec["tasks"]])
         if spec["seq2seq"]:
