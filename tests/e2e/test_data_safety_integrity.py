@@ -50,6 +50,7 @@ def test_crafted_manifests_with_a_valid_digest_are_still_refused(llama, tmp_path
         "hidden": (lambda m: m["base_model"].update(hidden_size=64), "hidden_size"),
         "dtype": (lambda m: m.update(dtype="float16"), "dtype"),
         "layers": (lambda m: m["base_model"].update(num_layers=5), "num_layers"),
+        "a billion layers": (lambda m: m["base_model"].update(num_layers=10**9), "num_layers"),  # no 22 GB name set
         "bad type": (lambda m: m["base_model"].update(max_positions="lots"), "max_positions"),
     }
     for label, (fn, needle) in cases.items():
