@@ -126,6 +126,8 @@ class Routes:
 
         try:
             result = await asyncio.to_thread(self.state.reload)
+        except APIError:  # already an answer (restart_required, or a Ray service's own)
+            raise
         except MptExportError as e:
             raise APIError(409, f"reload refused: {e}", code="reload_failed") from None
         return JSONResponse(result)
