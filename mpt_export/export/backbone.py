@@ -71,18 +71,19 @@ def _make_wrapper(model, arch: CausalArch):
     return CausalBackbone().eval()
 
 
-def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFAULT_OPSET) -> dict:
+def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFAULT_OPSET,
+                    dtype: str = "float32") -> dict:
     """Export ``model`` (a HF *ForCausalLM in eval mode, eager attention) to ``path`` (+ ``path.data``).
 
     Returns the I/O spec and the opset actually written."""
     import onnx
     import torch
 
-    from .precision import fp32_softmax
+    from .precision import fp32_softmax, graph_dtype
 
     path = Path(path)
-    dtype = arch.embed_tokens(model).weight.dtype
-    io = backbone_io(arch, dtype=str(dtype).replace("torch.", ""))
+    io = backbone_io(arch, dtype=dtype)
+    dtype = graph_dtype(arch.embed_tokens(model), dtype, "backbone export")
     wrapper = _make_wrapper(model, arch)
     L, kv, hd, H = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size
     B, S, P, PL = 2, 3, 4, 5  # every dynamic size >= 2 so none is specialised

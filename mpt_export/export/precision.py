@@ -98,3 +98,18 @@ def fp32_softmax():
         yield
     finally:
         torch.nn.functional.softmax = orig
+
+
+def graph_dtype(embedding, dtype: str, what: str):
+    """The torch dtype the graphs are written in: the export's ``dtype`` (canonical name), which the loaded token
+    embedding must already have — the graph writer is told the precision, it never guesses it from the weights."""
+    import torch
+
+    want = getattr(torch, dtype)
+    have = embedding.weight.dtype
+    if have != want:
+        from ..errors import ExportError
+
+        raise ExportError(f"{what}: the model's weights are {str(have).replace('torch.', '')} but the export asked for "
+                          f"{dtype}; load the model in the export dtype first")
+    return want

@@ -118,7 +118,8 @@ def _wrappers(model, arch, embed=None, decoder_embed=None):
     return Encoder().eval(), Decoder().eval()
 
 
-def export_seq2seq(model, arch, out_dir: str | Path, opset: int, embed=None, decoder_embed=None) -> dict:
+def export_seq2seq(model, arch, out_dir: str | Path, opset: int, embed=None, decoder_embed=None,
+                   dtype: str = "float32") -> dict:
     """Write ``encoder.onnx``, ``decoder.onnx`` and one shared ``weights.onnx.data`` into ``out_dir``.
 
     ``embed`` embeds the encoder's input ids and ``decoder_embed`` the decoder's (default: the model's input
@@ -127,11 +128,11 @@ def export_seq2seq(model, arch, out_dir: str | Path, opset: int, embed=None, dec
     import torch
 
     from .backbone import _set_dim_names
-    from .precision import fp32_softmax
+    from .precision import fp32_softmax, graph_dtype
 
     out_dir = Path(out_dir)
-    dtype = model.get_input_embeddings().weight.dtype
-    io = seq2seq_io(arch, str(dtype).replace("torch.", ""))
+    io = seq2seq_io(arch, dtype)
+    dtype = graph_dtype(model.get_input_embeddings(), dtype, "encoder-decoder export")
     enc, dec = _wrappers(model, arch, embed, decoder_embed)
     L, h, d, H, V = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size, arch.vocab_size
     B, S, P, DS, DP, PL = 2, 3, 4, 3, 2, 5  # every dynamic size >= 2 so none is specialised

@@ -137,13 +137,13 @@ def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
         from .seq2seq import WEIGHTS_FILE, export_seq2seq
 
         step("export encoder and decoder")
-        sio = export_seq2seq(model, arch, tmp, opset=spec["opset"], **token_embeddings(model, bank))
+        sio = export_seq2seq(model, arch, tmp, opset=spec["opset"], dtype=dtype, **token_embeddings(model, bank))
         real_opset = sio.pop("opset")
         graphs = {"encoder": {"file": "encoder.onnx", "external_data": WEIGHTS_FILE, **sio["encoder"]},
                   "decoder": {"file": "decoder.onnx", "external_data": WEIGHTS_FILE, **sio["decoder"]}}
     else:
         step("export backbone")
-        bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=spec["opset"])
+        bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=spec["opset"], dtype=dtype)
         real_opset = bio.pop("opset")
         graphs = {"backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio}}
     timings["graph_export_s"] = round(time.perf_counter() - t0, 2)
