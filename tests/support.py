@@ -163,3 +163,27 @@ def planted(model, arch: str, factor: float):
     with torch.no_grad():
         mid_value_projection(bad).mul_(factor)
     return bad
+
+
+def solo(session, job: dict) -> list[int]:
+    """The tokens ``Session.generate`` gives one engine job (a Request's fields) alone."""
+    import numpy as np
+
+    r = session.generate_detailed(np.array([job["ids"]]), [job["task"]], max_new_tokens=job["max_new_tokens"],
+                                  temperature=job["temperature"], top_k=job["top_k"], seed=job["seed"])
+    return r.ids[0, : r.lengths[0]].tolist()
+
+
+def serve_all(engine, jobs: list[dict]):
+    """Submit every job to the (started) engine at once and wait until each has ended. -> their Requests."""
+    import threading
+
+    from mpt_export.engine.request import Request
+
+    done = threading.Semaphore(0)
+    reqs = [Request(**j, on_event=lambda k, d: done.release() if k in ("done", "error") else None) for j in jobs]
+    for r in reqs:
+        engine.submit(r)
+    for _ in reqs:
+        assert done.acquire(timeout=120)
+    return reqs

@@ -11,7 +11,7 @@ stream-ordered reuse of freed blocks is safe and a gather never reads a buffer T
 Memory: one execution context per engine, switched between its profiles (``set_optimization_profile_async``) —
 contexts per profile would each allocate activation memory for the largest profile.
 
-API use follows TensorRT 10's Python bindings (checked by tests/test_trt.py against ``tensorrt_api.json``, taken
+API use follows TensorRT 10's Python bindings (checked by tests/unit/test_rules.py against ``tensorrt_api.json``, taken
 from the bindings' source): a version-compatible plan embeds the lean runtime, so the runtime must allow engine
 host code before deserialising it; ``deserialize_cuda_engine`` returns None on failure, ``set_input_shape`` and
 ``execute_async_v3`` return False, ``get_tensor_shape`` has -1 for a dimension it cannot infer — each is an error

@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import openai
 
 from mpt_export.runtime.memory import descendants
@@ -135,3 +136,17 @@ PROMPTS = ["the cat sat", "once upon a time", "hello", "a b c d e f", "good morn
 def complete(client, task, prompt, max_tokens=6):
     raw = client.completions.with_raw_response.create(model=task, prompt=prompt, max_tokens=max_tokens, temperature=0)
     return raw.parse().choices[0].text, raw.headers.get("x-mpt-export-replica")
+
+
+# -- the run's one server, as the Ray test modules name it (they import these fixtures) ---------------------
+
+@pytest.fixture
+def case(ray_case):
+    """The run's Ray bundle copy and offline results (tests/e2e/conftest.py)."""
+    return ray_case
+
+
+@pytest.fixture
+def srv(ray_srv):
+    """The run's one Ray server (tests/e2e/conftest.py)."""
+    return ray_srv

@@ -30,7 +30,7 @@ openai = pytest.importorskip("openai")
 grpc = pytest.importorskip("grpc")
 
 from mpt_export.runtime.memory import descendants  # noqa: E402
-from rayserver import AUTH, PROMPTS, complete  # noqa: E402
+from rayserver import case, srv, AUTH, PROMPTS, complete  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -41,20 +41,6 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
-
-
-# -- the shared server ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def case(ray_case):
-    """The run's Ray bundle copy and offline results (tests/e2e/conftest.py)."""
-    return ray_case
-
-
-@pytest.fixture
-def srv(ray_srv):
-    """The run's one Ray server (tests/e2e/conftest.py)."""
-    return ray_srv
 
 
 def test_ray_replicas_mixed_tasks(srv, case):

@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 
 import mpt_export  # noqa: E402
 from mpt_export.runtime.memory import descendants  # noqa: E402
-from rayserver import AUTH, PROMPTS, complete  # noqa: E402
+from rayserver import case, srv, AUTH, PROMPTS, complete  # noqa: E402
 from support import EXE  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -37,20 +37,6 @@ pytestmark = pytest.mark.ray
 def tasks_cli(*args):
     r = subprocess.run([str(EXE), "tasks", *map(str, args)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-# -- the shared server ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def case(ray_case):
-    """The run's Ray bundle copy and offline results (tests/e2e/conftest.py)."""
-    return ray_case
-
-
-@pytest.fixture
-def srv(ray_srv):
-    """The run's one Ray server (tests/e2e/conftest.py)."""
-    return ray_srv
 
 
 # -- reload ------------------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ slots in place, rebuild the batch, or wait while it is compacted — and every r
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
 
 import mpt_export
+from support import serve_all, solo
 from mpt_export.engine.batching import Engine
 from mpt_export.engine.request import QueueFull, Request
 
@@ -28,22 +28,6 @@ def _jobs(bundle, n, seed):
     return jobs
 
 
-def _solo(session, job):
-    r = session.generate_detailed(np.array([job["ids"]]), [job["task"]], max_new_tokens=job["max_new_tokens"],
-                                  temperature=job["temperature"], top_k=job["top_k"], seed=job["seed"])
-    return r.ids[0, : r.lengths[0]].tolist()
-
-
-def _serve_all(engine, jobs):
-    done = threading.Semaphore(0)
-    reqs = [Request(**j, on_event=lambda k, d: done.release() if k in ("done", "error") else None) for j in jobs]
-    for r in reqs:
-        engine.submit(r)
-    for _ in reqs:
-        assert done.acquire(timeout=120)
-    return reqs
-
-
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_staggered_rows_equal_their_solo_results(make_case, arch):
     case = make_case(arch, 2) if arch == "t5" else make_case(arch)
@@ -52,11 +36,11 @@ def test_staggered_rows_equal_their_solo_results(make_case, arch):
     jobs = _jobs(b, 24, seed=3)
     engine = Engine(s, max_batch=3, max_queue=64).start()
     try:
-        reqs = _serve_all(engine, jobs)
+        reqs = serve_all(engine, jobs)
         assert [r.error for r in reqs] == [None] * len(reqs)
         eos = s.eos_token_id
         got = [r.tokens for r in reqs]
-        want = [_solo(s, j) for j in jobs]
+        want = [solo(s, j) for j in jobs]
         assert got == want
         assert all(r.finish == ("eos" if r.tokens[-1] == eos else "length") for r in reqs)
         # the batch really was continuous: slots were taken over in place, rebuilt for longer newcomers, compacted
@@ -76,8 +60,8 @@ def test_compaction_drops_slots_nobody_takes(make_case):
     try:
         long = dict(task="a", ids=[5, 6, 7], max_new_tokens=20, temperature=0.0, top_k=0, seed=None)
         short = [dict(long, task=t, ids=[9, 10 + i, 11], max_new_tokens=2) for i, t in enumerate("bct")]
-        reqs = _serve_all(engine, [long] + short)
-        assert [r.tokens for r in reqs] == [_solo(s, j) for j in [long] + short]
+        reqs = serve_all(engine, [long] + short)
+        assert [r.tokens for r in reqs] == [solo(s, j) for j in [long] + short]
         if len(reqs[0].tokens) > 10:  # (no early EOS) the three short rows' slots were dropped, not decoded on
             assert engine.joins["compact"] >= 1
             tail = [st for st in engine.steps if st["kind"] == "decode"][-5:]

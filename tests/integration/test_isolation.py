@@ -7,15 +7,14 @@ alone on a clean session."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
 
 import mpt_export
+from support import serve_all, solo
 from mpt_export.errors import GenerationError, NumericsError
 from mpt_export.engine.batching import Engine
-from mpt_export.engine.request import Request
 
 MARK_LEN = 30  # the faulty request's prompt: longer than any other row ever gets (prompt + text + new tokens)
 
@@ -34,19 +33,13 @@ def _jobs(session, n=7):
                  top_k=20 if i % 3 == 2 else 0, seed=50 + i if i % 3 == 2 else None) for i in range(n)]
 
 
-def _solo(session, job):
-    r = session.generate_detailed(np.array([job["ids"]]), [job["task"]], max_new_tokens=job["max_new_tokens"],
-                                  temperature=job["temperature"], top_k=job["top_k"], seed=job["seed"])
-    return r.ids[0, : r.lengths[0]].tolist()
-
-
 def _marked(session):
     """A greedy request with a MARK_LEN-token prompt that generates at least 4 tokens alone (no early EOS)."""
     rng = np.random.default_rng(3)
     for _ in range(50):
         job = dict(task=session.tasks[0], ids=rng.integers(3, session.vocab_size, MARK_LEN).tolist(),
                    max_new_tokens=6, temperature=0.0, top_k=0, seed=None)
-        if len(_solo(session, job)) >= 4:
+        if len(solo(session, job)) >= 4:
             return job
     pytest.skip("no marked prompt without an early EOS on this tiny model")
 
@@ -77,22 +70,12 @@ def _inject(session, fault, first_position):
     return hits
 
 
-def _serve(engine, jobs):
-    done = threading.Semaphore(0)
-    reqs = [Request(**j, on_event=lambda k, d: done.release() if k in ("done", "error") else None) for j in jobs]
-    for r in reqs:
-        engine.submit(r)
-    for _ in reqs:
-        assert done.acquire(timeout=120)
-    return reqs
-
-
 @pytest.mark.parametrize("fault", ["nan", "raise"])
 @pytest.mark.parametrize("where", ["prefill", "decode"])
 def test_one_faulty_row_ends_alone(llama, clean, fault, where):
     jobs = _jobs(clean)
     marked = _marked(clean)
-    want = [_solo(clean, j) for j in jobs]
+    want = [solo(clean, j) for j in jobs]
     # the marked row's last prefill position is P + MARK_LEN - 1; its second decode step runs at P + MARK_LEN + 1
     P = clean.prompt_len(marked["task"])
     first = P + MARK_LEN - 1 if where == "prefill" else P + MARK_LEN + 1
@@ -101,7 +84,7 @@ def test_one_faulty_row_ends_alone(llama, clean, fault, where):
     engine = Engine(faulty, max_batch=4, max_queue=64).start()
     try:
         order = jobs[:2] + [marked] + jobs[2:]  # the marked row shares its prefill and decode batches with others
-        reqs = _serve(engine, order)
+        reqs = serve_all(engine, order)
     finally:
         engine.stop()
     bad = reqs[2]
@@ -119,7 +102,7 @@ def test_one_faulty_row_ends_alone(llama, clean, fault, where):
 
 def test_a_call_that_fails_once_is_retried_and_nobody_fails(llama, clean):
     jobs = _jobs(clean)
-    want = [_solo(clean, j) for j in jobs]
+    want = [solo(clean, j) for j in jobs]
     s = mpt_export.load_bundle(llama.bundle).session()
     failed = {"n": 0}
     step = s._run_step_impl
@@ -133,7 +116,7 @@ def test_a_call_that_fails_once_is_retried_and_nobody_fails(llama, clean):
     s._run_step_impl = flaky
     engine = Engine(s, max_batch=4, max_queue=64).start()
     try:
-        reqs = _serve(engine, jobs)
+        reqs = serve_all(engine, jobs)
     finally:
         engine.stop()
     assert failed["n"] == 1 and engine.retries == 1
@@ -150,11 +133,11 @@ def test_extreme_sampling_numbers_do_not_touch_other_rows(clean):
            dict(jobs[2], temperature=1e-5, top_k=1, seed=3)]
     engine = Engine(clean, max_batch=8).start()
     try:
-        reqs = _serve(engine, jobs + odd)
+        reqs = serve_all(engine, jobs + odd)
     finally:
         engine.stop()
     assert [r.error for r in reqs] == [None] * len(reqs)
-    want = [_solo(clean, j) for j in jobs]
+    want = [solo(clean, j) for j in jobs]
     assert [r.tokens for r in reqs[:4]] == want
     # a temperature under the greedy threshold is greedy; top_p that keeps one token and top_k 1 are too
     assert reqs[4].tokens == want[0] and reqs[5].tokens == want[1] and reqs[6].tokens == want[2]
