@@ -25,18 +25,18 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never any other directory, never an input).")] = False,
 ) -> None:
     """Export MPT adapters over one frozen base model (causal LM or T5) into a validated ONNX bundle."""
-    from mpt_export.storage.ownership import check_replaceable
     from mpt_export.export.api import export_inputs
+    from mpt_export.export.options import ExportOptions
+    from mpt_export.storage.ownership import check_replaceable
 
+    options = ExportOptions(opset=opset, dtype=dtype, atol=atol, rtol=rtol, validate=validate, quantize=quantize,
+                            min_agreement=min_agreement, force=force, seed=seed, provider=provider)
     check_replaceable(out, "bundle", force, export_inputs(base_model, adapter))  # refuse before loading torch
     quiet_libraries()
     from mpt_export.export.api import export_bundle
 
     with progress("export") as on_step:
-        b = export_bundle(base_model, adapter, out, opset=opset, atol=atol, rtol=rtol, validate=validate, force=force,
-                          seed=seed,
-                          dtype=dtype, quantize=quantize, min_agreement=min_agreement, provider=provider,
-                          on_step=on_step)
+        b = export_bundle(base_model, adapter, out, options, on_step=on_step)
     console.print(parity_table(b.manifest.get("validation")))
     if b.manifest.get("quantization"):
         console.print(quant_line(b.manifest["quantization"]["report"]))

@@ -16,7 +16,7 @@ from ..source.adapters import build_task_bank
 from ..bundle.taskbank import TaskBank
 from ..errors import InputError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
-from .backbone import DEFAULT_OPSET
+from .options import ExportOptions
 from .composer import write_composer
 from .tokenizer import write_tokenizer
 from .torchside import (ISOLATE_BYTES, load_base_model, references, require_export_deps, run_isolated, torch_phase, weight_bytes)
@@ -63,54 +63,36 @@ def export_inputs(base_model, adapters) -> list[tuple[str, Path]]:
     return [("base model", Path(base_model))] + [("adapter", parse_adapter_spec(a)[1]) for a in adapters]
 
 
-def export_bundle(
-    base_model: str | Path,
-    adapters: list[str],
-    out: str | Path,
-    opset: int = DEFAULT_OPSET,
-    atol: float | None = None,
-    rtol: float | None = None,
-    dtype: str = "fp32",
-    quantize: str | None = None,
-    min_agreement: float | None = None,
-    validate: bool = True,
-    force: bool = False,
-    seed: int | None = None,
-    provider: str = "cpu",
-    on_step=None,
-    isolate: bool | None = None,
-) -> Bundle:
+def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, options: ExportOptions | None = None,
+                  on_step=None, **fields) -> Bundle:
     """Export PEFT MPT adapters over ``base_model`` into one validated bundle at ``out``.
 
-    ``adapters`` are ``[NAMES=]DIR`` specs (``"sst2,mnli=dir_src"``); ``dtype`` fp32, fp16 or bf16 (see
-    ``precision``; the reference stays PEFT in fp32; an output passes when ``max|a-b| <= atol + rtol * max|ref|``,
-    defaults per dtype in ``precision.DEFAULT_TOL``). Nothing is written at ``out``
-    unless every step, validation included, succeeds.
+    ``adapters`` are ``[NAMES=]DIR`` specs (``"sst2,mnli=dir_src"``); ``options`` an :class:`ExportOptions`, or its
+    fields as keywords (``dtype="fp16"``, ``force=True``, ...): ``dtype`` fp32, fp16 or bf16 (see ``precision``; the
+    reference stays PEFT in fp32; an output passes when ``max|a-b| <= atol + rtol * max|ref|``, defaults per dtype
+    in ``precision.DEFAULT_TOL``). Nothing is written at ``out`` unless every step, validation included, succeeds.
 
     Memory: the torch work (load in the export dtype, graph export, PEFT's reference outputs) runs first and its
     memory is gone before ONNX Runtime opens the graphs, so the weights are never held twice. ``isolate`` runs that
     work in a child process (default: when the weights are ``ISOLATE_BYTES`` or more), the only way to hand all of
     it back — torch's exporter, the safetensors mapping and the C heap keep pages after the model is freed."""
+    o = options.with_(**fields) if options is not None else ExportOptions(**fields)
     step = on_step or (lambda s: None)
     check_path_text(Path(out))
     out = resolve_output(out)  # what the user named, as the kernel resolves it ("link/..", ".")
-    _check_options(opset, min_agreement)
-    if quantize is not None:
-        return _export_quantized(base_model, adapters, out, quantize, min_agreement, dtype=dtype, opset=opset,
-                                 atol=atol, rtol=rtol, validate=validate, force=force, seed=seed, provider=provider,
-                                 on_step=on_step)
-    dtype, tol, inputs, arch, bank, ckpts = _check_inputs(base_model, adapters, out, opset, dtype, atol, rtol,
-                                                          validate, force, provider)
-    if isolate is None:
-        isolate = weight_bytes(base_model) >= ISOLATE_BYTES
-    with replace_dir(out, "bundle", force, inputs) as tmp:
-        spec = {"base_model": str(base_model), "dtype": dtype, "out": str(tmp), "opset": opset,
-                "validate": validate, "seed": seed}
+    if o.quantize is not None:
+        return _export_quantized(base_model, adapters, out, o, on_step)
+    inputs, arch, bank, ckpts = _check_inputs(base_model, adapters, out, o)
+    isolate = weight_bytes(base_model) >= ISOLATE_BYTES if o.isolate is None else o.isolate
+    with replace_dir(out, "bundle", o.force, inputs) as tmp:
+        spec = {"base_model": str(base_model), "dtype": o.dtype, "out": str(tmp), "opset": o.opset,
+                "validate": o.validate, "seed": o.seed}
         tokenizer_info, res = _torch_artifacts(tmp, base_model, bank, spec, isolate, step)
         timings = dict(res["timings"])
-        manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, dtype, res, tokenizer_info, step)
-        if validate:
-            manifest["validation"] = _validation_report(tmp, manifest, res["cases"], tol, provider, step, timings)
+        manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, o.dtype, res, tokenizer_info, step)
+        if o.validate:
+            manifest["validation"] = _validation_report(tmp, manifest, res["cases"], o.tolerance, o.provider, step,
+                                                        timings)
         timings["isolated"] = bool(isolate)
         manifest["timings"] = timings
         known = dict(manifest["files"])  # nothing but the manifest changed since it was hashed
@@ -118,39 +100,22 @@ def export_bundle(
     return load_bundle(out, verify=False)
 
 
-def _check_options(opset, min_agreement) -> None:
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
-        raise InputError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got {opset!r}")
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise InputError(f"--min-agreement must be in [0, 1], got {min_agreement}")
-
-
-def _check_inputs(base_model, adapters, out: Path, opset: int, dtype: str, atol, rtol, validate: bool, force: bool,
-                  provider: str):
-    """Everything checked before any heavy work: the dtype and its tolerance, the output replaceable, the base
+def _check_inputs(base_model, adapters, out: Path, o: ExportOptions):
+    """Everything checked before any heavy work (the options checked themselves): the output replaceable, the base
     model's architecture, the adapters read into a task bank, the export dependencies and the opset.
-    -> (dtype, tol, inputs, arch, bank, checkpoints)"""
-    from .precision import canonical_dtype, tolerance
-
-    dtype = canonical_dtype(dtype)
-    tol = tolerance(dtype, atol, rtol)
+    -> (inputs, arch, bank, checkpoints)"""
     inputs = export_inputs(base_model, adapters)
-    check_replaceable(out, "bundle", force, inputs)  # fail before any heavy work
-    if dtype == "bfloat16" and validate and provider == "cpu":
-        raise InputError(
-            "bf16 graphs cannot be validated on ONNX Runtime's CPU provider (it has no bf16 kernels); validate on a "
-            "GPU provider (--provider cuda) or pass --no-validate and check the engine with `mpt-export verify` there"
-        )
+    check_replaceable(out, "bundle", o.force, inputs)  # fail before any heavy work
     cfg, arch = base_arch(base_model)
     bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type,
                                   max_positions=arch.max_positions)
     require_export_deps()
     import onnx
 
-    if opset > onnx.defs.onnx_opset_version():
-        raise InputError(f"--opset {opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()}); "
+    if o.opset > onnx.defs.onnx_opset_version():
+        raise InputError(f"--opset {o.opset} is newer than this onnx package knows ({onnx.defs.onnx_opset_version()}); "
                          "choose 18 or another opset it supports")
-    return dtype, tol, inputs, arch, bank, ckpts
+    return inputs, arch, bank, ckpts
 
 
 def _torch_artifacts(tmp: Path, base_model, bank: TaskBank, spec: dict, isolate: bool, step):
@@ -197,28 +162,23 @@ def _validation_report(tmp: Path, manifest: dict, cases, tol, provider: str, ste
     return report
 
 
-def _export_quantized(base_model, adapters, out: Path, quantize: str, min_agreement, dtype: str, **kw) -> Bundle:
+def _export_quantized(base_model, adapters, out: Path, o: ExportOptions, on_step) -> Bundle:
     """``--quantize int8``: an fp32 bundle in a staging directory beside ``out`` (validated against PEFT), then its
     int8 copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
     writers throughout."""
     from ..storage.atomic import staging
     from .quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
-    from .precision import canonical_dtype
 
-    if quantize != "int8":
-        raise InputError(f"unknown --quantize {quantize!r}; the only scheme is int8 (dynamic, for CPUs)")
-    if canonical_dtype(dtype) != "float32":
-        raise InputError("--quantize int8 starts from fp32 weights; drop --dtype or quantize an fp32 bundle")
     inputs = export_inputs(base_model, adapters)
-    check_replaceable(out, "bundle", kw["force"], inputs)
+    check_replaceable(out, "bundle", o.force, inputs)
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     # the fp32 bundle lives in a locked staging directory beside out: removed at the end, or by the next write
     with staging(out) as (work, _):
-        fp32 = export_bundle(base_model, adapters, work / "bundle", dtype="fp32", **kw)
+        fp32 = export_bundle(base_model, adapters, work / "bundle", o.with_(quantize=None), on_step=on_step)
         fp32.close()
-        return quantize_bundle(work / "bundle", out, min_agreement=DEFAULT_MIN_AGREEMENT if min_agreement is None
-                               else min_agreement, force=kw["force"], on_step=kw.get("on_step"), inputs=inputs)
+        return quantize_bundle(work / "bundle", out, min_agreement=DEFAULT_MIN_AGREEMENT if o.min_agreement is None
+                               else o.min_agreement, force=o.force, on_step=on_step, inputs=inputs)
 
 
 def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,

@@ -4,6 +4,7 @@ logic, TensorRT precision and version rules, and every TensorRT name the code us
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,3 +172,16 @@ def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
     wrong = trt_names_used("runtime.deserialize_engine(b)\nx = trt.BuilderFlag.TF16\n"
                            "config.set_timing_cache(c, ignore_mismatches=True)\ny = trt.Logger.WARN\n")
     assert len(trt_name_problems(wrong, api)) == 4
+
+
+def test_export_options_are_checked_once_and_keep_one_dtype_name():
+    from mpt_export.export.options import ExportOptions
+
+    o = ExportOptions(dtype="fp16", atol=1e-3)
+    assert o.dtype == "float16" and o.with_(force=True).dtype == "float16" and o.tolerance["atol"] == 1e-3
+    for kw, word in ((dict(dtype="fp8"), "unknown dtype 'fp8'"), (dict(opset=17), "--opset"),
+                     (dict(quantize="int4"), "unknown --quantize"), (dict(quantize="int8", dtype="fp16"), "fp32"),
+                     (dict(dtype="bf16"), "bf16 graphs cannot be validated"), (dict(min_agreement=2), "[0, 1]")):
+        with pytest.raises(InputError, match=re.escape(word)):
+            ExportOptions(**kw)
+    assert ExportOptions(dtype="bf16", validate=False).dtype == "bfloat16"

@@ -1,0 +1,50 @@
+"""What an export is told, as one typed object from the command line (or ``export_bundle``'s keywords) to where
+each value is used: checked once here, the precision canonicalised once (``fp16`` -> ``float16``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import InputError
+from .backbone import DEFAULT_OPSET
+from .precision import canonical_dtype, tolerance
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET  # >= 18 (torch's dynamo exporter)
+    dtype: str = "float32"  # the graphs' precision: fp32/fp16/bf16 accepted, kept as float32/float16/bfloat16
+    atol: float | None = None  # validation: max|a-b| <= atol + rtol * max|ref| (None: the dtype's default)
+    rtol: float | None = None
+    validate: bool = True  # compare the bundle with PEFT before it is written
+    quantize: str | None = None  # "int8": an fp32 export, then its dynamic-int8 copy
+    min_agreement: float | None = None  # int8: greedy-token agreement with fp32 required
+    force: bool = False  # replace a bundle this tool wrote
+    seed: int | None = None  # validation inputs
+    provider: str = "cpu"  # ONNX Runtime provider for validation
+    isolate: bool | None = None  # the torch phase in a child process (None: for large weights)
+
+    def __post_init__(self):
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 18:
+            raise InputError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got "
+                             f"{self.opset!r}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise InputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.quantize is not None:
+            if self.quantize != "int8":
+                raise InputError(f"unknown --quantize {self.quantize!r}; the only scheme is int8 (dynamic, for CPUs)")
+            if self.dtype != "float32":
+                raise InputError("--quantize int8 starts from fp32 weights; drop --dtype or quantize an fp32 bundle")
+        elif self.dtype == "bfloat16" and self.validate and self.provider == "cpu":
+            raise InputError(
+                "bf16 graphs cannot be validated on ONNX Runtime's CPU provider (it has no bf16 kernels); validate on "
+                "a GPU provider (--provider cuda) or pass --no-validate and check the engine with `mpt-export verify` "
+                "there")
+
+    @property
+    def tolerance(self) -> dict:
+        return tolerance(self.dtype, self.atol, self.rtol)
+
+    def with_(self, **changes) -> "ExportOptions":
+        return replace(self, **changes)
