@@ -114,6 +114,7 @@ def generate_cmd(
     import mpt_export
     from mpt_export.errors import InputError
     from mpt_export.runtime.sampling import SamplingConfig, check_stop
+    from mpt_export.runtime import SessionOptions
 
     if input_file is not None:
         if prompts:
@@ -139,12 +140,9 @@ def generate_cmd(
                          "stream several as JSON lines)")
     SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # bad values fail before the bundle loads
     stop = check_stop(stop or None)
-    b = mpt_export.load_bundle(bundle)
-    if backend == "tensorrt":
-        s = b.session(backend="tensorrt", engines=engines, prompt_kv_cache=prompt_cache)
-    else:
-        s = b.session(provider=provider, backend=backend, prompt_kv_cache=prompt_cache, intra_op_threads=threads,
-                      optimization=optimization, prepack="auto" if prepack is None else prepack)
+    options = SessionOptions(provider=provider, backend=backend, engines=engines, prompt_kv_cache=prompt_cache,
+                             intra_op_threads=threads, optimization=optimization, prepack=prepack)
+    s = mpt_export.load_bundle(bundle).session(options)
     check_rows(s, rows, where, max_new_tokens)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
     for start in range(0, len(rows), batch_size):

@@ -169,12 +169,13 @@ class Bundle:
             comp[key] = comp.get(key, 0) + size
         return comp
 
-    def session(self, provider: str = "cpu", backend: str = "onnxruntime", engines: str | Path | None = None,
-                **options):
-        """Shortcut to :func:`mpt_export.runtime.open_session` over this bundle."""
+    def session(self, options=None, **changes):
+        """A session over this bundle: :func:`mpt_export.runtime.open_session` with ``options`` (a
+        :class:`~mpt_export.runtime.SessionOptions`) or its fields as keywords (``provider``, ``backend``,
+        ``engines``, ``intra_op_threads``, ``prepack``, ...)."""
         from ..runtime import open_session
 
-        return open_session(self, provider=provider, backend=backend, engines=engines, **options)
+        return open_session(self, options, **changes)
 
 
 def _task_differences(manifest: dict, bank) -> list[str]:

@@ -6,23 +6,20 @@ decode loop live in the base. The runtime reads a bundle only through its public
 
 from __future__ import annotations
 
-from pathlib import Path
+from .options import SessionOptions
 
-from ..errors import BundleError
+__all__ = ["SessionOptions", "open_session"]
 
 
-def open_session(bundle, provider: str = "cpu", backend: str = "onnxruntime", engines: str | Path | None = None,
-                 **options):
-    """A session over ``bundle``: ONNX Runtime (``provider``: cpu, cuda, tensorrt — ORT's TensorRT EP — or an ORT
-    provider name), or ``backend="tensorrt"`` with the engines folder written by ``mpt-export build``."""
-    if backend == "tensorrt":
-        if engines is None:
-            raise BundleError("the TensorRT backend needs the engines folder (mpt-export build BUNDLE --out DIR)")
+def open_session(bundle, options: SessionOptions | str | None = None, **changes):
+    """A session over ``bundle``, opened as ``options`` (a :class:`SessionOptions`, or its fields as keywords) say:
+    ONNX Runtime (``provider``: cpu, cuda, tensorrt — ORT's TensorRT EP — or an ORT provider name), or
+    ``backend="tensorrt"`` with the ``engines`` folder written by ``mpt-export build``."""
+    options = SessionOptions.of(options, **changes)
+    if options.backend == "tensorrt":
         from .tensorrt import trt_session
 
-        return trt_session(bundle, engines, **options)
-    if backend != "onnxruntime":
-        raise BundleError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+        return trt_session(bundle, options)
     from .onnxruntime import ort_session
 
-    return ort_session(bundle, provider=provider, **options)
+    return ort_session(bundle, options)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError, TaskNameError
 from .limits import BackendLimits
+from .options import SessionOptions
 from .decode import GenerationResult, generate  # noqa: F401 (GenerationResult: re-exported)
 from .sampling import SamplingConfig, check_stop
 from .streaming import cut_at_stop
@@ -49,8 +50,9 @@ class _LRU:
 class Session:
     """What every model kind and backend shares: the task bank, prompt composition, tokenizer, decode loop."""
 
-    def __init__(self, bundle, prompt_cache_size: int = 64, prompt_kv_cache: bool = True, kv_cache_size: int = 32):
-        self.bundle = bundle
+    def __init__(self, bundle, options: SessionOptions | None = None):
+        options = options if options is not None else SessionOptions()
+        self.bundle, self.options = bundle, options
         m = bundle.manifest
         bm = m["base_model"]
         self.num_layers = int(bm["num_layers"])
@@ -64,9 +66,9 @@ class Session:
         self.dtype = np.dtype("float32" if dtype == "bfloat16" else dtype)
         eos = bm.get("eos_token_id")
         self.eos_token_id = (eos[0] if eos else None) if isinstance(eos, list) else eos
-        self._prompts = _LRU(prompt_cache_size)  # digest -> composed prompt (T, H)
-        self.prompt_kv_cache = prompt_kv_cache
-        self._task_kv = _LRU(kv_cache_size)
+        self._prompts = _LRU(options.prompt_cache_size)  # digest -> composed prompt (T, H)
+        self.prompt_kv_cache = options.prompt_kv_cache
+        self._task_kv = _LRU(options.kv_cache_size)
         self._bank_lock = threading.Lock()
         self._tokenizer = None
 

@@ -10,8 +10,8 @@ from .base import Session
 class CausalSession(Session):
     state_layout = {"attention_mask": (1, "attention_mask"), "past_key_values.*": (2, "attention_mask"),
                     "position_ids": (None, None)}
-    def __init__(self, bundle, **options):
-        super().__init__(bundle, **options)
+    def __init__(self, bundle, options=None):
+        super().__init__(bundle, options)
         self._past = self._past_inputs("backbone")
 
     def _run_backbone_impl(self, feed):

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import BundleError, InputError, MissingDependencyError
 from .memory import available_memory
+from .options import SessionOptions
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -31,19 +32,10 @@ def resolve_provider(provider: str) -> list[str]:
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-def check_threads(value, what: str = "threads") -> int:
-    """A thread count: an integer from 0 (one per core) to a sane limit; one clear error otherwise."""
-    limit = max(256, 4 * (os.cpu_count() or 1))
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise InputError(f"{what} must be an integer from 1 to {limit} (0 or none: one per core), got {value!r}")
-    return int(value)
-
-
 class OrtBackend:
     """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
 
-    def _open_ort(self, bundle, provider: str, intra_op_threads: int | None, optimization: str = "all",
-                  io_binding: bool = True, prepack: bool | str = "auto") -> None:
+    def _open_ort(self, bundle, options: SessionOptions) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -55,19 +47,17 @@ class OrtBackend:
             )
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if optimization not in levels:
-            raise InputError(f"unknown graph optimization level {optimization!r}; choose one of {', '.join(levels)}")
-        self.providers = resolve_provider(provider)
-        self.io_binding = io_binding
+        self.providers = resolve_provider(options.provider)
+        self.io_binding = options.io_binding
         # Outputs of a decode step stay where the provider put them (the GPU for CUDA/TensorRT) and go back in as
         # the next step's inputs: no KV round trip through numpy.
         self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = levels[optimization]
-        if intra_op_threads is not None:
-            opts.intra_op_num_threads = check_threads(intra_op_threads)
+        opts.graph_optimization_level = levels[options.optimization]
+        if options.intra_op_threads is not None:
+            opts.intra_op_num_threads = options.intra_op_threads
         opts.log_severity_level = 3
-        self.prepacked = resolve_prepack(bundle, prepack)
+        self.prepacked = resolve_prepack(bundle, options.prepack)
         if not self.prepacked:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.providers[0] == "TensorrtExecutionProvider":  # its engines take only their profiles' shapes
@@ -134,11 +124,8 @@ def prepack_fits(weight_bytes: int, available: int | None) -> bool:
 
 
 def resolve_prepack(bundle, prepack: bool | str) -> bool:
-    if prepack == "auto" or prepack is None:
-        return prepack_fits(graph_weight_bytes(bundle), available_memory())
-    if not isinstance(prepack, bool):
-        raise InputError(f"prepack must be True, False or 'auto', got {prepack!r}")
-    return prepack
+    """``"auto"`` (checked by :class:`SessionOptions`): on where both copies fit in the memory available."""
+    return prepack_fits(graph_weight_bytes(bundle), available_memory()) if prepack == "auto" else prepack
 
 
 def _inference_session(ort, bundle, file: str, opts, providers):
@@ -204,9 +191,8 @@ def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:
                                     fp16=bundle.manifest.get("dtype") == "float16")
 
 
-def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = None, optimization: str = "all",
-                io_binding: bool = True, prepack: bool | str = "auto", **options):
-    """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime.
+def ort_session(bundle, options: SessionOptions):
+    """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime, as ``options`` say:
 
     ``intra_op_threads`` (default: ORT's, one per core), ``optimization`` (disable|basic|extended|all),
     ``io_binding`` (decode steps keep KV as OrtValues on the provider's device), ``prepack``: ONNX Runtime's packed
@@ -220,7 +206,7 @@ def ort_session(bundle, provider: str = "cpu", intra_op_threads: int | None = No
 
     class OrtSession(OrtBackend, Kind):
         def __init__(self):
-            Kind.__init__(self, bundle, **options)
-            self._open_ort(bundle, provider, intra_op_threads, optimization, io_binding, prepack)
+            Kind.__init__(self, bundle, options)
+            self._open_ort(bundle, options)
 
     return OrtSession()

@@ -25,8 +25,8 @@ class Seq2SeqSession(Session):
                     "encoder_attention_mask": (1, "encoder_attention_mask"),
                     "cross.*": (2, "encoder_attention_mask")}
 
-    def __init__(self, bundle, **options):
-        super().__init__(bundle, **options)
+    def __init__(self, bundle, options=None):
+        super().__init__(bundle, options)
         self._past = self._past_inputs("decoder")  # decoder self-attention KV
         self._cross = [s["name"] for s in bundle.manifest["graphs"]["decoder"]["inputs"] if s["name"].startswith("cross.")]
         bm = bundle.manifest["base_model"]

@@ -29,6 +29,7 @@ from ..errors import InputError, TrtRuntimeError
 from .trt.env import gpu_identity, import_tensorrt
 from .trt.sidecar import EngineMismatchError, check_sidecar, read_sidecar
 from .limits import BackendLimits
+from .options import SessionOptions
 
 
 class TrtBackend:
@@ -152,14 +153,15 @@ class TrtBackend:
             return value.index_select(0, idx)
 
 
-def trt_session(bundle, engines_dir, **options):
+def trt_session(bundle, options: SessionOptions):
+    """A session of the right kind for ``bundle`` over the TensorRT engines in ``options.engines``."""
     from .kinds import session_kind
 
     Kind = session_kind(bundle)
 
     class TrtSession(TrtBackend, Kind):
         def __init__(self):
-            Kind.__init__(self, bundle, **options)
-            self._open_trt(bundle, engines_dir)
+            Kind.__init__(self, bundle, options)
+            self._open_trt(bundle, options.engines)
 
     return TrtSession()

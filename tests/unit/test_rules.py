@@ -180,8 +180,36 @@ def test_export_options_are_checked_once_and_keep_one_dtype_name():
     o = ExportOptions(dtype="fp16", atol=1e-3)
     assert o.dtype == "float16" and o.with_(force=True).dtype == "float16" and o.tolerance["atol"] == 1e-3
     for kw, word in ((dict(dtype="fp8"), "unknown dtype 'fp8'"), (dict(opset=17), "--opset"),
-                     (dict(quantize="int4"), "unknown --quantize"), (dict(quantize="int8", dtype="fp16"), "fp32"),
+                     (dict(quantize="int2"), "unknown --quantize"), (dict(quantize="int8", dtype="fp16"), "fp32"),
+                     (dict(block_size=64), "go with --quantize"), (dict(quantize="int4", block_size=48), "power of two"),
+                     (dict(quantize="int8-dynamic", accuracy_level=4), "weight-only schemes"),
                      (dict(dtype="bf16"), "bf16 graphs cannot be validated"), (dict(min_agreement=2), "[0, 1]")):
         with pytest.raises(InputError, match=re.escape(word)):
             ExportOptions(**kw)
     assert ExportOptions(dtype="bf16", validate=False).dtype == "bfloat16"
+    q = ExportOptions(quantize="int4", accuracy_level=4).quantization  # the scheme's defaults filled in once
+    assert (q.scheme, q.block_size, q.accuracy_level, q.min_agreement, q.variant) == ("int4", 32, 4, 0.8, None)
+    assert ExportOptions(quantize="int8-dynamic").quantization.variant == "matmul"
+
+
+def test_session_options_are_checked_once_before_any_runtime_loads():
+    from mpt_export.errors import BundleError
+    from mpt_export.runtime import SessionOptions
+    from mpt_export.serving.http.options import ServeOptions
+
+    o = SessionOptions.of("cuda", intra_op_threads=2)  # a string is the provider, as the first argument once was
+    assert (o.provider, o.intra_op_threads, o.prepack) == ("cuda", 2, "auto")
+    assert SessionOptions.of(o, prepack=None).prepack == "auto" and SessionOptions.of(o) is o
+    for kw, err, word in ((dict(optimization="max"), InputError, "optimization level 'max'"),
+                          (dict(prepack="yes"), InputError, "prepack must be"),
+                          (dict(intra_op_threads=-1), InputError, "threads must be"),
+                          (dict(kv_cache_size=-2), InputError, "kv_cache_size"),
+                          (dict(backend="tvm"), BundleError, "unknown backend 'tvm'"),
+                          (dict(backend="tensorrt"), BundleError, "needs the engines folder"),
+                          (dict(io_bind=False), InputError, "unknown session option(s) io_bind")):
+        with pytest.raises(err, match=re.escape(word)):
+            SessionOptions.of(**kw)
+    served = ServeOptions(threads=3, prepack=False).session_options
+    assert (served.intra_op_threads, served.prepack, served.io_binding) == (3, False, False)
+    with pytest.raises(InputError, match="threads must be"):
+        ServeOptions(threads=10**6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...errors import InputError
+from ...runtime.options import SessionOptions
 from .protocol import DEFAULT_MAX_BODY, api_key_of
 
 
@@ -32,6 +33,14 @@ class ServeOptions:
         object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
+        self.session_options  # noqa: B018 - threads and prepack checked here, before anything loads
+
+    @property
+    def session_options(self) -> SessionOptions:
+        """How the served session opens: the engine keeps KV as numpy rows (it compacts and joins them), so no IO
+        binding."""
+        return SessionOptions(provider=self.provider, intra_op_threads=self.threads, io_binding=False,
+                              prepack=self.prepack)
 
     def with_(self, **changes) -> "ServeOptions":
         return replace(self, **changes)

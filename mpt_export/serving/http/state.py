@@ -78,8 +78,7 @@ class ServerState:
         o = self.options
         try:
             self.bundle = bundle
-            self.session = bundle.session(provider=o.provider, intra_op_threads=o.threads, io_binding=False,
-                                          prepack=o.prepack)
+            self.session = bundle.session(o.session_options)
             self.session.tokenizer  # noqa: B018 - fail now, not on the first request
             self.chat = ChatTemplate.from_bundle(bundle)
             self.engine = Engine(self.session, o.max_batch, o.max_queue).start()
