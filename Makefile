@@ -22,13 +22,15 @@ bench: $(STAMP)
 	$(VENV)/bin/mpt-export bench --preset gpt2-small-shape --workdir build/bench
 
 # every tier (what CI runs): unit (no torch, no processes), integration (tiny exports, the CLI in-process),
-# e2e (console scripts, kill tests, servers, Ray, docs)
+# e2e (console scripts, kill tests, servers, Ray, docs). Two workers (pytest-xdist): the tiny models and their
+# bundles are built once for both; the tests that share one server run on one worker (xdist_group).
+TESTFLAGS ?= -n 2 --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(TESTFLAGS) --durations=15
 
 # the fast loop while working: unit + integration
 check: $(STAMP)
-	$(PY) -m pytest -q tests/unit tests/integration
+	$(PY) -m pytest -q $(TESTFLAGS) tests/unit tests/integration
 
 clean:
 	rm -rf build .pytest_cache

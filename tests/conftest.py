@@ -7,11 +7,23 @@ import os
 
 import pytest
 
-from support import Case
+from support import Case, run_root
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on a small machine: torch's intra-op threads in each (and in the CLIs they start) would only
+    # contend; the tiny models gain nothing from a second thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The longest tests start first, so the workers do not wait on one at the end (the order of everything else is
+# kept): the export memory measurements and the Ray server's modules.
+FIRST = ("e2e/test_memory.py", "e2e/test_ray_proxy.py", "e2e/test_ray_reload.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(str(item.path).endswith(f) for f in FIRST))
 
 _cases: dict[str, Case] = {}
 
@@ -28,7 +40,7 @@ def make_case(tmp_path_factory):
     def get(arch: str, nts: int | None = None) -> Case:
         key = f"{arch}-{nts}" if nts else arch
         if key not in _cases:
-            _cases[key] = Case(tmp_path_factory.mktemp(key), arch, nts)
+            _cases[key] = Case.shared(run_root(tmp_path_factory) / "cases", key, arch, nts)
         return _cases[key]
 
     return get

@@ -21,24 +21,48 @@ class Case:
     """A base model dir, a 3-task source adapter (rank 2), a target adapter (rank 1, own P*), and their bundle."""
 
     def __init__(self, root: Path, arch: str, nts: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        from mpt_export.tools.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter, make_target_adapter
+        """Build the case under ``root`` — or, where ``root`` already holds it (another test worker built it: see
+        ``shared``), only name its parts."""
+        from mpt_export.tools.demo import SEQ2SEQ_ARCHS
 
         self.root, self.arch = root, arch
         self.seq2seq = arch in SEQ2SEQ_ARCHS
+        self.base, self.source, self.target = root / "base", root / "source", root / "target"
+        self.init_copy = root / "gone" / "adapter_model.safetensors"
+        self._bundle = root / "bundle" if (root / "bundle.done").exists() else None
+        if not (root / "case.done").exists():
+            self._build(nts)
+            (root / "case.done").touch()
+
+    @classmethod
+    def shared(cls, cache: Path, key: str, arch: str, nts: int | None = None) -> "Case":
+        """The case ``key`` under ``cache``, built once for every test worker of this run (pytest-xdist gives each
+        its own session): the first to ask builds it under a file lock, the others wait and read it. Tests read a
+        case or copy it, never change it."""
+        from filelock import FileLock
+
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / f"{key}.lock")):
+            case = cls(cache / key, arch, nts)
+        case._lock = FileLock(str(cache / f"{key}.lock"))
+        return case
+
+    def _build(self, nts: int | None) -> None:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        from mpt_export.tools.demo import make_base_model, make_source_adapter, make_target_adapter
+
+        root, arch = self.root, self.arch
         task_type = "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        self.base = root / "base"
         model = make_base_model(self.base, arch=arch, seed=0, **TINY)
         self.source = make_source_adapter(model, root / "source", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1,
                                           task_type=task_type, num_transformer_submodules=nts)
         model = auto.from_pretrained(str(self.base))
         self.target = make_target_adapter(model, root / "target", self.source, source_task=2, num_ranks=1, seed=2,
                                           init="ONLY_SOURCE_SHARED", task_type=task_type)
-        # The init file named in the target's config is gone, as on a user's machine: reading must not need it.
-        self.init_copy = root / "gone" / "adapter_model.safetensors"
-        self._bundle = None
+        # The init file named in the target's config is gone, as on a user's machine: reading must not need it
+        # (self.init_copy).
 
     @property
     def adapters(self) -> list[str]:
@@ -47,18 +71,25 @@ class Case:
     @property
     def bundle(self) -> Path:
         if self._bundle is None:
-            import json
+            from contextlib import nullcontext
 
-            from mpt_export import export_bundle
-
-            cfg_file = self.target / "adapter_config.json"
-            cfg = json.loads(cfg_file.read_text())
-            cfg["prompt_tuning_init_state_dict_path"] = str(self.init_copy)  # does not exist
-            cfg_file.write_text(json.dumps(cfg))
-            out = self.root / "bundle"
-            export_bundle(self.base, self.adapters, out, seed=123)
-            self._bundle = out
+            with getattr(self, "_lock", None) or nullcontext():
+                if not (self.root / "bundle.done").exists():
+                    self._export()
+                self._bundle = self.root / "bundle"
         return self._bundle
+
+    def _export(self) -> None:
+        import json
+
+        from mpt_export import export_bundle
+
+        cfg_file = self.target / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["prompt_tuning_init_state_dict_path"] = str(self.init_copy)  # does not exist
+        cfg_file.write_text(json.dumps(cfg))
+        export_bundle(self.base, self.adapters, self.root / "bundle", seed=123)
+        (self.root / "bundle.done").touch()
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -187,3 +218,26 @@ def serve_all(engine, jobs: list[dict]):
     for _ in reqs:
         assert done.acquire(timeout=120)
     return reqs
+
+
+def run_root(tmp_path_factory) -> "os.PathLike":
+    """A folder every test worker of this run shares (pytest-xdist gives each worker a base folder of its own
+    under one parent); the base folder itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, key: str, build) -> "os.PathLike":
+    """``build(folder)`` run once for every test worker of this run (under a file lock; the others wait, then read
+    the folder); -> the folder."""
+    from filelock import FileLock
+
+    root = run_root(tmp_path_factory) / "shared"
+    root.mkdir(exist_ok=True)
+    folder, done = root / key, root / f"{key}.done"
+    with FileLock(str(root / f"{key}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder

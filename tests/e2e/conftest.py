@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 import mpt_export
+from support import built_once
 
 
 # -- the served model (test_serving_*.py) --------------------------------------------------------------------------
@@ -18,18 +19,21 @@ import mpt_export
 def served(tmp_path_factory):
     """A Llama-GQA model big enough that a request takes a while (so others can join it), 3 source tasks + 1
     target task; its bundle."""
-    from transformers import AutoModelForCausalLM
+    def build(root):
+        from transformers import AutoModelForCausalLM
 
-    from mpt_export.tools.demo import make_base_model, make_source_adapter, make_target_adapter
+        from mpt_export.tools.demo import make_base_model, make_source_adapter, make_target_adapter
 
-    root = tmp_path_factory.mktemp("served")
-    model = make_base_model(root / "base", arch="llama-gqa", hidden=128, layers=4, heads=4, max_positions=512, seed=7)
-    src = make_source_adapter(model, root / "src", num_tasks=3, num_virtual_tokens=8, num_ranks=2, seed=8)
-    tgt = make_target_adapter(AutoModelForCausalLM.from_pretrained(str(root / "base")), root / "tgt", src,
-                              source_task=1, seed=9)
-    b = mpt_export.export_bundle(root / "base", [f"sst2,mnli,qnli={src}", f"rte={tgt}"], root / "bundle", seed=1)
-    b.close()
-    return {"root": root, "bundle": root / "bundle", "base": root / "base", "target": tgt}
+        model = make_base_model(root / "base", arch="llama-gqa", hidden=128, layers=4, heads=4, max_positions=512,
+                                seed=7)
+        src = make_source_adapter(model, root / "src", num_tasks=3, num_virtual_tokens=8, num_ranks=2, seed=8)
+        tgt = make_target_adapter(AutoModelForCausalLM.from_pretrained(str(root / "base")), root / "tgt", src,
+                                  source_task=1, seed=9)
+        mpt_export.export_bundle(root / "base", [f"sst2,mnli,qnli={src}", f"rte={tgt}"], root / "bundle",
+                                 seed=1).close()
+
+    root = built_once(tmp_path_factory, "served", build)  # one export for every test worker
+    return {"root": root, "bundle": root / "bundle", "base": root / "base", "target": root / "tgt"}
 
 
 @pytest.fixture(scope="session")

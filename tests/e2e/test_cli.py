@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from support import assert_clean_failure, no_output_left, run_cli, wide_adapter
+from support import assert_clean_failure, no_output_left, run_cli
 
 
 def test_help_is_complete():
@@ -67,64 +67,15 @@ def _copy(src, dst):
     return dst
 
 
-def _lora_adapter(base, out):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(str(base))
-    get_peft_model(m, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(str(out))
-    return out
-
-
-def _empty_dir(path):
-    path.mkdir()
-    return path
-
-
-def _bad_cases(llama, tmp_path):
+def test_bad_inputs_fail_cleanly_from_the_console_script(llama, tmp_path):
+    """The console script's own exit path (the whole matrix runs in-process: tests/integration/test_checkpoint.py)."""
     corrupt = _copy(llama.source, tmp_path / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00\x01garbage" * 10)
-    trunc = _copy(llama.source, tmp_path / "trunc")
-    data = (trunc / "adapter_model.safetensors").read_bytes()
-    (trunc / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    mismatched = _copy(llama.source, tmp_path / "mismatch")
-    cfg = json.loads((mismatched / "adapter_config.json").read_text())
-    cfg["num_virtual_tokens"] = 7
-    (mismatched / "adapter_config.json").write_text(json.dumps(cfg))
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
-                                                  "hidden_size": 32}))
-    enc_only = tmp_path / "t5enc"
-    enc_only.mkdir()
-    (enc_only / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5EncoderModel"],
-                                                      "d_model": 32, "num_layers": 1, "num_heads": 4, "d_kv": 8}))
-    return [
-        ("corrupt safetensors", [str(corrupt)], llama.base, ["corrupt or truncated", "adapter_model.safetensors"]),
-        ("truncated safetensors", [str(trunc)], llama.base, ["corrupt or truncated"]),
-        ("lora adapter", [str(_lora_adapter(llama.base, tmp_path / "lora"))], llama.base, ["LORA", "MULTITASK_PROMPT_TUNING"]),
-        ("token_dim != hidden", [str(wide_adapter(tmp_path))], llama.base, ["token_dim 48", "hidden size is 32"]),
-        ("tensors vs config", [str(mismatched)], llama.base, ["prompt_embeddings has shape [5, 32]", "implies [7, 32]"]),
-        ("duplicate name", [f"a,b,c={llama.source}", f"c={llama.target}"], llama.base, ["'c' is used twice"]),
-        ("invalid name", [f"a,b,c d={llama.source}"], llama.base, ["'c d' is invalid"]),
-        ("wrong count of names", [f"a,b={llama.source}"], llama.base, ["2 name(s)", "holds 3 task(s)"]),
-        ("unsupported base model", [str(llama.source)], bert, ["model type 'bert' is not supported", "llama"]),
-        ("base without LM head", [str(llama.source)], enc_only, ["T5EncoderModel", "not a seq2seq LM"]),
-        ("no base model", [str(llama.source)], tmp_path / "nothing", ["base model directory", "does not exist"]),
-        ("base model without config", [str(llama.source)], _empty_dir(tmp_path / "empty"), ["no config.json"]),
-        ("no adapter dir", [str(tmp_path / "missing")], llama.base, ["does not exist"]),
-    ]
-
-
-def test_bad_inputs_fail_cleanly(llama, tmp_path):
-    for label, adapters, base, needles in _bad_cases(llama, tmp_path):
-        out = tmp_path / f"out-{label.replace(' ', '_')}"
-        args = ["export", "--base-model", base, "--out", out]
-        for a in adapters:
-            args += ["--adapter", a]
-        res = run_cli(*args)
-        assert_clean_failure(res, *needles)
-        assert no_output_left(out), label
+    for adapter, base, needles in ((str(corrupt), llama.base, ["corrupt or truncated", "adapter_model.safetensors"]),
+                                   (str(llama.source), tmp_path / "nothing", ["base model directory", "does not exist"])):
+        out = tmp_path / "out"
+        assert_clean_failure(run_cli("export", "--base-model", base, "--out", out, "--adapter", adapter), *needles)
+        assert no_output_left(out)
 
 
 def test_validation_miss_is_typed_and_writes_nothing(llama, tmp_path):

@@ -31,7 +31,7 @@ from mpt_export.runtime.memory import descendants  # noqa: E402
 from rayserver import case, srv, AUTH, PROMPTS, complete  # noqa: E402
 from support import EXE  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray server for both modules, in this order, on one worker
 
 
 def tasks_cli(*args):
