@@ -17,8 +17,10 @@ def export_cmd(
     atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT| (defaults per dtype, shown in the report).")] = None,
     rtol: Annotated[float | None, typer.Option(help="Validation: the part of the tolerance relative to each output's magnitude (see --atol).")] = None,
     dtype: Annotated[str, typer.Option(help="Backbone precision: fp32, fp16 or bf16 (norms and softmax kept in fp32; TensorRT 11 needs the precision in the graph).")] = "fp32",
-    quantize: Annotated[str | None, typer.Option(help="int8: write an int8 (dynamic, per-channel) bundle for CPUs, checked against the fp32 export.")] = None,
-    min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this (default 0.9).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8 or int4: write a weight-only quantized bundle for ONNX Runtime (MatMulNBits); int8-dynamic: ONNX Runtime dynamic quantization. Checked against the fp32 export.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="With --quantize int8/int4: weight rows per scale. [default: 32]")] = None,
+    accuracy_level: Annotated[int | None, typer.Option(help="With --quantize int8/int4: MatMulNBits' accuracy_level (4: int8 activations inside the op; 0: float activations). [default: 4]")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this. [default: 0.95 int8, 0.85 int4, 0.9 int8-dynamic]")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider for validation (bf16 needs a GPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
     seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs (default: random, recorded in the manifest).")] = None,
@@ -30,7 +32,7 @@ def export_cmd(
     from mpt_export.storage.ownership import check_replaceable
 
     options = ExportOptions(opset=opset, dtype=dtype, atol=atol, rtol=rtol, validate=validate, quantize=quantize,
-                            min_agreement=min_agreement, force=force, seed=seed, provider=provider)
+                            min_agreement=min_agreement, block_size=block_size, accuracy_level=accuracy_level, force=force, seed=seed, provider=provider)
     check_replaceable(out, "bundle", force, export_inputs(base_model, adapter))  # refuse before loading torch
     quiet_libraries()
     from mpt_export.export.api import export_bundle
@@ -39,6 +41,6 @@ def export_cmd(
         b = export_bundle(base_model, adapter, out, options, on_step=on_step)
     console.print(parity_table(b.manifest.get("validation")))
     if b.manifest.get("quantization"):
-        console.print(quant_line(b.manifest["quantization"]["report"]))
+        console.print(quant_line(b.manifest["quantization"]))
     console.print(size_table(b))
     console.print(f"[green]wrote[/] {escape(str(b.path))} with tasks: {escape(', '.join(b.tasks))}")

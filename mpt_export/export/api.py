@@ -163,11 +163,11 @@ def _validation_report(tmp: Path, manifest: dict, cases, tol, provider: str, ste
 
 
 def _export_quantized(base_model, adapters, out: Path, o: ExportOptions, on_step) -> Bundle:
-    """``--quantize int8``: an fp32 bundle in a staging directory beside ``out`` (validated against PEFT), then its
-    int8 copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
+    """``--quantize int8|int4|int8-dynamic``: an fp32 bundle in a staging directory beside ``out`` (validated against
+    PEFT), then its quantized copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
     writers throughout."""
     from ..storage.atomic import staging
-    from .quantize import DEFAULT_MIN_AGREEMENT, quantize_bundle
+    from .quantize import quantize_bundle
 
     inputs = export_inputs(base_model, adapters)
     check_replaceable(out, "bundle", o.force, inputs)
@@ -175,10 +175,9 @@ def _export_quantized(base_model, adapters, out: Path, o: ExportOptions, on_step
     out.parent.mkdir(parents=True, exist_ok=True)
     # the fp32 bundle lives in a locked staging directory beside out: removed at the end, or by the next write
     with staging(out) as (work, _):
-        fp32 = export_bundle(base_model, adapters, work / "bundle", o.with_(quantize=None), on_step=on_step)
+        fp32 = export_bundle(base_model, adapters, work / "bundle", o.with_(quantize=None, min_agreement=None, block_size=None, accuracy_level=None), on_step=on_step)
         fp32.close()
-        return quantize_bundle(work / "bundle", out, min_agreement=DEFAULT_MIN_AGREEMENT if o.min_agreement is None
-                               else o.min_agreement, force=o.force, on_step=on_step, inputs=inputs)
+        return quantize_bundle(work / "bundle", out, o.quantization, force=o.force, on_step=on_step, inputs=inputs)
 
 
 def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: float | None = None,
@@ -194,7 +193,7 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
         if quant and atol is None and rtol is None:
             rep = quant.get("report", {})
             result["validation"] = None
-            result["note"] = (f"int8 bundle: its check is greedy-token agreement with the fp32 bundle "
+            result["note"] = (f"{quant.get('scheme') or quant.get('weights')} bundle: its check is greedy-token agreement with the fp32 bundle "
                               f"({rep.get('greedy_agreement', 0):.1%} teacher-forced, "
                               f"{rep.get('free_running_agreement', 0):.1%} free-running when it was written), not a "
                               "tolerance against PEFT; pass --atol/--rtol to compare its logits with PEFT anyway")

@@ -17,8 +17,10 @@ class ExportOptions:
     atol: float | None = None  # validation: max|a-b| <= atol + rtol * max|ref| (None: the dtype's default)
     rtol: float | None = None
     validate: bool = True  # compare the bundle with PEFT before it is written
-    quantize: str | None = None  # "int8": an fp32 export, then its dynamic-int8 copy
-    min_agreement: float | None = None  # int8: greedy-token agreement with fp32 required
+    quantize: str | None = None  # int8, int4 (weight-only) or int8-dynamic: an fp32 export, then its quantized copy
+    min_agreement: float | None = None  # quantized: greedy-token agreement with fp32 required (scheme's default)
+    block_size: int | None = None  # weight-only quantization: rows per scale (default 32)
+    accuracy_level: int | None = None  # weight-only quantization: MatMulNBits' accuracy_level
     force: bool = False  # replace a bundle this tool wrote
     seed: int | None = None  # validation inputs
     provider: str = "cpu"  # ONNX Runtime provider for validation
@@ -31,16 +33,29 @@ class ExportOptions:
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise InputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.quantize is None and (self.block_size is not None or self.accuracy_level is not None
+                                      or self.min_agreement is not None):
+            raise InputError("--block-size, --accuracy-level and --min-agreement go with --quantize int8|int4")
         if self.quantize is not None:
-            if self.quantize != "int8":
-                raise InputError(f"unknown --quantize {self.quantize!r}; the only scheme is int8 (dynamic, for CPUs)")
+            self.quantization  # noqa: B018 - the scheme and its options checked now
             if self.dtype != "float32":
-                raise InputError("--quantize int8 starts from fp32 weights; drop --dtype or quantize an fp32 bundle")
+                raise InputError(f"--quantize {self.quantize} starts from fp32 weights; drop --dtype or quantize an "
+                                 "fp32 bundle")
         elif self.dtype == "bfloat16" and self.validate and self.provider == "cpu":
             raise InputError(
                 "bf16 graphs cannot be validated on ONNX Runtime's CPU provider (it has no bf16 kernels); validate on "
                 "a GPU provider (--provider cuda) or pass --no-validate and check the engine with `mpt-export verify` "
                 "there")
+
+    @property
+    def quantization(self):
+        """The quantization this export ends with (``--quantize``), or None."""
+        from .quantize import QuantizeOptions
+
+        if self.quantize is None:
+            return None
+        return QuantizeOptions(scheme=self.quantize, block_size=self.block_size, accuracy_level=self.accuracy_level,
+                               min_agreement=self.min_agreement)
 
     @property
     def tolerance(self) -> dict:

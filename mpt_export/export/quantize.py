@@ -1,9 +1,13 @@
-"""int8 bundles for CPUs: ONNX Runtime dynamic quantization of the backbone weights (MatMul/Gemm, per channel; what
-stays in float is a measured choice, see ``VARIANTS`` and scripts/int8_study.py).
+"""Quantized bundles for ONNX Runtime. Three schemes (``SCHEMES``):
+
+- ``int8`` / ``int4`` (default ``int8``): weight-only — every MatMul weight in symmetric blocks of ``block_size``
+  (32) rows, run by ONNX Runtime's ``MatMulNBits``, by default with its int8 activation kernels (``accuracy_level``
+  4, as ONNX Runtime GenAI's CPU models; see :mod:`.weightonly` for why);
+- ``int8-dynamic``: ONNX Runtime dynamic quantization (MatMul/Gemm weights int8 per channel, activations quantized
+  on the fly at every step; what stays in float is a measured choice, see ``VARIANTS`` and scripts/int8_study.py).
 
 A quantized bundle is a new bundle (the original is untouched) with the same graph I/O (activations stay fp32 at the
-boundary; weights int8, activations quantized on the fly). Before it is written it is compared with its fp32 source
-on fresh random inputs for every task:
+boundary). Before it is written it is compared with its fp32 source on fresh random inputs for every task:
 
 - logits: max abs / rel diff of the last-position logits;
 - greedy-token agreement: the int8 model is stepped along the fp32 model's greedy sequence (teacher forcing) and its
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,20 @@ from ..bundle.reader import Bundle, load_bundle
 from ..bundle.manifest import write_manifest
 from ..errors import InputError, MissingDependencyError, ValidationError
 
-DEFAULT_MIN_AGREEMENT = 0.9
+SCHEMES = {
+    "int8": "weight-only int8: MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits",
+    "int4": "weight-only int4: MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits",
+    "int8-dynamic": "ONNX Runtime dynamic quantization: int8 weights per channel, activations quantized every step",
+}
+DEFAULT_SCHEME = "int8"
+# greedy-token agreement with fp32 (teacher-forced) required unless --min-agreement says otherwise; see the README's
+# precision table for the measurements behind each
+DEFAULT_MIN_AGREEMENT = {"int8": 0.95, "int4": 0.85, "int8-dynamic": 0.9}
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown --quantize {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
 # What stays in float (see int8_plan). Measured on the GPT-2-small-shaped bench (scripts/int8_study.py; agreement with
@@ -88,15 +106,46 @@ def int8_plan(model_path: Path, variant: str) -> dict:
             "float_nodes": len(keep), "lm_head": head.name if head is not None else None}
 
 
-def quantize_graphs(root: Path, manifest: dict, src_root: Path, variant: str = DEFAULT_VARIANT) -> dict:
+def quantize_graphs(root: Path, manifest: dict, src_root: Path, scheme: str = DEFAULT_SCHEME,
+                    variant: str = DEFAULT_VARIANT, block_size: int | None = None,
+                    accuracy_level: int | None = None) -> dict:
     """Quantize the model graphs of the bundle under ``src_root`` into ``root`` (which holds no copy of them)."""
+    if scheme == "int8-dynamic":
+        manifest = _dynamic_graphs(root, manifest, src_root, variant)
+    else:
+        from .weightonly import DEFAULT_BLOCK_SIZE, quantize_graph
+
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        done = {}
+        for g in _model_graphs(manifest):
+            spec = manifest["graphs"][g]
+            done[g] = quantize_graph(src_root / spec["file"], root / spec["file"], scheme, block_size, accuracy_level)
+            spec["external_data"] = spec["file"] + ".data"
+        manifest["quantization"] = {"weights": scheme, "what": SCHEMES[scheme], "block_size": block_size,
+                                    "symmetric": True, "accuracy_level": accuracy_level, "graphs": done}
+    if manifest["task_type"] == "SEQ_2_SEQ_LM":
+        from .seq2seq import WEIGHTS_FILE, share_weights
+
+        graphs = _model_graphs(manifest)
+        share_weights(root, [manifest["graphs"][g]["file"] for g in graphs], WEIGHTS_FILE)
+        for g in graphs:
+            manifest["graphs"][g]["external_data"] = WEIGHTS_FILE
+    manifest["quantization"]["scheme"] = scheme
+    return manifest
+
+
+def _model_graphs(manifest: dict) -> list[str]:
+    return [g for g in manifest["graphs"] if g != "composer"]
+
+
+def _dynamic_graphs(root: Path, manifest: dict, src_root: Path, variant: str) -> dict:
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise MissingDependencyError("int8 quantization needs onnxruntime's quantization tools (pip install onnx onnxruntime)") from None
     import logging
 
-    graphs = [g for g in manifest["graphs"] if g != "composer"]
+    graphs = _model_graphs(manifest)
     root_logger = logging.getLogger()
     level = root_logger.level
     root_logger.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on the root logger
@@ -113,14 +162,8 @@ def quantize_graphs(root: Path, manifest: dict, src_root: Path, variant: str = D
             spec["external_data"] = spec["file"] + ".data"
     finally:
         root_logger.setLevel(level)
-    if manifest["task_type"] == "SEQ_2_SEQ_LM":
-        from .seq2seq import WEIGHTS_FILE, share_weights
-
-        share_weights(root, [manifest["graphs"][g]["file"] for g in graphs], WEIGHTS_FILE)
-        for g in graphs:
-            manifest["graphs"][g]["external_data"] = WEIGHTS_FILE
     manifest["quantization"] = {"weights": "int8", "variant": variant, "what": VARIANTS[variant],
-                                "float_matmuls": kept}
+                                "float_matmuls": kept, "method": "onnxruntime dynamic quantization, per channel"}
     return manifest
 
 
@@ -141,14 +184,49 @@ def agreement(ref_session, q_session, tasks: list[str], vocab: int, seed: int = 
             "tokens_compared": int(ref.size), "seed": seed}
 
 
-def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                    force: bool = False, seed: int = 0, on_step=None, inputs=(), variant: str = DEFAULT_VARIANT) -> Bundle:
-    """Write an int8 copy of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src``
-    (``src`` is never modified; ``out`` must not be ``src`` or hold it)."""
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What a quantization is told, checked once (the CLI's --quantize/--block-size/--accuracy-level/--variant/
+    --min-agreement); unset fields take the scheme's defaults here."""
+
+    scheme: str = DEFAULT_SCHEME
+    block_size: int | None = None  # weight-only: rows per scale (default 32)
+    accuracy_level: int | None = None  # weight-only: MatMulNBits' accuracy_level (default 4: int8 activations)
+    variant: str | None = None  # int8-dynamic: what stays float (default "matmul")
+    min_agreement: float | None = None  # default: the scheme's DEFAULT_MIN_AGREEMENT
+
+    def __post_init__(self):
+        check_scheme(self.scheme)
+        if self.scheme == "int8-dynamic":
+            if self.block_size is not None or self.accuracy_level is not None:
+                raise InputError("--block-size and --accuracy-level are for the weight-only schemes (int8, int4); "
+                                 "int8-dynamic quantizes per channel")
+            object.__setattr__(self, "variant", DEFAULT_VARIANT if self.variant is None else self.variant)
+            check_variant(self.variant)
+        else:
+            if self.variant is not None:
+                raise InputError(f"--variant chooses what int8-dynamic leaves in float; {self.scheme} quantizes "
+                                 "every MatMul weight (the embedding table stays float)")
+            from .weightonly import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_block
+
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size)
+            if self.accuracy_level is None:
+                object.__setattr__(self, "accuracy_level", DEFAULT_ACCURACY_LEVEL)
+            check_block(self.block_size, self.accuracy_level)
+        if self.min_agreement is None:
+            object.__setattr__(self, "min_agreement", DEFAULT_MIN_AGREEMENT[self.scheme])
+        if not 0 <= self.min_agreement <= 1:
+            raise InputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+
+
+def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions | None = None, force: bool = False,
+                    seed: int = 0, on_step=None, inputs=(), **fields) -> Bundle:
+    """Write a quantized copy (``options``, or its fields as keywords: ``scheme`` int8, int4 or int8-dynamic, ...)
+    of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src`` (``src`` is never modified;
+    ``out`` must not be ``src`` or hold it)."""
     step = on_step or (lambda s: None)
-    check_variant(variant)
-    if not 0 <= min_agreement <= 1:
-        raise InputError(f"min_agreement must be in [0, 1], got {min_agreement}")
+    o = replace(options, **fields) if options is not None else QuantizeOptions(**fields)
+    scheme, min_agreement = o.scheme, o.min_agreement
     from ..storage.atomic import resolve_output
     from ..storage.ownership import check_path_text
 
@@ -158,18 +236,18 @@ def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEF
     with load_bundle(src) as b:
         if b.manifest.get("dtype", "float32") != "float32" or b.manifest.get("quantization"):
             raise InputError(f"{src} is a {(b.manifest.get('quantization') or {}).get('weights') or b.manifest.get('dtype')} "
-                             "bundle; int8 quantization starts from an fp32 bundle")
+                             f"bundle; {scheme} quantization starts from an fp32 bundle")
         with replace_dir(out, "bundle", force, inputs) as tmp:
-            step("quantize graphs (int8, per channel)")
+            step(f"quantize graphs ({scheme})")
             graph_files = _graph_files(b.manifest)
             for rel in b.manifest["files"]:
                 if rel not in graph_files:
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(b.file(rel), tmp / rel)
             manifest = json.loads(json.dumps(b.manifest))
-            manifest = quantize_graphs(tmp, manifest, src_root=b.root, variant=variant)
-            manifest["quantization"].update({"method": "onnxruntime dynamic quantization, per channel",
-                                             "source_bundle": str(b.path), "min_agreement": min_agreement,
+            manifest = quantize_graphs(tmp, manifest, src_root=b.root, scheme=scheme, variant=o.variant,
+                                       block_size=o.block_size, accuracy_level=o.accuracy_level)
+            manifest["quantization"].update({"source_bundle": str(b.path), "min_agreement": min_agreement,
                                              "source_manifest_sha256": b.manifest["manifest_sha256"]})
             manifest = write_manifest(tmp, manifest)
             step("compare with the fp32 bundle")
@@ -178,7 +256,7 @@ def quantize_bundle(src: str | Path, out: str | Path, min_agreement: float = DEF
             manifest["quantization"]["report"] = rep
             if rep["greedy_agreement"] < min_agreement:
                 raise ValidationError(
-                    f"int8 greedy-token agreement with fp32 is {rep['greedy_agreement']:.1%} over "
+                    f"{scheme} greedy-token agreement with fp32 is {rep['greedy_agreement']:.1%} over "
                     f"{rep['tokens_compared']} tokens (free-running {rep['free_running_agreement']:.1%}), below the "
                     f"required {min_agreement:.1%} (logits max abs diff {rep['logits_max_abs']:.3g}); keep the fp32 "
                     "bundle or lower --min-agreement if that is acceptable", report=rep)

@@ -80,7 +80,7 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
 
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
-    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-fp16",
+    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-int4", "bundle-int8-dynamic", "bundle-fp16",
                                                    "preset.json"])
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
@@ -109,17 +109,24 @@ def _derived_is_current(out: Path, check) -> bool:
         return False
 
 
-def _int8_bundle(bundle_dir: Path, out: Path, on_step) -> Path:
+def _quantized_bundle(bundle_dir: Path, out: Path, scheme: str, on_step) -> Path:
+    """The ``scheme`` copy of the bench's fp32 bundle, made once and reused while the fp32 bundle is the same."""
     from ..bundle.reader import load_bundle
-    from ..export.quantize import DEFAULT_VARIANT, quantize_bundle
+    from ..export.quantize import QuantizeOptions, quantize_bundle
 
+    options = QuantizeOptions(scheme=scheme, min_agreement=0.0)
     with load_bundle(bundle_dir, verify=False) as src:
         digest = src.manifest["manifest_sha256"]
-    if _derived_is_current(out, lambda m: (m.get("quantization") or {}).get("source_manifest_sha256") == digest
-                           and m["quantization"].get("variant") == DEFAULT_VARIANT):
+
+    def current(m):
+        q = m.get("quantization") or {}
+        return q.get("source_manifest_sha256") == digest and q.get("scheme") == scheme and \
+            q.get("variant") == options.variant and q.get("block_size") == options.block_size
+
+    if _derived_is_current(out, current):
         return out
-    on_step("quantize the bundle to int8 (once)")
-    quantize_bundle(bundle_dir, out, min_agreement=0.0, force=True)
+    on_step(f"quantize the bundle to {scheme} (once)")
+    quantize_bundle(bundle_dir, out, options, force=True)
     return out
 
 
@@ -205,7 +212,7 @@ def _set_threads(threads: int | None) -> int:
     import torch
 
     if threads is not None:
-        from ..runtime.onnxruntime import check_threads
+        from ..runtime.options import check_threads
 
         check_threads(threads, "--threads")
     threads = threads or torch.get_num_threads()
@@ -279,8 +286,10 @@ def _variants(p: Preset, base: Path, bundle_dir: Path, derived: Path, peft: dict
     variants = [("ORT", bundle_dir, "cpu", False, flops)]
     if not p.seq2seq:  # the encoder is bidirectional: no per-task prompt KV to cache
         variants.append(("ORT + prompt KV", bundle_dir, "cpu", True, cached))
-    variants.append(("ORT int8" + ("" if p.seq2seq else " + prompt KV"), _int8_bundle(bundle_dir, derived / "bundle-int8", step), "cpu",
-                     not p.seq2seq, cached if not p.seq2seq else flops))
+    for scheme in ("int8", "int4", "int8-dynamic"):
+        variants.append((f"ORT {scheme}" + ("" if p.seq2seq else " + prompt KV"),
+                         _quantized_bundle(bundle_dir, derived / f"bundle-{scheme}", scheme, step), "cpu",
+                         not p.seq2seq, cached if not p.seq2seq else flops))
     import onnxruntime as ort
 
     skipped = []

@@ -1,4 +1,4 @@
-"""fp16 / bf16 bundles and int8 quantization."""
+"""fp16 / bf16 bundles and quantization (weight-only int8/int4, dynamic int8)."""
 
 import json
 
@@ -73,10 +73,10 @@ def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
                                  tmp_path / "x", "--dtype", "fp8"), "unknown dtype 'fp8'")
 
 
-def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
+def test_int8_dynamic_agreement_is_computed_and_enforced(llama, tmp_path):
     from mpt_export.export.quantize import quantize_bundle
 
-    q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
+    q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0, scheme="int8-dynamic")
     rep = q.manifest["quantization"]["report"]
     assert 0.0 < rep["greedy_agreement"] <= 1.0 and rep["tokens_compared"] == 4 * 2 * 16
     assert 0.0 < rep["free_running_agreement"] <= 1.0
@@ -99,20 +99,21 @@ def test_int8_agreement_is_computed_and_enforced(llama, tmp_path):
     if strict is None:
         pytest.fail("tiny random model quantized without a single differing token; the refusal path needs a noisier one")
     out = tmp_path / "refused"
-    with pytest.raises(ValidationError, match="greedy-token agreement with fp32 is"):
-        quantize_bundle(llama.bundle, out, min_agreement=strict)
+    with pytest.raises(ValidationError, match="int8-dynamic greedy-token agreement with fp32 is"):
+        quantize_bundle(llama.bundle, out, min_agreement=strict, scheme="int8-dynamic")
     assert no_output_left(out)
-    res = cli("quantize", llama.bundle, "--out", out, "--min-agreement", str(strict))
+    res = cli("quantize", llama.bundle, "--out", out, "--quantize", "int8-dynamic", "--min-agreement", str(strict))
     assert_clean_failure(res, "below the required")
     assert no_output_left(out)
     res = cli("verify", q.path, "--base-model", llama.base)
     assert res.returncode == 0 and "greedy-token agreement with the fp32 bundle" in " ".join(res.stdout.split())
     assert "free-running" in " ".join(res.stdout.split())
-    res = cli("quantize", llama.bundle, "--out", tmp_path / "all", "--variant", "all", "--min-agreement", "0")
+    res = cli("quantize", llama.bundle, "--out", tmp_path / "all", "--quantize", "int8-dynamic", "--variant", "all",
+              "--min-agreement", "0")
     assert res.returncode == 0 and "free-running" in res.stdout, res.stderr
     assert json.loads((tmp_path / "all" / "manifest.json").read_text())["quantization"]["variant"] == "all"
-    assert_clean_failure(cli("quantize", llama.bundle, "--out", tmp_path / "v", "--variant", "half"),
-                         "unknown int8 variant 'half'")
+    assert_clean_failure(cli("quantize", llama.bundle, "--out", tmp_path / "v", "--quantize", "int8-dynamic",
+                             "--variant", "half"), "unknown int8 variant 'half'")
     # an int8 bundle is not quantized again; the source is untouched
     with pytest.raises(InputError, match="starts from an fp32 bundle"):
         quantize_bundle(q.path, tmp_path / "qq")
@@ -133,14 +134,88 @@ def test_export_quantize_int8_cli(make_case, tmp_path):
 
 
 def test_bench_never_reuses_a_derived_bundle_made_from_another_source(llama, make_case, tmp_path):
-    from mpt_export.tools.bench import _int8_bundle
+    from mpt_export.tools.bench import _quantized_bundle
 
     out = tmp_path / "bundle-int8"
-    _int8_bundle(llama.bundle, out, lambda s: None)
+    _quantized_bundle(llama.bundle, out, "int8", lambda s: None)
     first = mpt_export.load_bundle(out).manifest["manifest_sha256"]
-    _int8_bundle(llama.bundle, out, lambda s: None)  # same source: reused as it is
+    _quantized_bundle(llama.bundle, out, "int8", lambda s: None)  # same source: reused as it is
     assert mpt_export.load_bundle(out).manifest["manifest_sha256"] == first
     other = make_case("gpt2").bundle  # another model, a bundle of the same name
-    _int8_bundle(other, out, lambda s: None)
+    _quantized_bundle(other, out, "int8", lambda s: None)
     q = mpt_export.load_bundle(out).manifest["quantization"]
     assert q["source_manifest_sha256"] == mpt_export.load_bundle(other).manifest["manifest_sha256"]
+
+
+def _weight_bytes(graph_file) -> dict:
+    """Bytes of the float MatMul weights a graph would have (K x N x 4) and of what MatMulNBits holds instead."""
+    m = onnx.load(str(graph_file))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    fp32 = packed = 0
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in n.attribute}
+            assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8 if "int8" in str(graph_file.parent)
+                                                                                    else 4, 32, 4), attrs
+            fp32 += attrs["K"] * attrs["N"] * 4
+            packed += sum(inits[i].nbytes for i in n.input[1:] if i in inits)
+    return {"fp32": fp32, "packed": packed, "left_float": [n.name for n in m.graph.node if n.op_type in ("MatMul", "Gemm")
+                                                          and n.input[1] in inits]}
+
+
+@pytest.mark.parametrize("scheme,ratio", [("int8", 0.3), ("int4", 0.17)])
+def test_weight_only_quantization_runs_matmulnbits(llama, tmp_path, scheme, ratio):
+    import onnxruntime as ort
+
+    from mpt_export.engine.batching import Engine
+    from mpt_export.export.quantize import quantize_bundle
+    from mpt_export.runtime.trt.check import TrtCheckError, check_trt
+    from mpt_export.runtime.trt.profiles import Limits
+    from support import serve_all, solo
+
+    q = quantize_bundle(llama.bundle, tmp_path / scheme, scheme=scheme, min_agreement=0.0)
+    man = q.manifest["quantization"]
+    assert (man["scheme"], man["block_size"], man["symmetric"], man["accuracy_level"]) == (scheme, 32, True, 4)
+    rep = man["report"]
+    assert rep["logits_max_abs"] > 0 and 0 < rep["greedy_agreement"] <= 1 and 0 < rep["free_running_agreement"] <= 1
+    # every projection and the LM head are blocks of int8/int4 (<= 0.3x / 0.17x their fp32 bytes), none left float
+    w = _weight_bytes(q.path / "backbone.onnx")
+    assert w["left_float"] == [] and 0 < w["packed"] <= ratio * w["fp32"], w
+    assert man["graphs"]["backbone"]["matmulnbits"] == 15  # 2 layers x 7 projections + the LM head
+    # ONNX Runtime's optimized graph really runs MatMulNBits (the quantizer can silently return a float model)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(q.path / "backbone.onnx"), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == 15
+    # the engine's mixed-task batches with joins and compactions give each row what it gives alone
+    s = q.session()
+    rng = np.random.default_rng(4)
+    jobs = [dict(task=q.tasks[i % 4], ids=rng.integers(3, 200, int(rng.integers(2, 12))).tolist(),
+                 max_new_tokens=int(rng.integers(1, 10)), temperature=0.0, top_k=0, seed=None) for i in range(12)]
+    engine = Engine(s, max_batch=3, max_queue=64).start()
+    try:
+        assert [r.tokens for r in serve_all(engine, jobs)] == [solo(s, j) for j in jobs]
+    finally:
+        engine.stop()
+    # TensorRT cannot read the op: said before any build
+    with pytest.raises(TrtCheckError, match="unsupported op MatMulNBits"):
+        check_trt(q, Limits(max_batch=2, max_input=32, max_new_tokens=16))
+    # a task added to the quantized bundle runs on its graphs
+    res = cli("tasks", "add", q.path, "--adapter", f"extra={llama.target}")
+    assert res.returncode == 0, res.stderr
+    assert mpt_export.load_bundle(q.path).session().generate_ids(np.array([[5, 6]]), ["extra"], max_new_tokens=3).shape == (1, 3)
+
+
+def test_quantize_options_are_one_clear_line(llama, tmp_path):
+    for args, needle in ((["--quantize", "int3"], "unknown --quantize 'int3'"),
+                         (["--block-size", "24"], "--block-size must be a power of two >= 16"),
+                         (["--accuracy-level", "7"], "--accuracy-level must be one of"),
+                         (["--quantize", "int8-dynamic", "--block-size", "64"], "are for the weight-only schemes"),
+                         (["--variant", "all"], "--variant chooses what int8-dynamic leaves in float"),
+                         (["--min-agreement", "1.5"], "[0, 1]")):
+        out = tmp_path / "q"
+        assert_clean_failure(cli("quantize", llama.bundle, "--out", out, *args), needle)
+        assert no_output_left(out)
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
+                             tmp_path / "e", "--block-size", "64"), "go with --quantize int8|int4")

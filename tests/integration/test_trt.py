@@ -132,7 +132,7 @@ def test_check_trt_fails_precisely(llama, tmp_path):
     from mpt_export.bundle.manifest import write_manifest
     from mpt_export.export.quantize import quantize_bundle
 
-    q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0)
+    q = quantize_bundle(llama.bundle, tmp_path / "q", min_agreement=0.0, scheme="int8-dynamic")
     with pytest.raises(TrtCheckError, match="unsupported op DynamicQuantizeLinear") as e:
         check_trt(q, LIM)
     assert any("MatMulInteger" in p for p in e.value.problems)

@@ -187,8 +187,9 @@ def test_export_options_are_checked_once_and_keep_one_dtype_name():
         with pytest.raises(InputError, match=re.escape(word)):
             ExportOptions(**kw)
     assert ExportOptions(dtype="bf16", validate=False).dtype == "bfloat16"
-    q = ExportOptions(quantize="int4", accuracy_level=4).quantization  # the scheme's defaults filled in once
-    assert (q.scheme, q.block_size, q.accuracy_level, q.min_agreement, q.variant) == ("int4", 32, 4, 0.8, None)
+    q = ExportOptions(quantize="int4", accuracy_level=0).quantization  # the scheme's defaults filled in once
+    assert (q.scheme, q.block_size, q.accuracy_level, q.min_agreement, q.variant) == ("int4", 32, 0, 0.85, None)
+    assert ExportOptions(quantize="int8").quantization.accuracy_level == 4
     assert ExportOptions(quantize="int8-dynamic").quantization.variant == "matmul"
 
 

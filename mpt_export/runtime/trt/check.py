@@ -43,6 +43,8 @@ UNSUPPORTED_HINTS = {
     "DynamicQuantizeLinear": "ORT dynamic int8 (an int8 bundle is for ONNX Runtime on CPUs; build TensorRT from the fp32/fp16 bundle)",
     "MatMulInteger": "ORT dynamic int8 (build TensorRT from the fp32/fp16 bundle)",
     "ConvInteger": "ORT dynamic int8",
+    "MatMulNBits": "ONNX Runtime's weight-only int8/int4 contrib op (a --quantize int8/int4 bundle is for ONNX Runtime; "
+                   "build TensorRT from the fp32/fp16 bundle)",
 }
 BAD_DTYPES = {14: "complex64", 15: "complex128", 8: "string"}
 FLOAT64 = 11
