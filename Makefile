@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[cpu,export,serve,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,export,serve,test,peers]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,8 +23,8 @@ bench: $(STAMP)
 
 # every tier (what CI runs): unit (no torch, no processes), integration (tiny exports, the CLI in-process),
 # e2e (console scripts, kill tests, servers, Ray, docs). Two workers (pytest-xdist): the tiny models and their
-# bundles are built once for both; the tests that share one server run on one worker (xdist_group).
-TESTFLAGS ?= -n 2 --dist loadgroup
+# bundles are built once for both; each test file runs on one worker, in order (module fixtures: one server each).
+TESTFLAGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTFLAGS) --durations=15
 

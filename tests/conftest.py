@@ -17,9 +17,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # contend; the tiny models gain nothing from a second thread
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# The longest tests start first, so the workers do not wait on one at the end (the order of everything else is
-# kept): the export memory measurements and the Ray server's modules.
-FIRST = ("e2e/test_memory.py", "e2e/test_ray_proxy.py", "e2e/test_ray_reload.py")
+# The longest test files start first, so the workers do not wait on one at the end (the order of everything else
+# is kept): the export memory measurements and the Ray server's module.
+FIRST = ("e2e/test_memory.py", "e2e/test_ray.py")
 
 
 def pytest_collection_modifyitems(config, items):

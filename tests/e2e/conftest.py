@@ -1,6 +1,6 @@
 """Fixtures the end-to-end modules share, each built once per run: the served model's bundle and its offline
-generation (test_serving_*.py), and the one Ray server with its copy of the llama bundle (test_ray_proxy.py, then
-test_ray_reload.py, which stops it). Ray itself is never imported here: the Ray server is a process of its own,
+generation (test_serving_*.py), and the one Ray server with its copy of the llama bundle (test_ray.py,
+whose last check stops it). Ray itself is never imported here: the Ray server is a process of its own,
 started only when a Ray test that needs it runs."""
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def offline(served):
     return gen
 
 
-# -- the Ray server (test_ray_proxy.py, then test_ray_reload.py) ----------------------------------------------------
-# One server serves both modules' checks in order (Ray takes ~30-50 s to start): the modules name these `case` and
-# `srv`. test_ray_reload.py's last test stops it; the finalizer only kills what is left after a failure.
+# -- the Ray server (test_ray.py) ----------------------------------------------------------------------------------
+# One server serves the module's checks in order (Ray takes ~30-50 s to start): it names these `case` and
+# `srv`. Its last test stops it; the finalizer only kills what is left after a failure.
 
 @pytest.fixture(scope="session")
 def ray_case(llama, tmp_path_factory):
@@ -64,7 +64,7 @@ def ray_case(llama, tmp_path_factory):
     s = b.session()
     want = {(t, p): s.generate([p], [t], max_new_tokens=6)[0] for t in tasks for p in PROMPTS}
     s.close()
-    # the digest served at the start (test_ray_replicas_mixed_tasks checks it), so test_ray_reload.py runs alone too
+    # the digest served at the start (test_ray_replicas_mixed_tasks checks it), so the reload checks can run alone too
     state = {"digest": b.manifest["manifest_sha256"]}
     b.close()
     return {"bundle": bundle, "tasks": tasks, "want": want, "llama": llama, "state": state}

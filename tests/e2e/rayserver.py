@@ -1,4 +1,4 @@
-"""What the Ray modules (test_ray_proxy.py, test_ray_reload.py) share: `mpt-export serve --ray` as a process this
+"""What the Ray module (test_ray.py) uses: `mpt-export serve --ray` as a process this
 test run owns (:class:`RayServer`), its prompts and a completion that says which replica answered. Imported only by
 modules that checked for the ray extra, httpx and openai first."""
 

@@ -89,7 +89,7 @@ def test_readers_see_a_whole_bundle_while_writers_swap(llama, tmp_path):
     assert exp.returncode == 0, exp.stderr
     assert all(r.returncode == 0 for r in cli_reads), [r.stderr for r in cli_reads]
     results = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(3)]
-    assert all(r["n_errors"] == 0 for r in results), results
+    assert all(r["n_errors"] == 0 for r in results), json.dumps(results, indent=1)
     assert all(r["ok"] > 0 for r in results) and cycles[0] >= 3, (results, cycles)
     assert not b.is_symlink() and mpt_export.load_bundle(b).tasks == OLD
     remove_task(b, "c").close()  # the next write removes whatever old copies readers held
