@@ -23,8 +23,11 @@ def bench_cmd(
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
     threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike (default: PyTorch's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
+    peer: Annotated[str | None, typer.Option(help="onnxruntime-genai: instead, decode and end-to-end tok/s at batch 1 and 8 against ONNX Runtime GenAI's graphs of the same base model (fp32, int8, int4), interleaved rounds (--repeats); needs the peers extra; use with --preset llama-small.")] = None,
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
+    if peer is not None:
+        return _peer(peer, preset, workdir, repeats, threads, as_json)
     if bundle is None:
         from mpt_export.storage.ownership import check_replaceable
 
@@ -70,3 +73,40 @@ def bench_cmd(
                   "fresh process that loads that row's model and runs one batch, minus the same process before loading")
     for sk in r["skipped"]:
         console.print(f"[yellow]skipped[/] {escape(sk)}")
+
+
+def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | None, as_json: bool) -> None:
+    from mpt_export.storage.ownership import check_replaceable
+    from mpt_export.tools.bench_peer import check_peer
+
+    check_peer(peer)
+    check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
+    quiet_libraries()
+    from mpt_export.tools.bench_peer import run_peer_bench
+
+    with progress("bench") as on_step:
+        r = run_peer_bench(peer, preset, workdir, rounds, threads, on_step=on_step)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    t = Table(title=f"bench {escape(preset)} vs {escape(peer)}: {r['virtual_tokens']} virtual tokens + "
+                    f"{r['input_len']} input tokens, {r['new_tokens']} new, {r['threads']} threads, {rounds} "
+                    "interleaved rounds", title_justify="left")
+    t.box = box.SIMPLE_HEAD
+    for col in ("precision", "batch", "decode tok/s ours", "theirs", "ours/theirs", "end-to-end ours", "theirs",
+                "ours/theirs"):
+        t.add_column(col, justify="left" if col == "precision" else "right", no_wrap=True)
+    for x in r["rows"]:
+        a, b = x["ours"], x["peer"]
+        t.add_row(x["precision"], str(x["batch"]),
+                  f"{a['decode']['median']:.1f} ({a['decode']['min']:.1f})",
+                  f"{b['decode']['median']:.1f} ({b['decode']['min']:.1f})", f"{x['decode_ratio']:.2f}x",
+                  f"{a['e2e']['median']:.1f} ({a['e2e']['min']:.1f})",
+                  f"{b['e2e']['median']:.1f} ({b['e2e']['min']:.1f})", f"{x['e2e_ratio']:.2f}x")
+    la = r["load_average"]
+    t.caption = ("tok/s: median (min) over the rounds; decode: the prefill cancels out; end-to-end: ours from the task's "
+                 f"cached prompt KV, theirs prefilling the virtual tokens. load average {la['before'][0]:.2f} before, "
+                 f"{la['after'][0]:.2f} after")
+    console.print(t)
+    for q, s in r["settings"].items():
+        console.print(f"{q}: ours {escape(s['ours'])}; theirs {escape(s['peer'])}")

@@ -47,12 +47,15 @@ class Preset:
         return self.arch in ("t5", "flan-t5")
 
 
+DERIVED = [f"bundle-{x}" for x in ("int8", "int4", "int8-dynamic", "fp16")] + [f"peer-{x}" for x in ("fp32", "int8", "int4", "cache")]
 PRESETS = {
     # GPT-2 small's shape, random weights; 100 virtual tokens as in the MPT paper; a mixed-task batch of 8 x 64.
     "gpt2-small-shape": Preset("gpt2", 768, 12, 12, 50257, 1024, 100, 4, 1, 8, 64, 8),
     # T5-Base's shape (12+12 layers, d_model 768, d_ff 3072), 100 virtual tokens on the encoder as in the paper,
     # 8 x 64-token inputs, 4 new tokens (classification-style outputs as in GLUE).
     "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
+    # the Llama of the edge comparison with ONNX Runtime GenAI (bench --peer): hidden 768, 12 layers, vocab 32000
+    "llama-small": Preset("llama", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048),
     # seconds-long smoke runs of the same code paths (tests)
     "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
     "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),
@@ -80,8 +83,7 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
 
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
-    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "bundle-int8", "bundle-int4", "bundle-int8-dynamic", "bundle-fp16",
-                                                   "preset.json"])
+    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "preset.json", *DERIVED])  # DERIVED: made later
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
                             vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=p.tokenizer, ffn=p.ffn)

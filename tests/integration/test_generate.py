@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mpt_export
-from support import left_padded, cli
+from support import assert_clean_failure, left_padded, cli
 from mpt_export.errors import BaseModelError, InputError, TaskNameError
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_model_for
@@ -289,3 +289,19 @@ def test_bench_a_bundle(llama, tmp_path):
     assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
     assert (tmp_path / "bundle-derived" / "bundle-int8" / "manifest.json").is_file()
     assert not (llama.bundle.parent / "bundle-int8").exists()  # nothing written beside the user's bundle
+
+
+def test_bench_against_onnxruntime_genai(tmp_path):
+    """The peer is built from the same base model and measured in the same run (no timing asserted)."""
+    pytest.importorskip("onnxruntime_genai", reason="needs the peers extra (pip install 'mpt-export[peers]')")
+    res = cli("bench", "--peer", "onnxruntime-genai", "--preset", "tiny", "--workdir", tmp_path, "--repeats", "1",
+              "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert [(x["precision"], x["batch"]) for x in r["rows"]] == [(q, b) for q in ("fp32", "int8", "int4") for b in (1, 8)]
+    for x in r["rows"]:
+        for side in ("ours", "peer"):
+            assert x[side]["decode"]["median"] > 0 and x[side]["e2e"]["median"] > 0, x
+    assert r["settings"]["int4"]["ours"].startswith("4-bit, block 32") and "4-bit" in r["settings"]["int4"]["peer"]
+    assert r["settings"]["fp32"] == {"ours": "float", "peer": "float"}
+    assert_clean_failure(cli("bench", "--peer", "llama.cpp", "--workdir", tmp_path), "unknown --peer 'llama.cpp'")

@@ -1,0 +1,167 @@
+"""``mpt-export bench --peer onnxruntime-genai``: our bundles against ONNX Runtime GenAI's own graphs of the same base
+model, measured in the same run, interleaved.
+
+Both sides get the same work: the task's virtual tokens are ordinary prompt tokens for the peer (it has no prompt
+embeddings), so both decode at the same KV length. Ours starts from the task's cached prompt KV (prefill: the input
+only); the peer prefills virtual tokens + input. Per precision (fp32, int8, int4 — ours weight-only, its builder's
+``-p``) and batch (1, 8):
+
+- decode tok/s: ``rows x N / (T(N + 1 new tokens) - T(1 new token))`` — the prefill cancels out;
+- end-to-end tok/s: ``rows x N / T(N)``, prefill included.
+
+Every figure is the median (and min) over ``rounds`` rounds; in each round every (side, precision, batch) runs once,
+in the same order, so the machine's load falls on both. The load average is printed with them. The peer's graphs
+are built once with its model builder (``python -m onnxruntime_genai.models.builder``) in a child process; its
+MatMulNBits settings (block size, accuracy level) are read from the graph it wrote and printed beside ours."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, MissingDependencyError
+
+PEERS = ("onnxruntime-genai",)
+PRECISIONS = ("fp32", "int8", "int4")
+BATCHES = (1, 8)
+
+
+def check_peer(peer: str) -> None:
+    if peer not in PEERS:
+        raise InputError(f"unknown --peer {peer!r}; the peer measured is: {', '.join(PEERS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise MissingDependencyError("the onnxruntime-genai peer needs its package: pip install 'mpt-export[peers]' "
+                                     "(or pip install onnxruntime-genai)")
+
+
+def build_peer(base: Path, out: Path, precision: str, step) -> Path:
+    """ONNX Runtime GenAI's graph of ``base`` in ``precision`` (built once; reused while ``out`` is complete)."""
+    if (out / "genai_config.json").is_file():
+        return out
+    step(f"build ONNX Runtime GenAI's {precision} model (once)")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(base), "-o", str(out), "-p", precision,
+           "-e", "cpu", "-c", str(out.parent / "peer-cache")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if res.returncode != 0 or not (out / "genai_config.json").is_file():
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        raise InputError(f"ONNX Runtime GenAI's model builder failed for {precision}: {' | '.join(tail)}")
+    return out
+
+
+def nbits_settings(model_dir: Path) -> str:
+    """The MatMulNBits settings a graph runs with: 'bits/block/accuracy level', or 'float'."""
+    import onnx
+
+    found = set()
+    for f in sorted(Path(model_dir).glob("*.onnx")):
+        for n in onnx.load(str(f), load_external_data=False).graph.node:
+            if n.op_type == "MatMulNBits":
+                a = {x.name: x.i for x in n.attribute}
+                found.add(f"{a.get('bits', 4)}-bit, block {a.get('block_size')}, accuracy level "
+                          f"{a.get('accuracy_level', 0)}")
+    return "; ".join(sorted(found)) or "float"
+
+
+class Ours:
+    def __init__(self, bundle: Path, task: str, threads: int):
+        from ..bundle.reader import load_bundle
+
+        self.session = load_bundle(bundle, verify=False).session(intra_op_threads=threads)
+        self.task = task
+
+    def run(self, ids: np.ndarray, new: int) -> None:
+        self.session.generate_ids(ids, [self.task] * ids.shape[0], max_new_tokens=new, eos_token_id=None)
+
+
+class Peer:
+    def __init__(self, model_dir: Path, virtual: np.ndarray, threads: int):
+        import json
+
+        import onnxruntime_genai as og
+
+        cfg_file = Path(model_dir) / "genai_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        opts = cfg["model"]["decoder"].setdefault("session_options", {})
+        if opts.get("intra_op_num_threads") != threads:  # the same thread count as ours
+            opts["intra_op_num_threads"] = threads
+            cfg_file.write_text(json.dumps(cfg, indent=2))
+        self.og, self.model, self.virtual = og, og.Model(str(model_dir)), virtual
+
+    def run(self, ids: np.ndarray, new: int) -> None:
+        prompt = np.concatenate([np.repeat(self.virtual[None], ids.shape[0], 0), ids], 1).astype(np.int32)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=prompt.shape[1] + new, min_length=prompt.shape[1] + new,
+                                  batch_size=ids.shape[0], do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(prompt)  # the prompt only: each generate_next_token runs one step and adds one token
+        for _ in range(new):
+            gen.generate_next_token()
+
+
+def _timed(runner, ids, new: int) -> float:
+    t = time.perf_counter()
+    runner.run(ids, new)
+    return time.perf_counter() - t
+
+
+def measure(runners: dict, batches, input_len: int, new: int, rounds: int, vocab: int) -> dict:
+    """Interleaved rounds over every (side, precision) runner and batch -> {(side, precision, batch): figures}."""
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.integers(3, vocab, (b, input_len), dtype=np.int64) for b in batches}
+    for r in runners.values():  # warm-up: sessions, caches, the task's prompt KV
+        for b in batches:
+            r.run(inputs[b], 2)
+    raw = {(*k, b): {"decode": [], "e2e": []} for k in runners for b in batches}
+    for _ in range(rounds):
+        for k, r in runners.items():
+            for b in batches:
+                one, full = _timed(r, inputs[b], 1), _timed(r, inputs[b], new + 1)
+                raw[(*k, b)]["decode"].append(b * new / max(full - one, 1e-9))
+                raw[(*k, b)]["e2e"].append(b * (new + 1) / full)
+    return {k: {m: {"median": statistics.median(v), "min": min(v)} for m, v in fig.items()} for k, fig in raw.items()}
+
+
+def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path = "build/bench", rounds: int = 5,
+                   threads: int | None = None, input_len: int = 16, new_tokens: int = 32, on_step=None) -> dict:
+    """Ours vs ``peer`` on ``preset``'s base model (see the module docstring) -> rows and the run's conditions."""
+    from .bench import PRESETS, _quantized_bundle, _set_threads, _workload
+
+    check_peer(peer)
+    if preset not in PRESETS or PRESETS[preset].seq2seq:
+        raise InputError(f"--peer compares decoder-only models; choose one of: "
+                         f"{', '.join(k for k, v in PRESETS.items() if not v.seq2seq)}")
+    if rounds < 1:
+        raise InputError(f"--repeats must be >= 1, got {rounds}")
+    step = on_step or (lambda s: None)
+    threads = _set_threads(threads)
+    p, base, bundle_dir, names, derived, _ = _workload(preset, workdir, None, None, 0, 0, 0, step)
+    ours = {"fp32": bundle_dir, **{q: _quantized_bundle(bundle_dir, derived / f"bundle-{q}", q, step)
+                                   for q in ("int8", "int4")}}
+    theirs = {q: build_peer(base, derived / f"peer-{q}", q, step) for q in PRECISIONS}
+    virtual = np.random.default_rng(1).integers(3, p.vocab, p.virtual_tokens)
+    runners = {}
+    for q in PRECISIONS:
+        runners[("mpt-export", q)] = Ours(ours[q], names[0], threads)
+        runners[(peer, q)] = Peer(theirs[q], virtual, threads)
+    load_before = os.getloadavg()
+    step(f"measure: {rounds} interleaved rounds x {len(runners)} models x batch {', '.join(map(str, BATCHES))}")
+    figs = measure(runners, BATCHES, input_len, new_tokens, rounds, p.vocab)
+    rows = []
+    for q in PRECISIONS:
+        for b in BATCHES:
+            a, t = figs[("mpt-export", q, b)], figs[(peer, q, b)]
+            rows.append({"precision": q, "batch": b, "ours": a, "peer": t,
+                         "decode_ratio": a["decode"]["median"] / t["decode"]["median"],
+                         "e2e_ratio": a["e2e"]["median"] / t["e2e"]["median"]})
+    return {"peer": peer, "preset": preset, "threads": threads, "rounds": rounds, "input_len": input_len,
+            "new_tokens": new_tokens, "virtual_tokens": p.virtual_tokens, "rows": rows,
+            "settings": {q: {"ours": nbits_settings(ours[q]), "peer": nbits_settings(theirs[q])} for q in PRECISIONS},
+            "load_average": {"before": load_before, "after": os.getloadavg()}}
