@@ -39,7 +39,7 @@ def check_block(block_size: int, accuracy_level: int | None) -> None:
                          f"quantizes activations to int8 inside the op), got {accuracy_level!r}")
 
 
-def _const(graph, inits: dict, name: str):
+def _const(inits: dict, name: str):
     import onnx.numpy_helper as nh
 
     return nh.to_array(inits[name]) if name in inits else None
@@ -54,14 +54,13 @@ def linear_as_matmul(graph) -> dict:
 
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    uses = Counter(i for n in graph.node for i in n.input)
     done = Counter()
     nodes = []
     for n in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type == "Gemm" and len(n.input) >= 2 and n.input[1] in inits and not attrs.get("transA", 0) \
                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
-            w = _const(graph, inits, n.input[1])
+            w = _const(inits, n.input[1])
             if attrs.get("transB", 0):
                 w = np.ascontiguousarray(w.T)
             name = f"{n.input[1]}.matmul_weight"
@@ -78,7 +77,7 @@ def linear_as_matmul(graph) -> dict:
         if n.op_type == "MatMul" and n.input[1] in producer and producer[n.input[1]].op_type == "Transpose":
             t = producer[n.input[1]]
             perm = [a.ints for a in t.attribute if a.name == "perm"]
-            w = _const(graph, inits, t.input[0])
+            w = _const(inits, t.input[0])
             if w is not None and w.ndim == 2 and (not perm or list(perm[0]) == [1, 0]):
                 name = f"{t.input[0]}.transposed"
                 if name not in inits:
@@ -89,14 +88,12 @@ def linear_as_matmul(graph) -> dict:
         nodes.append(n)
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused(graph, uses)
+    _drop_unused(graph)
     return dict(done)
 
 
-def _drop_unused(graph, before: Counter) -> None:
+def _drop_unused(graph) -> None:
     """Remove what the rewrite left unread: Transpose nodes of folded weights, and initializers no node reads."""
-    import onnx  # noqa: F401
-
     outputs = {o.name for o in graph.output}
     while True:
         read = Counter(i for n in graph.node for i in n.input) + Counter(outputs)
