@@ -24,7 +24,7 @@ bench: $(STAMP)
 # every tier (what CI runs): unit (no torch, no processes), integration (tiny exports, the CLI in-process),
 # e2e (console scripts, kill tests, servers, Ray, docs). Two workers (pytest-xdist): the tiny models and their
 # bundles are built once for both; each test file runs on one worker, in order (module fixtures: one server each).
-TESTFLAGS ?= -n 2 --dist loadfile
+TESTFLAGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PY) -m pytest -q $(TESTFLAGS) --durations=15
 

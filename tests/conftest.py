@@ -18,8 +18,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The longest test files start first, so the workers do not wait on one at the end (the order of everything else
-# is kept): the export memory measurements and the Ray server's module.
-FIRST = ("e2e/test_memory.py", "e2e/test_ray.py")
+# is kept; make runs xdist with --no-loadscope-reorder, which would otherwise put files with many tests first): the
+# export memory measurements, the Ray server's module, the files that export T5 several times.
+FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "integration/test_validation.py", "integration/test_seq2seq.py")
 
 
 def pytest_collection_modifyitems(config, items):
