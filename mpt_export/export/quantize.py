@@ -106,23 +106,23 @@ def int8_plan(model_path: Path, variant: str) -> dict:
             "float_nodes": len(keep), "lm_head": head.name if head is not None else None}
 
 
-def quantize_graphs(root: Path, manifest: dict, src_root: Path, scheme: str = DEFAULT_SCHEME,
-                    variant: str = DEFAULT_VARIANT, block_size: int | None = None,
-                    accuracy_level: int | None = None) -> dict:
-    """Quantize the model graphs of the bundle under ``src_root`` into ``root`` (which holds no copy of them)."""
+def quantize_graphs(root: Path, manifest: dict, src_root: Path, o: "QuantizeOptions") -> dict:
+    """Quantize the model graphs of the bundle under ``src_root`` into ``root`` (which holds no copy of them) as
+    ``o`` says; -> the manifest with its ``quantization`` record."""
+    scheme = o.scheme
     if scheme == "int8-dynamic":
-        manifest = _dynamic_graphs(root, manifest, src_root, variant)
+        manifest = _dynamic_graphs(root, manifest, src_root, o.variant)
     else:
-        from .weightonly import DEFAULT_BLOCK_SIZE, quantize_graph
+        from .weightonly import quantize_graph
 
-        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         done = {}
         for g in _model_graphs(manifest):
             spec = manifest["graphs"][g]
-            done[g] = quantize_graph(src_root / spec["file"], root / spec["file"], scheme, block_size, accuracy_level)
+            done[g] = quantize_graph(src_root / spec["file"], root / spec["file"], scheme, o.block_size,
+                                     o.accuracy_level)
             spec["external_data"] = spec["file"] + ".data"
-        manifest["quantization"] = {"weights": scheme, "what": SCHEMES[scheme], "block_size": block_size,
-                                    "symmetric": True, "accuracy_level": accuracy_level, "graphs": done}
+        manifest["quantization"] = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size,
+                                    "symmetric": True, "accuracy_level": o.accuracy_level, "graphs": done}
     if manifest["task_type"] == "SEQ_2_SEQ_LM":
         from .seq2seq import WEIGHTS_FILE, share_weights
 
@@ -245,8 +245,7 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions |
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(b.file(rel), tmp / rel)
             manifest = json.loads(json.dumps(b.manifest))
-            manifest = quantize_graphs(tmp, manifest, src_root=b.root, scheme=scheme, variant=o.variant,
-                                       block_size=o.block_size, accuracy_level=o.accuracy_level)
+            manifest = quantize_graphs(tmp, manifest, b.root, o)
             manifest["quantization"].update({"source_bundle": str(b.path), "min_agreement": min_agreement,
                                              "source_manifest_sha256": b.manifest["manifest_sha256"]})
             manifest = write_manifest(tmp, manifest)
