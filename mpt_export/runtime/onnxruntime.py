@@ -128,6 +128,12 @@ def resolve_prepack(bundle, prepack: bool | str) -> bool:
     return prepack_fits(graph_weight_bytes(bundle), available_memory()) if prepack == "auto" else prepack
 
 
+# What ONNX Runtime says when the directory it resolves (/proc/self/fd/N, this bundle's handle) was renamed between
+# two of its system calls: while checking that external data stays inside the model's directory, and while
+# canonicalising the handle's path itself (std::filesystem::weakly_canonical: readlink, then stat of the old name).
+_RENAME_RACE = ("External data path", "escapes model directory", "Failed to get the weakly canonical path")
+
+
 def _inference_session(ort, bundle, file: str, opts, providers):
     """ORT checks that external data lies inside the model's directory by resolving both paths at different
     moments; a writer renaming the (old) directory this bundle was opened as, in between, makes that check fail
@@ -139,8 +145,8 @@ def _inference_session(ort, bundle, file: str, opts, providers):
             return ort.InferenceSession(str(bundle.file(file)), opts, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
             msg = str(e)
-            # ORT's wording differs between releases ("External data path ...", "... escapes model directory")
-            if ("External data path" in msg or "escapes model directory" in msg) and attempt < 9:
+            # ORT's wording differs between releases and between the steps of its check
+            if any(w in msg for w in _RENAME_RACE) and attempt < 9:
                 time.sleep(0.02 * (attempt + 1))  # up to ~0.9 s in all: a loaded machine renames slowly
                 continue
             raise BundleError(f"ONNX Runtime cannot load {file} of {bundle.path} ({type(e).__name__}: "
