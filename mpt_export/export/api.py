@@ -175,7 +175,7 @@ def _export_quantized(base_model, adapters, out: Path, o: ExportOptions, on_step
     out.parent.mkdir(parents=True, exist_ok=True)
     # the fp32 bundle lives in a locked staging directory beside out: removed at the end, or by the next write
     with staging(out) as (work, _):
-        fp32 = export_bundle(base_model, adapters, work / "bundle", o.with_(quantize=None, min_agreement=None, block_size=None, accuracy_level=None), on_step=on_step)
+        fp32 = export_bundle(base_model, adapters, work / "bundle", o.unquantized(), on_step=on_step)
         fp32.close()
         return quantize_bundle(work / "bundle", out, o.quantization, force=o.force, on_step=on_step, inputs=inputs)
 

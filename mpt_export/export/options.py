@@ -61,5 +61,9 @@ class ExportOptions:
     def tolerance(self) -> dict:
         return tolerance(self.dtype, self.atol, self.rtol)
 
+    def unquantized(self) -> "ExportOptions":
+        """The fp32 export a ``--quantize`` export starts from: the same options without the quantization's."""
+        return self.with_(quantize=None, min_agreement=None, block_size=None, accuracy_level=None)
+
     def with_(self, **changes) -> "ExportOptions":
         return replace(self, **changes)

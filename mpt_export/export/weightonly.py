@@ -119,8 +119,7 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block_size: int = DEFAULT_
     except ImportError:
         raise MissingDependencyError("weight-only quantization needs onnx and onnxruntime's quantization tools "
                                      "(pip install onnx onnxruntime)") from None
-    check_block(block_size, accuracy_level)
-    model = onnx.load(str(src))
+    model = onnx.load(str(src))  # block_size and accuracy_level: checked once, by QuantizeOptions
     rewritten = linear_as_matmul(model.graph)
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -134,8 +133,8 @@ def quantize_graph(src: Path, dst: Path, scheme: str, block_size: int = DEFAULT_
         root_logger.setLevel(level)
     out = q.model.model
     ops = Counter(n.op_type for n in out.graph.node)
-    left = [n.name for n in out.graph.node if n.op_type == "MatMul" and
-            n.input[1] in {t.name for t in out.graph.initializer}]
+    weights = {t.name for t in out.graph.initializer}
+    left = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     if ops["MatMulNBits"] == 0 or left:
         raise InputError(f"{src.name}: ONNX Runtime's quantizer left {len(left) or 'every'} MatMul weight(s) in float "
                          f"({', '.join(left[:3]) or 'none quantized'}); this onnxruntime cannot write {scheme} "

@@ -123,7 +123,7 @@ def _quantized_bundle(bundle_dir: Path, out: Path, scheme: str, on_step) -> Path
     def current(m):
         q = m.get("quantization") or {}
         return q.get("source_manifest_sha256") == digest and q.get("scheme") == scheme and \
-            q.get("variant") == options.variant and q.get("block_size") == options.block_size
+            all(q.get(k) == getattr(options, k) for k in ("variant", "block_size", "accuracy_level"))
 
     if _derived_is_current(out, current):
         return out
