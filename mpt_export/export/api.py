@@ -101,11 +101,16 @@ def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, 
 
 
 def _check_inputs(base_model, adapters, out: Path, o: ExportOptions):
-    """Everything checked before any heavy work (the options checked themselves): the output replaceable, the base
-    model's architecture, the adapters read into a task bank, the export dependencies and the opset.
+    """Everything checked before any heavy work (the options checked themselves): the output replaceable, the
+    validation's provider, the base model's architecture, the adapters read into a task bank, the export dependencies
+    and the opset.
     -> (inputs, arch, bank, checkpoints)"""
     inputs = export_inputs(base_model, adapters)
     check_replaceable(out, "bundle", o.force, inputs)  # fail before any heavy work
+    if o.validate:  # the validation's provider must exist before the graphs are exported, not after
+        from ..runtime.onnxruntime import resolve_provider
+
+        resolve_provider(o.provider)
     cfg, arch = base_arch(base_model)
     bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type,
                                   max_positions=arch.max_positions)

@@ -33,6 +33,7 @@ class ExportOptions:
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise InputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        self.tolerance  # noqa: B018 - --atol/--rtol checked now, not after the graphs are exported
         if self.quantize is None and (self.block_size is not None or self.accuracy_level is not None
                                       or self.min_agreement is not None):
             raise InputError("--block-size, --accuracy-level and --min-agreement go with --quantize int8|int4")

@@ -3,19 +3,18 @@ a planted 1% error in one attention projection fails on every architecture."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 
 import mpt_export
-from support import TINY, planted, cli
+from support import planted, cli
 from mpt_export.errors import ValidationError
 from mpt_export.export.api import _validate
 from mpt_export.export.torchside import load_base_model
 from mpt_export.export.precision import DEFAULT_TOL, tolerance
-from support import assert_clean_failure
+from support import assert_clean_failure, no_output_left
 
 ARCHS = ["llama", "llama-gqa", "mistral", "qwen2", "gpt2", "t5", "flan-t5"]
 
@@ -35,32 +34,18 @@ def test_planted_one_percent_error_fails_on_every_architecture(make_case, arch):
         assert worst > 10 * DEFAULT_TOL["float32"]["rtol"], worst  # caught with a wide margin, not by luck
 
 
-def test_healthy_t5_with_large_activations_passes_by_default(tmp_path):
-    """Real T5 checkpoints have activations of tens to thousands; fp32 rounding grows with them."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM
+def test_healthy_t5_with_large_activations_passes_by_default(make_case):
+    """Real T5 checkpoints have activations of tens to thousands; fp32 rounding grows with them (the t5 case's base
+    has them: support.large_activations)."""
+    from mpt_export.export.torchside import adapters_from_bank
+    from mpt_export.export.reference import peft_model_for, peft_seq2seq_forward
 
-    from mpt_export.tools.demo import make_base_model, make_source_adapter
-    from mpt_export.export.reference import peft_seq2seq_forward
-
-    model = make_base_model(tmp_path / "base", arch="t5", seed=3, **TINY)
-    with torch.no_grad():
-        model.shared.weight.mul_(10.0)
-        for stack in (model.encoder, model.decoder):
-            stack.final_layer_norm.weight.mul_(10.0)
-            for blk in stack.block:
-                blk.layer[-1].DenseReluDense.wo.weight.mul_(3.0)
-    model.save_pretrained(str(tmp_path / "base"))
-    make_source_adapter(AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "base")), tmp_path / "src", num_tasks=2,
-                        num_virtual_tokens=5, num_ranks=2, task_type="SEQ_2_SEQ_LM")
-    b = mpt_export.export_bundle(tmp_path / "base", [f"a,b={tmp_path / 'src'}"], tmp_path / "bundle", seed=1)
+    case = make_case("t5", 2)
+    b = mpt_export.load_bundle(case.bundle)
     val = b.manifest["validation"]
     assert val["passed"] and (val["atol"], val["rtol"]) == (1e-5, 1e-4)
     # the activations really are large, so a fixed absolute bound of 1e-4 would have been tight
-    from mpt_export.export.torchside import adapters_from_bank
-    from mpt_export.export.reference import peft_model_for
-
-    ref_model, _, _ = load_base_model(tmp_path / "base")
+    ref_model, _, _ = load_base_model(case.base)
     ck, _ = adapters_from_bank(b.task_bank())[0]
     ref = peft_seq2seq_forward(peft_model_for(ref_model, ck), np.array([[5, 6, 7, 8]]), np.array([[9, 10]]), 0)
     assert max(np.abs(v).max() for k, v in ref.items() if k.startswith("cross.")) > 10
@@ -81,12 +66,16 @@ def test_verify_against_a_changed_base_model_fails_with_numbers(llama, tmp_path)
     assert res.returncode == 0 and "rtol 0.0001" in " ".join(res.stdout.split())
 
 
-def test_tolerance_options(llama, tmp_path):
-    out = tmp_path / "b"
-    res = cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
-                  "--rtol", "1e-3", "--atol", "0", "--seed", "2")
-    assert res.returncode == 0, res.stderr
-    val = json.loads((out / "manifest.json").read_text())["validation"]
-    assert (val["atol"], val["rtol"]) == (0.0, 1e-3)
-    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
-                                 tmp_path / "c", "--rtol", "nan"), "--rtol must be a finite number")
+def test_tolerance_and_provider_are_checked_before_the_weights_are_read(llama, tmp_path):
+    """(--rtol/--atol reaching the manifest: test_precision.py::test_export_quantize_int8_cli.)"""
+    # options are checked before the weights are read: a corrupt weights file is not what these report
+    broken = tmp_path / "broken"
+    shutil.copytree(llama.base, broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")
+    for bad, says in ((["--rtol", "nan"], "--rtol must be a finite number"),
+                      (["--provider", "bogus"], "provider 'bogus' (bogus) is not available here")):
+        out = tmp_path / "c"
+        assert_clean_failure(cli("export", "--base-model", broken, "--adapter", str(llama.source), "--out", out, *bad),
+                             says)
+        assert no_output_left(out)
