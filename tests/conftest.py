@@ -19,8 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The longest test files start first, so the workers do not wait on one at the end (the order of everything else
 # is kept; make runs xdist with --no-loadscope-reorder, which would otherwise put files with many tests first): the
-# export memory measurements, the Ray server's module, the files that export T5 several times.
-FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "integration/test_validation.py", "integration/test_seq2seq.py")
+# export memory measurements, the Ray server's module, the benchmarks, the files that export T5 several times, the
+# fp16/bf16/quantized exports.
+FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "e2e/test_bench.py", "integration/test_validation.py",
+         "integration/test_seq2seq.py", "integration/test_precision.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,6 +41,10 @@ def _own_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_case(tmp_path_factory):
     def get(arch: str, nts: int | None = None) -> Case:
+        from mpt_export.tools.demo import SEQ2SEQ_ARCHS
+
+        if nts is None and arch in SEQ2SEQ_ARCHS:
+            nts = 2  # PEFT's default for SEQ_2_SEQ_LM: "t5" and "t5-2" are one case, exported once
         key = f"{arch}-{nts}" if nts else arch
         if key not in _cases:
             _cases[key] = Case.shared(run_root(tmp_path_factory) / "cases", key, arch, nts)

@@ -18,7 +18,10 @@ EXE = Path(sys.executable).with_name("mpt-export")  # the installed console scri
 
 
 class Case:
-    """A base model dir, a 3-task source adapter (rank 2), a target adapter (rank 1, own P*), and their bundle."""
+    """A base model dir, a 3-task source adapter (rank 2), a target adapter (rank 1, own P*), and their bundle.
+
+    The T5 bases carry what real checkpoints have and the default tiny config lacks (see ``LIKE_REAL``): ``t5`` large
+    activations, ``flan-t5`` encoder and decoder token tables apart from ``shared``."""
 
     def __init__(self, root: Path, arch: str, nts: int | None = None):
         """Build the case under ``root`` — or, where ``root`` already holds it (another test worker built it: see
@@ -56,6 +59,9 @@ class Case:
         task_type = "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         model = make_base_model(self.base, arch=arch, seed=0, **TINY)
+        if arch in LIKE_REAL:
+            LIKE_REAL[arch](model)
+            model.save_pretrained(str(self.base))
         self.source = make_source_adapter(model, root / "source", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1,
                                           task_type=task_type, num_transformer_submodules=nts)
         model = auto.from_pretrained(str(self.base))
@@ -90,6 +96,36 @@ class Case:
         cfg_file.write_text(json.dumps(cfg))
         export_bundle(self.base, self.adapters, self.root / "bundle", seed=123)
         (self.root / "bundle.done").touch()
+
+
+def large_activations(model) -> None:
+    """Real T5 checkpoints have activations of tens to thousands (fp32 rounding grows with them): scale the tiny
+    model's embedding, final norms and feed-forward outputs up, in place."""
+    import torch
+
+    with torch.no_grad():
+        model.shared.weight.mul_(10.0)
+        for stack in (model.encoder, model.decoder):
+            stack.final_layer_norm.weight.mul_(10.0)
+            for blk in stack.block:
+                blk.layer[-1].DenseReluDense.wo.weight.mul_(3.0)
+
+
+def separate_token_tables(model) -> None:
+    """Encoder and decoder token tables whose values differ from ``shared`` (transformers then keeps three tables),
+    in place."""
+    import torch
+
+    g = torch.Generator().manual_seed(9)
+    V, H = model.shared.weight.shape
+    with torch.no_grad():
+        model.encoder.embed_tokens = torch.nn.Embedding(V, H)
+        model.decoder.embed_tokens = torch.nn.Embedding(V, H)
+        model.encoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
+        model.decoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
+
+
+LIKE_REAL = {"t5": large_activations, "flan-t5": separate_token_tables}
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """The server, for real: `mpt-export serve` on 127.0.0.1 (a free port), driven by the official `openai` client and
 httpx; results compared with the library's own offline generation. This module: other models and drivers — a base
-model with a chat template (chat completions), a T5 bundle, and bench-serve's tiny preset end to end."""
+model with a chat template (chat completions) and a T5 bundle (bench-serve: test_bench.py)."""
 
 from __future__ import annotations
 
@@ -60,20 +60,3 @@ def test_a_t5_bundle_is_served(make_case):
                                                                           max_tokens=9, temperature=0, stream=True))
         assert text == got[1]
         assert s.stop() == 0
-
-
-def test_bench_serve_tiny_runs_end_to_end(tmp_path):
-    """The bench drives its own server with a client process of its own and reports every figure."""
-    from support import run_cli
-
-    res = run_cli("bench-serve", "--preset", "tiny", "--workdir", tmp_path, "--clients", "4", "--requests", "8",
-                  "--prompt-len", "8", "--max-tokens", "6", "--json")
-    assert res.returncode == 0, res.stderr
-    r = json.loads(res.stdout)
-    assert r["clients"] == 4 and r["requests"] == 8
-    for mode in ("sequential", "concurrent"):
-        row = r[mode]
-        assert row["requests"] == 8 and 8 <= row["tokens"] <= 48 and row["tokens_per_s"] > 0
-        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"]
-    assert r["sequential"]["tokens"] == r["concurrent"]["tokens"]  # the same greedy requests, the same tokens
-    assert r["concurrent"]["mean_batch"] > 1 and r["ceiling"]["tokens_per_s"] > 0 and r["served_vs_ceiling"] > 0

@@ -231,17 +231,6 @@ def test_generate_bad_inputs(llama, tmp_path):
     del s
 
 
-def test_bench_tiny_runs_end_to_end(tmp_path):
-    res = cli("bench", "--preset", "tiny", "--workdir", tmp_path, "--repeats", "1", "--json")
-    assert res.returncode == 0, res.stderr
-    r = json.loads(res.stdout)
-    names = [x["name"] for x in r["rows"]]
-    assert names[0].startswith("PEFT") and names[3:] == [f"ORT {s} + prompt KV" for s in ("int8", "int4", "int8-dynamic")]
-    assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
-    assert r["rows"][2]["tokens_processed"] < r["rows"][1]["tokens_processed"]
-    for row in r["rows"][3:]:
-        assert 0 < row["agreement_vs_fp32"] <= 1 and 0 < row["free_running_vs_fp32"] <= 1, row
-
 
 def test_session_options(llama):
     b = mpt_export.load_bundle(llama.bundle)
@@ -275,33 +264,3 @@ def test_prepack_policy(llama):
                   "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["text"] == b.session().generate(["the movie was"], ["a"], max_new_tokens=4)[0]
-
-
-def test_bench_a_bundle(llama, tmp_path):
-    from support import assert_clean_failure
-
-    assert_clean_failure(cli("bench", llama.bundle, "--workdir", tmp_path), "needs --base-model")
-    res = cli("bench", llama.bundle, "--base-model", llama.base, "--workdir", tmp_path, "--repeats", "1",
-                  "--batch", "3", "--input-len", "8", "--new-tokens", "4", "--json")
-    assert res.returncode == 0, res.stderr
-    r = json.loads(res.stdout)
-    assert r["config"]["batch"] == 3 and r["config"]["virtual_tokens"] == 5 and r["config"]["num_tasks"] == 3
-    assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
-    assert (tmp_path / "bundle-derived" / "bundle-int8" / "manifest.json").is_file()
-    assert not (llama.bundle.parent / "bundle-int8").exists()  # nothing written beside the user's bundle
-
-
-def test_bench_against_onnxruntime_genai(tmp_path):
-    """The peer is built from the same base model and measured in the same run (no timing asserted)."""
-    pytest.importorskip("onnxruntime_genai", reason="needs the peers extra (pip install 'mpt-export[peers]')")
-    res = cli("bench", "--peer", "onnxruntime-genai", "--preset", "tiny", "--workdir", tmp_path, "--repeats", "1",
-              "--json")
-    assert res.returncode == 0, res.stderr
-    r = json.loads(res.stdout)
-    assert [(x["precision"], x["batch"]) for x in r["rows"]] == [(q, b) for q in ("fp32", "int8", "int4") for b in (1, 8)]
-    for x in r["rows"]:
-        for side in ("ours", "peer"):
-            assert x[side]["decode"]["median"] > 0 and x[side]["e2e"]["median"] > 0, x
-    assert r["settings"]["int4"]["ours"].startswith("4-bit, block 32") and "4-bit" in r["settings"]["int4"]["peer"]
-    assert r["settings"]["fp32"] == {"ours": "float", "peer": "float"}
-    assert_clean_failure(cli("bench", "--peer", "llama.cpp", "--workdir", tmp_path), "unknown --peer 'llama.cpp'")

@@ -41,7 +41,8 @@ def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
         else:
             ref = peft_causal_forward(pm, ids, 0)["logits"]
             got = s.logits(ids, [names[0]])
-        assert got.dtype == np.float32 and np.abs(got - ref).max() <= 5e-2
+        # 5e-2, or 1% of the largest logit where they are large (the t5 case's are: support.large_activations)
+        assert got.dtype == np.float32 and np.abs(got - ref).max() <= max(5e-2, 1e-2 * np.abs(ref).max())
     def weight_bytes(bundle_dir):
         return sum(onnx.numpy_helper.to_array(t).nbytes for g in ("backbone", "encoder", "decoder")
                    if (bundle_dir / f"{g}.onnx").exists()
@@ -124,11 +125,13 @@ def test_export_quantize_int8_cli(make_case, tmp_path):
     case = make_case("t5", 2)
     out = tmp_path / "q"
     res = cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--out", out,
-                  "--quantize", "int8", "--min-agreement", "0")
+              "--quantize", "int8", "--min-agreement", "0", "--rtol", "1e-3", "--atol", "0")
     assert res.returncode == 0, res.stderr
     assert "greedy-token agreement" in res.stdout
     man = json.loads((out / "manifest.json").read_text())
     assert man["quantization"]["weights"] == "int8" and man["validation"]["passed"]
+    # the fp32 export it started from was validated with the tolerance given
+    assert (man["validation"]["atol"], man["validation"]["rtol"]) == (0.0, 1e-3)
     assert not list(tmp_path.glob(".q.fp32-*"))  # the intermediate fp32 bundle is gone
     assert mpt_export.load_bundle(out).session().generate_ids(np.array([[5, 6]]), ["a"], max_new_tokens=3).shape[0] == 1
 

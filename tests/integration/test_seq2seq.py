@@ -13,7 +13,8 @@ from mpt_export.export.torchside import load_base_model
 from mpt_export.export.reference import peft_model_for, peft_seq2seq_forward, shift_right
 from support import assert_clean_failure, no_output_left
 
-CASES = [("t5", 2), ("t5", 1), ("flan-t5", 1), ("flan-t5", 2)]
+# flan-t5-2 second: test_validation.py (the other test worker) needs it, after its decoder-only cases
+CASES = [("t5", 2), ("flan-t5", 2), ("t5", 1), ("flan-t5", 1)]
 
 
 @pytest.mark.parametrize("arch,nts", CASES)
@@ -23,7 +24,7 @@ def test_parity_every_task(make_case, arch, nts):
     assert b.task_type == "SEQ_2_SEQ_LM" and b.manifest["num_transformer_submodules"] == nts
     assert [t["rank"] for t in b.manifest["tasks"]] == [2, 2, 2, 1]  # ranks > 1 and 1, source + target
     val = b.manifest["validation"]
-    assert val["passed"] and max(val["logits_max_abs"], val["kv_max_abs"], val["encoder_max_abs"]) <= 1e-4
+    assert val["passed"] and max(val["logits_max_rel"], val["kv_max_rel"], val["encoder_max_rel"]) <= 1e-4
     s = b.session()
     rng = np.random.default_rng(4)
     for name, (pm, idx) in refs.items():
@@ -31,8 +32,8 @@ def test_parity_every_task(make_case, arch, nts):
         labels = rng.integers(2, s.vocab_size, (1, 4))
         ref = peft_seq2seq_forward(pm, ids, labels, idx)
         out = s.forward(ids, [name], decoder_input_ids=shift_right(labels, s.decoder_start_token_id))
-        for k, v in ref.items():
-            assert np.abs(out[k] - v).max() <= 1e-4, (arch, nts, name, k)
+        for k, v in ref.items():  # the validation's rule (t5's activations are large: support.large_activations)
+            assert np.abs(out[k] - v).max() <= 1e-5 + 1e-4 * np.abs(v).max(), (arch, nts, name, k)
         # the decoder really carries the decoder prompt rows when nts == 2
         assert out["present.0.key"].shape[2] == 4 + (5 if nts == 2 else 0)
 
@@ -161,31 +162,18 @@ def test_bad_inputs(make_case, llama, tmp_path):
 
 
 @pytest.mark.parametrize("nts", [1, 2])
-def test_separate_token_tables_export_what_peft_computes(tmp_path, nts):
+def test_separate_token_tables_export_what_peft_computes(make_case, nts):
     """A T5 checkpoint whose encoder and decoder token tables differ from ``shared`` (transformers keeps them apart
-    when the saved values differ): the graphs embed ids with the tables PEFT uses, so validation passes and
-    generation equals PEFT's teacher-forced greedy tokens."""
+    when the saved values differ; the flan-t5 case's base: support.separate_token_tables): the graphs embed ids with
+    the tables PEFT uses, so validation passes and generation equals PEFT's teacher-forced greedy tokens."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from support import TINY
-    from mpt_export.tools.demo import make_base_model, make_source_adapter
-
-    model = make_base_model(tmp_path / "base", arch="flan-t5", seed=4, **TINY)
-    g = torch.Generator().manual_seed(9)
-    V, H = model.shared.weight.shape
-    with torch.no_grad():
-        model.encoder.embed_tokens = torch.nn.Embedding(V, H)
-        model.decoder.embed_tokens = torch.nn.Embedding(V, H)
-        model.encoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
-        model.decoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
-    model.save_pretrained(str(tmp_path / "base"))
-    loaded = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "base"))
+    case = make_case("flan-t5", nts)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(str(case.base))
     assert loaded.encoder.embed_tokens.weight is not loaded.shared.weight  # really three tables
     assert not torch.equal(loaded.decoder.embed_tokens.weight, loaded.shared.weight)
-    make_source_adapter(loaded, tmp_path / "src", num_tasks=2, num_virtual_tokens=4, num_ranks=1,
-                        task_type="SEQ_2_SEQ_LM", num_transformer_submodules=nts)
-    b = mpt_export.export_bundle(tmp_path / "base", [f"a,b={tmp_path / 'src'}"], tmp_path / "bundle", seed=2)
+    b = mpt_export.load_bundle(case.bundle)
     assert b.manifest["validation"]["passed"]
     ids = np.array([[5, 9, 14, 3, 7]])
     s = b.session()
@@ -194,7 +182,7 @@ def test_separate_token_tables_export_what_peft_computes(tmp_path, nts):
     from mpt_export.export.torchside import adapters_from_bank
 
     ck, names = adapters_from_bank(b.task_bank())[0]
-    pm = peft_model_for(AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "base")), ck)
+    pm = peft_model_for(loaded, ck)
     for k in range(1, len(got) + 1):
         ref = peft_seq2seq_forward(pm, ids, np.array([got[:k]]), names.index("b"))
         assert int(ref["logits"][0].argmax()) == int(got[k - 1]), (k, got)

@@ -1,0 +1,75 @@
+"""The benchmarks end to end, as a user runs them: `bench` on the tiny preset and on a bundle, `bench --peer
+onnxruntime-genai`, and `bench-serve` (its own server and client processes). The tiny preset's runs share one
+--workdir, as a user keeps one: each later run reuses the base model, the fp32 bundle and the quantized copies the
+first made (the bench's rule: while the preset and the source are the same). No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from support import assert_clean_failure, cli, run_cli
+
+
+@pytest.fixture(scope="module")
+def bench_workdir(tmp_path_factory):
+    """The tiny preset's --workdir, shared by this module's runs (in file order, on one test worker)."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_bench_tiny_runs_end_to_end(bench_workdir):
+    res = cli("bench", "--preset", "tiny", "--workdir", bench_workdir, "--repeats", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    names = [x["name"] for x in r["rows"]]
+    assert names[0].startswith("PEFT") and names[3:] == [f"ORT {s} + prompt KV" for s in ("int8", "int4", "int8-dynamic")]
+    assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
+    assert r["rows"][2]["tokens_processed"] < r["rows"][1]["tokens_processed"]
+    for row in r["rows"][3:]:
+        assert 0 < row["agreement_vs_fp32"] <= 1 and 0 < row["free_running_vs_fp32"] <= 1, row
+
+
+def test_bench_against_onnxruntime_genai(bench_workdir, tmp_path):
+    """The peer is built from the same base model and measured in the same run (no timing asserted)."""
+    pytest.importorskip("onnxruntime_genai", reason="needs the peers extra (pip install 'mpt-export[peers]')")
+    res = cli("bench", "--peer", "onnxruntime-genai", "--preset", "tiny", "--workdir", bench_workdir, "--repeats", "1",
+              "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert [(x["precision"], x["batch"]) for x in r["rows"]] == [(q, b) for q in ("fp32", "int8", "int4") for b in (1, 8)]
+    for x in r["rows"]:
+        for side in ("ours", "peer"):
+            assert x[side]["decode"]["median"] > 0 and x[side]["e2e"]["median"] > 0, x
+    assert r["settings"]["int4"]["ours"].startswith("4-bit, block 32") and "4-bit" in r["settings"]["int4"]["peer"]
+    assert r["settings"]["fp32"] == {"ours": "float", "peer": "float"}
+    assert_clean_failure(cli("bench", "--peer", "llama.cpp", "--workdir", tmp_path), "unknown --peer 'llama.cpp'")
+
+
+def test_bench_serve_tiny_runs_end_to_end(bench_workdir):
+    """The bench drives its own server with a client process of its own and reports every figure."""
+    for module in ("httpx", "starlette", "uvicorn"):
+        pytest.importorskip(module)
+    res = run_cli("bench-serve", "--preset", "tiny", "--workdir", bench_workdir, "--clients", "4", "--requests", "8",
+                  "--prompt-len", "8", "--max-tokens", "6", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["clients"] == 4 and r["requests"] == 8
+    for mode in ("sequential", "concurrent"):
+        row = r[mode]
+        assert row["requests"] == 8 and 8 <= row["tokens"] <= 48 and row["tokens_per_s"] > 0
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"]
+    assert r["sequential"]["tokens"] == r["concurrent"]["tokens"]  # the same greedy requests, the same tokens
+    assert r["concurrent"]["mean_batch"] > 1 and r["ceiling"]["tokens_per_s"] > 0 and r["served_vs_ceiling"] > 0
+
+
+def test_bench_a_bundle(llama, tmp_path):
+    assert_clean_failure(cli("bench", llama.bundle, "--workdir", tmp_path), "needs --base-model")
+    res = cli("bench", llama.bundle, "--base-model", llama.base, "--workdir", tmp_path, "--repeats", "1",
+                  "--batch", "3", "--input-len", "8", "--new-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["config"]["batch"] == 3 and r["config"]["virtual_tokens"] == 5 and r["config"]["num_tasks"] == 3
+    assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
+    assert (tmp_path / "bundle-derived" / "bundle-int8" / "manifest.json").is_file()
+    assert not (llama.bundle.parent / "bundle-int8").exists()  # nothing written beside the user's bundle
