@@ -60,3 +60,21 @@ def test_a_t5_bundle_is_served(make_case):
                                                                           max_tokens=9, temperature=0, stream=True))
         assert text == got[1]
         assert s.stop() == 0
+
+
+def test_a_weight_only_int8_bundle_is_served(llama, tmp_path):
+    """`export --quantize` / `quantize` bundles serve like any other: mixed tasks in shared batches, each request
+    what the bundle's own session generates."""
+    from mpt_export.export.quantize import quantize_bundle
+
+    q = quantize_bundle(llama.bundle, tmp_path / "int8", scheme="int8", min_agreement=0.0)
+    sess = q.session()
+    with server(q.path, "--max-batch", "4") as s:
+        c = s.client()
+        jobs = [("a", "the movie", 6), ("t", "the plot was", 9), ("b", "one", 4), ("c", "a frozen backbone", 7)]
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda j: c.completions.create(model=j[0], prompt=j[1], max_tokens=j[2],
+                                                             temperature=0).choices[0].text, jobs))
+        assert got == [sess.generate([p], [t], max_new_tokens=n)[0] for t, p, n in jobs]
+        assert s.stop() == 0
+

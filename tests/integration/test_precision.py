@@ -1,6 +1,7 @@
 """fp16 / bf16 bundles and quantization (weight-only int8/int4, dynamic int8)."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -204,10 +205,21 @@ def test_weight_only_quantization_runs_matmulnbits(llama, tmp_path, scheme, rati
     # TensorRT cannot read the op: said before any build
     with pytest.raises(TrtCheckError, match="unsupported op MatMulNBits"):
         check_trt(q, Limits(max_batch=2, max_input=32, max_new_tokens=16))
-    # a task added to the quantized bundle runs on its graphs
+    # tasks add on a quantized bundle keeps its weights and its quantization record, and commutes with quantizing:
+    # the task added after gives what it gives when added to the fp32 bundle before quantizing
+    weights = q.manifest["files"]["backbone.onnx.data"]
+    before = tmp_path / "fp32-plus"
+    shutil.copytree(llama.bundle, before)
+    assert cli("tasks", "add", before, "--adapter", f"extra={llama.target}").returncode == 0
+    q2 = quantize_bundle(before, tmp_path / f"{scheme}-2", scheme=scheme, min_agreement=0.0)
     res = cli("tasks", "add", q.path, "--adapter", f"extra={llama.target}")
     assert res.returncode == 0, res.stderr
-    assert mpt_export.load_bundle(q.path).session().generate_ids(np.array([[5, 6]]), ["extra"], max_new_tokens=3).shape == (1, 3)
+    after = mpt_export.load_bundle(q.path)
+    assert after.manifest["files"]["backbone.onnx.data"] == weights == q2.manifest["files"]["backbone.onnx.data"]
+    assert after.manifest["quantization"] == man and after.tasks[-1] == "extra"
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    assert after.session().generate_ids(ids, ["extra", "a"], max_new_tokens=6, eos_token_id=None).tolist() == \
+        q2.session().generate_ids(ids, ["extra", "a"], max_new_tokens=6, eos_token_id=None).tolist()
 
 
 def test_quantize_options_are_one_clear_line(llama, tmp_path):

@@ -102,6 +102,31 @@ def test_generation_in_process_equals_session(repo):
         gen.close()
 
 
+def test_a_weight_only_bundle_is_served_by_onnxruntime_not_tensorrt(llama, tmp_path):
+    """An int4 bundle's repository (ONNX Runtime backend) generates what the bundle's session does; Triton's TensorRT
+    backend cannot read MatMulNBits, so it is refused before anything is written."""
+    from mpt_export.export.quantize import quantize_bundle
+    from mpt_export.serving.triton.generate import TritonGeneration
+    from mpt_export.serving.triton.writer import write_repository
+    from support import assert_clean_failure, cli, no_output_left
+
+    q = quantize_bundle(llama.bundle, tmp_path / "int4", scheme="int4", min_agreement=0.0)
+    out = tmp_path / "repo"
+    write_repository(q.path, out, max_batch=4)
+    assert parse(out / "backbone" / "config.pbtxt").platform == "onnxruntime_onnx"
+    bundle_dir = out / "generate" / "1" / "bundle"
+    assert mpt_export.load_bundle(bundle_dir).manifest["quantization"]["scheme"] == "int4"
+    gen = TritonGeneration(bundle_dir, max_batch=4)
+    try:
+        _check_equal(gen, bundle_dir, stream_too=False)
+    finally:
+        gen.close()
+    bad = tmp_path / "trt"
+    assert_clean_failure(cli("triton", q.path, "--out", bad, "--backend", "tensorrt", "--kind", "gpu"),
+                         "is a int4 bundle", "TensorRT cannot read its graphs", "--backend onnxruntime")
+    assert no_output_left(bad)
+
+
 class _StandIn:
     """Answers BLS calls from the repository's graph models the way Triton would: each request checked against the
     model's config.pbtxt (names, dtypes, dims with the batch axis, max_batch_size), then run by ONNX Runtime on the

@@ -178,6 +178,17 @@ def check_engines(bundle, engines: Path | None, max_batch: int) -> dict:
     return sidecar
 
 
+def _check_tensorrt_reads(manifest: dict, bundle_path) -> None:
+    """A quantized bundle (MatMulNBits, or dynamic int8's MatMulInteger) is for ONNX Runtime: refused for Triton's
+    TensorRT backend before anything else is checked."""
+    q = manifest.get("quantization")
+    if q:
+        raise TritonRepositoryError(
+            f"{bundle_path} is a {q.get('scheme') or q.get('weights')} bundle ({q.get('what', 'quantized for ONNX Runtime')}"
+            "): TensorRT cannot read its graphs, so Triton's TensorRT backend cannot serve it; use --backend onnxruntime "
+            "(CPU or GPU instances), or build engines from the fp32/fp16 bundle it was quantized from")
+
+
 def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=None, max_batch: int = 8,
                      instances: int = 1, kind: str = "cpu", max_queue: int = 256, prefix: str = "",
                      graph_calls: str | None = None, force: bool = False) -> dict:
@@ -200,6 +211,8 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
         raise InputError(f"--graph-calls must be onnxruntime or bls, got {graph_calls!r}")
     b = load_bundle(bundle_path)
     try:
+        if backend == "tensorrt":
+            _check_tensorrt_reads(b.manifest, bundle_path)
         engines = Path(engines) if engines else None
         sidecar = check_engines(b, engines, max_batch) if backend == "tensorrt" else None
         graphs = b.manifest["graphs"]
