@@ -208,6 +208,14 @@ def claim_workdir(path: Path, kind: str, contents: list[str] | None = None) -> P
     marker = path / WORKDIR_MARKER
     if not marker.exists():
         marker.write_text(json.dumps({"kind": kind, "written_by": "mpt-export", "contents": contents or []}) + "\n")
+    else:  # a workdir an earlier version claimed: this version may write more names (its own, from now on)
+        data = json.loads(marker.read_text())
+        missing = [c for c in contents or [] if c not in data.get("contents", [])]
+        if missing:
+            data["contents"] = data.get("contents", []) + missing
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(json.dumps(data) + "\n")
+            os.replace(tmp, marker)
     return path
 
 

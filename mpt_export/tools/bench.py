@@ -74,16 +74,18 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     stamp = root / "preset.json"
     base, adapter, bundle = root / "base", root / "adapter", root / "bundle"
     names = [f"task{i}" for i in range(p.num_tasks)]
+    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+
+    contents = ["base", "adapter", "bundle", "preset.json", *DERIVED]  # DERIVED: made later, by this run or another
     if stamp.is_file() and json.loads(stamp.read_text()) == asdict(p):
         try:
             load_bundle(bundle)
+            claim_workdir(root, "bench-workdir", contents=contents)  # names a newer version adds, before it writes them
             return base, bundle, names
         except BundleError:
             pass
-    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
-
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
-    claim_workdir(root, "bench-workdir", contents=["base", "adapter", "bundle", "preset.json", *DERIVED])  # DERIVED: made later
+    claim_workdir(root, "bench-workdir", contents=contents)
     on_step(f"build {preset_name} base model and adapter (random weights)")
     model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
                             vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=p.tokenizer, ffn=p.ffn)

@@ -26,16 +26,23 @@ def measure_memory(spec: dict) -> int | None:
 
 
 def memory_child(spec: dict) -> int:
-    import torch
-
+    """``spec["kind"]``: ``peft`` (PyTorch), ``ort`` (a bundle's session) or ``onnxruntime-genai`` (the peer's model
+    dir, prompted with ``spec["virtual"]`` + ids as ordinary tokens)."""
     from ..runtime.memory import status_bytes
 
-    torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "peft":
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     from ..bundle.reader import load_bundle
 
     ids = np.asarray(spec["ids"], np.int64)
     base_rss = status_bytes("VmRSS") or 0
-    if spec["kind"] == "peft":
+    if spec["kind"] == "onnxruntime-genai":
+        from .bench_peer import Peer
+
+        Peer(spec["model"], np.asarray(spec["virtual"], np.int64), spec["threads"]).run(ids, spec["new"])
+    elif spec["kind"] == "peft":
         from ..export.torchside import adapters_from_bank, load_base_model
         from ..export.reference import peft_model_for
 

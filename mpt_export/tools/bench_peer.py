@@ -7,7 +7,8 @@ only); the peer prefills virtual tokens + input. Per precision (fp32, int8, int4
 ``-p``) and batch (1, 8):
 
 - decode tok/s: ``rows x N / (T(N + 1 new tokens) - T(1 new token))`` — the prefill cancels out;
-- end-to-end tok/s: ``rows x N / T(N)``, prefill included.
+- end-to-end tok/s: ``rows x N / T(N)``, prefill included;
+- peak resident memory of loading the model and generating one batch, each side in a fresh process.
 
 Every figure is the median (and min) over ``rounds`` rounds; in each round every (side, precision, batch) runs once,
 in the same order, so the machine's load falls on both. The load average is printed with them. The peer's graphs
@@ -154,14 +155,37 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
     load_before = os.getloadavg()
     step(f"measure: {rounds} interleaved rounds x {len(runners)} models x batch {', '.join(map(str, BATCHES))}")
     figs = measure(runners, BATCHES, input_len, new_tokens, rounds, p.vocab)
+    load_after = os.getloadavg()
+    step("peak memory: each model and batch in a fresh process")
+    mem = peak_memory(ours, theirs, names[0], virtual, threads, input_len, new_tokens, p.vocab)
     rows = []
     for q in PRECISIONS:
         for b in BATCHES:
             a, t = figs[("mpt-export", q, b)], figs[(peer, q, b)]
             rows.append({"precision": q, "batch": b, "ours": a, "peer": t,
                          "decode_ratio": a["decode"]["median"] / t["decode"]["median"],
-                         "e2e_ratio": a["e2e"]["median"] / t["e2e"]["median"]})
+                         "e2e_ratio": a["e2e"]["median"] / t["e2e"]["median"],
+                         "peak_rss_mib": {"ours": mem[("ours", q, b)], "peer": mem[("peer", q, b)]}})
     return {"peer": peer, "preset": preset, "threads": threads, "rounds": rounds, "input_len": input_len,
             "new_tokens": new_tokens, "virtual_tokens": p.virtual_tokens, "rows": rows,
             "settings": {q: {"ours": nbits_settings(ours[q]), "peer": nbits_settings(theirs[q])} for q in PRECISIONS},
-            "load_average": {"before": load_before, "after": os.getloadavg()}}
+            "load_average": {"before": load_before, "after": load_after}}
+
+
+def peak_memory(ours: dict, theirs: dict, task: str, virtual: np.ndarray, threads: int, input_len: int, new: int,
+                vocab: int) -> dict:
+    """{(side, precision, batch): peak resident MiB} of loading the model and generating ``new`` tokens for one
+    batch, each in a fresh process (bench_memory.measure_memory); None where the probe failed."""
+    from .bench_memory import measure_memory
+
+    out = {}
+    for q in PRECISIONS:
+        for b in BATCHES:
+            ids = np.random.default_rng(0).integers(3, vocab, (b, input_len)).tolist()
+            specs = {"ours": {"kind": "ort", "bundle": str(ours[q]), "provider": "cpu", "tasks": [task] * b,
+                              "cache": True},
+                     "peer": {"kind": "onnxruntime-genai", "model": str(theirs[q]), "virtual": virtual.tolist()}}
+            for side, spec in specs.items():
+                got = measure_memory({**spec, "ids": ids, "new": new, "threads": threads})
+                out[(side, q, b)] = None if got is None else round(got / 2**20, 1)
+    return out

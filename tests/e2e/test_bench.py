@@ -41,6 +41,7 @@ def test_bench_against_onnxruntime_genai(bench_workdir, tmp_path):
     for x in r["rows"]:
         for side in ("ours", "peer"):
             assert x[side]["decode"]["median"] > 0 and x[side]["e2e"]["median"] > 0, x
+            assert x["peak_rss_mib"][side] > 0, x  # measured in a fresh process
     assert r["settings"]["int4"]["ours"].startswith("4-bit, block 32") and "4-bit" in r["settings"]["int4"]["peer"]
     assert r["settings"]["fp32"] == {"ours": "float", "peer": "float"}
     assert_clean_failure(cli("bench", "--peer", "llama.cpp", "--workdir", tmp_path), "unknown --peer 'llama.cpp'")

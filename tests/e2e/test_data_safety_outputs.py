@@ -69,13 +69,22 @@ def test_force_never_replaces_a_foreign_directory_or_an_input(llama, tmp_path):
     assert_clean_failure(cli("build", b, "--out", foreign), "was not written by mpt-export")
     assert_clean_failure(cli("build", b, "--out", b), "is the bundle this command reads")
     assert (foreign / "thesis.txt").read_text() == "years of work" and (foreign / "tiny" / "data.csv").exists()
-    from mpt_export.storage.ownership import claim_workdir
+    from mpt_export.storage.ownership import check_replaceable, claim_workdir
 
     mine = claim_workdir(tmp_path / "demo", "demo-workdir", contents=["base", "adapters", "bundle"])
     (mine / "results.csv").write_text("keep me")  # the user's file inside a demo workdir: not ours to delete
     assert_clean_failure(cli("demo", "--workdir", mine), "holds files mpt-export did not write (results.csv)")
     assert (mine / "results.csv").read_text() == "keep me"
     assert tree(b) == before
+    # a workdir an earlier version claimed: a newer version names what it adds before writing it, so its next run
+    # takes the new part for its own (and still refuses the user's file)
+    (mine / "results.csv").unlink()
+    claim_workdir(mine, "demo-workdir", contents=["base", "adapters", "bundle", "report"])
+    (mine / "report").mkdir()
+    (mine / "report" / "r.json").write_text("{}")
+    check_replaceable(mine, "demo-workdir", force=True)  # no error: all of it is ours
+    (mine / "results.csv").write_text("keep me")
+    assert_clean_failure(cli("demo", "--workdir", mine), "holds files mpt-export did not write (results.csv)")
 
 
 def test_force_replaces_a_bundle_this_tool_wrote(llama, tmp_path):
