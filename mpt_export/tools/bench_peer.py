@@ -54,6 +54,9 @@ def build_peer(base: Path, out: Path, precision: str, step) -> Path:
     if res.returncode != 0 or not (out / "genai_config.json").is_file():
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
         raise InputError(f"ONNX Runtime GenAI's model builder failed for {precision}: {' | '.join(tail)}")
+    from ..storage.ownership import seal_workdir
+
+    seal_workdir(out.parent)  # its files are recorded as ours: the next run reuses them instead of refusing them
     return out
 
 
