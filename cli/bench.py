@@ -93,8 +93,8 @@ def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | Non
                     f"{r['input_len']} input tokens, {r['new_tokens']} new, {r['threads']} threads, {rounds} "
                     "interleaved rounds", title_justify="left")
     t.box = box.SIMPLE_HEAD
-    for col in ("precision", "batch", "decode tok/s ours", "theirs", "ours/theirs", "end-to-end ours", "theirs",
-                "ours/theirs", "peak RSS MiB ours / theirs"):
+    for col in ("precision", "batch", "decode ours", "theirs", "ratio", "e2e ours", "theirs", "ratio",
+                "RSS MiB ours/theirs"):
         t.add_column(col, justify="left" if col == "precision" else "right", no_wrap=True)
     for x in r["rows"]:
         a, b = x["ours"], x["peer"]
@@ -105,8 +105,9 @@ def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | Non
                   f"{b['e2e']['median']:.1f} ({b['e2e']['min']:.1f})", f"{x['e2e_ratio']:.2f}x",
                   " / ".join("-" if v is None else f"{v:.0f}" for v in x["peak_rss_mib"].values()))
     la = r["load_average"]
-    t.caption = ("tok/s: median (min) over the rounds; decode: the prefill cancels out; end-to-end: ours from the task's "
-                 "cached prompt KV, theirs prefilling the virtual tokens; peak RSS: a fresh process's peak resident "
+    t.caption = ("tok/s: median (min) over the rounds; ratio: ours / theirs; decode: the prefill cancels out; e2e "
+                 "(end to end): ours from the task's "
+                 "cached prompt KV, theirs prefilling the virtual tokens; RSS: a fresh process's peak resident "
                  "memory for loading the model and generating one batch, minus the process after its imports. load "
                  f"average {la['before'][0]:.2f} before, {la['after'][0]:.2f} after the timed rounds")
     console.print(t)

@@ -65,17 +65,15 @@ PRESETS = {
 def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
     """Base model, source adapter and bundle for a preset, built in code once and reused while the preset is the same."""
     from ..bundle.reader import load_bundle
-    from .demo import make_base_model, make_source_adapter
     from ..errors import BundleError
     from ..export.api import export_bundle
+    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+    from .demo import make_base_model, make_source_adapter
 
     p = PRESETS[preset_name]
     root = workdir / preset_name
-    stamp = root / "preset.json"
-    base, adapter, bundle = root / "base", root / "adapter", root / "bundle"
+    stamp, base, adapter, bundle = root / "preset.json", root / "base", root / "adapter", root / "bundle"
     names = [f"task{i}" for i in range(p.num_tasks)]
-    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
-
     contents = ["base", "adapter", "bundle", "preset.json", *DERIVED]  # DERIVED: made later, by this run or another
     if stamp.is_file() and json.loads(stamp.read_text()) == asdict(p):
         try:

@@ -39,7 +39,7 @@ def memory_child(spec: dict) -> int:
     ids = np.asarray(spec["ids"], np.int64)
     base_rss = status_bytes("VmRSS") or 0
     if spec["kind"] == "onnxruntime-genai":
-        from .bench_peer import Peer
+        from .peer_runners import Peer
 
         Peer(spec["model"], np.asarray(spec["virtual"], np.int64), spec["threads"]).run(ids, spec["new"])
     elif spec["kind"] == "peft":

@@ -1,0 +1,83 @@
+"""The fast backbone (export/fastgraph.py, run by runtime/fastkv.py) against the plain traced bundle and ONNX Runtime
+GenAI's graph of the same base model: decode and end-to-end tok/s at batch 1 and 8, interleaved rounds (the bench's
+own measure: the prefill cancels out of decode), fp32, the task's prompt KV cached on our two sides.
+
+    .venv/bin/mpt-export bench --peer onnxruntime-genai --preset llama-small   # builds build/bench/llama-small once
+    .venv/bin/python scripts/fast_graph_study.py [--workdir build/bench] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class Fast:
+    """The bench's runner protocol (``run(ids, new)``) over the fast graph: a cache per batch size, rows reset from
+    the task's prompt KV (computed once) on every run."""
+
+    def __init__(self, path: Path, bundle: Path, task: str, threads: int):
+        import mpt_export
+
+        self.path, self.threads = path, threads
+        self.prompt = mpt_export.load_bundle(bundle, verify=False).session().task_prompt(task)
+        self.caches, self.kv = {}, None
+
+    def run(self, ids: np.ndarray, new: int) -> None:
+        from mpt_export.runtime.fastkv import FastBackbone
+
+        B, S = ids.shape
+        capacity = self.prompt.shape[0] + S + new
+        fb = self.caches.get((B, capacity))
+        if fb is None:
+            fb = self.caches[(B, capacity)] = FastBackbone(self.path, B, capacity, self.threads)
+        self.kv = self.kv or fb.prompt_kv(self.prompt)
+        for b in range(B):
+            fb.set_row(b, self.kv)
+        tok = fb.run(ids, np.full(B, S)).argmax(-1)
+        for _ in range(new - 1):
+            tok = fb.run(tok[:, None].astype(np.int64), np.ones(B, np.int64)).argmax(-1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="build/bench")
+    ap.add_argument("--preset", default="llama-small")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    from mpt_export.export.fastgraph import write_fast_backbone
+    from mpt_export.source.archs import arch_for
+    from mpt_export.tools.bench import PRESETS
+    from mpt_export.tools.bench_peer import measure
+    from mpt_export.tools.peer_runners import Ours, Peer
+
+    root = Path(args.workdir) / args.preset
+    p = PRESETS[args.preset]
+    fast = root / "fast-study" / "backbone_fast.onnx"
+    if not fast.is_file():
+        fast.parent.mkdir(parents=True, exist_ok=True)
+        model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
+        write_fast_backbone(model, arch_for(json.loads((root / "base" / "config.json").read_text())), fast)
+        del model
+    runners = {("plain", "fp32"): Ours(root / "bundle", "task0", args.threads),
+               ("fast", "fp32"): Fast(fast, root / "bundle", "task0", args.threads)}
+    if (root / "peer-fp32" / "genai_config.json").is_file():
+        virtual = np.random.default_rng(1).integers(3, p.vocab, p.virtual_tokens)
+        runners[("onnxruntime-genai", "fp32")] = Peer(root / "peer-fp32", virtual, args.threads)
+    before = os.getloadavg()
+    figs = measure(runners, (1, 8), 16, 32, args.rounds, p.vocab)
+    print(f"{args.preset}, {args.threads} threads, {args.rounds} rounds, load {before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    for (side, q, b), f in figs.items():
+        print(f"{side:18s} {q} batch {b}: decode {f['decode']['median']:6.1f} (min {f['decode']['min']:6.1f}) tok/s, "
+              f"end-to-end {f['e2e']['median']:6.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
