@@ -1,9 +1,11 @@
 """The fast backbone (export/fastgraph.py, run by runtime/fastkv.py) against the plain traced bundle and ONNX Runtime
 GenAI's graph of the same base model: decode and end-to-end tok/s at batch 1 and 8, interleaved rounds (the bench's
-own measure: the prefill cancels out of decode), fp32, the task's prompt KV cached on our two sides.
+own measure: the prefill cancels out of decode), the task's prompt KV cached on our two sides; fp32, or int8/int4
+(weight-only, block 32, accuracy level 4 — the fast graph quantized like a bundle's, against the bench's quantized
+bundle and GenAI's model of that precision).
 
     .venv/bin/mpt-export bench --peer onnxruntime-genai --preset llama-small   # builds build/bench/llama-small once
-    .venv/bin/python scripts/fast_graph_study.py [--workdir build/bench] [--rounds 5]
+    .venv/bin/python scripts/fast_graph_study.py [--workdir build/bench] [--rounds 5] [--precision fp32|int8|int4]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="llama-small")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "int8", "int4"))
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -66,11 +69,19 @@ def main(argv=None) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
         write_fast_backbone(model, arch_for(json.loads((root / "base" / "config.json").read_text())), fast)
         del model
-    runners = {("plain", "fp32"): Ours(root / "bundle", "task0", args.threads),
-               ("fast", "fp32"): Fast(fast, root / "bundle", "task0", args.threads)}
-    if (root / "peer-fp32" / "genai_config.json").is_file():
+    q = args.precision
+    if q != "fp32":
+        from mpt_export.export.weightonly import quantize_graph
+
+        quantized = fast.with_name(f"backbone_fast_{q}.onnx")
+        if not quantized.is_file():
+            quantize_graph(fast, quantized, q, accuracy_level=4)  # the bundles' default (and GenAI's)
+        fast = quantized
+    bundle = root / ("bundle" if q == "fp32" else f"bundle-{q}")
+    runners = {("plain", q): Ours(bundle, "task0", args.threads), ("fast", q): Fast(fast, bundle, "task0", args.threads)}
+    if (root / f"peer-{q}" / "genai_config.json").is_file():
         virtual = np.random.default_rng(1).integers(3, p.vocab, p.virtual_tokens)
-        runners[("onnxruntime-genai", "fp32")] = Peer(root / "peer-fp32", virtual, args.threads)
+        runners[("onnxruntime-genai", q)] = Peer(root / f"peer-{q}", virtual, args.threads)
     before = os.getloadavg()
     figs = measure(runners, (1, 8), 16, 32, args.rounds, p.vocab)
     print(f"{args.preset}, {args.threads} threads, {args.rounds} rounds, load {before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
