@@ -46,16 +46,22 @@ def test_chat_completions_with_a_template(tmp_path, served):
         assert s.stop() == 0
 
 
+def _mixed_tasks_as_the_session(client, sess) -> list[str]:
+    """Four concurrent greedy completions of different tasks; each must be what ``sess`` generates alone. -> texts"""
+    jobs = [("a", "the movie", 6), ("t", "the plot was", 9), ("b", "one", 4), ("c", "a frozen backbone", 7)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=j[2],
+                                                                temperature=0).choices[0].text, jobs))
+    assert got == [sess.generate([p], [t], max_new_tokens=n)[0] for t, p, n in jobs]
+    return got
+
+
 def test_a_t5_bundle_is_served(make_case):
     case = make_case("t5", 2)
     sess = mpt_export.load_bundle(case.bundle).session()
     with server(case.bundle) as s:
         c = s.client()
-        jobs = [("a", "the movie", 6), ("t", "the plot was", 9), ("b", "one", 4), ("c", "a frozen backbone", 7)]
-        with ThreadPoolExecutor(4) as ex:
-            got = list(ex.map(lambda j: c.completions.create(model=j[0], prompt=j[1], max_tokens=j[2],
-                                                             temperature=0).choices[0].text, jobs))
-        assert got == [sess.generate([p], [t], max_new_tokens=n)[0] for t, p, n in jobs]
+        got = _mixed_tasks_as_the_session(c, sess)
         text = "".join(ch.choices[0].text for ch in c.completions.create(model="t", prompt="the plot was",
                                                                           max_tokens=9, temperature=0, stream=True))
         assert text == got[1]
@@ -70,11 +76,6 @@ def test_a_weight_only_int8_bundle_is_served(llama, tmp_path):
     q = quantize_bundle(llama.bundle, tmp_path / "int8", scheme="int8", min_agreement=0.0)
     sess = q.session()
     with server(q.path, "--max-batch", "4") as s:
-        c = s.client()
-        jobs = [("a", "the movie", 6), ("t", "the plot was", 9), ("b", "one", 4), ("c", "a frozen backbone", 7)]
-        with ThreadPoolExecutor(4) as ex:
-            got = list(ex.map(lambda j: c.completions.create(model=j[0], prompt=j[1], max_tokens=j[2],
-                                                             temperature=0).choices[0].text, jobs))
-        assert got == [sess.generate([p], [t], max_new_tokens=n)[0] for t, p, n in jobs]
+        _mixed_tasks_as_the_session(s.client(), sess)
         assert s.stop() == 0
 
