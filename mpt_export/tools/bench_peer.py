@@ -10,8 +10,9 @@ only); the peer prefills virtual tokens + input. Per precision (fp32, int8, int4
 - end-to-end tok/s: ``rows x N / T(N)``, prefill included;
 - peak resident memory of loading the model and generating one batch, each side in a fresh process.
 
-Every figure is the median (and min) over ``rounds`` rounds; in each round every (side, precision, batch) runs once,
-in the same order, so the machine's load falls on both. The load average is printed with them. The peer's graphs
+Every figure is the median (and min) over ``rounds`` rounds; in each round every (side, precision) runs once, in the
+same order and each in a fresh process of its own (both batches), so the machine's load falls on both and no idle
+session of another side shares the process. The load average is printed with them. The peer's graphs
 are built once with its model builder (``python -m onnxruntime_genai.models.builder``) in a child process; its
 MatMulNBits settings (block size, accuracy level) are read from the graph it wrote and printed beside ours."""
 
@@ -27,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError
-from .peer_runners import Ours, Peer
 
 PEERS = ("onnxruntime-genai",)
 PRECISIONS = ("fp32", "int8", "int4")
@@ -98,6 +98,36 @@ def measure(runners: dict, batches, input_len: int, new: int, rounds: int, vocab
     return {k: {m: {"median": statistics.median(v), "min": min(v)} for m, v in fig.items()} for k, fig in raw.items()}
 
 
+def measure_isolated(specs: dict, batches, input_len: int, new: int, rounds: int, vocab: int) -> dict:
+    """:func:`measure`, with every (side, precision) runner in a fresh process of its own in every round, in turn: on a
+    small machine, sessions of the other sides idle in the same process (their spinning thread pools) moved one
+    side's figures by up to 1.7x. -> {(side, precision, batch): {"decode"/"e2e": {"median", "min"}}}"""
+    import json
+
+    raw: dict = {}
+    for _ in range(rounds):
+        for key, spec in specs.items():
+            job = {"spec": spec, "batches": list(batches), "input_len": input_len, "new": new, "vocab": vocab}
+            res = subprocess.run([sys.executable, "-m", "mpt_export.tools.bench_peer", json.dumps(job)],
+                                 capture_output=True, text=True, timeout=1800)
+            if res.returncode != 0:
+                tail = (res.stderr or res.stdout).strip().splitlines()[-1:]
+                raise InputError(f"measuring {key[0]} {key[1]} failed: {' | '.join(tail)}")
+            for b, fig in json.loads(res.stdout.strip().splitlines()[-1]).items():
+                for m, v in fig.items():
+                    raw.setdefault((*key, int(b)), {}).setdefault(m, []).append(v)
+    return {k: {m: {"median": statistics.median(v), "min": min(v)} for m, v in fig.items()} for k, fig in raw.items()}
+
+
+def _child(job: dict) -> dict:
+    """One round of one runner in this (fresh) process -> {batch: {"decode": tok/s, "e2e": tok/s}}."""
+    from .peer_runners import runner_from_spec
+
+    figs = measure({("x", "x"): runner_from_spec(job["spec"])}, job["batches"], job["input_len"], job["new"], 1,
+                   job["vocab"])
+    return {str(k[2]): {m: v["median"] for m, v in f.items()} for k, f in figs.items()}
+
+
 def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path = "build/bench", rounds: int = 5,
                    threads: int | None = None, input_len: int = 16, new_tokens: int = 32, on_step=None) -> dict:
     """Ours vs ``peer`` on ``preset``'s base model (see the module docstring) -> rows and the run's conditions."""
@@ -116,13 +146,14 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
                                    for q in ("int8", "int4")}}
     theirs = {q: build_peer(base, derived / f"peer-{q}", q, step) for q in PRECISIONS}
     virtual = np.random.default_rng(1).integers(3, p.vocab, p.virtual_tokens)
-    runners = {}
+    specs = {}
     for q in PRECISIONS:
-        runners[("mpt-export", q)] = Ours(ours[q], names[0], threads)
-        runners[(peer, q)] = Peer(theirs[q], virtual, threads)
+        specs[("mpt-export", q)] = {"kind": "ours", "bundle": str(ours[q]), "task": names[0], "threads": threads}
+        specs[(peer, q)] = {"kind": peer, "model": str(theirs[q]), "virtual": virtual.tolist(), "threads": threads}
     load_before = os.getloadavg()
-    step(f"measure: {rounds} interleaved rounds x {len(runners)} models x batch {', '.join(map(str, BATCHES))}")
-    figs = measure(runners, BATCHES, input_len, new_tokens, rounds, p.vocab)
+    step(f"measure: {rounds} interleaved rounds x {len(specs)} models (each in a fresh process) x batch "
+         f"{', '.join(map(str, BATCHES))}")
+    figs = measure_isolated(specs, BATCHES, input_len, new_tokens, rounds, p.vocab)
     load_after = os.getloadavg()
     step("peak memory: each model and batch in a fresh process")
     mem = peak_memory(ours, theirs, names[0], virtual, threads, input_len, new_tokens, p.vocab)
@@ -157,3 +188,9 @@ def peak_memory(ours: dict, theirs: dict, task: str, virtual: np.ndarray, thread
                 got = measure_memory({**spec, "ids": ids, "new": new, "threads": threads})
                 out[(side, q, b)] = None if got is None else round(got / 2**20, 1)
     return out
+
+
+if __name__ == "__main__":  # one measurement round of one runner (see measure_isolated)
+    import json
+
+    print(json.dumps(_child(json.loads(sys.argv[1]))))

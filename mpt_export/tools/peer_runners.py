@@ -43,3 +43,11 @@ class Peer:
         gen.append_tokens(prompt)  # the prompt only: each generate_next_token runs one step and adds one token
         for _ in range(new):
             gen.generate_next_token()
+
+
+def runner_from_spec(spec: dict):
+    """A runner from its JSON spec (what a child process gets): ``{"kind": "ours", "bundle", "task", "threads"}`` or
+    ``{"kind": "onnxruntime-genai", "model", "virtual", "threads"}``."""
+    if spec["kind"] == "ours":
+        return Ours(Path(spec["bundle"]), spec["task"], spec["threads"])
+    return Peer(Path(spec["model"]), np.asarray(spec["virtual"], np.int64), spec["threads"])
