@@ -67,7 +67,7 @@ def main(argv=None) -> None:
 
     root = Path(args.workdir) / args.preset
     p = PRESETS[args.preset]
-    fast = root / "fast-study" / "backbone_fast.onnx"
+    fast = Path("build/fast-study") / args.preset / "backbone_fast.onnx"  # not in the bench's workdir (not its file)
     if not fast.is_file():
         fast.parent.mkdir(parents=True, exist_ok=True)
         model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
