@@ -93,23 +93,23 @@ def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | Non
                     f"{r['input_len']} input tokens, {r['new_tokens']} new, {r['threads']} threads, {rounds} "
                     "interleaved rounds", title_justify="left")
     t.box = box.SIMPLE_HEAD
-    for col in ("precision", "batch", "decode ours", "theirs", "ratio", "e2e ours", "theirs", "ratio",
-                "RSS MiB ours/theirs"):
-        t.add_column(col, justify="left" if col == "precision" else "right", no_wrap=True)
+    for col in ("prec.", "batch", "decode ours", "theirs", "ratio", "e2e ours", "theirs", "ratio", "RSS MiB"):
+        t.add_column(col, justify="left" if col == "prec." else "right", no_wrap=True)
+    def fig(f: dict) -> str:  # median (min); no decimals from 100 on, so the table fits 120 columns
+        med, low = (f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in (f["median"], f["min"]))
+        return f"{med} ({low})"
+
     for x in r["rows"]:
         a, b = x["ours"], x["peer"]
-        t.add_row(x["precision"], str(x["batch"]),
-                  f"{a['decode']['median']:.1f} ({a['decode']['min']:.1f})",
-                  f"{b['decode']['median']:.1f} ({b['decode']['min']:.1f})", f"{x['decode_ratio']:.2f}x",
-                  f"{a['e2e']['median']:.1f} ({a['e2e']['min']:.1f})",
-                  f"{b['e2e']['median']:.1f} ({b['e2e']['min']:.1f})", f"{x['e2e_ratio']:.2f}x",
-                  " / ".join("-" if v is None else f"{v:.0f}" for v in x["peak_rss_mib"].values()))
+        t.add_row(x["precision"], str(x["batch"]), fig(a["decode"]), fig(b["decode"]), f"{x['decode_ratio']:.2f}x",
+                  fig(a["e2e"]), fig(b["e2e"]), f"{x['e2e_ratio']:.2f}x",
+                  "/".join("-" if v is None else f"{v:.0f}" for v in x["peak_rss_mib"].values()))
     la = r["load_average"]
-    t.caption = ("tok/s: median (min) over the rounds; ratio: ours / theirs; decode: the prefill cancels out; e2e "
-                 "(end to end): ours from the task's "
-                 "cached prompt KV, theirs prefilling the virtual tokens; RSS: a fresh process's peak resident "
-                 "memory for loading the model and generating one batch, minus the process after its imports. load "
-                 f"average {la['before'][0]:.2f} before, {la['after'][0]:.2f} after the timed rounds")
+    t.caption = ("tok/s: median (min) over the rounds, each side in a fresh process per round; ratio: ours / theirs; "
+                 "decode: the prefill cancels out; e2e (end to end): ours from the task's cached prompt KV, theirs "
+                 "prefilling the virtual tokens; RSS MiB (ours/theirs): a fresh process's peak resident memory for "
+                 "loading the model and generating one batch, minus the process after its imports. load average "
+                 f"{la['before'][0]:.2f} before, {la['after'][0]:.2f} after the timed rounds")
     console.print(t)
     for q, s in r["settings"].items():
         console.print(f"{q}: ours {escape(s['ours'])}; theirs {escape(s['peer'])}")
