@@ -213,10 +213,14 @@ def claim_workdir(path: Path, kind: str, contents: list[str] | None = None) -> P
         missing = [c for c in contents or [] if c not in data.get("contents", [])]
         if missing:
             data["contents"] = data.get("contents", []) + missing
-            tmp = marker.with_name(marker.name + ".tmp")
-            tmp.write_text(json.dumps(data) + "\n")
-            os.replace(tmp, marker)
+            _rewrite_marker(marker, data)
     return path
+
+
+def _rewrite_marker(marker: Path, data: dict) -> None:
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, marker)
 
 
 def seal_workdir(path: Path) -> None:
@@ -224,9 +228,7 @@ def seal_workdir(path: Path) -> None:
     marker = Path(path) / WORKDIR_MARKER
     data = json.loads(marker.read_text())
     data["files"] = [f for f in _tree(Path(path))[0] if f != WORKDIR_MARKER]
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, marker)
+    _rewrite_marker(marker, data)
 
 
 def remove_workdir(path: Path, kind: str) -> None:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from .bench_ref import peft_loop, peft_seq2seq_loop
+from .peer_runners import RUNNER_KINDS
 
 
 def measure_memory(spec: dict) -> int | None:
@@ -26,8 +27,8 @@ def measure_memory(spec: dict) -> int | None:
 
 
 def memory_child(spec: dict) -> int:
-    """``spec["kind"]``: ``peft`` (PyTorch), ``ort`` (a bundle's session) or ``onnxruntime-genai`` (the peer's model
-    dir, prompted with ``spec["virtual"]`` + ids as ordinary tokens)."""
+    """``spec["kind"]``: ``peft`` (PyTorch), ``ort`` (a bundle's session, the bench's rows) or a bench --peer runner
+    (``peer_runners.runner_from_spec``)."""
     from ..runtime.memory import status_bytes
 
     if spec["kind"] == "peft":
@@ -38,10 +39,10 @@ def memory_child(spec: dict) -> int:
 
     ids = np.asarray(spec["ids"], np.int64)
     base_rss = status_bytes("VmRSS") or 0
-    if spec["kind"] == "onnxruntime-genai":
-        from .peer_runners import Peer
+    if spec["kind"] in RUNNER_KINDS:  # bench --peer's runners, from the same specs its timing children get
+        from .peer_runners import runner_from_spec
 
-        Peer(spec["model"], np.asarray(spec["virtual"], np.int64), spec["threads"]).run(ids, spec["new"])
+        runner_from_spec(spec).run(ids, spec["new"])
     elif spec["kind"] == "peft":
         from ..export.torchside import adapters_from_bank, load_base_model
         from ..export.reference import peft_model_for

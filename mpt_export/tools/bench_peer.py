@@ -156,7 +156,7 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
     figs = measure_isolated(specs, BATCHES, input_len, new_tokens, rounds, p.vocab)
     load_after = os.getloadavg()
     step("peak memory: each model and batch in a fresh process")
-    mem = peak_memory(ours, theirs, names[0], virtual, threads, input_len, new_tokens, p.vocab)
+    mem = peak_memory(specs, input_len, new_tokens, p.vocab)
     rows = []
     for q in PRECISIONS:
         for b in BATCHES:
@@ -164,29 +164,24 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
             rows.append({"precision": q, "batch": b, "ours": a, "peer": t,
                          "decode_ratio": a["decode"]["median"] / t["decode"]["median"],
                          "e2e_ratio": a["e2e"]["median"] / t["e2e"]["median"],
-                         "peak_rss_mib": {"ours": mem[("ours", q, b)], "peer": mem[("peer", q, b)]}})
+                         "peak_rss_mib": {"ours": mem[("mpt-export", q, b)], "peer": mem[(peer, q, b)]}})
     return {"peer": peer, "preset": preset, "threads": threads, "rounds": rounds, "input_len": input_len,
             "new_tokens": new_tokens, "virtual_tokens": p.virtual_tokens, "rows": rows,
             "settings": {q: {"ours": nbits_settings(ours[q]), "peer": nbits_settings(theirs[q])} for q in PRECISIONS},
             "load_average": {"before": load_before, "after": load_after}}
 
 
-def peak_memory(ours: dict, theirs: dict, task: str, virtual: np.ndarray, threads: int, input_len: int, new: int,
-                vocab: int) -> dict:
-    """{(side, precision, batch): peak resident MiB} of loading the model and generating ``new`` tokens for one
-    batch, each in a fresh process (bench_memory.measure_memory); None where the probe failed."""
+def peak_memory(specs: dict, input_len: int, new: int, vocab: int) -> dict:
+    """{(side, precision, batch): peak resident MiB} of loading each runner of ``specs`` (measure_isolated's) and
+    generating ``new`` tokens for one batch, each in a fresh process (bench_memory); None where the probe failed."""
     from .bench_memory import measure_memory
 
     out = {}
-    for q in PRECISIONS:
+    for key, spec in specs.items():
         for b in BATCHES:
             ids = np.random.default_rng(0).integers(3, vocab, (b, input_len)).tolist()
-            specs = {"ours": {"kind": "ort", "bundle": str(ours[q]), "provider": "cpu", "tasks": [task] * b,
-                              "cache": True},
-                     "peer": {"kind": "onnxruntime-genai", "model": str(theirs[q]), "virtual": virtual.tolist()}}
-            for side, spec in specs.items():
-                got = measure_memory({**spec, "ids": ids, "new": new, "threads": threads})
-                out[(side, q, b)] = None if got is None else round(got / 2**20, 1)
+            got = measure_memory({**spec, "ids": ids, "new": new})
+            out[(*key, b)] = None if got is None else round(got / 2**20, 1)
     return out
 
 

@@ -45,6 +45,9 @@ class Peer:
             gen.generate_next_token()
 
 
+RUNNER_KINDS = ("ours", "onnxruntime-genai")
+
+
 def runner_from_spec(spec: dict):
     """A runner from its JSON spec (what a child process gets): ``{"kind": "ours", "bundle", "task", "threads"}`` or
     ``{"kind": "onnxruntime-genai", "model", "virtual", "threads"}``."""
