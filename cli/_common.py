@@ -104,7 +104,8 @@ def parity_table(validation: dict | None) -> Table:
     if not validation:
         t.add_row("-", "-", "-", "-", "-", "-", "not validated")
         return t
-    for c in validation["cases"]:
+    fused = (validation.get("fast_graph") or {}).get("cases", [])
+    for c in validation["cases"] + [dict(c, case=f"fused graph, {c['case']}") for c in fused]:
         ok = not c["failed"]
         t.add_row(c["case"], escape(c["task"]), f"{c['logits_max_abs']:.2e}", f"{c['logits_max_rel']:.2e}",
                   f"{c['kv_max_abs']:.2e}", f"{c['kv_max_rel']:.2e}", "[green]ok[/]" if ok else "[red]FAIL[/]")

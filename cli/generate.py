@@ -106,6 +106,7 @@ def generate_cmd(
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
     prepack: Annotated[bool | None, typer.Option("--prepack/--no-prepack", help="ONNX Runtime CPU: packed copies of the MatMul weights at start — faster steps, but a second copy of the weights in memory and ~1.5 s of start-up per GB (default: only where both copies fit in available memory).")] = None,
     optimization: Annotated[str, typer.Option(help="ONNX Runtime graph optimization level: disable, basic, extended, all.")] = "all",
+    graph: Annotated[str, typer.Option(help="Causal bundles on ONNX Runtime: fast (the fused graph), plain (the traced one), or auto: the fused graph where the bundle has one and the provider is the CPU.")] = "auto",
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache/--no-prompt-cache", help="Start from each task's cached prompt KV.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row: task, text, token ids, finish reason, timings (with --stream: JSON lines only).")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated (one prompt; with --json any number, as JSON lines).")] = False,
@@ -141,7 +142,7 @@ def generate_cmd(
     SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # bad values fail before the bundle loads
     stop = check_stop(stop or None)
     options = SessionOptions(provider=provider, backend=backend, engines=engines, prompt_kv_cache=prompt_cache,
-                             intra_op_threads=threads, optimization=optimization, prepack=prepack)
+                             intra_op_threads=threads, optimization=optimization, prepack=prepack, graph=graph)
     s = mpt_export.load_bundle(bundle).session(options)
     check_rows(s, rows, where, max_new_tokens)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)

@@ -22,6 +22,7 @@ def serve_cmd(
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
     prepack: Annotated[bool | None, typer.Option("--prepack/--no-prepack", help="ONNX Runtime CPU: packed copies of the MatMul weights at start — faster steps, but a second copy of the weights in memory and ~1.5 s of start-up per GB (default: only where both copies fit in available memory).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda or a provider name.")] = "cpu",
+    graph: Annotated[str, typer.Option(help="Causal bundles on ONNX Runtime: fast (the fused graph), plain (the traced one), or auto: the fused graph where the bundle has one and the provider is the CPU.")] = "auto",
     drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT: seconds to finish the requests in flight before exiting.")] = 30.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
     ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve replicas (each one this server's engine; needs the ray extra).", rich_help_panel="Ray Serve")] = False,
@@ -38,7 +39,7 @@ def serve_cmd(
         raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            api_key=api_key_of(api_key, os.environ.get(KEY_ENV)), threads=threads, provider=provider,
-                           drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, prepack=prepack)
+                           drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, prepack=prepack, graph=graph)
     if ray:
         from mpt_export.serving.ray.service import serve_ray
 

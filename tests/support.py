@@ -58,7 +58,8 @@ class Case:
         root, arch = self.root, self.arch
         task_type = "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        model = make_base_model(self.base, arch=arch, seed=0, **TINY)
+        real, sizes = SIZED.get(arch, (arch, {}))
+        model = make_base_model(self.base, arch=real, seed=0, **{**TINY, **sizes})
         if arch in LIKE_REAL:
             LIKE_REAL[arch](model)
             model.save_pretrained(str(self.base))
@@ -124,6 +125,10 @@ def separate_token_tables(model) -> None:
         model.encoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
         model.decoder.embed_tokens.weight.copy_(torch.randn(V, H, generator=g))
 
+
+# Cases of another width: ONNX Runtime's GroupQueryAttention (the fused graph) needs head sizes that are multiples of
+# 16, so the usual tiny cases (head size 8) have no fused graph and "llama-h64" (head size 16) has one.
+SIZED = {"llama-h64": ("llama", dict(hidden=64))}
 
 LIKE_REAL = {"t5": large_activations, "flan-t5": separate_token_tables}
 

@@ -148,19 +148,29 @@ def _check_graph_specs(m: dict, files: dict, task_type: str) -> dict:
         raise _bad("graphs", sorted(graphs) if isinstance(graphs, dict) else graphs,
                    f"the graphs {', '.join(GRAPHS[task_type])}")
     for g, spec in graphs.items():
-        if not isinstance(spec, dict) or spec.get("file") not in files:
-            raise _bad(f"graphs.{g}.file", spec.get("file") if isinstance(spec, dict) else spec, "a file of the bundle")
-        if spec.get("external_data") is not None and spec["external_data"] not in files:
-            raise _bad(f"graphs.{g}.external_data", spec["external_data"], "a file of the bundle")
-        for side in ("inputs", "outputs"):
-            io = spec.get(side)
-            if not isinstance(io, list) or not all(
-                    isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("dtype"), str)
-                    and isinstance(x.get("shape"), list) and all(
-                        isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
-                        for d in x["shape"]) for x in io):
-                raise _bad(f"graphs.{g}.{side}", io, "a list of {name, dtype, shape: [int | axis name]}")
+        _check_graph_spec(f"graphs.{g}", spec, files)
+    fast = m.get("fast_graphs")
+    if fast is not None:  # the fused ONNX Runtime graphs beside the traced ones (older bundles have none)
+        if not isinstance(fast, dict) or not set(fast) <= {"backbone"}:
+            raise _bad("fast_graphs", fast, "{backbone: graph} (causal bundles only)")
+        for g, spec in fast.items():
+            _check_graph_spec(f"fast_graphs.{g}", spec, files)
     return graphs
+
+
+def _check_graph_spec(where: str, spec, files: dict) -> None:
+    if not isinstance(spec, dict) or spec.get("file") not in files:
+        raise _bad(f"{where}.file", spec.get("file") if isinstance(spec, dict) else spec, "a file of the bundle")
+    if spec.get("external_data") is not None and spec["external_data"] not in files:
+        raise _bad(f"{where}.external_data", spec["external_data"], "a file of the bundle")
+    for side in ("inputs", "outputs"):
+        io = spec.get(side)
+        if not isinstance(io, list) or not all(
+                isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("dtype"), str)
+                and isinstance(x.get("shape"), list) and all(
+                    isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                    for d in x["shape"]) for x in io):
+            raise _bad(f"{where}.{side}", io, "a list of {name, dtype, shape: [int | axis name]}")
 
 
 def _check_token_ids(bm: dict) -> None:

@@ -130,8 +130,9 @@ class BatchSteps:
         rest = []
         for row, state, i in newcomers:
             slot = next(iter(sorted(self._free_since)), None)
-            if slot is not None and all(used_columns(state[g][i]) <= self._state[g].shape[1] for g in groups):
-                copy_row(groups, self._state, slot, state, i)
+            align = self.session.state_align
+            if slot is not None and all(used_columns(state[g][i], align) <= self._state[g].shape[1] for g in groups):
+                copy_row(groups, self._state, slot, state, i, align)
                 self._rows[slot] = row
                 del self._free_since[slot]
                 self.joins["in_place"] += 1
@@ -211,8 +212,11 @@ class BatchSteps:
         stale = any(self.step_count - t >= FREE_SLOT_STEPS for t in self._free_since.values())
         if not stale:
             live = [j for j, r in enumerate(self._rows) if r is not None]
-            stale = any(unused_columns(self._state[g], live) * 4 >= self._state[g].shape[1] > 16
-                        for g in self._groups())
+            s = self.session
+            for g in self._groups():
+                free, width = unused_columns(self._state[g], live, s.state_align), self._state[g].shape[1]
+                stale = stale or (free - s.state_room(width - free)) * 4 >= width > 16
+
         if stale:
             self.joins["compact"] += 1
             self._rebuild([(r, self._state, j) for j, r in enumerate(self._rows) if r is not None])

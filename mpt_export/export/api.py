@@ -47,13 +47,24 @@ def _validate(bundle: Bundle, model, bank: TaskBank, tol, seed, provider: str, o
 
 
 def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
+    """Every graph of the bundle that runs on ONNX Runtime (the traced one, and the fused one where there is one)
+    against the references; -> the traced graph's report, with the fused graph's under ``fast_graph``."""
     from .validate import compare_causal, compare_seq2seq
 
-    session = bundle.session(provider=provider, prepack=False)  # weights read in place: no packed copy
-    try:
-        return (compare_seq2seq if cases.kind == "seq2seq" else compare_causal)(session, cases, tol, on_step)
-    finally:
-        session.close()
+    compare = compare_seq2seq if cases.kind == "seq2seq" else compare_causal
+    reports = {}
+    for graph in ("plain", "fast") if bundle.manifest.get("fast_graphs") else ("plain",):
+        if graph == "fast" and not provider.lower().startswith("cpu"):
+            continue  # the fused graph runs on the CPU provider only
+        session = bundle.session(provider=provider, prepack=False, graph=graph)  # weights read in place
+        try:
+            reports[graph] = compare(session, cases, tol, on_step)
+        finally:
+            session.close()
+    report = reports["plain"]
+    if "fast" in reports:
+        report["fast_graph"] = reports["fast"]
+    return report
 
 
 def export_inputs(base_model, adapters) -> list[tuple[str, Path]]:
@@ -86,7 +97,7 @@ def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, 
     isolate = weight_bytes(base_model) >= ISOLATE_BYTES if o.isolate is None else o.isolate
     with replace_dir(out, "bundle", o.force, inputs) as tmp:
         spec = {"base_model": str(base_model), "dtype": o.dtype, "out": str(tmp), "opset": o.opset,
-                "validate": o.validate, "seed": o.seed}
+                "validate": o.validate, "seed": o.seed, "fast_graph": o.fast_graph}
         tokenizer_info, res = _torch_artifacts(tmp, base_model, bank, spec, isolate, step)
         timings = dict(res["timings"])
         manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, o.dtype, res, tokenizer_info, step)
@@ -138,6 +149,8 @@ def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dt
     """The composer graph and the manifest (no validation report yet), with every file's sha256."""
     step("write composer and task bank")
     cio = write_composer(tmp / "composer.onnx", arch.hidden_size, res["opset"])
+    graphs = dict(res["graphs"])
+    fast, skipped = graphs.pop("backbone_fast", None), graphs.pop("backbone_fast_skipped", None)
     manifest = {
         "format": FORMAT,
         "created_by": tool_versions(),
@@ -147,7 +160,9 @@ def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dt
         "opset": res["opset"],
         "base_model": identity(base_model),
         "num_transformer_submodules": bank.num_transformer_submodules,
-        "graphs": {**res["graphs"], "composer": {"file": "composer.onnx", **cio}},
+        "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
+        **({"fast_graphs": {"backbone": fast}} if fast else {}),
+        **({"fast_graph_skipped": skipped} if skipped else {}),
         "tasks": bank.manifest_entries(),
         "adapters": [ck.summary() for ck in ckpts],
         "tokenizer": tokenizer_info,

@@ -1,7 +1,8 @@
 """The fast backbone for ONNX Runtime (Llama family: Llama, Mistral, Qwen2), written from the model's weights with
 ``onnx.helper`` — no tracing. ONNX Runtime's fused contrib ops: ``GroupQueryAttention`` (rotary inside) reading and
 writing one preallocated KV buffer per layer in place, ``SkipSimplifiedLayerNormalization`` (residual add + RMS norm),
-one packed q/k/v projection: 11 nodes per layer (12 with Qwen2's biases) where the traced graph has ~60, and no
+q, k and v projected apart (the traced graph's very weight tensors, so a bundle stores them once: see
+``export/torchside.py``): 13 nodes per layer (16 with Qwen2's biases) where the traced graph has ~60, and no
 ``concat(past, new)`` reallocated every step.
 
 Cache layout (GroupQueryAttention's, not the plain graph's left-padded one): sequence b's keys/values start at slot 0
@@ -72,19 +73,37 @@ def _checked(model, arch) -> tuple:
 
 
 class _Writer:
-    """Nodes and initializers of one graph, in the graph's dtype."""
+    """Nodes and initializers of one graph, in the graph's dtype. Weights stream to the external data file as they
+    come (one tensor in memory at a time: a 7B model is never held twice)."""
 
-    def __init__(self, dtype: np.dtype):
+    INLINE = 1024  # bytes: smaller tensors stay inside the graph file
+
+    def __init__(self, dtype: np.dtype, data_path: Path):
         self.dtype, self.nodes, self.inits = dtype, [], []
+        self.data_path, self._data = data_path, open(data_path, "wb")
 
     def weight(self, name: str, value) -> str:
-        from onnx import numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
         a = value.detach().float().numpy() if hasattr(value, "detach") else np.asarray(value)
-        if a.dtype.kind == "f":
+        if a.dtype.kind == "f" and a.dtype != self.dtype:
             a = a.astype(self.dtype)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        a = np.ascontiguousarray(a)
+        if a.nbytes < self.INLINE:
+            self.inits.append(numpy_helper.from_array(a, name))
+            return name
+        off = self._data.tell()
+        self._data.write(a.tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.data_path.name), ("offset", str(off)), ("length", str(a.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        self.inits.append(t)
         return name
+
+    def close(self) -> None:
+        self._data.close()
 
     def node(self, op: str, inputs: list[str], outputs: list[str], ms: bool = False, **attrs) -> list[str]:
         from onnx import helper
@@ -96,8 +115,6 @@ class _Writer:
 
 def _layer(w: _Writer, i: int, layer, x: str, resid: str | None, arch, eps: float) -> tuple[str, str]:
     """One decoder layer: -> (its MLP output, the residual stream before it)."""
-    import torch
-
     a, mlp = layer.self_attn, layer.mlp
     ln1 = w.weight(f"layers.{i}.input_layernorm", layer.input_layernorm.weight)
     if resid is None:
@@ -107,12 +124,13 @@ def _layer(w: _Writer, i: int, layer, x: str, resid: str | None, arch, eps: floa
         w.node("SkipSimplifiedLayerNormalization", [x, resid, ln1], [f"h.{i}", "", "", f"resid.{i}"], ms=True,
                epsilon=eps)
         resid = f"resid.{i}"
-    qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0).T
-    (q,) = w.node("MatMul", [f"h.{i}", w.weight(f"layers.{i}.qkv", qkv)], [f"qkv.{i}"])
-    if a.q_proj.bias is not None:
-        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        (q,) = w.node("Add", [q, w.weight(f"layers.{i}.qkv_bias", bias)], [f"qkv_b.{i}"])
-    w.node("GroupQueryAttention", [q, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+    qkv = []  # q, k, v apart (GroupQueryAttention takes them so): the traced graph's very tensors, shared by content
+    for p, proj in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj)):
+        (y,) = w.node("MatMul", [f"h.{i}", w.weight(f"layers.{i}.{p}", proj.weight.T)], [f"{p}.{i}"])
+        if proj.bias is not None:
+            (y,) = w.node("Add", [y, w.weight(f"layers.{i}.{p}_bias", proj.bias)], [f"{p}_b.{i}"])
+        qkv.append(y)
+    w.node("GroupQueryAttention", [*qkv, f"past_key.{i}", f"past_value.{i}", "seqlens_k",
                                    "total_sequence_length", "cos_cache", "sin_cache"],
            [f"attn.{i}", f"present_key.{i}", f"present_value.{i}"], ms=True, num_heads=arch.num_heads,
            kv_num_heads=arch.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=float(arch.head_dim ** -0.5))
@@ -139,7 +157,21 @@ def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -
 
     cos, sin = _checked(model, arch)
     np_dtype = np.dtype(dtype)
-    w = _Writer(np_dtype)
+    path = Path(path)
+    w = _Writer(np_dtype, path.with_name(path.name + ".data"))
+    try:
+        graph = _graph(w, model, arch, cos, sin, np_dtype)
+    finally:
+        w.close()
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    onnx.save(m, str(path))
+    return fast_io(arch, dtype)
+
+
+def _graph(w: _Writer, model, arch, cos, sin, np_dtype):
+    from onnx import TensorProto, helper
+
     eps = float(model.config.rms_norm_eps)
     w.weight("cos_cache", cos)
     w.weight("sin_cache", sin)
@@ -165,15 +197,9 @@ def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -
     w.node("Gemm", ["last_hidden", head_name], [logits], transB=1)
     if logits != "logits":
         w.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
-    io = fast_io(arch, dtype)
+    io = fast_io(arch, str(np_dtype))
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
             "int32": TensorProto.INT32}
     vi = [[helper.make_tensor_value_info(s["name"], elem[s["dtype"]], s["shape"]) for s in io[k]]
           for k in ("inputs", "outputs")]
-    graph = helper.make_graph(w.nodes, "backbone_fast", vi[0], vi[1], w.inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
-    path = Path(path)
-    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data",
-              size_threshold=1024)
-    return io
+    return helper.make_graph(w.nodes, "backbone_fast", vi[0], vi[1], w.inits)

@@ -25,6 +25,7 @@ class ExportOptions:
     seed: int | None = None  # validation inputs
     provider: str = "cpu"  # ONNX Runtime provider for validation
     isolate: bool | None = None  # the torch phase in a child process (None: for large weights)
+    fast_graph: bool = True  # also write the fused ONNX Runtime backbone where the model allows it
 
     def __post_init__(self):
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 18:

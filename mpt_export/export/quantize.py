@@ -123,6 +123,7 @@ def quantize_graphs(root: Path, manifest: dict, src_root: Path, o: "QuantizeOpti
             spec["external_data"] = spec["file"] + ".data"
         manifest["quantization"] = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size,
                                     "symmetric": True, "accuracy_level": o.accuracy_level, "graphs": done}
+    _fast_graph(root, manifest, src_root, o)
     if manifest["task_type"] == "SEQ_2_SEQ_LM":
         from .seq2seq import WEIGHTS_FILE, share_weights
 
@@ -132,6 +133,27 @@ def quantize_graphs(root: Path, manifest: dict, src_root: Path, o: "QuantizeOpti
             manifest["graphs"][g]["external_data"] = WEIGHTS_FILE
     manifest["quantization"]["scheme"] = scheme
     return manifest
+
+
+def _fast_graph(root: Path, manifest: dict, src_root: Path, o: "QuantizeOptions") -> None:
+    """The fused graph, quantized as the traced one and stored with it (the same quantized tensors, shared by
+    content); dropped for ``int8-dynamic`` (its quantized activations are the traced graph's own ops)."""
+    fast = (manifest.get("fast_graphs") or {}).get("backbone")
+    if fast is None:
+        return
+    if o.scheme == "int8-dynamic":
+        del manifest["fast_graphs"]
+        manifest["fast_graph_skipped"] = "int8-dynamic quantizes the traced graph's activations; the fused graph is " \
+                                         "for fp32/fp16 and weight-only int8/int4"
+        return
+    from .seq2seq import share_weights
+    from .weightonly import quantize_graph
+
+    manifest["quantization"]["graphs"]["backbone_fast"] = quantize_graph(
+        src_root / fast["file"], root / fast["file"], o.scheme, o.block_size, o.accuracy_level)
+    plain = manifest["graphs"]["backbone"]
+    share_weights(root, [plain["file"], fast["file"]], plain["external_data"])
+    fast["external_data"] = plain["external_data"]
 
 
 def _model_graphs(manifest: dict) -> list[str]:
@@ -265,7 +287,7 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions |
 
 def _graph_files(manifest: dict) -> set[str]:
     files = set()
-    for g, spec in manifest["graphs"].items():
+    for g, spec in [*manifest["graphs"].items(), *(manifest.get("fast_graphs") or {}).items()]:
         if g != "composer":
             files.add(spec["file"])
             if spec.get("external_data"):

@@ -146,6 +146,8 @@ def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
         bio = export_backbone(model, arch, tmp / "backbone.onnx", opset=spec["opset"], dtype=dtype)
         real_opset = bio.pop("opset")
         graphs = {"backbone": {"file": "backbone.onnx", "external_data": "backbone.onnx.data", **bio}}
+        if spec.get("fast_graph", True):
+            graphs.update(fast_graph(model, arch, tmp, dtype, step))
     timings["graph_export_s"] = round(time.perf_counter() - t0, 2)
     cases = None
     if spec["validate"]:
@@ -156,6 +158,31 @@ def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
     release_freed_memory()
     timings["torch_phase_peak_rss_mib"] = peak_rss_mib()
     return {"graphs": graphs, "opset": int(real_opset), "cases": cases, "timings": timings}
+
+
+FAST_FILE = "backbone_fast.onnx"
+
+
+def fast_graph(model, arch, tmp: Path, dtype: str, step) -> dict:
+    """The fused ONNX Runtime backbone (``fastgraph.py``) beside the traced one, its weights stored once with the
+    traced graph's (same tensors, shared by content in ``backbone.onnx.data``). -> ``{"backbone_fast": spec}``, or
+    ``{"backbone_fast_skipped": why}`` where the model needs what the fused graph cannot express (then sessions run the
+    traced graph, as before)."""
+    from ..errors import ExportError
+    from .fastgraph import write_fast_backbone
+    from .seq2seq import share_weights
+
+    if dtype not in ("float32", "float16"):
+        return {"backbone_fast_skipped": f"no fused graph in {dtype} (GroupQueryAttention takes fp32/fp16)"}
+    step("export fused backbone")
+    try:
+        io = write_fast_backbone(model, arch, tmp / FAST_FILE, dtype)
+    except ExportError as e:
+        for f in (tmp / FAST_FILE, tmp / (FAST_FILE + ".data")):
+            f.unlink(missing_ok=True)
+        return {"backbone_fast_skipped": str(e)}
+    share_weights(tmp, ["backbone.onnx", FAST_FILE], "backbone.onnx.data")
+    return {"backbone_fast": {"file": FAST_FILE, "external_data": "backbone.onnx.data", "layout": "kv-buffer", **io}}
 
 
 def _child_main() -> None:

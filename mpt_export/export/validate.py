@@ -150,17 +150,9 @@ def compare_causal(session, cases: Cases, tol: dict | None = None, on_step=None)
     if on_step:
         on_step("validate against the reference")
     for t, inp, ref in cases.single:
-        rep.add("single", t, session.forward(inp["ids"], [t]), ref)
+        rep.add("single", t, session.row_outputs(inp["ids"], [t])[0], ref)
     rows = cases.batch["rows"]
-    feed = session.prepare(cases.batch["ids"], rows, cases.batch["mask"])
-    outs = session._run_graph_impl("backbone", feed)
-    full = feed["attention_mask"]
-    for b, t in enumerate(rows):
-        keep = full[b] == 1  # prompt + real tokens, as PEFT sees them alone
-        got = {"logits": outs["logits"][b:b + 1]}
-        for k, v in outs.items():
-            if k.startswith("present."):
-                got[k] = v[b:b + 1][:, :, keep]
+    for b, (t, got) in enumerate(zip(rows, session.row_outputs(cases.batch["ids"], rows, cases.batch["mask"]))):
         rep.add("batch", t, got, cases.batch["refs"][b])
     if not rep.ok:
         raise rep.error()

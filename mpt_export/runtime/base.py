@@ -109,6 +109,15 @@ class Session:
     # and marks real slots with 1. Values without a length axis (None) are per-row only.
     state_layout: dict[str, tuple[int | None, str | None]] = {}
 
+    # Where a row's slots sit along the length axes: "right" (left-padded: the traced graphs) or "left" (from slot 0:
+    # the fused graph's cache), and the free slots a buffer of n used ones is given when it is (re)built.
+    state_align = "right"
+    graph = "plain"  # which backbone graph runs: "plain" (traced) or "fast" (fused)
+
+    @staticmethod
+    def state_room(n: int) -> int:
+        return 0
+
     # A backend's fixed maxima (TensorRT profiles, Triton's max_batch_size), checked with every input; None: any
     # shape the model's positions allow.
     limits: BackendLimits | None = None

@@ -81,6 +81,18 @@ class CausalSession(Session):
         """Prefill: every backbone output (``logits`` and ``present.*``) for a left-padded, mixed-task batch."""
         return self._run_backbone_impl(self.prepare(input_ids, tasks, attention_mask))
 
+    def row_outputs(self, input_ids, tasks, attention_mask=None) -> list[dict]:
+        """Per row: ``logits`` (1, V) at its last real id and ``present.{i}.key/value`` (1, KV, T, Dh) over its real
+        positions (prompt + text), as PEFT computes them for the row alone — what validation compares."""
+        feed = self.prepare(input_ids, tasks, attention_mask)
+        outs = self._run_backbone_impl(feed)
+        rows = []
+        for b, keep in enumerate(feed["attention_mask"] == 1):
+            row = {"logits": outs["logits"][b:b + 1]}
+            row.update({k: v[b:b + 1][:, :, keep] for k, v in outs.items() if k.startswith("present.")})
+            rows.append(row)
+        return rows
+
     def logits(self, input_ids, tasks, attention_mask=None) -> np.ndarray:
         """Last-position logits, np.float32 [batch, vocab]."""
         return self.forward(input_ids, tasks, attention_mask)["logits"]

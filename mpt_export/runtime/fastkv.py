@@ -18,6 +18,29 @@ import numpy as np
 from ..errors import InputError
 
 
+def bind_cache(session, values: dict):
+    """An IO binding of ``session`` (the fast graph) with each ``past_*`` input and its ``present_*`` output bound to
+    the same OrtValue (GroupQueryAttention then writes new keys/values in place), and ``logits`` to be allocated."""
+    b = session.io_binding()
+    b.bind_output("logits")
+    for name, v in values.items():
+        b.bind_ortvalue_input(name, v)
+        b.bind_ortvalue_output(name.replace("past_", "present_"), v)
+    return b
+
+
+def run_bound(session, binding, ids, prompt, seqlens, last) -> np.ndarray:
+    """One call of the fast graph through ``binding`` (:func:`bind_cache`): new ``ids`` (B, S) after ``prompt`` rows
+    (B, P, H) per sequence; ``seqlens`` (B,) each sequence's valid slots after the call minus one; ``last`` (B,) the
+    index of its last new row. -> logits (B, V) float32."""
+    for name, a in (("input_ids", ids), ("prompt_embeds", prompt), ("seqlens_k", seqlens.astype(np.int32)),
+                    ("total_sequence_length", np.array(int(seqlens.max()) + 1, np.int32)),
+                    ("last_index", last.astype(np.int64))):
+        binding.bind_cpu_input(name, np.ascontiguousarray(a))
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
 class FastBackbone:
     def __init__(self, path: str | Path, batch: int, capacity: int, threads: int | None = None):
         import onnxruntime as ort
@@ -46,19 +69,10 @@ class FastBackbone:
         cache and row views), so their binding is made once and kept; each call rebinds only the small inputs."""
         b = self._bindings.get(id(values)) if keep else None
         if b is None:
-            b = self.session.io_binding()
+            b = bind_cache(self.session, values)
             if keep:
                 self._bindings[id(values)] = b
-            b.bind_output("logits")
-            for name, v in values.items():
-                b.bind_ortvalue_input(name, v)
-                b.bind_ortvalue_output(name.replace("past_", "present_"), v)
-        for name, a in (("input_ids", ids), ("prompt_embeds", prompt), ("seqlens_k", seqlens.astype(np.int32)),
-                        ("total_sequence_length", np.array(int(seqlens.max()) + 1, np.int32)),
-                        ("last_index", last.astype(np.int64))):
-            b.bind_cpu_input(name, np.ascontiguousarray(a))
-        self.session.run_with_iobinding(b)
-        return b.get_outputs()[0].numpy()
+        return run_bound(self.session, b, ids, prompt, seqlens, last)
 
     def prompt_kv(self, prompt: np.ndarray) -> dict[str, np.ndarray]:
         """A task prompt's (P, H) rows -> its keys/values, {cache name: (KV, P, Dh)} (positions 0..P-1)."""

@@ -35,7 +35,8 @@ def resolve_provider(provider: str) -> list[str]:
 class OrtBackend:
     """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
 
-    def _open_ort(self, bundle, options: SessionOptions) -> None:
+    def _open_ort(self, bundle, options: SessionOptions, graphs: dict | None = None) -> None:
+        """Open ``graphs`` (name -> manifest spec; default: every graph the manifest lists)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -68,7 +69,7 @@ class OrtBackend:
                 fit_limits(bundle.manifest).to_dict(), "ONNX Runtime's TensorRT provider profiles for this bundle",
                 "use mpt-export build and --backend tensorrt with larger --max-batch/--max-input/--max-new-tokens")
         self._ort = {}
-        for name, g in bundle.manifest["graphs"].items():
+        for name, g in (graphs if graphs is not None else bundle.manifest["graphs"]).items():
             providers = self.providers
             if providers[0] == "TensorrtExecutionProvider" and name != "composer":
                 providers = [("TensorrtExecutionProvider", trt_ep_options(bundle, name)), *providers[1:]]
@@ -208,11 +209,33 @@ def ort_session(bundle, options: SessionOptions):
     processes). ``"auto"`` (default): on where both copies fit in the memory available (``MemAvailable``)."""
     from .kinds import session_kind
 
-    Kind = session_kind(bundle)
+    graphs = None
+    if use_fast_graph(bundle, options):
+        from .fastcausal import GRAPH, FastCausalSession
+
+        Kind = FastCausalSession
+        graphs = {"composer": bundle.manifest["graphs"]["composer"], GRAPH: bundle.manifest["fast_graphs"]["backbone"]}
+    else:
+        Kind = session_kind(bundle)
 
     class OrtSession(OrtBackend, Kind):
         def __init__(self):
             Kind.__init__(self, bundle, options)
-            self._open_ort(bundle, options)
+            self._open_ort(bundle, options, graphs)
 
     return OrtSession()
+
+
+def use_fast_graph(bundle, options: SessionOptions) -> bool:
+    """Whether a session runs the bundle's fused graph: ``graph="fast"`` (refused with one line where the bundle has
+    none, or the provider is not the CPU), ``"auto"`` where it has one and the provider is the CPU."""
+    fast = (bundle.manifest.get("fast_graphs") or {}).get("backbone")
+    cpu = resolve_provider(options.provider)[0] == "CPUExecutionProvider"
+    if options.graph == "fast":
+        if fast is None:
+            why = bundle.manifest.get("fast_graph_skipped") or "it was exported before fused graphs existed"
+            raise InputError(f"{bundle.path} has no fused graph ({why}); run it with --graph plain (or auto)")
+        if not cpu:
+            raise InputError(f"the fused graph runs on ONNX Runtime's CPU provider (its cache is bound in host "
+                             f"memory), not {options.provider}; use --graph plain (or auto) there")
+    return fast is not None and cpu and options.graph != "plain"

@@ -21,6 +21,9 @@ def check_threads(value, what: str = "threads") -> int:
     return int(value)
 
 
+GRAPH_CHOICES = ("auto", "fast", "plain")
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     provider: str = "cpu"  # ONNX Runtime: cpu, cuda, tensorrt (ORT's TensorRT EP) or an ORT provider name
@@ -33,6 +36,8 @@ class SessionOptions:
     prompt_kv_cache: bool = True  # a task's prompt keys/values computed once and kept
     prompt_cache_size: int = 64  # composed task prompts kept (LRU)
     kv_cache_size: int = 32  # tasks' prompt keys/values kept (LRU)
+    graph: str = "auto"  # causal bundles on ONNX Runtime: "fast" (the fused graph), "plain" (the traced one), or
+    # "auto": the fused graph where the bundle has one and the provider is the CPU
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -42,6 +47,11 @@ class SessionOptions:
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise InputError(f"unknown graph optimization level {self.optimization!r}; choose one of "
                              f"{', '.join(OPTIMIZATION_LEVELS)}")
+        if self.graph not in GRAPH_CHOICES:
+            raise InputError(f"unknown graph {self.graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
+        if self.graph == "fast" and self.backend != "onnxruntime":
+            raise InputError("the fused graph runs on ONNX Runtime; the TensorRT backend runs the engines built from "
+                             "the traced graph (drop --graph fast)")
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
         if self.prepack != "auto" and not isinstance(self.prepack, bool):

@@ -1,4 +1,4 @@
-"""The fast backbone (GroupQueryAttention over one in-place KV buffer per layer, fused norms, packed q/k/v), written
+"""The fast backbone (GroupQueryAttention over one in-place KV buffer per layer, fused norms), written
 from a base model's weights, against PEFT itself: a task prompt's keys/values, each row's logits after a right-padded
 mixed-task chunk, and greedy decoding of a mixed batch — every row what PEFT gives it alone. (GroupQueryAttention
 needs head sizes that are multiples of 16, so these bases have hidden 64 and 4 heads, not the tests' usual 32.)"""
@@ -70,7 +70,7 @@ def test_fast_graph_gives_every_row_what_peft_gives_it_alone(bases, name):
     pm, arch, path = bases[name]
     nodes = onnx.load(str(path), load_external_data=False).graph.node
     assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == arch.num_layers
-    assert len(nodes) <= 12 * arch.num_layers + 12  # fused: 11 nodes per layer (12 with Qwen2's biases)
+    assert len(nodes) <= 16 * arch.num_layers + 12  # fused: 13 nodes per layer (16 with Qwen2's biases)
     tasks, lens, new = [0, 2, 1], [5, 2, 7], 6
     rng = np.random.default_rng(3)
     rows = [rng.integers(3, arch.vocab_size, n).tolist() for n in lens]

@@ -31,12 +31,15 @@ def peft_greedy(pm, task_index, ids, steps):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-gqa", "gpt2"])
-def test_greedy_equals_peft_forward_every_task(make_case, arch):
+@pytest.mark.parametrize("arch,graph", [("llama", "plain"), ("llama-gqa", "plain"), ("gpt2", "plain"),
+                                        ("llama-h64", "fast"), ("llama-h64", "plain")])
+def test_greedy_equals_peft_forward_every_task(make_case, arch, graph):
+    """Both backbones where a bundle has two: the fused graph (llama-h64: head size 16) and the traced one."""
     case = make_case(arch)
     b = mpt_export.load_bundle(case.bundle)
     model, _, _ = load_base_model(case.base)
-    s = b.session()
+    s = b.session(graph=graph)
+    assert s.graph == graph
     rng = np.random.default_rng(11)
     for ck, names in adapters_from_bank(b.task_bank()):
         pm = peft_model_for(model, ck)

@@ -22,6 +22,7 @@ class ServeOptions:
     drain_timeout: float = 30.0  # seconds to finish the requests in flight on SIGTERM/SIGINT
     max_body_bytes: int = DEFAULT_MAX_BODY  # largest request body (413 beyond)
     prepack: bool | str = "auto"  # ONNX Runtime weight prepacking: True, False or "auto" (None means "auto")
+    graph: str = "auto"  # causal bundles: the fused graph ("fast"), the traced one ("plain"), or "auto"
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -40,7 +41,7 @@ class ServeOptions:
         """How the served session opens: the engine keeps KV as numpy rows (it compacts and joins them), so no IO
         binding."""
         return SessionOptions(provider=self.provider, intra_op_threads=self.threads, io_binding=False,
-                              prepack=self.prepack)
+                              prepack=self.prepack, graph=self.graph)
 
     def with_(self, **changes) -> "ServeOptions":
         return replace(self, **changes)

@@ -138,6 +138,8 @@ def _load_in_background(loop, server, state: ServerState, where: str, say) -> No
             packed = getattr(state.session, "prepacked", None)
             weights = "" if packed is None else (" (weights prepacked)" if packed else
                                                  " (weights read in place, not prepacked)")
+            if getattr(state.session, "graph", "plain") == "fast":
+                weights += " (fused graph)"
             say(f"serving {where}{weights} — tasks: {', '.join(state.session.tasks)}")
         elif state.status == "failed":
             say(f"error: {state.error}")

@@ -1,0 +1,156 @@
+"""Decoder-only models on the fused graph (``backbone_fast``, see ``export/fastgraph.py``): the same session API and
+step protocol as :class:`~.causal.CausalSession`, over GroupQueryAttention's cache layout.
+
+State: ``past_key.{i}`` / ``past_value.{i}`` (B, KV, capacity, Dh) and ``kv_mask`` (B, capacity). Row b's keys and
+values start at slot 0 (its task prompt, then its text; no padding inside) and ``kv_mask`` marks its slots — the
+*left*-aligned layout (:attr:`state_align`), where the traced graph's is right-aligned. A decode step writes each
+row's new keys/values into its next slot in place (past and present are one buffer, bound through IO binding), so
+:meth:`decode_step` updates the state it is given and returns it; when a row reaches the capacity the buffers grow
+once by :meth:`state_room` slots (amortized: no step reallocates the cache). A prefill runs row by row (the graph
+takes several new ids over a cache for one sequence per call), a decode step runs the whole batch in one call;
+rows never see each other, so a row's tokens do not depend on the batch (each step's logits are those the row gets
+alone)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .causal import CausalSession
+from .fastkv import bind_cache, run_bound
+
+GRAPH = "backbone_fast"
+
+
+class FastCausalSession(CausalSession):
+    state_layout = {"kv_mask": (1, "kv_mask"), "past_key.*": (2, "kv_mask"), "past_value.*": (2, "kv_mask")}
+    state_align = "left"
+
+    def __init__(self, bundle, options=None):
+        super().__init__(bundle, options)
+        spec = bundle.manifest["fast_graphs"]["backbone"]
+        cache = [s for s in spec["inputs"] if s["name"].startswith("past_")]
+        self._names = [s["name"] for s in cache]
+        self._kv_heads, self._head_dim = int(cache[0]["shape"][1]), int(cache[0]["shape"][3])
+        self._bound = None  # (ids of the state's arrays, the arrays, their binding): reused while they are the same
+        self.graph = "fast"
+
+    @staticmethod
+    def state_room(n: int) -> int:
+        """Free slots a buffer of ``n`` used ones gets when it is (re)allocated: steps until the next growth (below
+        a quarter of the buffer, so the engine's compaction does not trim it straight away)."""
+        return n // 8 + 8
+
+    # -- graph calls ---------------------------------------------------------------------------------------------
+    def _sess(self):
+        return self._ort[GRAPH][0]
+
+    def _values(self, arrays: dict) -> dict:
+        import onnxruntime as ort
+
+        return {n: ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in self._names}  # the same memory
+
+    def _new_state(self, B: int, capacity: int) -> dict:
+        state = {n: np.zeros((B, self._kv_heads, capacity, self._head_dim), self.dtype) for n in self._names}
+        state["kv_mask"] = np.zeros((B, capacity), np.int64)
+        return state
+
+    def task_kv(self, name: str) -> dict[str, np.ndarray]:
+        """The task prompt's keys/values, {cache name: (KV, P, Dh)}: computed once per task content, kept (LRU)."""
+        task, shared, key = self._task(name)
+        hit = self._task_kv.get(key)
+        if hit is not None:
+            return hit
+        prompt = self.task_prompt(name)
+        P = prompt.shape[0]
+        arrays = {n: np.zeros((1, self._kv_heads, P, self._head_dim), self.dtype) for n in self._names}
+        run_bound(self._sess(), bind_cache(self._sess(), self._values(arrays)), np.zeros((1, 0), np.int64),
+                  prompt[None], np.array([P - 1]), np.array([P - 1]))
+        kv = {n: a[0] for n, a in arrays.items()}
+        self._task_kv.put(key, kv)
+        return kv
+
+    # -- the step protocol ---------------------------------------------------------------------------------------
+    def _start(self, ids, tasks, mask, use_cache):
+        """Each row alone: its task prompt's cached keys/values copied into its first slots (or the prompt run
+        again), then its real ids; -> (each row's last logits, the state, tokens processed)."""
+        B = ids.shape[0]
+        n = mask.sum(1)
+        plens = [self.task_prompt(t).shape[0] for t in tasks]
+        used = [p + int(k) for p, k in zip(plens, n)]
+        state = self._new_state(B, max(used) + self.state_room(max(used)))
+        logits, processed = [], 0
+        sess = self._sess()
+        for b, t in enumerate(tasks):
+            row = {k: v[b: b + 1] for k, v in state.items()}
+            real = ids[b: b + 1, ids.shape[1] - int(n[b]):]
+            if use_cache:
+                for name, a in self.task_kv(t).items():
+                    row[name][0, :, : plens[b]] = a
+                prompt = np.zeros((1, 0, self.hidden_size), self.dtype)
+                last = int(n[b]) - 1
+            else:
+                prompt = self.task_prompt(t)[None]
+                last = used[b] - 1
+                processed += plens[b]
+            logits.append(run_bound(sess, bind_cache(sess, self._values(row)), real, prompt,
+                                    np.array([used[b] - 1]), np.array([last]))[0])
+            state["kv_mask"][b, : used[b]] = 1
+            processed += int(n[b])
+        return np.stack(logits), state, processed
+
+    def _step(self, state, tokens):
+        lengths = state["kv_mask"].sum(1)
+        need = int(lengths.max()) + 1
+        if need > state["kv_mask"].shape[1]:
+            state = self._grown(state, need + self.state_room(need))
+        key = tuple(id(state[n]) for n in self._names)
+        if self._bound is None or self._bound[0] != key:
+            self._bound = (key, [state[n] for n in self._names], bind_cache(self._sess(), self._values(state)))
+        b = len(tokens)
+        logits = run_bound(self._sess(), self._bound[2], np.asarray(tokens, np.int64)[:, None],
+                           np.zeros((b, 0, self.hidden_size), self.dtype), lengths, np.zeros(b, np.int64))
+        state["kv_mask"][np.arange(b), lengths] = 1
+        return logits, state
+
+    def _grown(self, state: dict, capacity: int) -> dict:
+        old = state["kv_mask"].shape[1]
+        new = self._new_state(state["kv_mask"].shape[0], capacity)
+        for k, v in state.items():
+            if k == "kv_mask":
+                new[k][:, :old] = v
+            else:
+                new[k][:, :, :old] = v
+        return new
+
+    def _take_rows(self, value, keep):
+        return np.ascontiguousarray(value[keep])
+
+    # -- outputs as the traced graph gives them (validation, ``logits``) ------------------------------------------
+    def row_outputs(self, input_ids, tasks, attention_mask=None) -> list[dict]:
+        """Per row: ``logits`` (1, V) at its last real id and ``present.{i}.key/value`` (1, KV, T, Dh) over its real
+        positions (prompt + text), as PEFT computes them for the row alone — what validation compares."""
+        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
+        logits, state, _ = self._start(ids, tasks, mask, use_cache=False)
+        out = []
+        for b in range(ids.shape[0]):
+            keep = state["kv_mask"][b] == 1
+            row = {"logits": logits[b: b + 1]}
+            for name in self._names:
+                kind, i = name[len("past_"):].split(".")
+                row[f"present.{i}.{kind}"] = state[name][b: b + 1][:, :, keep]
+            out.append(row)
+        return out
+
+    def forward(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
+        """``logits`` (B, V) and ``present.{i}.key/value`` (B, KV, T, Dh): each row's prompt + text positions,
+        right-aligned, zeros before (T: the longest row's)."""
+        rows = self.row_outputs(input_ids, tasks, attention_mask)
+        out = {"logits": np.concatenate([r["logits"] for r in rows])}
+        for k in rows[0]:
+            if k != "logits":
+                T = max(r[k].shape[2] for r in rows)
+                buf = np.zeros((len(rows), *rows[0][k].shape[1:2], T, rows[0][k].shape[3]), self.dtype)
+                for b, r in enumerate(rows):
+                    buf[b, :, T - r[k].shape[2]:] = r[k][0]
+                out[k] = buf
+        return out
