@@ -84,3 +84,6 @@ def check_trt_cmd(
                       f"profiles {', '.join(s['profiles'])}; external data {', '.join(s['external_data']) or '-'}")
         for w in s.get("warnings", []):
             console.print(f"[yellow]warning[/] {escape(w)}")
+    for g, spec in (b.manifest.get("fast_graphs") or {}).items():
+        console.print(f"not for TensorRT: {escape(spec['file'])} (the fused {g} graph: ONNX Runtime's own operators; "
+                      "the engines are built from the traced graph above)")

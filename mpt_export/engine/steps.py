@@ -93,7 +93,8 @@ class BatchSteps:
             sl = slice(S - n, S) if s.padding_side == "left" else slice(0, n)
             ids[b, sl], mask[b, sl] = r.req.ids, 1
         t0 = time.perf_counter()
-        logits, state, _ = s.prefill(ids, [r.req.task for r in rows], mask)
+        logits, state, _ = s.prefill(ids, [r.req.task for r in rows], mask,
+                                     new_tokens=max(r.gen.cfg.max_new_tokens for r in rows))
         self._log("prefill", rows, len(rows), t0)
         return np.asarray(logits), {k: _as_numpy(v) for k, v in state.items()}
 

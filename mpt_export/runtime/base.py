@@ -82,8 +82,9 @@ class Session:
         buffers) that the next step takes back as inputs; ``logits`` must be a numpy array."""
         return self._run_graph_impl(graph, feed)
 
-    def _start(self, ids, tasks, mask, use_cache: bool):
-        """Prefill: -> (last-position logits (B, V), loop state {name: (B, ...)}, tokens processed)."""
+    def _start(self, ids, tasks, mask, use_cache: bool, new_tokens: int = 0):
+        """Prefill: -> (last-position logits (B, V), loop state {name: (B, ...)}, tokens processed). ``new_tokens``:
+        how many steps will follow at most (a kind with preallocated buffers sizes them for it)."""
         raise NotImplementedError
 
     def _step(self, state: dict, tokens: np.ndarray):
@@ -91,13 +92,16 @@ class Session:
         raise NotImplementedError
 
     # -- the step protocol (what the serving engine drives; ``generate_detailed`` runs the same two calls) --------
-    def prefill(self, ids: np.ndarray, tasks: list[str], mask: np.ndarray, use_cache: bool | None = None):
+    def prefill(self, ids: np.ndarray, tasks: list[str], mask: np.ndarray, use_cache: bool | None = None,
+                new_tokens: int = 0):
         """A first pass over padded ``ids`` (B, S) with ``mask``, one task per row -> (last-position logits (B, V),
-        decode state {name: (B, ...)} laid out as :attr:`state_layout` says, tokens processed)."""
-        return self._start(ids, tasks, mask, self.prompt_kv_cache if use_cache is None else use_cache)
+        decode state {name: (B, ...)} laid out as :attr:`state_layout` says, tokens processed). ``new_tokens``: the
+        most tokens any row will generate (room reserved where the kind preallocates its cache)."""
+        return self._start(ids, tasks, mask, self.prompt_kv_cache if use_cache is None else use_cache, new_tokens)
 
     def decode_step(self, state: dict, tokens: np.ndarray):
-        """One new token per row of ``state`` -> (logits (b, V), the next state). ``state`` is not modified."""
+        """One new token per row of ``state`` -> (logits (b, V), the next state). Use the returned state: a kind whose
+        cache is updated in place (the fused graph's) changes the one it is given."""
         return self._step(state, tokens)
 
     def _take_rows(self, value, keep: np.ndarray):

@@ -98,7 +98,7 @@ class CausalSession(Session):
         return self.forward(input_ids, tasks, attention_mask)["logits"]
 
     # -- decode loop hooks ---------------------------------------------------------------------------------------
-    def _start(self, ids, tasks, mask, use_cache):
+    def _start(self, ids, tasks, mask, use_cache, new_tokens=0):
         feed = self.prepare_cached(ids, tasks, mask) if use_cache else self.prepare(ids, tasks, mask)
         past_len = feed[next(iter(self._past))].shape[2]
         processed = ids.shape[0] * (feed["attention_mask"].shape[1] - past_len)

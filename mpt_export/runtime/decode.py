@@ -97,7 +97,7 @@ def generate(session, ids, tasks, mask, cfg: SamplingConfig, eos: int | None, st
     tok = session.tokenizer if (stop or on_text) else None
     rows = [Row(cfg, rng, eos, tok, stop, stream=on_text is not None) for rng in cfg.generators(B)]
     t0 = time.perf_counter()
-    logits, state, processed = session.prefill(ids, tasks, mask, use_cache)
+    logits, state, processed = session.prefill(ids, tasks, mask, use_cache, new_tokens=cfg.max_new_tokens)
     t_prefill = time.perf_counter() - t0
     live = np.arange(B)  # original index of each running row
     for step in range(cfg.max_new_tokens):

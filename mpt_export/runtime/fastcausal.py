@@ -70,14 +70,15 @@ class FastCausalSession(CausalSession):
         return kv
 
     # -- the step protocol ---------------------------------------------------------------------------------------
-    def _start(self, ids, tasks, mask, use_cache):
+    def _start(self, ids, tasks, mask, use_cache, new_tokens=0):
         """Each row alone: its task prompt's cached keys/values copied into its first slots (or the prompt run
-        again), then its real ids; -> (each row's last logits, the state, tokens processed)."""
+        again), then its real ids; -> (each row's last logits, the state, tokens processed). The buffers hold
+        ``new_tokens`` more positions (or :meth:`state_room`'s), so a generation of known length never grows them."""
         B = ids.shape[0]
         n = mask.sum(1)
         plens = [self.task_prompt(t).shape[0] for t in tasks]
         used = [p + int(k) for p, k in zip(plens, n)]
-        state = self._new_state(B, max(used) + self.state_room(max(used)))
+        state = self._new_state(B, max(used) + max(int(new_tokens), self.state_room(max(used))))
         logits, processed = [], 0
         sess = self._sess()
         for b, t in enumerate(tasks):
@@ -104,10 +105,11 @@ class FastCausalSession(CausalSession):
         if need > state["kv_mask"].shape[1]:
             state = self._grown(state, need + self.state_room(need))
         key = tuple(id(state[n]) for n in self._names)
-        if self._bound is None or self._bound[0] != key:
-            self._bound = (key, [state[n] for n in self._names], bind_cache(self._sess(), self._values(state)))
+        bound = self._bound  # one read: another thread stepping its own state may replace it meanwhile
+        if bound is None or bound[0] != key:
+            bound = self._bound = (key, [state[n] for n in self._names], bind_cache(self._sess(), self._values(state)))
         b = len(tokens)
-        logits = run_bound(self._sess(), self._bound[2], np.asarray(tokens, np.int64)[:, None],
+        logits = run_bound(self._sess(), bound[2], np.asarray(tokens, np.int64)[:, None],
                            np.zeros((b, 0, self.hidden_size), self.dtype), lengths, np.zeros(b, np.int64))
         state["kv_mask"][np.arange(b), lengths] = 1
         return logits, state

@@ -91,7 +91,7 @@ class Seq2SeqSession(Session):
                              f"{self.max_positions - dplen - 1} new tokens here")
 
     # -- decode loop hooks ---------------------------------------------------------------------------------------
-    def _start(self, ids, tasks, mask, use_cache):
+    def _start(self, ids, tasks, mask, use_cache, new_tokens=0):
         enc_out, enc_mask = self.encode(ids, tasks, mask)
         start = np.full((ids.shape[0], 1), self.decoder_start_token_id, np.int64)
         feed = self._decoder_feed(tasks, enc_out, enc_mask, start)

@@ -10,10 +10,10 @@ import numpy as np
 
 
 class Ours:
-    def __init__(self, bundle: Path, task: str, threads: int):
+    def __init__(self, bundle: Path, task: str, threads: int, graph: str = "auto"):
         from ..bundle.reader import load_bundle
 
-        self.session = load_bundle(bundle, verify=False).session(intra_op_threads=threads)
+        self.session = load_bundle(bundle, verify=False).session(intra_op_threads=threads, graph=graph)
         self.task = task
 
     def run(self, ids: np.ndarray, new: int) -> None:
@@ -49,8 +49,8 @@ RUNNER_KINDS = ("ours", "onnxruntime-genai")
 
 
 def runner_from_spec(spec: dict):
-    """A runner from its JSON spec (what a child process gets): ``{"kind": "ours", "bundle", "task", "threads"}`` or
+    """A runner from its JSON spec (what a child process gets): ``{"kind": "ours", "bundle", "task", "threads"[, "graph"]}`` or
     ``{"kind": "onnxruntime-genai", "model", "virtual", "threads"}``."""
     if spec["kind"] == "ours":
-        return Ours(Path(spec["bundle"]), spec["task"], spec["threads"])
+        return Ours(Path(spec["bundle"]), spec["task"], spec["threads"], spec.get("graph", "auto"))
     return Peer(Path(spec["model"]), np.asarray(spec["virtual"], np.int64), spec["threads"])

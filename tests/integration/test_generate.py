@@ -120,8 +120,10 @@ def test_session_add_task_in_memory(llama):
         s.add_task("b2", shared_prompt=bank.shared[0], cols=t.cols, rows=t.rows)
 
 
-def test_concurrent_generate_matches_sequential(llama):
-    s = mpt_export.load_bundle(llama.bundle).session()
+@pytest.mark.parametrize("arch", ["llama", "llama-h64"])
+def test_concurrent_generate_matches_sequential(make_case, arch):
+    """One session, several threads (llama-h64: the fused graph, whose cache each call updates in place)."""
+    s = mpt_export.load_bundle(make_case(arch).bundle).session()
     jobs = [(left_padded(s.vocab_size, [3 + i, 6], seed=i), ["a", "b", "c", "t"][i % 4]) for i in range(8)]
     seq = [s.generate_ids(ids, [task, "t"], mask, max_new_tokens=8) for (ids, mask), task in jobs]
     res = [None] * len(jobs)

@@ -119,13 +119,16 @@ def test_trtexec_and_ort_options(llama, tmp_path):
                                  "--max-input", "32", "--max-new-tokens", "16"), "needs a fp16 bundle")
 
 
-@pytest.mark.parametrize("arch,nts", [("llama-gqa", None), ("gpt2", None), ("t5", 2)])
+@pytest.mark.parametrize("arch,nts", [("llama-gqa", None), ("gpt2", None), ("t5", 2), ("llama-h64", None)])
 def test_check_trt_passes_on_bundles(make_case, arch, nts):
+    """A bundle with a fused graph (llama-h64) is checked on its traced graph; check-trt names the fused one as not
+    TensorRT's."""
     b = make_case(arch, nts).bundle
     summary = check_trt(mpt_export.load_bundle(b), LIM)
     assert set(summary) == ({"encoder", "decoder"} if arch == "t5" else {"backbone"})
     res = cli("check-trt", b, "--max-input", "32", "--max-new-tokens", "16")
     assert res.returncode == 0 and "all supported" in res.stdout
+    assert ("not for TensorRT: backbone_fast.onnx" in " ".join(res.stdout.split())) == (arch == "llama-h64")
 
 
 def test_check_trt_fails_precisely(llama, tmp_path):
