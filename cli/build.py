@@ -27,9 +27,9 @@ def build_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(help="Most new tokens per request (default 128, at most a quarter of the positions left after the prompt).")] = None,
     precision: Annotated[str, typer.Option(help="auto (the bundle's), fp32, fp16, bf16. TensorRT 11 needs a bundle of that dtype.")] = "auto",
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and written (faster rebuilds).")] = None,
-    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines that later TensorRT releases of the same major can load.")] = False,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines later TensorRT releases can load: later releases of the same major, and across majors the pairs NVIDIA documents (built with 10, run by 11). Slower than engines for one release; Triton loads them only with --backend-config=tensorrt,version-compatible=true.")] = False,
     workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
-    trt_version: Annotated[int, typer.Option(help="With --print-trtexec: the TensorRT major version of the target board (10 for JetPack 6).")] = 10,
+    trt_version: Annotated[str, typer.Option(help="With --print-trtexec: the TensorRT release of the target board, MAJOR[.MINOR] (JetPack 6.1/6.2: 10.3; 10 means 10.0, the strictest 10.x).")] = "10",
     tf32: Annotated[bool, typer.Option("--tf32", help="Let fp32 layers use TF32 tensor cores (TensorRT's default; off here so fp32 means fp32).")] = False,
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
 ) -> None:
@@ -42,12 +42,20 @@ def build_cmd(
         from mpt_export.runtime.trt.commands import format_commands, resolve_precision, trtexec_commands
         from mpt_export.runtime.trt.profiles import profiles
 
-        prec = resolve_precision(precision, trt_version, b.manifest.get("dtype", "float32"), tf32)
+        from mpt_export.errors import InputError
+        from mpt_export.runtime.trt.versions import check_target, opset_problem, parse_trt_version
+
+        target = parse_trt_version(trt_version)
+        check_target(target)
+        said_opset = opset_problem(int(b.manifest.get("opset", 18)), target)
+        if said_opset:
+            raise InputError(said_opset)
+        prec = resolve_precision(precision, target[0], b.manifest.get("dtype", "float32"), tf32)
         engines = out or Path("engines") / b.path.name
         profs = profiles(b.manifest, limits)
         cmds = trtexec_commands(b, profs, engines, prec, str(timing_cache) if timing_cache else None, workspace_mib,
                                 version_compatible)
-        print(f"# TensorRT {trt_version}.x, precision {prec['precision']}; profiles in order: "
+        print(f"# TensorRT {target[0]}.{target[1]}, precision {prec['precision']}; profiles in order: "
               + "; ".join(f"{g}: {', '.join(p['name'] for p in ps)}" for g, ps in profs.items()))
         print(f"# {said}")
         print(f"mkdir -p {engines}")
@@ -70,15 +78,19 @@ def check_trt_cmd(
     max_batch: Annotated[int | None, typer.Option(help="Profile limit: batch (default 8).")] = None,
     max_input: Annotated[int | None, typer.Option(help="Profile limit: input tokens (default 512, fitted to the model).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Profile limit: new tokens (default 128, fitted to the model).")] = None,
+    trt_version: Annotated[str | None, typer.Option(help="The TensorRT release the engines are for, MAJOR[.MINOR] (its parser's opset range is checked). [default: the installed tensorrt, else 10.0]")] = None,
 ) -> None:
     """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
     from mpt_export.bundle.reader import load_bundle
     from mpt_export.runtime.trt.check import check_trt
+    from mpt_export.runtime.trt.versions import check_target, parse_trt_version
 
+    target = parse_trt_version(trt_version or _installed_trt() or "10.0")
+    check_target(target)
     b = load_bundle(bundle)
     limits, said = _limits(b, max_batch, max_input, max_new_tokens)
-    console.print(escape(said))
-    summary = check_trt(b, limits)
+    console.print(escape(said) + f"; for TensorRT {target[0]}.{target[1]}")
+    summary = check_trt(b, limits, target)
     for g, s in summary.items():
         console.print(f"[green]ok[/] {g}: {escape(s['file'])}, {s['nodes']} nodes / {s['ops']} op types, all supported; "
                       f"profiles {', '.join(s['profiles'])}; external data {', '.join(s['external_data']) or '-'}")
@@ -87,3 +99,15 @@ def check_trt_cmd(
     for g, spec in (b.manifest.get("fast_graphs") or {}).items():
         console.print(f"not for TensorRT: {escape(spec['file'])} (the fused {g} graph: ONNX Runtime's own operators; "
                       "the engines are built from the traced graph above)")
+
+
+def _installed_trt() -> str | None:
+    """The installed tensorrt's version, read from its package metadata (nothing imported)."""
+    import importlib.metadata as md
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_lean"):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None

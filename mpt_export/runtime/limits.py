@@ -18,16 +18,18 @@ class BackendLimits:
     max_batch: int | None = None  # rows in one graph call
     max_input: int | None = None  # input tokens of one row (the encoder's, for seq2seq)
     max_new_tokens: int | None = None  # tokens generated for one row
+    decoder_tokens: int | None = None  # decoder tokens one call takes (TensorRT's decoder profiles: 1)
     source: str = "this backend"  # who sets them, for messages: "the TensorRT engines in engines/demo"
     fix: str = "rebuild the engines with larger limits (mpt-export build --max-batch/--max-input/--max-new-tokens)"
 
     @classmethod
     def from_dict(cls, limits: dict | None, source: str, fix: str | None = None) -> "BackendLimits | None":
-        """From an engine sidecar's / profile's ``limits`` ({max_batch, max_input, max_new_tokens, ...})."""
+        """From an engine sidecar's / profile's ``limits`` ({max_batch, max_input, max_new_tokens, ...}): TensorRT
+        profiles, whose seq2seq decoders take one token per call."""
         if not limits:
             return None
         pick = {k: int(limits[k]) for k in ("max_batch", "max_input", "max_new_tokens") if limits.get(k) is not None}
-        return cls(**pick, source=source, **({"fix": fix} if fix else {}))
+        return cls(**pick, decoder_tokens=1, source=source, **({"fix": fix} if fix else {}))
 
     def tighter(self, **maxima) -> "BackendLimits":
         """These limits with some maxima lowered (never raised), e.g. Triton's ``max_batch_size``."""
@@ -35,7 +37,13 @@ class BackendLimits:
         for k, v in maxima.items():
             if v is not None:
                 now[k] = v if now[k] is None else min(now[k], int(v))
-        return BackendLimits(**now, source=self.source, fix=self.fix)
+        return BackendLimits(**now, decoder_tokens=self.decoder_tokens, source=self.source, fix=self.fix)
+
+    def check_decoder_tokens(self, n: int) -> None:
+        if self.decoder_tokens is not None and n > self.decoder_tokens:
+            raise InputError(f"{n} decoder tokens in one call: {self.source} take {self.decoder_tokens} per call (their "
+                             "decoder profiles are built for generation, one token per step); score several decoder "
+                             "tokens with ONNX Runtime (--backend onnxruntime, provider cpu or cuda)")
 
     def check(self, batch: int | None = None, longest: int | None = None, new_tokens: int | None = None) -> None:
         """Raise InputError naming the limit that ``batch`` rows, ``longest`` input tokens or ``new_tokens`` exceed."""

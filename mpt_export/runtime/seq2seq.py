@@ -76,6 +76,8 @@ class Seq2SeqSession(Session):
         dec_ids = np.asarray(decoder_input_ids, np.int64)
         if dec_ids.ndim != 2 or dec_ids.shape[0] != enc_mask.shape[0] or dec_ids.shape[1] == 0:
             raise InputError(f"decoder_input_ids must be [batch, n>0] with batch {enc_mask.shape[0]}, got {list(dec_ids.shape)}")
+        if self.limits is not None:
+            self.limits.check_decoder_tokens(dec_ids.shape[1])
         feed = self._decoder_feed(tasks, enc_out, enc_mask, dec_ids)
         out = self._run_graph_impl("decoder", feed)
         return {**enc_out, **out, "encoder_attention_mask": enc_mask,

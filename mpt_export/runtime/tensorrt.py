@@ -100,8 +100,14 @@ class TrtBackend:
         with self._lock, torch.cuda.stream(stream):
             ctx = g["context"]
             if g["profile"] != index:
-                if not ctx.set_optimization_profile_async(index, stream.cuda_stream):
-                    raise TrtRuntimeError(f"TensorRT refused to switch {graph} to profile {index}")
+                try:  # the bindings raise on a refused switch (IExecutionContext::setOptimizationProfileAsync is false)
+                    ok = ctx.set_optimization_profile_async(index, stream.cuda_stream)
+                except Exception as e:  # TensorRT's own exception types
+                    ok, why = False, f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else ""
+                else:
+                    why = ""
+                if not ok:
+                    raise TrtRuntimeError(f"TensorRT refused to switch {graph} to profile {index}{why}")
                 g["profile"] = index
             for name, v in feed.items():
                 t = self._device(v, g["dtypes"][name])
@@ -110,7 +116,7 @@ class TrtBackend:
                     raise TrtRuntimeError(f"TensorRT refused shape {list(t.shape)} for {graph} input {name} (profile "
                                           f"{g['profiles'][index]['name']}); rebuild with larger limits")
                 # empty tensors (no prompt, no past) still need a valid address
-                ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy().data_ptr())
+                _address(ctx, graph, name, t.data_ptr() if t.numel() else self._dummy().data_ptr())
             outs = {}
             for name in g["outputs"]:
                 shape = tuple(ctx.get_tensor_shape(name))
@@ -119,7 +125,7 @@ class TrtBackend:
                                           "inputs given")
                 o = torch.empty(shape, dtype=g["dtypes"][name], device="cuda")
                 outs[name] = o
-                ctx.set_tensor_address(name, o.data_ptr() if o.numel() else self._dummy().data_ptr())
+                _address(ctx, graph, name, o.data_ptr() if o.numel() else self._dummy().data_ptr())
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise TrtRuntimeError(f"TensorRT failed to run {graph} (see its log above); the outputs are not used")
             stream.synchronize()
@@ -165,3 +171,10 @@ def trt_session(bundle, options: SessionOptions):
             self._open_trt(bundle, options.engines)
 
     return TrtSession()
+
+
+def _address(ctx, graph: str, name: str, ptr: int) -> None:
+    """``set_tensor_address`` returns False for a name the engine lacks or a misaligned address: never run on it."""
+    if not ctx.set_tensor_address(name, ptr):
+        raise TrtRuntimeError(f"TensorRT refused the buffer for {graph} tensor {name} (unknown name or misaligned "
+                              "address); rebuild the engines from this bundle with `mpt-export build`")

@@ -4,6 +4,7 @@ without a GPU; the engine build/run tests need the tensorrt package and a GPU an
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -93,9 +94,10 @@ def test_trtexec_and_ort_options(llama, tmp_path):
     (cmd,) = trtexec_commands(b, p, tmp_path / "eng", resolve_precision("fp16", 10, "float32"), "cache.bin", 2048, True)
     assert cmd[0] == "trtexec" and cmd[1] == f"--onnx={llama.bundle / 'backbone.onnx'}"
     assert cmd[2] == f"--saveEngine={tmp_path / 'eng' / 'backbone.plan'}"
+    assert cmd[3] == "--skipInference"  # build only: no timing run on random ids out of the vocabulary's range
     groups = trtexec_profile_groups(cmd)
     assert len(groups) == 2 and all(set(g) == {"--minShapes", "--optShapes", "--maxShapes"} for g in groups)
-    assert cmd[3] == "--profile=0" and cmd[7] == "--profile=1"  # prefill, then decode, each group complete
+    assert cmd[4] == "--profile=0" and cmd[8] == "--profile=1"  # prefill, then decode, each group complete
     assert groups[0]["--minShapes"].startswith("input_ids:1x0,prompt_embeds:1x0x32,attention_mask:1x1,")
     assert groups[1]["--optShapes"].startswith("input_ids:2x1,")
     for g, prof in zip(groups, p["backbone"]):
@@ -129,6 +131,32 @@ def test_check_trt_passes_on_bundles(make_case, arch, nts):
     res = cli("check-trt", b, "--max-input", "32", "--max-new-tokens", "16")
     assert res.returncode == 0 and "all supported" in res.stdout
     assert ("not for TensorRT: backbone_fast.onnx" in " ".join(res.stdout.split())) == (arch == "llama-h64")
+
+
+def test_target_tensorrt_versions_and_their_parsers_opsets(llama, tmp_path):
+    """The release the engines are for: its parser's opset range (onnx-tensorrt's operators.md per branch, NVIDIA's
+    opset guide), releases mpt-export does not build for, and a bundle exported past the parser's opset."""
+    from support import edit_manifest
+    from mpt_export.runtime.trt.versions import check_target, max_opset, parse_trt_version
+
+    assert [max_opset(parse_trt_version(v)) for v in ("10", "10.3", "10.3.0.26", "10.15", "10.16.1", "11.1")] == \
+        [20, 20, 20, 24, 24, 25]
+    with pytest.raises(InputError, match=r"TensorRT 8.6 \(JetPack 6.0's\) is older than the 10.0"):
+        check_target(parse_trt_version("8.6"))
+    with pytest.raises(InputError, match="--trt-version must look like 10 or 10.3"):
+        parse_trt_version("ten")
+    assert_clean_failure(cli("build", llama.bundle, "--print-trtexec", "--trt-version", "8.6"), "JetPack 6.0")
+    b = tmp_path / "opset21"  # as an export with --opset 21 records it
+    shutil.copytree(llama.bundle, b)
+    edit_manifest(b, lambda m: m.update(opset=21), redigest=True)
+    with pytest.raises(TrtCheckError, match=r"opset 21; TensorRT 10.3's ONNX parser reads up to opset 20"):
+        check_trt(mpt_export.load_bundle(b), LIM, (10, 3))
+    assert check_trt(mpt_export.load_bundle(b), LIM, (10, 15))
+    assert_clean_failure(cli("check-trt", b, "--trt-version", "10.3", "--max-input", "32", "--max-new-tokens", "16"),
+                         "reads up to opset 20", "--opset 20")
+    assert_clean_failure(cli("build", b, "--print-trtexec", "--trt-version", "10.3"), "--opset 20")
+    res = cli("build", b, "--print-trtexec", "--trt-version", "10.15", "--max-input", "32", "--max-new-tokens", "16")
+    assert res.returncode == 0 and "# TensorRT 10.15," in res.stdout
 
 
 def test_check_trt_fails_precisely(llama, tmp_path):
@@ -328,3 +356,22 @@ def test_default_limits_fit_the_model(make_case, arch, nts):
         " ".join(res.stdout.split())
     res = cli("build", bundle, "--print-trtexec", "--max-batch", "2")
     assert res.returncode == 0 and "max batch 2, max input" in res.stdout
+
+
+def test_tensorrt_limits_refuse_several_decoder_tokens_in_one_call(make_case):
+    """TensorRT's decoder profiles take one decoder token per call (generation): a teacher-forced T5 forward over
+    several is refused with one line where a session carries TensorRT limits (as the TensorRT backend, ONNX Runtime's
+    TensorRT provider and Triton's plans set them), and runs where it does not."""
+    from mpt_export.runtime.limits import BackendLimits
+    from mpt_export.runtime.trt.profiles import fit_limits
+
+    s = mpt_export.load_bundle(make_case("t5", 2).bundle).session()
+    ids, dec = np.array([[5, 6, 7]]), np.array([[0, 9, 10]])
+    full = s.logits(ids, ["a"], decoder_input_ids=dec)  # ONNX Runtime: any number of decoder tokens
+    s.limits = BackendLimits.from_dict(fit_limits(s.bundle.manifest).to_dict(), "the TensorRT engines in engines/t5")
+    with pytest.raises(InputError, match=r"3 decoder tokens in one call: the TensorRT engines in engines/t5 take 1 "
+                                         r"per call .*--backend onnxruntime"):
+        s.logits(ids, ["a"], decoder_input_ids=dec)
+    np.testing.assert_allclose(s.logits(ids, ["a"], decoder_input_ids=dec[:, :1]),
+                               s.logits(ids, ["a"]), rtol=0, atol=0)
+    assert full.shape == (1, s.vocab_size)

@@ -165,7 +165,9 @@ def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
                      "IExecutionContext.execute_async_v3", "IExecutionContext.set_input_shape",
                      "IExecutionContext.set_optimization_profile_async", "IBuilderConfig.set_timing_cache",
                      "IBuilderConfig.clear_flag", "BuilderFlag.TF32", "BuilderFlag.VERSION_COMPATIBLE",
-                     "IBuilderConfig.get_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape"):
+                     "IBuilderConfig.get_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape",
+                     "IBuilderConfig.create_timing_cache", "IExecutionContext.set_tensor_address",
+                     "Builder.build_serialized_network"):
         assert expected in names, expected  # the scan sees the calls that matter
     assert trt_name_problems(used, api) == []
     # the guard itself fails on a wrong name, a wrong member and a wrong keyword

@@ -79,12 +79,16 @@ def _initializers(graph):
                 yield a.t
 
 
-def check_trt(bundle, limits=None) -> dict:
-    """-> summary per graph (with ``warnings``); raises TrtCheckError listing every problem found."""
+def check_trt(bundle, limits=None, trt_version: tuple[int, int] | None = None) -> dict:
+    """-> summary per graph (with ``warnings``); raises TrtCheckError listing every problem found. ``trt_version``:
+    the release the engines are for (its parser's opset range is checked)."""
     import onnx
 
+    from .versions import opset_problem
+
     limits = limits or fit_limits(bundle.manifest)
-    problems: list[str] = []
+    said = opset_problem(int(bundle.manifest.get("opset", 18)), trt_version) if trt_version else None
+    problems: list[str] = [said] if said else []
     summary = {}
     supported = trt_supported_ops()
     try:

@@ -55,14 +55,17 @@ def _resolve_precision(precision: str, trt_major: int, bundle_dtype: str) -> dic
 
 def trtexec_commands(bundle, profiles: dict, engines_dir: str | Path, precision: dict, timing_cache: str | None = None,
                      workspace_mib: int | None = None, version_compatible: bool = False) -> list[list[str]]:
-    """One trtexec command per graph. Each optimization profile is ``--profile=<index>`` followed directly by its
+    """One trtexec command per graph (the traced graphs: ``fast_graphs`` are ONNX Runtime's). Each optimization
+    profile is ``--profile=<index>`` followed directly by its
     ``--minShapes``/``--optShapes``/``--maxShapes`` (trtexec reads the three options right behind each
     ``--profile``, and refuses repeated shape options without it)."""
     cmds = []
     for graph, profs in profiles.items():
         spec = bundle.manifest["graphs"][graph]
+        # --skipInference: build and save only — trtexec would otherwise time the engine on random inputs, int64
+        # token ids in [-128, 127] among them (out of range for a small vocabulary)
         cmd = ["trtexec", f"--onnx={Path(bundle.path) / spec['file']}",
-               f"--saveEngine={Path(engines_dir) / (graph + '.plan')}"]
+               f"--saveEngine={Path(engines_dir) / (graph + '.plan')}", "--skipInference"]
         for i, p in enumerate(profs):
             f = shape_flags(p)
             cmd += [f"--profile={i}", f"--minShapes={f['min']}", f"--optShapes={f['opt']}", f"--maxShapes={f['max']}"]
