@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -208,9 +209,12 @@ def test_bls_limits_refused_at_admission(repo):
 
 def test_model_py_adapter(repo, monkeypatch):
     """The model.py Triton loads, run with a small stand-in of ``triton_python_backend_utils`` (the names it uses are
-    those of Triton's Python backend): a decoupled stream of responses, the last flagged final."""
+    those of Triton's Python backend): a decoupled stream of responses, the last flagged final. As in Python backend,
+    a request's response factory is freed with its final response: the stand-in records any later use of the request
+    (a cancellation check, another response) while the watcher polls as fast as it can."""
     out, _ = repo
     FINAL = 1
+    misuse = []
 
     class Tensor:
         def __init__(self, name, value):
@@ -228,6 +232,9 @@ def test_model_py_adapter(repo, monkeypatch):
             self.done = threading.Event()
 
         def is_cancelled(self):  # as Triton reports a client's cancellation: True once cancelled
+            time.sleep(0.001)  # an IPC round trip
+            if self.done.is_set():
+                misuse.append("is_cancelled after the final response (freed response factory)")
             return self.cancel_after is not None and len(self.sent) >= self.cancel_after
 
         def get_response_sender(self):
@@ -235,6 +242,9 @@ def test_model_py_adapter(repo, monkeypatch):
 
             class Sender:
                 def send(self, response=None, flags=0):
+                    if req.done.is_set():
+                        misuse.append("a response after the final one")
+                    time.sleep(0.001)  # an IPC round trip: room for the watcher to interleave
                     req.sent.append((response, flags))
                     if req.cancel_after is not None and len(req.sent) == req.cancel_after:
                         model._check_cancelled()  # the watcher's pass, at this moment (the thread polls it)
@@ -259,6 +269,7 @@ def test_model_py_adapter(repo, monkeypatch):
     cfg = parse(out / "generate" / "config.pbtxt")
     from google.protobuf import json_format
 
+    monkeypatch.setattr(mod, "CANCEL_POLL_S", 0.0005)  # the watcher polls as often as it can
     model = mod.TritonPythonModel()
     model.initialize({"model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
                       "model_repository": str(out / "generate"), "model_version": "1"})
@@ -279,6 +290,11 @@ def test_model_py_adapter(repo, monkeypatch):
         assert len(reqs[2].sent) == 1 and reqs[2].sent[0][0].error[0] == "error" and "zzz" in reqs[2].sent[0][0].error[1]
         last = {t.name(): t.as_numpy() for t in reqs[3].sent[-1][0].output_tensors}
         assert last["finish_reason"][0] == b"cancelled" and len(reqs[3].sent) < 40  # left the batch early
+        many = [Request(_inputs("abc"[i % 3], "hi", max_tokens=1 + i % 3, stream=i % 2 == 0)) for i in range(24)]
+        model.execute(many)
+        assert all(r.done.wait(60) for r in many)
+        time.sleep(0.05)  # the watcher's passes after the last final response
+        assert misuse == []
         s.close()
         b.close()
     finally:

@@ -3,7 +3,10 @@
 ``mpt_export.serving.triton.generate`` (install mpt-export in the Python environment Triton's Python backend uses).
 
 Decoupled: ``execute`` hands each request to the engine and returns at once; the engine's thread sends the
-responses (one per token when ``stream`` is true) and flags the last one final. Graph calls run in this process
+responses (one per token when ``stream`` is true) and flags the last one final. A request's final response and every
+look at its cancellation happen under one lock: once the final response is sent, Python backend frees the request's
+response factory, and the request is never touched again. Cancellation is polled every ``CANCEL_POLL_S`` (one IPC
+round trip per request in flight each time). Graph calls run in this process
 through ONNX Runtime (``graph_calls: onnxruntime``) or go to the repository's graph models through BLS (``bls``).
 """
 
@@ -12,6 +15,8 @@ import os
 import threading
 
 import numpy as np
+
+CANCEL_POLL_S = 0.5
 
 
 class TritonPythonModel:
@@ -37,15 +42,15 @@ class TritonPythonModel:
         self._watcher.start()
 
     def _watch_cancelled(self):
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(CANCEL_POLL_S):
             self._check_cancelled()
 
     def _check_cancelled(self):
+        # under the lock: no final response (after which the request is freed) is sent while a request is looked at
         with self._lock:
-            items = list(self._inflight.values())
-        for request, req in items:
-            if request.is_cancelled():
-                self.generation.cancel(req)
+            for request, req in list(self._inflight.values()):
+                if request.is_cancelled():
+                    self.generation.cancel(req)
 
     def _bls(self, model_name, feed, output_names):
         pb = self.pb
@@ -72,15 +77,16 @@ class TritonPythonModel:
             sender = request.get_response_sender()
 
             def send(outputs, final, error, sender=sender, request=request):
-                if final:
-                    with self._lock:
-                        self._inflight.pop(id(request), None)
-                flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
                 if error is not None:
                     response = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(error))
                 else:
                     response = pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()])
-                sender.send(response, flags=flags)
+                if not final:
+                    sender.send(response, flags=0)
+                    return
+                with self._lock:  # leaves the watcher's sight and is answered in one step
+                    self._inflight.pop(id(request), None)
+                    sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
             req = self.generation.submit(inputs, send)
             if req is not None:
