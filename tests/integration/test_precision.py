@@ -71,6 +71,16 @@ def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
     assert g.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
     with pytest.raises(InputError, match="bf16 bundle"):
         b.session()
+    # Triton's Python backend moves numpy arrays: no bf16, whether or not ml_dtypes (numpy's bf16) is imported
+    import ml_dtypes  # noqa: F401 - np.dtype("bfloat16") now exists in this process, and still must not be relied on
+    from mpt_export.serving.triton.generate import bls_session
+
+    for backend in ("onnxruntime", "tensorrt"):
+        assert_clean_failure(cli("triton", out, "--out", tmp_path / f"repo-{backend}", "--backend", backend,
+                                 "--kind", "gpu"), "is a bf16 bundle", "--dtype fp16 for Triton")
+        assert not (tmp_path / f"repo-{backend}").exists()
+    with pytest.raises(InputError, match="is a bf16 bundle"):
+        bls_session(b, lambda *a: {}, {"backbone": "backbone", "composer": "composer"})
     assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out",
                                  tmp_path / "x", "--dtype", "fp8"), "unknown dtype 'fp8'")
 

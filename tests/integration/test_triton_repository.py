@@ -141,7 +141,7 @@ def test_checker_rejects_what_triton_would(repo, tmp_path, llama):
 
 # -- TensorRT plans, and bad input -------------------------------------------------------------------------------------
 
-def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only") -> Path:
+def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only", version_compatible=False) -> Path:
     """An engines folder as `mpt-export build` writes it (its sidecar from the library; the plan bytes are not a
     real engine — this machine has no GPU — and nothing here deserializes them)."""
     from mpt_export.runtime.trt.sidecar import SIDECAR, make_sidecar
@@ -154,14 +154,20 @@ def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only") 
     where.mkdir(parents=True)
     for g in profs:
         (where / f"{g}.plan").write_bytes(plan)
-    sc = make_sidecar(b, "10.16.1", "NVIDIA H100", "9.0", {"precision": "fp32"}, limits.to_dict(), profs, False, files)
+    sc = make_sidecar(b, "10.16.1", "NVIDIA H100", "9.0", {"precision": "fp32"}, limits.to_dict(), profs,
+                      version_compatible, files)
     (where / SIDECAR).write_text(json.dumps(sc))
     b.close()
     return where
 
 
 def test_tensorrt_backend_layout(llama, tmp_path):
-    engines = _engines_for(llama.bundle, tmp_path / "engines")
+    """Plans, profiles per instance, one execution context allocated per profile in use (not each sized for the
+    largest), and the start command with what the repository needs: version-compatible plans load only with the
+    TensorRT backend's version-compatible=true, and BLS moves each step's KV through Python backend's /dev/shm."""
+    from mpt_export.serving.triton.writer import kv_bytes
+
+    engines = _engines_for(llama.bundle, tmp_path / "engines", version_compatible=True)
     out = tmp_path / "repo"
     r = cli("triton", llama.bundle, "--out", out, "--backend", "tensorrt", "--engines", engines, "--kind", "gpu",
                 "--max-batch", "4")
@@ -178,6 +184,18 @@ def test_tensorrt_backend_layout(llama, tmp_path):
     params = parse(out / "generate" / "config.pbtxt").parameters
     assert params["graph_calls"].string_value == "bls"
     assert json.loads(params["engine_limits"].string_value) == sidecar["limits"]  # checked at admission
+    assert cfg.parameters["execution_context_allocation_strategy"].string_value == "ON_PROFILE_CHANGE"
+    said = " ".join((r.stdout + r.stderr).split())
+    kv = kv_bytes(mpt_export.load_bundle(llama.bundle).manifest, 4, sidecar["limits"])
+    lim = sidecar["limits"]  # 2 layers x 4 rows x 4 KV heads x (5 prompt + input + new) x 8 x fp32, keys and values
+    assert kv == 2 * 2 * 4 * 4 * (5 + lim["max_input"] + lim["max_new_tokens"]) * 8 * 4
+    assert (f"start: tritonserver --model-repository={out.resolve()} --backend-config=tensorrt,version-compatible=true "
+            f"--backend-config=python,shm-default-byte-size={2 * kv} --backend-config=python,shm-growth-byte-size="
+            f"{max(2 * kv // 4, 1 << 20)}") in said, said
+    assert "docker run --shm-size=" in said
+    plain = cli("triton", llama.bundle, "--out", tmp_path / "plain")  # ONNX Runtime in process: none of it
+    assert f"start: tritonserver --model-repository={(tmp_path / 'plain').resolve()}\n" in plain.stdout
+    assert "shm" not in plain.stdout and "execution_context" not in (tmp_path / "plain" / "backbone" / "config.pbtxt").read_text()
 
 
 def test_bad_input_writes_nothing(llama, make_case, tmp_path):

@@ -23,6 +23,15 @@ from ...engine.request import Request
 DEFAULT_MAX_TOKENS = 16
 
 
+def refuse_bf16(manifest: dict, where) -> None:
+    """Triton's Python backend hands tensors over as numpy arrays, and numpy has no bf16 (``as_numpy`` does not
+    support BF16; ``np.dtype("bfloat16")`` exists only once ``ml_dtypes`` happens to be imported): neither in-process
+    ONNX Runtime nor BLS calls can move a bf16 bundle's prompts and KV."""
+    if manifest.get("dtype") == "bfloat16":
+        raise InputError(f"{where} is a bf16 bundle: Triton's Python backend moves tensors as numpy arrays, which have "
+                         "no bf16; export the bundle with --dtype fp16 for Triton")
+
+
 def bls_session(bundle, call, models: dict, max_batch: int | None = None, engine_limits: dict | None = None):
     """A session of the bundle's kind whose graphs run through ``call(model_name, feed, output_names)``: at most
     ``max_batch`` rows per call (the graph models' ``max_batch_size``) and, for TensorRT plans, their profiles'
@@ -30,6 +39,7 @@ def bls_session(bundle, call, models: dict, max_batch: int | None = None, engine
     from ...runtime.kinds import session_kind
     from ...runtime.limits import BackendLimits
 
+    refuse_bf16(bundle.manifest, bundle.path)
     Kind = session_kind(bundle)
 
     outputs = {g: [o["name"] for o in spec["outputs"]] for g, spec in bundle.manifest["graphs"].items()}

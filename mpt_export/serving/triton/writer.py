@@ -95,7 +95,39 @@ def graph_config(name: str, spec: dict, platform: str, max_batch: int, instances
     if profiles:
         group += f" profile: [ {', '.join(_q(str(i)) for i in range(profiles))} ]"
     lines += ["instance_group [", group + " }", "]"]
+    if platform == "tensorrt_plan" and profiles > 1:
+        # Triton's TensorRT backend gives each instance one execution context per profile, each sized (STATIC, its
+        # default) for the largest profile; ON_PROFILE_CHANGE allocates a context's memory for the profile it runs
+        # (tensorrt_backend: execution_context_allocation_strategy)
+        lines.append('parameters { key: "execution_context_allocation_strategy" '
+                     'value { string_value: "ON_PROFILE_CHANGE" } }')
     return "\n".join(lines) + "\n"
+
+
+def start_command(out: Path, sidecar: dict | None, graph_calls: str, kv_bytes: int | None) -> list[str]:
+    """``tritonserver`` with what this repository needs: version-compatible plans are loaded only with the TensorRT
+    backend's ``version-compatible=true``; BLS calls move every decode step's KV through Python backend's shared
+    memory (/dev/shm), whose first region should hold one step's KV in and out."""
+    cmd = ["tritonserver", f"--model-repository={Path(out).resolve()}"]
+    if sidecar and sidecar.get("version_compatible"):
+        cmd.append("--backend-config=tensorrt,version-compatible=true")
+    if graph_calls == "bls" and kv_bytes:
+        step = 2 * kv_bytes  # past in, present out
+        cmd += [f"--backend-config=python,shm-default-byte-size={step}",
+                f"--backend-config=python,shm-growth-byte-size={max(step // 4, 1 << 20)}"]
+    return cmd
+
+
+def kv_bytes(manifest: dict, max_batch: int, limits: dict | None) -> int:
+    """Bytes of the KV cache one decode step carries at ``max_batch`` rows and the longest sequence the engines (or
+    the model's positions) allow."""
+    bm = manifest["base_model"]
+    longest = int(bm["max_positions"])
+    if limits and limits.get("max_input") and limits.get("max_new_tokens"):
+        prompt = max(int(t["prompt_len"]) for t in manifest["tasks"]) // int(manifest.get("num_transformer_submodules", 1))
+        longest = min(longest, prompt + int(limits["max_input"]) + int(limits["max_new_tokens"]))
+    item = {"float16": 2, "bfloat16": 2}.get(manifest.get("dtype"), 4)
+    return 2 * int(bm["num_layers"]) * max_batch * int(bm["num_kv_heads"]) * longest * int(bm["head_dim"]) * item
 
 
 def generate_config(name: str, params: dict) -> str:
@@ -195,6 +227,7 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
     """Write the model repository (atomically: ``out`` holds all of it or none of it). -> what was written."""
     from ...storage.atomic import replace_dir
     from ...bundle.reader import load_bundle
+    from .generate import refuse_bf16
 
     if backend not in ("onnxruntime", "tensorrt"):
         raise InputError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
@@ -211,6 +244,7 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
         raise InputError(f"--graph-calls must be onnxruntime or bls, got {graph_calls!r}")
     b = load_bundle(bundle_path)
     try:
+        refuse_bf16(b.manifest, bundle_path)
         if backend == "tensorrt":
             _check_tensorrt_reads(b.manifest, bundle_path)
         engines = Path(engines) if engines else None
@@ -264,7 +298,9 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
             from ...storage.ownership import seal_workdir
 
             seal_workdir(tmp)
+        kv = kv_bytes(b.manifest, max_batch, sidecar.get("limits") if sidecar else None)
         return {"out": str(out), "models": [*names.values(), gen_name], "graph_calls": graph_calls,
-                "backend": backend, **how}
+                "backend": backend, "kv_step_bytes": kv if graph_calls == "bls" else None,
+                "start": start_command(out, sidecar, graph_calls, kv), **how}
     finally:
         b.close()
