@@ -29,15 +29,25 @@ def build_cmd(
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and written (faster rebuilds).")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines later TensorRT releases can load: later releases of the same major, and across majors the pairs NVIDIA documents (built with 10, run by 11). Slower than engines for one release; Triton loads them only with --backend-config=tensorrt,version-compatible=true.")] = False,
     workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
-    trt_version: Annotated[str, typer.Option(help="With --print-trtexec: the TensorRT release of the target board, MAJOR[.MINOR] (JetPack 6.1/6.2: 10.3; 10 means 10.0, the strictest 10.x).")] = "10",
+    trt_version: Annotated[str | None, typer.Option(help="With --print-trtexec: the TensorRT release of the target board, MAJOR[.MINOR] (JetPack 6.1/6.2: 10.3; 10 means 10.0, the strictest 10.x) [default: 10]. With --adopt where the tensorrt package is missing: the release whose trtexec built the plans.")] = None,
     tf32: Annotated[bool, typer.Option("--tf32", help="Let fp32 layers use TF32 tensor cores (TensorRT's default; off here so fp32 means fp32).")] = False,
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
+    adopt: Annotated[bool, typer.Option("--adopt", help="After the printed trtexec commands ran: check their plans in --out against the bundle and write engine.json, so generate/serve/triton --backend tensorrt take them. Give the options the commands were printed with.")] = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
     from mpt_export.bundle.reader import load_bundle
 
     b = load_bundle(bundle)
     limits, said = _limits(b, max_batch, max_input, max_new_tokens)
+    if adopt:
+        from mpt_export.export.trt_build import adopt_engines
+
+        path = adopt_engines(bundle, out, limits, precision, version_compatible, tf32, trt_version)
+        side = json.loads((path / "engine.json").read_text())
+        console.print(f"[green]adopted[/] {escape(str(path))}: plans built by trtexec (TensorRT "
+                      f"{side['tensorrt_version']}), precision {side['precision']['precision']}; "
+                      + ("checked against the bundle" if side["gpu_name"] else "TensorRT checks them when they load"))
+        return
     if print_trtexec:
         from mpt_export.runtime.trt.commands import format_commands, resolve_precision, trtexec_commands
         from mpt_export.runtime.trt.profiles import profiles
@@ -45,7 +55,7 @@ def build_cmd(
         from mpt_export.errors import InputError
         from mpt_export.runtime.trt.versions import check_target, opset_problem, parse_trt_version
 
-        target = parse_trt_version(trt_version)
+        target = parse_trt_version(trt_version or "10")
         check_target(target)
         said_opset = opset_problem(int(b.manifest.get("opset", 18)), target)
         if said_opset:
@@ -60,6 +70,12 @@ def build_cmd(
         print(f"# {said}")
         print(f"mkdir -p {engines}")
         print(format_commands(cmds))
+        flags = [f"--out {engines}", f"--max-batch {limits.max_batch}", f"--max-input {limits.max_input}",
+                 f"--max-new-tokens {limits.max_new_tokens}", f"--precision {precision}",
+                 f"--trt-version {target[0]}.{target[1]}"] + ["--version-compatible"] * version_compatible + \
+            ["--tf32"] * tf32
+        print("# then, so that generate/serve/triton --backend tensorrt take the plans (on the board; --trt-version: "
+              f"the release whose trtexec built them):\nmpt-export build {bundle} --adopt {' '.join(flags)}")
         return
     from mpt_export.export.trt_build import build_engines
 

@@ -6,7 +6,7 @@
    validation inputs) and time generation; a batch whose rows hit EOS at different steps (rows leave the batch:
    the KV gather) must give ONNX Runtime's tokens; a version-compatible build loaded back; a second build reusing
    the first one's timing cache; a T5 bundle built and compared; the `build --print-trtexec` commands executed by
-   trtexec when it is on PATH. Otherwise: each says skipped — which proves nothing about those paths.
+   trtexec when it is on PATH, then `build --adopt` on their plans and generation on them. Otherwise: each says skipped — which proves nothing about those paths.
 4. ORT CUDA provider present: the same comparison through it. Otherwise: say so.
 5. PyTorch CUDA baseline: PEFT eager on the GPT-2-small-shaped bench workload (8 x 64 tokens, 100 virtual tokens,
    8 new tokens) in fp32 and fp16, next to this runtime on the CPU (ORT, prompt KV cache) on the same machine.
@@ -231,7 +231,16 @@ def trtexec_lines():
             raise AssertionError(f"trtexec exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}")
     if not done:
         raise AssertionError(f"no trtexec line found in: {res.stdout[:400]}")
-    return {"commands_run": len(done)}
+    # the route's last step: adopt the plans (loaded and checked against the bundle), then generate on them
+    adopt = next(line for line in res.stdout.splitlines() if line.startswith("mpt-export build") and "--adopt" in line)
+    subprocess.run([str(exe), *shlex.split(adopt)[1:]], capture_output=True, text=True, check=True)
+    import mpt_export
+
+    b = mpt_export.load_bundle(WORK / "demo" / "bundle")
+    got = b.session(backend="tensorrt", engines=WORK / "engines-trtexec").generate(["the movie was"], b.tasks[0],
+                                                                                  max_new_tokens=8)
+    want = b.session(graph="plain").generate(["the movie was"], b.tasks[0], max_new_tokens=8)
+    return {"commands_run": len(done), "adopted": True, "same_text_as_onnxruntime": got == want}
 
 
 @step("onnxruntime CUDA provider vs CPU")

@@ -119,3 +119,85 @@ def _build_graph(trt, logger, onnx_path: Path, plist: list, prec: dict, plan_pat
     used = config.get_timing_cache()
     # None when no cache was attached: the engine is kept, the cache file is not written
     return bytes(used.serialize()) if used is not None else cache_bytes
+
+
+def adopt_engines(bundle_path, out: str | Path | None = None, limits: Limits | None = None, precision: str = "auto",
+                  version_compatible: bool = False, tf32: bool = False, trt_version: str | None = None) -> Path:
+    """The trtexec route's last step: plans that trtexec built into ``out`` from ``build --print-trtexec``'s commands
+    get the sidecar (``engine.json``) a build writes, so ``generate``/``serve --backend tensorrt`` and ``triton
+    --backend tensorrt`` take them. Called with the options the commands were printed with. Where the tensorrt
+    package is here, each plan is loaded and its I/O names and profiles are checked against the bundle's; where it is
+    not (a board with trtexec only), ``trt_version`` names the release that built them and the plans are checked when
+    they load. Writes only ``engine.json`` (atomically); an ``engine.json`` this tool did not write is refused."""
+    import json
+
+    from ..runtime.trt.sidecar import FORMAT
+
+    b = load_bundle(bundle_path)
+    out = Path(out) if out else Path("engines") / b.path.name
+    limits = limits or fit_limits(b.manifest)
+    profs = profiles(b.manifest, limits)
+    printed = f"mpt-export build {b.path} --print-trtexec --out {out}"
+    missing = [f"{g}.plan" for g in profs if not (out / f"{g}.plan").is_file()]
+    if missing:
+        raise ExportError(f"{out} has no {', '.join(missing)}; run the trtexec commands of `{printed}` (with the same "
+                          "options) first")
+    side = out / SIDECAR
+    if side.exists():
+        try:
+            ours = json.loads(side.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ExportError(f"{side} exists and was not written by mpt-export; move it away first")
+    try:
+        trt = import_tensorrt()
+    except Exception:  # a board with trtexec only: the plans are checked when they load
+        trt = None
+    if trt is None and not trt_version:
+        raise ExportError("the tensorrt package is not installed here, so the plans cannot be inspected: pass "
+                          "--trt-version with the release of the trtexec that built them (trtexec --version)")
+    version = trt.__version__ if trt is not None else str(trt_version)
+    parsed = parse_trt_version(version)
+    if trt is None and len(str(trt_version).split(".")) < 2:
+        raise ExportError(f"--trt-version {trt_version}: give the release that built the plans as MAJOR.MINOR (plans "
+                          "load only on the release that built them; trtexec --version prints it)")
+    check_target(parsed)
+    prec = resolve_precision(precision, parsed[0], b.manifest.get("dtype", "float32"), tf32)
+    gpu_name, cc = gpu_identity() if trt is not None else (None, None)
+    if trt is not None:
+        for graph, plist in profs.items():
+            _check_plan(trt, out / f"{graph}.plan", b.manifest["graphs"][graph], plist, version_compatible, printed)
+    engines = {g: {"file": f"{g}.plan", "built_by": "trtexec"} for g in profs}
+    sidecar = make_sidecar(b, version, gpu_name, cc, prec, limits.to_dict(), profs, version_compatible, engines)
+    tmp = out / f".{SIDECAR}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(sidecar, indent=2))
+    os.replace(tmp, side)
+    return out
+
+
+def _check_plan(trt, path: Path, spec: dict, plist: list, version_compatible: bool, printed: str) -> None:
+    """One trtexec plan against the graph it must have been built from: it loads, has the graph's I/O names and the
+    profiles ``plist`` says (min/opt/max of every input)."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if version_compatible:
+        runtime.engine_host_code_allowed = True  # the user's own plan, being adopted for this bundle
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise ExportError(f"TensorRT {trt.__version__} cannot load {path} (see its log above: another TensorRT "
+                          "release or GPU, or a damaged file); run the trtexec commands on this machine")
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    want = {t["name"] for t in spec["inputs"] + spec["outputs"]}
+    if names != want:
+        raise ExportError(f"{path} was built from another graph (its tensors differ from {spec['file']}'s: "
+                          f"{', '.join(sorted(names ^ want)[:4])}); run `{printed}` and its commands again")
+    if engine.num_optimization_profiles != len(plist):
+        raise ExportError(f"{path} has {engine.num_optimization_profiles} optimization profiles, the bundle's limits "
+                          f"give {len(plist)}; adopt with the options the commands were printed with")
+    for i, p in enumerate(plist):
+        for name, s in p["shapes"].items():
+            got = [list(x) for x in engine.get_tensor_profile_shape(name, i)]
+            if got != [list(s["min"]), list(s["opt"]), list(s["max"])]:
+                raise ExportError(f"{path}: profile {i} ({p['name']}) gives {name} min/opt/max {got}, the bundle's "
+                                  f"limits give {[s['min'], s['opt'], s['max']]}; adopt with the options the "
+                                  "commands were printed with")

@@ -3,6 +3,7 @@ without a GPU; the engine build/run tests need the tensorrt package and a GPU an
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -375,3 +376,45 @@ def test_tensorrt_limits_refuse_several_decoder_tokens_in_one_call(make_case):
     np.testing.assert_allclose(s.logits(ids, ["a"], decoder_input_ids=dec[:, :1]),
                                s.logits(ids, ["a"]), rtol=0, atol=0)
     assert full.shape == (1, s.vocab_size)
+
+
+def test_the_trtexec_route_ends_with_adopt(llama, tmp_path):
+    """Jetson route: print the trtexec commands, run them on the board, then `build --adopt` writes the sidecar that
+    generate/serve/triton --backend tensorrt need. Here trtexec cannot run: its plans are stand-in files (nothing
+    here deserializes them; where the tensorrt package is, adopt loads each and checks its I/O and profiles)."""
+    import re
+
+    from mpt_export.runtime.trt.sidecar import check_sidecar, read_sidecar
+
+    eng = tmp_path / "engines"
+    res = cli("build", llama.bundle, "--print-trtexec", "--out", eng, "--trt-version", "10.3", "--max-batch", "4",
+              "--max-input", "32", "--max-new-tokens", "16")
+    assert res.returncode == 0, res.stderr
+    adopt = re.search(r"^mpt-export build (.*) --adopt (.*)$", res.stdout, re.M)
+    assert adopt, res.stdout
+    args = ["build", adopt.group(1), "--adopt", *adopt.group(2).split()]
+    assert "--max-batch 4" in adopt.group(2) and "--trt-version 10.3" in adopt.group(2)
+    eng.mkdir()
+    assert_clean_failure(cli(*args), "has no backbone.plan", "--print-trtexec")
+    saved = re.search(r"--saveEngine=(\S+)", res.stdout).group(1)
+    Path(saved).write_bytes(b"a trtexec plan (stand-in)")
+    assert_clean_failure(cli(*[a if a != "10.3" else "10" for a in args]), "MAJOR.MINOR")
+    (eng / "engine.json").write_text("{}")  # not ours: refused, untouched
+    assert_clean_failure(cli(*args), "was not written by mpt-export")
+    assert (eng / "engine.json").read_text() == "{}"
+    (eng / "engine.json").unlink()
+    done = cli(*args)
+    assert done.returncode == 0 and "adopted" in done.stdout, done.stdout + done.stderr
+    side = read_sidecar(eng)
+    assert side["tensorrt_version"] == "10.3" and side["gpu_name"] is None
+    assert side["engines"]["backbone"] == {"file": "backbone.plan", "built_by": "trtexec"}
+    assert side["limits"]["max_batch"] == 4 and list(side["profiles"]) == ["backbone"]
+    b = mpt_export.load_bundle(llama.bundle)
+    check_sidecar(side, b, "10.3.0.26", "8.7")  # any 10.3.x on the board; TensorRT checks the GPU when it loads
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 10.3, this machine runs TensorRT 10.16.1"):
+        check_sidecar(side, b, "10.16.1", "8.7")
+    repo = tmp_path / "repo"  # and Triton's TensorRT backend takes the adopted plans
+    r = cli("triton", llama.bundle, "--out", repo, "--backend", "tensorrt", "--engines", eng, "--kind", "gpu",
+            "--max-batch", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (repo / "backbone" / "1" / "model.plan").read_bytes() == b"a trtexec plan (stand-in)"

@@ -167,7 +167,8 @@ def test_every_tensorrt_name_the_code_uses_exists_in_the_bindings():
                      "IBuilderConfig.clear_flag", "BuilderFlag.TF32", "BuilderFlag.VERSION_COMPATIBLE",
                      "IBuilderConfig.get_timing_cache", "ITimingCache.serialize", "IOptimizationProfile.set_shape",
                      "IBuilderConfig.create_timing_cache", "IExecutionContext.set_tensor_address",
-                     "Builder.build_serialized_network"):
+                     "Builder.build_serialized_network", "ICudaEngine.get_tensor_profile_shape",
+                     "ICudaEngine.num_optimization_profiles"):
         assert expected in names, expected  # the scan sees the calls that matter
     assert trt_name_problems(used, api) == []
     # the guard itself fails on a wrong name, a wrong member and a wrong keyword

@@ -49,11 +49,11 @@ CROSS_MAJOR = {8: (9, 10), 10: (11,)}  # version-compatible engines: built with 
 
 def engine_loads(built: str, runtime: str, version_compatible: bool) -> bool:
     """Whether TensorRT ``runtime`` can deserialize an engine built by ``built`` (see the module docstring)."""
-    if str(built) == str(runtime):
+    b, r = _vtuple(built), _vtuple(runtime)
+    if str(built) == str(runtime) or (len(b) < 3 and r[:len(b)] == b):  # "10.3" (a trtexec plan adopted): any 10.3.x
         return True
     if not version_compatible:
         return False
-    b, r = _vtuple(built), _vtuple(runtime)
     if b < (8, 6) or r < b:
         return False
     return b[0] == r[0] or r[0] in CROSS_MAJOR.get(b[0], ())
@@ -79,7 +79,8 @@ def check_sidecar(sidecar: dict, bundle, trt_version: str, compute_capability: s
             f"engine was built with TensorRT {built}, this machine runs TensorRT {trt_version}; engines only load on "
             f"the version that built them (or, built with --version-compatible, on {later} releases); {rebuild}"
         )
-    if str(sidecar["compute_capability"]) != str(compute_capability):
+    if sidecar["compute_capability"] is not None and str(sidecar["compute_capability"]) != str(compute_capability):
+        # (None: plans trtexec built and adopted without TensorRT's Python package — TensorRT checks them on load)
         raise EngineMismatchError(
             f"engine was built for a GPU of compute capability {sidecar['compute_capability']} "
             f"({sidecar.get('gpu_name')}), this GPU is {compute_capability}; engines are specific to a GPU "
