@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, escape, handle_errors
+from ._common import console, escape, handle_errors, human
 
 
 @handle_errors
@@ -32,9 +32,9 @@ def triton_cmd(
              f"{r['linked']} hard links between the repository's models")
     console.print(f"[green]wrote[/] {escape(r['out'])}: models {escape(', '.join(r['models']))} "
                   f"({r['backend']} graphs; generate runs them through {r['graph_calls']}); {files}")
-    console.print(escape("start: " + " ".join(r["start"])))
+    console.print(escape("start: " + " ".join(r["start"])), soft_wrap=True)  # one line to copy, never wrapped
     if r["kv_step_bytes"]:
         need = 2 * r["kv_step_bytes"]
-        console.print(escape(f"BLS moves each decode step's KV ({r['kv_step_bytes'] / 2**20:,.0f} MiB at --max-batch, "
-                             f"in and out) through /dev/shm: in a container give it room, e.g. docker run "
-                             f"--shm-size={max(need * 2 // 2**20, 64)}m"))
+        console.print(escape(f"BLS moves each decode step's KV ({human(r['kv_step_bytes'])} at --max-batch, in and "
+                             f"out) through /dev/shm: in a container give it room, e.g. docker run "
+                             f"--shm-size={max(need * 2 // 2**20, 64)}m"), soft_wrap=True)

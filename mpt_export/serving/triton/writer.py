@@ -221,14 +221,8 @@ def _check_tensorrt_reads(manifest: dict, bundle_path) -> None:
             "(CPU or GPU instances), or build engines from the fp32/fp16 bundle it was quantized from")
 
 
-def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=None, max_batch: int = 8,
-                     instances: int = 1, kind: str = "cpu", max_queue: int = 256, prefix: str = "",
-                     graph_calls: str | None = None, force: bool = False) -> dict:
-    """Write the model repository (atomically: ``out`` holds all of it or none of it). -> what was written."""
-    from ...storage.atomic import replace_dir
-    from ...bundle.reader import load_bundle
-    from .generate import refuse_bf16
-
+def _check_options(backend, kind, max_batch, instances, max_queue, prefix, graph_calls) -> str:
+    """The command's own options, before the bundle is read. -> the graph calls to use."""
     if backend not in ("onnxruntime", "tensorrt"):
         raise InputError(f"--backend must be onnxruntime or tensorrt, got {backend!r}")
     if kind not in ("cpu", "gpu"):
@@ -242,6 +236,18 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
     graph_calls = graph_calls or ("bls" if backend == "tensorrt" else "onnxruntime")
     if graph_calls not in ("onnxruntime", "bls"):
         raise InputError(f"--graph-calls must be onnxruntime or bls, got {graph_calls!r}")
+    return graph_calls
+
+
+def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=None, max_batch: int = 8,
+                     instances: int = 1, kind: str = "cpu", max_queue: int = 256, prefix: str = "",
+                     graph_calls: str | None = None, force: bool = False) -> dict:
+    """Write the model repository (atomically: ``out`` holds all of it or none of it). -> what was written."""
+    from ...storage.atomic import replace_dir
+    from ...bundle.reader import load_bundle
+    from .generate import refuse_bf16
+
+    graph_calls = _check_options(backend, kind, max_batch, instances, max_queue, prefix, graph_calls)
     b = load_bundle(bundle_path)
     try:
         refuse_bf16(b.manifest, bundle_path)
