@@ -112,4 +112,4 @@ def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | Non
                  f"{la['before'][0]:.2f} before, {la['after'][0]:.2f} after the timed rounds")
     console.print(t)
     for q, s in r["settings"].items():
-        console.print(f"{q}: ours {escape(s['ours'])}; theirs {escape(s['peer'])}")
+        console.print(f"{q}: ours ({r['graphs'][q]}) {escape(s['ours'])}; theirs {escape(s['peer'])}")

@@ -167,8 +167,8 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
                          "peak_rss_mib": {"ours": mem[("mpt-export", q, b)], "peer": mem[(peer, q, b)]}})
     return {"peer": peer, "preset": preset, "threads": threads, "rounds": rounds, "input_len": input_len,
             "new_tokens": new_tokens, "virtual_tokens": p.virtual_tokens, "rows": rows,
-            "settings": {q: {"ours": f"{graph_of(ours[q])}; {nbits_settings(ours[q])}", "peer": nbits_settings(theirs[q])}
-                         for q in PRECISIONS},
+            "settings": {q: {"ours": nbits_settings(ours[q]), "peer": nbits_settings(theirs[q])} for q in PRECISIONS},
+            "graphs": {q: graph_of(ours[q]) for q in PRECISIONS},
             "load_average": {"before": load_before, "after": load_after}}
 
 

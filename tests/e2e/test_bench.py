@@ -44,6 +44,7 @@ def test_bench_against_onnxruntime_genai(bench_workdir, tmp_path):
             assert x["peak_rss_mib"][side] > 0, x  # measured in a fresh process
     assert r["settings"]["int4"]["ours"].startswith("4-bit, block 32") and "4-bit" in r["settings"]["int4"]["peer"]
     assert r["settings"]["fp32"] == {"ours": "float", "peer": "float"}
+    assert r["graphs"] == {q: "fused graph" for q in ("fp32", "int8", "int4")}  # the tiny preset's head size is 16
     # a second run reuses the peer's models the first one built (they are recorded as this tool's)
     again = cli("bench", "--peer", "onnxruntime-genai", "--preset", "tiny", "--workdir", bench_workdir, "--repeats",
                 "1", "--json")

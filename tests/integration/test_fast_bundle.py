@@ -105,6 +105,10 @@ def test_a_bundle_without_a_fused_graph_says_why(llama, h64, tmp_path):
     assert_clean_failure(res, "has no fused graph", "--graph plain")
     with pytest.raises(InputError, match="unknown graph 'fused'; choose one of auto, fast, plain"):
         b.session(graph="fused")
+    # a half bundle runs the traced graph (its norms and softmax stay fp32), even where the head size allows one
+    half = mpt_export.export_bundle(h64.base, h64.adapters, tmp_path / "fp16", dtype="fp16", validate=False)
+    assert "fast_graphs" not in half.manifest and "written for fp32 bundles" in half.manifest["fast_graph_skipped"]
+    assert half.session().graph == "plain" and not (half.path / "backbone_fast.onnx").exists()
     # a crafted manifest (its digest recomputed) naming a fused graph the bundle does not hold, or other I/O
     for label, (fn, needle) in {
             "file": (lambda m: m["fast_graphs"]["backbone"].update(file="elsewhere.onnx"), "fast_graphs.backbone.file"),
