@@ -149,12 +149,14 @@ def _check_graph_specs(m: dict, files: dict, task_type: str) -> dict:
                    f"the graphs {', '.join(GRAPHS[task_type])}")
     for g, spec in graphs.items():
         _check_graph_spec(f"graphs.{g}", spec, files)
-    fast = m.get("fast_graphs")
-    if fast is not None:  # the fused ONNX Runtime graphs beside the traced ones (older bundles have none)
-        if not isinstance(fast, dict) or not set(fast) <= {"backbone"}:
-            raise _bad("fast_graphs", fast, "{backbone: graph} (causal bundles only)")
-        for g, spec in fast.items():
-            _check_graph_spec(f"fast_graphs.{g}", spec, files)
+    for key in ("fast_graphs", "scoring_graphs"):  # ONNX Runtime's graphs beside the traced ones (older bundles: none)
+        extra = m.get(key)
+        if extra is None:
+            continue
+        if not isinstance(extra, dict) or not set(extra) <= {"backbone"}:
+            raise _bad(key, extra, "{backbone: graph} (causal bundles only)")
+        for g, spec in extra.items():
+            _check_graph_spec(f"{key}.{g}", spec, files)
     return graphs
 
 

@@ -83,7 +83,8 @@ class Engine(BatchSteps):
 
     def check(self, req: Request) -> SamplingConfig:
         """The errors ``submit`` would raise for ``req`` (unknown task, too long, bad sampling values)."""
-        cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.seed)
+        cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.seed, req.logprobs,
+                             req.min_tokens, req.ignore_eos)
         req.stop = check_stop(req.stop)
         self.session.check_request(len(req.ids), req.task, cfg.max_new_tokens)
         return cfg

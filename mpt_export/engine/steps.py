@@ -27,6 +27,7 @@ class _Row:
         rng = cfg.generators(req.seed_row + 1)[req.seed_row] if not cfg.greedy else None
         self.gen = Row(cfg, rng, eos, tokenizer, req.stop, stream=True)
         req.tokens = self.gen.tokens  # one list: the request shows the tokens as they come
+        req.token_logprobs = self.gen.logprobs
         self.next_token = None
 
 
@@ -246,8 +247,9 @@ class BatchSteps:
         if req.t_first is None:
             req.t_first = time.perf_counter()
         delta = row.gen.take(tok)
-        if delta is not None:  # every token but EOS: streams show progress
-            self._emit(req, "token", {"text": delta, "token": tok})
+        lp = row.gen.logprobs[-1] if row.gen.logprobs else None
+        if delta is not None or lp is not None:  # every token but EOS (and EOS too when its logprob is asked)
+            self._emit(req, "token", {"text": delta or "", "token": tok, "logprobs": lp})
         if row.gen.finish is None:
             row.next_token = tok
             return False

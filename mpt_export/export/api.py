@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
 from .options import ExportOptions
 from .composer import write_composer
+from .scoring import scoring_graphs
 from .tokenizer import write_tokenizer
 from .torchside import (ISOLATE_BYTES, load_base_model, references, require_export_deps, run_isolated, torch_phase, weight_bytes)
 
@@ -163,6 +164,7 @@ def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dt
         "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
         **({"fast_graphs": {"backbone": fast}} if fast else {}),
         **({"fast_graph_skipped": skipped} if skipped else {}),
+        **scoring_graphs(tmp, graphs, arch),
         "tasks": bank.manifest_entries(),
         "adapters": [ck.summary() for ck in ckpts],
         "tokenizer": tokenizer_info,

@@ -124,6 +124,7 @@ def quantize_graphs(root: Path, manifest: dict, src_root: Path, o: "QuantizeOpti
         manifest["quantization"] = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size,
                                     "symmetric": True, "accuracy_level": o.accuracy_level, "graphs": done}
     _fast_graph(root, manifest, src_root, o)
+    _scoring_graph(root, manifest, o)
     if manifest["task_type"] == "SEQ_2_SEQ_LM":
         from .seq2seq import WEIGHTS_FILE, share_weights
 
@@ -154,6 +155,24 @@ def _fast_graph(root: Path, manifest: dict, src_root: Path, o: "QuantizeOptions"
     plain = manifest["graphs"]["backbone"]
     share_weights(root, [plain["file"], fast["file"]], plain["external_data"])
     fast["external_data"] = plain["external_data"]
+
+
+def _scoring_graph(root: Path, manifest: dict, o: "QuantizeOptions") -> None:
+    """The scoring graph, derived again from the quantized backbone (its LM head is the quantized one); none for
+    int8-dynamic (its head chain is the dynamic quantization's ops)."""
+    if not manifest.get("scoring_graphs"):
+        return
+    if o.scheme == "int8-dynamic":
+        del manifest["scoring_graphs"]
+        return
+    from .scoring import scoring_graphs
+
+    manifest.update(scoring_graphs(root, manifest["graphs"], _Sizes(manifest["base_model"])))
+
+
+class _Sizes:
+    def __init__(self, bm: dict):
+        self.hidden_size, self.vocab_size = int(bm["hidden_size"]), int(bm["vocab_size"])
 
 
 def _model_graphs(manifest: dict) -> list[str]:
@@ -287,7 +306,8 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions |
 
 def _graph_files(manifest: dict) -> set[str]:
     files = set()
-    for g, spec in [*manifest["graphs"].items(), *(manifest.get("fast_graphs") or {}).items()]:
+    for g, spec in [*manifest["graphs"].items(), *(manifest.get("fast_graphs") or {}).items(),
+                    *(manifest.get("scoring_graphs") or {}).items()]:
         if g != "composer":
             files.add(spec["file"])
             if spec.get("external_data"):

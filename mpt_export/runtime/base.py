@@ -292,7 +292,8 @@ class Session:
                           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                           eos_token_id: int | None | str = "auto", stop: list[str] | None = None,
                           prompt_kv_cache: bool | None = None, on_step=None, on_text=None,
-                          forced_tokens: np.ndarray | None = None) -> GenerationResult:
+                          forced_tokens: np.ndarray | None = None, logprobs: int | None = None, min_tokens: int = 0,
+                          ignore_eos: bool = False) -> GenerationResult:
         """Prefill, then one-token steps feeding each step's KV back in (the loop is :func:`.decode.generate`).
 
         Rows stop at EOS, at a stop string (needs the tokenizer) or after ``max_new_tokens``; finished rows are
@@ -301,9 +302,12 @@ class Session:
         it becomes final (streaming: the pieces of a row add up to :meth:`decode_row`'s text).
 
         ``forced_tokens`` (B, N): teacher forcing — the loop feeds these tokens but records the model's own choices
-        (used to measure top-1 agreement of a quantized bundle along a reference's sequence)."""
+        (used to measure top-1 agreement of a quantized bundle along a reference's sequence). ``logprobs`` k: each
+        generated token's log-probability and the k most likely alternatives (``result.logprobs``), from the logits
+        that chose it, untempered; ``min_tokens``: no EOS before that many tokens; ``ignore_eos``: EOS does not end a
+        row."""
         cfg = SamplingConfig(int(max_new_tokens) if isinstance(max_new_tokens, (int, np.integer)) else max_new_tokens,
-                             temperature, top_k, top_p, seed)
+                             temperature, top_k, top_p, seed, logprobs, min_tokens, ignore_eos)
         stop = check_stop(stop)
         ids, tasks, mask = self._check(input_ids, tasks, attention_mask, padding=self.padding_side)
         self._check_new_tokens(tasks, mask, cfg.max_new_tokens)

@@ -93,6 +93,25 @@ class CausalSession(Session):
             rows.append(row)
         return rows
 
+    def prompt_logprobs(self, ids: list[int], task: str, k: int = 0) -> list:
+        """Each token of the prompt ``ids`` scored given the task's virtual tokens and the tokens before it:
+        ``[None, (log-probability, [(alternative, log-probability)] k best), ...]`` — the first has no context of its
+        own (OpenAI's ``echo``). One call of the bundle's scoring graph over the task's cached prompt KV."""
+        from .sampling import token_logprobs
+
+        arr, _, _ = self._check(np.asarray([ids]), [task], None)
+        logits = self._run_scoring_impl(self._score_feed(arr, task))[0]  # (S, V): position t predicts token t + 1
+        return [None] + [token_logprobs(logits[t - 1], int(ids[t]), k) for t in range(1, len(ids))]
+
+    def _score_feed(self, ids: np.ndarray, task: str) -> dict:
+        return self.prepare_cached(ids, [task])
+
+    def _run_scoring_impl(self, feed: dict) -> np.ndarray:
+        """The scoring graph's ``logits_all`` (B, S, V) for a backbone feed (backends that have one override this)."""
+        from ..errors import InputError
+
+        raise InputError("scoring a prompt (echo) runs on ONNX Runtime (CPU or CUDA), not on this backend")
+
     def logits(self, input_ids, tasks, attention_mask=None) -> np.ndarray:
         """Last-position logits, np.float32 [batch, vocab]."""
         return self.forward(input_ids, tasks, attention_mask)["logits"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import NumericsError
-from .sampling import SamplingConfig, select
+from .sampling import SamplingConfig, select, token_logprobs
 from .streaming import TextStream, cut_at_stop
 
 
@@ -30,17 +30,22 @@ class GenerationResult:
     finish: list[str]  # "eos" | "stop" | "length" per row
     timings: dict = field(default_factory=dict)
     tokens_processed: int = 0  # tokens run through the model (prompt rows included when not cached)
+    logprobs: list | None = None  # per row, per token: (log-probability, [(alternative, log-probability)])
 
 
 class Row:
     """One sequence being generated: its sampling settings and generator, its tokens, its text and its finish."""
 
-    __slots__ = ("cfg", "rng", "eos", "stop", "tokens", "finish", "text")
+    __slots__ = ("cfg", "rng", "eos", "eos_id", "stop", "tokens", "finish", "text", "logprobs")
 
     def __init__(self, cfg: SamplingConfig, rng, eos: int | None, tokenizer=None, stop: list[str] | None = None,
                  stream: bool = False):
-        self.cfg, self.rng, self.eos, self.stop = cfg, rng, eos, stop
+        self.cfg, self.rng, self.stop = cfg, rng, stop
+        self.eos_id = eos  # the model's EOS (min_tokens keeps it from being chosen early)
+        self.eos = None if cfg.ignore_eos else eos  # the EOS that ends the row
         self.tokens: list[int] = []
+        # per token: (its log-probability, [(alternative, log-probability)] best first), when asked for
+        self.logprobs: list | None = [] if cfg.logprobs is not None else None
         self.finish: str | None = None
         # the text is followed token by token when it is streamed or a stop string must be found in it
         self.text = TextStream(tokenizer, stop, eos) if tokenizer is not None and (stream or stop) else None
@@ -70,8 +75,16 @@ class Row:
 
 def choose(rows: list[Row], logits: np.ndarray) -> tuple[np.ndarray, dict[int, Exception]]:
     """Each row's next token from its logits (b, V). -> (tokens (b,), {row index: error} for rows that cannot go on:
-    NaN/Inf logits, or their sampling failed). Greedy rows take one vectorized argmax."""
+    NaN/Inf logits, or their sampling failed). Greedy rows take one vectorized argmax. A row before its
+    ``min_tokens`` cannot choose EOS; a row that asked for log-probabilities records them from these logits (the
+    model's own distribution: no temperature, no EOS mask)."""
     finite = np.isfinite(logits).all(-1)
+    raw = logits
+    early = [i for i, r in enumerate(rows) if r.eos_id is not None and len(r.tokens) < r.cfg.min_tokens]
+    if early:
+        logits = logits.copy()
+        for i in early:
+            logits[i, rows[i].eos_id] = -np.inf
     nxt = np.zeros(len(rows), np.int64)
     greedy = [i for i, r in enumerate(rows) if r.cfg.greedy and finite[i]]
     if greedy:
@@ -85,6 +98,8 @@ def choose(rows: list[Row], logits: np.ndarray) -> tuple[np.ndarray, dict[int, E
                 nxt[i] = select(logits[i:i + 1], r.cfg, [r.rng])[0]
             except Exception as e:  # this row's own numbers
                 failed[i] = e
+        if r.logprobs is not None and i not in failed:
+            r.logprobs.append(token_logprobs(raw[i], int(nxt[i]), r.cfg.logprobs))
     return nxt, failed
 
 
@@ -133,4 +148,5 @@ def generate(session, ids, tasks, mask, cfg: SamplingConfig, eos: int | None, st
         result[b, :len(r.tokens)] = r.tokens
     return GenerationResult(result, lengths, [r.finish or "length" for r in rows],
                             {"prefill_s": t_prefill, "decode_s": total - t_prefill, "total_s": total},
-                            tokens_processed=processed)
+                            tokens_processed=processed,
+                            logprobs=[r.logprobs for r in rows] if cfg.logprobs is not None else None)

@@ -127,6 +127,18 @@ class FastCausalSession(CausalSession):
     def _take_rows(self, value, keep):
         return np.ascontiguousarray(value[keep])
 
+    def _score_feed(self, ids: np.ndarray, task: str) -> dict:
+        """The scoring graph is the traced one: its feed in the traced layout, the past from this kind's cached
+        prompt KV (the same keys and values, after rotary)."""
+        kv = self.task_kv(task)
+        P, S = next(iter(kv.values())).shape[1], ids.shape[1]
+        feed = {"input_ids": ids, "prompt_embeds": np.zeros((1, 0, self.hidden_size), self.dtype),
+                "attention_mask": np.ones((1, P + S), np.int64), "position_ids": np.arange(P, P + S)[None]}
+        for name in self._past:  # past_key_values.{i}.key|value
+            _, i, kind = name.split(".")
+            feed[name] = kv[f"past_{kind}.{i}"][None]
+        return feed
+
     # -- outputs as the traced graph gives them (validation, ``logits``) ------------------------------------------
     def row_outputs(self, input_ids, tasks, attention_mask=None) -> list[dict]:
         """Per row: ``logits`` (1, V) at its last real id and ``present.{i}.key/value`` (1, KV, T, Dh) over its real

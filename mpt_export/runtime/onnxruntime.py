@@ -77,6 +77,26 @@ class OrtBackend:
             check_graph_io(bundle, name, g, sess)
             self._ort[name] = (sess, [o.name for o in sess.get_outputs()])
 
+    def _run_scoring_impl(self, feed):
+        """The scoring graph (opened on first use, its weights read in place: it serves ``echo`` requests, not
+        decoding)."""
+        spec = (self.bundle.manifest.get("scoring_graphs") or {}).get("backbone")
+        if spec is None:
+            raise InputError(f"{self.bundle.path} has no scoring graph (it was exported before prompt scoring "
+                             "existed): export it again to score prompts (echo)")
+        with self._bank_lock:
+            if "score" not in self._ort:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                opts.log_severity_level = 3
+                sess = _inference_session(ort, self.bundle, spec["file"], opts, self.providers)
+                check_graph_io(self.bundle, "scoring", spec, sess)
+                self._ort["score"] = (sess, [o.name for o in sess.get_outputs()])
+        sess, names = self._ort["score"]
+        return sess.run(["logits_all"], {k: self._as_numpy(v) for k, v in feed.items()})[0]
+
     def _run_graph_impl(self, graph, feed):
         sess, names = self._ort[graph]
         return dict(zip(names, sess.run(names, {k: self._as_numpy(v) for k, v in feed.items()})))

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's chat top_logprobs limit)
 GREEDY_BELOW = 1e-5  # temperatures under this pick the argmax: exp(-delta / t) underflows for any useful delta
 
 
@@ -24,6 +25,9 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives (None: none)
+    min_tokens: int = 0  # EOS cannot be chosen before this many tokens
+    ignore_eos: bool = False  # EOS is a token like any other: generate max_new_tokens
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
@@ -44,6 +48,16 @@ class SamplingConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
             raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, (int, np.integer)) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (alternatives per token), got "
+                             f"{self.logprobs!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, (int, np.integer)) or \
+                not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InputError(f"min_tokens must be an integer from 0 to max_new_tokens ({self.max_new_tokens}), got "
+                             f"{self.min_tokens!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
@@ -104,3 +118,19 @@ def select(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generat
             p /= p.sum()
         out[b] = rngs[b].choice(p.size, p=p)
     return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of one row of logits (V,), in float64: the model's own distribution (no temperature)."""
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """-> (``token``'s log-probability, the ``k`` most likely tokens with theirs, best first), from one row's
+    logits."""
+    lp = log_softmax(logits)
+    top = np.argpartition(-lp, k - 1)[:k] if 0 < k < lp.size else (np.arange(lp.size) if k else np.array([], int))
+    top = top[np.argsort(-lp[top], kind="stable")]
+    return float(lp[token]), [(int(t), float(lp[t])) for t in top]

@@ -92,3 +92,7 @@ class BundleTokenizer:
 
     def token(self, i: int) -> str:
         return self.tok.decode([int(i)], skip_special_tokens=True)
+
+    def token_text(self, i: int) -> str:
+        """One token as text, special tokens included (log-probability listings name every token, EOS too)."""
+        return self.tok.decode([int(i)], skip_special_tokens=False)

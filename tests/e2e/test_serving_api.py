@@ -64,6 +64,52 @@ def test_stream_equals_non_stream_and_stop(srv, offline):
     assert r.choices[0].text == offline("sst2", PROMPTS[0], 8, temperature=0.9, top_p=0.9, seed=5)
 
 
+def test_logprobs_min_tokens_and_ignore_eos(srv, offline):
+    """OpenAI's legacy logprobs shape (what lm-evaluation-harness reads) from the official client: one entry per
+    generated token, EOS included, from the logits that chose it (the session's; PEFT-checked in
+    tests/integration/test_logprobs.py), streamed chunks carrying theirs; vLLM's min_tokens and ignore_eos."""
+    import numpy as np
+
+    c, s = srv.client(), offline.session
+    ids = s.tokenizer.encode(PROMPTS[2])
+    ref = s.generate_detailed(np.array([ids]), ["qnli"], max_new_tokens=10, logprobs=5)
+    toks = ref.ids[0, : ref.lengths[0]].tolist()
+    r = c.completions.create(model="qnli", prompt=ids, max_tokens=10, temperature=0, logprobs=5)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [s.tokenizer.token_text(t) for t in toks] and len(lp.token_logprobs) == len(toks)
+    assert all(abs(a - e[0]) < 1e-6 for a, e in zip(lp.token_logprobs, ref.logprobs[0]))
+    assert all(len(top) <= 5 and max(top.values()) == pytest.approx(e[1][0][1]) for top, e in zip(
+        lp.top_logprobs, ref.logprobs[0]))
+    text = r.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] <= len(text)
+    chunks = list(c.completions.create(model="qnli", prompt=ids, max_tokens=10, temperature=0, logprobs=2,
+                                       stream=True))
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    r = c.completions.create(model="qnli", prompt=ids, max_tokens=12, temperature=0,
+                             extra_body={"ignore_eos": True, "min_tokens": 12})
+    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    want = s.generate_detailed(np.array([ids]), ["qnli"], max_new_tokens=12, ignore_eos=True, min_tokens=12)
+    assert r.choices[0].text == s.decode_row(want, 0)
+    # echo, as lm-evaluation-harness asks for it: token-id prompts, logprobs 1, max_tokens 0 and 1
+    batch = [s.tokenizer.encode(p) for p in PROMPTS[:4]]
+    for max_tokens in (0, 1):
+        r = c.completions.create(model="mnli", prompt=batch, max_tokens=max_tokens, temperature=0, logprobs=1,
+                                 echo=True)
+        for ch, ids in zip(r.choices, batch):
+            lp, want = ch.logprobs, s.prompt_logprobs(ids, "mnli", 1)
+            assert len(lp.token_logprobs) == len(ids) + max_tokens and lp.token_logprobs[0] is None
+            assert all(abs(a - w[0]) < 1e-6 for a, w in zip(lp.token_logprobs[1:len(ids)], want[1:]))
+            assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+            assert ch.text.startswith(s.tokenizer.decode(ids)) and lp.text_offset[0] == 0
+    for body, param in (({"logprobs": 6}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                        ({"min_tokens": -1}, "min_tokens"), ({"ignore_eos": "no"}, "ignore_eos"),
+                        ({"echo": True, "stream": True}, "echo"), ({"max_tokens": 0}, "max_tokens")):
+        bad = httpx.post(srv.url + "/v1/completions", headers=AUTH,
+                         json={"model": "qnli", "prompt": "x", "max_tokens": 2, **body})  # (max_tokens 0: echo only)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
+
+
 def test_concurrent_mixed_tasks_equal_their_solo_results(srv, offline):
     c = srv.client()
     jobs = [(["sst2", "mnli", "qnli", "rte"][i % 4], PROMPTS[i % len(PROMPTS)], 8 + i) for i in range(12)]
@@ -114,7 +160,7 @@ def test_errors_are_openai_shaped(srv):
            ({"model": "sst2", "prompt": " ".join(["the movie was"] * 300), "max_tokens": 4}, "prompt"),
            ({"model": "sst2", "prompt": "x", "stop": [""]}, "stop"),
            ({"model": "sst2", "prompt": 5}, "prompt"),
-           ({"model": "sst2", "prompt": "x", "logprobs": 2}, "logprobs"),
+           ({"model": "sst2", "prompt": "x", "suffix": "y"}, "suffix"),
            ({"prompt": "x"}, "model")]
     h = {"Authorization": f"Bearer {KEY}"}
     for body, param in bad:

@@ -41,6 +41,21 @@ def test_chat_completions_with_a_template(tmp_path, served):
         chunks = list(c.chat.completions.create(model="mnli", messages=msgs, max_tokens=6, temperature=0,
                                                 stream=True))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+        # log-probabilities in the chat schema, from the logits that chose each token (the session's, PEFT-checked
+        # in tests/integration/test_logprobs.py), streamed chunks carrying theirs
+        lp = s_off.generate_detailed(np.array([ids]), ["mnli"], max_new_tokens=6, logprobs=3).logprobs[0]
+        r = c.chat.completions.create(model="mnli", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                      top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert [x.token for x in content] == [s_off.tokenizer.token_text(t) for t in ref.ids[0, : ref.lengths[0]]]
+        assert all(abs(x.logprob - e[0]) < 1e-6 and len(x.top_logprobs) == 3 and x.bytes == list(x.token.encode())
+                   for x, e in zip(content, lp))
+        chunks = list(c.chat.completions.create(model="mnli", messages=msgs, max_tokens=6, temperature=0,
+                                                stream=True, logprobs=True, top_logprobs=2))
+        streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+        assert [x.logprob for x in streamed] == [x.logprob for x in content]
+        bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "mnli", "messages": msgs, "top_logprobs": 2})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "mnli", "messages": "hi"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
         assert s.stop() == 0

@@ -90,7 +90,17 @@ def test_quantized_bundles_keep_a_fused_graph_over_the_same_quantized_weights(h6
     np.testing.assert_allclose(fast.logits(ids, tasks, mask), traced.logits(ids, tasks, mask), rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(fast.generate_ids(ids, tasks, mask, max_new_tokens=8),
                                   traced.generate_ids(ids, tasks, mask, max_new_tokens=8))
+    # the scoring graph (echo) is derived again from the quantized backbone: its head is the quantized one
+    sc = _external(q.file(m["scoring_graphs"]["backbone"]["file"]))
+    assert set(sc.values()) <= set(plain.values())  # the quantized tensors, not a copy
+    score = fast.prompt_logprobs([5, 6, 7, 8], "a", 1)
+    want = [traced.logits(np.array([[5, 6, 7, 8][:t]]), ["a"])[0] for t in (1, 2, 3)]
+    from mpt_export.runtime.sampling import log_softmax
+
+    diffs = [abs(score[t][0] - log_softmax(w)[[5, 6, 7, 8][t]]) for t, w in zip((1, 2, 3), want)]
+    assert max(diffs) < 5e-3, diffs  # int4 at accuracy level 4: activations quantized inside the op (fp32: 1e-4)
     dyn = quantize_bundle(h64.bundle, tmp_path / "dyn", scheme="int8-dynamic", min_agreement=0.0)
+    assert "scoring_graphs" not in dyn.manifest
     assert "fast_graphs" not in dyn.manifest and "int8-dynamic" in dyn.manifest["fast_graph_skipped"]
     assert not (dyn.path / "backbone_fast.onnx").exists() and dyn.session().graph == "plain"
 

@@ -11,6 +11,8 @@ import uuid
 
 from ...errors import MptExportError
 from ...engine.request import Request
+from .echo import echoed, score_prompts
+from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import (APIError, api_error, chat_prompt, error_body, number, prompts_of, read_json, room_for, sampling,
                        task_of, usage_of)
 from .state import ServerState
@@ -30,28 +32,32 @@ async def generate(state: ServerState, request, chat: bool):
     try:
         data = await read_json(request, state.options.max_body_bytes)
         task = task_of(state, data)
-        opts = sampling(data)
+        opts = sampling(data, chat)
         # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
         # the GIL), after a size check that needs no tokenizer
         if chat:
             prompts = await asyncio.to_thread(chat_prompt, state, data.get("messages"))
         else:
             prompts = await asyncio.to_thread(prompts_of, data.get("prompt"), state.session.tokenizer, state)
-        max_tokens = _max_tokens(state, data, task, prompts, chat)
-        return await _run(state, request, task, prompts, max_tokens, opts, chat)
+        max_tokens = _max_tokens(state, data, task, prompts, chat, opts["echo"])
+        scored = await asyncio.to_thread(score_prompts, state.session, task, prompts, opts["logprobs"]) \
+            if opts["echo"] else None
+        if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
+            return _echo_only(state, task, prompts, scored)
+        return await _run(state, request, task, prompts, max_tokens, opts, chat, scored)
     except APIError as e:
         return error_response(state, e, task)
 
 
-def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool) -> int:
-    """Completions: ``max_tokens`` (16 by default); chat: ``max_tokens`` or ``max_completion_tokens``, by default as
-    many as the positions allow."""
+def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool, echo: bool = False) -> int:
+    """Completions: ``max_tokens`` (16 by default; 0 with ``echo``: score the prompt only); chat: ``max_tokens`` or
+    ``max_completion_tokens``, by default as many as the positions allow."""
     default_max = 16 if not chat else None
     max_tokens = data.get("max_completion_tokens") if chat and "max_tokens" not in data else data.get(
         "max_tokens")
     if max_tokens is None and default_max is None:  # chat: as much as the positions allow
         max_tokens = max(1, room_for(state, task, max(len(p) for p in prompts)))
-    return number({"max_tokens": max_tokens}, "max_tokens", default_max, 1, integer=True)
+    return number({"max_tokens": max_tokens}, "max_tokens", default_max, 0 if echo else 1, integer=True)
 
 
 def _requests(task, prompts, max_tokens, opts, rid: str, queue: asyncio.Queue) -> list[Request]:
@@ -65,7 +71,8 @@ def _requests(task, prompts, max_tokens, opts, rid: str, queue: asyncio.Queue) -
 
         reqs.append(Request(task=task, ids=ids, max_new_tokens=max_tokens, temperature=opts["temperature"],
                             top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], seed_row=i,
-                            stop=opts["stop"], on_event=on_event, id=f"{rid}-{i}"))
+                            stop=opts["stop"], logprobs=opts["logprobs"], min_tokens=opts["min_tokens"],
+                            ignore_eos=opts["ignore_eos"], on_event=on_event, id=f"{rid}-{i}"))
     return reqs
 
 
@@ -81,7 +88,23 @@ def _submit(state: ServerState, reqs: list[Request]) -> None:
         raise api_error(e) from None
 
 
-async def _run(state: ServerState, request, task, prompts, max_tokens, opts, chat):
+def _echo_only(state: ServerState, task, prompts, scored):
+    from starlette.responses import JSONResponse
+
+    tok = state.session.tokenizer
+    rid = "cmpl-" + uuid.uuid4().hex[:24]
+    choices = []
+    for i, (p, sc) in enumerate(zip(prompts, scored)):
+        text, lp = echoed(tok, p, sc, [], "", None)
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": "length"})
+    n = sum(len(p) for p in prompts)
+    state.count(task, 200)
+    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": task,
+                         "choices": choices, "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}},
+                        headers={"X-Request-Id": rid})
+
+
+async def _run(state: ServerState, request, task, prompts, max_tokens, opts, chat, scored=None):
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -103,19 +126,32 @@ async def _run(state: ServerState, request, task, prompts, max_tokens, opts, cha
     for r in reqs:
         state.observe(r)
     state.count(task, 200)
-    return JSONResponse(_body(rid, created, task, reqs, chat), headers={"X-Request-Id": rid})
+    # token strings and offsets grow with the output: a worker thread builds them
+    lps = await asyncio.to_thread(_logprobs, state.session.tokenizer, reqs, chat) if opts["logprobs"] is not None \
+        else [None] * len(reqs)
+    body = _body(rid, created, task, reqs, chat, lps)
+    if scored is not None:  # echo: the prompt in front of each completion
+        tok = state.session.tokenizer
+        for ch, p, sc, r in zip(body["choices"], prompts, scored, reqs):
+            ch["text"], ch["logprobs"] = echoed(tok, p, sc, list(r.tokens), r.text, r.token_logprobs)
+    return JSONResponse(body, headers={"X-Request-Id": rid})
 
 
-def _body(rid: str, created: int, task, reqs: list[Request], chat: bool) -> dict:
+def _logprobs(tok, reqs: list[Request], chat: bool) -> list[dict]:
+    return [(chat_logprobs if chat else completion_logprobs)(tok, list(r.tokens), list(r.token_logprobs or []))
+            for r in reqs]
+
+
+def _body(rid: str, created: int, task, reqs: list[Request], chat: bool, lps: list) -> dict:
     """The answer once every request is done: a chat.completion or a text_completion."""
     usage = usage_of(reqs)
     if chat:
         r = reqs[0]
         choices = [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": None, "finish_reason": r.finish_reason}]
+                    "logprobs": lps[0], "finish_reason": r.finish_reason}]
         return {"id": rid, "object": "chat.completion", "created": created, "model": task, "choices": choices,
                 "usage": usage}
-    choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+    choices = [{"index": i, "text": r.text, "logprobs": lps[i], "finish_reason": r.finish_reason}
                for i, r in enumerate(reqs)]
     return {"id": rid, "object": "text_completion", "created": created, "model": task, "choices": choices,
             "usage": usage}
@@ -155,13 +191,19 @@ async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, cha
     obj = "chat.completion.chunk" if chat else "text_completion"
     pending = set(range(len(reqs)))
     status = 200
+    tok = state.session.tokenizer
+    emitted = [0] * len(reqs)  # characters streamed per prompt: the next token's text offset
 
-    def chunk(i, text=None, finish=None, role=False):
+    def chunk(i, text=None, finish=None, role=False, entry=None):
+        lp = None
+        if entry is not None:  # (token id, (log-probability, alternatives)): one token's
+            t, e = entry
+            lp = chat_logprobs(tok, [t], [e]) if chat else completion_logprobs(tok, [t], [e], [emitted[i]])
         if chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text or ""}
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": task,
                                       "choices": [choice]}) + "\n\n"
 
@@ -171,7 +213,9 @@ async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, cha
         while pending:
             i, kind, payload = await queue.get()
             if kind == "token":
-                yield chunk(i, payload["text"])
+                e = payload.get("logprobs")
+                yield chunk(i, payload["text"], entry=(payload["token"], e) if e is not None else None)
+                emitted[i] += len(payload["text"])
             elif kind == "done":
                 pending.discard(i)
                 state.observe(payload)

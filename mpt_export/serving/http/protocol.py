@@ -10,9 +10,9 @@ from ...errors import APIError, InputError, TaskNameError
 from ...engine.request import Draining, QueueFull
 
 DEFAULT_MAX_BODY = 1 << 20
-UNSUPPORTED = {"logprobs": None, "echo": False, "suffix": None, "logit_bias": None, "best_of": 1,
+UNSUPPORTED = {"suffix": None, "logit_bias": None, "best_of": 1,
                "presence_penalty": 0, "frequency_penalty": 0, "tools": None, "functions": None,
-               "response_format": None, "top_logprobs": None}
+               "response_format": None}
 
 
 KEY_ENV = "MPT_EXPORT_API_KEY"
@@ -71,7 +71,26 @@ def number(data, key, default, lo=None, hi=None, integer=False, lo_open=False):
     return int(v) if integer else float(v)
 
 
-def sampling(data: dict) -> dict:
+def logprobs_of(data: dict, chat: bool) -> int | None:
+    """How many alternatives per token to return, or None for no log-probabilities: completions' ``logprobs``
+    (0-5, OpenAI's legacy limit), chat's ``logprobs: true`` with ``top_logprobs`` (0-20)."""
+    if not chat:
+        if data.get("top_logprobs") is not None:
+            raise APIError(400, "top_logprobs belongs to chat completions; completions take logprobs: 0-5",
+                           param="top_logprobs")
+        v = data.get("logprobs")
+        return None if v is None else number(data, "logprobs", None, 0, 5, integer=True)
+    want = data.get("logprobs", False)
+    if not isinstance(want, bool) and want is not None:
+        raise APIError(400, "logprobs must be true or false for chat completions (top_logprobs: how many "
+                       "alternatives)", param="logprobs")
+    top = data.get("top_logprobs")
+    if top is not None and not want:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return number(data, "top_logprobs", 0, 0, 20, integer=True) if want else None
+
+
+def sampling(data: dict, chat: bool = False) -> dict:
     for key, neutral in UNSUPPORTED.items():
         if key in data and data[key] not in (neutral, None):
             raise APIError(400, f"{key} is not supported by this server", param=key)
@@ -93,11 +112,20 @@ def sampling(data: dict) -> dict:
     seed = data.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise APIError(400, f"seed must be an integer >= 0, got {json.dumps(seed)[:40]}", param="seed")
+    ignore_eos = data.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "ignore_eos must be true or false", param="ignore_eos")
+    echo = data.get("echo", False)
+    if not isinstance(echo, bool) or (echo and chat):
+        raise APIError(400, "echo must be true or false (completions only)", param="echo")
+    if echo and stream:
+        raise APIError(400, "echo is answered in one response: drop stream", param="echo")
     return {"temperature": number(data, "temperature", 1.0, 0, 2),  # OpenAI's default and range
             "top_p": number(data, "top_p", 1.0, 0, 1, lo_open=True),
             "top_k": number(data, "top_k", 0, 0, integer=True),
             "seed": seed, "stop": stop or None, "stream": stream,
-            "include_usage": bool(opts.get("include_usage"))}
+            "include_usage": bool(opts.get("include_usage")), "logprobs": logprobs_of(data, chat),
+            "min_tokens": number(data, "min_tokens", 0, 0, integer=True), "ignore_eos": ignore_eos, "echo": echo}
 
 
 def task_of(state, data: dict) -> str:
@@ -124,7 +152,7 @@ def api_error(e) -> APIError:
     if isinstance(e, TaskNameError):
         return APIError(404, str(e), param="model", code="model_not_found")
     param = "max_tokens" if "new tokens" in str(e) or "max_new_tokens" in str(e) else "prompt"
-    for key in ("temperature", "top_p", "top_k", "seed", "stop"):
+    for key in ("temperature", "top_p", "top_k", "seed", "stop", "logprobs", "min_tokens", "ignore_eos"):
         if str(e).startswith(key):
             param = key
     return APIError(400, str(e), param=param)
