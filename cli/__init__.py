@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, bench_export, bench_serve, build, demo, export, generate, inspect, quantize, serve, tasks, triton, verify
+from . import (bench, bench_export, bench_serve, build, demo, evaluate, export, generate, inspect, quantize, serve, tasks,
+               triton, verify)
 
 app = typer.Typer(
     name="mpt-export",
@@ -20,6 +21,7 @@ app.command(name="export")(export.export_cmd)
 app.command(name="verify")(verify.verify_cmd)
 app.command(name="quantize")(quantize.quantize_cmd)
 app.command(name="generate")(generate.generate_cmd)
+app.command(name="eval")(evaluate.eval_cmd)
 app.add_typer(tasks.app, name="tasks")
 app.command(name="build")(build.build_cmd)
 app.command(name="check-trt")(build.check_trt_cmd)

@@ -99,9 +99,14 @@ class CausalSession(Session):
         own (OpenAI's ``echo``). One call of the bundle's scoring graph over the task's cached prompt KV."""
         from .sampling import token_logprobs
 
-        arr, _, _ = self._check(np.asarray([ids]), [task], None)
-        logits = self._run_scoring_impl(self._score_feed(arr, task))[0]  # (S, V): position t predicts token t + 1
+        logits = self.position_logits(ids, task)  # (S, V): position t predicts token t + 1
         return [None] + [token_logprobs(logits[t - 1], int(ids[t]), k) for t in range(1, len(ids))]
+
+    def position_logits(self, ids: list[int], task: str) -> np.ndarray:
+        """The logits after every prefix of ``ids`` (S, V) float32, given the task's virtual tokens: one call of the
+        bundle's scoring graph over the task's cached prompt KV."""
+        arr, _, _ = self._check(np.asarray([ids]), [task], None)
+        return self._run_scoring_impl(self._score_feed(arr, task))[0]
 
     def _score_feed(self, ids: np.ndarray, task: str) -> dict:
         return self.prepare_cached(ids, [task])

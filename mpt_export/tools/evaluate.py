@@ -1,0 +1,192 @@
+"""``mpt-export eval``: a bundle's tasks on the user's own data, optionally against another bundle (its fp32 source,
+say) or PEFT itself over the base model.
+
+The data is JSONL, one example per line: ``{"task"?, "prompt", "choices": [...], "answer": i}`` (multiple choice:
+each choice scored by its log-likelihood after the prompt and a space, the most likely one is the prediction) or
+``{"task"?, "prompt", "target", "stop"?}`` (generation: greedy, cut at a stop string, exact match after stripping). Per task: accuracy or exact
+match, the mean log-likelihood (of the right choice / of the target), and against the reference: the largest
+difference of any scored token's log-probability, and greedy-token agreement — teacher-forced along this bundle's
+generation (the reference's top-1 at each position of it) and free-running (its own generation, position by
+position)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: str
+    choices: list[str] | None = None
+    answer: int | None = None
+    target: str | None = None
+    stop: list[str] | None = None
+    where: str = ""
+
+
+def read_data(path: str | Path, default_task: str | None, tasks: list[str]) -> list[Example]:
+    """Every line checked before anything runs; a problem is one error naming ``file:line``."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); give a UTF-8 JSONL file") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            d = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or not d["prompt"]:
+            raise InputError(f"{where}: expected an object with a non-empty \"prompt\" string")
+        task = d.get("task", default_task)
+        if task is None:
+            raise InputError(f"{where}: no \"task\" and no --task; name the task (one of {', '.join(tasks)})")
+        if task not in tasks:
+            raise InputError(f"{where}: unknown task {task!r}; this bundle has: {', '.join(tasks)}")
+        ch, ans, tgt = d.get("choices"), d.get("answer"), d.get("target")
+        if ch is not None:
+            if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch) or \
+                    isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(ch):
+                raise InputError(f"{where}: \"choices\" must be 2 or more non-empty strings and \"answer\" the index of "
+                                 "the right one")
+        elif not isinstance(tgt, str) or not tgt:
+            raise InputError(f"{where}: give \"choices\" + \"answer\" (multiple choice) or a non-empty \"target\"")
+        stop = d.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop)):
+            raise InputError(f"{where}: \"stop\" must be a non-empty string or a list of them")
+        out.append(Example(task, d["prompt"], ch, ans, tgt, stop, where))
+    if not out:
+        raise InputError(f"{path} holds no examples")
+    return out
+
+
+class PeftReference:
+    """PEFT itself over the base model, with the bundle's own task vectors: log-probabilities and greedy tokens."""
+
+    def __init__(self, bundle, base_model):
+        from ..export.reference import peft_model_for
+        from ..export.torchside import adapters_from_bank, load_base_model
+        from ..source.basemodel import check_same_base
+
+        check_same_base(base_model, bundle.base_model)
+        model, _, _ = load_base_model(base_model)
+        self.models = {}
+        for ck, names in adapters_from_bank(bundle.task_bank()):
+            pm = peft_model_for(model, ck)
+            for i, name in enumerate(names):
+                self.models[name] = (pm, i)
+
+    def logprobs(self, ids: list[int], task: str) -> np.ndarray:
+        """(len(ids), V) log-probabilities: row t is the distribution after ids[:t + 1]."""
+        import torch
+
+        pm, i = self.models[task]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = pm(input_ids=x, attention_mask=torch.ones_like(x), task_ids=torch.tensor([i]),
+                        use_cache=False).logits[0, -len(ids):].double()
+        return torch.log_softmax(logits, -1).numpy()
+
+
+class BundleReference:
+    def __init__(self, session):
+        self.session = session
+
+    def logprobs(self, ids: list[int], task: str) -> np.ndarray:
+        from ..runtime.sampling import log_softmax
+
+        return np.stack([log_softmax(r) for r in self.session.position_logits(ids, task)])
+
+
+def _scores(session, ids: list[int], task: str) -> np.ndarray:
+    """This bundle's (len(ids), V) log-probabilities (its scoring graph)."""
+    return BundleReference(session).logprobs(ids, task)
+
+
+@dataclass
+class TaskResult:
+    n: int = 0
+    choice: list = field(default_factory=list)  # multiple choice: right or not
+    exact: list = field(default_factory=list)  # generation: exact match or not
+    loglik: list = field(default_factory=list)
+    max_diff: float = 0.0
+    forced: list = field(default_factory=list)  # teacher-forced top-1 equal, per generated token
+    free: list = field(default_factory=list)  # free-running tokens equal, per position
+
+
+def _pair(tok, prompt: str, cont: str) -> tuple[list[int], list[int]]:
+    ctx = tok.encode(prompt, "prompt")
+    whole = tok.encode(prompt + " " + cont, "prompt")
+    return ctx, whole[len(ctx):]
+
+
+def evaluate(session, examples: list[Example], reference=None, max_new_tokens: int = 32) -> dict:
+    """-> {task: figures}, and the reference's comparison where one is given."""
+    tok = session.tokenizer
+    res: dict[str, TaskResult] = {}
+    for ex in examples:
+        r = res.setdefault(ex.task, TaskResult())
+        r.n += 1
+        if ex.choices is not None:
+            lls = []
+            for j, c in enumerate(ex.choices):
+                ctx, cont = _pair(tok, ex.prompt, c)
+                lp = _scores(session, ctx + cont, ex.task)
+                ll = [lp[len(ctx) + k - 1, t] for k, t in enumerate(cont)]
+                lls.append(float(sum(ll)))
+                if reference is not None:
+                    ref = reference.logprobs(ctx + cont, ex.task)
+                    r.max_diff = max(r.max_diff, max(abs(a - ref[len(ctx) + k - 1, t]) for k, (a, t) in
+                                                     enumerate(zip(ll, cont))))
+            r.choice.append(int(np.argmax(lls)) == ex.answer)
+            r.loglik.append(lls[ex.answer])
+        else:
+            ids = tok.encode(ex.prompt, "prompt")
+            g = session.generate_detailed(np.array([ids]), [ex.task], max_new_tokens=max_new_tokens, logprobs=0,
+                                          stop=ex.stop)
+            gen = g.ids[0, : g.lengths[0]].tolist()
+            r.exact.append(session.decode_row(g, 0, ex.stop).strip() == ex.target.strip())
+            tgt = tok.encode(ex.prompt + " " + ex.target, "prompt")[len(ids):] or [0]
+            lp = _scores(session, ids + tgt, ex.task)
+            r.loglik.append(float(sum(lp[len(ids) + k - 1, t] for k, t in enumerate(tgt))))
+            if reference is not None:
+                ref = reference.logprobs(ids + gen, ex.task)
+                ours = [e[0] for e in g.logprobs[0]]
+                r.max_diff = max(r.max_diff, max(abs(a - ref[len(ids) + k - 1, t]) for k, (a, t) in
+                                                 enumerate(zip(ours, gen))))
+                r.forced += [int(ref[len(ids) + k - 1].argmax()) == t for k, t in enumerate(gen)]
+                r.free += _free_running(reference, ids, ex.task, gen)
+    return {t: _figures(r, reference is not None) for t, r in res.items()}
+
+
+def _free_running(reference, ids: list[int], task: str, gen: list[int]) -> list[bool]:
+    """The reference's own greedy continuation, position by position against ours."""
+    seq, out = list(ids), []
+    for t in gen:
+        nxt = int(reference.logprobs(seq, task)[-1].argmax())
+        out.append(nxt == t)
+        seq.append(nxt)
+    return out
+
+
+def _figures(r: TaskResult, compared: bool) -> dict:
+    out = {"examples": r.n, "accuracy": float(np.mean(r.choice)) if r.choice else None,
+           "exact_match": float(np.mean(r.exact)) if r.exact else None, "mean_loglik": float(np.mean(r.loglik))}
+    if compared:
+        out.update({"max_logprob_diff": float(r.max_diff),
+                    "teacher_forced_agreement": float(np.mean(r.forced)) if r.forced else None,
+                    "free_running_agreement": float(np.mean(r.free)) if r.free else None})
+    return out

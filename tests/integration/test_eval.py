@@ -1,0 +1,85 @@
+"""`mpt-export eval` on the user's own data: multiple-choice accuracy and log-likelihoods equal to what PEFT gives on
+the same token ids, generation exact match, the comparison with PEFT (no difference beyond float noise) and with a
+quantized copy, and a data file it cannot read refused with its file:line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+import mpt_export
+from support import assert_clean_failure, cli
+
+WORDS = ["the", "movie", "was", "great", "plot", "station", "bridge", "premise", "task", "backbone", "a", "old"]
+
+
+def _data(path, rng):
+    rows = []
+    for i in range(10):
+        prompt = " ".join(rng.choice(WORDS, int(rng.integers(2, 5))))
+        if i % 2:
+            rows.append({"task": "act"[(i // 2) % 3], "prompt": prompt, "target": " ".join(rng.choice(WORDS, 2)),
+                         "stop": "."})
+        else:
+            rows.append({"prompt": prompt, "choices": [" ".join(rng.choice(WORDS, 2)) for _ in range(3)],
+                         "answer": int(rng.integers(0, 3))})  # no task: --task
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_eval_against_peft_and_a_quantized_copy(llama, tmp_path):
+    import torch
+
+    from mpt_export.export.quantize import quantize_bundle
+    from mpt_export.export.reference import peft_model_for
+    from mpt_export.export.torchside import adapters_from_bank, load_base_model
+
+    data = tmp_path / "data.jsonl"
+    rows = _data(data, np.random.default_rng(2))
+    res = cli("eval", llama.bundle, "--data", data, "--task", "b", "--base-model", llama.base, "--json")
+    assert res.returncode == 0, res.stderr
+    figs = json.loads(res.stdout)["tasks"]
+    assert set(figs) == {"a", "b", "c", "t"} and sum(f["examples"] for f in figs.values()) == len(rows)
+    for f in figs.values():
+        assert f["max_logprob_diff"] < 1e-4
+        assert f["teacher_forced_agreement"] in (None, 1.0) and f["free_running_agreement"] in (None, 1.0)
+    # task b's multiple choice, recomputed with PEFT on the same token ids
+    b = mpt_export.load_bundle(llama.bundle)
+    tok = b.session().tokenizer
+    model, _, _ = load_base_model(llama.base)
+    (ck, names), = [(c, n) for c, n in adapters_from_bank(b.task_bank()) if "b" in n]
+    pm = peft_model_for(model, ck)
+    right, lls = [], []
+    for r in rows:
+        if "choices" not in r:
+            continue
+        ctx = tok.encode(r["prompt"])
+        scores = []
+        for c in r["choices"]:
+            ids = tok.encode(r["prompt"] + " " + c)
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(pm(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False,
+                                          task_ids=torch.tensor([names.index("b")])).logits[0, -len(ids):].double(), -1)
+            scores.append(float(sum(lp[k - 1, ids[k]] for k in range(len(ctx), len(ids)))))
+        right.append(int(np.argmax(scores)) == r["answer"])
+        lls.append(scores[r["answer"]])
+    assert figs["b"]["accuracy"] == np.mean(right)
+
+    assert abs(figs["b"]["mean_loglik"] - np.mean(lls)) < 1e-4  # b has choices only: its right answers
+    assert figs["a"]["accuracy"] is None and figs["a"]["exact_match"] is not None
+    # against a quantized copy: the same figures computed, differences and agreement as they are
+    q = quantize_bundle(llama.bundle, tmp_path / "int8", scheme="int8", min_agreement=0.0)
+    res = cli("eval", q.path, "--data", data, "--task", "b", "--against", llama.bundle)
+    assert res.returncode == 0, res.stderr
+    assert "max logprob diff" in res.stdout and "(against" in " ".join(res.stdout.split())
+    # what it refuses, with the file and line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text().splitlines()[0] + "\n{not json\n")
+    assert_clean_failure(cli("eval", llama.bundle, "--data", bad), "bad.jsonl:1", "no \"task\" and no --task")
+    assert_clean_failure(cli("eval", llama.bundle, "--data", bad, "--task", "a"), "bad.jsonl:2: not valid JSON")
+    bad.write_text('{"prompt": "x", "choices": ["a"], "answer": 0}\n')
+    assert_clean_failure(cli("eval", llama.bundle, "--data", bad, "--task", "zz"), "bad.jsonl:1: unknown task 'zz'")
+    assert_clean_failure(cli("eval", llama.bundle, "--data", bad, "--task", "a"), "bad.jsonl:1", "2 or more")
+    assert_clean_failure(cli("eval", llama.bundle, "--data", tmp_path / "none.jsonl"), "cannot read")
