@@ -116,7 +116,8 @@ def parity_table(validation: dict | None) -> Table:
 
 def quant_line(quantization: dict) -> str:
     rep = quantization["report"]
-    return (f"{quantization.get('scheme') or quantization['weights']} vs fp32: greedy-token agreement {rep['greedy_agreement']:.1%} (teacher-forced, "
+    on = f" on {rep['on']}" if rep.get("on") else ""
+    return (f"{quantization.get('scheme') or quantization['weights']} vs fp32{on}: greedy-token agreement {rep['greedy_agreement']:.1%} (teacher-forced, "
             f"{rep['tokens_compared']} tokens; free-running {rep['free_running_agreement']:.1%}), logits max abs diff "
             f"{rep['logits_max_abs']:.3g} (rel {rep['logits_max_rel']:.3g})")
 

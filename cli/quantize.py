@@ -19,6 +19,7 @@ def quantize_cmd(
     seed: Annotated[int, typer.Option(help="Seed for the comparison inputs.")] = 0,
     variant: Annotated[str | None, typer.Option(help="int8-dynamic: what is int8: matmul (default: every MatMul/Gemm, the embedding table stays float), all (the embedding table too), matmul-fp32-head, matmul-fp32-head-ends (the LM head / also the first and last layer stay float).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never the source bundle).")] = False,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Judge the agreement with fp32 on these prompts (the JSONL of `mpt-export eval`, every line naming its task) instead of random token ids.")] = None,
 ) -> None:
     """Quantized copy of an fp32 bundle for ONNX Runtime (weight-only int8/int4, or dynamic int8), checked against
     the fp32 bundle."""
@@ -31,7 +32,15 @@ def quantize_cmd(
     quiet_libraries()
     from mpt_export.export.quantize import quantize_bundle
 
+    prompts = None
+    if eval_data is not None:
+        import mpt_export
+        from mpt_export.tools.evaluate import read_data
+
+        with mpt_export.load_bundle(bundle) as src:
+            tok = src.session().tokenizer
+            prompts = [(tok.encode(e.prompt, e.where), e.task) for e in read_data(eval_data, None, src.tasks)]
     with progress("quantize") as on_step:
-        b = quantize_bundle(bundle, out, options, force=force, seed=seed, on_step=on_step)
+        b = quantize_bundle(bundle, out, options, force=force, seed=seed, on_step=on_step, eval_prompts=prompts)
     console.print(quant_line(b.manifest["quantization"]))
     console.print(size_table(b))

@@ -225,6 +225,22 @@ def agreement(ref_session, q_session, tasks: list[str], vocab: int, seed: int = 
             "tokens_compared": int(ref.size), "seed": seed}
 
 
+def prompt_agreement(ref_session, q_session, prompts: list[tuple[list[int], str]], new_tokens: int = 16) -> dict:
+    """:func:`agreement` on the user's own prompts (``quantize --eval-data``): each ``(ids, task)`` alone."""
+    forced_eq = free_eq = n = 0
+    d = scale = 0.0
+    for ids, task in prompts:
+        x = np.asarray([ids], np.int64)
+        l_ref, l_q = ref_session.logits(x, [task]), q_session.logits(x, [task])
+        d, scale = max(d, float(np.abs(l_ref - l_q).max())), max(scale, float(np.abs(l_ref).max()))
+        ref = ref_session.generate_ids(x, [task], max_new_tokens=new_tokens, eos_token_id=None)
+        forced = q_session.generate_ids(x, [task], max_new_tokens=new_tokens, eos_token_id=None, forced_tokens=ref)
+        free = q_session.generate_ids(x, [task], max_new_tokens=new_tokens, eos_token_id=None)
+        forced_eq, free_eq, n = forced_eq + int((forced == ref).sum()), free_eq + int((free == ref).sum()), n + ref.size
+    return {"logits_max_abs": d, "logits_max_rel": d / scale, "greedy_agreement": forced_eq / n,
+            "free_running_agreement": free_eq / n, "tokens_compared": n, "on": f"{len(prompts)} eval-data prompts"}
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     """What a quantization is told, checked once (the CLI's --quantize/--block-size/--accuracy-level/--variant/
@@ -261,10 +277,11 @@ class QuantizeOptions:
 
 
 def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions | None = None, force: bool = False,
-                    seed: int = 0, on_step=None, inputs=(), **fields) -> Bundle:
+                    seed: int = 0, on_step=None, inputs=(), eval_prompts: list | None = None, **fields) -> Bundle:
     """Write a quantized copy (``options``, or its fields as keywords: ``scheme`` int8, int4 or int8-dynamic, ...)
     of the fp32 bundle ``src`` to ``out`` after checking its agreement with ``src`` (``src`` is never modified;
-    ``out`` must not be ``src`` or hold it)."""
+    ``out`` must not be ``src`` or hold it). ``eval_prompts`` [(ids, task)]: judge the agreement on these prompts
+    (the user's data) instead of random ids."""
     step = on_step or (lambda s: None)
     o = replace(options, **fields) if options is not None else QuantizeOptions(**fields)
     scheme, min_agreement = o.scheme, o.min_agreement
@@ -292,7 +309,8 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions |
             manifest = write_manifest(tmp, manifest)
             step("compare with the fp32 bundle")
             q = Bundle(tmp, manifest)
-            rep = agreement(b.session(), q.session(), b.tasks, int(b.base_model["vocab_size"]), seed=seed)
+            rep = prompt_agreement(b.session(), q.session(), eval_prompts) if eval_prompts else \
+                agreement(b.session(), q.session(), b.tasks, int(b.base_model["vocab_size"]), seed=seed)
             manifest["quantization"]["report"] = rep
             if rep["greedy_agreement"] < min_agreement:
                 raise ValidationError(

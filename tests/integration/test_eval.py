@@ -74,6 +74,17 @@ def test_eval_against_peft_and_a_quantized_copy(llama, tmp_path):
     res = cli("eval", q.path, "--data", data, "--task", "b", "--against", llama.bundle)
     assert res.returncode == 0, res.stderr
     assert "max logprob diff" in res.stdout and "(against" in " ".join(res.stdout.split())
+    # quantize judged on the same prompts instead of random ids (every line naming its task)
+    tagged = tmp_path / "tagged.jsonl"
+    tagged.write_text("".join(json.dumps({"task": "b", **r}) + "\n" for r in rows))
+    res = cli("quantize", llama.bundle, "--out", tmp_path / "q8", "--quantize", "int8", "--eval-data", tagged,
+              "--min-agreement", "0")
+    assert res.returncode == 0, res.stderr
+    assert f"on {len(rows)} eval-data prompts" in " ".join(res.stdout.split())
+    rep = mpt_export.load_bundle(tmp_path / "q8").manifest["quantization"]["report"]
+    assert rep["on"] == f"{len(rows)} eval-data prompts" and rep["tokens_compared"] == 16 * len(rows)
+    assert_clean_failure(cli("quantize", llama.bundle, "--out", tmp_path / "q4", "--quantize", "int4", "--eval-data",
+                             data), "data.jsonl:1", "no \"task\"")
     # what it refuses, with the file and line
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data.read_text().splitlines()[0] + "\n{not json\n")
