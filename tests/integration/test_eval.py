@@ -71,9 +71,14 @@ def test_eval_against_peft_and_a_quantized_copy(llama, tmp_path):
     assert figs["a"]["accuracy"] is None and figs["a"]["exact_match"] is not None
     # against a quantized copy: the same figures computed, differences and agreement as they are
     q = quantize_bundle(llama.bundle, tmp_path / "int8", scheme="int8", min_agreement=0.0)
-    res = cli("eval", q.path, "--data", data, "--task", "b", "--against", llama.bundle)
+    res = cli("eval", q.path, "--data", data, "--task", "b", "--against", llama.bundle, "--json")
     assert res.returncode == 0, res.stderr
-    assert "max logprob diff" in res.stdout and "(against" in " ".join(res.stdout.split())
+    out = json.loads(res.stdout)
+    assert out["against"] == str(llama.bundle) and set(out["tasks"]) == set(figs)
+    assert all(0 < f["max_logprob_diff"] < 5 and 0 <= f["teacher_forced_agreement"] <= 1
+               for f in out["tasks"].values() if f["teacher_forced_agreement"] is not None)
+    table = cli("eval", q.path, "--data", data, "--task", "b", "--against", llama.bundle)
+    assert table.returncode == 0 and "against" in table.stdout  # the table, titled with the reference
     # quantize judged on the same prompts instead of random ids (every line naming its task)
     tagged = tmp_path / "tagged.jsonl"
     tagged.write_text("".join(json.dumps({"task": "b", **r}) + "\n" for r in rows))
