@@ -17,8 +17,9 @@ class CausalSession(Session):
     def _run_backbone_impl(self, feed):
         return self._run_graph_impl("backbone", feed)
 
-    def task_kv(self, name: str) -> list[np.ndarray]:
-        """The task's prompt keys/values, one (1, KV, T, Dh) array per ``present`` output.
+    def task_kv(self, name: str):
+        """The task's prompt keys/values in this kind's layout (here one (1, KV, T, Dh) array per ``present``
+        output; the fused graph's kind: {cache name: (KV, T, Dh)}).
 
         Virtual tokens come first and a causal model lets them attend only to each other, so their KV depends on
         the task alone: computed once, kept (LRU, keyed by the task's content), and every request starts from it."""
@@ -26,15 +27,17 @@ class CausalSession(Session):
         hit = self._task_kv.get(key)
         if hit is not None:
             return hit
-        prompt = self.task_prompt(name)
+        kv = self._prompt_kv(self.task_prompt(name))
+        self._task_kv.put(key, kv)
+        return kv
+
+    def _prompt_kv(self, prompt: np.ndarray):
+        """A composed prompt's (P, H) keys/values, in this kind's cache layout."""
         P = prompt.shape[0]
         feed = {"input_ids": np.zeros((1, 0), np.int64), "prompt_embeds": prompt[None],
                 "attention_mask": np.ones((1, P), np.int64), "position_ids": np.arange(P, dtype=np.int64)[None],
                 **self._empty_past(1)}
-        out = self._run_backbone_impl(feed)
-        kv = list(self._present_as_past(out).values())
-        self._task_kv.put(key, kv)
-        return kv
+        return list(self._present_as_past(self._run_backbone_impl(feed)).values())
 
     def prepare(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
         """The backbone feed for a prefill with no past: prompts, mask and positions laid out as in ``base``."""

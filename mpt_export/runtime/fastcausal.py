@@ -54,20 +54,13 @@ class FastCausalSession(CausalSession):
         state["kv_mask"] = np.zeros((B, capacity), np.int64)
         return state
 
-    def task_kv(self, name: str) -> dict[str, np.ndarray]:
-        """The task prompt's keys/values, {cache name: (KV, P, Dh)}: computed once per task content, kept (LRU)."""
-        task, shared, key = self._task(name)
-        hit = self._task_kv.get(key)
-        if hit is not None:
-            return hit
-        prompt = self.task_prompt(name)
+    def _prompt_kv(self, prompt: np.ndarray) -> dict[str, np.ndarray]:
+        """A composed prompt's keys/values, {cache name: (KV, P, Dh)} (``task_kv`` caches them per task content)."""
         P = prompt.shape[0]
         arrays = {n: np.zeros((1, self._kv_heads, P, self._head_dim), self.dtype) for n in self._names}
         run_bound(self._sess(), bind_cache(self._sess(), self._values(arrays)), np.zeros((1, 0), np.int64),
                   prompt[None], np.array([P - 1]), np.array([P - 1]))
-        kv = {n: a[0] for n, a in arrays.items()}
-        self._task_kv.put(key, kv)
-        return kv
+        return {n: a[0] for n, a in arrays.items()}
 
     # -- the step protocol ---------------------------------------------------------------------------------------
     def _start(self, ids, tasks, mask, use_cache, new_tokens=0):
