@@ -1,5 +1,5 @@
 """EleutherAI's lm-evaluation-harness against `mpt-export serve`, as a user runs it: a local task (YAML + JSONL) of
-24 multiple-choice questions scored by log-likelihood and 24 `generate_until` prompts, `lm_eval --model
+20 multiple-choice questions scored by log-likelihood and 20 `generate_until` prompts, `lm_eval --model
 local-completions` with the task as the model name and the bundle's tokenizer, batch size 4. Its per-sample
 log-likelihoods are compared with PEFT's on the same token ids (lm-eval's own split of context and continuation),
 its accuracy with the accuracy those give, its generations with the library's."""
@@ -20,7 +20,7 @@ pytest.importorskip("starlette")
 
 from servers import server  # noqa: E402
 
-N = 24
+N = 20  # the samples per task the harness is run on
 
 
 def _data(root: Path, tok, rng) -> tuple[Path, list[dict], list[dict]]:
