@@ -210,35 +210,36 @@ def _dynamic_graphs(root: Path, manifest: dict, src_root: Path, variant: str) ->
 
 def agreement(ref_session, q_session, tasks: list[str], vocab: int, seed: int = 0, new_tokens: int = 16,
               rows_per_task: int = 2) -> dict:
-    """Logits error and greedy-token agreement of ``q_session`` against ``ref_session`` (see module docstring)."""
+    """Logits error and greedy-token agreement of ``q_session`` against ``ref_session`` (see module docstring), on
+    random ids."""
     rng = np.random.default_rng(seed)
     names = [t for t in tasks for _ in range(rows_per_task)]
-    S = 12
-    ids = rng.integers(2, vocab, (len(names), S), dtype=np.int64)
-    l_ref, l_q = ref_session.logits(ids, names), q_session.logits(ids, names)
-    d = float(np.abs(l_ref - l_q).max())
-    ref = ref_session.generate_ids(ids, names, max_new_tokens=new_tokens, eos_token_id=None)
-    forced = q_session.generate_ids(ids, names, max_new_tokens=new_tokens, eos_token_id=None, forced_tokens=ref)
-    free = q_session.generate_ids(ids, names, max_new_tokens=new_tokens, eos_token_id=None)
-    return {"logits_max_abs": d, "logits_max_rel": d / float(np.abs(l_ref).max()),
-            "greedy_agreement": float((forced == ref).mean()), "free_running_agreement": float((free == ref).mean()),
-            "tokens_compared": int(ref.size), "seed": seed}
+    ids = rng.integers(2, vocab, (len(names), 12), dtype=np.int64)
+    return {**_agreement(ref_session, q_session, ids, None, names, new_tokens), "seed": seed}
 
 
 def prompt_agreement(ref_session, q_session, prompts: list[tuple[list[int], str]], new_tokens: int = 16) -> dict:
-    """:func:`agreement` on the user's own prompts (``quantize --eval-data``): each ``(ids, task)`` alone."""
-    forced_eq = free_eq = n = 0
-    d = scale = 0.0
-    for ids, task in prompts:
-        x = np.asarray([ids], np.int64)
-        l_ref, l_q = ref_session.logits(x, [task]), q_session.logits(x, [task])
-        d, scale = max(d, float(np.abs(l_ref - l_q).max())), max(scale, float(np.abs(l_ref).max()))
-        ref = ref_session.generate_ids(x, [task], max_new_tokens=new_tokens, eos_token_id=None)
-        forced = q_session.generate_ids(x, [task], max_new_tokens=new_tokens, eos_token_id=None, forced_tokens=ref)
-        free = q_session.generate_ids(x, [task], max_new_tokens=new_tokens, eos_token_id=None)
-        forced_eq, free_eq, n = forced_eq + int((forced == ref).sum()), free_eq + int((free == ref).sum()), n + ref.size
-    return {"logits_max_abs": d, "logits_max_rel": d / scale, "greedy_agreement": forced_eq / n,
-            "free_running_agreement": free_eq / n, "tokens_compared": n, "on": f"{len(prompts)} eval-data prompts"}
+    """:func:`agreement` on the user's own prompts (``quantize --eval-data``), left-padded into one batch (each row
+    gets what it gets alone)."""
+    S = max(len(p) for p, _ in prompts)
+    ids = np.zeros((len(prompts), S), np.int64)
+    mask = np.zeros_like(ids)
+    for b, (p, _) in enumerate(prompts):
+        ids[b, S - len(p):], mask[b, S - len(p):] = p, 1
+    rep = _agreement(ref_session, q_session, ids, mask, [t for _, t in prompts], new_tokens)
+    return {**rep, "on": f"{len(prompts)} eval-data prompts"}
+
+
+def _agreement(ref_session, q_session, ids, mask, names: list[str], new_tokens: int) -> dict:
+    l_ref, l_q = ref_session.logits(ids, names, mask), q_session.logits(ids, names, mask)
+    d = float(np.abs(l_ref - l_q).max())
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=None)
+    ref = ref_session.generate_ids(ids, names, mask, **kw)
+    forced = q_session.generate_ids(ids, names, mask, forced_tokens=ref, **kw)
+    free = q_session.generate_ids(ids, names, mask, **kw)
+    return {"logits_max_abs": d, "logits_max_rel": d / float(np.abs(l_ref).max()),
+            "greedy_agreement": float((forced == ref).mean()), "free_running_agreement": float((free == ref).mean()),
+            "tokens_compared": int(ref.size)}
 
 
 @dataclass(frozen=True)

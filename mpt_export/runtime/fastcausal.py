@@ -108,13 +108,10 @@ class FastCausalSession(CausalSession):
         return logits, state
 
     def _grown(self, state: dict, capacity: int) -> dict:
-        old = state["kv_mask"].shape[1]
         new = self._new_state(state["kv_mask"].shape[0], capacity)
         for k, v in state.items():
-            if k == "kv_mask":
-                new[k][:, :old] = v
-            else:
-                new[k][:, :, :old] = v
+            axis = self.state_group_of(k)[0]  # its length axis, as state_layout declares it
+            new[k][(slice(None),) * axis + (slice(0, v.shape[axis]),)] = v
         return new
 
     def _take_rows(self, value, keep):
@@ -147,6 +144,11 @@ class FastCausalSession(CausalSession):
                 row[f"present.{i}.{kind}"] = state[name][b: b + 1][:, :, keep]
             out.append(row)
         return out
+
+    def logits(self, input_ids, tasks, attention_mask=None) -> np.ndarray:
+        """Last-position logits, np.float32 [batch, vocab] (no KV copied out, as ``forward`` does)."""
+        ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
+        return self._start(ids, tasks, mask, use_cache=False)[0]
 
     def forward(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
         """``logits`` (B, V) and ``present.{i}.key/value`` (B, KV, T, Dh): each row's prompt + text positions,
