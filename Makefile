@@ -4,19 +4,23 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check bench install clean
+.PHONY: demo test check bench docs install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[cpu,export,serve,test,peers]'
+	$(PY) -m pip install --quiet -e '.[cpu,export,serve,test,peers,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mpt-export demo --workdir build/demo
+
+# the documentation site, built into build/site; --strict fails on any warning (broken links and anchors included)
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP)
 	$(VENV)/bin/mpt-export bench --preset gpt2-small-shape --workdir build/bench
