@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import typer
 
+from ._help import conventional_help
 from . import (bench, bench_export, bench_serve, build, demo, evaluate, export, generate, inspect, quantize, serve, tasks,
                triton, verify)
 
+conventional_help()
 app = typer.Typer(
     name="mpt-export",
     help="Ship Multitask Prompt Tuning (PEFT) models: export to a validated ONNX bundle, generate with any task from one backbone, add tasks at runtime, benchmark.",

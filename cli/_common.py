@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
-import warnings
+import time
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+STARTED = time.perf_counter()  # the command's start, as near as Python code sees it ("ready N s after ...")
 
 # Piped output (logs, CI) gets 120 columns instead of rich's 80 so that report tables are not squeezed.
 # emoji=False: ":thumbs_up:" in a prompt or a path is text, not an emoji; user and model text is escape()d everywhere
@@ -55,29 +57,32 @@ def handle_errors(fn):
 
 def quiet_libraries() -> None:
     """Exports run torch/transformers, which log progress bars and exporter chatter; keep the terminal ours."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    try:  # torch sets its loggers' levels on import, so import it before quieting them
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
-                 "torch.export", "onnxscript", "transformers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
+    from mpt_export.export.quiet import silence_third_party
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    silence_third_party()
+
+
+# --quiet: for scripts; progress lines (stderr) off, the command's result and its errors still printed
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines: only the result (and errors).")]
 
 
 @contextmanager
-def progress(title: str):
-    """Yields an ``on_step(str)`` callback that shows each step with a spinner and ticks it off when the next starts."""
+def progress(title: str, quiet: bool = False):
+    """Yields an ``on_step(str)`` callback: each call starts a phase and ends the one before. On a terminal, a rich
+    spinner with the elapsed time per phase; where stderr is redirected (CI, logs, ``| tee``), one flushed line when
+    a phase starts and one when it ends, so a long phase is never silent. ``quiet``: nothing."""
+    if quiet:
+        yield lambda desc: None
+    elif err_console.is_terminal:
+        with _rich_progress(title) as on_step:
+            yield on_step
+    else:
+        with _line_progress(title) as on_step:
+            yield on_step
+
+
+@contextmanager
+def _rich_progress(title: str):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
@@ -87,13 +92,53 @@ def progress(title: str):
         def on_step(desc: str) -> None:
             if current["id"] is not None:
                 prog.update(current["id"], completed=1, total=1)
-            current["id"] = prog.add_task(f"{title}: {desc}", total=None)
+            current["id"] = prog.add_task(escape(f"{title}: {desc}"), total=None)
 
-        try:
-            yield on_step
-        finally:
-            if current["id"] is not None:
-                prog.update(current["id"], completed=1, total=1)
+        yield on_step  # a failure leaves its phase's spinner stopped but unticked: the error line follows
+        if current["id"] is not None:
+            prog.update(current["id"], completed=1, total=1)
+
+
+@contextmanager
+def _line_progress(title: str, after_s: float = 1.0):
+    """A phase still running after ``after_s`` gets its start line then (from a timer) and an end line when it ends;
+    a shorter one prints nothing (a log of "0.0 s" lines hides the phases that matter)."""
+    import threading
+
+    lock = threading.Lock()
+    current: dict = {"desc": None, "t0": 0.0, "shown": False, "timer": None}
+
+    def line(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def show(desc: str) -> None:
+        with lock:
+            if current["desc"] == desc and not current["shown"]:
+                current["shown"] = True
+                line(f"{title}: {desc} ...")
+
+    def end() -> None:
+        with lock:
+            if current["timer"] is not None:
+                current["timer"].cancel()
+            if current["shown"]:
+                line(f"{title}: {current['desc']}: done in {time.perf_counter() - current['t0']:.1f} s")
+            current.update(desc=None, shown=False, timer=None)
+
+    def on_step(desc: str) -> None:
+        end()
+        timer = threading.Timer(after_s, show, (desc,))
+        timer.daemon = True
+        with lock:
+            current.update(desc=desc, t0=time.perf_counter(), timer=timer)
+        timer.start()
+
+    try:
+        yield on_step
+        end()
+    finally:
+        if current["timer"] is not None:
+            current["timer"].cancel()
 
 
 def parity_table(validation: dict | None) -> Table:

@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ._common import console, escape, handle_errors, progress, quiet_libraries
+from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
 
 
 @handle_errors
@@ -21,21 +21,24 @@ def bench_cmd(
     preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new), t5-base-shape (T5-Base shape, 100 virtual tokens, 8 x 64, 4 new), tiny, tiny-t5.")] = "gpt2-small-shape",
     workdir: Annotated[Path, typer.Option(help="Where the preset's model, adapter and bundle are built (reused while the preset is unchanged).")] = Path("build/bench"),
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
-    threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike (default: PyTorch's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike.", show_default="PyTorch's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
     peer: Annotated[str | None, typer.Option(help="onnxruntime-genai: instead, decode and end-to-end tok/s at batch 1 and 8 against ONNX Runtime GenAI's graphs of the same base model (fp32, int8, int4), interleaved rounds (--repeats); needs the peers extra; use with --preset llama-small.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
     if peer is not None:
-        return _peer(peer, preset, workdir, repeats, threads, as_json)
+        return _peer(peer, preset, workdir, repeats, threads, as_json, quiet)
     if bundle is None:
         from mpt_export.storage.ownership import check_replaceable
+        from mpt_export.tools.bench import check_preset
 
+        check_preset(preset)  # a mistyped preset answers at once, not after torch loads
         check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()
     from mpt_export.tools.bench import run_bench
 
-    with progress("bench") as on_step:
+    with progress("bench", quiet) as on_step:
         r = run_bench(preset=preset, workdir=workdir, repeats=repeats, threads=threads, on_step=on_step, bundle=bundle,
                       base_model=base_model, batch=batch, input_len=input_len, new_tokens=new_tokens)
     if as_json:
@@ -75,7 +78,8 @@ def bench_cmd(
         console.print(f"[yellow]skipped[/] {escape(sk)}")
 
 
-def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | None, as_json: bool) -> None:
+def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | None, as_json: bool,
+          quiet: bool = False) -> None:
     from mpt_export.storage.ownership import check_replaceable
     from mpt_export.tools.bench_peer import check_peer
 
@@ -84,7 +88,7 @@ def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | Non
     quiet_libraries()
     from mpt_export.tools.bench_peer import run_peer_bench
 
-    with progress("bench") as on_step:
+    with progress("bench", quiet) as on_step:
         r = run_peer_bench(peer, preset, workdir, rounds, threads, on_step=on_step)
     if as_json:
         print(json.dumps(r, indent=2))

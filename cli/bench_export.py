@@ -8,7 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ._common import console, escape, handle_errors, progress, quiet_libraries
+from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
 
 
 def _gib(b) -> str:
@@ -18,17 +18,20 @@ def _gib(b) -> str:
 @handle_errors
 def bench_export_cmd(
     shape: Annotated[str, typer.Option(help="Real model shape: tinyllama-1.1b, llama-3b, t5-xl or llama-7b (random weights).")] = "tinyllama-1.1b",
-    dtype: Annotated[str | None, typer.Option(help="Export dtype (default: fp32; fp16 for llama-7b).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Export dtype.", show_default="fp32; fp16 for llama-7b")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the model, adapter and bundle are built.")] = Path("build/bench-export"),
     keep: Annotated[bool, typer.Option("--keep", help="Keep the shape's files (tens of GB) for a later run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export a real model size on this machine: peak memory vs weight bytes, time per phase, parity, start-up and
     generation."""
-    quiet_libraries()
-    from mpt_export.tools.bench_export import run_bench_export
+    from mpt_export.tools.bench_export import check_shape, run_bench_export
 
-    with progress("bench-export") as on_step:
+    check_shape(shape, dtype)  # a mistyped shape or dtype answers at once, not after torch loads
+    quiet_libraries()
+
+    with progress("bench-export", quiet) as on_step:
         r = run_bench_export(shape, dtype=dtype, workdir=workdir, keep=keep, on_step=on_step)
     if as_json:
         print(json.dumps(r, indent=2))

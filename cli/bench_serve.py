@@ -8,34 +8,38 @@ import typer
 from rich import box
 from rich.table import Table
 
-from ._common import console, escape, handle_errors, progress, quiet_libraries
+from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
 
 
 @handle_errors
 def bench_serve_cmd(
-    bundle: Annotated[Path | None, typer.Argument(help="Bundle to serve (default: the --preset's, built under --workdir).")] = None,
+    bundle: Annotated[Path | None, typer.Argument(help="Bundle to serve.", show_default="the --preset's, built under --workdir")] = None,
     preset: Annotated[str, typer.Option(help="Without BUNDLE: the bench preset whose bundle to serve (see `mpt-export bench --help`).")] = "gpt2-small-shape",
     workdir: Annotated[Path, typer.Option(help="Where the preset's bundle is built (shared with `mpt-export bench`).")] = Path("build/bench"),
     clients: Annotated[int, typer.Option(help="Concurrent clients (in a process of their own).")] = 16,
-    requests: Annotated[int | None, typer.Option(help="Requests per mode (default: 4 per client).")] = None,
+    requests: Annotated[int | None, typer.Option(help="Requests per mode.", show_default="4 per client")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 64,
     max_tokens: Annotated[int, typer.Option(help="New tokens per request.")] = 32,
-    max_batch: Annotated[int | None, typer.Option(help="Server --max-batch (default: --clients).")] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling (default: one per core).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Server --max-batch.", show_default="--clients")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling.", show_default="one per core")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
-    ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count (each replica --threads cores, default 1), then the time to replace a killed replica.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count, then the time to replace a killed replica.")] = False,
     replicas: Annotated[str, typer.Option(help="With --ray: replica counts to compare, comma-separated.")] = "1,2",
+    quiet: Quiet = False,
 ) -> None:
     """The real server under N concurrent mixed-task clients vs the same requests one at a time vs the ceiling."""
+    if bundle is None:
+        from mpt_export.tools.presets import check_preset
+
+        check_preset(preset)  # a mistyped preset answers at once, not after torch loads
     quiet_libraries()
     from mpt_export.errors import InputError
     from mpt_export.tools.bench_serve import run_bench_ray, run_bench_serve
 
-    with progress("bench-serve") as on_step:
+    with progress("bench-serve", quiet) as on_step:
         if bundle is None:
-            from mpt_export.tools.bench import PRESETS, _prepare
-            if preset not in PRESETS:
-                raise InputError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            from mpt_export.tools.bench import _prepare
+
             _, bundle, _ = _prepare(preset, workdir, on_step)
         if ray:
             try:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, escape, handle_errors, progress
+from ._common import Quiet, console, escape, handle_errors, progress
 
 
 def _limits(bundle, max_batch, max_input, max_new_tokens):
@@ -21,18 +21,19 @@ def _limits(bundle, max_batch, max_input, max_new_tokens):
 @handle_errors
 def build_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Engines folder (default engines/<bundle name>).")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Largest batch the engines accept (default 8).")] = None,
-    max_input: Annotated[int | None, typer.Option(help="Longest input (tokens) the engines accept (default 512, less where the model's positions are fewer).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Most new tokens per request (default 128, at most a quarter of the positions left after the prompt).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Engines folder.", show_default="engines/<bundle name>")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch the engines accept.", show_default="8")] = None,
+    max_input: Annotated[int | None, typer.Option(help="Longest input (tokens) the engines accept.", show_default="512, less where the model's positions are fewer")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Most new tokens per request.", show_default="128, at most a quarter of the positions left after the prompt")] = None,
     precision: Annotated[str, typer.Option(help="auto (the bundle's), fp32, fp16, bf16. TensorRT 11 needs a bundle of that dtype.")] = "auto",
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and written (faster rebuilds).")] = None,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Engines later TensorRT releases can load: later releases of the same major, and across majors the pairs NVIDIA documents (built with 10, run by 11). Slower than engines for one release; Triton loads them only with --backend-config=tensorrt,version-compatible=true.")] = False,
     workspace_mib: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
-    trt_version: Annotated[str | None, typer.Option(help="With --print-trtexec: the TensorRT release of the target board, MAJOR[.MINOR] (JetPack 6.1/6.2: 10.3; 10 means 10.0, the strictest 10.x) [default: 10]. With --adopt where the tensorrt package is missing: the release whose trtexec built the plans.")] = None,
+    trt_version: Annotated[str | None, typer.Option(help="With --print-trtexec: the TensorRT release of the target board, MAJOR[.MINOR] (JetPack 6.1/6.2: 10.3; 10 means 10.0, the strictest 10.x; default 10). With --adopt where the tensorrt package is missing: the release whose trtexec built the plans.")] = None,
     tf32: Annotated[bool, typer.Option("--tf32", help="Let fp32 layers use TF32 tensor cores (TensorRT's default; off here so fp32 means fp32).")] = False,
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
     adopt: Annotated[bool, typer.Option("--adopt", help="After the printed trtexec commands ran: check their plans in --out against the bundle and write engine.json, so generate/serve/triton --backend tensorrt take them. Give the options the commands were printed with.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
     from mpt_export.bundle.reader import load_bundle
@@ -80,7 +81,7 @@ def build_cmd(
     from mpt_export.export.trt_build import build_engines
 
     console.print(escape(said))
-    with progress("build") as on_step:
+    with progress("build", quiet) as on_step:
         path = build_engines(bundle, out, limits, precision, timing_cache, version_compatible, workspace_mib, on_step,
                              tf32=tf32)
     side = json.loads((path / "engine.json").read_text())
@@ -91,10 +92,10 @@ def build_cmd(
 @handle_errors
 def check_trt_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    max_batch: Annotated[int | None, typer.Option(help="Profile limit: batch (default 8).")] = None,
-    max_input: Annotated[int | None, typer.Option(help="Profile limit: input tokens (default 512, fitted to the model).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Profile limit: new tokens (default 128, fitted to the model).")] = None,
-    trt_version: Annotated[str | None, typer.Option(help="The TensorRT release the engines are for, MAJOR[.MINOR] (its parser's opset range is checked). [default: the installed tensorrt, else 10.0]")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Profile limit: batch.", show_default="8")] = None,
+    max_input: Annotated[int | None, typer.Option(help="Profile limit: input tokens.", show_default="512, fitted to the model")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Profile limit: new tokens.", show_default="128, fitted to the model")] = None,
+    trt_version: Annotated[str | None, typer.Option(help="The TensorRT release the engines are for, MAJOR[.MINOR] (its parser's opset range is checked).", show_default="the installed tensorrt, else 10.0")] = None,
 ) -> None:
     """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
     from mpt_export.bundle.reader import load_bundle

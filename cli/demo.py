@@ -1,30 +1,31 @@
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ._common import console, escape, handle_errors, parity_table, progress, quiet_libraries, size_table
+from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quiet_libraries, size_table
 
 
 @handle_errors
 def demo_cmd(
     workdir: Annotated[Path, typer.Option(help="Where the tiny base model, the adapters and the bundle are written (replaced when an earlier demo made it; any other non-empty directory is refused).")] = Path("build/demo"),
     arch: Annotated[str, typer.Option(help="Base model family: llama, llama-gqa, mistral, qwen2, gpt2, t5 (v1.0), flan-t5 (v1.1).")] = "llama-gqa",
+    quiet: Quiet = False,
 ) -> None:
     """Build a tiny base model and PEFT MPT adapters in code (3-task source + target), export, validate, report."""
-    from mpt_export.storage.ownership import check_replaceable
-
-    check_replaceable(workdir, "demo-workdir", force=True)  # refuse a directory it did not make before loading torch
-    quiet_libraries()
-    from mpt_export.tools.demo import ARCHS, run_demo
     from mpt_export.errors import InputError
+    from mpt_export.storage.ownership import check_replaceable
+    from mpt_export.tools.demo import ARCHS, run_demo
 
     if arch not in ARCHS:
         raise InputError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    with progress("demo") as on_step:
+    check_replaceable(workdir, "demo-workdir", force=True)  # refuse a directory it did not make before loading torch
+    quiet_libraries()
+    with progress("demo", quiet) as on_step:
         r = run_demo(workdir, arch=arch, on_step=on_step)
     b = r["bundle"]
     console.print(parity_table(b.manifest["validation"]))
@@ -42,3 +43,18 @@ def demo_cmd(
     console.print(f"adding a task at runtime: {r['task_bytes']} bytes of vectors, {r['add_task_ms']:.0f} ms from "
                   "add_task to its first 16 generated tokens (composer + first request), no re-export")
     console.print(f"[green]bundle[/] {escape(str(b.path))}  tasks: {escape(', '.join(b.tasks))}")
+    console.print(next_steps(workdir))
+
+
+def next_steps(workdir: Path) -> str:
+    """What to try on the bundle just made (the paths as the user typed them)."""
+    w = escape(shlex.quote(str(workdir)))
+    return "\n".join([
+        "[bold]next[/]:",
+        f"  mpt-export generate {w}/bundle --task sst2 \"the movie\"      # any task, one backbone",
+        f"  mpt-export serve {w}/bundle --port 8000                     # OpenAI-compatible; the model is the task",
+        "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\",
+        "       -d '{\"model\": \"mnli\", \"prompt\": \"the premise\", \"max_tokens\": 8}'",
+        f"  mpt-export tasks add {w}/bundle --adapter again={w}/adapters/target  # a task added, no re-export",
+        "  docs: docs/quickstart.md (after the demo), docs/guides/export.md (your own model)",
+    ])

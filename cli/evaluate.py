@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, escape, handle_errors, progress, quiet_libraries
+from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
 
 
 @handle_errors
@@ -19,6 +19,7 @@ def eval_cmd(
     base_model: Annotated[Path | None, typer.Option("--base-model", help="Compare with PEFT itself over this base model and the bundle's task vectors (needs the export extra).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation examples: new tokens at most.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Score a bundle's tasks on your own data: accuracy / exact match and mean log-likelihood per task, and against
     another bundle or PEFT the largest log-probability difference and greedy-token agreement."""
@@ -43,9 +44,15 @@ def eval_cmd(
             raise InputError(f"{against} has no task {', '.join(missing)}; compare bundles of the same tasks")
         ref, label = BundleReference(other.session()), str(against)
     elif base_model is not None:
-        quiet_libraries()
-        ref, label = PeftReference(b, base_model), "PEFT"
-    with progress("eval") as on_step:
+        from mpt_export.source.basemodel import base_arch
+
+        base_arch(base_model)  # a wrong path answers now, not after torch loads
+        label = "PEFT"
+    with progress("eval", quiet) as on_step:
+        if base_model is not None:
+            on_step("load PEFT over the base model")
+            quiet_libraries()
+            ref = PeftReference(b, base_model)
         on_step(f"{len(examples)} examples" + (f", against {label}" if label else ""))
         figs = evaluate(s, examples, ref, max_new_tokens)
     if as_json:

@@ -5,41 +5,41 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, escape, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
+from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
 
 
 @handle_errors
 def export_cmd(
     base_model: Annotated[Path, typer.Option("--base-model", help="Hugging Face model directory the adapters were trained on: a causal LM (Llama, Mistral, Qwen2, GPT-2) or a T5-family encoder-decoder.")],
-    adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR: a PEFT MPT adapter; NAMES is one comma-separated name per task, in order (default: the directory name, with -<i> for several tasks). Repeatable.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR: a PEFT MPT adapter; NAMES is one comma-separated name per task, in order (without NAMES: the directory name, with -<i> for several tasks). Repeatable.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
     opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
-    atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT| (defaults per dtype, shown in the report).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT|.", show_default="per dtype, shown in the report")] = None,
     rtol: Annotated[float | None, typer.Option(help="Validation: the part of the tolerance relative to each output's magnitude (see --atol).")] = None,
     dtype: Annotated[str, typer.Option(help="Backbone precision: fp32, fp16 or bf16 (norms and softmax kept in fp32; TensorRT 11 needs the precision in the graph).")] = "fp32",
     quantize: Annotated[str | None, typer.Option(help="int8 or int4: write a weight-only quantized bundle for ONNX Runtime (MatMulNBits); int8-dynamic: ONNX Runtime dynamic quantization. Checked against the fp32 export.")] = None,
-    block_size: Annotated[int | None, typer.Option(help="With --quantize int8/int4: weight rows per scale. [default: 32]")] = None,
-    accuracy_level: Annotated[int | None, typer.Option(help="With --quantize int8/int4: MatMulNBits' accuracy_level (4: int8 activations inside the op; 0: float activations). [default: 4]")] = None,
-    min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this. [default: 0.95 int8, 0.85 int4, 0.9 int8-dynamic]")] = None,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime provider for validation (bf16 needs a GPU provider).")] = "cpu",
+    block_size: Annotated[int | None, typer.Option(help="With --quantize int8/int4: weight rows per scale.", show_default="32")] = None,
+    accuracy_level: Annotated[int | None, typer.Option(help="With --quantize int8/int4: MatMulNBits' accuracy_level (4: int8 activations inside the op; 0: float activations).", show_default="4")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this.", show_default="0.95 int8, 0.85 int4, 0.9 int8-dynamic")] = None,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider for validation: cpu, cuda, tensorrt, dml, coreml or an ONNX Runtime provider name (bf16 needs a GPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
     fast_graph: Annotated[bool, typer.Option("--fast-graph/--no-fast-graph", help="Also write the fused ONNX Runtime graph (Llama, Mistral, Qwen2 with head sizes a multiple of 16; fp32/fp16): faster decoding on the CPU, its weights stored once with the traced graph's.")] = True,
-    seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs (default: random, recorded in the manifest).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs.", show_default="random, recorded in the manifest")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never any other directory, never an input).")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export MPT adapters over one frozen base model (causal LM or T5) into a validated ONNX bundle."""
-    from mpt_export.export.api import export_inputs
+    from mpt_export.export.api import check_export_inputs
     from mpt_export.export.options import ExportOptions
-    from mpt_export.storage.ownership import check_replaceable
 
     options = ExportOptions(opset=opset, dtype=dtype, atol=atol, rtol=rtol, validate=validate, quantize=quantize,
                             min_agreement=min_agreement, block_size=block_size, accuracy_level=accuracy_level, force=force, seed=seed, provider=provider,
                             fast_graph=fast_graph)
-    check_replaceable(out, "bundle", force, export_inputs(base_model, adapter))  # refuse before loading torch
+    check_export_inputs(base_model, adapter, out, options)  # paths, configs, adapters: answered before torch loads
     quiet_libraries()
     from mpt_export.export.api import export_bundle
 
-    with progress("export") as on_step:
+    with progress("export", quiet) as on_step:
         b = export_bundle(base_model, adapter, out, options, on_step=on_step)
     console.print(parity_table(b.manifest.get("validation")))
     if b.manifest.get("quantization"):

@@ -6,9 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import handle_errors
-
-
+from ._common import STARTED, handle_errors
 
 
 @handle_errors
@@ -18,17 +16,17 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port (0: a free one, printed at start).")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Rows decoded together at most (continuous batching across tasks).")] = 16,
     max_queue: Annotated[int, typer.Option(help="Requests waiting at most; beyond it new ones get 429 with Retry-After.")] = 256,
-    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY on /v1 and /admin (default: env MPT_EXPORT_API_KEY; a key must be non-empty printable ASCII — omit both to serve without one).")] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
-    prepack: Annotated[bool | None, typer.Option("--prepack/--no-prepack", help="ONNX Runtime CPU: packed copies of the MatMul weights at start — faster steps, but a second copy of the weights in memory and ~1.5 s of start-up per GB (default: only where both copies fit in available memory).")] = None,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda or a provider name.")] = "cpu",
+    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY on /v1 and /admin (a key: non-empty printable ASCII).", show_default="env MPT_EXPORT_API_KEY; omit both to serve without a key")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.", show_default="one per core")] = None,
+    prepack: Annotated[bool | None, typer.Option("--prepack/--no-prepack", help="ONNX Runtime CPU: packed copies of the MatMul weights at start — faster steps, but a second copy of the weights in memory and ~1.5 s of start-up per GB.", show_default="where both copies fit in available memory")] = None,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda, tensorrt (ONNX Runtime's TensorRT execution provider), dml, coreml or an ONNX Runtime provider name. Engines from `mpt-export build` are served by `triton --backend tensorrt`.")] = "cpu",
     graph: Annotated[str, typer.Option(help="Causal bundles on ONNX Runtime: fast (the fused graph), plain (the traced one), or auto: the fused graph where the bundle has one and the provider is the CPU.")] = "auto",
     drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT: seconds to finish the requests in flight before exiting.")] = 30.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
     ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve replicas (each one this server's engine; needs the ray extra).", rich_help_panel="Ray Serve")] = False,
-    replicas: Annotated[int | None, typer.Option(help="With --ray: a fixed number of replicas (default 1).", rich_help_panel="Ray Serve")] = None,
+    replicas: Annotated[int | None, typer.Option(help="With --ray: a fixed number of replicas.", show_default="1", rich_help_panel="Ray Serve")] = None,
     autoscale: Annotated[str | None, typer.Option(help="With --ray: MIN:MAX replicas, scaled on ongoing requests (one full batch per replica).", rich_help_panel="Ray Serve")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="With --ray: join this Ray cluster ('auto': the one `ray start` runs on this node); default: start a local Ray instance that stops with this command.", rich_help_panel="Ray Serve")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="With --ray: join this Ray cluster ('auto': the one `ray start` runs on this node).", show_default="a local Ray instance that stops with this command", rich_help_panel="Ray Serve")] = None,
 ) -> None:
     """Serve a bundle over HTTP with OpenAI-compatible routes; requests for any task share the backbone's batches."""
     from mpt_export.errors import InputError
@@ -43,7 +41,8 @@ def serve_cmd(
     if ray:
         from mpt_export.serving.ray.service import serve_ray
 
-        raise typer.Exit(serve_ray(str(bundle), options, replicas=replicas, autoscale=autoscale, address=ray_address))
+        raise typer.Exit(serve_ray(str(bundle), options, replicas=replicas, autoscale=autoscale, address=ray_address,
+                                   started=STARTED))
     from mpt_export.serving.http.server import serve
 
-    raise typer.Exit(serve(str(bundle), options))
+    raise typer.Exit(serve(str(bundle), options, started=STARTED))

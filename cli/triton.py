@@ -20,7 +20,7 @@ def triton_cmd(
     max_queue: Annotated[int, typer.Option(help="Requests waiting per model at most (dynamic_batching default_queue_policy.max_queue_size; the engine's queue).")] = 256,
     graph_calls: Annotated[str | None, typer.Option(help="How the generation model runs the graphs: onnxruntime (in its own process; default for --backend onnxruntime) or bls (through Triton's graph models; default for --backend tensorrt).")] = None,
     prefix: Annotated[str, typer.Option(help="Prefix for the model names: one Triton can serve the repositories of several bundles (one --model-repository each) when their model names differ.")] = "",
-    force: Annotated[bool, typer.Option(help="Replace --out if it is a repository this tool wrote.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a repository this tool wrote.")] = False,
 ) -> None:
     """Write a Triton Inference Server model repository: the graphs as ONNX Runtime or TensorRT models, and a
     decoupled Python-backend model `generate` that batches every task together and streams tokens."""

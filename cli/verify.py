@@ -5,16 +5,17 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, escape, handle_errors, parity_table, progress, quiet_libraries
+from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quiet_libraries
 
 
 @handle_errors
 def verify_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
     base_model: Annotated[Path | None, typer.Option("--base-model", help="Also check parity against PEFT over this base model (needs the export extra).")] = None,
-    atol: Annotated[float | None, typer.Option(help="Parity: absolute part of the tolerance (default: the bundle's own, from its export).")] = None,
-    rtol: Annotated[float | None, typer.Option(help="Parity: part of the tolerance relative to each output's magnitude (default: the bundle's own).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for the parity inputs (default: random).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Parity: absolute part of the tolerance.", show_default="the bundle's own, from its export")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Parity: part of the tolerance relative to each output's magnitude.", show_default="the bundle's own")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the parity inputs.", show_default="random")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Check every file's sha256 against the manifest and the task bank against its task list (as every reader does),
     refusing links; with --base-model, re-run parity against PEFT."""
@@ -22,7 +23,7 @@ def verify_cmd(
 
     if base_model is not None:
         quiet_libraries()
-        with progress("verify") as on_step:
+        with progress("verify", quiet) as on_step:
             r = verify_bundle(bundle, base_model=base_model, atol=atol, rtol=rtol, seed=seed, on_step=on_step)
         if r.get("note"):
             console.print(escape(r["note"]))

@@ -97,11 +97,11 @@ class Bundle:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self) -> None:
+    def close(self, _os_close=os.close) -> None:  # bound now: at interpreter exit __del__ may find ``os`` gone
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
-                os.close(fd)
+                _os_close(fd)
             except OSError:
                 pass
 

@@ -17,6 +17,7 @@ from ..bundle.taskbank import TaskBank
 from ..errors import InputError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
 from .options import ExportOptions
+from .quiet import third_party_quiet
 from .composer import write_composer
 from .scoring import scoring_graphs
 from .tokenizer import write_tokenizer
@@ -59,7 +60,8 @@ def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
             continue  # the fused graph runs on the CPU provider only
         session = bundle.session(provider=provider, prepack=False, graph=graph)  # weights read in place
         try:
-            reports[graph] = compare(session, cases, tol, on_step)
+            step = on_step if graph == "plain" or on_step is None else (lambda s: on_step(f"{s} (fused graph)"))
+            reports[graph] = compare(session, cases, tol, step)
         finally:
             session.close()
     report = reports["plain"]
@@ -112,13 +114,14 @@ def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, 
     return load_bundle(out, verify=False)
 
 
-def _check_inputs(base_model, adapters, out: Path, o: ExportOptions):
-    """Everything checked before any heavy work (the options checked themselves): the output replaceable, the
-    validation's provider, the base model's architecture, the adapters read into a task bank, the export dependencies
-    and the opset.
+def check_export_inputs(base_model, adapters, out, options: ExportOptions | None = None):
+    """What an export can check without torch (well under a second): the output replaceable, the validation's
+    provider, the base model's configuration and architecture, the adapters read into a task bank and matched to it.
+    The command line calls it before it loads torch; ``export_bundle`` calls it first.
     -> (inputs, arch, bank, checkpoints)"""
+    o = options or ExportOptions()
     inputs = export_inputs(base_model, adapters)
-    check_replaceable(out, "bundle", o.force, inputs)  # fail before any heavy work
+    check_replaceable(Path(out), "bundle", o.force, inputs)  # fail before any heavy work
     if o.validate:  # the validation's provider must exist before the graphs are exported, not after
         from ..runtime.onnxruntime import resolve_provider
 
@@ -126,6 +129,13 @@ def _check_inputs(base_model, adapters, out: Path, o: ExportOptions):
     cfg, arch = base_arch(base_model)
     bank, ckpts = build_task_bank(adapters, hidden_size=arch.hidden_size, task_type=arch.task_type,
                                   max_positions=arch.max_positions)
+    return inputs, arch, bank, ckpts
+
+
+def _check_inputs(base_model, adapters, out: Path, o: ExportOptions):
+    """Everything checked before any heavy work (the options checked themselves): :func:`check_export_inputs`, then
+    the export dependencies and the opset. -> (inputs, arch, bank, checkpoints)"""
+    inputs, arch, bank, ckpts = check_export_inputs(base_model, adapters, out, o)
     require_export_deps()
     import onnx
 
@@ -228,5 +238,6 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
         tol = tolerance(b.manifest.get("dtype", "float32"),
                         atol if atol is not None else recorded.get("atol"),
                         rtol if rtol is not None else recorded.get("rtol"))
-        result["validation"] = _validate(b, holder, b.task_bank(), tol, seed, provider, on_step)
+        with third_party_quiet():  # PEFT's model and forward warn about transformers' deprecations
+            result["validation"] = _validate(b, holder, b.task_bank(), tol, seed, provider, on_step)
         return result

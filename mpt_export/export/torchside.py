@@ -18,6 +18,7 @@ from ..errors import BaseModelError, ExportError, MissingDependencyError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
 from ..bundle.taskbank import TaskBank
 from .backbone import export_backbone
+from .quiet import quietly
 
 
 def require_export_deps():
@@ -33,6 +34,7 @@ def require_export_deps():
         ) from None
 
 
+@quietly
 def load_base_model(path: str | Path, attn_implementation: str = "eager", dtype: str = "float32"):
     """The HF model with its LM head (causal or seq2seq) in ``dtype`` (converted as it loads: a half export never
     holds an fp32 copy), eval mode; eager attention by default (SDPA with a dynamic query length does not export)."""
@@ -116,6 +118,7 @@ def weight_bytes(base_model) -> int:
         if d.is_dir() else 0
 
 
+@quietly
 def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
     """Load the base model in the export dtype, export its graphs into ``spec["out"]`` and, with ``validate``,
     compute PEFT's reference outputs on the validation inputs (fp32 arithmetic: a half model is cast up in place

@@ -2,11 +2,10 @@
 
 Rows: PEFT eager (PyTorch, same thread count: PEFT's forward for the prefill, then a KV-cache loop over the base
 model — PEFT's own ``generate`` re-injects the prompt at every step on some transformers releases, so it is not used),
-this runtime with the prompt-KV cache off, and with it on. Each row: median latency per batch over repeated runs
-after a warm-up, tokens/s, the ratio to PEFT, whether its greedy tokens equal PEFT's, and the floor — the matmul
-FLOPs the work needs over this machine's measured matmul rate, and the weight bytes one decode step reads over its
-measured memory bandwidth.
-"""
+this runtime with the prompt-KV cache off, and with it on. Each row: median latency per batch over repeated runs after
+a warm-up, tokens/s, the ratio to PEFT, whether its greedy tokens equal PEFT's, and the floor — the matmul FLOPs the
+work needs over this machine's measured matmul rate, and the weight bytes one decode step reads over its measured
+memory bandwidth."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,42 +21,7 @@ import numpy as np
 from .bench_memory import measure_memory
 from .bench_ref import flops_causal, flops_seq2seq, machine_rates, peft_loop, peft_seq2seq_loop
 from ..errors import InputError
-
-
-@dataclass
-class Preset:
-    arch: str
-    hidden: int
-    layers: int
-    heads: int
-    vocab: int
-    max_positions: int
-    virtual_tokens: int
-    num_tasks: int
-    rank: int
-    batch: int
-    input_len: int
-    new_tokens: int
-    ffn: int | None = None
-    nts: int | None = None
-    tokenizer: bool = True  # the demo's byte-level BPE (its ids are a subset of the model's): text in and out
-
-    seq2seq = property(lambda self: self.arch in ("t5", "flan-t5"))
-
-
-DERIVED = [f"bundle-{x}" for x in ("int8", "int4", "int8-dynamic", "fp16")] + [f"peer-{x}" for x in ("fp32", "int8", "int4", "cache")]
-PRESETS = {
-    # GPT-2 small's shape, random weights; 100 virtual tokens as in the MPT paper; a mixed-task batch of 8 x 64.
-    "gpt2-small-shape": Preset("gpt2", 768, 12, 12, 50257, 1024, 100, 4, 1, 8, 64, 8),
-    # T5-Base's shape (12+12 layers, d_model 768, d_ff 3072), 100 virtual tokens on the encoder as in the paper,
-    # 8 x 64-token inputs, 4 new tokens (classification-style outputs as in GLUE).
-    "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
-    # the Llama of the edge comparison with ONNX Runtime GenAI (bench --peer): hidden 768, 12 layers, vocab 32000
-    "llama-small": Preset("llama", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048),
-    # seconds-long smoke runs of the same code paths (tests)
-    "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
-    "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),
-}
+from .presets import DERIVED, PRESETS, Preset, check_preset  # noqa: F401 - the presets, named where they run
 
 
 def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
@@ -173,9 +137,9 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
               base_model: str | Path | None = None, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> dict:
     """Benchmark a preset (built once under ``workdir``) or a user's ``bundle`` with its ``base_model`` (PEFT's
     baseline needs it); returns rows and machine figures (see module docstring)."""
-    if bundle is None and preset not in PRESETS:
-        raise InputError(f"unknown bench preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    if bundle is not None and base_model is None:
+    if bundle is None:
+        check_preset(preset)
+    elif base_model is None:
         raise InputError("benchmarking a bundle needs --base-model (PEFT eager is the baseline measured in the same run)")
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}")

@@ -54,7 +54,8 @@ def build_model(shape: Shape, out: Path, dtype: str, layers: int | None = None, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-    from .demo import make_source_adapter, make_tokenizer
+    from .demo import make_source_adapter
+    from .tinytext import make_tokenizer
     from ..export.precision import canonical_dtype
 
     tdtype = getattr(torch, canonical_dtype(dtype))
@@ -258,16 +259,22 @@ def _gpu_provider() -> str | None:
         return None
 
 
-def run_bench_export(shape_name: str, dtype: str | None = None, workdir: str | Path = "build/bench-export",
-                     keep: bool = False, on_step=None) -> dict:
-    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+def check_shape(shape_name: str, dtype: str | None):
+    """-> (the shape, its export dtype), or one InputError naming the choices."""
     from ..export.precision import canonical_dtype
 
-    step = on_step or (lambda s: None)
     if shape_name not in SHAPES:
         raise InputError(f"unknown --shape {shape_name!r}; choose one of: {', '.join(SHAPES)}")
     shape = SHAPES[shape_name]
-    dtype = canonical_dtype(dtype or shape.dtype)
+    return shape, canonical_dtype(dtype or shape.dtype)
+
+
+def run_bench_export(shape_name: str, dtype: str | None = None, workdir: str | Path = "build/bench-export",
+                     keep: bool = False, on_step=None) -> dict:
+    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+
+    step = on_step or (lambda s: None)
+    shape, dtype = check_shape(shape_name, dtype)
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
     workdir = Path(workdir)
     root = workdir / f"{shape_name}-{short}"

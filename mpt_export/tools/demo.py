@@ -11,18 +11,8 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-
-CORPUS = """
-the movie was great and the actors were wonderful . the plot was thin but the music carried it .
-a terrible film , slow and boring , with a script that made no sense at all .
-does the premise entail the hypothesis ? yes , the premise clearly entails it .
-is the second sentence a paraphrase of the first ? no , they mean different things .
-question : where is the station ? answer : the station is next to the old bridge .
-prompt tuning learns a few virtual tokens ; multitask prompt tuning shares one prompt across many tasks .
-one frozen backbone serves every task , and a task is a few kilobytes of low-rank vectors .
-the premise clearly entails the hypothesis . the station is next to the old bridge .
-the backbone serves every task , and a task is a few kilobytes of vectors .
-""".strip()
+from ..export.quiet import quietly
+from .tinytext import CORPUS, add_chat_template, make_sentencepiece_tokenizer, make_tokenizer  # noqa: F401
 
 ARCHS = ("llama", "llama-gqa", "mistral", "qwen2", "gpt2", "t5", "flan-t5")
 SEQ2SEQ_ARCHS = ("t5", "flan-t5")
@@ -104,53 +94,6 @@ def train_prompts(pm, tok, task_lines: list[list[str]], steps: int = 150, lr: fl
             total += float(loss)
     pm.eval()
     return total / len(batches)
-
-
-def make_tokenizer(out_dir: str | Path, vocab_size: int = 320, seq2seq: bool = False):
-    """A byte-level BPE trained on the embedded corpus; writes tokenizer.json + tokenizer_config.json.
-    Seq2seq (T5 convention): <pad> = 0 = decoder start, </s> = 1 = EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "</s>"] if seq2seq else ["<|endoftext|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    eos, pad = (specials[1], specials[0]) if seq2seq else (specials[0], specials[0])
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": pad, "model_max_length": 256,
-    }, indent=2))
-    return tok
-
-
-def make_sentencepiece_tokenizer(out_dir: str | Path, kind: str = "t5", vocab_size: int = 100) -> int:
-    """A SentencePiece model trained on the embedded corpus, saved the way slow tokenizers are (``spiece.model`` for
-    T5, ``tokenizer.model`` for Llama) with no ``tokenizer.json``. -> its vocabulary size."""
-    import io
-
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS.splitlines() * 5), model_writer=buf,
-                                   vocab_size=vocab_size, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
-                                   bos_id=-1 if kind == "t5" else 3, character_coverage=1.0, minloglevel=2)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if kind == "t5":
-        (out_dir / "spiece.model").write_bytes(buf.getvalue())
-        cfg = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-               "extra_ids": 0}
-    else:
-        (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
-        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-               "add_bos_token": False}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    return vocab_size
 
 
 def make_base_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
@@ -253,7 +196,8 @@ def make_target_adapter(base_model, out_dir: str | Path, source_dir: str | Path,
     return Path(out_dir)
 
 
-def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 0, train: bool = True) -> dict:
+def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 0, train: bool = True,
+                      on_step=None) -> dict:
     """Base model + source adapter (3 tasks) + target adapter (own shared prompt) under ``workdir``.
 
     With ``train`` (the demo), the base model learns the corpus and the prompts are trained through PEFT on
@@ -270,6 +214,8 @@ def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     nts = 1 if seq2seq else None  # prompt on the encoder only, as PEFT's MPT example for T5
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    step = on_step or (lambda s: None)
+    step(f"build a tiny {arch} base model" + (" and train it on the demo corpus" if train else ""))
     model = make_base_model(base, arch=arch, seed=seed)
     src, tgt = workdir / "adapters" / "source", workdir / "adapters" / "target"
     losses = {}
@@ -284,22 +230,26 @@ def build_demo_inputs(workdir: str | Path, arch: str = "llama-gqa", seed: int = 
         losses["base"] = train_base(model, tok, seq2seq=seq2seq, steps=400 if seq2seq else 300)
         model.save_pretrained(str(base))
         names = ["sst2", "mnli", "qnli"]
+        step("train the source adapter's prompts through PEFT (3 tasks)")
         pm = get_peft_model(model, MultitaskPromptTuningConfig(task_type=task_type, num_virtual_tokens=8,
                                                                num_tasks=3, num_ranks=2,
                                                                num_transformer_submodules=nts))
         losses["source"] = train_prompts(pm, tok, [TASK_TEXT[n] for n in names], seq2seq=seq2seq)
         pm.save_pretrained(str(src))
         model = auto.from_pretrained(str(base))
+        step("train the target adapter's prompt through PEFT (initialised from a source task)")
         pm = get_peft_model(model, MultitaskPromptTuningConfig(
             task_type=task_type, num_virtual_tokens=8, num_tasks=1, num_ranks=2, num_transformer_submodules=nts,
             prompt_tuning_init="EXACT_SOURCE_TASK", prompt_tuning_init_task=1,
             prompt_tuning_init_state_dict_path=str(src / "adapter_model.safetensors")))
         losses["target"] = train_prompts(pm, tok, [TASK_TEXT["rte"]], seq2seq=seq2seq)
         pm.save_pretrained(str(tgt))
+        add_chat_template(base)
     return {"base": base, "source": src, "target": tgt, "losses": losses,
             "adapters": [f"sst2,mnli,qnli={src}", f"rte={tgt}"]}
 
 
+@quietly
 def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force: bool = True, on_step=None) -> dict:
     """Build everything in code, export one bundle, validate it. Returns timings, the bundle and its report."""
     from ..storage.ownership import check_replaceable, claim_workdir, remove_workdir, seal_workdir
@@ -312,9 +262,7 @@ def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force:
         check_replaceable(workdir, "demo-workdir", force=False)
     claim_workdir(workdir, "demo-workdir", contents=["base", "adapters", "bundle"])
     t0 = time.perf_counter()
-    if on_step:
-        on_step("build tiny base model and PEFT MPT adapters")
-    inputs = build_demo_inputs(workdir, arch=arch)
+    inputs = build_demo_inputs(workdir, arch=arch, on_step=on_step)
     t_build = time.perf_counter() - t0
     t1 = time.perf_counter()
     bundle = export_bundle(inputs["base"], inputs["adapters"], workdir / "bundle", force=True, on_step=on_step)

@@ -1,6 +1,7 @@
 """The command line as a user runs it: exit codes, one clear message, no traceback, nothing half-written."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def test_export_verify_roundtrip(llama, tmp_path):
                   str(llama.target), "--out", out, "--seed", "5")
     assert res.returncode == 0, res.stderr
     assert "parity vs PEFT" in res.stdout and "backbone" in res.stdout
+    assert_only_progress_lines(res.stderr, "export")
     man = json.loads((out / "manifest.json").read_text())
     assert [t["name"] for t in man["tasks"]] == ["x", "y", "z", "target"]
     assert man["validation"]["passed"] and man["validation"]["seed"] == 5
@@ -60,6 +62,69 @@ def test_export_verify_roundtrip(llama, tmp_path):
     res = run_cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out)
     assert_clean_failure(res, "already exists", "--force")
     assert (out / "manifest.json").read_bytes() == before
+
+
+PROGRESS_LINE = re.compile(r"^(?P<cmd>[a-z-]+): .+( \.\.\.|: done in \d+\.\d s)$")
+
+
+def assert_only_progress_lines(stderr: str, command: str):
+    """Redirected output: each phase a start and an end line (those under a second none), nothing from torch,
+    transformers or the exporter (progress bars, warnings, "torchvision is not installed")."""
+    lines = stderr.splitlines()
+    for line in lines:
+        m = PROGRESS_LINE.match(line)
+        assert m and m["cmd"] == command, (line, stderr)
+    assert sum(x.endswith(" ...") for x in lines) == sum("done in" in x for x in lines) >= 1, stderr
+
+
+def test_python_api_prints_nothing_of_its_own(llama, tmp_path):
+    """export_bundle, verify_bundle and quantize_bundle from a user's script: no progress bar, no warning, no log
+    line on either stream (and the caller's warnings filters and transformers' settings are theirs again after)."""
+    code = f"""
+import logging, warnings, mpt_export, torch
+from mpt_export.export.quantize import quantize_bundle
+from transformers.utils import logging as tlog
+names = ("transformers", "peft", "torch.onnx._internal.exporter._registration")
+def settings():
+    everything = [f for f in warnings.filters if f[0] == "ignore" and f[1] is None and f[2] is Warning]
+    return everything, tlog.is_progress_bar_enabled(), [logging.getLogger(n).level for n in names]
+before = settings()
+b = mpt_export.export_bundle({str(llama.base)!r}, [{str(llama.source)!r}], {str(tmp_path / 'b')!r})
+mpt_export.verify_bundle(b.path, base_model={str(llama.base)!r})
+quantize_bundle(b.path, {str(tmp_path / 'q')!r}, scheme="int8")
+assert settings() == before, (settings(), before)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == "", (res.stdout, res.stderr)
+
+
+def test_bad_arguments_answer_before_heavy_imports(llama, tmp_path):
+    """A mistyped path, dtype, preset or shape is answered before torch, transformers or a web framework loads (a
+    second, not the 20 s of importing them on a loaded machine): each command run in-process, then the modules
+    loaded are checked."""
+    nothing = str(tmp_path / "nothing")
+    cases = [["export", "--base-model", nothing, "--adapter", str(llama.source), "--out", nothing],
+             ["export", "--base-model", str(llama.base), "--adapter", nothing, "--out", nothing],
+             ["export", "--base-model", str(llama.base), "--adapter", str(llama.source), "--out", nothing,
+              "--dtype", "fp8"],
+             ["quantize", nothing, "--out", nothing + "2"], ["verify", nothing], ["generate", nothing, "hi"],
+             ["eval", str(llama.bundle), "--data", nothing], ["eval", nothing, "--data", nothing],
+             ["bench", "--preset", "nope"], ["bench-export", "--shape", "nope"], ["bench-serve", "--preset", "nope"],
+             ["demo", "--arch", "nope"], ["serve", nothing], ["triton", nothing, "--out", nothing + "3"],
+             ["build", nothing], ["check-trt", nothing], ["tasks", "list", nothing], ["inspect", nothing]]
+    code = f"""
+import json, sys
+from typer.testing import CliRunner
+from mpt_export.cli import app
+codes = [CliRunner().invoke(app, args).exit_code for args in {cases!r}]
+heavy = [m for m in ("torch", "transformers", "peft", "starlette", "uvicorn", "ray") if m in sys.modules]
+print(json.dumps([codes, heavy]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    codes, heavy = json.loads(res.stdout)
+    assert codes == [1] * len(cases) and heavy == [], (list(zip(codes, cases)), heavy)
 
 
 def _copy(src, dst):

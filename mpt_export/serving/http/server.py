@@ -41,14 +41,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(bundle: str, options: ServeOptions | None = None, log=None) -> int:
-    """Run the server until a signal stops it. -> exit code (0 after a drain)."""
+def serve(bundle: str, options: ServeOptions | None = None, log=None, started: float | None = None) -> int:
+    """Run the server until a signal stops it. -> exit code (0 after a drain). ``started``: the
+    ``time.perf_counter()`` its "ready" figure counts from (the command's start; default: this call's)."""
+    started = time.perf_counter() if started is None else started
     o = options or ServeOptions()
-    uvicorn = _import_uvicorn()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     from ...bundle.reader import load_bundle
 
     load_bundle(bundle, verify=False).close()  # a wrong path or a damaged manifest fails now, before listening
+    uvicorn = _import_uvicorn()
     state = ServerState(bundle, o)
     app = build_app(state)
     host, drain_timeout = o.host, o.drain_timeout
@@ -60,7 +62,7 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         _handle_signals(loop, server, state, stopped_at, drain_timeout, say)
-        _load_in_background(loop, server, state, f"{bundle} on http://{host}:{actual}", say)
+        _load_in_background(loop, server, state, f"{bundle} on http://{host}:{actual}", say, started)
         say(f"listening on http://{host}:{actual} (loading {bundle})")
         await server.serve(sockets=[sock])
 
@@ -130,7 +132,7 @@ def _handle_signals(loop, server, state: ServerState, stopped_at: list[float], d
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
 
 
-def _load_in_background(loop, server, state: ServerState, where: str, say) -> None:
+def _load_in_background(loop, server, state: ServerState, where: str, say, started: float) -> None:
     """Load the bundle in a worker thread; then say where it is served (``where``), or stop the server if it failed."""
 
     def loaded(_):
@@ -140,7 +142,8 @@ def _load_in_background(loop, server, state: ServerState, where: str, say) -> No
                                                  " (weights read in place, not prepacked)")
             if getattr(state.session, "graph", "plain") == "fast":
                 weights += " (fused graph)"
-            say(f"serving {where}{weights} — tasks: {', '.join(state.session.tasks)}")
+            say(f"serving {where}{weights} — tasks: {', '.join(state.session.tasks)} (ready "
+                f"{time.perf_counter() - started:.1f} s after the command started)")
         elif state.status == "failed":
             say(f"error: {state.error}")
             server.should_exit = True

@@ -70,11 +70,8 @@ def leave_ray(ray, serve, started_ray: bool, env_before: dict[str, str | None] |
     """Shut down Serve and the Ray instance this process started, or disconnect from a joined cluster; then restore
     the environment and remove the token's directory."""
     try:
-        if started_ray:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        if started_ray:  # the instance and every actor in it stop here (the app was deleted, its replicas drained);
+            ray.shutdown()  # serve.shutdown() first would kill its controller mid-task: a red line from the raylet
         elif "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()  # a joined cluster keeps running; only this driver disconnects
     finally:

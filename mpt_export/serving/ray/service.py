@@ -207,11 +207,13 @@ class _Service:
 
 
 def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | None = None,
-              autoscale: str | None = None, address: str | None = None, log=None) -> int:
+              autoscale: str | None = None, address: str | None = None, log=None, started: float | None = None) -> int:
     """Deploy the bundle on Ray Serve and run until SIGTERM/SIGINT. -> exit code. ``options`` go to every replica
-    (its engine and routes); Serve's HTTP proxy listens on their host and port."""
+    (its engine and routes); Serve's HTTP proxy listens on their host and port. ``started``: the
+    ``time.perf_counter()`` the "ready in" figure counts from (the command's start; default: this call's)."""
     from ...bundle.reader import load_bundle
 
+    started = time.perf_counter() if started is None else started
     o = options or ServeOptions()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     scale = parse_autoscale(autoscale)
@@ -236,12 +238,15 @@ def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | 
     env_before = private_ray_env(workdir) if not address else None
     try:
         ray, serve = import_ray()
+        t_ray = time.perf_counter()
         started_ray = start_ray(ray, address, max(os.cpu_count() or 1, int(threads) * most), say)
+        say(f"Ray {'started' if started_ray else 'joined'} in {time.perf_counter() - t_ray:.1f} s; starting Serve and "
+            "the replicas")
         stop, hup = _take_signals()
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         how = (f"autoscaling {scale[0]}-{scale[1]} replicas" if scale else f"{opts['num_replicas']} replicas")
         _run(_Service(ray, serve, bundle, replica_options, opts, say), served, stop, hup,
-             f"serving {bundle} on http://{host}:{port} with Ray Serve ({how}, {threads:g} CPU each")
+             f"serving {bundle} on http://{host}:{port} with Ray Serve ({how}, {threads:g} CPU each", started)
         say(f"stopping: replicas finish their requests (up to {o.drain_timeout:g} s)")
         serve.delete(APP_NAME)
         return 0
@@ -250,16 +255,17 @@ def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | 
         leave_ray(ray, serve, started_ray, env_before, workdir)
 
 
-def _run(service: _Service, served: Bundle, stop: threading.Event, hup: threading.Event, banner: str) -> None:
+def _run(service: _Service, served: Bundle, stop: threading.Event, hup: threading.Event, banner: str,
+         started: float) -> None:
     """Deploy ``served`` (closed once deployed), say so after ``banner``, then serve reloads until ``stop``."""
-    t0 = time.perf_counter()
     try:
         service.start(served)
     except Exception as e:  # Serve's deploy failure carries the replica's constructor error in its text
         raise MptExportError(f"Ray Serve could not start the replicas: {_short(e)}") from None
     finally:
         served.close()
-    service.say(f"{banner}, ready in {time.perf_counter() - t0:.1f} s) — digest {service.digest[:12]}")
+    service.say(f"{banner}, ready {time.perf_counter() - started:.1f} s after the command started) — digest "
+                f"{service.digest[:12]}")
     service.serve_requests(stop, hup)
 
 

@@ -1,0 +1,35 @@
+"""Help pages in the form Unix tools and click use: ``Usage: mpt-export generate [OPTIONS] BUNDLE [PROMPTS]...``, no
+type label on flags (``--force``, ``--help``: they take no value). Typer 0.2x prints required arguments as
+``{bundle}``, every flag with a ``<bool>`` label and a described default as ``[default: (8)]``; those are its
+rendering choices, changed here in one place (where a typer release lacks the hook, its own rendering stays)."""
+
+from __future__ import annotations
+
+
+def conventional_help() -> None:
+    from typer import core
+
+    arg = getattr(core, "TyperArgument", None)
+    if arg is not None and hasattr(arg, "_usage_display_name"):
+        def usage_name(self) -> str:
+            name = self.metavar or (self.name or "").upper()
+            name = name if self.required else f"[{name}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        arg._usage_display_name = usage_name
+    described = getattr(core, "_get_default_string", None)
+    if described is not None:
+        def default_string(obj, *, ctx, show_default_is_str, default_value):
+            if show_default_is_str:  # a described default ("engines/<bundle name>"), shown as written
+                return str(obj.show_default)
+            return described(obj, ctx=ctx, show_default_is_str=show_default_is_str, default_value=default_value)
+
+        core._get_default_string = default_string
+    opt = getattr(core, "TyperOption", None)
+    if opt is not None and hasattr(opt, "display_type_rich"):
+        shown = opt.display_type_rich
+
+        def display_type_rich(self, ctx):
+            return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+        opt.display_type_rich = display_type_rich

@@ -1,0 +1,51 @@
+"""The workloads ``mpt-export bench`` (and bench-serve, the peer comparison) build in code: model shapes with random
+weights, the prompt and the batch. Data only: importing it costs nothing, so a mistyped preset answers at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+
+@dataclass
+class Preset:
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    max_positions: int
+    virtual_tokens: int
+    num_tasks: int
+    rank: int
+    batch: int
+    input_len: int
+    new_tokens: int
+    ffn: int | None = None
+    nts: int | None = None
+    tokenizer: bool = True  # the demo's byte-level BPE (its ids are a subset of the model's): text in and out
+
+    seq2seq = property(lambda self: self.arch in ("t5", "flan-t5"))
+
+
+DERIVED = [f"bundle-{x}" for x in ("int8", "int4", "int8-dynamic", "fp16")] + [f"peer-{x}" for x in ("fp32", "int8", "int4", "cache")]
+
+
+PRESETS = {
+    # GPT-2 small's shape, random weights; 100 virtual tokens as in the MPT paper; a mixed-task batch of 8 x 64.
+    "gpt2-small-shape": Preset("gpt2", 768, 12, 12, 50257, 1024, 100, 4, 1, 8, 64, 8),
+    # T5-Base's shape (12+12 layers, d_model 768, d_ff 3072), 100 virtual tokens on the encoder as in the paper,
+    # 8 x 64-token inputs, 4 new tokens (classification-style outputs as in GLUE).
+    "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
+    # the Llama of the edge comparison with ONNX Runtime GenAI (bench --peer): hidden 768, 12 layers, vocab 32000
+    "llama-small": Preset("llama", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048),
+    # seconds-long smoke runs of the same code paths (tests)
+    "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
+    "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),
+}
+
+
+def check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise InputError(f"unknown bench preset {preset!r}; choose one of: {', '.join(PRESETS)}")
