@@ -98,15 +98,17 @@ def measure(runners: dict, batches, input_len: int, new: int, rounds: int, vocab
     return {k: {m: {"median": statistics.median(v), "min": min(v)} for m, v in fig.items()} for k, fig in raw.items()}
 
 
-def measure_isolated(specs: dict, batches, input_len: int, new: int, rounds: int, vocab: int) -> dict:
+def measure_isolated(specs: dict, batches, input_len: int, new: int, rounds: int, vocab: int, step=None) -> dict:
     """:func:`measure`, with every (side, precision) runner in a fresh process of its own in every round, in turn: on a
     small machine, sessions of the other sides idle in the same process (their spinning thread pools) moved one
     side's figures by up to 1.7x. -> {(side, precision, batch): {"decode"/"e2e": {"median", "min"}}}"""
     import json
 
     raw: dict = {}
-    for _ in range(rounds):
+    for r in range(rounds):
         for key, spec in specs.items():
+            if step:
+                step(f"round {r + 1}/{rounds}: {key[0]} {key[1]}, batch {', '.join(map(str, batches))}")
             job = {"spec": spec, "batches": list(batches), "input_len": input_len, "new": new, "vocab": vocab}
             res = subprocess.run([sys.executable, "-m", "mpt_export.tools.bench_peer", json.dumps(job)],
                                  capture_output=True, text=True, timeout=1800)
@@ -151,9 +153,7 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
         specs[("mpt-export", q)] = {"kind": "ours", "bundle": str(ours[q]), "task": names[0], "threads": threads}
         specs[(peer, q)] = {"kind": peer, "model": str(theirs[q]), "virtual": virtual.tolist(), "threads": threads}
     load_before = os.getloadavg()
-    step(f"measure: {rounds} interleaved rounds x {len(specs)} models (each in a fresh process) x batch "
-         f"{', '.join(map(str, BATCHES))}")
-    figs = measure_isolated(specs, BATCHES, input_len, new_tokens, rounds, p.vocab)
+    figs = measure_isolated(specs, BATCHES, input_len, new_tokens, rounds, p.vocab, step)  # each in a fresh process
     load_after = os.getloadavg()
     step("peak memory: each model and batch in a fresh process")
     mem = peak_memory(specs, input_len, new_tokens, p.vocab)
