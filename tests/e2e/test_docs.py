@@ -27,10 +27,12 @@ PAGES = pages(ROOT)
 
 @pytest.fixture(scope="module")
 def demo_tree(tmp_path_factory):
-    """build/demo as `make demo` leaves it: the real console script, run once."""
+    """build/demo as `make demo` leaves it: the real console script, run once. One torch thread (as the suite's
+    xdist workers have): on two busy cores a second one only spins (the demo's training took 4x as long)."""
     root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     res = subprocess.run([str(EXE), "demo", "--workdir", "build/demo"], cwd=root, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return root / "build" / "demo"
 
@@ -108,7 +110,8 @@ def test_readme_and_help_stand_alone():
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_sentencepiece_only_base_model_gets_a_tokenizer_json(tmp_path, kind):
+def test_sentencepiece_only_base_model_gets_a_tokenizer_json(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # the export's torch: see demo_tree
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from mpt_export.tools.demo import make_base_model, make_sentencepiece_tokenizer, make_source_adapter
