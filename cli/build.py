@@ -32,7 +32,7 @@ def build_cmd(
     trt_version: Annotated[str | None, typer.Option(help="With --print-trtexec: the TensorRT release of the target board, MAJOR[.MINOR] (JetPack 6.1/6.2: 10.3; 10 means 10.0, the strictest 10.x; default 10). With --adopt where the tensorrt package is missing: the release whose trtexec built the plans.")] = None,
     tf32: Annotated[bool, typer.Option("--tf32", help="Let fp32 layers use TF32 tensor cores (TensorRT's default; off here so fp32 means fp32).")] = False,
     print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec commands (for boards without the Python bindings) and exit.")] = False,
-    adopt: Annotated[bool, typer.Option("--adopt", help="After the printed trtexec commands ran: check their plans in --out against the bundle and write engine.json, so generate/serve/triton --backend tensorrt take them. Give the options the commands were printed with.")] = False,
+    adopt: Annotated[bool, typer.Option("--adopt", help="After the printed trtexec commands ran: check their plans in --out against the bundle and write engine.json, so generate/triton --backend tensorrt take them. Give the options the commands were printed with.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
@@ -75,7 +75,7 @@ def build_cmd(
                  f"--max-new-tokens {limits.max_new_tokens}", f"--precision {precision}",
                  f"--trt-version {target[0]}.{target[1]}"] + ["--version-compatible"] * version_compatible + \
             ["--tf32"] * tf32
-        print("# then, so that generate/serve/triton --backend tensorrt take the plans (on the board; --trt-version: "
+        print("# then, so that generate/triton --backend tensorrt take the plans (on the board; --trt-version: "
               f"the release whose trtexec built them):\nmpt-export build {bundle} --adopt {' '.join(flags)}")
         return
     from mpt_export.export.trt_build import build_engines

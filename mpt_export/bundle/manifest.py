@@ -1,5 +1,5 @@
 """The bundle's manifest: its constants, digests (of every file and of itself) and the checks of every field the
-runtime trusts. Reading a bundle is in ``reader.py``; the format is documented in docs/bundle-format.md."""
+runtime trusts. Reading a bundle is in ``reader.py``; the format is documented in docs/reference/bundle-format.md."""
 
 from __future__ import annotations
 

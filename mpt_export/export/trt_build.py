@@ -124,7 +124,7 @@ def _build_graph(trt, logger, onnx_path: Path, plist: list, prec: dict, plan_pat
 def adopt_engines(bundle_path, out: str | Path | None = None, limits: Limits | None = None, precision: str = "auto",
                   version_compatible: bool = False, tf32: bool = False, trt_version: str | None = None) -> Path:
     """The trtexec route's last step: plans that trtexec built into ``out`` from ``build --print-trtexec``'s commands
-    get the sidecar (``engine.json``) a build writes, so ``generate``/``serve --backend tensorrt`` and ``triton
+    get the sidecar (``engine.json``) a build writes, so ``generate --backend tensorrt`` and ``triton
     --backend tensorrt`` take them. Called with the options the commands were printed with. Where the tensorrt
     package is here, each plan is loaded and its I/O names and profiles are checked against the bundle's; where it is
     not (a board with trtexec only), ``trt_version`` names the release that built them and the plans are checked when

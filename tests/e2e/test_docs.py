@@ -1,6 +1,5 @@
 """The documentation is true: every bash/python example in README.md and docs/**/*.md runs (docs_examples.py has the
-rule and the runner), the site builds with --strict (links and anchors checked), the README stands alone; and slow
-(SentencePiece) tokenizers become tokenizer.json.
+rule and the runner), the site builds with --strict (links and anchors checked), the README stands alone.
 
 One test per page. The real `mpt-export demo --workdir build/demo` runs once for the module (it stands for the
 pages' `make demo`); its tree is copied into each page's own directory, since pages change it."""
@@ -14,12 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-import mpt_export
 from docs_examples import PageRun, blocks, pages, rule_violations, run_page
-from support import EXE, TINY, run_cli
+from support import EXE, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = pages(ROOT)
@@ -107,34 +104,3 @@ def test_readme_and_help_stand_alone():
             assert (ROOT / link).is_file(), link
     res = run_cli("export", "--help")
     assert "T5" in res.stdout and "causal-LM directory" not in res.stdout
-
-
-@pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_sentencepiece_only_base_model_gets_a_tokenizer_json(tmp_path, kind, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # the export's torch: see demo_tree
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from mpt_export.tools.demo import make_base_model, make_sentencepiece_tokenizer, make_source_adapter
-
-    base = tmp_path / "base"
-    vocab = make_sentencepiece_tokenizer(base, kind=kind)
-    make_base_model(base, arch=kind, tokenizer=False, vocab_size=vocab, **TINY)
-    assert not (base / "tokenizer.json").exists()
-    seq2seq = kind == "t5"
-    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    make_source_adapter(auto.from_pretrained(str(base)), tmp_path / "src", num_tasks=2, num_virtual_tokens=4,
-                        task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
-    res = run_cli("export", "--base-model", base, "--adapter", f"a,b={tmp_path / 'src'}", "--out", tmp_path / "b")
-    assert res.returncode == 0, res.stderr
-    with mpt_export.load_bundle(tmp_path / "b") as b:
-        assert b.has_file("tokenizer/tokenizer.json")
-        assert "converted from" in b.manifest["tokenizer"]["tokenizer.json"]
-        s = b.session()
-        text = "the movie was great"
-        ref = AutoTokenizer.from_pretrained(str(base))(text)["input_ids"]
-        assert s.tokenizer.tok.encode(text).ids == ref  # the same tokens transformers gives
-        out = s.generate([text], ["a"], max_new_tokens=4)
-        assert isinstance(out[0], str)
-    res = run_cli("generate", tmp_path / "b", "--task", "b", text, "--max-new-tokens", "3", "--json")
-    assert res.returncode == 0, res.stderr
-    assert np.asarray(__import__("json").loads(res.stdout)["ids"]).size >= 1

@@ -7,7 +7,7 @@ import pytest
 from mpt_export.source.adapters import build_task_bank, parse_adapter_spec, read_adapter
 from mpt_export.bundle.taskbank import TaskBank
 from mpt_export.errors import BaseModelError, CheckpointError, TaskNameError
-from support import assert_clean_failure, cli, no_output_left, wide_adapter
+from support import TINY, assert_clean_failure, cli, no_output_left, wide_adapter
 
 
 def test_reads_source_and_target(llama):
@@ -164,3 +164,37 @@ def test_bad_inputs_fail_cleanly(llama, tmp_path):
         res = cli(*args)
         assert_clean_failure(res, *needles)
         assert no_output_left(out), label
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_sentencepiece_only_base_model_gets_a_tokenizer_json(tmp_path, kind):
+    """A base model saved with a slow (SentencePiece) tokenizer only (T5's spiece.model, Llama's tokenizer.model):
+    the bundle's tokenizer.json is converted from it and gives the tokens transformers gives; a Llama one is exported
+    and generates through the CLI (a T5 export costs 30 s more and reads its tokenizer the same way)."""
+    import mpt_export
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mpt_export.export.tokenizer import write_tokenizer
+    from mpt_export.tools.demo import make_base_model, make_sentencepiece_tokenizer, make_source_adapter
+
+    base = tmp_path / "base"
+    vocab = make_sentencepiece_tokenizer(base, kind=kind)
+    make_base_model(base, arch=kind, tokenizer=False, vocab_size=vocab, **TINY)
+    assert not (base / "tokenizer.json").exists()
+    info = write_tokenizer(base, tmp_path / "tok")
+    assert "converted from" in info["tokenizer.json"]
+    text = "the movie was great"
+    ref = AutoTokenizer.from_pretrained(str(base))(text)["input_ids"]
+    assert Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).encode(text).ids == ref
+    if kind == "t5":
+        return
+    make_source_adapter(AutoModelForCausalLM.from_pretrained(str(base)), tmp_path / "src", num_tasks=2,
+                        num_virtual_tokens=4, task_type="CAUSAL_LM")
+    with mpt_export.export_bundle(base, [f"a,b={tmp_path / 'src'}"], tmp_path / "b", validate=False,
+                                  fast_graph=False) as b:
+        assert "converted from" in b.manifest["tokenizer"]["tokenizer.json"]
+        assert b.session().tokenizer.tok.encode(text).ids == ref
+    res = cli("generate", tmp_path / "b", "--task", "b", text, "--max-new-tokens", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["ids"]) >= 1

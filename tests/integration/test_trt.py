@@ -380,7 +380,7 @@ def test_tensorrt_limits_refuse_several_decoder_tokens_in_one_call(make_case):
 
 def test_the_trtexec_route_ends_with_adopt(llama, tmp_path):
     """Jetson route: print the trtexec commands, run them on the board, then `build --adopt` writes the sidecar that
-    generate/serve/triton --backend tensorrt need. Here trtexec cannot run: its plans are stand-in files (nothing
+    generate/triton --backend tensorrt need. Here trtexec cannot run: its plans are stand-in files (nothing
     here deserializes them; where the tensorrt package is, adopt loads each and checks its I/O and profiles)."""
     import re
 
