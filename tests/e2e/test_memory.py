@@ -1,4 +1,4 @@
-"""Export memory at a size where a second copy of the weights would show: a ~320 MB fp32 model (decoder-only, and
+"""Export memory at a size where a second copy of the weights would show: a ~340 MB fp32 model (decoder-only, and
 encoder-decoder, whose two graphs are rewritten to share one weights file) exported (with validation) by the CLI in
 a child process; its peak resident memory, from ``wait4`` (the export and its own torch
 child), against the weight bytes. No timing is asserted."""
@@ -16,8 +16,10 @@ from mpt_export.tools.bench_export import Shape, _run_measured, build_model
 EXE = Path(sys.executable).with_name("mpt-export")
 
 
-SHAPES = {"llama": Shape("llama", 640, 8, 10, 5, 1728, 32000, 512),
-          "t5": Shape("t5", 512, 8, 8, 8, 1536, 32128, 512)}
+# ~340 MB of weights in few layers (a wide vocabulary, wide feed-forwards): the memory is the weights' whatever the
+# depth, while the export's time grows with it (8 layers each took 25-30 s longer to export, with the same margins)
+SHAPES = {"llama": Shape("llama", 640, 3, 10, 5, 1728, 56000, 512),
+          "t5": Shape("t5", 512, 4, 8, 8, 4608, 32128, 512)}
 
 
 @pytest.mark.parametrize("family", list(SHAPES))
