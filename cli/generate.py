@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, escape, handle_errors
+from ._common import Quiet, console, escape, handle_errors, progress
 
 MAX_LISTED = 10
 
@@ -110,6 +110,7 @@ def generate_cmd(
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache/--no-prompt-cache", help="Start from each task's cached prompt KV.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row: task, text, token ids, finish reason, timings (with --stream: JSON lines only).")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated (one prompt; with --json any number, as JSON lines).")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Generate text with a bundle: one backbone, any task per row."""
     import mpt_export
@@ -143,7 +144,11 @@ def generate_cmd(
     stop = check_stop(stop or None)
     options = SessionOptions(provider=provider, backend=backend, engines=engines, prompt_kv_cache=prompt_cache,
                              intra_op_threads=threads, optimization=optimization, prepack=prepack, graph=graph)
-    s = mpt_export.load_bundle(bundle).session(options)
+    with progress("generate", quiet) as on_step:  # a multi-GB bundle: its files hashed, its graphs loaded
+        on_step("open the bundle (its files checked against the manifest)")
+        b = mpt_export.load_bundle(bundle)
+        on_step(f"start the session ({options.backend}, {options.provider})")
+        s = b.session(options)
     check_rows(s, rows, where, max_new_tokens)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
     for start in range(0, len(rows), batch_size):

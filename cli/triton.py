@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import console, escape, handle_errors, human
+from ._common import Quiet, console, escape, handle_errors, human, progress
 
 
 @handle_errors
@@ -21,13 +21,16 @@ def triton_cmd(
     graph_calls: Annotated[str | None, typer.Option(help="How the generation model runs the graphs: onnxruntime (in its own process; default for --backend onnxruntime) or bls (through Triton's graph models; default for --backend tensorrt).")] = None,
     prefix: Annotated[str, typer.Option(help="Prefix for the model names: one Triton can serve the repositories of several bundles (one --model-repository each) when their model names differ.")] = "",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a repository this tool wrote.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write a Triton Inference Server model repository: the graphs as ONNX Runtime or TensorRT models, and a
     decoupled Python-backend model `generate` that batches every task together and streams tokens."""
     from mpt_export.serving.triton.writer import write_repository
 
-    r = write_repository(bundle, out, backend=backend, engines=engines, max_batch=max_batch, instances=instances,
-                         kind=kind, max_queue=max_queue, prefix=prefix, graph_calls=graph_calls, force=force)
+    with progress("triton", quiet) as on_step:
+        on_step("write the repository (the graphs copied, cloned or linked)")
+        r = write_repository(bundle, out, backend=backend, engines=engines, max_batch=max_batch, instances=instances,
+                             kind=kind, max_queue=max_queue, prefix=prefix, graph_calls=graph_calls, force=force)
     files = (f"{r['copied']} files copied ({r['bytes'] / 2**20:,.0f} MiB), {r['cloned']} cloned (copy-on-write), "
              f"{r['linked']} hard links between the repository's models")
     console.print(f"[green]wrote[/] {escape(r['out'])}: models {escape(', '.join(r['models']))} "
