@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # the documentation site, built into build/site; --strict fails on any warning (broken links and anchors included)
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 bench: $(STAMP)
 	$(VENV)/bin/mpt-export bench --preset gpt2-small-shape --workdir build/bench

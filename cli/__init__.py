@@ -3,9 +3,11 @@ library function. Library errors become one red line and exit code 1; heavy modu
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from ._help import conventional_help
+from ._help import conventional_help, unwrap_docstrings
 from . import (bench, bench_export, bench_serve, build, demo, evaluate, export, generate, inspect, quantize, serve, tasks,
                triton, verify)
 
@@ -33,6 +35,21 @@ app.command(name="bench")(bench.bench_cmd)
 app.command(name="bench-serve")(bench_serve.bench_serve_cmd)
 app.command(name="bench-export")(bench_export.bench_export_cmd)
 app.command(name="demo")(demo.demo_cmd)
+unwrap_docstrings(app)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from mpt_export.version import __version__
+
+        typer.echo(f"mpt-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
 
 
 def main() -> None:

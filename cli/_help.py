@@ -33,3 +33,14 @@ def conventional_help() -> None:
             return None if self.is_flag and self.metavar is None else shown(self, ctx)
 
         opt.display_type_rich = display_type_rich
+
+
+def unwrap_docstrings(app) -> None:
+    """Command docstrings are wrapped at 120 columns in the source; rich help keeps their line breaks, so the
+    command list and help pages would show ragged lines. Each paragraph becomes one line (the terminal wraps it)."""
+    import inspect
+
+    for group in [app, *(g.typer_instance for g in app.registered_groups)]:
+        for info in group.registered_commands:
+            text = info.help or inspect.getdoc(info.callback) or ""
+            info.help = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))

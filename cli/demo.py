@@ -43,18 +43,18 @@ def demo_cmd(
     console.print(f"adding a task at runtime: {r['task_bytes']} bytes of vectors, {r['add_task_ms']:.0f} ms from "
                   "add_task to its first 16 generated tokens (composer + first request), no re-export")
     console.print(f"[green]bundle[/] {escape(str(b.path))}  tasks: {escape(', '.join(b.tasks))}")
-    console.print(next_steps(workdir))
+    console.print(next_steps(workdir), soft_wrap=True)  # commands to copy: never wrapped
 
 
 def next_steps(workdir: Path) -> str:
     """What to try on the bundle just made (the paths as the user typed them)."""
     w = escape(shlex.quote(str(workdir)))
     return "\n".join([
-        "[bold]next[/]:",
-        f"  mpt-export generate {w}/bundle --task sst2 \"the movie\"      # any task, one backbone",
-        f"  mpt-export serve {w}/bundle --port 8000                     # OpenAI-compatible; the model is the task",
-        "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\",
-        "       -d '{\"model\": \"mnli\", \"prompt\": \"the premise\", \"max_tokens\": 8}'",
-        f"  mpt-export tasks add {w}/bundle --adapter again={w}/adapters/target  # a task added, no re-export",
-        "  docs: docs/quickstart.md (after the demo), docs/guides/export.md (your own model)",
+        "[bold]next[/] (the README's \"After the demo\"; docs/quickstart.md explains each step):",
+        f"  mpt-export generate {w}/bundle --task sst2 \"the movie was\"",
+        f"  mpt-export serve {w}/bundle --port 8000 &",
+        "  timeout 60 bash -c 'until curl -sf http://localhost:8000/health > /dev/null; do sleep 0.2; done'",
+        "  curl -s http://localhost:8000/v1/completions -H 'Content-Type: application/json' \\",
+        "       -d '{\"model\": \"mnli\", \"prompt\": \"the premise\", \"max_tokens\": 16, \"temperature\": 0}'",
+        f"  mpt-export tasks add {w}/bundle --adapter rte-v2={w}/adapters/target   # a task added, no re-export",
     ])

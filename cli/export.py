@@ -11,7 +11,7 @@ from ._common import Quiet, console, escape, handle_errors, parity_table, progre
 @handle_errors
 def export_cmd(
     base_model: Annotated[Path, typer.Option("--base-model", help="Hugging Face model directory the adapters were trained on: a causal LM (Llama, Mistral, Qwen2, GPT-2) or a T5-family encoder-decoder.")],
-    adapter: Annotated[list[str], typer.Option("--adapter", help="[NAMES=]DIR: a PEFT MPT adapter; NAMES is one comma-separated name per task, in order (without NAMES: the directory name, with -<i> for several tasks). Repeatable.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter; NAMES is one comma-separated name per task, in order (without NAMES: the directory name, with -<i> for several tasks). Repeatable.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
     opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
     atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT|.", show_default="per dtype, shown in the report")] = None,

@@ -71,15 +71,15 @@ def check_rows(s, rows: list[tuple[int, str, str]], where: str | None, max_new_t
 
     problems = []
     for n, task, text in rows:
-        label = f"{where}:{n}" if where else f"prompt {n}"
+        label = f"{where}:{n}: " if where else (f"prompt {n}: " if len(rows) > 1 else "")
         n_tokens = len(s.tokenizer.tok.encode(text).ids)
         if not n_tokens:
-            problems.append(f"{label}: the text encodes to no tokens")
+            problems.append(f"{label}the text encodes to no tokens")
             continue
         try:
             s.check_request(n_tokens, task, max_new_tokens)
         except MptExportError as e:
-            problems.append(f"{label}: {e}")
+            problems.append(f"{label}{e}")
     if problems:
         from mpt_export.errors import InputError
 

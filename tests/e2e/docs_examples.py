@@ -14,8 +14,10 @@ the page directory as working directory and the interpreter's ``bin`` folder fir
   not run either: the first two would run this suite inside itself, and test_docs.py builds the site itself
   (``mkdocs build --strict``). Any other ``make`` target must be in a block marked not run.
 - ``mpt-export serve ... --port N &`` is started by the runner, in the background, on a free port (``--port 0``,
-  the port read from the server's first line), and waited for until ``GET /health`` answers 200; from then on every
-  ``localhost:N`` / ``127.0.0.1:N`` in the page's blocks is rewritten to that port. The runner stops every server it
+  the port read from the server's first line: it listens from then on, but answers 503 until the bundle is loaded);
+  from then on every ``localhost:N`` / ``127.0.0.1:N`` in the page's blocks is rewritten to that port. The runner
+  does not wait for the server to be ready: the page must, as its reader must — the rule asks for the command right
+  after the serve line to poll ``/health`` (``until curl -sf .../health ...``). The runner stops every server it
   started when the page ends, failed or not, by its pid (SIGTERM, then SIGKILL).
 
 A special line splits its bash block: the commands before it run in one ``bash -c``, those after in another.
@@ -31,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,10 +109,14 @@ def rule_violations(root: Path, page: str) -> list[str]:
         elif b.not_run is not None and len(b.not_run.split()) < 3:
             bad.append(f"{b.where}: not-run reason {b.not_run!r} is not specific (what it needs, or which test runs it)")
         elif b.runs and b.info == "bash":
-            for cmd in commands(b.code):
+            cmds = commands(b.code)
+            for i, cmd in enumerate(cmds):
                 m = MAKE.match(cmd)
                 if m and m["target"] not in MAKE_STANDS_FOR:
                     bad.append(f"{b.where}: `make {m['target']}` runs only in a block marked not run")
+                if SERVE.match(cmd) and not (i + 1 < len(cmds) and "/health" in cmds[i + 1]):
+                    bad.append(f"{b.where}: a server started with & must be waited for: the next command polls "
+                               "/health (until curl -sf .../health ...)")
     return bad
 
 
@@ -152,7 +157,6 @@ class Server:
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._read, daemon=True).start()
         self.port = self._wait_for_port()
-        self._wait_ready()
 
     def _read(self):
         for line in self.proc.stdout:
@@ -169,18 +173,6 @@ class Server:
                 break
             time.sleep(0.05)
         raise RuntimeError(f"the server did not start:\n{self.log()}")
-
-    def _wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the server never answered /health with 200:\n{self.log()}")
 
     def log(self) -> str:
         return "\n".join(self.lines[-40:])

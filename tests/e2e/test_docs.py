@@ -46,13 +46,14 @@ def test_the_rule_refuses_what_would_slip_through(tmp_path):
         "```\nmpt-export export --out b\n```\n\n```sh\nmpt-export verify b\n```\n\n"
         "<!-- not run: slow -->\n```bash\nmpt-export bench\n```\n\n```bash\nmake bench\n```\n\n"
         "<!-- not run: a sample, not a command -->\n```text\nx\n```\n\n<!-- not run: dangling here -->\n\n"
-        "    ```python\n    print(1)\n    ```\n")
+        "    ```python\n    print(1)\n    ```\n\n"
+        "```bash\nmpt-export serve b --port 8000 &\ncurl -s http://localhost:8000/v1/models\n```\n")
     bad = "\n".join(rule_violations(tmp_path, "p.md"))
     for needle in ("p.md:1: info string '(none)'", "p.md:5: info string 'sh'", "p.md:10: not-run reason 'slow'",
                    "p.md:14: `make bench`", "p.md:19: a not-run comment on a text block",
-                   "p.md:23: a not-run comment must be"):
+                   "p.md:23: a not-run comment must be", "p.md:29: a server started with & must be waited for"):
         assert needle in bad, (needle, bad)
-    assert [b.info for b in blocks(tmp_path, "p.md") if b.runs] == ["bash", "python"]
+    assert [b.info for b in blocks(tmp_path, "p.md") if b.runs] == ["bash", "python", "bash"]
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.runs for b in blocks(ROOT, p))])
@@ -65,6 +66,7 @@ def test_page_examples_run(page, demo_tree, tmp_path):
 def test_a_failing_page_stops_its_server(demo_tree, tmp_path):
     """The runner's server line: started on a free port, the page's later 8000s rewritten, stopped on failure."""
     (tmp_path / "p.md").write_text("```bash\nmake demo\nmpt-export serve build/demo/bundle --port 8000 &\n"
+                                   "timeout 60 bash -c 'until curl -sf http://localhost:8000/health; do sleep 0.2; done'\n"
                                    "curl -s --fail-with-body http://localhost:8000/v1/models\nfalse\n```\n")
     shutil.copytree(demo_tree, tmp_path / "build" / "demo", symlinks=True)
     run = PageRun(tmp_path)
