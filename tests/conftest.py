@@ -20,9 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The longest test files start first, so the workers do not wait on one at the end (the order of everything else
 # is kept; make runs xdist with --no-loadscope-reorder, which would otherwise put files with many tests first): the
 # export memory measurements, the Ray server's module, the benchmarks, the files that export T5 several times, the
-# fp16/bf16/quantized exports.
+# fp16/bf16/quantized exports, the console-script tests (each a subprocess with torch), the kill tests, the docs
+# (the real demo, then every page). A long file started last would keep one worker busy while the other idles.
 FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "e2e/test_bench.py", "integration/test_validation.py",
-         "integration/test_seq2seq.py", "integration/test_precision.py")
+         "integration/test_seq2seq.py", "integration/test_precision.py", "e2e/test_cli.py",
+         "e2e/test_data_safety_swaps.py", "e2e/test_docs.py")
 
 
 def pytest_collection_modifyitems(config, items):

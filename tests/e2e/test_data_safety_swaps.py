@@ -47,10 +47,10 @@ def test_readers_see_a_whole_bundle_while_writers_swap(llama, tmp_path):
 
     b = tmp_path / "b"
     shutil.copytree(llama.bundle, b)
-    dur = 14.0
+    dur = 10.0
     allowed = json.dumps([OLD, OLD + ["x"]])
     readers = [subprocess.Popen([sys.executable, "-c", READER, str(b), str(dur), str(tmp_path / f"r{i}.json"), allowed])
-               for i in range(3)]
+               for i in range(2)]
     stop, cycles, werr = threading.Event(), [0], []
 
     def writer():
@@ -88,7 +88,7 @@ def test_readers_see_a_whole_bundle_while_writers_swap(llama, tmp_path):
     assert not werr, werr
     assert exp.returncode == 0, exp.stderr
     assert all(r.returncode == 0 for r in cli_reads), [r.stderr for r in cli_reads]
-    results = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(3)]
+    results = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
     assert all(r["n_errors"] == 0 for r in results), json.dumps(results, indent=1)
     assert all(r["ok"] > 0 for r in results) and cycles[0] >= 3, (results, cycles)
     assert not b.is_symlink() and mpt_export.load_bundle(b).tasks == OLD

@@ -132,8 +132,8 @@ def test_int8_dynamic_agreement_is_computed_and_enforced(llama, tmp_path):
     mpt_export.load_bundle(llama.bundle)
 
 
-def test_export_quantize_int8_cli(make_case, tmp_path):
-    case = make_case("t5", 2)
+def test_export_quantize_int8_cli(llama, tmp_path):
+    case = llama
     out = tmp_path / "q"
     res = cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--out", out,
               "--quantize", "int8", "--min-agreement", "0", "--rtol", "1e-3", "--atol", "0")
