@@ -118,23 +118,7 @@ def generate_cmd(
     from mpt_export.runtime.sampling import SamplingConfig, check_stop
     from mpt_export.runtime import SessionOptions
 
-    if input_file is not None:
-        if prompts:
-            raise InputError("give prompts as arguments or --input-file, not both")
-        rows = read_prompts(input_file, task)
-        where = str(input_file)
-    else:
-        if not prompts:
-            raise InputError("no prompt given; pass text arguments or --input-file FILE.jsonl")
-        if task is None:
-            raise InputError("--task is required with prompt arguments (see `mpt-export tasks list BUNDLE`)")
-        empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
-        if empty:
-            raise InputError(f"prompt {empty[0]} is empty; give some text to continue")
-        bad = [i for i, p in enumerate(prompts, 1) if not _valid_unicode(p)]
-        if bad:
-            raise InputError(f"prompt {bad[0]} is not valid UTF-8 text; pass UTF-8 text")
-        rows, where = [(i, task, p) for i, p in enumerate(prompts, 1)], None
+    rows, where = _rows(prompts, input_file, task)
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     if stream and not as_json and len(rows) != 1:
@@ -171,6 +155,28 @@ def generate_cmd(
             elif not stream:
                 console.print(f"[bold]{escape(btasks[i])}[/] {escape(repr(bt[i]))} -> {escape(repr(text))}",
                               highlight=False)
+
+
+def _rows(prompts: list[str] | None, input_file: Path | None, task: str | None):
+    """(line or argument number, task, text) per prompt, from the arguments or the JSONL file, checked whole; and
+    where they came from (the file, or None for arguments)."""
+    from mpt_export.errors import InputError
+
+    if input_file is not None:
+        if prompts:
+            raise InputError("give prompts as arguments or --input-file, not both")
+        return read_prompts(input_file, task), str(input_file)
+    if not prompts:
+        raise InputError("no prompt given; pass text arguments or --input-file FILE.jsonl")
+    if task is None:
+        raise InputError("--task is required with prompt arguments (see `mpt-export tasks list BUNDLE`)")
+    empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
+    if empty:
+        raise InputError(f"prompt {empty[0]} is empty; give some text to continue")
+    bad = [i for i, p in enumerate(prompts, 1) if not _valid_unicode(p)]
+    if bad:
+        raise InputError(f"prompt {bad[0]} is not valid UTF-8 text; pass UTF-8 text")
+    return [(i, task, p) for i, p in enumerate(prompts, 1)], None
 
 
 def _valid_unicode(text: str) -> bool:
