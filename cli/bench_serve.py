@@ -23,7 +23,7 @@ def bench_serve_cmd(
     max_batch: Annotated[int | None, typer.Option(help="Server --max-batch.", show_default="--clients")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling.", show_default="one per core")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
-    ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count, then the time to replace a killed replica.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count (each replica --threads cores; 1 without it), then the time to replace a killed replica.")] = False,
     replicas: Annotated[str, typer.Option(help="With --ray: replica counts to compare, comma-separated.")] = "1,2",
     quiet: Quiet = False,
 ) -> None:
