@@ -28,11 +28,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,51 +137,23 @@ def commands(script: str) -> list[str]:
     return [c for c in out if c.strip() and not c.lstrip().startswith("#")]
 
 
-class Server:
-    """An ``mpt-export serve ... &`` line of a page, run by the harness on a free port."""
+def start_server(command: str, cwd: Path, env: dict):
+    """An ``mpt-export serve ... &`` line of a page, started on a free port (``--port 0``; the serving tests'
+    :class:`servers.Server`, which reads the port from the server's first line and stops it by pid); ``asked`` is
+    the port the page named."""
+    from servers import Server
 
-    def __init__(self, command: str, cwd: Path, env: dict):
-        words = shlex.split(re.sub(r"&\s*(#.*)?$", "", command.strip()))
-        extra = {}
-        while re.match(r"^\w+=", words[0]):
-            k, _, v = words.pop(0).partition("=")
-            extra[k] = v
-        self.asked = int(words[words.index("--port") + 1]) if "--port" in words else 8000
-        if "--port" in words:
-            del words[words.index("--port"):words.index("--port") + 2]
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([*words, "--port", "0"], cwd=cwd, env={**env, **extra}, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_for_port()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def _wait_for_port(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = re.search(r"listening on http://[\d.]+:(\d+)", line)
-                if m:
-                    return int(m.group(1))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"the server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return "\n".join(self.lines[-40:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    words = shlex.split(re.sub(r"&\s*(#.*)?$", "", command.strip()))
+    extra = {}
+    while re.match(r"^\w+=", words[0]):
+        k, _, v = words.pop(0).partition("=")
+        extra[k] = v
+    asked = int(words[words.index("--port") + 1]) if "--port" in words else 8000
+    if "--port" in words:
+        del words[words.index("--port"):words.index("--port") + 2]
+    server = Server(None, argv=[*words, "--port", "0"], cwd=cwd, env={**env, **extra})
+    server.asked = asked
+    return server
 
 
 class PageRun:
@@ -193,7 +162,7 @@ class PageRun:
     def __init__(self, cwd: Path):
         self.cwd = cwd
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "200"}
-        self.servers: list[Server] = []
+        self.servers: list = []  # servers.Server, each with the port its page asked for (.asked)
         self.ran: list[str] = []  # what ran, for the failure message
 
     def ports(self, text: str) -> str:
@@ -218,7 +187,7 @@ class PageRun:
                 self.ran.append(f"[skipped: {cmd.strip()} — stands for it: {MAKE_STANDS_FOR[make['target']]}]")
             elif serve:
                 self.ran.append(f"[started by the runner] {cmd.strip()}")
-                self.servers.append(Server(self.ports(cmd), self.cwd, self.env))
+                self.servers.append(start_server(self.ports(cmd), self.cwd, self.env))
             else:
                 pending.append(cmd)
         self._bash(b, pending)

@@ -24,9 +24,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 class Server:
     """A `mpt-export serve` process owned by the test that started it (stopped by its pid)."""
 
-    def __init__(self, bundle, *args, env=None):
-        self.proc = subprocess.Popen([str(EXE), "serve", str(bundle), "--port", "0", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def __init__(self, bundle, *args, env=None, argv=None, cwd=None):
+        """``mpt-export serve BUNDLE --port 0 ARGS``; or ``argv`` as given (a command line from the docs, its
+        ``--port 0`` included), run in ``cwd``."""
+        argv = argv or [str(EXE), "serve", str(bundle), "--port", "0", *map(str, args)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                                      env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -57,6 +59,9 @@ class Server:
                 pass
             time.sleep(0.02)
         raise RuntimeError(f"server not ready: {self.lines}")
+
+    def log(self, last: int = 40) -> str:
+        return "\n".join(self.lines[-last:])
 
     def client(self, key=KEY, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
