@@ -58,8 +58,13 @@ class Case:
         root, arch = self.root, self.arch
         task_type = "SEQ_2_SEQ_LM" if self.seq2seq else "CAUSAL_LM"
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        from mpt_export.tools.families import ALL_TINY, make_family_model
+
         real, sizes = SIZED.get(arch, (arch, {}))
-        model = make_base_model(self.base, arch=real, seed=0, **{**TINY, **sizes})
+        if arch in ALL_TINY:  # a family's tiny model with its real config's features
+            model = make_family_model(self.base, arch, seed=0)
+        else:
+            model = make_base_model(self.base, arch=real, seed=0, **{**TINY, **sizes})
         if arch in LIKE_REAL:
             LIKE_REAL[arch](model)
             model.save_pretrained(str(self.base))

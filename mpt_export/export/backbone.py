@@ -14,11 +14,12 @@ specialises on 0/1; lengths 0 (no prompt, no past) work in the resulting graph a
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from pathlib import Path
 
 from ..source.archs import CausalArch
-from ..errors import ExportError
+from ..errors import BaseModelError, ExportError
 
 DEFAULT_OPSET = 18
 
@@ -39,16 +40,65 @@ def backbone_io(arch: CausalArch, dtype: str = "float32") -> dict:
     return {"inputs": inputs, "outputs": outputs}
 
 
+def window_of(config) -> tuple[int | None, bool]:
+    """(the sliding window, whether some layers attend fully) of a loaded transformers config; (None, True) where
+    no window limits attention within the model's positions."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False or not window:
+        return None, True
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None, True
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and int(window) >= int(limit):
+        return None, True  # never reached
+    return int(window), types is not None and "full_attention" in types
+
+
+def position_masks(attention_mask, position_ids, window: int, dtype):
+    """Additive (B, 1, Q, T) masks for the new tokens, by *position* rather than cache slot: ``full`` (causal +
+    padding) and ``sliding`` (also ``q_pos - k_pos < window``). A row of a mixed batch has holes between its task
+    prompt and its text (each part left-padded), so slot distances are not token distances; a key's position is the
+    number of real tokens before it (``cumsum(mask) - 1``, the runtime's rule), a query's is its ``position_ids``."""
+    import torch
+
+    T, Q = attention_mask.shape[1], position_ids.shape[1]
+    k_pos = attention_mask.cumsum(-1) - 1  # (B, T)
+    k_idx = torch.arange(T, device=attention_mask.device)
+    q_idx = k_idx[T - Q:]  # (Q,): the new tokens are the last Q slots
+    valid = (k_idx[None, :] <= q_idx[:, None])[None] & (attention_mask[:, None, :] == 1)  # (B, Q, T)
+    near = (position_ids[:, :, None] - k_pos[:, None, :]) < window  # (B, Q, T)
+    low = torch.finfo(dtype).min
+    zero = torch.zeros((), dtype=dtype)
+    full = torch.where(valid, zero, low)[:, None]  # (B, 1, Q, T)
+    sliding = torch.where(valid & near, zero, low)[:, None]
+    return full, sliding
+
+
+def _takes_mask_dict(module) -> bool:
+    """Whether a decoder stack takes per-layer-type masks (``{"full_attention": …, "sliding_attention": …}``)."""
+    src = inspect.getsource(type(module).forward)
+    return "attention_mask, dict)" in src
+
+
 def _make_wrapper(model, arch: CausalArch):
+    """The whole ``*ForCausalLM`` (so the family's logit scaling and soft-caps apply, and its last-position-only
+    head via ``logits_to_keep``) over ``cat(prompt, embed(ids))``."""
     import torch
     from transformers.cache_utils import DynamicCache
 
-    decoder = arch.decoder(model)
     embed = arch.embed_tokens(model)
-    lm_head = arch.lm_head(model)
     L = arch.num_layers
+    params = inspect.signature(model.forward).parameters
     # transformers 5.24 renamed past_key_values= to cache=; support both.
-    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    takes_positions = "position_ids" in params
+    window, mixed = window_of(model.config)
+    if window is not None:
+        as_dict = _takes_mask_dict(arch.decoder(model) if arch.decoder_attr else model.base_model)
+        if mixed and not as_dict:
+            raise ExportError(f"{arch.name}: layers with and without a sliding window, and a decoder that takes one "
+                              "mask for all of them; this family is not supported yet")
 
     class CausalBackbone(torch.nn.Module):
         def __init__(self):
@@ -57,11 +107,17 @@ def _make_wrapper(model, arch: CausalArch):
 
         def forward(self, input_ids, prompt_embeds, attention_mask, position_ids, past):
             embeds = torch.cat([prompt_embeds.to(embed.weight.dtype), embed(input_ids)], dim=1)  # (B, P+S, H)
-            # No config: plain full-length layers, so present = past + new for every layer.
+            # No config: plain full-length layers, so present = past + new for every layer (a sliding window is a
+            # mask here, never a shorter cache).
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)])
-            out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=True, **{cache_kw: cache})
-            logits = lm_head(out.last_hidden_state[:, -1, :]).float()  # (B, V)
+            mask = attention_mask
+            if window is not None:
+                full, sliding = position_masks(attention_mask, position_ids, window, embeds.dtype)
+                mask = {"full_attention": full, "sliding_attention": sliding} if as_dict else sliding
+            kwargs = {"position_ids": position_ids} if takes_positions else {}
+            out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                        **kwargs, **{cache_kw: cache})
+            logits = out.logits[:, -1, :].float()  # (B, V)
             cache = getattr(out, "cache", None) or out.past_key_values
             present = []
             for i in range(L):
@@ -101,6 +157,7 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
     }
     names_in = [s["name"] for s in io["inputs"]]
     names_out = [s["name"] for s in io["outputs"]]
+    _probe(wrapper, arch, (ids, prompt, mask, pos, past), (B, kv, PL + P + S, hd))
     try:
         with warnings.catch_warnings(), torch.no_grad(), fp32_softmax():
             warnings.simplefilter("ignore")
@@ -109,14 +166,66 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
                 output_names=names_out, dynamic_shapes=dyn, opset_version=opset, external_data=True, verbose=False,
             )
     except Exception as e:  # the exporter raises many types; report one
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0][:300]
         raise ExportError(
-            f"torch.onnx.export failed for {arch.name} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+            f"torch.onnx.export failed for {_family_name(arch)} ({type(e).__name__}: {first}); "
             "this model's code may not be exportable with this transformers release"
         ) from e
+    _reset_rotary_state(model)
     _set_dim_names(path, io)
     written = onnx.load(str(path), load_external_data=False)
     real_opset = next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx"))
     return {**io, "opset": int(real_opset)}
+
+
+def _family_name(arch) -> str:
+    mt = arch.config.get("model_type")
+    return f"{arch.family} ({mt})" if arch.listed else f"model type {mt!r} (not a listed family, tried generically)"
+
+
+def _probe(wrapper, arch, inputs, kv_shape) -> None:
+    """One eager call before tracing: a model that cannot run our way (inputs_embeds, a mask, positions, a key/value
+    cache) or whose cache is not laid out as its config says is refused in one line naming what is missing."""
+    import torch
+
+    what = _family_name(arch)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs = wrapper(*inputs)
+    except Exception as e:  # noqa: BLE001 - the model's own code raises anything
+        raise BaseModelError(
+            f"{what} cannot be exported: its forward does not run on prompt embeddings, an attention mask, position ids "
+            f"and a key/value cache ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            "expected an attention-based causal LM (see the supported models page)"
+        ) from None
+    present = outs[1]
+    if tuple(present.shape) != tuple(kv_shape):
+        raise BaseModelError(
+            f"{what} cannot be exported: its key/value cache is laid out as {tuple(present.shape)}, expected "
+            f"(batch, kv heads, length, head size) = {tuple(kv_shape)} from its config.json"
+        )
+
+
+def _reset_rotary_state(model) -> None:
+    """transformers' longrope keeps the long-context frequencies it computed on the first call as a plain attribute
+    (and writes the chosen set into ``inv_freq``): under the exporter those were tracing values. Drop them, so the
+    model computes PEFT's reference from its own frequencies."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name in list(vars(module)):
+                if name.endswith("long_inv_freq"):
+                    setattr(module, name, None)
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if not name.endswith("inv_freq"):
+                    continue
+                for candidate in (f"original_{name}", name.replace("inv_freq", "original_inv_freq")):
+                    original = getattr(module, candidate, None)
+                    if isinstance(original, torch.Tensor) and original.shape == buf.shape:
+                        buf.copy_(original)
+                        break
 
 
 def _set_dim_names(path: Path, io: dict) -> None:

@@ -1,5 +1,10 @@
 """Per-architecture knowledge, declarative (Optimum style): where the embeddings, the decoder stack and the LM head
-live, and how the KV cache is laid out. One subclass per family, registered by ``model_type``."""
+live, how the config names the sizes, and how the KV cache is laid out. One subclass per family, registered by
+``model_type``; a causal LM of another type gets :class:`GenericCausal` (tried, accepted only when validation passes).
+
+Everything a family *computes* (sliding windows, soft-caps, q/k norms, partial rotary, NoPE layers, multipliers,
+ALiBi, rope scaling) is traced from the family's own transformers code; what the export must know about it is
+declared here, and :meth:`Arch.features` names the features a given config uses (for the manifest and the report)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from typing import ClassVar
 from ...errors import BaseModelError
 
 _REGISTRY: dict[str, type["Arch"]] = {}
+
+SUPPORTED_MODELS_PAGE = "reference/supported-models.md"  # in the docs site (generated from the declarations)
 
 
 def register(cls: type["Arch"]) -> type["Arch"]:
@@ -20,14 +27,85 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def listed_archs() -> list[type["Arch"]]:
+    """Every declared family, once each, in declaration order."""
+    out: list[type[Arch]] = []
+    for cls in _REGISTRY.values():
+        if cls not in out:
+            out.append(cls)
+    return out
+
+
+def _is_causal_lm(config: dict) -> bool:
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
 def arch_for(config: dict) -> "Arch":
     """The architecture adapter for a base model's ``config.json`` (a plain dict: no transformers needed)."""
     mt = config.get("model_type")
-    if mt not in _REGISTRY:
-        raise BaseModelError(
-            f"base model type {mt!r} is not supported; supported: {', '.join(supported_model_types())}"
-        )
-    return _REGISTRY[mt](config)
+    if mt in _REGISTRY:
+        return _REGISTRY[mt](config)
+    if mt and _is_causal_lm(config):
+        return GenericCausal(config)
+    what = f"base model type {mt!r}" if mt else "a config.json without model_type"
+    found = ", ".join(config.get("architectures") or []) or "no architectures entry"
+    raise BaseModelError(
+        f"{what} is not supported ({found}): expected a listed family ({', '.join(supported_model_types())}) or a "
+        f"causal LM saved with its LM head (architectures ending in ForCausalLM), which is tried through the generic "
+        f"path; see the supported models page ({SUPPORTED_MODELS_PAGE} in the docs)"
+    )
+
+
+def _window_on(config: dict) -> bool:
+    w = config.get("sliding_window")
+    return bool(w) and config.get("use_sliding_window", True) is not False
+
+
+def _rope_sets(config: dict) -> list[dict]:
+    """The rotary parameter sets of a config: transformers 5's ``rope_parameters`` (one set, or one per layer type)
+    or the older ``rope_scaling``."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return list(params.values())
+    return [params] if params else []
+
+
+def _rope_types(config: dict) -> set[str]:
+    return {str(p.get("rope_type", p.get("type", "default"))) for p in _rope_sets(config)}
+
+
+def _rope_value(config: dict, key: str, default) -> float:
+    for p in _rope_sets(config):
+        if p.get(key) is not None:
+            return float(p[key])
+    return float(config.get(key) or default or 1.0)
+
+
+# feature name -> (predicate over config.json, what it means), in the order reports list them
+FEATURES: dict[str, tuple] = {
+    "sliding window": (_window_on, "attention limited to the last N positions on some or all layers"),
+    "attention soft-cap": (lambda c: bool(c.get("attn_logit_softcapping")), "tanh soft-capped attention scores"),
+    "logit soft-cap": (lambda c: bool(c.get("final_logit_softcapping")), "tanh soft-capped final logits"),
+    "embedding scale": (lambda c: c.get("model_type") in ("gemma", "gemma2", "gemma3_text")
+                        or c.get("embedding_multiplier", 1.0) != 1.0, "embeddings multiplied before the decoder"),
+    "q/k norm": (lambda c: c.get("model_type") in ("qwen3", "gemma3_text", "olmo2", "olmo3")
+                 or bool(c.get("qk_layernorm")), "RMS/layer norms on queries and keys"),
+    "partial rotary": (lambda c: _rope_value(c, "partial_rotary_factor", c.get("rotary_pct", 1.0)) < 1.0,
+                       "rotary embeddings on part of each head"),
+    "NoPE layers": (lambda c: bool(c.get("no_rope_layers") or c.get("no_rope_layer_interval")),
+                    "layers without positional encoding"),
+    "multipliers": (lambda c: any(k in c for k in ("residual_multiplier", "attention_multiplier", "logits_scaling")),
+                    "residual, attention and logit multipliers"),
+    "parallel block": (lambda c: bool(c.get("use_parallel_residual") or c.get("parallel_attn"))
+                       or c.get("model_type") == "phi", "attention and MLP side by side"),
+    "ALiBi": (lambda c: c.get("model_type") == "bloom" or bool(c.get("alibi")), "linear attention biases, no rotary"),
+    "learned positions": (lambda c: c.get("model_type") in ("opt", "gpt2"), "a position table (OPT's offset 2)"),
+    "rope scaling": (lambda c: bool(_rope_types(c) - {"default"}),
+                     "scaled rotary frequencies (linear, dynamic, yarn, longrope, llama3)"),
+    "grouped-query attention": (lambda c: c.get("num_key_value_heads") not in (None, c.get("num_attention_heads"))
+                                or bool(c.get("multi_query")), "fewer key/value heads than query heads"),
+    "tied head": (lambda c: c.get("tie_word_embeddings", True) is not False, "LM head shares the token embeddings"),
+}
 
 
 class Arch:
@@ -36,6 +114,11 @@ class Arch:
     task_type: ClassVar[str] = "CAUSAL_LM"
     head_suffixes: ClassVar[tuple[str, ...]] = ("ForCausalLM", "LMHeadModel")
     model_types: ClassVar[tuple[str, ...]] = ()
+    listed: ClassVar[bool] = True  # False: not a declared family (the generic path)
+    family: ClassVar[str] = ""  # the name users know it by (docs)
+    checkpoints: ClassVar[str] = ""  # released models of the family (docs)
+    handles: ClassVar[str] = ""  # what the family needs and how it is handled (docs)
+    fused: ClassVar[bool] = False  # the fused ONNX Runtime graph covers it (export/fastgraph.py)
     decoder_attr: ClassVar[str] = ""  # the stack that takes inputs_embeds/attention_mask/position_ids/cache
     embed_attr: ClassVar[str] = ""  # token embedding (nn.Embedding)
     lm_head_attr: ClassVar[str] = "lm_head"
@@ -45,6 +128,7 @@ class Arch:
     heads_keys: ClassVar[tuple[str, ...]] = ("num_attention_heads",)
     kv_heads_keys: ClassVar[tuple[str, ...]] = ("num_key_value_heads",)
     positions_keys: ClassVar[tuple[str, ...]] = ("max_position_embeddings",)
+    default_positions: ClassVar[int | None] = None  # where the config names no limit (ALiBi)
 
     def __init__(self, config: dict):
         self.config = config
@@ -84,11 +168,23 @@ class Arch:
 
     @property
     def max_positions(self) -> int:
-        return int(self._get(self.positions_keys))
+        return int(self._get(self.positions_keys, self.default_positions))
 
     @property
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
+
+    def refusal(self) -> str | None:
+        """Why this config cannot be exported (checked before anything loads), or None."""
+        if self.task_type == "CAUSAL_LM" and "dynamic" in _rope_types(self.config):
+            return ("its rope scaling is 'dynamic' (NTK): transformers recomputes those frequencies from the longest "
+                    "sequence a model instance has seen, state no graph can carry; export it with the scaling it "
+                    "was trained with (linear, yarn, llama3 or longrope) or without rope_scaling")
+        return None
+
+    def features(self) -> list[str]:
+        """The features this config uses (names of :data:`FEATURES`)."""
+        return [name for name, (uses, _) in FEATURES.items() if uses(self.config)]
 
     @staticmethod
     def _resolve(module, dotted: str):
@@ -111,6 +207,8 @@ class Arch:
             "task_type": self.task_type,
             "model_type": self.config.get("model_type"),
             "architectures": self.config.get("architectures"),
+            "listed_family": self.listed,
+            "features": self.features() if self.task_type == "CAUSAL_LM" else [],
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
@@ -124,4 +222,27 @@ class Arch:
 
 
 class CausalArch(Arch):
-    """A decoder-only family (the decoder stack takes inputs_embeds/attention_mask/position_ids/cache)."""
+    """A decoder-only family: the model with its head takes ``inputs_embeds``, an attention mask, position ids and a
+    cache (the exporter calls the whole ``*ForCausalLM``, so the family's own logit scaling and soft-caps apply)."""
+
+    def embed_tokens(self, model):
+        return model.get_input_embeddings() if not self.embed_attr else self._resolve(model, self.embed_attr)
+
+    def lm_head(self, model):
+        return model.get_output_embeddings() if not self.lm_head_attr else self._resolve(model, self.lm_head_attr)
+
+
+class GenericCausal(CausalArch):
+    """A causal LM of a type no family declares: the usual config keys, the model's own input/output embeddings.
+    Accepted only when the exported graph validates against PEFT; the manifest says it is not a listed family."""
+
+    listed = False
+    family = "other causal LMs"
+    embed_attr = ""
+    lm_head_attr = ""
+    hidden_keys = ("hidden_size", "n_embd", "d_model")
+    layers_keys = ("num_hidden_layers", "n_layer", "num_layers")
+    heads_keys = ("num_attention_heads", "n_head", "num_heads")
+    kv_heads_keys = ("num_key_value_heads", "num_kv_heads")
+    positions_keys = ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len")
+    default_positions = 2048

@@ -6,6 +6,9 @@ from .base import CausalArch, register
 
 @register
 class GPT2(CausalArch):
+    family = "GPT-2"
+    checkpoints = "openai-community/gpt2, gpt2-medium, distilgpt2"
+    handles = "learned positions; a head tied to the token table (stored once)"
     model_types = ("gpt2",)
     decoder_attr = "transformer"
     embed_attr = "transformer.wte"

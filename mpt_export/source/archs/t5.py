@@ -8,6 +8,9 @@ from .base import Arch, register
 
 @register
 class T5(Arch):
+    family = "T5, flan-T5, mT5 (encoder-decoder)"
+    checkpoints = "google-t5/t5-small, google/flan-t5-base, google/mt5-small"
+    handles = "relative position buckets; encoder and decoder prompts; the v1.0 head rescaled by d_model**-0.5"
     task_type: ClassVar[str] = "SEQ_2_SEQ_LM"
     head_suffixes: ClassVar[tuple[str, ...]] = ("ForConditionalGeneration",)
     model_types = ("t5", "mt5")

@@ -1,0 +1,159 @@
+"""Every listed family, as a tiny model with its real config's features (``tools/families.py``), against PEFT itself:
+the export validates at the default tolerance, greedy tokens equal PEFT's forward recomputed without a cache — solo,
+in a mixed-task left-padded batch and through the continuous-batching engine —, with windows shorter than the
+generation; int8/int4 copies are written and run. Unlisted causal LMs: one accepted through the generic path by
+validation, one refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mpt_export
+from support import assert_clean_failure, cli, left_padded, serve_all, solo
+from mpt_export.export.reference import peft_causal_forward, peft_model_for
+from mpt_export.export.torchside import adapters_from_bank, load_base_model
+from mpt_export.tools.families import TINY_FAMILIES
+
+FAMILIES = list(TINY_FAMILIES)
+# a generation that crosses Phi-3's original_max_position_embeddings keeps the keys it cached with the short
+# factors (as transformers' own cached generate does), where a recompute without a cache uses the long ones
+# everywhere: its greedy run stays below the switch (16 positions: 5 virtual + 6 + 5), its forward crosses it below
+NEW_TOKENS = {"phi3": 5}
+
+
+def _peft_greedy(pm, task_index, ids, steps):
+    import torch
+
+    seq = torch.from_numpy(ids.astype(np.int64))
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq), task_ids=torch.tensor([task_index]),
+                        use_cache=False).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(int(nxt))
+            seq = torch.cat([seq, nxt], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_equals_peft(make_case, family):
+    case = make_case(family)
+    b = mpt_export.load_bundle(case.bundle)
+    m = b.manifest
+    assert m["validation"]["passed"] and m["validation"]["rtol"] == 1e-4  # the default tolerance
+    assert m["base_model"]["listed_family"] is True
+    model_type = json.loads((case.base / "config.json").read_text())["model_type"]
+    assert m["base_model"]["model_type"] == model_type
+    s = b.session()
+    model, _, arch = load_base_model(case.base)
+    cfg = json.loads((case.base / "config.json").read_text())
+    steps = NEW_TOKENS.get(family, 16)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if window:
+        assert "sliding window" in m["base_model"]["features"]
+        assert 5 + 6 + steps > window + 4  # the generation runs well past the window
+    rng = np.random.default_rng(11)
+    refs, prompts = {}, {}
+    for ck, names in adapters_from_bank(b.task_bank()):
+        pm = peft_model_for(model, ck)
+        for i, name in enumerate(names):
+            ids = rng.integers(1, s.vocab_size, (1, 6))
+            refs[name] = _peft_greedy(pm, i, ids, steps)
+            prompts[name] = ids
+            got = s.generate_ids(ids, [name], max_new_tokens=steps, eos_token_id=None)
+            assert got.tolist() == [refs[name]], (family, name)
+    # a mixed-task, left-padded batch: every row as PEFT gives it alone
+    tasks = ["t", "a", "c", "b"]
+    lens = [6, 2, 4, 6]
+    ids, mask = left_padded(s.vocab_size, lens, seed=3)
+    batch = s.generate_ids(ids, tasks, mask, max_new_tokens=steps, eos_token_id=None)
+    for row, (task, n) in enumerate(zip(tasks, lens)):
+        pm, idx = next((peft_model_for(model, ck), names.index(task))
+                       for ck, names in adapters_from_bank(b.task_bank()) if task in names)
+        assert batch[row].tolist() == _peft_greedy(pm, idx, ids[row:row + 1, ids.shape[1] - n:], steps), (family, row)
+    if family == "phi3":  # one forward past original_max_position_embeddings: the long factors, as PEFT
+        ck, names = adapters_from_bank(b.task_bank())[0]
+        long = rng.integers(1, s.vocab_size, (1, 20))
+        ref = peft_causal_forward(peft_model_for(model, ck), long, 0)
+        assert np.abs(s.forward(long, [names[0]])["logits"] - ref["logits"]).max() <= 1e-4
+
+
+WINDOWED = ["gemma2", "mistral-window"]
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_window_rows_join_a_running_batch(make_case, family):
+    """Continuous batching over a windowed model: rows of mixed tasks join and leave at different steps (holes
+    between prompt and text, slots taken over in place) and each equals its solo run."""
+    from mpt_export.engine.batching import Engine
+
+    b = mpt_export.load_bundle(make_case(family).bundle)
+    s = b.session()
+    rng = np.random.default_rng(4)
+    jobs = [dict(task=b.tasks[i % 4], ids=rng.integers(3, s.vocab_size, int(rng.integers(2, 12))).tolist(),
+                 max_new_tokens=int(rng.integers(4, 18)), temperature=0.0, top_k=0, seed=None) for i in range(10)]
+    engine = Engine(s, max_batch=3, max_queue=16).start()
+    try:
+        reqs = serve_all(engine, jobs)
+        assert [r.error for r in reqs] == [None] * len(reqs)
+        assert [r.tokens for r in reqs] == [solo(s, j) for j in jobs]
+        assert engine.joins["in_place"] + engine.joins["rebuild"] > 0
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_copies_of_every_family(make_case, tmp_path, scheme):
+    from mpt_export.export.quantize import quantize_bundle
+
+    for family in FAMILIES:
+        src = make_case(family).bundle
+        q = quantize_bundle(src, tmp_path / f"{family}-{scheme}", min_agreement=0.0, scheme=scheme)
+        assert q.manifest["quantization"]["scheme"] == scheme
+        s, ref = q.session(), mpt_export.load_bundle(src).session()
+        ids = np.arange(3, 9, dtype=np.int64)[None]
+        out, want = s.logits(ids, ["a"]), ref.logits(ids, ["a"])
+        assert out.shape == want.shape and np.isfinite(out).all()
+        assert 0 < np.abs(out - want).max() < 0.5 * np.abs(want).max(), family  # quantized, and still close
+
+
+def test_unlisted_family_accepted_by_validation(make_case):
+    b = mpt_export.load_bundle(make_case("cohere").bundle)
+    bm = b.base_model
+    assert bm["model_type"] == "cohere" and bm["listed_family"] is False and bm["arch"] == "GenericCausal"
+    assert b.manifest["validation"]["passed"]
+    s = b.session()
+    assert s.generate_ids(np.array([[5, 6, 7]]), ["a"], max_new_tokens=4, eos_token_id=None).shape == (1, 4)
+
+
+def test_unlisted_family_that_cannot_be_traced_is_refused(make_case, tmp_path):
+    case = make_case("mamba")
+    res = cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--out", tmp_path / "out")
+    assert_clean_failure(res, "model type 'mamba' (not a listed family, tried generically) cannot be exported",
+                         "attention-based causal LM")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dynamic_rope_is_refused_before_loading(make_case, tmp_path):
+    from mpt_export.tools.families import make_family_model
+
+    make_family_model(tmp_path / "base", "linear-rope")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    src = make_case("linear-rope").source
+    res = cli("export", "--base-model", tmp_path / "base", "--adapter", f"a,b,c={src}", "--out", tmp_path / "out")
+    assert_clean_failure(res, "rope scaling is 'dynamic'")
+
+
+def test_not_a_causal_lm_is_refused_naming_the_page(make_case, tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                               "architectures": ["BertForMaskedLM"]}))
+    src = make_case("linear-rope").source
+    res = cli("export", "--base-model", tmp_path / "base", "--adapter", f"a,b,c={src}", "--out", tmp_path / "out")
+    assert_clean_failure(res, "base model type 'bert' is not supported", "supported models page")
