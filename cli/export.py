@@ -10,8 +10,8 @@ from ._common import Quiet, console, escape, handle_errors, parity_table, progre
 
 @handle_errors
 def export_cmd(
-    base_model: Annotated[Path, typer.Option("--base-model", help="Hugging Face model directory the adapters were trained on: a causal LM (Llama, Mistral, Qwen2, GPT-2) or a T5-family encoder-decoder.")],
-    adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter; NAMES is one comma-separated name per task, in order (without NAMES: the directory name, with -<i> for several tasks). Repeatable.")],
+    base_model: Annotated[str, typer.Option("--base-model", metavar="DIR|HUB_ID", help="The model the adapters were trained on: a save_pretrained directory or a Hugging Face Hub id (Qwen/Qwen3-0.6B; read into the Hub cache, HF_HUB_OFFLINE respected). A causal LM of a listed family (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-2/3/4, SmolLM3, Granite, OLMo 2, GPT-NeoX, OPT, Falcon, BLOOM, StarCoder2, GPT-2; others are tried and kept only if validation passes) or a T5-family encoder-decoder.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter: a directory or a Hub id (org/name, org/name@REVISION); NAMES is one comma-separated name per task, in order (without NAMES: the directory name, with -<i> for several tasks). Repeatable.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
     opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
     atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT|.", show_default="per dtype, shown in the report")] = None,
@@ -25,6 +25,7 @@ def export_cmd(
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
     fast_graph: Annotated[bool, typer.Option("--fast-graph/--no-fast-graph", help="Also write the fused ONNX Runtime graph (Llama, Mistral, Qwen2 with head sizes a multiple of 16; fp32 bundles and their int8/int4 copies): faster decoding on the CPU, its weights stored once with the traced graph's.")] = True,
     seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs.", show_default="random, recorded in the manifest")] = None,
+    revision: Annotated[str | None, typer.Option(help="With a Hub id for --base-model: the branch, tag or commit to read.", show_default="main")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never any other directory, never an input).")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -34,7 +35,7 @@ def export_cmd(
 
     options = ExportOptions(opset=opset, dtype=dtype, atol=atol, rtol=rtol, validate=validate, quantize=quantize,
                             min_agreement=min_agreement, block_size=block_size, accuracy_level=accuracy_level, force=force, seed=seed, provider=provider,
-                            fast_graph=fast_graph)
+                            fast_graph=fast_graph, revision=revision)
     check_export_inputs(base_model, adapter, out, options)  # paths, configs, adapters: answered before torch loads
     quiet_libraries()
     from mpt_export.export.api import export_bundle

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..version import __version__
 from ..source.basemodel import base_arch, check_same_base, identity
+from ..source.hub import hub_origin
 from ..storage.atomic import fault_point, replace_dir, resolve_output
 from ..storage.ownership import check_path_text, check_replaceable
 from ..bundle.reader import Bundle, load_bundle
@@ -70,6 +71,13 @@ def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
     return report
 
 
+def resolve_sources(base_model, adapters: list[str], revision: str | None = None) -> tuple[Path, list[str]]:
+    """Hugging Face Hub ids among the base model and the adapters, replaced by their local snapshots."""
+    from ..source.hub import resolve, resolve_adapter_specs
+
+    return resolve(base_model, "base model", revision), resolve_adapter_specs(list(adapters))
+
+
 def export_inputs(base_model, adapters) -> list[tuple[str, Path]]:
     """What an export reads: its output must not be (or hold) any of these."""
     from ..source.adapters import parse_adapter_spec
@@ -94,6 +102,9 @@ def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, 
     step = on_step or (lambda s: None)
     check_path_text(Path(out))
     out = resolve_output(out)  # what the user named, as the kernel resolves it ("link/..", ".")
+    asked = base_model
+    base_model, adapters = resolve_sources(base_model, adapters, o.revision)
+    origin = hub_origin(asked, o.revision, base_model)
     if o.quantize is not None:
         return _export_quantized(base_model, adapters, out, o, on_step)
     inputs, arch, bank, ckpts = _check_inputs(base_model, adapters, out, o)
@@ -104,6 +115,8 @@ def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, 
         tokenizer_info, res = _torch_artifacts(tmp, base_model, bank, spec, isolate, step)
         timings = dict(res["timings"])
         manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, o.dtype, res, tokenizer_info, step)
+        if origin:
+            manifest["base_model"]["hub"] = origin
         if o.validate:
             manifest["validation"] = _validation_report(tmp, manifest, res["cases"], o.tolerance, o.provider, step,
                                                         timings)
@@ -120,6 +133,7 @@ def check_export_inputs(base_model, adapters, out, options: ExportOptions | None
     The command line calls it before it loads torch; ``export_bundle`` calls it first.
     -> (inputs, arch, bank, checkpoints)"""
     o = options or ExportOptions()
+    base_model, adapters = resolve_sources(base_model, adapters, o.revision)
     inputs = export_inputs(base_model, adapters)
     check_replaceable(Path(out), "bundle", o.force, inputs)  # fail before any heavy work
     if o.validate:  # the validation's provider must exist before the graphs are exported, not after

@@ -26,6 +26,7 @@ class ExportOptions:
     provider: str = "cpu"  # ONNX Runtime provider for validation
     isolate: bool | None = None  # the torch phase in a child process (None: for large weights)
     fast_graph: bool = True  # also write the fused ONNX Runtime backbone where the model allows it
+    revision: str | None = None  # a Hugging Face Hub base model: the branch, tag or commit to read
 
     def __post_init__(self):
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 18:
