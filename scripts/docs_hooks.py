@@ -43,7 +43,17 @@ def demote_headings(text: str) -> str:
     return "\n".join(out)
 
 
+MODELS_MARKER = "<!-- mpt-export supported models -->"
+MODELS_PAGE = "reference/supported-models.md"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if page.file.src_uri == MODELS_PAGE:  # written from the family declarations
+        from mpt_export.source.archs.table import supported_models_markdown
+
+        if MODELS_MARKER not in markdown:
+            raise ValueError(f"docs/{MODELS_PAGE} lost its marker {MODELS_MARKER}")
+        return markdown.replace(MODELS_MARKER, supported_models_markdown())
     if page.file.src_uri != PAGE:
         return markdown
     if MARKER not in markdown:

@@ -217,3 +217,20 @@ def test_session_options_are_checked_once_before_any_runtime_loads():
     assert (served.intra_op_threads, served.prepack, served.io_binding) == (3, False, False)
     with pytest.raises(InputError, match="threads must be"):
         ServeOptions(threads=10**6)
+
+
+def test_supported_models_page_lists_every_declared_family():
+    from mpt_export.source.archs import arch_for, listed_archs, supported_model_types
+    from mpt_export.source.archs.table import supported_models_markdown
+
+    page = supported_models_markdown()
+    for mt in supported_model_types():
+        assert f"`{mt}`" in page
+    assert len(listed_archs()) >= 14 and "other causal LMs" in page
+    generic = arch_for({"model_type": "cohere", "architectures": ["CohereForCausalLM"], "hidden_size": 8,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10})
+    assert generic.listed is False and generic.max_positions == 2048 and generic.identity()["listed_family"] is False
+    feats = arch_for({"model_type": "gemma2", "sliding_window": 4096, "final_logit_softcapping": 30.0,
+                      "attn_logit_softcapping": 50.0, "hidden_size": 8, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "vocab_size": 10, "max_position_embeddings": 8192}).features()
+    assert {"sliding window", "attention soft-cap", "logit soft-cap", "embedding scale"} <= set(feats)
