@@ -22,7 +22,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # export memory measurements, the Ray server's module, the benchmarks, the files that export T5 several times, the
 # fp16/bf16/quantized exports, the console-script tests (each a subprocess with torch), the kill tests, the docs
 # (the real demo, then every page). A long file started last would keep one worker busy while the other idles.
-FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "e2e/test_bench.py", "integration/test_validation.py",
+FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "integration/test_families.py", "e2e/test_bench.py",
+         "integration/test_validation.py",
          "integration/test_seq2seq.py", "integration/test_precision.py", "e2e/test_cli.py",
          "e2e/test_data_safety_swaps.py", "e2e/test_docs.py")
 

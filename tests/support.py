@@ -160,6 +160,23 @@ def peft_refs(case):
     return b, refs
 
 
+def peft_greedy(pm, task_index, ids, steps):
+    """argmax of PEFT's forward recomputed on the growing sequence, no cache."""
+    import numpy as np
+    import torch
+
+    seq = torch.from_numpy(ids.astype(np.int64))
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq), task_ids=torch.tensor([task_index]),
+                        use_cache=False).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(int(nxt))
+            seq = torch.cat([seq, nxt], dim=1)
+    return out
+
+
 def left_padded(vocab: int, lens: list[int], seed: int = 5):
     """Random token rows of the given lengths, left-padded: (ids, mask), int64 (B, max(lens))."""
     import numpy as np

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..source.archs import CausalArch
@@ -159,7 +160,7 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
     names_out = [s["name"] for s in io["outputs"]]
     _probe(wrapper, arch, (ids, prompt, mask, pos, past), (B, kv, PL + P + S, hd))
     try:
-        with warnings.catch_warnings(), torch.no_grad(), fp32_softmax():
+        with warnings.catch_warnings(), torch.no_grad(), fp32_softmax(), _dynamic_rope_unscaled(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper, (ids, prompt, mask, pos, past), str(path), dynamo=True, input_names=names_in,
@@ -205,6 +206,25 @@ def _probe(wrapper, arch, inputs, kv_shape) -> None:
             f"{what} cannot be exported: its key/value cache is laid out as {tuple(present.shape)}, expected "
             f"(batch, kv heads, length, head size) = {tuple(kv_shape)} from its config.json"
         )
+
+
+@contextmanager
+def _dynamic_rope_unscaled(model):
+    """Dynamic NTK rope rescales only past ``max_position_embeddings`` (transformers: "if seq_len <=
+    max_position_embeddings, this factor has no effect"), and a bundle never runs past that limit (the runtime checks
+    it at admission); the data-dependent test that decides it cannot be traced. So while exporting, such rotary
+    modules run their undecorated forward: the frequencies they use below the limit."""
+    patched = []
+    for module in model.modules():
+        inner = getattr(type(module).forward, "__wrapped__", None)
+        if getattr(module, "rope_type", None) == "dynamic" and inner is not None:
+            module.forward = inner.__get__(module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 def _reset_rotary_state(model) -> None:

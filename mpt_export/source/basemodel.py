@@ -70,9 +70,6 @@ def base_arch(path: str | Path) -> tuple[dict, Arch]:
     cfg = read_base_config(path)
     archs = cfg.get("architectures") or []
     arch = arch_for(cfg)
-    why = arch.refusal()
-    if why:
-        raise BaseModelError(f"{path} ({cfg.get('model_type')}) cannot be exported: {why}")
     if archs and not any(a.endswith(arch.head_suffixes) for a in archs):
         kind = "a causal LM" if arch.task_type == "CAUSAL_LM" else "a seq2seq LM"
         raise BaseModelError(

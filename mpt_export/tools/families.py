@@ -64,6 +64,7 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "yarn-rope": ("qwen2", "Qwen/Qwen2.5-7B-Instruct with YaRN", dict(
         num_key_value_heads=2, use_sliding_window=False,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    "dynamic-rope": ("llama", "a Llama with dynamic NTK scaling", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "linear-rope": ("llama", "lmsys/vicuna-7b-v1.5-16k", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mpt_export
-from support import assert_clean_failure, cli, left_padded, serve_all, solo
+from support import assert_clean_failure, cli, left_padded, peft_greedy, serve_all, solo
 from mpt_export.export.reference import peft_causal_forward, peft_model_for
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.tools.families import TINY_FAMILIES
@@ -22,21 +22,6 @@ FAMILIES = list(TINY_FAMILIES)
 # factors (as transformers' own cached generate does), where a recompute without a cache uses the long ones
 # everywhere: its greedy run stays below the switch (16 positions: 5 virtual + 6 + 5), its forward crosses it below
 NEW_TOKENS = {"phi3": 5}
-
-
-def _peft_greedy(pm, task_index, ids, steps):
-    import torch
-
-    seq = torch.from_numpy(ids.astype(np.int64))
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq), task_ids=torch.tensor([task_index]),
-                        use_cache=False).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(int(nxt))
-            seq = torch.cat([seq, nxt], dim=1)
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,7 +47,7 @@ def test_family_equals_peft(make_case, family):
         pm = peft_model_for(model, ck)
         for i, name in enumerate(names):
             ids = rng.integers(1, s.vocab_size, (1, 6))
-            refs[name] = _peft_greedy(pm, i, ids, steps)
+            refs[name] = peft_greedy(pm, i, ids, steps)
             prompts[name] = ids
             got = s.generate_ids(ids, [name], max_new_tokens=steps, eos_token_id=None)
             assert got.tolist() == [refs[name]], (family, name)
@@ -74,7 +59,7 @@ def test_family_equals_peft(make_case, family):
     for row, (task, n) in enumerate(zip(tasks, lens)):
         pm, idx = next((peft_model_for(model, ck), names.index(task))
                        for ck, names in adapters_from_bank(b.task_bank()) if task in names)
-        assert batch[row].tolist() == _peft_greedy(pm, idx, ids[row:row + 1, ids.shape[1] - n:], steps), (family, row)
+        assert batch[row].tolist() == peft_greedy(pm, idx, ids[row:row + 1, ids.shape[1] - n:], steps), (family, row)
     if family == "phi3":  # one forward past original_max_position_embeddings: the long factors, as PEFT
         ck, names = adapters_from_bank(b.task_bank())[0]
         long = rng.integers(1, s.vocab_size, (1, 20))
@@ -136,18 +121,6 @@ def test_unlisted_family_that_cannot_be_traced_is_refused(make_case, tmp_path):
     assert_clean_failure(res, "model type 'mamba' (not a listed family, tried generically) cannot be exported",
                          "attention-based causal LM")
     assert not (tmp_path / "out").exists()
-
-
-def test_dynamic_rope_is_refused_before_loading(make_case, tmp_path):
-    from mpt_export.tools.families import make_family_model
-
-    make_family_model(tmp_path / "base", "linear-rope")
-    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
-    src = make_case("linear-rope").source
-    res = cli("export", "--base-model", tmp_path / "base", "--adapter", f"a,b,c={src}", "--out", tmp_path / "out")
-    assert_clean_failure(res, "rope scaling is 'dynamic'")
 
 
 def test_not_a_causal_lm_is_refused_naming_the_page(make_case, tmp_path):

@@ -9,26 +9,10 @@ import numpy as np
 import pytest
 
 import mpt_export
-from support import assert_clean_failure, left_padded, cli
+from support import assert_clean_failure, left_padded, cli, peft_greedy
 from mpt_export.errors import BaseModelError, InputError, TaskNameError
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
 from mpt_export.export.reference import peft_model_for
-
-
-def peft_greedy(pm, task_index, ids, steps):
-    """argmax of PEFT's forward recomputed on the growing sequence, no cache."""
-    import torch
-
-    seq = torch.from_numpy(ids.astype(np.int64))
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq), task_ids=torch.tensor([task_index]),
-                        use_cache=False).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(int(nxt))
-            seq = torch.cat([seq, nxt], dim=1)
-    return out
 
 
 @pytest.mark.parametrize("arch,graph", [("llama", "plain"), ("llama-gqa", "plain"), ("gpt2", "plain"),

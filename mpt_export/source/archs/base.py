@@ -174,14 +174,6 @@ class Arch:
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
 
-    def refusal(self) -> str | None:
-        """Why this config cannot be exported (checked before anything loads), or None."""
-        if self.task_type == "CAUSAL_LM" and "dynamic" in _rope_types(self.config):
-            return ("its rope scaling is 'dynamic' (NTK): transformers recomputes those frequencies from the longest "
-                    "sequence a model instance has seen, state no graph can carry; export it with the scaling it "
-                    "was trained with (linear, yarn, llama3 or longrope) or without rope_scaling")
-        return None
-
     def features(self) -> list[str]:
         """The features this config uses (names of :data:`FEATURES`)."""
         return [name for name, (uses, _) in FEATURES.items() if uses(self.config)]

@@ -37,10 +37,11 @@ def supported_models_markdown() -> str:
 
 {features}
 
-## Not supported
+## Limits
 
-- **Dynamic NTK rope scaling** (`rope_type: dynamic`) is refused before anything loads: transformers recomputes
-  those frequencies from the longest sequence one model instance has seen, state that no exported graph can carry.
+- **Dynamic NTK rope scaling** (`rope_type: dynamic`) changes nothing below `max_position_embeddings`, and a bundle
+  never runs past that limit (every request is checked at admission): the graph computes what transformers computes
+  there. Its rescaling beyond the limit is not exported.
 - **Models that are not attention-based causal LMs** (state-space models such as Mamba, encoder-only models) are
   refused in one line naming the model type and what is missing.
 - **Phi-3 long-rope past `original_max_position_embeddings`**: a generation that crosses that length keeps the keys
