@@ -83,20 +83,23 @@ def _takes_mask_dict(module) -> bool:
 
 
 def _make_wrapper(model, arch: CausalArch):
-    """The whole ``*ForCausalLM`` (so the family's logit scaling and soft-caps apply, and its last-position-only
-    head via ``logits_to_keep``) over ``cat(prompt, embed(ids))``."""
+    """The decoder stack over ``cat(prompt, embed(ids))``, the last position gathered, then the LM head and the
+    family's logit transforms (:meth:`CausalArch.logits`: multipliers, soft-caps) — the head runs on one position
+    only, and the scoring graph (``scoring.py``) clones that chain over every position."""
     import torch
     from transformers.cache_utils import DynamicCache
 
+    decoder = arch.decoder(model)
     embed = arch.embed_tokens(model)
+    lm_head = arch.lm_head(model)
     L = arch.num_layers
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(decoder.forward).parameters
     # transformers 5.24 renamed past_key_values= to cache=; support both.
     cache_kw = "cache" if "cache" in params else "past_key_values"
     takes_positions = "position_ids" in params
     window, mixed = window_of(model.config)
     if window is not None:
-        as_dict = _takes_mask_dict(arch.decoder(model) if arch.decoder_attr else model.base_model)
+        as_dict = _takes_mask_dict(decoder)
         if mixed and not as_dict:
             raise ExportError(f"{arch.name}: layers with and without a sliding window, and a decoder that takes one "
                               "mask for all of them; this family is not supported yet")
@@ -116,9 +119,8 @@ def _make_wrapper(model, arch: CausalArch):
                 full, sliding = position_masks(attention_mask, position_ids, window, embeds.dtype)
                 mask = {"full_attention": full, "sliding_attention": sliding} if as_dict else sliding
             kwargs = {"position_ids": position_ids} if takes_positions else {}
-            out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                        **kwargs, **{cache_kw: cache})
-            logits = out.logits[:, -1, :].float()  # (B, V)
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **kwargs, **{cache_kw: cache})
+            logits = arch.logits(lm_head(out.last_hidden_state[:, -1, :])).float()  # (B, V)
             cache = getattr(out, "cache", None) or out.past_key_values
             present = []
             for i in range(L):
@@ -174,6 +176,8 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
         ) from e
     _reset_rotary_state(model)
     _set_dim_names(path, io)
+    if dtype == torch.float32:
+        _bf16_arithmetic_in_fp32(path)
     written = onnx.load(str(path), load_external_data=False)
     real_opset = next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx"))
     return {**io, "opset": int(real_opset)}
@@ -225,6 +229,41 @@ def _dynamic_rope_unscaled(model):
     finally:
         for module in patched:
             del module.forward
+
+
+BF16_OPS = ("Mul", "Add", "Sub", "Div")
+
+
+def _bf16_arithmetic_in_fp32(path: Path) -> None:
+    """Some families compute a piece in bfloat16 inside an fp32 model (Falcon's ALiBi slopes × positions, as it was
+    trained); ONNX Runtime's CPU kernels have no bfloat16 arithmetic. Each such node computes in fp32 and rounds its
+    result to bfloat16: for a product of two bfloat16 values that is bit-exact (the fp32 product is exact)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes, changed = [], 0
+    for n in model.graph.node:
+        if n.op_type in BF16_OPS and n.domain in ("", "ai.onnx") and types.get(n.output[0]) == TensorProto.BFLOAT16:
+            ins = []
+            for j, name in enumerate(n.input):
+                ins.append(f"{n.output[0]}_in{j}_fp32")
+                nodes.append(helper.make_node("Cast", [name], [ins[-1]], to=TensorProto.FLOAT,
+                                              name=f"{n.name}_in{j}_fp32"))
+            nodes.append(helper.make_node(n.op_type, ins, [f"{n.output[0]}_fp32"], name=f"{n.name}_fp32"))
+            nodes.append(helper.make_node("Cast", [f"{n.output[0]}_fp32"], [n.output[0]], to=TensorProto.BFLOAT16,
+                                          name=n.name))
+            changed += 1
+        else:
+            nodes.append(n)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path), save_as_external_data=False)
 
 
 def _reset_rotary_state(model) -> None:

@@ -4,7 +4,8 @@ last-position head (an all-positions output would cost a full LM head on every d
 every node of a graph whatever is fetched).
 
 Written by rewiring the backbone graph, not by a second export: the head chain after the graph's last-position
-``Gather`` (a ``Gemm``, a ``MatMul`` or a weight-only ``MatMulNBits``, and a ``Cast`` in half graphs) is cloned over
+``Gather`` (a ``Gemm``, a ``MatMul`` or a weight-only ``MatMulNBits``, the family's logit multipliers and soft-cap, and
+a ``Cast`` in half graphs) is cloned over
 the hidden states of every position (flattened to rows, then shaped back). Its initializers keep their external-data
 entries, so the scoring graph reads the backbone's own weights file: no tensor is stored twice."""
 
@@ -31,7 +32,7 @@ def _head_chain(graph):
             return n, chain[::-1]
         chain.append(n)
         name = n.input[0]
-        if len(chain) > 4:
+        if len(chain) > 8:  # head, bias, multipliers, soft-cap, cast
             break
     raise ExportError("the backbone graph has no last-position Gather before its LM head; this bundle cannot get a "
                       "scoring graph (export it again with this version)")

@@ -53,6 +53,10 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
         word_embed_proj_dim=32)),  # learned positions at position + 2
     "falcon": ("falcon", "tiiuae/falcon-rw-1b (ALiBi) / falcon-7b (parallel, multi-query)", dict(
         new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False)),
+    "falcon-rw": ("falcon", "tiiuae/falcon-rw-1b", dict(
+        new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True)),
+    "falcon-40b": ("falcon", "tiiuae/falcon-40b", dict(
+        new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, alibi=False, bias=False)),
     "bloom": ("bloom", "bigscience/bloom-560m", dict(n_head=4, n_layer=2, apply_residual_connection_post_layernorm=False)),
     "starcoder2": ("starcoder2", "bigcode/starcoder2-3b", dict(
         num_key_value_heads=2, sliding_window=8, use_bias=True, norm_type="layer_norm")),

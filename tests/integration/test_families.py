@@ -15,6 +15,7 @@ import mpt_export
 from support import assert_clean_failure, cli, left_padded, peft_greedy, serve_all, solo
 from mpt_export.export.reference import peft_causal_forward, peft_model_for
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
+from mpt_export.runtime.trt.check import check_trt
 from mpt_export.tools.families import TINY_FAMILIES
 
 FAMILIES = list(TINY_FAMILIES)
@@ -60,6 +61,16 @@ def test_family_equals_peft(make_case, family):
         pm, idx = next((peft_model_for(model, ck), names.index(task))
                        for ck, names in adapters_from_bank(b.task_bank()) if task in names)
         assert batch[row].tolist() == peft_greedy(pm, idx, ids[row:row + 1, ids.shape[1] - n:], steps), (family, row)
+    # the scoring graph (echo): the head chain, the family's logit transforms included, over every position
+    ck, names = adapters_from_bank(b.task_bank())[0]
+    ids = rng.integers(1, s.vocab_size, (1, 7))
+    every = s.position_logits(ids[0].tolist(), names[0])
+    assert every.shape == (7, s.vocab_size)
+    for k in (3, 6):
+        ref = peft_causal_forward(peft_model_for(model, ck), ids[:, :k + 1], 0)["logits"]
+        assert np.abs(every[k] - ref[0]).max() <= 1e-4 * max(1.0, np.abs(ref).max()), (family, k)
+    # TensorRT's ONNX parser takes the plain graph (the CPU-side check: operators, dtypes, profiles)
+    check_trt(b)
     if family == "phi3":  # one forward past original_max_position_embeddings: the long factors, as PEFT
         ck, names = adapters_from_bank(b.task_bank())[0]
         long = rng.integers(1, s.vocab_size, (1, 20))

@@ -217,11 +217,33 @@ class CausalArch(Arch):
     """A decoder-only family: the model with its head takes ``inputs_embeds``, an attention mask, position ids and a
     cache (the exporter calls the whole ``*ForCausalLM``, so the family's own logit scaling and soft-caps apply)."""
 
+    # what the family's *ForCausalLM does to the head's output, read from these config keys when set (in this order):
+    # multiplied by logit_scale (Cohere), divided by logits_scaling (Granite), tanh soft-capped (Gemma 2/3)
+    logit_keys: ClassVar[tuple[str, ...]] = ()
+
+    def logits(self, logits):
+        """The LM head's output -> the logits the family's ``*ForCausalLM`` returns (traced: torch ops only)."""
+        c = self.config
+        if "logit_scale" in self.logit_keys and c.get("logit_scale") not in (None, 1, 1.0):
+            logits = logits * float(c["logit_scale"])
+        if "logits_scaling" in self.logit_keys and c.get("logits_scaling") not in (None, 1, 1.0):
+            logits = logits / float(c["logits_scaling"])
+        if "final_logit_softcapping" in self.logit_keys and c.get("final_logit_softcapping"):
+            cap = float(c["final_logit_softcapping"])
+            logits = (logits / cap).tanh() * cap
+        return logits
+
+    def decoder(self, model):
+        return model.base_model if not self.decoder_attr else self._resolve(model, self.decoder_attr)
+
     def embed_tokens(self, model):
         return model.get_input_embeddings() if not self.embed_attr else self._resolve(model, self.embed_attr)
 
     def lm_head(self, model):
         return model.get_output_embeddings() if not self.lm_head_attr else self._resolve(model, self.lm_head_attr)
+
+
+LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "final_logit_softcapping")
 
 
 class GenericCausal(CausalArch):
@@ -230,6 +252,8 @@ class GenericCausal(CausalArch):
 
     listed = False
     family = "other causal LMs"
+    logit_keys = LOGIT_TRANSFORMS  # whichever the config sets (validation tells whether that was all)
+    decoder_attr = ""
     embed_attr = ""
     lm_head_attr = ""
     hidden_keys = ("hidden_size", "n_embd", "d_model")

@@ -29,6 +29,7 @@ class Gemma(_LlamaLayout):
 
 @register
 class Gemma2(_LlamaLayout):
+    logit_keys = ("final_logit_softcapping",)
     model_types = ("gemma2",)
     family = "Gemma 2"
     checkpoints = "google/gemma-2-2b, gemma-2-9b"
@@ -38,6 +39,7 @@ class Gemma2(_LlamaLayout):
 
 @register
 class Gemma3Text(_LlamaLayout):
+    logit_keys = ("final_logit_softcapping",)
     model_types = ("gemma3_text",)
     family = "Gemma 3 (text)"
     checkpoints = "google/gemma-3-1b-it, gemma-3-270m (text-only Gemma3ForCausalLM)"
@@ -72,6 +74,7 @@ class SmolLM3(_LlamaLayout):
 
 @register
 class Granite(_LlamaLayout):
+    logit_keys = ("logits_scaling",)
     model_types = ("granite",)
     family = "Granite 3"
     checkpoints = "ibm-granite/granite-3.3-2b-instruct, granite-3.1-8b"

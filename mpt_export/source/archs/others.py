@@ -11,10 +11,10 @@ class GPTNeoX(CausalArch):
     model_types = ("gpt_neox",)
     family = "GPT-NeoX / Pythia"
     checkpoints = "EleutherAI/pythia-160m … pythia-12b, gpt-neox-20b"
-    handles = "partial rotary (rotary_pct); parallel attention and MLP; the head is embed_out"
+    handles = "partial rotary (rotary_pct); parallel attention and MLP"
     decoder_attr = "gpt_neox"
     embed_attr = "gpt_neox.embed_in"
-    lm_head_attr = "embed_out"
+    lm_head_attr = ""  # embed_out in older checkpoints, lm_head in transformers 5: the model says which
 
 
 @register
