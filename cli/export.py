@@ -43,8 +43,11 @@ def export_cmd(
     with progress("export", quiet) as on_step:
         b = export_bundle(base_model, adapter, out, options, on_step=on_step)
     console.print(parity_table(b.manifest.get("validation")))
-    if b.base_model.get("listed_family") is False:
-        console.print(f"[yellow]note:[/] model type {escape(str(b.base_model.get('model_type')))} is not a listed family: "
+    bm = b.base_model
+    if bm.get("features"):
+        console.print(f"base model: {escape(str(bm.get('model_type')))} with {escape(', '.join(bm['features']))}")
+    if bm.get("listed_family") is False:
+        console.print(f"[yellow]note:[/] model type {escape(str(bm.get('model_type')))} is not a listed family: "
                       "it was exported through the generic path and kept because validation against PEFT passed")
     if b.manifest.get("quantization"):
         console.print(quant_line(b.manifest["quantization"]))

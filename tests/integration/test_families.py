@@ -117,13 +117,25 @@ def test_quantized_copies_of_every_family(make_case, tmp_path, scheme):
         assert 0 < np.abs(out - want).max() < 0.5 * np.abs(want).max(), family  # quantized, and still close
 
 
-def test_unlisted_family_accepted_by_validation(make_case):
-    b = mpt_export.load_bundle(make_case("cohere").bundle)
+def test_unlisted_family_accepted_by_validation(make_case, tmp_path):
+    case = make_case("cohere")
+    out = tmp_path / "bundle"
+    res = cli("export", "--base-model", case.base, "--adapter", f"a,b,c={case.source}", "--adapter",
+              f"t={case.target}", "--out", out)
+    assert res.returncode == 0, res.stderr + res.stdout
+    text = " ".join(res.stdout.split())
+    assert "model type cohere is not a listed family" in text and "validation against PEFT passed" in text
+    assert "base model: cohere with grouped-query attention" in text
+    b = mpt_export.load_bundle(out)
     bm = b.base_model
     assert bm["model_type"] == "cohere" and bm["listed_family"] is False and bm["arch"] == "GenericCausal"
     assert b.manifest["validation"]["passed"]
     s = b.session()
-    assert s.generate_ids(np.array([[5, 6, 7]]), ["a"], max_new_tokens=4, eos_token_id=None).shape == (1, 4)
+    model, _, _ = load_base_model(case.base)
+    ck, names = adapters_from_bank(b.task_bank())[0]
+    ids = np.array([[5, 6, 7]])
+    got = s.generate_ids(ids, [names[1]], max_new_tokens=8, eos_token_id=None)
+    assert got.tolist() == [peft_greedy(peft_model_for(model, ck), 1, ids, 8)]  # logit_scale applied, as PEFT
 
 
 def test_unlisted_family_that_cannot_be_traced_is_refused(make_case, tmp_path):

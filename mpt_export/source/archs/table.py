@@ -33,7 +33,7 @@ def supported_models_markdown() -> str:
 
 ## Features named in a bundle
 
-`mpt-export inspect` and the manifest (`base_model.features`) name the features a base model's config uses:
+The export report and the manifest (`base_model.features`) name the features a base model's config uses:
 
 {features}
 
