@@ -23,7 +23,7 @@ def export_cmd(
     min_agreement: Annotated[float | None, typer.Option(help="With --quantize: refuse the bundle if its greedy-token agreement with fp32 is below this.", show_default="0.95 int8, 0.85 int4, 0.9 int8-dynamic")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider for validation: cpu, cuda, tensorrt, dml, coreml or an ONNX Runtime provider name (bf16 needs a GPU provider).")] = "cpu",
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Compare the bundle with PEFT on fresh random inputs after export.")] = True,
-    fast_graph: Annotated[bool, typer.Option("--fast-graph/--no-fast-graph", help="Also write the fused ONNX Runtime graph (Llama, Mistral, Qwen2 with head sizes a multiple of 16; fp32 bundles and their int8/int4 copies): faster decoding on the CPU, its weights stored once with the traced graph's.")] = True,
+    fast_graph: Annotated[bool, typer.Option("--fast-graph/--no-fast-graph", help="Also write the fused ONNX Runtime graph (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-2/3/4, Granite, OLMo 2, SmolLM3 with head sizes a multiple of 16; fp32 bundles and their int8/int4 copies): faster decoding on the CPU, its weights stored once with the traced graph's.")] = True,
     seed: Annotated[int | None, typer.Option(help="Seed for the validation inputs.", show_default="random, recorded in the manifest")] = None,
     revision: Annotated[str | None, typer.Option(help="With a Hub id for --base-model: the branch, tag or commit to read.", show_default="main")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a bundle mpt-export wrote (never any other directory, never an input).")] = False,

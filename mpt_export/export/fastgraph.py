@@ -1,9 +1,11 @@
-"""The fast backbone for ONNX Runtime (Llama family: Llama, Mistral, Qwen2), written from the model's weights with
-``onnx.helper`` — no tracing. ONNX Runtime's fused contrib ops: ``GroupQueryAttention`` (rotary inside) reading and
-writing one preallocated KV buffer per layer in place, ``SkipSimplifiedLayerNormalization`` (residual add + RMS norm),
-q, k and v projected apart (the traced graph's very weight tensors, so a bundle stores them once: see
-``export/torchside.py``): 13 nodes per layer (16 with Qwen2's biases) where the traced graph has ~60, and no
-``concat(past, new)`` reallocated every step.
+"""The fast backbone for ONNX Runtime — Llama (every static rope scaling), Mistral and Qwen2 (windows too), Qwen3,
+Gemma 1–3, Phi-2, Phi-3/3.5/4, Granite, OLMo 2, SmolLM3: what each family computes is in ``fastplan.py`` — written
+from the model's weights with ``onnx.helper``, no tracing. ONNX Runtime's fused contrib ops: ``GroupQueryAttention``
+(rotary, sliding window, scale and soft-cap inside) reading and writing one preallocated KV buffer per layer in place,
+``SkipSimplifiedLayerNormalization`` (residual add + RMS norm), q/k norms as their own ops (the op's own norm inputs
+are not honoured on the CPU), q, k and v projected apart or Phi-3's packed qkv (the traced graph's very weight
+tensors, so a bundle stores them once: see ``export/torchside.py``): 13 nodes per Llama layer (16 with Qwen2's biases)
+where the traced graph has ~60, and no ``concat(past, new)`` reallocated every step.
 
 Cache layout (GroupQueryAttention's, not the plain graph's left-padded one): sequence b's keys/values start at slot 0
 of row b of a ``(B, KV, capacity, Dh)`` buffer, with no padding inside, so a token's position is its slot (a task
@@ -29,9 +31,7 @@ import numpy as np
 
 from ..errors import ExportError
 
-FAST_TYPES = ("llama", "mistral", "qwen2")
-
-
+from .fastplan import FAST_TYPES, GEMMA, Plan  # noqa: F401 (FAST_TYPES re-exported)
 def fast_io(arch, dtype: str = "float32") -> dict:
     """The fast graph's inputs and outputs (names, dtypes, shapes), as the manifest records graphs."""
     L, kv, hd, H = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size
@@ -48,28 +48,9 @@ def fast_io(arch, dtype: str = "float32") -> dict:
     }
 
 
-def _checked(model, arch) -> tuple:
-    """What the fast graph cannot express is refused here, by name. -> (rotary cos, sin) as float64 tables."""
-    cfg = model.config
-    if cfg.model_type not in FAST_TYPES:
-        raise ExportError(f"no fast graph for model type {cfg.model_type!r} (it covers {', '.join(FAST_TYPES)})")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"fast graph: activation {cfg.hidden_act!r} (only silu)")
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < arch.max_positions:
-        raise ExportError(f"fast graph: sliding-window attention ({window} < {arch.max_positions} positions)")
-    if arch.head_dim % 16:
-        raise ExportError(f"fast graph: head size {arch.head_dim} (ONNX Runtime's GroupQueryAttention needs a multiple "
-                          "of 16)")
-    rot = model.model.rotary_emb
-    if "dynamic" in str(getattr(rot, "rope_type", "default")):
-        raise ExportError(f"fast graph: rotary type {rot.rope_type!r} changes with the sequence length")
-    inv = rot.inv_freq.detach().double().numpy()
-    if 2 * inv.shape[0] != arch.head_dim:
-        raise ExportError("fast graph: partial rotary embeddings")
-    angles = np.arange(arch.max_positions, dtype=np.float64)[:, None] * inv[None]
-    scale = float(getattr(rot, "attention_scaling", 1.0))
-    return np.cos(angles) * scale, np.sin(angles) * scale
+def _checked(model, arch) -> Plan:
+    """What the fast graph cannot express is refused here, by name. -> the family's plan."""
+    return Plan(model, arch)
 
 
 class _Writer:
@@ -79,12 +60,16 @@ class _Writer:
     INLINE = 1024  # bytes: smaller tensors stay inside the graph file
 
     def __init__(self, dtype: np.dtype, data_path: Path):
-        self.dtype, self.nodes, self.inits = dtype, [], []
+        self.dtype, self.nodes, self.inits, self._names = dtype, [], [], set()
         self.data_path, self._data = data_path, open(data_path, "wb")
 
     def weight(self, name: str, value) -> str:
+        """``value`` as the initializer ``name`` (a name given twice is the same constant: written once)."""
         from onnx import TensorProto, helper, numpy_helper
 
+        if name in self._names:
+            return name
+        self._names.add(name)
         a = value.detach().float().numpy() if hasattr(value, "detach") else np.asarray(value)
         if a.dtype.kind == "f" and a.dtype != self.dtype:
             a = a.astype(self.dtype)
@@ -113,39 +98,143 @@ class _Writer:
         return outputs
 
 
-def _layer(w: _Writer, i: int, layer, x: str, resid: str | None, arch, eps: float) -> tuple[str, str]:
-    """One decoder layer: -> (its MLP output, the residual stream before it)."""
-    a, mlp = layer.self_attn, layer.mlp
-    ln1 = w.weight(f"layers.{i}.input_layernorm", layer.input_layernorm.weight)
-    if resid is None:
-        w.node("SimplifiedLayerNormalization", [x, ln1], [f"h.{i}"], axis=-1, epsilon=eps)
-        resid = x
+def _norm(w: _Writer, plan: Plan, name: str, module, x: str, out: str) -> str:
+    """A standalone norm of ``x`` (RMS, Gemma's (1 + w) RMS, or LayerNorm with bias)."""
+    if plan.layer_norm:
+        w.node("LayerNormalization", [x, w.weight(name, module.weight), w.weight(f"{name}_bias", module.bias)], [out],
+               axis=-1, epsilon=plan.eps)
     else:
-        w.node("SkipSimplifiedLayerNormalization", [x, resid, ln1], [f"h.{i}", "", "", f"resid.{i}"], ms=True,
-               epsilon=eps)
+        w.node("SimplifiedLayerNormalization", [x, _norm_weight(w, plan, name, module)], [out], axis=-1,
+               epsilon=plan.eps)
+    return out
+
+
+def _norm_weight(w: _Writer, plan: Plan, name: str, module) -> str:
+    return w.weight(name, 1.0 + module.weight.detach().float() if plan.norm_plus_one else module.weight)
+
+
+def _skip_norm(w: _Writer, plan: Plan, name: str, module, x: str, resid: str, out: str, resid_out: str) -> str:
+    """``resid_out = x + resid``; ``out = norm(resid_out)`` in one fused op."""
+    w.node("SkipSimplifiedLayerNormalization", [x, resid, _norm_weight(w, plan, name, module)],
+           [out, "", "", resid_out], ms=True, epsilon=plan.eps)
+    return out
+
+
+def _linear(w: _Writer, i: int, name: str, x: str, proj, out: str) -> str:
+    (y,) = w.node("MatMul", [x, w.weight(f"layers.{i}.{name}", proj.weight.T)], [out])
+    if getattr(proj, "bias", None) is not None:
+        (y,) = w.node("Add", [y, w.weight(f"layers.{i}.{name}_bias", proj.bias)], [f"{out}_b"])
+    return y
+
+
+def _attention(w: _Writer, plan: Plan, i: int, a, h: str, arch) -> str:
+    """q/k/v (or Phi-3's packed qkv), q/k norms as their own ops, GroupQueryAttention (rotary, window, scale,
+    soft-cap inside) over layer ``i``'s in-place cache, the output projection. -> its output."""
+    D = arch.head_dim
+    if hasattr(a, "qkv_proj"):  # Phi-3: one projection, GroupQueryAttention takes it packed
+        q, k, v = _linear(w, i, "qkv", h, a.qkv_proj, f"qkv.{i}"), "", ""
+    else:
+        q, k, v = (_linear(w, i, p, h, getattr(a, f"{p}_proj"), f"{p}.{i}") for p in ("q", "k", "v"))
+    if plan.qk_norm == "head":  # per head (Qwen3, Gemma 3): (B, S, N*D) -> (B, S, N, D) -> norm -> back
+        shape_h = w.weight("shape_heads", np.array([0, 0, -1, D], np.int64))
+        shape_f = w.weight("shape_flat", np.array([0, 0, -1], np.int64))
+        for p, mod in (("q", a.q_norm), ("k", a.k_norm)):
+            src = q if p == "q" else k
+            w.node("Reshape", [src, shape_h], [f"{p}_heads.{i}"])
+            _norm(w, plan, f"layers.{i}.{p}_norm", mod, f"{p}_heads.{i}", f"{p}_normed.{i}")
+            w.node("Reshape", [f"{p}_normed.{i}", shape_f], [f"{p}_n.{i}"])
+        q, k = f"q_n.{i}", f"k_n.{i}"
+    elif plan.qk_norm == "all":  # over the whole projection (OLMo 2)
+        q = _norm(w, plan, f"layers.{i}.q_norm", a.q_norm, q, f"q_n.{i}")
+        k = _norm(w, plan, f"layers.{i}.k_norm", a.k_norm, k, f"k_n.{i}")
+    table = plan.layer_table[i]
+    attrs = dict(num_heads=arch.num_heads, kv_num_heads=arch.num_kv_heads, scale=plan.scale,
+                 do_rotary=int(table is not None), rotary_interleaved=0)
+    if plan.windows[i]:
+        attrs["local_window_size"] = int(plan.windows[i])
+    if plan.attn_softcap:
+        attrs["softcap"] = plan.attn_softcap
+    cos, sin = (f"cos_{table}", f"sin_{table}") if table else ("", "")
+    w.node("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                                   "total_sequence_length", cos, sin],
+           [f"attn.{i}", f"present_key.{i}", f"present_value.{i}"], ms=True, **attrs)
+    o = a.dense if hasattr(a, "dense") else a.o_proj
+    out = _linear(w, i, "o", f"attn.{i}", o, f"attn_out.{i}")
+    if plan.residual_scale != 1.0:  # Granite: residual + multiplier * branch
+        (out,) = w.node("Mul", [out, w.weight("residual_multiplier", np.array(plan.residual_scale, w.dtype))],
+                        [f"attn_scaled.{i}"])
+    return out
+
+
+def _mlp(w: _Writer, plan: Plan, i: int, mlp, h: str) -> str:
+    if plan.type == "phi":  # fc1 -> tanh-GELU -> fc2
+        y = _linear(w, i, "fc1", h, mlp.fc1, f"fc1.{i}")
+        w.node("Gelu", [y], [f"act.{i}"], approximate="tanh")
+        out = _linear(w, i, "fc2", f"act.{i}", mlp.fc2, f"mlp_out.{i}")
+    else:
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: one projection, gate first
+            gu = _linear(w, i, "gate_up", h, mlp.gate_up_proj, f"gate_up.{i}")
+            w.node("Split", [gu], [f"gate.{i}", f"up.{i}"], axis=-1, num_outputs=2)
+            gate, up = f"gate.{i}", f"up.{i}"
+        else:
+            gate = _linear(w, i, "gate", h, mlp.gate_proj, f"gate.{i}")
+            up = _linear(w, i, "up", h, mlp.up_proj, f"up.{i}")
+        if plan.type in GEMMA:
+            w.node("Gelu", [gate], [f"act.{i}"], approximate="tanh")
+        else:
+            w.node("Sigmoid", [gate], [f"gate_sig.{i}"])
+            w.node("Mul", [gate, f"gate_sig.{i}"], [f"act.{i}"])
+        w.node("Mul", [f"act.{i}", up], [f"gated.{i}"])
+        down = mlp.down_proj
+        out = _linear(w, i, "down", f"gated.{i}", down, f"mlp_out.{i}")
+    if plan.residual_scale != 1.0:
+        (out,) = w.node("Mul", [out, "residual_multiplier"], [f"mlp_scaled.{i}"])
+    return out
+
+
+def _layer(w: _Writer, plan: Plan, i: int, layer, x: str, resid: str | None, arch) -> tuple[str, str | None]:
+    """One decoder layer. ``x`` is the previous layer's branch output and ``resid`` the stream it is added to (None
+    before the first layer: ``x`` is the stream). -> (this layer's last branch output, the stream before it)."""
+    a, mlp = layer.self_attn, layer.mlp
+    if plan.layout == "post":  # OLMo 2: the stream itself goes in; norms after each branch
+        if resid is not None:
+            w.node("Add", [x, resid], [f"stream.{i}"])
+            x = f"stream.{i}"
+        attn = _attention(w, plan, i, a, x, arch)
+        normed = _norm(w, plan, f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, attn,
+                       f"attn_post.{i}")
+        w.node("Add", [normed, x], [f"resid2.{i}"])
+        out = _mlp(w, plan, i, mlp, f"resid2.{i}")
+        return _norm(w, plan, f"layers.{i}.post_feedforward_layernorm", layer.post_feedforward_layernorm, out,
+                     f"mlp_post.{i}"), f"resid2.{i}"
+    if resid is None:
+        h = _norm(w, plan, f"layers.{i}.input_layernorm", layer.input_layernorm, x, f"h.{i}")
+        resid = x
+    elif plan.layer_norm:
+        w.node("Add", [x, resid], [f"resid.{i}"])
         resid = f"resid.{i}"
-    qkv = []  # q, k, v apart (GroupQueryAttention takes them so): the traced graph's very tensors, shared by content
-    for p, proj in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj)):
-        (y,) = w.node("MatMul", [f"h.{i}", w.weight(f"layers.{i}.{p}", proj.weight.T)], [f"{p}.{i}"])
-        if proj.bias is not None:
-            (y,) = w.node("Add", [y, w.weight(f"layers.{i}.{p}_bias", proj.bias)], [f"{p}_b.{i}"])
-        qkv.append(y)
-    w.node("GroupQueryAttention", [*qkv, f"past_key.{i}", f"past_value.{i}", "seqlens_k",
-                                   "total_sequence_length", "cos_cache", "sin_cache"],
-           [f"attn.{i}", f"present_key.{i}", f"present_value.{i}"], ms=True, num_heads=arch.num_heads,
-           kv_num_heads=arch.num_kv_heads, do_rotary=1, rotary_interleaved=0, scale=float(arch.head_dim ** -0.5))
-    w.node("MatMul", [f"attn.{i}", w.weight(f"layers.{i}.o", a.o_proj.weight.T)], [f"attn_out.{i}"])
-    w.node("SkipSimplifiedLayerNormalization", [f"attn_out.{i}", resid,
-                                                w.weight(f"layers.{i}.post_attention_layernorm",
-                                                         layer.post_attention_layernorm.weight)],
-           [f"h2.{i}", "", "", f"resid2.{i}"], ms=True, epsilon=eps)
-    w.node("MatMul", [f"h2.{i}", w.weight(f"layers.{i}.gate", mlp.gate_proj.weight.T)], [f"gate.{i}"])
-    w.node("MatMul", [f"h2.{i}", w.weight(f"layers.{i}.up", mlp.up_proj.weight.T)], [f"up.{i}"])
-    w.node("Sigmoid", [f"gate.{i}"], [f"gate_sig.{i}"])
-    w.node("Mul", [f"gate.{i}", f"gate_sig.{i}"], [f"silu.{i}"])
-    w.node("Mul", [f"silu.{i}", f"up.{i}"], [f"gated.{i}"])
-    w.node("MatMul", [f"gated.{i}", w.weight(f"layers.{i}.down", mlp.down_proj.weight.T)], [f"mlp_out.{i}"])
-    return f"mlp_out.{i}", f"resid2.{i}"
+        h = _norm(w, plan, f"layers.{i}.input_layernorm", layer.input_layernorm, resid, f"h.{i}")
+    else:
+        h = _skip_norm(w, plan, f"layers.{i}.input_layernorm", layer.input_layernorm, x, resid, f"h.{i}",
+                       f"resid.{i}")
+        resid = f"resid.{i}"
+    attn = _attention(w, plan, i, a, h, arch)
+    if plan.layout == "parallel":  # Phi-2: attention and MLP off the same norm, both added to the stream
+        out = _mlp(w, plan, i, mlp, h)
+        w.node("Add", [attn, out], [f"branches.{i}"])
+        return f"branches.{i}", resid
+    if plan.layout == "sandwich":  # Gemma 2/3: a norm after attention, one before and one after the MLP
+        attn = _norm(w, plan, f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, attn,
+                     f"attn_post.{i}")
+        h2 = _skip_norm(w, plan, f"layers.{i}.pre_feedforward_layernorm", layer.pre_feedforward_layernorm, attn, resid,
+                        f"h2.{i}", f"resid2.{i}")
+        out = _mlp(w, plan, i, mlp, h2)
+        out = _norm(w, plan, f"layers.{i}.post_feedforward_layernorm", layer.post_feedforward_layernorm, out,
+                    f"mlp_post.{i}")
+        return out, f"resid2.{i}"
+    h2 = _skip_norm(w, plan, f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, attn, resid,
+                    f"h2.{i}", f"resid2.{i}")
+    return _mlp(w, plan, i, mlp, h2), f"resid2.{i}"
 
 
 def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -> dict:
@@ -155,12 +244,12 @@ def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -
     import onnx
     from onnx import TensorProto, helper
 
-    cos, sin = _checked(model, arch)
+    plan = _checked(model, arch)
     np_dtype = np.dtype(dtype)
     path = Path(path)
     w = _Writer(np_dtype, path.with_name(path.name + ".data"))
     try:
-        graph = _graph(w, model, arch, cos, sin, np_dtype)
+        graph = _graph(w, model, arch, plan, np_dtype)
     finally:
         w.close()
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
@@ -169,20 +258,38 @@ def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -
     return fast_io(arch, dtype)
 
 
-def _graph(w: _Writer, model, arch, cos, sin, np_dtype):
+def _graph(w: _Writer, model, arch, plan: Plan, np_dtype):
     from onnx import TensorProto, helper
 
-    eps = float(model.config.rms_norm_eps)
-    w.weight("cos_cache", cos)
-    w.weight("sin_cache", sin)
+    for name, (cos, sin) in plan.tables.items():
+        w.weight(f"cos_{name}", cos)
+        w.weight(f"sin_{name}", sin)
+    if plan.long_rope is not None:  # Phi-3 long-rope: the long factors once the longest position passes the switch
+        w.node("Greater", ["total_sequence_length", w.weight("long_rope_from", np.array(plan.long_rope, np.int32))],
+               ["use_long"])
+        for k in ("cos", "sin"):
+            w.node("Where", ["use_long", f"{k}_cache_long", f"{k}_cache"], [f"{k}_cache_chosen"])
+        plan.layer_table = ["cache_chosen" if t == "cache" else t for t in plan.layer_table]
     embed = w.weight("embed_tokens", model.model.embed_tokens.weight)
     w.node("Gather", [embed, "input_ids"], ["tokens"])
-    w.node("Concat", ["prompt_embeds", "tokens"], ["x"], axis=1)
-    x, resid = "x", None
+    tokens = "tokens"
+    if plan.token_scale != 1.0:  # Gemma's sqrt(hidden), on the token embeddings only
+        (tokens,) = w.node("Mul", [tokens, w.weight("token_scale", np.array(plan.token_scale, np_dtype))],
+                           ["tokens_scaled"])
+    w.node("Concat", ["prompt_embeds", tokens], ["x"], axis=1)
+    x = "x"
+    if plan.embed_scale != 1.0:  # Granite's multiplier: on the prompt too, as the model applies it
+        w.node("Mul", [x, w.weight("embed_scale", np.array(plan.embed_scale, np_dtype))], ["x_scaled"])
+        x = "x_scaled"
+    resid = None
     for i, layer in enumerate(model.model.layers):
-        x, resid = _layer(w, i, layer, x, resid, arch, eps)
-    w.node("SkipSimplifiedLayerNormalization", [x, resid, w.weight("norm", model.model.norm.weight)],
-           ["hidden", "", "", "resid_final"], ms=True, epsilon=eps)
+        x, resid = _layer(w, plan, i, layer, x, resid, arch)
+    final = model.model.final_layernorm if plan.type == "phi" else model.model.norm
+    if plan.layer_norm or plan.layout == "post":
+        w.node("Add", [x, resid], ["stream_final"])
+        _norm(w, plan, "norm", final, "stream_final", "hidden")
+    else:
+        _skip_norm(w, plan, "norm", final, x, resid, "hidden", "resid_final")
     # each sequence's last real row: (B,) -> (B, 1, H) indices -> (B, H)
     w.node("Reshape", ["last_index", w.weight("shape_b11", np.array([-1, 1, 1], np.int64))], ["last_b11"])
     w.node("Shape", ["hidden"], ["hidden_shape"])
@@ -193,9 +300,20 @@ def _graph(w: _Writer, model, arch, cos, sin, np_dtype):
     w.node("Reshape", ["last_hidden3", w.weight("shape_bh", np.array([0, -1], np.int64))], ["last_hidden"])
     head = model.lm_head.weight
     head_name = embed if head.data_ptr() == model.model.embed_tokens.weight.data_ptr() else w.weight("lm_head", head)
-    logits = "logits" if np_dtype == np.float32 else "logits_half"
-    w.node("Gemm", ["last_hidden", head_name], [logits], transB=1)
-    if logits != "logits":
+    bias = [w.weight("lm_head_bias", model.lm_head.bias)] if getattr(model.lm_head, "bias", None) is not None else []
+    logits = "logits_head"
+    w.node("Gemm", ["last_hidden", head_name, *bias], [logits], transB=1)
+    if plan.logits_divisor != 1.0:  # Granite
+        (logits,) = w.node("Div", [logits, w.weight("logits_scaling", np.array(plan.logits_divisor, np_dtype))],
+                           ["logits_scaled"])
+    if plan.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
+        cap = w.weight("final_softcap", np.array(plan.final_softcap, np_dtype))
+        w.node("Div", [logits, cap], ["logits_capped_in"])
+        w.node("Tanh", ["logits_capped_in"], ["logits_tanh"])
+        (logits,) = w.node("Mul", ["logits_tanh", cap], ["logits_capped"])
+    if np_dtype == np.float32:
+        w.node("Identity", [logits], ["logits"])
+    else:
         w.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
     io = fast_io(arch, str(np_dtype))
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,

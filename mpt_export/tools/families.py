@@ -15,7 +15,7 @@ from pathlib import Path
 # model_type, real checkpoint it follows, config fields (on top of the common tiny sizes)
 TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("qwen3", "Qwen/Qwen3-0.6B", dict(
-        head_dim=16, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1_000_000.0,
+        head_dim=32, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1_000_000.0,
         attention_bias=False, use_sliding_window=False)),  # q/k RMS norms; head_dim != hidden / heads
     "qwen2-window": ("qwen2", "Qwen/Qwen2.5-0.5B (use_sliding_window on)", dict(
         num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True, sliding_window=8,
@@ -25,20 +25,22 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
         head_dim=16, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
         tie_word_embeddings=True)),  # embeddings scaled by sqrt(hidden); (1 + w) RMS norms; multi-query
     "gemma2": ("gemma2", "google/gemma-2-2b", dict(
-        head_dim=16, num_key_value_heads=2, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        head_dim=32, num_key_value_heads=2, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
         sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
         attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
     "gemma3": ("gemma3_text", "google/gemma-3-1b-it", dict(
-        head_dim=16, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-        sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+        head_dim=32, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     "phi3": ("phi3", "microsoft/Phi-4-mini-instruct", dict(
-        num_key_value_heads=2, tie_word_embeddings=True, partial_rotary_factor=0.75,
-        original_max_position_embeddings=16,
-        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2], "long_factor": [1.5, 2.0, 3.0]})),
+        hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+        tie_word_embeddings=True, partial_rotary_factor=0.75, original_max_position_embeddings=16,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(24)],
+                      "long_factor": [1.5 + 0.25 * i for i in range(24)]})),  # head 64: rotary 48
     "phi": ("phi", "microsoft/phi-2", dict(
-        partial_rotary_factor=0.5, hidden_act="gelu_new", qk_layernorm=False, tie_word_embeddings=False)),
+        num_attention_heads=2, partial_rotary_factor=0.5, hidden_act="gelu_new", qk_layernorm=False,
+        tie_word_embeddings=False)),  # head 32: rotary 16
     "smollm3": ("smollm3", "HuggingFaceTB/SmolLM3-3B", dict(
         num_key_value_heads=2, tie_word_embeddings=True, no_rope_layer_interval=2, rope_theta=5_000_000.0,
         use_sliding_window=False)),  # every 2nd layer without rotary (NoPE): 3B uses every 4th
@@ -49,8 +51,8 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "gpt_neox": ("gpt_neox", "EleutherAI/pythia-160m", dict(
         rotary_pct=0.25, use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False)),
     "opt": ("opt", "facebook/opt-125m", dict(
-        do_layer_norm_before=True, activation_function="relu", ffn_dim=64, enable_bias=True,
-        word_embed_proj_dim=32)),  # learned positions at position + 2
+        do_layer_norm_before=True, activation_function="relu", ffn_dim=128, enable_bias=True,
+        word_embed_proj_dim=64)),  # learned positions at position + 2
     "falcon": ("falcon", "tiiuae/falcon-rw-1b (ALiBi) / falcon-7b (parallel, multi-query)", dict(
         new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False)),
     "falcon-rw": ("falcon", "tiiuae/falcon-rw-1b", dict(
@@ -80,7 +82,8 @@ UNLISTED = {
 }
 ALL_TINY = {**TINY_FAMILIES, **UNLISTED}
 
-TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+# head size 16: ONNX Runtime's GroupQueryAttention (the fused graph) takes multiples of 16
+TINY_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   max_position_embeddings=64)
 
 
@@ -98,7 +101,7 @@ def make_family_model(out_dir: str | Path, family: str, seed: int = 0):
     tok = make_tokenizer(out_dir, seq2seq=False)
     sizes = dict(TINY_SIZES)
     if model_type == "bloom":  # BLOOM names its sizes its own way and has no position limit (ALiBi)
-        sizes = dict(hidden_size=32)
+        sizes = dict(hidden_size=64)
     cfg = AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0,
                                pad_token_id=0, **{**sizes, **fields})
     torch.manual_seed(seed)

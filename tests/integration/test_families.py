@@ -19,6 +19,9 @@ from mpt_export.runtime.trt.check import check_trt
 from mpt_export.tools.families import TINY_FAMILIES
 
 FAMILIES = list(TINY_FAMILIES)
+# the families ONNX Runtime GenAI's builder fuses get our fused graph too (head size 16 in these cases)
+FUSED = {"qwen3", "qwen2-window", "mistral-window", "gemma", "gemma2", "gemma3", "phi3", "phi", "smollm3", "granite",
+         "olmo2", "llama3-rope", "yarn-rope", "linear-rope", "dynamic-rope"}
 # a generation that crosses Phi-3's original_max_position_embeddings keeps the keys it cached with the short
 # factors (as transformers' own cached generate does), where a recompute without a cache uses the long ones
 # everywhere: its greedy run stays below the switch (16 positions: 5 virtual + 6 + 5), its forward crosses it below
@@ -34,7 +37,18 @@ def test_family_equals_peft(make_case, family):
     assert m["base_model"]["listed_family"] is True
     model_type = json.loads((case.base / "config.json").read_text())["model_type"]
     assert m["base_model"]["model_type"] == model_type
-    s = b.session()
+    graphs = ["plain", "fast"] if family in FUSED else ["plain"]
+    assert bool(m.get("fast_graphs")) == (family in FUSED), m.get("fast_graph_skipped")
+    if family in FUSED:  # the fused graph validated against PEFT too
+        assert m["validation"]["fast_graph"]["passed"]
+    for graph in graphs:
+        _equals_peft(case, b, family, graph)
+
+
+def _equals_peft(case, b, family, graph):
+    m = b.manifest
+    s = b.session(graph=graph)
+    assert s.graph == graph
     model, _, arch = load_base_model(case.base)
     cfg = json.loads((case.base / "config.json").read_text())
     steps = NEW_TOKENS.get(family, 16)
@@ -51,7 +65,7 @@ def test_family_equals_peft(make_case, family):
             refs[name] = peft_greedy(pm, i, ids, steps)
             prompts[name] = ids
             got = s.generate_ids(ids, [name], max_new_tokens=steps, eos_token_id=None)
-            assert got.tolist() == [refs[name]], (family, name)
+            assert got.tolist() == [refs[name]], (family, graph, name)
     # a mixed-task, left-padded batch: every row as PEFT gives it alone
     tasks = ["t", "a", "c", "b"]
     lens = [6, 2, 4, 6]
@@ -60,7 +74,7 @@ def test_family_equals_peft(make_case, family):
     for row, (task, n) in enumerate(zip(tasks, lens)):
         pm, idx = next((peft_model_for(model, ck), names.index(task))
                        for ck, names in adapters_from_bank(b.task_bank()) if task in names)
-        assert batch[row].tolist() == peft_greedy(pm, idx, ids[row:row + 1, ids.shape[1] - n:], steps), (family, row)
+        assert batch[row].tolist() == peft_greedy(pm, idx, ids[row:row + 1, ids.shape[1] - n:], steps), (family, graph, row)
     # the scoring graph (echo): the head chain, the family's logit transforms included, over every position
     ck, names = adapters_from_bank(b.task_bank())[0]
     ids = rng.integers(1, s.vocab_size, (1, 7))
@@ -68,7 +82,7 @@ def test_family_equals_peft(make_case, family):
     assert every.shape == (7, s.vocab_size)
     for k in (3, 6):
         ref = peft_causal_forward(peft_model_for(model, ck), ids[:, :k + 1], 0)["logits"]
-        assert np.abs(every[k] - ref[0]).max() <= 1e-4 * max(1.0, np.abs(ref).max()), (family, k)
+        assert np.abs(every[k] - ref[0]).max() <= 1e-4 * max(1.0, np.abs(ref).max()), (family, graph, k)
     # TensorRT's ONNX parser takes the plain graph (the CPU-side check: operators, dtypes, profiles)
     check_trt(b)
     if family == "phi3":  # one forward past original_max_position_embeddings: the long factors, as PEFT
@@ -110,11 +124,17 @@ def test_quantized_copies_of_every_family(make_case, tmp_path, scheme):
         src = make_case(family).bundle
         q = quantize_bundle(src, tmp_path / f"{family}-{scheme}", min_agreement=0.0, scheme=scheme)
         assert q.manifest["quantization"]["scheme"] == scheme
-        s, ref = q.session(), mpt_export.load_bundle(src).session()
+        # the fused graph is kept, over the same quantized tensors as the traced one
+        assert bool(q.manifest.get("fast_graphs")) == (family in FUSED), family
+        ref = mpt_export.load_bundle(src).session(graph="plain")
         ids = np.arange(3, 9, dtype=np.int64)[None]
-        out, want = s.logits(ids, ["a"]), ref.logits(ids, ["a"])
-        assert out.shape == want.shape and np.isfinite(out).all()
-        assert 0 < np.abs(out - want).max() < 0.5 * np.abs(want).max(), family  # quantized, and still close
+        want = ref.logits(ids, ["a"])
+        outs = {g: q.session(graph=g).logits(ids, ["a"]) for g in (("plain", "fast") if family in FUSED else ("plain",))}
+        for g, out in outs.items():
+            assert out.shape == want.shape and np.isfinite(out).all()
+            assert 0 < np.abs(out - want).max() < 0.5 * np.abs(want).max(), (family, g)  # quantized, still close
+        if len(outs) == 2:
+            assert np.abs(outs["plain"] - outs["fast"]).max() < 0.05 * np.abs(want).max(), family
 
 
 def test_unlisted_family_accepted_by_validation(make_case, tmp_path):

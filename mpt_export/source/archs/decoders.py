@@ -13,6 +13,7 @@ class _LlamaLayout(CausalArch):
 
 @register
 class Qwen3(_LlamaLayout):
+    fused = True
     model_types = ("qwen3",)
     family = "Qwen3"
     checkpoints = "Qwen/Qwen3-0.6B, Qwen3-1.7B, Qwen3-4B, Qwen3-8B"
@@ -21,14 +22,17 @@ class Qwen3(_LlamaLayout):
 
 @register
 class Gemma(_LlamaLayout):
+    fused = True
     model_types = ("gemma",)
     family = "Gemma"
     checkpoints = "google/gemma-2b, gemma-7b, gemma-1.1-2b-it"
-    handles = "embeddings scaled by sqrt(hidden) (the prompt too, as PEFT feeds it); (1 + w) RMS norms; multi-query"
+    handles = ("token embeddings scaled by sqrt(hidden) inside the embedding (a prompt, handed in as embeddings, is "
+               "not); (1 + w) RMS norms; tanh-GELU MLP; multi-query")
 
 
 @register
 class Gemma2(_LlamaLayout):
+    fused = True
     logit_keys = ("final_logit_softcapping",)
     model_types = ("gemma2",)
     family = "Gemma 2"
@@ -39,6 +43,7 @@ class Gemma2(_LlamaLayout):
 
 @register
 class Gemma3Text(_LlamaLayout):
+    fused = True
     logit_keys = ("final_logit_softcapping",)
     model_types = ("gemma3_text",)
     family = "Gemma 3 (text)"
@@ -49,6 +54,7 @@ class Gemma3Text(_LlamaLayout):
 
 @register
 class Phi3(_LlamaLayout):
+    fused = True
     model_types = ("phi3",)
     family = "Phi-3 / Phi-3.5 / Phi-4"
     checkpoints = "microsoft/Phi-3.5-mini-instruct, Phi-4-mini-instruct, phi-4"
@@ -58,6 +64,7 @@ class Phi3(_LlamaLayout):
 
 @register
 class Phi(_LlamaLayout):
+    fused = True
     model_types = ("phi",)
     family = "Phi-1 / Phi-1.5 / Phi-2"
     checkpoints = "microsoft/phi-2, phi-1_5"
@@ -66,6 +73,7 @@ class Phi(_LlamaLayout):
 
 @register
 class SmolLM3(_LlamaLayout):
+    fused = True
     model_types = ("smollm3",)
     family = "SmolLM3"
     checkpoints = "HuggingFaceTB/SmolLM3-3B"
@@ -74,6 +82,7 @@ class SmolLM3(_LlamaLayout):
 
 @register
 class Granite(_LlamaLayout):
+    fused = True
     logit_keys = ("logits_scaling",)
     model_types = ("granite",)
     family = "Granite 3"
@@ -83,6 +92,7 @@ class Granite(_LlamaLayout):
 
 @register
 class OLMo2(_LlamaLayout):
+    fused = True
     model_types = ("olmo2",)
     family = "OLMo 2"
     checkpoints = "allenai/OLMo-2-0425-1B, OLMo-2-1124-7B"

@@ -11,7 +11,7 @@ class LlamaFamily(CausalArch):
     family = "Llama, Mistral, Qwen2 / Qwen2.5"
     checkpoints = "meta-llama/Llama-3.2-1B, TinyLlama-1.1B, mistralai/Mistral-7B-v0.1, Qwen/Qwen2.5-0.5B"
     handles = ("rope scaling (llama3, linear, dynamic, yarn); Mistral's and Qwen2's sliding windows (masked by position "
-               "in the traced graph; the fused graph is written without a window)")
+               "in the traced graph, GroupQueryAttention's local window in the fused one)")
     fused = True
     decoder_attr = "model"
     embed_attr = "model.embed_tokens"

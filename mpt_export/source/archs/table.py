@@ -19,7 +19,7 @@ def supported_models_markdown() -> str:
         rows.append(" | ".join([
             f"| {cls.family}", ", ".join(f"`{t}`" for t in cls.model_types), cls.checkpoints, cls.handles,
             "encoder + decoder" if seq2seq else "yes",
-            "yes (head size a multiple of 16, no window)" if cls.fused else "no (traced graph)",
+            "yes (head size a multiple of 16)" if cls.fused else "no (traced graph)",
             "no" if seq2seq else "yes",
             "plain graph (checked, not built here)"]) + " |")
     g = GenericCausal
