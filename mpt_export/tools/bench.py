@@ -48,8 +48,14 @@ def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list
     remove_workdir(root, "bench-workdir")  # only a bench workdir this tool made; anything else is refused
     claim_workdir(root, "bench-workdir", contents=contents)
     on_step(f"build {preset_name} base model and adapter (random weights)")
-    model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
-                            vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=p.tokenizer, ffn=p.ffn)
+    if p.extra:  # a family by its transformers model_type
+        from .families import make_sized_model
+
+        model = make_sized_model(base, p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads, vocab_size=p.vocab,
+                                 max_positions=p.max_positions, ffn=p.ffn, **p.extra)
+    else:
+        model = make_base_model(base, arch=p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads,
+                                vocab_size=p.vocab, max_positions=p.max_positions, tokenizer=p.tokenizer, ffn=p.ffn)
     make_source_adapter(model, adapter, num_tasks=p.num_tasks, num_virtual_tokens=p.virtual_tokens,
                         num_ranks=p.rank, task_type="SEQ_2_SEQ_LM" if p.seq2seq else "CAUSAL_LM",
                         num_transformer_submodules=p.nts)

@@ -19,32 +19,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
 
 
-@dataclass
-class Shape:
-    family: str  # llama | t5
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-    max_positions: int
-    dtype: str = "fp32"
-    validate_full: bool = True  # False: validation on a 4-layer copy of the shape (see the module docstring)
+from .shapes import SHAPES, Shape  # noqa: F401 (the bench's shapes, re-exported)
 
-
-SHAPES = {
-    "tinyllama-1.1b": Shape("llama", 2048, 22, 32, 4, 5632, 32000, 2048),
-    "llama-3b": Shape("llama", 3200, 26, 32, 32, 8640, 32000, 2048),  # OpenLLaMA-3B
-    "t5-xl": Shape("t5", 2048, 24, 32, 32, 5120, 32128, 512),  # T5 v1.1 XL: gated-gelu, untied head, d_kv 64
-    "llama-7b": Shape("llama", 4096, 32, 32, 32, 11008, 32000, 4096, dtype="fp16", validate_full=False),
-}
 SHALLOW_LAYERS = 4
 
 
@@ -67,12 +49,24 @@ def build_model(shape: Shape, out: Path, dtype: str, layers: int | None = None, 
                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
                        pad_token_id=0, eos_token_id=1, n_positions=shape.max_positions)
         cls = T5ForConditionalGeneration
-    else:
+    elif shape.family == "llama":
         cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
                           num_hidden_layers=layers, num_attention_heads=shape.heads,
                           num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_positions,
                           bos_token_id=0, eos_token_id=0)
         cls = LlamaForCausalLM
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        extra = dict(shape.extra)
+        if "sliding_window_pattern" in extra:  # Gemma 3: every Nth layer global
+            n = extra.pop("sliding_window_pattern")
+            extra["layer_types"] = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(layers)]
+        cfg = AutoConfig.for_model(shape.family, vocab_size=shape.vocab, hidden_size=shape.hidden,
+                                   intermediate_size=shape.ffn, num_hidden_layers=layers,
+                                   num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                                   max_position_embeddings=shape.max_positions, bos_token_id=0, eos_token_id=0, **extra)
+        cls = AutoModelForCausalLM.from_config
     default = torch.get_default_dtype()
     torch.set_default_dtype(tdtype)  # parameters are created in the target dtype (a 7B fp32 copy would not fit)
     try:
@@ -111,7 +105,8 @@ def mid_value_projection(model):
         blocks = model.transformer.h
         return blocks[len(blocks) // 2].attn.c_attn.weight
     blocks = model.model.layers
-    return blocks[len(blocks) // 2].self_attn.v_proj.weight
+    attn = blocks[len(blocks) // 2].self_attn
+    return attn.v_proj.weight if hasattr(attn, "v_proj") else attn.qkv_proj.weight  # Phi-3: the packed projection
 
 
 _PLANT = """

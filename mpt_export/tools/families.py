@@ -112,3 +112,24 @@ def make_family_model(out_dir: str | Path, family: str, seed: int = 0):
                 p.normal_(float(p.mean()) if p.numel() > 1 else 0.0, 0.05)
     model.eval().save_pretrained(str(out_dir))
     return model
+
+
+def make_sized_model(out_dir: str | Path, model_type: str, hidden: int, layers: int, heads: int, vocab_size: int,
+                     max_positions: int, ffn: int, seed: int = 0, **fields):
+    """Save a random model of ``model_type`` at a bench's size (transformers' own initialisation) and the demo's
+    tokenizer to ``out_dir``; ``fields``: the family's other config fields. -> the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .tinytext import make_tokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(out_dir, seq2seq=False)
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
+                               bos_token_id=0, eos_token_id=0, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(str(out_dir))
+    return model

@@ -3,7 +3,7 @@ weights, the prompt and the batch. Data only: importing it costs nothing, so a m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import InputError
 
@@ -25,6 +25,7 @@ class Preset:
     ffn: int | None = None
     nts: int | None = None
     tokenizer: bool = True  # the demo's byte-level BPE (its ids are a subset of the model's): text in and out
+    extra: dict = field(default_factory=dict)  # a family's config fields (arch: its transformers model_type)
 
     seq2seq = property(lambda self: self.arch in ("t5", "flan-t5"))
 
@@ -40,6 +41,17 @@ PRESETS = {
     "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
     # the Llama of the edge comparison with ONNX Runtime GenAI (bench --peer): hidden 768, 12 layers, vocab 32000
     "llama-small": Preset("llama", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048),
+    # the llama-small workload on two families of 2025-26 (their released configs' features at that size): Qwen3
+    # (q/k norms, head size apart from hidden / heads) and Gemma 3 (5 windowed layers to 1 global, two rotary
+    # bases, multi-query, (1 + w) norms, tanh-GELU)
+    "qwen3-small": Preset("qwen3", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048, extra=dict(
+        num_key_value_heads=4, head_dim=96, tie_word_embeddings=True, rope_theta=1_000_000.0)),
+    "gemma3-small": Preset("gemma3_text", 768, 12, 4, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048, extra=dict(
+        num_key_value_heads=1, head_dim=192, query_pre_attn_scalar=192, sliding_window=512,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(12)],
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     # seconds-long smoke runs of the same code paths (tests)
     "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
     "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),

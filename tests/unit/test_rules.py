@@ -234,3 +234,11 @@ def test_supported_models_page_lists_every_declared_family():
                       "attn_logit_softcapping": 50.0, "hidden_size": 8, "num_hidden_layers": 1,
                       "num_attention_heads": 2, "vocab_size": 10, "max_position_embeddings": 8192}).features()
     assert {"sliding window", "attention soft-cap", "logit soft-cap", "embedding scale"} <= set(feats)
+
+
+def test_bench_export_help_lists_every_shape():
+    from mpt_export.cli import app  # noqa: F401 - the help text is a literal; it must name every shape
+    from mpt_export.tools.bench_export import SHAPES
+
+    src = (__import__("pathlib").Path(__file__).parents[2] / "cli" / "bench_export.py").read_text()
+    assert all(name in src for name in SHAPES)
