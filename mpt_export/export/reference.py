@@ -50,7 +50,8 @@ def peft_causal_forward(pm, input_ids: np.ndarray, task_index: int) -> dict[str,
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = pm(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=torch.tensor([task_index] * ids.shape[0]),
-                 use_cache=True, **{cache_kw: DynamicCache()})
+                 use_cache=True, logits_to_keep=1, **{cache_kw: DynamicCache()})  # (B, 1, V): a 150k vocabulary
+    # over 100 virtual tokens and the text would be ~70 MB of logits a row
     res = {"logits": out.logits[:, -1, :].float().numpy()}
     cache = getattr(out, "cache", None) or out.past_key_values
     for i, layer in enumerate(cache.layers):
