@@ -18,12 +18,12 @@ def bench_cmd(
     batch: Annotated[int, typer.Option(help="With BUNDLE: rows per batch.")] = 8,
     input_len: Annotated[int, typer.Option(help="With BUNDLE: input tokens per row.")] = 64,
     new_tokens: Annotated[int, typer.Option(help="With BUNDLE: new tokens per row.")] = 8,
-    preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new), t5-base-shape (T5-Base shape, 100 virtual tokens, 8 x 64, 4 new), llama-small (hidden 768, 12 layers, vocab 32000: the --peer comparison), qwen3-small and gemma3-small (the same size with those families' features, for --peer too), tiny, tiny-t5.")] = "gpt2-small-shape",
+    preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new), t5-base-shape (T5-Base shape, 100 virtual tokens, 8 x 64, 4 new), llama-small (hidden 768, 12 layers, vocab 32000: the --peer comparison), qwen3-small, gemma2-small and gemma3-small (the same size with those families' features; --peer reads the first two), tiny, tiny-t5.")] = "gpt2-small-shape",
     workdir: Annotated[Path, typer.Option(help="Where the preset's model, adapter and bundle are built (reused while the preset is unchanged).")] = Path("build/bench"),
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
     threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike.", show_default="PyTorch's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
-    peer: Annotated[str | None, typer.Option(help="onnxruntime-genai: instead, decode and end-to-end tok/s at batch 1 and 8 against ONNX Runtime GenAI's graphs of the same base model (fp32, int8, int4), interleaved rounds (--repeats); needs the peers extra; use with --preset llama-small, qwen3-small or gemma3-small.")] = None,
+    peer: Annotated[str | None, typer.Option(help="onnxruntime-genai: instead, decode and end-to-end tok/s at batch 1 and 8 against ONNX Runtime GenAI's graphs of the same base model (fp32, int8, int4), interleaved rounds (--repeats); needs the peers extra; use with --preset llama-small, qwen3-small or gemma2-small.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""

@@ -33,11 +33,14 @@ class Peer:
             opts["intra_op_num_threads"] = threads
             cfg_file.write_text(json.dumps(cfg, indent=2))
         self.og, self.model, self.virtual = og, og.Model(str(model_dir)), virtual
+        # its GroupQueryAttention wants a KV buffer at least as long as a sliding window (Gemma 2): max_length sizes
+        # that buffer; the run still generates exactly ``new`` tokens
+        self.window = int((cfg["model"]["decoder"].get("sliding_window") or {}).get("window_size") or 0)
 
     def run(self, ids: np.ndarray, new: int) -> None:
         prompt = np.concatenate([np.repeat(self.virtual[None], ids.shape[0], 0), ids], 1).astype(np.int32)
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=prompt.shape[1] + new, min_length=prompt.shape[1] + new,
+        params.set_search_options(max_length=max(prompt.shape[1] + new, self.window), min_length=prompt.shape[1] + new,
                                   batch_size=ids.shape[0], do_sample=False)
         gen = self.og.Generator(self.model, params)
         gen.append_tokens(prompt)  # the prompt only: each generate_next_token runs one step and adds one token

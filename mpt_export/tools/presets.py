@@ -52,6 +52,13 @@ PRESETS = {
         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    # Gemma 2 (soft-caps 50/30, windows on alternate layers, query_pre_attn_scalar, sandwich norms): ONNX Runtime
+    # GenAI 0.18's builder reads it, where it cannot read transformers 5's Gemma 3 config (nested rope_parameters)
+    "gemma2-small": Preset("gemma2", 768, 12, 8, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048, extra=dict(
+        num_key_value_heads=4, head_dim=96, query_pre_attn_scalar=96, sliding_window=512,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(12)],
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True)),
     # seconds-long smoke runs of the same code paths (tests)
     "tiny": Preset("llama-gqa", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4),
     "tiny-t5": Preset("t5", 64, 2, 4, 512, 256, 10, 2, 2, 4, 16, 4, nts=1),
