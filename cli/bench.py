@@ -14,7 +14,7 @@ from ._common import Quiet, console, escape, handle_errors, progress, quiet_libr
 @handle_errors
 def bench_cmd(
     bundle: Annotated[Path | None, typer.Argument(help="A bundle to benchmark instead of a preset (needs --base-model).")] = None,
-    base_model: Annotated[Path | None, typer.Option("--base-model", help="With BUNDLE: the base model it was exported from (PEFT baseline).")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", metavar="DIR|HUB_ID", help="With BUNDLE: the base model it was exported from, a directory or a Hugging Face Hub id (PEFT baseline).")] = None,
     batch: Annotated[int, typer.Option(help="With BUNDLE: rows per batch.")] = 8,
     input_len: Annotated[int, typer.Option(help="With BUNDLE: input tokens per row.")] = 64,
     new_tokens: Annotated[int, typer.Option(help="With BUNDLE: new tokens per row.")] = 8,

@@ -16,7 +16,7 @@ def eval_cmd(
     data: Annotated[Path, typer.Option("--data", help='JSONL, one example per line: {"task"?, "prompt", "choices", "answer"} (multiple choice, scored by log-likelihood) or {"task"?, "prompt", "target"} (greedy generation, exact match).')],
     task: Annotated[str | None, typer.Option(help="The task of examples that name none.")] = None,
     against: Annotated[Path | None, typer.Option("--against", help="Compare with another bundle of the same tasks (e.g. the fp32 bundle a quantized one came from).")] = None,
-    base_model: Annotated[Path | None, typer.Option("--base-model", help="Compare with PEFT itself over this base model and the bundle's task vectors (needs the export extra).")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", metavar="DIR|HUB_ID", help="Compare with PEFT itself over this base model (a directory or a Hugging Face Hub id) and the bundle's task vectors (needs the export extra).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Generation examples: new tokens at most.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     quiet: Quiet = False,
@@ -45,7 +45,9 @@ def eval_cmd(
         ref, label = BundleReference(other.session()), str(against)
     elif base_model is not None:
         from mpt_export.source.basemodel import base_arch
+        from mpt_export.source.hub import resolve
 
+        base_model = resolve(base_model, "base model")  # a Hub id: its snapshot in the cache
         base_arch(base_model)  # a wrong path answers now, not after torch loads
         label = "PEFT"
     with progress("eval", quiet) as on_step:

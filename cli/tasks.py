@@ -32,7 +32,7 @@ def list_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) 
 @handle_errors
 def add_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter trained on the bundle's base model. Repeatable.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter trained on the bundle's base model: a directory or a Hugging Face Hub id (org/name[@REVISION]). Repeatable.")],
 ) -> None:
     """Add the tasks of MPT adapters to a bundle (rewrites tasks.safetensors and the manifest atomically)."""
     from mpt_export.export.task_edits import add_tasks

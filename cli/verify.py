@@ -11,7 +11,7 @@ from ._common import Quiet, console, escape, handle_errors, parity_table, progre
 @handle_errors
 def verify_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    base_model: Annotated[Path | None, typer.Option("--base-model", help="Also check parity against PEFT over this base model (needs the export extra).")] = None,
+    base_model: Annotated[str | None, typer.Option("--base-model", metavar="DIR|HUB_ID", help="Also check parity against PEFT over this base model: a directory or a Hugging Face Hub id (org/name[@REVISION]; needs the export extra).")] = None,
     atol: Annotated[float | None, typer.Option(help="Parity: absolute part of the tolerance.", show_default="the bundle's own, from its export")] = None,
     rtol: Annotated[float | None, typer.Option(help="Parity: part of the tolerance relative to each output's magnitude.", show_default="the bundle's own")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the parity inputs.", show_default="random")] = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..version import __version__
 from ..source.basemodel import base_arch, check_same_base, identity
-from ..source.hub import hub_origin
+from ..source.hub import hub_origin, resolve
 from ..storage.atomic import fault_point, replace_dir, resolve_output
 from ..storage.ownership import check_path_text, check_replaceable
 from ..bundle.reader import Bundle, load_bundle
@@ -234,6 +234,7 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
         result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
         if base_model is None:
             return result
+        base_model = resolve(base_model, "base model")  # a Hugging Face Hub id: its snapshot in the cache
         check_same_base(base_model, b.base_model)
         quant = b.manifest.get("quantization")
         if quant and atol is None and rtol is None:

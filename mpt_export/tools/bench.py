@@ -147,6 +147,10 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
         check_preset(preset)
     elif base_model is None:
         raise InputError("benchmarking a bundle needs --base-model (PEFT eager is the baseline measured in the same run)")
+    else:
+        from ..source.hub import resolve
+
+        base_model = resolve(base_model, "base model")
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}")
     step = on_step or (lambda s: None)

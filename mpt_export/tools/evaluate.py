@@ -81,6 +81,9 @@ class PeftReference:
         from ..export.torchside import adapters_from_bank, load_base_model
         from ..source.basemodel import check_same_base
 
+        from ..source.hub import resolve
+
+        base_model = resolve(base_model, "base model")  # a Hugging Face Hub id: its snapshot in the cache
         check_same_base(base_model, bundle.base_model)
         model, _, _ = load_base_model(base_model)
         self.models = {}

@@ -38,6 +38,13 @@ def test_hub_ids_from_the_cache_offline(make_case, tmp_path):
     # the same weights as the local directory: the same identity
     assert b.base_model["config_sha256"] == mpt_export.load_bundle(case.bundle).base_model["config_sha256"]
 
+    # the other commands that name a base model or an adapter take Hub ids too
+    res = cli("verify", out, "--base-model", "tiny-org/tiny-llama", env=env)
+    assert res.returncode == 0, res.stderr + res.stdout
+    res = cli("tasks", "add", out, "--adapter", "u=tiny-org/mpt-target@v1", env=env)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "u" in mpt_export.load_bundle(out).tasks
+
     # offline and not cached: one line, nothing written
     res = cli("export", "--base-model", "tiny-org/not-cached", "--adapter", "a,b,c=tiny-org/mpt-source",
               "--out", tmp_path / "o2", env=env)
