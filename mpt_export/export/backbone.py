@@ -3,8 +3,14 @@
 The wrapper takes prompt embeddings as a graph input, so one graph (and later one TensorRT engine) serves every task:
 
     inputs_embeds = cat(prompt_embeds, embed_tokens(input_ids))          # (B, P+S, H)
-    hidden        = decoder(inputs_embeds, attention_mask, position_ids, cache=past)
-    logits        = lm_head(hidden[:, -1])                               # (B, V): last position only
+    hidden        = decoder(inputs_embeds, mask, position_ids, cache=past)
+    logits        = family_logits(lm_head(hidden[:, -1]))                # (B, V): last position only
+
+``mask`` is the 2-D attention mask, or — for a family with sliding windows — additive masks built from positions
+(:func:`position_masks`), since a mixed batch's rows have holes between prompt and text. ``family_logits`` is what
+the family's ``*ForCausalLM`` does after its head (``CausalArch.logits``: Granite's scaling, Gemma 2's soft-cap).
+Every family's own layers (norms, q/k norms, partial rotary, NoPE, ALiBi, multipliers) are its transformers code,
+traced; a model that cannot run this way is refused by a probe call before tracing (:func:`_probe`).
 
 Exported with the dynamo exporter (the supported one; it stores a tied LM head once) with eager attention, because
 SDPA with a dynamic query length does not export. Example sizes are >= 2 on every dynamic axis so that nothing
