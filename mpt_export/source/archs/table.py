@@ -46,7 +46,9 @@ The export report and the manifest (`base_model.features`) name the features a b
   refused in one line naming the model type and what is missing.
 - **Phi-3 long-rope past `original_max_position_embeddings`**: a generation that crosses that length keeps the keys
   it cached before with the short factors, as transformers' own cached generation does (a forward over the whole
-  sequence uses the long factors everywhere). Released Phi-3.5 / Phi-4-mini switch at 4,096 positions.
+  sequence uses the long factors everywhere). Released Phi-3.5 / Phi-4-mini switch at 4,096 positions. The switch is
+  decided per call over the batch, as transformers decides it: in a batch where one row has passed it, every row
+  uses the long factors.
 - **Sliding windows keep the whole cache**: a window is a mask over positions, so key/value memory grows with the
   sequence as on a model without a window (results are the window's).
 """
