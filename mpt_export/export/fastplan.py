@@ -9,11 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ExportError
+from .backbone import window_of
 
 FAST_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text", "olmo2",
               "phi3", "phi")
 GATED_SILU = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")  # gate/up/down, silu
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # (1 + w) norms, tanh-GELU, embeddings scaled by sqrt(hidden)
+SILU = ("SiLUActivation", "SiLU")  # transformers' activation modules the graph's Sigmoid * x computes
+TANH_GELU = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")  # ONNX Gelu(approximate=tanh)
 
 
 class Plan:
@@ -21,8 +24,6 @@ class Plan:
     uses per family; the graph is ours). Per layer: its rotary table (or none: NoPE) and its window."""
 
     def __init__(self, model, arch):
-        from .backbone import window_of
-
         cfg = model.config
         self.type = mt = cfg.model_type
         if mt not in FAST_TYPES:
@@ -30,11 +31,12 @@ class Plan:
         if arch.head_dim % 16:
             raise ExportError(f"fast graph: head size {arch.head_dim} (ONNX Runtime's GroupQueryAttention needs a "
                               "multiple of 16)")
-        act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
-        if mt in GATED_SILU + ("phi3",) and act != "silu":
-            raise ExportError(f"fast graph: activation {act!r} (only silu for {mt})")
-        if mt in GEMMA + ("phi",) and act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            raise ExportError(f"fast graph: activation {act!r} (only tanh-approximated GELU for {mt})")
+        mlp = model.model.layers[0].mlp  # the activation the model really runs (configs name it several ways)
+        act = type(getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)).__name__
+        if mt in GATED_SILU + ("phi3",) and act not in SILU:
+            raise ExportError(f"fast graph: activation {act} (only SiLU for {mt})")
+        if mt in GEMMA + ("phi",) and act not in TANH_GELU:
+            raise ExportError(f"fast graph: activation {act} (only tanh-approximated GELU for {mt})")
         if mt == "phi" and getattr(cfg, "qk_layernorm", False):
             raise ExportError("fast graph: Phi with qk_layernorm")
         self.eps = float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", 1e-5))
