@@ -73,7 +73,13 @@ def to_half(model, dtype: str):
         cls = type(mod).__name__
         if cls.endswith(("LayerNorm", "RMSNorm")) and not isinstance(mod, Fp32Norm):
             norms.append(name)
+    # rotary frequency tables stay fp32 as transformers computes them (they also meet fp32 tensors: long-rope's
+    # long factors are a plain attribute that .to() leaves alone, and the exporter refuses the mixed where())
+    rotary = [(mod, n, buf.detach().clone()) for mod in model.modules()
+              for n, buf in mod.named_buffers(recurse=False) if n.endswith("inv_freq")]
     model.to(tdtype)
+    for mod, n, buf in rotary:
+        mod._buffers[n] = buf
     for name in norms:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -173,3 +173,19 @@ def test_not_a_causal_lm_is_refused_naming_the_page(make_case, tmp_path):
     src = make_case("linear-rope").source
     res = cli("export", "--base-model", tmp_path / "base", "--adapter", f"a,b,c={src}", "--out", tmp_path / "out")
     assert_clean_failure(res, "base model type 'bert' is not supported", "supported models page")
+
+
+def test_half_precision_keeps_rotary_tables_fp32(make_case, tmp_path):
+    """fp16 over long-rope (Phi-4-mini's): the frequency tables stay fp32 as transformers computes them (a cast
+    table loses precision, and long-rope's fp32 long factors met an fp16 buffer in the traced where())."""
+    import torch
+
+    from mpt_export.export.precision import to_half
+
+    case = make_case("phi3")
+    model, _, _ = load_base_model(case.base)
+    to_half(model, "float16")
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert next(model.model.layers[0].parameters()).dtype == torch.float16
+    b = mpt_export.export_bundle(case.base, case.adapters, tmp_path / "b16", dtype="fp16", seed=3)
+    assert b.manifest["dtype"] == "float16" and b.manifest["validation"]["passed"]
