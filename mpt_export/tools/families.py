@@ -35,7 +35,7 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     "phi3": ("phi3", "microsoft/Phi-4-mini-instruct", dict(
         hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
-        tie_word_embeddings=True, partial_rotary_factor=0.75, original_max_position_embeddings=16,
+        tie_word_embeddings=True, partial_rotary_factor=0.75, original_max_position_embeddings=24,
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(24)],
                       "long_factor": [1.5 + 0.25 * i for i in range(24)]})),  # head 64: rotary 48
     "phi": ("phi", "microsoft/phi-2", dict(
