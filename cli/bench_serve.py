@@ -38,9 +38,9 @@ def bench_serve_cmd(
 
     with progress("bench-serve", quiet) as on_step:
         if bundle is None:
-            from mpt_export.tools.bench import _prepare
+            from mpt_export.tools.bench import prepare_preset
 
-            _, bundle, _ = _prepare(preset, workdir, on_step)
+            _, bundle, _ = prepare_preset(preset, workdir, on_step)
         if ray:
             try:
                 counts = tuple(int(x) for x in replicas.split(","))

@@ -260,13 +260,13 @@ def baseline():
     import torch
 
     import mpt_export
-    from mpt_export.tools.bench import PRESETS, _prepare
+    from mpt_export.tools.bench import PRESETS, prepare_preset
     from mpt_export.tools.bench_ref import peft_loop
     from mpt_export.export.torchside import adapters_from_bank, load_base_model
     from mpt_export.export.reference import peft_model_for
 
     p = PRESETS["gpt2-small-shape"]
-    base, bundle_dir, names = _prepare("gpt2-small-shape", WORK / "bench", lambda s: print("  ", s, flush=True))
+    base, bundle_dir, names = prepare_preset("gpt2-small-shape", WORK / "bench", lambda s: print("  ", s, flush=True))
     b = mpt_export.load_bundle(bundle_dir)
     (ck, ck_names), = adapters_from_bank(b.task_bank())
     rng = np.random.default_rng(0)

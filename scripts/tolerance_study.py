@@ -63,7 +63,7 @@ def study(workdir: Path, arch: str, nts, act_scale: float, layers: int = 2) -> d
     import mpt_export
     from mpt_export.tools.demo import SEQ2SEQ_ARCHS, make_base_model, make_source_adapter
     from mpt_export.errors import ValidationError
-    from mpt_export.export.api import _validate
+    from mpt_export.export.api import validate_against_peft
     from mpt_export.export.torchside import load_base_model
 
     seq2seq = arch in SEQ2SEQ_ARCHS
@@ -84,7 +84,7 @@ def study(workdir: Path, arch: str, nts, act_scale: float, layers: int = 2) -> d
         ref, _, _ = load_base_model(root / "base")
         bank = b.task_bank()
         try:
-            healthy = _validate(b, ref, bank, zero, 0, "cpu", None)
+            healthy = validate_against_peft(b, ref, bank, zero, 0, "cpu", None)
         except ValidationError as e:
             healthy = e.report
         mags = [c for c in healthy["cases"]]
@@ -94,7 +94,7 @@ def study(workdir: Path, arch: str, nts, act_scale: float, layers: int = 2) -> d
             with torch.no_grad():
                 dict(projections(bad, arch, layers))[label].mul_(factor)
             try:
-                rep = _validate(b, bad, bank, zero, 0, "cpu", None)
+                rep = validate_against_peft(b, bad, bank, zero, 0, "cpu", None)
             except ValidationError as e:
                 rep = e.report
             planted[label] = worst_rel(rep)

@@ -37,7 +37,7 @@ def tool_versions() -> dict:
     return out
 
 
-def _validate(bundle: Bundle, model, bank: TaskBank, tol, seed, provider: str, on_step) -> dict:
+def validate_against_peft(bundle: Bundle, model, bank: TaskBank, tol, seed, provider: str, on_step) -> dict:
     """PEFT over ``model`` vs the bundle. References are computed first; when ``model`` is handed over in a list
     (``[model]``, no other reference kept), it is freed before ONNX Runtime loads the graphs, so the weights are
     never held twice."""
@@ -254,5 +254,5 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
                         atol if atol is not None else recorded.get("atol"),
                         rtol if rtol is not None else recorded.get("rtol"))
         with third_party_quiet():  # PEFT's model and forward warn about transformers' deprecations
-            result["validation"] = _validate(b, holder, b.task_bank(), tol, seed, provider, on_step)
+            result["validation"] = validate_against_peft(b, holder, b.task_bank(), tol, seed, provider, on_step)
         return result

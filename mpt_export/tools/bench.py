@@ -24,7 +24,7 @@ from ..errors import InputError
 from .presets import DERIVED, PRESETS, Preset, check_preset  # noqa: F401 - the presets, named where they run
 
 
-def _prepare(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
+def prepare_preset(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
     """Base model, source adapter and bundle for a preset, built in code once and reused while the preset is the same."""
     from ..bundle.reader import load_bundle
     from ..errors import BundleError
@@ -199,7 +199,7 @@ def _workload(preset, workdir, bundle, base_model, batch: int, input_len: int, n
     """What is measured: a user's bundle (its shape, its first adapter's tasks) or a preset's, built once.
     -> (preset, base model, bundle dir, task names, folder for derived bundles, the preset's label)"""
     if bundle is None:
-        base, bundle_dir, names = _prepare(preset, Path(workdir), step)
+        base, bundle_dir, names = prepare_preset(preset, Path(workdir), step)
         return PRESETS[preset], base, bundle_dir, names, bundle_dir.parent, preset
     from ..bundle.reader import load_bundle
     from ..source.basemodel import check_same_base

@@ -51,12 +51,12 @@ def test_fp16_parity_on_cpu(make_case, tmp_path, arch, nts):
 
     assert weight_bytes(b.path) < 0.6 * weight_bytes(case.bundle)
     # a planted 10% error in one mid-depth value projection fails the fp16 bundle's default tolerance
-    from mpt_export.export.api import _validate
+    from mpt_export.export.api import validate_against_peft
     from mpt_export.export.precision import tolerance
     from support import planted
 
     with pytest.raises(ValidationError):
-        _validate(b, planted(model, arch, 1.10), b.task_bank(), tolerance("float16"), 3, "cpu", None)
+        validate_against_peft(b, planted(model, arch, 1.10), b.task_bank(), tolerance("float16"), 3, "cpu", None)
     assert s.generate_ids(np.array([[5, 6, 7]]), ["a"], max_new_tokens=4).shape[0] == 1
 
 

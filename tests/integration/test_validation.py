@@ -11,7 +11,7 @@ import pytest
 import mpt_export
 from support import planted, cli
 from mpt_export.errors import ValidationError
-from mpt_export.export.api import _validate
+from mpt_export.export.api import validate_against_peft
 from mpt_export.export.torchside import load_base_model
 from mpt_export.export.precision import DEFAULT_TOL, tolerance
 from support import assert_clean_failure, no_output_left
@@ -25,10 +25,10 @@ def test_planted_one_percent_error_fails_on_every_architecture(make_case, arch):
     with mpt_export.load_bundle(case.bundle) as b:
         model, _, _ = load_base_model(case.base)
         bank = b.task_bank()
-        healthy = _validate(b, model, bank, tolerance("float32"), 7, "cpu", None)  # same inputs: passes
+        healthy = validate_against_peft(b, model, bank, tolerance("float32"), 7, "cpu", None)  # same inputs: passes
         assert healthy["passed"] and healthy["rule"].startswith("max|a-b| <= atol + rtol")
         with pytest.raises(ValidationError, match="differ from PEFT beyond atol") as e:
-            _validate(b, planted(model, arch, 1.01), bank, tolerance("float32"), 7, "cpu", None)
+            validate_against_peft(b, planted(model, arch, 1.01), bank, tolerance("float32"), 7, "cpu", None)
         rep = e.value.report
         worst = max(max(c["logits_max_rel"], c["kv_max_rel"]) for c in rep["cases"])
         assert worst > 10 * DEFAULT_TOL["float32"]["rtol"], worst  # caught with a wide margin, not by luck
@@ -52,7 +52,7 @@ def test_healthy_t5_with_large_activations_passes_by_default(make_case):
     assert np.abs(ref["encoder_hidden_states"]).max() > 10
     # a planted error still fails on this model
     with pytest.raises(ValidationError):
-        _validate(b, planted(ref_model, "t5", 1.01), b.task_bank(), tolerance("float32"), 1, "cpu", None)
+        validate_against_peft(b, planted(ref_model, "t5", 1.01), b.task_bank(), tolerance("float32"), 1, "cpu", None)
 
 
 def test_verify_against_a_changed_base_model_fails_with_numbers(llama, tmp_path):

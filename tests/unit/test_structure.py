@@ -117,6 +117,13 @@ def test_no_private_names_across_packages():
             there = base if base in mods and mods[base].name == "__init__.py" else base.rsplit(".", 1)[0]
             if name.startswith("_") and not name.startswith("__") and there != here:
                 bad.append(f"{m} imports {base}.{name}")
+    # the command line (a published folder) and the scripts use the library's public names only
+    for folder in ("cli", "scripts"):
+        for path in (PKG.parent / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mpt_export"):
+                    bad += [f"{folder}/{path.name} imports {node.module}.{a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
 
 
