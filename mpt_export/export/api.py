@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..version import __version__
 from ..source.basemodel import base_arch, check_same_base, identity
-from ..source.hub import hub_origin, resolve
+from ..source.hub import hub_origin, resolve, resolve_adapter_specs
 from ..storage.atomic import fault_point, replace_dir, resolve_output
 from ..storage.ownership import check_path_text, check_replaceable
 from ..bundle.reader import Bundle, load_bundle
@@ -73,8 +73,6 @@ def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
 
 def resolve_sources(base_model, adapters: list[str], revision: str | None = None) -> tuple[Path, list[str]]:
     """Hugging Face Hub ids among the base model and the adapters, replaced by their local snapshots."""
-    from ..source.hub import resolve, resolve_adapter_specs
-
     return resolve(base_model, "base model", revision), resolve_adapter_specs(list(adapters))
 
 

@@ -25,7 +25,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..source.archs import CausalArch
+from ..source.archs import CausalArch, window_of
 from ..errors import BaseModelError, ExportError
 
 DEFAULT_OPSET = 18
@@ -47,19 +47,9 @@ def backbone_io(arch: CausalArch, dtype: str = "float32") -> dict:
     return {"inputs": inputs, "outputs": outputs}
 
 
-def window_of(config) -> tuple[int | None, bool]:
-    """(the sliding window, whether some layers attend fully) of a loaded transformers config; (None, True) where
-    no window limits attention within the model's positions."""
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False or not window:
-        return None, True
-    types = getattr(config, "layer_types", None)
-    if types is not None and "sliding_attention" not in types:
-        return None, True
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and int(window) >= int(limit):
-        return None, True  # never reached
-    return int(window), types is not None and "full_attention" in types
+def cache_keyword(forward) -> str:
+    """The keyword a transformers forward takes its cache by (5.24 renamed ``past_key_values=`` to ``cache=``)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def position_masks(attention_mask, position_ids, window: int, dtype):
@@ -99,10 +89,8 @@ def _make_wrapper(model, arch: CausalArch):
     embed = arch.embed_tokens(model)
     lm_head = arch.lm_head(model)
     L = arch.num_layers
-    params = inspect.signature(decoder.forward).parameters
-    # transformers 5.24 renamed past_key_values= to cache=; support both.
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    takes_positions = "position_ids" in params
+    cache_kw = cache_keyword(decoder.forward)
+    takes_positions = "position_ids" in inspect.signature(decoder.forward).parameters
     window, mixed = window_of(model.config)
     if window is not None:
         as_dict = _takes_mask_dict(decoder)
@@ -248,6 +236,10 @@ def _bf16_arithmetic_in_fp32(path: Path) -> None:
     from onnx import TensorProto, helper
 
     model = onnx.load(str(path), load_external_data=False)
+    bf16 = TensorProto.BFLOAT16
+    if not any(n.op_type == "Cast" and any(a.name == "to" and a.i == bf16 for a in n.attribute) for n in model.graph.node) \
+            and not any(t.data_type == bf16 for t in model.graph.initializer):
+        return  # nothing in bfloat16 (every family but a few): no shape inference over the graph
     typed = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type
              for v in list(typed.graph.value_info) + list(typed.graph.input) + list(typed.graph.output)}

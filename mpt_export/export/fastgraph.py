@@ -29,9 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ExportError
-
-from .fastplan import FAST_TYPES, GEMMA, Plan  # noqa: F401 (FAST_TYPES re-exported)
+from .fastplan import Plan
 def fast_io(arch, dtype: str = "float32") -> dict:
     """The fast graph's inputs and outputs (names, dtypes, shapes), as the manifest records graphs."""
     L, kv, hd, H = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size
@@ -46,11 +44,6 @@ def fast_io(arch, dtype: str = "float32") -> dict:
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", arch.vocab_size]}]
         + [dict(c, name=c["name"].replace("past_", "present_")) for c in cache],
     }
-
-
-def _checked(model, arch) -> Plan:
-    """What the fast graph cannot express is refused here, by name. -> the family's plan."""
-    return Plan(model, arch)
 
 
 class _Writer:
@@ -159,11 +152,15 @@ def _attention(w: _Writer, plan: Plan, i: int, a, h: str, arch) -> str:
                                    "total_sequence_length", cos, sin],
            [f"attn.{i}", f"present_key.{i}", f"present_value.{i}"], ms=True, **attrs)
     o = a.dense if hasattr(a, "dense") else a.o_proj
-    out = _linear(w, i, "o", f"attn.{i}", o, f"attn_out.{i}")
-    if plan.residual_scale != 1.0:  # Granite: residual + multiplier * branch
-        (out,) = w.node("Mul", [out, w.weight("residual_multiplier", np.array(plan.residual_scale, w.dtype))],
-                        [f"attn_scaled.{i}"])
-    return out
+    return _branch_scaled(w, plan, _linear(w, i, "o", f"attn.{i}", o, f"attn_out.{i}"))
+
+
+def _branch_scaled(w: _Writer, plan: Plan, out: str) -> str:
+    """Granite: the stream adds ``residual_multiplier`` × each branch's output."""
+    if plan.residual_scale == 1.0:
+        return out
+    scale = w.weight("residual_multiplier", np.array(plan.residual_scale, w.dtype))
+    return w.node("Mul", [out, scale], [f"{out}_scaled"])[0]
 
 
 def _mlp(w: _Writer, plan: Plan, i: int, mlp, h: str) -> str:
@@ -179,17 +176,14 @@ def _mlp(w: _Writer, plan: Plan, i: int, mlp, h: str) -> str:
         else:
             gate = _linear(w, i, "gate", h, mlp.gate_proj, f"gate.{i}")
             up = _linear(w, i, "up", h, mlp.up_proj, f"up.{i}")
-        if plan.type in GEMMA:
+        if plan.gelu:
             w.node("Gelu", [gate], [f"act.{i}"], approximate="tanh")
         else:
             w.node("Sigmoid", [gate], [f"gate_sig.{i}"])
             w.node("Mul", [gate, f"gate_sig.{i}"], [f"act.{i}"])
         w.node("Mul", [f"act.{i}", up], [f"gated.{i}"])
-        down = mlp.down_proj
-        out = _linear(w, i, "down", f"gated.{i}", down, f"mlp_out.{i}")
-    if plan.residual_scale != 1.0:
-        (out,) = w.node("Mul", [out, "residual_multiplier"], [f"mlp_scaled.{i}"])
-    return out
+        out = _linear(w, i, "down", f"gated.{i}", mlp.down_proj, f"mlp_out.{i}")
+    return _branch_scaled(w, plan, out)
 
 
 def _layer(w: _Writer, plan: Plan, i: int, layer, x: str, resid: str | None, arch) -> tuple[str, str | None]:
@@ -239,12 +233,12 @@ def _layer(w: _Writer, plan: Plan, i: int, layer, x: str, resid: str | None, arc
 
 def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -> dict:
     """Write ``model``'s fast graph to ``path`` (weights beside it in ``<name>.data``) -> its I/O (:func:`fast_io`).
-    Raises ExportError naming what the graph cannot express (another family, a head size GroupQueryAttention does
-    not take, sliding windows, dynamic or partial rotary)."""
+    Raises ExportError naming what the graph cannot express (a family it does not cover, a head size or rotary part
+    GroupQueryAttention does not take, another activation)."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    plan = _checked(model, arch)
+    plan = Plan(model, arch)  # what the fast graph cannot express is refused here, by name
     np_dtype = np.dtype(dtype)
     path = Path(path)
     w = _Writer(np_dtype, path.with_name(path.name + ".data"))
@@ -269,7 +263,6 @@ def _graph(w: _Writer, model, arch, plan: Plan, np_dtype):
                ["use_long"])
         for k in ("cos", "sin"):
             w.node("Where", ["use_long", f"{k}_cache_long", f"{k}_cache"], [f"{k}_cache_chosen"])
-        plan.layer_table = ["cache_chosen" if t == "cache" else t for t in plan.layer_table]
     embed = w.weight("embed_tokens", model.model.embed_tokens.weight)
     w.node("Gather", [embed, "input_ids"], ["tokens"])
     tokens = "tokens"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ExportError
-from .backbone import window_of
+from ..source.archs import listed_archs, window_of
 
-FAST_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text", "olmo2",
-              "phi3", "phi")
+# the model types whose family declares ``fused`` (source/archs/)
+FAST_TYPES = tuple(mt for cls in listed_archs() if cls.fused for mt in cls.model_types)
 GATED_SILU = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")  # gate/up/down, silu
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # (1 + w) norms, tanh-GELU, embeddings scaled by sqrt(hidden)
 SILU = ("SiLUActivation", "SiLU")  # transformers' activation modules the graph's Sigmoid * x computes
@@ -26,7 +26,7 @@ class Plan:
     def __init__(self, model, arch):
         cfg = model.config
         self.type = mt = cfg.model_type
-        if mt not in FAST_TYPES:
+        if not arch.fused:
             raise ExportError(f"no fast graph for model type {mt!r} (it covers {', '.join(FAST_TYPES)})")
         if arch.head_dim % 16:
             raise ExportError(f"fast graph: head size {arch.head_dim} (ONNX Runtime's GroupQueryAttention needs a "
@@ -37,6 +37,7 @@ class Plan:
             raise ExportError(f"fast graph: activation {act} (only SiLU for {mt})")
         if mt in GEMMA + ("phi",) and act not in TANH_GELU:
             raise ExportError(f"fast graph: activation {act} (only tanh-approximated GELU for {mt})")
+        self.gelu = act in TANH_GELU  # else SiLU
         if mt == "phi" and getattr(cfg, "qk_layernorm", False):
             raise ExportError("fast graph: Phi with qk_layernorm")
         self.eps = float(getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_eps", 1e-5))
@@ -73,8 +74,8 @@ class Plan:
         self.layer_table = [t if use_rope[i] else None for i, t in enumerate(self.layer_table)]
 
     def _rotary(self, model, arch, types):
-        """-> ({name: (cos, sin) float64 (positions, rotary_dim / 2)}, per layer the table name), plus for long-rope
-        a second pair chosen in the graph by the longest position (``long_rope``)."""
+        """-> ({name: (cos, sin) float64 (positions, rotary_dim / 2)}, per layer the table name); for long-rope a
+        second pair, the layers reading the one the graph chooses by the longest position (``long_rope``)."""
         rot = model.model.rotary_emb
         self.long_rope = None
         if isinstance(getattr(rot, "rope_type", None), dict):  # Gemma 3: one table per layer type
@@ -91,7 +92,8 @@ class Plan:
             orig = int(model.config.rope_parameters["original_max_position_embeddings"])
             long_inv, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, "cpu", seq_len=orig + 1)
             tables["cache_long"] = self._table(long_inv, getattr(rot, "attention_scaling", 1.0), arch)
-            self.long_rope = orig
+            self.long_rope = orig  # the graph chooses between the two: its layers read "cache_chosen"
+            return tables, ["cache_chosen"] * arch.num_layers
         return tables, ["cache"] * arch.num_layers
 
     @staticmethod

@@ -38,20 +38,18 @@ def peft_model_for(base_model, ckpt: AdapterCheckpoint):
 def peft_causal_forward(pm, input_ids: np.ndarray, task_index: int) -> dict[str, np.ndarray]:
     """PEFT's forward (no past) on one unpadded row: last-position logits and the full present KV."""
     import torch
-
-    import inspect
-
     from transformers.cache_utils import DynamicCache
+
+    from .backbone import cache_keyword
 
     ids = torch.from_numpy(input_ids.astype(np.int64))
     # A cache without the model's config keeps every position on every layer (a sliding-window layer's own cache
-    # keeps only the window): the same attention, and the whole present KV to compare with the bundle's.
-    base = pm.get_base_model()
-    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    # keeps only the window): the same attention, and the whole present KV to compare with the bundle's. The last
+    # position's logits only: a 150k vocabulary over 100 virtual tokens and the text is ~70 MB of logits a row.
+    cache = {cache_keyword(pm.get_base_model().forward): DynamicCache()}
     with torch.no_grad():
         out = pm(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=torch.tensor([task_index] * ids.shape[0]),
-                 use_cache=True, logits_to_keep=1, **{cache_kw: DynamicCache()})  # (B, 1, V): a 150k vocabulary
-    # over 100 virtual tokens and the text would be ~70 MB of logits a row
+                 use_cache=True, logits_to_keep=1, **cache)  # logits (B, 1, V)
     res = {"logits": out.logits[:, -1, :].float().numpy()}
     cache = getattr(out, "cache", None) or out.past_key_values
     for i, layer in enumerate(cache.layers):

@@ -88,36 +88,26 @@ TINY_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, in
 
 
 def make_family_model(out_dir: str | Path, family: str, seed: int = 0):
-    """Save a tiny random model of ``family`` (a key of :data:`TINY_FAMILIES`) and the tiny tokenizer to ``out_dir``;
-    returns the model."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .tinytext import make_tokenizer
-
+    """Save a tiny random model of ``family`` (a key of :data:`ALL_TINY`) and the tiny tokenizer to ``out_dir``;
+    returns the model. Biases and norms get random values too (a fresh init leaves them at 0 and 1)."""
     model_type, _, fields = ALL_TINY[family]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out_dir, seq2seq=False)
-    sizes = dict(TINY_SIZES)
-    if model_type == "bloom":  # BLOOM names its sizes its own way and has no position limit (ALiBi)
-        sizes = dict(hidden_size=64)
-    cfg = AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0,
-                               pad_token_id=0, **{**sizes, **fields})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # random init leaves biases at zero and norms at one: make every weight matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2:-1]:
-                p.normal_(float(p.mean()) if p.numel() > 1 else 0.0, 0.05)
-    model.eval().save_pretrained(str(out_dir))
-    return model
+    # BLOOM names its sizes its own way and has no position limit (ALiBi)
+    sizes = dict(hidden_size=64) if model_type == "bloom" else dict(TINY_SIZES)
+    return _save_model(out_dir, model_type, {"pad_token_id": 0, **sizes, **fields}, seed, spread=True)
 
 
 def make_sized_model(out_dir: str | Path, model_type: str, hidden: int, layers: int, heads: int, vocab_size: int,
                      max_positions: int, ffn: int, seed: int = 0, **fields):
     """Save a random model of ``model_type`` at a bench's size (transformers' own initialisation) and the demo's
     tokenizer to ``out_dir``; ``fields``: the family's other config fields. -> the model."""
+    return _save_model(out_dir, model_type, dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                                 num_attention_heads=heads, intermediate_size=ffn,
+                                                 max_position_embeddings=max_positions, **fields), seed)
+
+
+def _save_model(out_dir: str | Path, model_type: str, fields: dict, seed: int, spread: bool = False):
+    """A random ``model_type`` causal LM from config ``fields`` (the tokenizer's vocabulary unless they name one),
+    saved with the demo's tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -125,11 +115,15 @@ def make_sized_model(out_dir: str | Path, model_type: str, hidden: int, layers: 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(out_dir, seq2seq=False)
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
-                               bos_token_id=0, eos_token_id=0, **fields)
+    tok = make_tokenizer(out_dir, seq2seq=False)
+    cfg = AutoConfig.for_model(model_type, **{"vocab_size": tok.get_vocab_size(), "bos_token_id": 0, "eos_token_id": 0,
+                                              **fields})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    if spread:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2:-1]:
+                    p.normal_(float(p.mean()) if p.numel() > 1 else 0.0, 0.05)
     model.save_pretrained(str(out_dir))
     return model

@@ -41,9 +41,9 @@ PRESETS = {
     "t5-base-shape": Preset("t5", 768, 12, 12, 32128, 512, 100, 4, 1, 8, 64, 4, ffn=3072, nts=1),
     # the Llama of the edge comparison with ONNX Runtime GenAI (bench --peer): hidden 768, 12 layers, vocab 32000
     "llama-small": Preset("llama", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048),
-    # the llama-small workload on two families of 2025-26 (their released configs' features at that size): Qwen3
-    # (q/k norms, head size apart from hidden / heads) and Gemma 3 (5 windowed layers to 1 global, two rotary
-    # bases, multi-query, (1 + w) norms, tanh-GELU)
+    # the llama-small workload on families of 2025-26 (their released configs' features at that size): Qwen3
+    # (q/k norms, head size apart from hidden / heads), Gemma 3 (5 windowed layers to 1 global, two rotary bases,
+    # multi-query, (1 + w) norms, tanh-GELU) and, below, Gemma 2
     "qwen3-small": Preset("qwen3", 768, 12, 12, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048, extra=dict(
         num_key_value_heads=4, head_dim=96, tie_word_embeddings=True, rope_theta=1_000_000.0)),
     "gemma3-small": Preset("gemma3_text", 768, 12, 4, 32000, 1024, 100, 4, 1, 8, 64, 8, ffn=2048, extra=dict(

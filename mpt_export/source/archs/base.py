@@ -56,9 +56,20 @@ def arch_for(config: dict) -> "Arch":
     )
 
 
-def _window_on(config: dict) -> bool:
-    w = config.get("sliding_window")
-    return bool(w) and config.get("use_sliding_window", True) is not False
+def window_of(config) -> tuple[int | None, bool]:
+    """(the sliding window, whether some layers attend fully) of a config — ``config.json`` as a dict or a loaded
+    transformers config; (None, True) where no window limits attention within the model's positions."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    window = get("sliding_window")
+    if get("use_sliding_window", True) is False or not window:
+        return None, True
+    types = get("layer_types")
+    if types is not None and "sliding_attention" not in types:
+        return None, True
+    limit = get("max_position_embeddings")
+    if limit is not None and int(window) >= int(limit):
+        return None, True  # never reached
+    return int(window), types is not None and "full_attention" in types
 
 
 def _rope_sets(config: dict) -> list[dict]:
@@ -83,7 +94,7 @@ def _rope_value(config: dict, key: str, default) -> float:
 
 # feature name -> (predicate over config.json, what it means), in the order reports list them
 FEATURES: dict[str, tuple] = {
-    "sliding window": (_window_on, "attention limited to the last N positions on some or all layers"),
+    "sliding window": (lambda c: window_of(c)[0] is not None, "attention limited to the last N positions on some or all layers"),
     "attention soft-cap": (lambda c: bool(c.get("attn_logit_softcapping")), "tanh soft-capped attention scores"),
     "logit soft-cap": (lambda c: bool(c.get("final_logit_softcapping")), "tanh soft-capped final logits"),
     "embedding scale": (lambda c: c.get("model_type") in ("gemma", "gemma2", "gemma3_text")
@@ -214,8 +225,8 @@ class Arch:
 
 
 class CausalArch(Arch):
-    """A decoder-only family: the model with its head takes ``inputs_embeds``, an attention mask, position ids and a
-    cache (the exporter calls the whole ``*ForCausalLM``, so the family's own logit scaling and soft-caps apply)."""
+    """A decoder-only family: its decoder stack takes ``inputs_embeds``, an attention mask, position ids and a cache;
+    :meth:`logits` does what its ``*ForCausalLM`` does after the head."""
 
     # what the family's *ForCausalLM does to the head's output, read from these config keys when set (in this order):
     # multiplied by logit_scale (Cohere), divided by logits_scaling (Granite), tanh soft-capped (Gemma 2/3)

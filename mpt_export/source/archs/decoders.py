@@ -1,7 +1,7 @@
 """Decoder families laid out as Llama is (``model.embed_tokens``, the ``model`` stack, ``lm_head``) whose layers
 compute something else: each declared here with what it needs. The computation itself is the family's own
 transformers code, traced; what the export adds is in ``export/backbone.py``: masks built from positions (sliding
-windows in mixed, left-padded batches), the whole ``*ForCausalLM`` called so that logit scaling and soft-caps apply."""
+windows in mixed, left-padded batches) and, after the head, the logit transforms named in ``logit_keys``."""
 
 from .base import CausalArch, register
 
