@@ -184,9 +184,9 @@ def size_table(bundle) -> Table:
     for k, v in sizes.items():
         t.add_row(k, str(v), human(v))
     t.add_row("[bold]total[/]", str(sum(sizes.values())), human(sum(sizes.values())))
-    for task in bundle.manifest["tasks"]:
-        nbytes = task.get("bytes", 0)
-        t.add_row(f"  task {escape(task['name'])} (rank {task['rank']})", str(nbytes), human(nbytes))
-    n_shared = len({x["shared_prompt"] for x in bundle.manifest["tasks"]})
+    for task in bundle.info.tasks:
+        nbytes = task.bytes or 0
+        t.add_row(f"  task {escape(task.name)} (rank {task.rank})", str(nbytes), human(nbytes))
+    n_shared = len({x.shared_prompt for x in bundle.info.tasks})
     t.caption = f"{len(bundle.tasks)} tasks over {n_shared} shared prompt(s); per-task bytes are cols + rows (fp32)"
     return t

@@ -14,7 +14,7 @@ def _limits(bundle, max_batch, max_input, max_new_tokens):
     from mpt_export.runtime.trt.profiles import describe_limits, fit_limits
 
     typed = {"max_batch": max_batch, "max_input": max_input, "max_new_tokens": max_new_tokens}
-    limits = fit_limits(bundle.manifest, **typed)
+    limits = fit_limits(bundle.info, **typed)
     return limits, describe_limits(limits, typed)
 
 
@@ -58,12 +58,12 @@ def build_cmd(
 
         target = parse_trt_version(trt_version or "10")
         check_target(target)
-        said_opset = opset_problem(int(b.manifest.get("opset", 18)), target)
+        said_opset = opset_problem(b.info.opset, target)
         if said_opset:
             raise InputError(said_opset)
-        prec = resolve_precision(precision, target[0], b.manifest.get("dtype", "float32"), tf32)
+        prec = resolve_precision(precision, target[0], b.info.dtype, tf32)
         engines = out or Path("engines") / b.path.name
-        profs = profiles(b.manifest, limits)
+        profs = profiles(b.info, limits)
         cmds = trtexec_commands(b, profs, engines, prec, str(timing_cache) if timing_cache else None, workspace_mib,
                                 version_compatible)
         print(f"# TensorRT {target[0]}.{target[1]}, precision {prec['precision']}; profiles in order: "
@@ -113,9 +113,9 @@ def check_trt_cmd(
                       f"profiles {', '.join(s['profiles'])}; external data {', '.join(s['external_data']) or '-'}")
         for w in s.get("warnings", []):
             console.print(f"[yellow]warning[/] {escape(w)}")
-    for g, spec in (b.manifest.get("fast_graphs") or {}).items():
-        console.print(f"not for TensorRT: {escape(spec['file'])} (the fused {g} graph: ONNX Runtime's own operators; "
-                      "the engines are built from the traced graph above)")
+    if b.info.fused:
+        console.print(f"not for TensorRT: {escape(b.info.fused.file)} (the fused backbone graph: ONNX Runtime's own "
+                      "operators; the engines are built from the traced graph above)")
 
 
 def _installed_trt() -> str | None:

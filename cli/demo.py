@@ -28,11 +28,11 @@ def demo_cmd(
     with progress("demo", quiet) as on_step:
         r = run_demo(workdir, arch=arch, on_step=on_step)
     b = r["bundle"]
-    console.print(parity_table(b.manifest["validation"]))
+    console.print(parity_table(b.info.validation))
     console.print(size_table(b))
     console.print(f"built inputs in {r['build_s']:.1f}s; export + validation in {r['export_s']:.1f}s "
-                  f"(graph export {b.manifest['timings']['graph_export_s']}s, validation "
-                  f"{b.manifest['timings'].get('validate_s', 0)}s)")
+                  f"(graph export {b.info.timings['graph_export_s']}s, validation "
+                  f"{b.info.timings.get('validate_s', 0)}s)")
     t = Table(title=escape(f"one backbone, every task: greedy continuation of {r['prompt']!r}"), title_justify="left")
     t.add_column("task")
     t.add_column("text")

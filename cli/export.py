@@ -42,14 +42,14 @@ def export_cmd(
 
     with progress("export", quiet) as on_step:
         b = export_bundle(base_model, adapter, out, options, on_step=on_step)
-    console.print(parity_table(b.manifest.get("validation")))
+    console.print(parity_table(b.info.validation))
     bm = b.base_model
     if bm.get("features"):
         console.print(f"base model: {escape(str(bm.get('model_type')))} with {escape(', '.join(bm['features']))}")
     if bm.get("listed_family") is False:
         console.print(f"[yellow]note:[/] model type {escape(str(bm.get('model_type')))} is not a listed family: "
                       "it was exported through the generic path and kept because validation against PEFT passed")
-    if b.manifest.get("quantization"):
-        console.print(quant_line(b.manifest["quantization"]))
+    if b.info.quantization:
+        console.print(quant_line(b.info.quantization))
     console.print(size_table(b))
     console.print(f"[green]wrote[/] {escape(str(b.path))} with tasks: {escape(', '.join(b.tasks))}")

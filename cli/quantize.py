@@ -45,5 +45,5 @@ def quantize_cmd(
             prompts = [(tok.encode(e.prompt, e.where), e.task) for e in read_data(eval_data, None, src.tasks)]
     with progress("quantize", quiet) as on_step:
         b = quantize_bundle(bundle, out, options, force=force, seed=seed, on_step=on_step, eval_prompts=prompts)
-    console.print(quant_line(b.manifest["quantization"]))
+    console.print(quant_line(b.info.quantization))
     console.print(size_table(b))

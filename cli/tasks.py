@@ -22,9 +22,9 @@ def list_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) 
     t = Table(title=escape(f"{b.path}: {len(b.tasks)} tasks"), title_justify="left")
     for col in ("task", "prompt len", "rank", "bytes", "shared prompt", "source"):
         t.add_column(col)
-    for x in b.manifest["tasks"]:
-        t.add_row(x["name"], str(x["prompt_len"]), str(x["rank"]), human(x.get("bytes", 0)), str(x["shared_prompt"]),
-                  escape(str(x.get("source", ""))))
+    for x in b.info.tasks:
+        t.add_row(x.name, str(x.prompt_len), str(x.rank), human(x.bytes or 0), str(x.shared_prompt),
+                  escape(x.source or ""))
     console.print(t)
 
 

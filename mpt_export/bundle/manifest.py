@@ -14,13 +14,45 @@ from ..errors import BundleError
 MANIFEST = "manifest.json"
 FORMAT = "mpt-export/bundle/2"
 DIGEST_KEY = "manifest_sha256"
-REQUIRED = {"CAUSAL_LM": ("backbone.onnx", "backbone.onnx.data", "composer.onnx", "tasks.safetensors"),
+REQUIRED_FILES = {"CAUSAL_LM": ("backbone.onnx", "backbone.onnx.data", "composer.onnx", "tasks.safetensors"),
             "SEQ_2_SEQ_LM": ("encoder.onnx", "decoder.onnx", "weights.onnx.data", "composer.onnx", "tasks.safetensors")}
 GRAPHS = {"CAUSAL_LM": ("backbone", "composer"), "SEQ_2_SEQ_LM": ("encoder", "decoder", "composer")}
 DTYPES = ("float32", "float16", "bfloat16")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 REDO = "copy the bundle again or re-export it"
+
+
+# Every top-level field: (default, or REQUIRED; what it means). Writers write these keys (bundle format 2); an old
+# bundle without an optional field reads as its default.
+REQUIRED = object()
+FIELDS: dict[str, tuple[Any, str]] = {
+    "format": (REQUIRED, "the bundle format, mpt-export/bundle/2"),
+    "created_by": (None, "tool versions that wrote the bundle"),
+    "created_at": (None, "when it was written (UTC, ISO 8601)"),
+    "task_type": (REQUIRED, "CAUSAL_LM or SEQ_2_SEQ_LM"),
+    "dtype": ("float32", "the graphs' float type: float32, float16 or bfloat16"),
+    "opset": (18, "the ONNX opset of the traced graphs"),
+    "base_model": (REQUIRED, "the base model's identity and the sizes the runtime allocates by"),
+    "num_transformer_submodules": (1, "prompt blocks per task: 2 where a seq2seq prompt also feeds the decoder"),
+    "graphs": (REQUIRED, "the traced graphs (standard ONNX): name -> file, weights file, inputs, outputs"),
+    "fast_graphs": (None, "ONNX Runtime's fused backbone beside the traced one (older bundles: none)"),
+    "fast_graph_skipped": (None, "why the bundle has no fused graph"),
+    "scoring_graphs": (None, "the graph that scores every prompt position (echo); older bundles: none"),
+    "tasks": (REQUIRED, "the task list, in tasks.safetensors' order, with sizes and content digests"),
+    "adapters": ((), "the PEFT adapter directories the tasks came from"),
+    "tokenizer": (None, "the tokenizer files copied from the base model"),
+    "validation": (None, "the export's comparison with PEFT: per-output abs/rel differences, tolerances"),
+    "quantization": (None, "how the graphs' weights were quantized (and the agreement measured)"),
+    "timings": (None, "seconds the export's steps took"),
+    "files": (REQUIRED, "the sha256 of every file of the bundle"),
+    DIGEST_KEY: (REQUIRED, "the sha256 of the manifest's canonical JSON, this field left out"),
+}
+
+
+def default(m: dict, key: str):
+    """A top-level field of manifest ``m``, or its declared default."""
+    return m.get(key, FIELDS[key][0])
 
 
 def sha256_file(path: str | Path) -> str:
@@ -99,9 +131,9 @@ def check_manifest(m) -> None:
     if not isinstance(m, dict):
         raise _bad("the top level", type(m).__name__, "a JSON object")
     task_type = m.get("task_type")
-    if task_type not in REQUIRED:
-        raise _bad("task_type", task_type, f"one of {', '.join(REQUIRED)}")
-    if m.get("dtype", "float32") not in DTYPES:
+    if task_type not in REQUIRED_FILES:
+        raise _bad("task_type", task_type, f"one of {', '.join(REQUIRED_FILES)}")
+    if default(m, "dtype") not in DTYPES:
         raise _bad("dtype", m.get("dtype"), f"one of {', '.join(DTYPES)}")
     files = _check_files(m, task_type)
     bm = _check_base_model(m)
@@ -124,7 +156,7 @@ def _check_files(m: dict, task_type: str) -> dict:
                               f"the bundle (no '..', no absolute path) — the manifest was edited; {REDO}")
         if not isinstance(digest, str) or not _HEX64.match(digest):
             raise _bad(f"files[{rel!r}]", digest, "a sha256 hex digest")
-    for req in REQUIRED[task_type]:
+    for req in REQUIRED_FILES[task_type]:
         if req not in files:
             raise BundleError(f"{MANIFEST} does not list {req}; the bundle is incomplete — {REDO}")
     return files
@@ -227,7 +259,7 @@ def _check_positions(m: dict, bm: dict, tasks: list, task_type: str) -> None:
     """``num_transformer_submodules`` 1 or 2, and every task leaves room for one input token and one new token."""
     from .taskbank import positions_needed
 
-    nts = m.get("num_transformer_submodules", 1)
+    nts = default(m, "num_transformer_submodules")
     if nts not in (1, 2):
         raise _bad("num_transformer_submodules", nts, "1 or 2")
     for i, t in enumerate(tasks):
@@ -243,7 +275,7 @@ def _spec(graph: dict, side: str, name: str) -> dict | None:
 
 def _check_graph_fields(m: dict, bm: dict, graphs: dict, task_type: str) -> None:
     """The base-model numbers the runtime uses must be those of the graph I/O specs."""
-    dtype = m.get("dtype", "float32")
+    dtype = default(m, "dtype")
     H, L, V = bm["hidden_size"], bm["num_layers"], bm["vocab_size"]
     model_graphs = ("backbone",) if task_type == "CAUSAL_LM" else ("encoder", "decoder")
     for g in model_graphs:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from ..errors import BundleError
+from .info import BundleInfo
 from .directory import open_dir, open_in, read_in, refuse_links
 from .manifest import DIGEST_KEY, FORMAT, MANIFEST, REDO, check_manifest, manifest_digest, sha256_stream
 
@@ -85,6 +86,7 @@ class Bundle:
     def __init__(self, path: Path, manifest: dict, fd: int | None = None):
         self.path = Path(path)
         self.manifest = manifest
+        self.info = BundleInfo.of(manifest, str(self.path / MANIFEST))  # the typed view every reader uses
         self._fd = fd
         self._bank = None
 
@@ -117,22 +119,22 @@ class Bundle:
 
     @property
     def tasks(self) -> list[str]:
-        return [t["name"] for t in self.manifest["tasks"]]
+        return self.info.task_names
 
     @property
     def task_type(self) -> str:
-        return self.manifest["task_type"]
+        return self.info.task_type
 
     @property
     def base_model(self) -> dict:
         return self.manifest["base_model"]
 
     def has_file(self, name: str) -> bool:
-        return name in self.manifest["files"]
+        return name in self.info.files
 
     def file(self, name: str) -> Path:
         """The path to read bundle file ``name`` (one the manifest lists) through this bundle's handle."""
-        if name not in self.manifest["files"]:
+        if name not in self.info.files:
             raise BundleError(f"{self.path} has no file {name!r} in its manifest")
         return _bundle_path(self, self.root / name) if self._fd is not None else self.path / name
 
@@ -153,13 +155,13 @@ class Bundle:
             bank = TaskBank.load(f)
         except CheckpointError as e:  # say the bundle's path, not the handle's /proc path
             raise BundleError(str(e).replace(str(f), str(self.path / "tasks.safetensors"))) from None
-        check_task_bank(self.manifest, bank, self.path)
+        check_task_bank(self.info, bank, self.path)
         return bank
 
     def sizes(self) -> dict[str, int]:
         """Bytes per component: the model graphs and their weights, composer, task bank, tokenizer, manifest."""
         comp: dict[str, int] = {}
-        for rel in sorted([*self.manifest["files"], MANIFEST]):
+        for rel in sorted([*self.info.files, MANIFEST]):
             try:
                 size = os.stat(self.root / rel).st_size
             except OSError:
@@ -178,27 +180,28 @@ class Bundle:
         return open_session(self, options, **changes)
 
 
-def _task_differences(manifest: dict, bank) -> list[str]:
+def _task_differences(info, bank) -> list[str]:
     """Per task of the manifest, what tasks.safetensors holds differently (names and order already equal)."""
     out = []
-    for w, t in zip(manifest["tasks"], bank.tasks):
+    for w, t in zip(info.tasks, bank.tasks):
         shared = bank.shared[t.shared] if 0 <= t.shared < len(bank.shared) else None
         found = {"shared prompt": t.shared, "prompt length": None if shared is None else int(shared.shape[0]),
                  "rank": t.rank, "content digest": None if shared is None else t.digest(shared)}
-        expected = {"shared prompt": w["shared_prompt"], "prompt length": w["prompt_len"], "rank": w["rank"],
-                    "content digest": w.get("digest")}
+        expected = {"shared prompt": w.shared_prompt, "prompt length": w.prompt_len, "rank": w.rank,
+                    "content digest": w.digest}
         diffs = [f"{k} {expected[k]} expected, {found[k]} found" for k in expected
                  if expected[k] is not None and expected[k] != found[k]]
         if diffs:
-            out.append(f"task {w['name']!r} ({'; '.join(diffs)})")
+            out.append(f"task {w.name!r} ({'; '.join(diffs)})")
     return out
 
 
-def check_task_bank(manifest: dict, bank, path: Path) -> None:
+def check_task_bank(info, bank, path: Path) -> None:
     """``tasks.safetensors`` must hold exactly the manifest's tasks: same names in the same order, and per task the
     shared prompt, prompt length, rank and content digest the manifest records (a task bank edited after the bundle
-    was written — vectors swapped between tasks, say — is refused even when every file's sha256 was recomputed)."""
-    want = [t["name"] for t in manifest["tasks"]]
+    was written — vectors swapped between tasks, say — is refused even when every file's sha256 was recomputed).
+    ``info``: the bundle's typed manifest."""
+    want = info.task_names
     have = bank.names
     if want != have:
         if sorted(want) == sorted(have):
@@ -210,18 +213,17 @@ def check_task_bank(manifest: dict, bank, path: Path) -> None:
         raise BundleError(f"{path}: the manifest's task list ({', '.join(want)}) does not match tasks.safetensors "
                           f"({', '.join(have)}): the task bank {what}; it was changed after the bundle was written — "
                           f"{REDO}")
-    differs = _task_differences(manifest, bank)
+    differs = _task_differences(info, bank)
     if differs:
         raise BundleError(f"{path}: tasks.safetensors does not hold the vectors the manifest records for "
                           f"{' and '.join(differs)}; the task bank was changed after the bundle was written — {REDO}")
-    if bank.num_transformer_submodules != manifest.get("num_transformer_submodules", 1) \
-            or bank.task_type != manifest["task_type"]:
+    if bank.num_transformer_submodules != info.num_transformer_submodules or bank.task_type != info.task_type:
         raise BundleError(f"{path}: tasks.safetensors was written for another model kind ({bank.task_type}, "
                           f"num_transformer_submodules {bank.num_transformer_submodules}; the manifest says "
-                          f"{manifest['task_type']}, {manifest.get('num_transformer_submodules', 1)}); {REDO}")
-    if bank.hidden_size != manifest["base_model"]["hidden_size"]:
+                          f"{info.task_type}, {info.num_transformer_submodules}); {REDO}")
+    if bank.hidden_size != info.base_model.hidden_size:
         raise BundleError(f"{path}: tasks.safetensors holds prompts of width {bank.hidden_size}, the model's hidden "
-                          f"size is {manifest['base_model']['hidden_size']}; {REDO}")
+                          f"size is {info.base_model.hidden_size}; {REDO}")
 
 
 def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True) -> Bundle:

@@ -2,7 +2,9 @@
 kept aligned along every length axis so one graph call serves them all — right-aligned (left padding, mask 0) for
 the traced graphs, left-aligned (each row from slot 0, free slots after it) for the fused graph's cache. Which state
 values have a length axis, which mask governs it, the alignment and the free room a rebuilt buffer gets come from
-the session (``Session.state_layout``, ``state_align``, ``state_room``)."""
+the session (``Session.state_layout``, ``state_align``, ``state_room``), and so do the arrays: the session makes them
+(``state_zeros``) and the engine edits them inside ``Session.state_edit()`` — masks and positions are host arrays,
+keys and values live where the backend keeps them (numpy, or a device tensor that slices the same way)."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def build_state(session, parts: list[tuple[dict, int]]) -> dict:
         shape[0] = len(parts)
         if axis is not None:
             shape[axis] = lengths[group]
-        out[name] = np.zeros(shape, value.dtype)
+        out[name] = session.state_zeros(value, shape)  # where the session keeps it (host or device)
     for k, (src, i) in enumerate(parts):
         copy_row(groups, out, k, src, i, align)
     return out

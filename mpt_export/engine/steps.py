@@ -31,10 +31,6 @@ class _Row:
         self.next_token = None
 
 
-def _as_numpy(v):
-    return v if isinstance(v, np.ndarray) else v.numpy()
-
-
 def _row_error(what: str, req: Request, e: Exception) -> Exception:
     """The error one row ends with: ours as they are, anything else (a backend's own exception) named and wrapped."""
     if isinstance(e, MptExportError):
@@ -97,7 +93,7 @@ class BatchSteps:
         logits, state, _ = s.prefill(ids, [r.req.task for r in rows], mask,
                                      new_tokens=max(r.gen.cfg.max_new_tokens for r in rows))
         self._log("prefill", rows, len(rows), t0)
-        return np.asarray(logits), {k: _as_numpy(v) for k, v in state.items()}
+        return np.asarray(logits), {k: s.state_array(v) for k, v in state.items()}
 
     def _isolated(self, rows: list, call, what: str):
         """``call(rows)`` once for all of them; if that graph call fails, once per row, so that only the rows whose
@@ -134,7 +130,8 @@ class BatchSteps:
             slot = next(iter(sorted(self._free_since)), None)
             align = self.session.state_align
             if slot is not None and all(used_columns(state[g][i], align) <= self._state[g].shape[1] for g in groups):
-                copy_row(groups, self._state, slot, state, i, align)
+                with self.session.state_edit():
+                    copy_row(groups, self._state, slot, state, i, align)
                 self._rows[slot] = row
                 del self._free_since[slot]
                 self.joins["in_place"] += 1
@@ -152,7 +149,8 @@ class BatchSteps:
         if not parts:
             self._state = None
             return
-        self._state = build_state(self.session, [(src, i) for _, src, i in parts])
+        with self.session.state_edit():
+            self._state = build_state(self.session, [(src, i) for _, src, i in parts])
 
     def _decode(self) -> None:
         slots = [j for j, r in enumerate(self._rows) if r is not None]
@@ -166,7 +164,7 @@ class BatchSteps:
             self._decode_alone(slots)
             return
         self._log("decode", live, len(self._rows), t0)
-        self._state = {k: _as_numpy(v) for k, v in state.items()}
+        self._state = {k: self.session.state_array(v) for k, v in state.items()}
         keep = self._advance(live, np.asarray(logits)[slots])
         self._free([slots[j] for j in np.flatnonzero(~keep)])
         self._compact()
@@ -174,14 +172,15 @@ class BatchSteps:
     def _decode_alone(self, slots: list[int]) -> None:
         """The batched step failed: step each live row by itself (its own state, compacted) and rebuild the batch
         from the rows that succeeded and go on."""
-        parts = {id(self._rows[j]): (self._rows[j], build_state(self.session, [(self._state, j)])) for j in slots}
+        with self.session.state_edit():
+            parts = {id(self._rows[j]): (self._rows[j], build_state(self.session, [(self._state, j)])) for j in slots}
 
         def step(rows):
             row, state = parts[id(rows[0])]
             t0 = time.perf_counter()
             logits, new = self.session.decode_step(state, np.array([row.next_token], np.int64))
             self._log("decode", rows, 1, t0)
-            return np.asarray(logits), {k: _as_numpy(v) for k, v in new.items()}
+            return np.asarray(logits), {k: self.session.state_array(v) for k, v in new.items()}
 
         going = []
         for rows, (logits, state) in self._alone([self._rows[j] for j in slots], step, "decode"):

@@ -11,6 +11,7 @@ from ..source.basemodel import base_arch, check_same_base, identity
 from ..source.hub import hub_origin, resolve, resolve_adapter_specs
 from ..storage.atomic import fault_point, replace_dir, resolve_output
 from ..storage.ownership import check_path_text, check_replaceable
+from ..bundle.info import BundleInfo
 from ..bundle.reader import Bundle, load_bundle
 from ..bundle.manifest import FORMAT, write_manifest
 from ..source.adapters import build_task_bank
@@ -56,7 +57,7 @@ def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
 
     compare = compare_seq2seq if cases.kind == "seq2seq" else compare_causal
     reports = {}
-    for graph in ("plain", "fast") if bundle.manifest.get("fast_graphs") else ("plain",):
+    for graph in ("plain", "fast") if bundle.info.fused else ("plain",):
         if graph == "fast" and not provider.lower().startswith("cpu"):
             continue  # the fused graph runs on the CPU provider only
         session = bundle.session(provider=provider, prepack=False, graph=graph)  # weights read in place
@@ -112,16 +113,13 @@ def export_bundle(base_model: str | Path, adapters: list[str], out: str | Path, 
                 "validate": o.validate, "seed": o.seed, "fast_graph": o.fast_graph}
         tokenizer_info, res = _torch_artifacts(tmp, base_model, bank, spec, isolate, step)
         timings = dict(res["timings"])
-        manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, o.dtype, res, tokenizer_info, step)
-        if origin:
-            manifest["base_model"]["hub"] = origin
-        if o.validate:
-            manifest["validation"] = _validation_report(tmp, manifest, res["cases"], o.tolerance, o.provider, step,
-                                                        timings)
+        manifest = _write_first_manifest(tmp, base_model, arch, bank, ckpts, o.dtype, res, tokenizer_info, origin,
+                                         step)
+        validation = _validation_report(tmp, manifest, res["cases"], o.tolerance, o.provider, step, timings) \
+            if o.validate else None
         timings["isolated"] = bool(isolate)
-        manifest["timings"] = timings
-        known = dict(manifest["files"])  # nothing but the manifest changed since it was hashed
-        manifest = write_manifest(tmp, manifest, known=known)
+        # nothing but the manifest changed since every file was hashed
+        write_manifest(tmp, {**manifest, "validation": validation, "timings": timings}, known=dict(BundleInfo.of(manifest).files))
     return load_bundle(out, verify=False)
 
 
@@ -168,8 +166,9 @@ def _torch_artifacts(tmp: Path, base_model, bank: TaskBank, spec: dict, isolate:
 
 
 def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dtype: str, res: dict,
-                          tokenizer_info, step) -> dict:
-    """The composer graph and the manifest (no validation report yet), with every file's sha256."""
+                          tokenizer_info, origin: dict | None, step) -> dict:
+    """The composer graph and the manifest (no validation report yet), with every file's sha256. ``origin``: where
+    a Hugging Face Hub base model came from."""
     step("write composer and task bank")
     cio = write_composer(tmp / "composer.onnx", arch.hidden_size, res["opset"])
     graphs = dict(res["graphs"])
@@ -181,7 +180,7 @@ def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dt
         "task_type": arch.task_type,
         "dtype": dtype,
         "opset": res["opset"],
-        "base_model": identity(base_model),
+        "base_model": {**identity(base_model), **({"hub": origin} if origin else {})},
         "num_transformer_submodules": bank.num_transformer_submodules,
         "graphs": {**graphs, "composer": {"file": "composer.onnx", **cio}},
         **({"fast_graphs": {"backbone": fast}} if fast else {}),
@@ -229,12 +228,12 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
     """Checksums always; with ``base_model``, its identity and parity against PEFT, recomputed from the bundle
     (tolerance: the one the bundle was exported with, unless ``atol``/``rtol`` are given)."""
     with load_bundle(path, trust_stamp=False) as b:  # every file hashed, whatever a stamp says
-        result = {"path": str(b.path), "files": len(b.manifest["files"]), "checksums": "ok", "tasks": b.tasks}
+        result = {"path": str(b.path), "files": len(b.info.files), "checksums": "ok", "tasks": b.tasks}
         if base_model is None:
             return result
         base_model = resolve(base_model, "base model")  # a Hugging Face Hub id: its snapshot in the cache
         check_same_base(base_model, b.base_model)
-        quant = b.manifest.get("quantization")
+        quant = b.info.quantization
         if quant and atol is None and rtol is None:
             rep = quant.get("report", {})
             result["validation"] = None
@@ -247,8 +246,8 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
         holder = [load_base_model(base_model)[0]]  # freed once PEFT's references are computed
         from .precision import tolerance
 
-        recorded = b.manifest.get("validation") or {}
-        tol = tolerance(b.manifest.get("dtype", "float32"),
+        recorded = b.info.validation or {}
+        tol = tolerance(b.info.dtype,
                         atol if atol is not None else recorded.get("atol"),
                         rtol if rtol is not None else recorded.get("rtol"))
         with third_party_quiet():  # PEFT's model and forward warn about transformers' deprecations

@@ -19,7 +19,6 @@ An agreement below ``min_agreement`` refuses the bundle: nothing is written.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,8 +27,10 @@ import numpy as np
 
 from ..storage.atomic import replace_dir
 from ..bundle.reader import Bundle, load_bundle
+from ..bundle.info import BundleInfo, GraphSpec
 from ..bundle.manifest import write_manifest
 from ..errors import InputError, MissingDependencyError, ValidationError
+from ..runtime.fastcausal import FusedCausalSession
 
 SCHEMES = {
     "int8": "weight-only int8: MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits",
@@ -106,106 +107,90 @@ def int8_plan(model_path: Path, variant: str) -> dict:
             "float_nodes": len(keep), "lm_head": head.name if head is not None else None}
 
 
-def quantize_graphs(root: Path, manifest: dict, src_root: Path, o: "QuantizeOptions") -> dict:
-    """Quantize the model graphs of the bundle under ``src_root`` into ``root`` (which holds no copy of them) as
-    ``o`` says; -> the manifest with its ``quantization`` record."""
-    scheme = o.scheme
+def quantize_graphs(root: Path, info: BundleInfo, src_root: Path, o: "QuantizeOptions") -> BundleInfo:
+    """Quantize the model graphs of the bundle under ``src_root`` (``info``: its typed manifest) into ``root``
+    (which holds no copy of them) as ``o`` says; -> the quantized bundle's manifest view, with its ``quantization``
+    record."""
+    scheme, graphs = o.scheme, dict(info.graphs)
     if scheme == "int8-dynamic":
-        manifest = _dynamic_graphs(root, manifest, src_root, o.variant)
+        quantization = _dynamic_graphs(root, graphs, info.model_graphs, src_root, o.variant)
     else:
         from .weightonly import quantize_graph
 
         done = {}
-        for g in _model_graphs(manifest):
-            spec = manifest["graphs"][g]
-            done[g] = quantize_graph(src_root / spec["file"], root / spec["file"], scheme, o.block_size,
-                                     o.accuracy_level)
-            spec["external_data"] = spec["file"] + ".data"
-        manifest["quantization"] = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size,
-                                    "symmetric": True, "accuracy_level": o.accuracy_level, "graphs": done}
-    _fast_graph(root, manifest, src_root, o)
-    _scoring_graph(root, manifest, o)
-    if manifest["task_type"] == "SEQ_2_SEQ_LM":
+        for g in info.model_graphs:
+            f = graphs[g].file
+            done[g] = quantize_graph(src_root / f, root / f, scheme, o.block_size, o.accuracy_level)
+            graphs[g] = replace(graphs[g], external_data=f + ".data")
+        quantization = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size, "symmetric": True,
+                        "accuracy_level": o.accuracy_level, "graphs": done}
+    if info.seq2seq:
         from .seq2seq import WEIGHTS_FILE, share_weights
 
-        graphs = _model_graphs(manifest)
-        share_weights(root, [manifest["graphs"][g]["file"] for g in graphs], WEIGHTS_FILE)
-        for g in graphs:
-            manifest["graphs"][g]["external_data"] = WEIGHTS_FILE
-    manifest["quantization"]["scheme"] = scheme
-    return manifest
+        share_weights(root, [graphs[g].file for g in info.model_graphs], WEIGHTS_FILE)
+        graphs.update({g: replace(graphs[g], external_data=WEIGHTS_FILE) for g in info.model_graphs})
+    quantization["scheme"] = scheme
+    out = replace(info, graphs=graphs, quantization=quantization)
+    return _scoring_graph(root, _fused_graph(root, out, info.fused, src_root, o), o)
 
 
-def _fast_graph(root: Path, manifest: dict, src_root: Path, o: "QuantizeOptions") -> None:
-    """The fused graph, quantized as the traced one and stored with it (the same quantized tensors, shared by
-    content); dropped for ``int8-dynamic`` (its quantized activations are the traced graph's own ops)."""
-    fast = (manifest.get("fast_graphs") or {}).get("backbone")
-    if fast is None:
-        return
+def _fused_graph(root: Path, info: BundleInfo, fused, src_root: Path, o: "QuantizeOptions") -> BundleInfo:
+    """The fused graph (``fused``: the source bundle's), quantized as the traced one and stored with it (the same
+    quantized tensors, shared by content); dropped for ``int8-dynamic`` (its quantized activations are the traced
+    graph's own ops)."""
+    if fused is None:
+        return info
     if o.scheme == "int8-dynamic":
-        del manifest["fast_graphs"]
-        manifest["fast_graph_skipped"] = "int8-dynamic quantizes the traced graph's activations; the fused graph is " \
-                                         "for fp32/fp16 and weight-only int8/int4"
-        return
+        return replace(info, fused=None, fused_skipped="int8-dynamic quantizes the traced graph's activations; the "
+                                                       "fused graph is for fp32/fp16 and weight-only int8/int4")
     from .seq2seq import share_weights
     from .weightonly import quantize_graph
 
-    manifest["quantization"]["graphs"]["backbone_fast"] = quantize_graph(
-        src_root / fast["file"], root / fast["file"], o.scheme, o.block_size, o.accuracy_level)
-    plain = manifest["graphs"]["backbone"]
-    share_weights(root, [plain["file"], fast["file"]], plain["external_data"])
-    fast["external_data"] = plain["external_data"]
+    info.quantization["graphs"][FusedCausalSession.GRAPH] = quantize_graph(
+        src_root / fused.file, root / fused.file, o.scheme, o.block_size, o.accuracy_level)
+    plain = info.graphs["backbone"]
+    share_weights(root, [plain.file, fused.file], plain.external_data)
+    return replace(info, fused=replace(fused, external_data=plain.external_data))
 
 
-def _scoring_graph(root: Path, manifest: dict, o: "QuantizeOptions") -> None:
+def _scoring_graph(root: Path, info: BundleInfo, o: "QuantizeOptions") -> BundleInfo:
     """The scoring graph, derived again from the quantized backbone (its LM head is the quantized one); none for
     int8-dynamic (its head chain is the dynamic quantization's ops)."""
-    if not manifest.get("scoring_graphs"):
-        return
+    if info.scoring is None:
+        return info
     if o.scheme == "int8-dynamic":
-        del manifest["scoring_graphs"]
-        return
+        return replace(info, scoring=None)
     from .scoring import scoring_graphs
 
-    manifest.update(scoring_graphs(root, manifest["graphs"], _Sizes(manifest["base_model"])))
+    made = scoring_graphs(root, {"backbone": info.graphs["backbone"].to_dict()}, info.base_model)
+    return replace(info, scoring=GraphSpec.of(made["scoring_graphs"]["backbone"]))
 
 
-class _Sizes:
-    def __init__(self, bm: dict):
-        self.hidden_size, self.vocab_size = int(bm["hidden_size"]), int(bm["vocab_size"])
-
-
-def _model_graphs(manifest: dict) -> list[str]:
-    return [g for g in manifest["graphs"] if g != "composer"]
-
-
-def _dynamic_graphs(root: Path, manifest: dict, src_root: Path, variant: str) -> dict:
+def _dynamic_graphs(root: Path, graphs: dict, model_graphs, src_root: Path, variant: str) -> dict:
+    """int8 dynamic quantization of ``model_graphs`` (their ``graphs`` entries updated) -> the quantization record."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise MissingDependencyError("int8 quantization needs onnxruntime's quantization tools (pip install onnx onnxruntime)") from None
     import logging
 
-    graphs = _model_graphs(manifest)
     root_logger = logging.getLogger()
     level = root_logger.level
     root_logger.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING on the root logger
     kept = {}
     try:
-        for g in graphs:
-            spec = manifest["graphs"][g]
-            plan = int8_plan(src_root / spec["file"], variant)
+        for g in model_graphs:
+            f = graphs[g].file
+            plan = int8_plan(src_root / f, variant)
             kept[g] = plan["float_nodes"]
             # the quantizer names its data file after its output: <file>.data, the bundle's own convention
-            quantize_dynamic(str(src_root / spec["file"]), str(root / spec["file"]), weight_type=QuantType.QInt8,
-                             per_channel=True, use_external_data_format=True,
-                             extra_options={"MatMulConstBOnly": True}, **plan["kwargs"])
-            spec["external_data"] = spec["file"] + ".data"
+            quantize_dynamic(str(src_root / f), str(root / f), weight_type=QuantType.QInt8, per_channel=True,
+                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True}, **plan["kwargs"])
+            graphs[g] = replace(graphs[g], external_data=f + ".data")
     finally:
         root_logger.setLevel(level)
-    manifest["quantization"] = {"weights": "int8", "variant": variant, "what": VARIANTS[variant],
-                                "float_matmuls": kept, "method": "onnxruntime dynamic quantization, per channel"}
-    return manifest
+    return {"weights": "int8", "variant": variant, "what": VARIANTS[variant], "float_matmuls": kept,
+            "method": "onnxruntime dynamic quantization, per channel"}
 
 
 def agreement(ref_session, q_session, tasks: list[str], vocab: int, seed: int = 0, new_tokens: int = 16,
@@ -293,42 +278,32 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions |
     out = resolve_output(out)
     inputs = [("source bundle", Path(src)), *inputs]
     with load_bundle(src) as b:
-        if b.manifest.get("dtype", "float32") != "float32" or b.manifest.get("quantization"):
-            raise InputError(f"{src} is a {(b.manifest.get('quantization') or {}).get('weights') or b.manifest.get('dtype')} "
-                             f"bundle; {scheme} quantization starts from an fp32 bundle")
+        if b.info.dtype != "float32" or b.info.quantization:
+            raise InputError(f"{src} is a {(b.info.quantization or {}).get('weights') or b.info.dtype} bundle; "
+                             f"{scheme} quantization starts from an fp32 bundle")
         with replace_dir(out, "bundle", force, inputs) as tmp:
             step(f"quantize graphs ({scheme})")
-            graph_files = _graph_files(b.manifest)
-            for rel in b.manifest["files"]:
+            graph_files = b.info.model_files
+            for rel in b.info.files:
                 if rel not in graph_files:
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(b.file(rel), tmp / rel)
-            manifest = json.loads(json.dumps(b.manifest))
-            manifest = quantize_graphs(tmp, manifest, b.root, o)
-            manifest["quantization"].update({"source_bundle": str(b.path), "min_agreement": min_agreement,
-                                             "source_manifest_sha256": b.manifest["manifest_sha256"]})
-            manifest = write_manifest(tmp, manifest)
+            q_info = quantize_graphs(tmp, b.info, b.root, o)
+            record = q_info.quantization
+            record.update({"source_bundle": str(b.path), "min_agreement": min_agreement,
+                           "source_manifest_sha256": b.info.digest})
+            manifest = write_manifest(tmp, q_info.to_manifest())
             step("compare with the fp32 bundle")
             q = Bundle(tmp, manifest)
             rep = prompt_agreement(b.session(), q.session(), eval_prompts) if eval_prompts else \
-                agreement(b.session(), q.session(), b.tasks, int(b.base_model["vocab_size"]), seed=seed)
-            manifest["quantization"]["report"] = rep
+                agreement(b.session(), q.session(), b.tasks, b.info.base_model.vocab_size, seed=seed)
+            manifest = {**manifest, "quantization": {**record, "report": rep}}
             if rep["greedy_agreement"] < min_agreement:
                 raise ValidationError(
                     f"{scheme} greedy-token agreement with fp32 is {rep['greedy_agreement']:.1%} over "
                     f"{rep['tokens_compared']} tokens (free-running {rep['free_running_agreement']:.1%}), below the "
                     f"required {min_agreement:.1%} (logits max abs diff {rep['logits_max_abs']:.3g}); keep the fp32 "
                     "bundle or lower --min-agreement if that is acceptable", report=rep)
-            manifest = write_manifest(tmp, manifest, known=dict(manifest["files"]))
+            manifest = write_manifest(tmp, manifest, known=dict(q.info.files))
     return load_bundle(out, verify=False)
 
-
-def _graph_files(manifest: dict) -> set[str]:
-    files = set()
-    for g, spec in [*manifest["graphs"].items(), *(manifest.get("fast_graphs") or {}).items(),
-                    *(manifest.get("scoring_graphs") or {}).items()]:
-        if g != "composer":
-            files.add(spec["file"])
-            if spec.get("external_data"):
-                files.add(spec["external_data"])
-    return files

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ..storage.atomic import fault_point, replace_dir, resolve_output
+from ..bundle.info import TaskEntry
 from ..bundle.reader import Bundle, load_bundle
 from ..bundle.manifest import write_manifest
 from ..source.adapters import check_adapter_fits, parse_adapter_spec, read_adapter
@@ -24,7 +26,7 @@ def _mirror(b: Bundle, dst: Path) -> dict[str, str]:
     """Hard-link (or copy, across filesystems) every file of ``b`` except the manifest into ``dst``.
     -> {file: sha256} of the files that are the bundle's own verified inodes (no need to hash them again)."""
     known = {}
-    for rel, digest in b.manifest["files"].items():
+    for rel, digest in b.info.files.items():
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -38,24 +40,24 @@ def _mirror(b: Bundle, dst: Path) -> dict[str, str]:
 def check_adapter_matches(bundle: Bundle, ckpt) -> None:
     """An adapter trained for another base model is refused: kind, hidden size, and — where PEFT recorded them —
     layer and head counts must be the bundle's; its prompt must fit the model's positions."""
-    bm = bundle.base_model
+    bm = bundle.info.base_model
     if ckpt.task_type != bundle.task_type:
         raise BaseModelError(f"{ckpt.path} is a {ckpt.task_type} adapter; this bundle serves a {bundle.task_type} model")
-    checks = [("token_dim", ckpt.token_dim, bm["hidden_size"], "hidden size"),
-              ("num_layers", ckpt.config.get("num_layers"), bm["num_layers"], "layer count"),
-              ("num_attention_heads", ckpt.config.get("num_attention_heads"), bm["num_attention_heads"], "head count")]
+    checks = [("token_dim", ckpt.token_dim, bm.hidden_size, "hidden size"),
+              ("num_layers", ckpt.config.get("num_layers"), bm.num_layers, "layer count"),
+              ("num_attention_heads", ckpt.config.get("num_attention_heads"), bm.num_attention_heads, "head count")]
     for key, got, want, what in checks:
         if got is not None and int(got) != int(want):
             raise BaseModelError(
                 f"{ckpt.path} was trained for another base model ({key} {got}, but this bundle's {what} is {want}, "
-                f"base model {bm.get('arch')} from {bm.get('name_or_path')}); train the task on the bundle's base model"
+                f"base model {bm.identity.get('arch')} from {bm.identity.get('name_or_path')}); train the task on the bundle's base model"
             )
-    nts = bundle.manifest.get("num_transformer_submodules", 1)
+    nts = bundle.info.num_transformer_submodules
     if ckpt.num_transformer_submodules != nts:
         raise BaseModelError(f"{ckpt.path} has num_transformer_submodules {ckpt.num_transformer_submodules}, this "
                              f"bundle's tasks have {nts}; train the task with the bundle's setting")
     try:
-        check_adapter_fits(ckpt, int(bm["max_positions"]))
+        check_adapter_fits(ckpt, bm.max_positions)
     except InputError as e:
         raise BaseModelError(str(e)) from None
 
@@ -109,10 +111,8 @@ def _rewrite(bundle_path, change) -> Bundle:
         try:
             bank = b.task_bank()
             extra = change(b, bank)
-            manifest = dict(b.manifest)
-            manifest["tasks"] = bank.manifest_entries()
-            if extra:
-                manifest["adapters"] = list(manifest.get("adapters", [])) + extra
+            manifest = replace(b.info, tasks=tuple(TaskEntry.of(t) for t in bank.manifest_entries()),
+                               adapters=b.info.adapters + tuple(extra or ())).to_manifest()
             known = _mirror(b, tmp)
             fault_point("bundle mirrored")
         finally:

@@ -31,15 +31,15 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
     inputs = [("bundle", b.path)] + ([("timing cache", Path(timing_cache))] if timing_cache else [])
     # an engines folder this tool wrote is rebuilt in place (as trtexec --saveEngine would); anything else is refused
     check_replaceable(out, "engines", force=False, inputs=inputs, allow_replace=True)
-    limits = limits or fit_limits(b.manifest)
-    profs = profiles(b.manifest, limits)
+    limits = limits or fit_limits(b.info)
+    profs = profiles(b.info, limits)
     trt = import_tensorrt()
     version = parse_trt_version(trt.__version__)
     check_target(version)
-    said = opset_problem(int(b.manifest.get("opset", 18)), version)
+    said = opset_problem(b.info.opset, version)
     if said:
         raise ExportError(said)
-    prec = resolve_precision(precision, version[0], b.manifest.get("dtype", "float32"), tf32)
+    prec = resolve_precision(precision, version[0], b.info.dtype, tf32)
     gpu_name, cc = gpu_identity()
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
@@ -49,7 +49,7 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
             step(f"build {graph} ({prec['precision']}, {len(plist)} profiles)")
             t0 = time.perf_counter()
             # one graph at a time: its builder, network, parser and plan are freed before the next graph builds
-            cache_bytes = _build_graph(trt, logger, b.file(b.manifest["graphs"][graph]["file"]), plist, prec,
+            cache_bytes = _build_graph(trt, logger, b.file(b.info.graphs[graph].file), plist, prec,
                                        tmp / f"{graph}.plan", cache_bytes, timing_cache, version_compatible,
                                        workspace_mib, step)
             engines[graph] = {"file": f"{graph}.plan", "build_s": round(time.perf_counter() - t0, 1)}
@@ -135,8 +135,8 @@ def adopt_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
 
     b = load_bundle(bundle_path)
     out = Path(out) if out else Path("engines") / b.path.name
-    limits = limits or fit_limits(b.manifest)
-    profs = profiles(b.manifest, limits)
+    limits = limits or fit_limits(b.info)
+    profs = profiles(b.info, limits)
     printed = f"mpt-export build {b.path} --print-trtexec --out {out}"
     missing = [f"{g}.plan" for g in profs if not (out / f"{g}.plan").is_file()]
     if missing:
@@ -163,11 +163,11 @@ def adopt_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
         raise ExportError(f"--trt-version {trt_version}: give the release that built the plans as MAJOR.MINOR (plans "
                           "load only on the release that built them; trtexec --version prints it)")
     check_target(parsed)
-    prec = resolve_precision(precision, parsed[0], b.manifest.get("dtype", "float32"), tf32)
+    prec = resolve_precision(precision, parsed[0], b.info.dtype, tf32)
     gpu_name, cc = gpu_identity() if trt is not None else (None, None)
     if trt is not None:
         for graph, plist in profs.items():
-            _check_plan(trt, out / f"{graph}.plan", b.manifest["graphs"][graph], plist, version_compatible, printed)
+            _check_plan(trt, out / f"{graph}.plan", b.info.graphs[graph], plist, version_compatible, printed)
     engines = {g: {"file": f"{g}.plan", "built_by": "trtexec"} for g in profs}
     sidecar = make_sidecar(b, version, gpu_name, cc, prec, limits.to_dict(), profs, version_compatible, engines)
     tmp = out / f".{SIDECAR}.tmp-{os.getpid()}"
@@ -176,7 +176,7 @@ def adopt_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
     return out
 
 
-def _check_plan(trt, path: Path, spec: dict, plist: list, version_compatible: bool, printed: str) -> None:
+def _check_plan(trt, path: Path, spec, plist: list, version_compatible: bool, printed: str) -> None:
     """One trtexec plan against the graph it must have been built from: it loads, has the graph's I/O names and the
     profiles ``plist`` says (min/opt/max of every input)."""
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -187,9 +187,9 @@ def _check_plan(trt, path: Path, spec: dict, plist: list, version_compatible: bo
         raise ExportError(f"TensorRT {trt.__version__} cannot load {path} (see its log above: another TensorRT "
                           "release or GPU, or a damaged file); run the trtexec commands on this machine")
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    want = {t["name"] for t in spec["inputs"] + spec["outputs"]}
+    want = {t.name for t in spec.inputs + spec.outputs}
     if names != want:
-        raise ExportError(f"{path} was built from another graph (its tensors differ from {spec['file']}'s: "
+        raise ExportError(f"{path} was built from another graph (its tensors differ from {spec.file}'s: "
                           f"{', '.join(sorted(names ^ want)[:4])}); run `{printed}` and its commands again")
     if engine.num_optimization_profiles != len(plist):
         raise ExportError(f"{path} has {engine.num_optimization_profiles} optimization profiles, the bundle's limits "

@@ -229,4 +229,4 @@ def compare_seq2seq(session, cases: Cases, tol: dict | None = None, on_step=None
 def _default_tol(session) -> dict:
     from .precision import tolerance
 
-    return tolerance(session.bundle.manifest.get("dtype", "float32"))
+    return tolerance(session.bundle.info.dtype)

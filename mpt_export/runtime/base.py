@@ -10,41 +10,19 @@ row's result does not depend on what else is in the batch (PEFT's own positions 
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections import OrderedDict
 
 import numpy as np
 
 from ..errors import InputError, TaskNameError
+from .cache import LRU
+from .graphio import present_of
 from .limits import BackendLimits
 from .options import SessionOptions
 from .decode import GenerationResult, generate  # noqa: F401 (GenerationResult: re-exported)
 from .sampling import SamplingConfig, check_stop
 from .streaming import cut_at_stop
-
-
-class _LRU:
-    """A small thread-safe LRU keyed by task digest (content hash: a changed task never hits a stale entry)."""
-
-    def __init__(self, size: int):
-        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key, value):
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > max(self.size, 0):
-                self._d.popitem(last=False)
-
-    def __len__(self):
-        return len(self._d)
 
 
 class Session:
@@ -53,22 +31,18 @@ class Session:
     def __init__(self, bundle, options: SessionOptions | None = None):
         options = options if options is not None else SessionOptions()
         self.bundle, self.options = bundle, options
-        m = bundle.manifest
-        bm = m["base_model"]
-        self.num_layers = int(bm["num_layers"])
-        self.vocab_size = int(bm["vocab_size"])
-        self.max_positions = int(bm["max_positions"])
-        self.hidden_size = int(bm["hidden_size"])
+        info = bundle.info  # the bundle's typed manifest
+        bm = info.base_model
+        self.num_layers, self.vocab_size = bm.num_layers, bm.vocab_size
+        self.max_positions, self.hidden_size = bm.max_positions, bm.hidden_size
         self.bank = bundle.task_bank()
-        dtype = m.get("dtype", "float32")
         # prompt embeddings and KV travel in the graph's dtype; numpy has no bf16, so host-side arrays of a bf16
         # bundle are fp32 and a backend that can run bf16 (TensorRT) casts them on the device
-        self.dtype = np.dtype("float32" if dtype == "bfloat16" else dtype)
-        eos = bm.get("eos_token_id")
-        self.eos_token_id = (eos[0] if eos else None) if isinstance(eos, list) else eos
-        self._prompts = _LRU(options.prompt_cache_size)  # digest -> composed prompt (T, H)
+        self.dtype = info.numpy_dtype
+        self.eos_token_id = bm.first_eos
+        self._prompts = LRU(options.prompt_cache_size)  # digest -> composed prompt (T, H)
         self.prompt_kv_cache = options.prompt_kv_cache
-        self._task_kv = _LRU(options.kv_cache_size)
+        self._task_kv = LRU(options.kv_cache_size)
         self._bank_lock = threading.Lock()
         self._tokenizer = None
 
@@ -104,9 +78,25 @@ class Session:
         cache is updated in place (the fused graph's) changes the one it is given."""
         return self._step(state, tokens)
 
-    def _take_rows(self, value, keep: np.ndarray):
-        """Rows ``keep`` of a loop-state value (backends that keep state on a device override this)."""
-        return value[keep]
+    # -- decode-state operations: what the decode loop and the serving engine do to a state between steps. Host
+    # numpy arrays here; a backend that keeps the cache on a device (TensorRT) overrides them, so the engine runs
+    # over any backend without knowing where the state lives. Masks and positions are always host arrays.
+    def state_array(self, value):
+        """A step's state value as an array that can be sliced and assigned (numpy here, a device tensor there)."""
+        return value
+
+    def state_zeros(self, like, shape):
+        """A zero-filled state array of ``shape``, of ``like``'s kind and dtype (where ``like`` lives)."""
+        return np.zeros(shape, like.dtype)
+
+    def take_rows(self, value, keep: np.ndarray):
+        """Rows ``keep`` (bool (B,)) of a state value."""
+        return self.state_array(value)[keep]
+
+    def state_edit(self):
+        """A context in which the engine edits state arrays (copies rows, zeroes slots): ordered with the backend's
+        own work on them (a device backend's stream)."""
+        return contextlib.nullcontext()
 
     # How the decode-loop state of this model kind is laid out, for merging rows that joined at different times
     # (continuous batching): state name -> (length axis, group); the group's mask is the state named "<group>"
@@ -157,15 +147,14 @@ class Session:
     # -- KV plumbing shared by every model kind -------------------------------------------------------------------
     def _past_inputs(self, graph: str) -> dict[str, tuple[int, int]]:
         """``past_key_values.*`` inputs of ``graph`` -> (kv heads, head dim), in graph order."""
-        return {s["name"]: (s["shape"][1], s["shape"][3]) for s in self.bundle.manifest["graphs"][graph]["inputs"]
-                if s["name"].startswith("past_key_values.")}
+        return {s.name: (s.shape[1], s.shape[3]) for s in self.bundle.info.graphs[graph].past_inputs}
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, h, 0, d), self.dtype) for n, (h, d) in self._past.items()}
 
     def _present_as_past(self, out: dict) -> dict:
         """A step's ``present.*`` outputs, named as the next step's ``past_key_values.*`` inputs."""
-        return {n: out[n.replace("past_key_values", "present")] for n in self._past}
+        return {n: out[present_of(n)] for n in self._past}
 
     def _task(self, name: str):
         with self._bank_lock:

@@ -138,7 +138,7 @@ def generate(session, ids, tasks, mask, cfg: SamplingConfig, eos: int | None, st
             nxt = np.asarray(forced_tokens, np.int64)[live, step]
         if not keep.all():  # finished rows leave the batch
             live, nxt = live[keep], nxt[keep]
-            state = {k: session._take_rows(v, keep) for k, v in state.items()}
+            state = {k: session.take_rows(v, keep) for k, v in state.items()}
         logits, state = session.decode_step(state, nxt)
         processed += len(live)
     total = time.perf_counter() - t0

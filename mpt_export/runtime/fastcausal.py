@@ -16,38 +16,52 @@ from __future__ import annotations
 import numpy as np
 
 from .causal import CausalSession
-from .fastkv import bind_cache, run_bound
+from .graphio import PAST, PRESENT, as_traced
 
-GRAPH = "backbone_fast"
+GRAPH = "backbone_fast"  # the fused backbone's name among a session's graphs
 
 
-class FastCausalSession(CausalSession):
+class FusedCausalSession(CausalSession):
+    """The fused graph's model kind. Its backend provides :meth:`_bind_in_place` and :meth:`_run_bound` (ONNX
+    Runtime's IO binding: :class:`~.onnxruntime.OrtFusedSession`)."""
+
+    GRAPH = GRAPH
     state_layout = {"kv_mask": (1, "kv_mask"), "past_key.*": (2, "kv_mask"), "past_value.*": (2, "kv_mask")}
     state_align = "left"
+    graph = "fast"
 
     def __init__(self, bundle, options=None):
         super().__init__(bundle, options)
-        spec = bundle.manifest["fast_graphs"]["backbone"]
-        cache = [s for s in spec["inputs"] if s["name"].startswith("past_")]
-        self._names = [s["name"] for s in cache]
-        self._kv_heads, self._head_dim = int(cache[0]["shape"][1]), int(cache[0]["shape"][3])
+        cache = bundle.info.fused.past_inputs
+        self._names = [s.name for s in cache]
+        self._kv_heads, self._head_dim = int(cache[0].shape[1]), int(cache[0].shape[3])
         self._bound = None  # (ids of the state's arrays, the arrays, their binding): reused while they are the same
-        self.graph = "fast"
+
+    # -- the backend interface this kind needs -------------------------------------------------------------------
+    def _bind_in_place(self, graph: str, buffers: dict):
+        """A binding of ``graph`` whose cache inputs and outputs are ``buffers`` (name -> host array), in place."""
+        raise NotImplementedError
+
+    def _run_bound(self, graph: str, binding, feed: dict) -> np.ndarray:
+        """One call of ``graph`` through ``binding`` with the small inputs ``feed`` -> logits (B, V) float32."""
+        raise NotImplementedError
+
+    def _call(self, binding, ids, prompt, seqlens, last) -> np.ndarray:
+        """One call of the fused graph: new ``ids`` (B, S) after ``prompt`` rows (B, P, H) per sequence; ``seqlens``
+        (B,) each sequence's valid slots after the call minus one; ``last`` (B,) the index of its last new row.
+
+        GroupQueryAttention takes several new rows over a cache one sequence per call unless it is given
+        ``query_seqlens``, which the graph leaves out because it slows every decode step (~10% at batch 1,
+        onnxruntime 1.32): so a prefill runs row by row, a decode step the whole batch at once."""
+        return self._run_bound(GRAPH, binding, {
+            "input_ids": ids, "prompt_embeds": prompt, "seqlens_k": seqlens.astype(np.int32),
+            "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32), "last_index": last.astype(np.int64)})
 
     @staticmethod
     def state_room(n: int) -> int:
         """Free slots a buffer of ``n`` used ones gets when it is (re)allocated: steps until the next growth (below
         a quarter of the buffer, so the engine's compaction does not trim it straight away)."""
         return n // 8 + 8
-
-    # -- graph calls ---------------------------------------------------------------------------------------------
-    def _sess(self):
-        return self._ort[GRAPH][0]
-
-    def _values(self, arrays: dict) -> dict:
-        import onnxruntime as ort
-
-        return {n: ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in self._names}  # the same memory
 
     def _new_state(self, B: int, capacity: int) -> dict:
         state = {n: np.zeros((B, self._kv_heads, capacity, self._head_dim), self.dtype) for n in self._names}
@@ -58,8 +72,8 @@ class FastCausalSession(CausalSession):
         """A composed prompt's keys/values, {cache name: (KV, P, Dh)} (``task_kv`` caches them per task content)."""
         P = prompt.shape[0]
         arrays = {n: np.zeros((1, self._kv_heads, P, self._head_dim), self.dtype) for n in self._names}
-        run_bound(self._sess(), bind_cache(self._sess(), self._values(arrays)), np.zeros((1, 0), np.int64),
-                  prompt[None], np.array([P - 1]), np.array([P - 1]))
+        self._call(self._bind_in_place(GRAPH, arrays), np.zeros((1, 0), np.int64), prompt[None], np.array([P - 1]),
+                   np.array([P - 1]))
         return {n: a[0] for n, a in arrays.items()}
 
     # -- the step protocol ---------------------------------------------------------------------------------------
@@ -73,7 +87,6 @@ class FastCausalSession(CausalSession):
         used = [p + int(k) for p, k in zip(plens, n)]
         state = self._new_state(B, max(used) + max(int(new_tokens), self.state_room(max(used))))
         logits, processed = [], 0
-        sess = self._sess()
         for b, t in enumerate(tasks):
             row = {k: v[b: b + 1] for k, v in state.items()}
             real = ids[b: b + 1, ids.shape[1] - int(n[b]):]
@@ -86,8 +99,8 @@ class FastCausalSession(CausalSession):
                 prompt = self.task_prompt(t)[None]
                 last = used[b] - 1
                 processed += plens[b]
-            logits.append(run_bound(sess, bind_cache(sess, self._values(row)), real, prompt,
-                                    np.array([used[b] - 1]), np.array([last]))[0])
+            cache = self._bind_in_place(GRAPH, {n: row[n] for n in self._names})
+            logits.append(self._call(cache, real, prompt, np.array([used[b] - 1]), np.array([last]))[0])
             state["kv_mask"][b, : used[b]] = 1
             processed += int(n[b])
         return np.stack(logits), state, processed
@@ -100,10 +113,11 @@ class FastCausalSession(CausalSession):
         key = tuple(id(state[n]) for n in self._names)
         bound = self._bound  # one read: another thread stepping its own state may replace it meanwhile
         if bound is None or bound[0] != key:
-            bound = self._bound = (key, [state[n] for n in self._names], bind_cache(self._sess(), self._values(state)))
+            bound = self._bound = (key, [state[n] for n in self._names],
+                                   self._bind_in_place(GRAPH, {n: state[n] for n in self._names}))
         b = len(tokens)
-        logits = run_bound(self._sess(), bound[2], np.asarray(tokens, np.int64)[:, None],
-                           np.zeros((b, 0, self.hidden_size), self.dtype), lengths, np.zeros(b, np.int64))
+        logits = self._call(bound[2], np.asarray(tokens, np.int64)[:, None],
+                            np.zeros((b, 0, self.hidden_size), self.dtype), lengths, np.zeros(b, np.int64))
         state["kv_mask"][np.arange(b), lengths] = 1
         return logits, state
 
@@ -114,7 +128,7 @@ class FastCausalSession(CausalSession):
             new[k][(slice(None),) * axis + (slice(0, v.shape[axis]),)] = v
         return new
 
-    def _take_rows(self, value, keep):
+    def take_rows(self, value, keep):
         return np.ascontiguousarray(value[keep])
 
     def _score_feed(self, ids: np.ndarray, task: str) -> dict:
@@ -124,9 +138,8 @@ class FastCausalSession(CausalSession):
         P, S = next(iter(kv.values())).shape[1], ids.shape[1]
         feed = {"input_ids": ids, "prompt_embeds": np.zeros((1, 0, self.hidden_size), self.dtype),
                 "attention_mask": np.ones((1, P + S), np.int64), "position_ids": np.arange(P, P + S)[None]}
-        for name in self._past:  # past_key_values.{i}.key|value
-            _, i, kind = name.split(".")
-            feed[name] = kv[f"past_{kind}.{i}"][None]
+        for name in kv:  # past_{kind}.{i} -> past_key_values.{i}.{kind}
+            feed[as_traced(name, PAST)] = kv[name][None]
         return feed
 
     # -- outputs as the traced graph gives them (validation, ``logits``) ------------------------------------------
@@ -140,8 +153,7 @@ class FastCausalSession(CausalSession):
             keep = state["kv_mask"][b] == 1
             row = {"logits": logits[b: b + 1]}
             for name in self._names:
-                kind, i = name[len("past_"):].split(".")
-                row[f"present.{i}.{kind}"] = state[name][b: b + 1][:, :, keep]
+                row[as_traced(name, PRESENT)] = state[name][b: b + 1][:, :, keep]
             out.append(row)
         return out
 

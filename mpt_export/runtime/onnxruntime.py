@@ -1,14 +1,19 @@
-"""ONNX Runtime backend: one InferenceSession per graph in the bundle."""
+"""ONNX Runtime backend: one InferenceSession per graph in the bundle, and the session classes it makes with each
+model kind (:class:`OrtCausalSession`, :class:`OrtSeq2SeqSession`, :class:`OrtFusedSession`)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from ..errors import BundleError, InputError, MissingDependencyError
-from .memory import available_memory
+from ..errors import InputError, MissingDependencyError
+from .causal import CausalSession
+from .fastcausal import FusedCausalSession
+from .graphio import present_of
+from .limits import BackendLimits
 from .options import SessionOptions
+from .ortgraphs import check_graph_io, inference_session, resolve_prepack, trt_ep_options
+from .seq2seq import Seq2SeqSession
+from .trt.profiles import fit_limits
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -32,29 +37,48 @@ def resolve_provider(provider: str) -> list[str]:
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-class OrtBackend:
-    """Mixin: ``_run_graph_impl`` over ONNX Runtime sessions opened for every graph the manifest lists."""
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependencyError("onnxruntime is not installed; pip install onnxruntime") from None
+    return ort
 
-    def _open_ort(self, bundle, options: SessionOptions, graphs: dict | None = None) -> None:
-        """Open ``graphs`` (name -> manifest spec; default: every graph the manifest lists)."""
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependencyError("onnxruntime is not installed; pip install onnxruntime") from None
-        if bundle.manifest.get("dtype") == "bfloat16":
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+class OrtBackend:
+    """The ONNX Runtime half of a session: ``_run_graph_impl`` over an InferenceSession per graph, decode steps
+    through IO binding, and the in-place cache binding the fused kind asks for. A session class mixes it with a
+    model kind (see the classes below); ``__init__`` opens every graph the kind runs."""
+
+    def __init__(self, bundle, options: SessionOptions | None = None):
+        options = options if options is not None else SessionOptions()
+        super().__init__(bundle, options)  # the model kind's
+        self._open_ort(bundle, options, self.graph_specs(bundle))
+
+    @staticmethod
+    def graph_specs(bundle) -> dict:
+        """The graphs this session runs: name -> GraphSpec (the kind's choice; default every traced graph)."""
+        return dict(bundle.info.graphs)
+
+    def _open_ort(self, bundle, options: SessionOptions, graphs: dict) -> None:
+        ort = _import_ort()
+        if bundle.info.dtype == "bfloat16":
             raise InputError(
                 "this is a bf16 bundle: numpy and ONNX Runtime's CPU provider have no bf16 support; run it with "
                 "TensorRT (`mpt-export build`, then --backend tensorrt) or export with --dtype fp16 for ONNX Runtime"
             )
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        self._ort_module = ort
         self.providers = resolve_provider(options.provider)
         self.io_binding = options.io_binding
         # Outputs of a decode step stay where the provider put them (the GPU for CUDA/TensorRT) and go back in as
         # the next step's inputs: no KV round trip through numpy.
         self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = levels[options.optimization]
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[options.optimization])
         if options.intra_op_threads is not None:
             opts.intra_op_num_threads = options.intra_op_threads
         opts.log_severity_level = 3
@@ -62,44 +86,40 @@ class OrtBackend:
         if not self.prepacked:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.providers[0] == "TensorrtExecutionProvider":  # its engines take only their profiles' shapes
-            from .trt.profiles import fit_limits
-            from .limits import BackendLimits
-
             self.limits = BackendLimits.from_dict(
-                fit_limits(bundle.manifest).to_dict(), "ONNX Runtime's TensorRT provider profiles for this bundle",
+                fit_limits(bundle.info).to_dict(), "ONNX Runtime's TensorRT provider profiles for this bundle",
                 "use mpt-export build and --backend tensorrt with larger --max-batch/--max-input/--max-new-tokens")
         self._ort = {}
-        for name, g in (graphs if graphs is not None else bundle.manifest["graphs"]).items():
+        for name, spec in graphs.items():
             providers = self.providers
             if providers[0] == "TensorrtExecutionProvider" and name != "composer":
                 providers = [("TensorrtExecutionProvider", trt_ep_options(bundle, name)), *providers[1:]]
-            sess = _inference_session(ort, bundle, g["file"], opts, providers)
-            check_graph_io(bundle, name, g, sess)
+            sess = inference_session(ort, bundle, spec.file, opts, providers)
+            check_graph_io(bundle, spec, sess)
             self._ort[name] = (sess, [o.name for o in sess.get_outputs()])
 
     def _run_scoring_impl(self, feed):
         """The scoring graph (opened on first use, its weights read in place: it serves ``echo`` requests, not
         decoding)."""
-        spec = (self.bundle.manifest.get("scoring_graphs") or {}).get("backbone")
+        spec = self.bundle.info.scoring
         if spec is None:
             raise InputError(f"{self.bundle.path} has no scoring graph (it was exported before prompt scoring "
                              "existed): export it again to score prompts (echo)")
         with self._bank_lock:
             if "score" not in self._ort:
-                import onnxruntime as ort
-
+                ort = self._ort_module
                 opts = ort.SessionOptions()
                 opts.add_session_config_entry("session.disable_prepacking", "1")
                 opts.log_severity_level = 3
-                sess = _inference_session(ort, self.bundle, spec["file"], opts, self.providers)
-                check_graph_io(self.bundle, "scoring", spec, sess)
+                sess = inference_session(ort, self.bundle, spec.file, opts, self.providers)
+                check_graph_io(self.bundle, spec, sess)
                 self._ort["score"] = (sess, [o.name for o in sess.get_outputs()])
         sess, names = self._ort["score"]
-        return sess.run(["logits_all"], {k: self._as_numpy(v) for k, v in feed.items()})[0]
+        return sess.run(["logits_all"], {k: self.state_array(v) for k, v in feed.items()})[0]
 
     def _run_graph_impl(self, graph, feed):
         sess, names = self._ort[graph]
-        return dict(zip(names, sess.run(names, {k: self._as_numpy(v) for k, v in feed.items()})))
+        return dict(zip(names, sess.run(names, {k: self.state_array(v) for k, v in feed.items()})))
 
     def _run_step_impl(self, graph, feed):
         if not self.io_binding:
@@ -118,108 +138,50 @@ class OrtBackend:
         out["logits"] = out["logits"].numpy()
         return out
 
+    # -- the in-place cache (the fused kind's backend interface) ---------------------------------------------------
+    def _bind_in_place(self, graph: str, buffers: dict):
+        """An IO binding of ``graph`` with each cache input and its present output bound to the same host buffer
+        (GroupQueryAttention then writes new keys/values in place), and ``logits`` to be allocated."""
+        binding = self._ort[graph][0].io_binding()
+        binding.bind_output("logits")
+        for name, a in buffers.items():
+            v = self._ort_module.OrtValue.ortvalue_from_numpy(a)  # the same memory
+            binding.bind_ortvalue_input(name, v)
+            binding.bind_ortvalue_output(present_of(name), v)
+        return binding
+
+    def _run_bound(self, graph: str, binding, feed: dict) -> np.ndarray:
+        """Run ``graph`` through ``binding`` (:meth:`_bind_in_place`) with the small host inputs ``feed`` -> logits."""
+        for name, a in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(a))
+        self._ort[graph][0].run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    # -- decode state on the host --------------------------------------------------------------------------------
     @staticmethod
-    def _as_numpy(v):
-        return v if isinstance(v, np.ndarray) else v.numpy()
-
-    def _take_rows(self, value, keep):
-        return self._as_numpy(value)[keep]
+    def state_array(value):
+        """A step output as the array the engine slices: OrtValues (IO binding) come back to numpy."""
+        return value if isinstance(value, np.ndarray) else value.numpy()
 
 
-def graph_weight_bytes(bundle) -> int:
-    """Bytes of the bundle's graph weight files (what ONNX Runtime maps)."""
-    files = {g["external_data"] for g in bundle.manifest["graphs"].values() if g.get("external_data")}
-    total = 0
-    for f in files:
-        try:
-            total += os.stat(bundle.file(f)).st_size
-        except (OSError, BundleError):  # a missing file is reported when its graph is opened
-            pass
-    return total
+class OrtCausalSession(OrtBackend, CausalSession):
+    """A decoder-only bundle's traced graph on ONNX Runtime."""
 
 
-def prepack_fits(weight_bytes: int, available: int | None) -> bool:
-    """Prepacking makes a second, packed copy of every MatMul weight while the originals are read: worth it (faster
-    steps) only where both copies fit in the memory available."""
-    return available is None or 2 * weight_bytes <= available
+class OrtSeq2SeqSession(OrtBackend, Seq2SeqSession):
+    """An encoder-decoder bundle on ONNX Runtime."""
 
 
-def resolve_prepack(bundle, prepack: bool | str) -> bool:
-    """``"auto"`` (checked by :class:`SessionOptions`): on where both copies fit in the memory available."""
-    return prepack_fits(graph_weight_bytes(bundle), available_memory()) if prepack == "auto" else prepack
+class OrtFusedSession(OrtBackend, FusedCausalSession):
+    """A decoder-only bundle's fused graph on ONNX Runtime's CPU provider (its cache bound in host memory)."""
 
-
-# What ONNX Runtime says when the directory it resolves (/proc/self/fd/N, this bundle's handle) was renamed between
-# two of its system calls: while checking that external data stays inside the model's directory, and while
-# canonicalising the handle's path itself (std::filesystem::weakly_canonical: readlink, then stat of the old name).
-_RENAME_RACE = ("External data path", "escapes model directory", "Failed to get the weakly canonical path")
-
-
-def _inference_session(ort, bundle, file: str, opts, providers):
-    """ORT checks that external data lies inside the model's directory by resolving both paths at different
-    moments; a writer renaming the (old) directory this bundle was opened as, in between, makes that check fail
-    spuriously. The directory is the same one, so a short retry settles it; a real problem fails every time."""
-    import time
-
-    for attempt in range(10):
-        try:
-            return ort.InferenceSession(str(bundle.file(file)), opts, providers=providers)
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-            msg = str(e)
-            # ORT's wording differs between releases and between the steps of its check
-            if any(w in msg for w in _RENAME_RACE) and attempt < 9:
-                time.sleep(0.02 * (attempt + 1))  # up to ~0.9 s in all: a loaded machine renames slowly
-                continue
-            raise BundleError(f"ONNX Runtime cannot load {file} of {bundle.path} ({type(e).__name__}: "
-                              f"{msg.splitlines()[0][:200] if msg else ''}); copy the bundle again or "
-                              "re-export it") from None
-
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
-
-
-def check_graph_io(bundle, name: str, spec: dict, sess) -> None:
-    """The graph's real inputs and outputs must be the manifest's: names, dtypes and fixed sizes (the runtime sizes
-    its buffers from the manifest)."""
-    for side, actual in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
-        want = {x["name"]: x for x in spec[side]}
-        have = {a.name: a for a in actual}
-        if set(want) != set(have):
-            diff = sorted(set(want) ^ set(have))
-            raise BundleError(f"{spec['file']} of {bundle.path} has {side} that its manifest does not describe "
-                              f"({', '.join(diff[:6])}); the manifest was edited or belongs to another bundle — "
-                              "re-export it")
-        for n, a in have.items():
-            w = want[n]
-            dtype = _ORT_TYPES.get(a.type, a.type)
-            dims = [d if isinstance(d, int) else None for d in a.shape]
-            wdims = [d if isinstance(d, int) else None for d in w["shape"]]
-            if w.get("dtype") not in (None, dtype) or len(dims) != len(wdims) or any(
-                    x is not None and y is not None and x != y for x, y in zip(dims, wdims)):
-                raise BundleError(f"{spec['file']} of {bundle.path}: {n} is {dtype} {a.shape} in the graph but "
-                                  f"{w.get('dtype')} {w['shape']} in the manifest; the manifest was edited or belongs "
-                                  "to another bundle — re-export it")
-
-
-def trt_ep_options(bundle, graph: str, limits=None, cache_dir=None) -> dict:
-    """ONNX Runtime TensorRT-EP options for one graph: the bundle's prefill/decode profiles and an engine cache on
-    disk (default ``engines/<bundle>/ort-trt-cache``). Default limits shrink to fit the model's positions."""
-    from .trt.commands import ort_trt_provider_options
-    from .trt.profiles import fit_limits, profiles
-
-    if limits is None:
-        limits = fit_limits(bundle.manifest)
-    from pathlib import Path
-
-    cache = cache_dir or Path("engines") / bundle.path.name / "ort-trt-cache"
-    Path(cache).mkdir(parents=True, exist_ok=True)
-    return ort_trt_provider_options(profiles(bundle.manifest, limits)[graph], cache,
-                                    fp16=bundle.manifest.get("dtype") == "float16")
+    @staticmethod
+    def graph_specs(bundle) -> dict:
+        return {"composer": bundle.info.graphs["composer"], FusedCausalSession.GRAPH: bundle.info.fused}
 
 
 def ort_session(bundle, options: SessionOptions):
-    """A session of the right kind (causal or seq2seq) for ``bundle`` over ONNX Runtime, as ``options`` say:
+    """A session of the right kind (causal, fused or seq2seq) for ``bundle`` over ONNX Runtime, as ``options`` say:
 
     ``intra_op_threads`` (default: ORT's, one per core), ``optimization`` (disable|basic|extended|all),
     ``io_binding`` (decode steps keep KV as OrtValues on the provider's device), ``prepack``: ONNX Runtime's packed
@@ -227,33 +189,21 @@ def ort_session(bundle, options: SessionOptions):
     second copy of the weights in memory and seconds of start-up per GB (~20 s for 13 GB); off, the weights stay
     memory-mapped from the bundle, read in place (start-up in well under a second, pages shared with other
     processes). ``"auto"`` (default): on where both copies fit in the memory available (``MemAvailable``)."""
-    from .kinds import session_kind
-
-    graphs = None
+    if bundle.info.seq2seq:
+        return OrtSeq2SeqSession(bundle, options)
     if use_fast_graph(bundle, options):
-        from .fastcausal import GRAPH, FastCausalSession
-
-        Kind = FastCausalSession
-        graphs = {"composer": bundle.manifest["graphs"]["composer"], GRAPH: bundle.manifest["fast_graphs"]["backbone"]}
-    else:
-        Kind = session_kind(bundle)
-
-    class OrtSession(OrtBackend, Kind):
-        def __init__(self):
-            Kind.__init__(self, bundle, options)
-            self._open_ort(bundle, options, graphs)
-
-    return OrtSession()
+        return OrtFusedSession(bundle, options)
+    return OrtCausalSession(bundle, options)
 
 
 def use_fast_graph(bundle, options: SessionOptions) -> bool:
     """Whether a session runs the bundle's fused graph: ``graph="fast"`` (refused with one line where the bundle has
     none, or the provider is not the CPU), ``"auto"`` where it has one and the provider is the CPU."""
-    fast = (bundle.manifest.get("fast_graphs") or {}).get("backbone")
+    fast = bundle.info.fused
     cpu = resolve_provider(options.provider)[0] == "CPUExecutionProvider"
     if options.graph == "fast":
         if fast is None:
-            why = bundle.manifest.get("fast_graph_skipped") or "it was exported before fused graphs existed"
+            why = bundle.info.fused_skipped or "it was exported before fused graphs existed"
             raise InputError(f"{bundle.path} has no fused graph ({why}); run it with --graph plain (or auto)")
         if not cpu:
             raise InputError(f"the fused graph runs on ONNX Runtime's CPU provider (its cache is bound in host "

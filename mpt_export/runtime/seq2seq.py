@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from .base import Session
+from .graphio import CROSS, parse_kv
 
 
 class Seq2SeqSession(Session):
@@ -28,9 +29,9 @@ class Seq2SeqSession(Session):
     def __init__(self, bundle, options=None):
         super().__init__(bundle, options)
         self._past = self._past_inputs("decoder")  # decoder self-attention KV
-        self._cross = [s["name"] for s in bundle.manifest["graphs"]["decoder"]["inputs"] if s["name"].startswith("cross.")]
-        bm = bundle.manifest["base_model"]
-        self.decoder_start_token_id = int(bm.get("decoder_start_token_id") or 0)
+        self._cross = [s.name for s in bundle.info.graphs["decoder"].inputs if parse_kv(s.name) and
+                       parse_kv(s.name)[0] == CROSS]
+        self.decoder_start_token_id = int(bundle.info.base_model.decoder_start_token_id or 0)
         self.nts = self.bank.num_transformer_submodules
 
     def split_prompt(self, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -20,19 +20,29 @@ here, never a garbage result.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, TrtRuntimeError
-from .trt.env import gpu_identity, import_tensorrt
-from .trt.sidecar import EngineMismatchError, check_sidecar, read_sidecar
+from .causal import CausalSession
 from .limits import BackendLimits
 from .options import SessionOptions
+from .seq2seq import Seq2SeqSession
+from .trt.env import gpu_identity, import_tensorrt
+from .trt.sidecar import EngineMismatchError, check_sidecar, read_sidecar
 
 
 class TrtBackend:
+    """The TensorRT half of a session (mixed with a model kind below): engines from ``options.engines``, device
+    buffers as torch CUDA tensors, the decode state's keys/values kept on the GPU between steps."""
+
+    def __init__(self, bundle, options: SessionOptions):
+        super().__init__(bundle, options)  # the model kind's
+        self._open_trt(bundle, options.engines)
+
     def _open_trt(self, bundle, engines_dir) -> None:
         trt = import_tensorrt()
         import torch
@@ -52,7 +62,7 @@ class TrtBackend:
                                               f"rebuild them with larger limits (mpt-export build {bundle.path} "
                                               "--max-batch/--max-input/--max-new-tokens)")
         self._stream = torch.cuda.Stream()
-        self._lock = threading.Lock()  # one stream, one execution at a time
+        self._lock = threading.RLock()  # one stream, one execution (or state edit) at a time
         self._trt = {}
         for graph, info in sidecar["engines"].items():
             path = Path(engines_dir) / info["file"]
@@ -148,7 +158,8 @@ class TrtBackend:
         out["logits"] = out["logits"].float().cpu().numpy()
         return out  # KV stays on the GPU for the next step
 
-    def _take_rows(self, value, keep):
+    # -- decode state on the GPU (the engine's state operations, on the session's stream) -------------------------
+    def take_rows(self, value, keep):
         """Rows that stay in the batch: gathered on the session's stream (ordered after the execution that wrote
         ``value``, and before any reuse of its memory)."""
         if isinstance(value, np.ndarray):
@@ -158,19 +169,30 @@ class TrtBackend:
             idx = torch.as_tensor(np.flatnonzero(keep), device=value.device)
             return value.index_select(0, idx)
 
+    def state_zeros(self, like, shape):
+        if isinstance(like, np.ndarray):
+            return np.zeros(shape, like.dtype)
+        with self._torch.cuda.stream(self._stream):
+            return self._torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
+
+    @contextlib.contextmanager
+    def state_edit(self):
+        """Row copies between device buffers run on the session's stream, one at a time with its executions."""
+        with self._lock, self._torch.cuda.stream(self._stream):
+            yield
+
+
+class TrtCausalSession(TrtBackend, CausalSession):
+    """A decoder-only bundle on its TensorRT engines."""
+
+
+class TrtSeq2SeqSession(TrtBackend, Seq2SeqSession):
+    """An encoder-decoder bundle on its TensorRT engines."""
+
 
 def trt_session(bundle, options: SessionOptions):
     """A session of the right kind for ``bundle`` over the TensorRT engines in ``options.engines``."""
-    from .kinds import session_kind
-
-    Kind = session_kind(bundle)
-
-    class TrtSession(TrtBackend, Kind):
-        def __init__(self):
-            Kind.__init__(self, bundle, options)
-            self._open_trt(bundle, options.engines)
-
-    return TrtSession()
+    return (TrtSeq2SeqSession if bundle.info.seq2seq else TrtCausalSession)(bundle, options)
 
 
 def _address(ctx, graph: str, name: str, ptr: int) -> None:

@@ -32,7 +32,6 @@ class BundleTokenizer:
     def __init__(self, bundle):
         from tokenizers import Tokenizer
 
-        manifest = bundle.manifest
         if not bundle.has_file("tokenizer/tokenizer.json"):
             raise BundleError(
                 f"{bundle.path} has no tokenizer/tokenizer.json, so text cannot be encoded; pass token ids "
@@ -45,8 +44,7 @@ class BundleTokenizer:
         cfg = tokenizer_config(bundle)
         self.eos_token_id = self._special_id(cfg.get("eos_token"))
         if self.eos_token_id is None:
-            eos = manifest["base_model"].get("eos_token_id")
-            self.eos_token_id = eos[0] if isinstance(eos, list) and eos else eos
+            self.eos_token_id = bundle.info.base_model.first_eos
         pad = self._special_id(cfg.get("pad_token"))
         self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
 

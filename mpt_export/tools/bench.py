@@ -39,7 +39,8 @@ def prepare_preset(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path
     contents = ["base", "adapter", "bundle", "preset.json", *DERIVED]  # DERIVED: made later, by this run or another
     if stamp.is_file() and json.loads(stamp.read_text()) == asdict(p):
         try:
-            if not {"fast_graphs", "fast_graph_skipped"} & set(load_bundle(bundle).manifest):
+            info = load_bundle(bundle).info
+            if info.fused is None and info.fused_skipped is None:
                 raise BundleError("exported before fused graphs existed")  # rebuilt as an export writes it today
             claim_workdir(root, "bench-workdir", contents=contents)  # names a newer version adds, before it writes them
             return base, bundle, names
@@ -69,13 +70,14 @@ def prepare_preset(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path
 
 def _derived_is_current(out: Path, check) -> bool:
     """A derived bundle from an earlier run is reused only if it loads and ``check(manifest)`` says it was made from
-    the same source (a bundle of the same name made from another model must not stand in for it)."""
+    the same source (a bundle of the same name made from another model must not stand in for it). ``check`` gets
+    the bundle's typed manifest."""
     from ..bundle.reader import load_bundle
     from ..errors import BundleError
 
     try:
         with load_bundle(out) as b:
-            return bool(check(b.manifest))
+            return bool(check(b.info))
     except BundleError:
         return False
 
@@ -87,10 +89,10 @@ def _quantized_bundle(bundle_dir: Path, out: Path, scheme: str, on_step) -> Path
 
     options = QuantizeOptions(scheme=scheme, min_agreement=0.0)
     with load_bundle(bundle_dir, verify=False) as src:
-        digest = src.manifest["manifest_sha256"]
+        digest = src.info.digest
 
-    def current(m):
-        q = m.get("quantization") or {}
+    def current(info):
+        q = info.quantization or {}
         return q.get("source_manifest_sha256") == digest and q.get("scheme") == scheme and \
             all(q.get(k) == getattr(options, k) for k in ("variant", "block_size", "accuracy_level"))
 
@@ -118,24 +120,23 @@ def _fp16_bundle(base: Path, adapter_spec: str, out: Path, on_step) -> Path:
     from ..export.api import export_bundle
 
     ident = identity(base)["config_sha256"]
-    if _derived_is_current(out, lambda m: m["base_model"]["config_sha256"] == ident and
-                           [a.get("path") for a in m.get("adapters", [])] == [adapter_spec.partition("=")[2]]):
+    if _derived_is_current(out, lambda info: info.base_model.config_sha256 == ident and
+                           [a.get("path") for a in info.adapters] == [adapter_spec.partition("=")[2]]):
         return out
     on_step("export the fp16 bundle (once)")
     export_bundle(base, [adapter_spec], out, dtype="fp16", force=True, seed=0)
     return out
 
 
-def preset_for_bundle(manifest: dict, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> Preset:
-    """The bench workload for a user's bundle: its model's shape, its first adapter's prompt, a mixed-task batch."""
-    bm = manifest["base_model"]
-    first = manifest["tasks"][0]
-    group = [t for t in manifest["tasks"] if t["source"] == first["source"] and t["shared_prompt"] == first["shared_prompt"]]
-    arch = "t5" if manifest["task_type"] == "SEQ_2_SEQ_LM" else bm.get("model_type", "llama")
-    nts = int(manifest.get("num_transformer_submodules", 1))
-    return Preset(arch, int(bm["hidden_size"]), int(bm["num_layers"]), int(bm["num_attention_heads"]),
-                  int(bm["vocab_size"]), int(bm["max_positions"]), int(first["prompt_len"]) // nts, len(group),
-                  int(first["rank"]), batch, input_len, new_tokens, nts=nts)
+def preset_for_bundle(info, batch: int = 8, input_len: int = 64, new_tokens: int = 8) -> Preset:
+    """The bench workload for a user's bundle (``info``: its typed manifest): its model's shape, its first adapter's
+    prompt, a mixed-task batch."""
+    bm, first = info.base_model, info.tasks[0]
+    group = [t for t in info.tasks if t.source == first.source and t.shared_prompt == first.shared_prompt]
+    arch = "t5" if info.seq2seq else bm.model_type or "llama"
+    nts = info.num_transformer_submodules
+    return Preset(arch, bm.hidden_size, bm.num_layers, bm.num_attention_heads, bm.vocab_size, bm.max_positions,
+                  first.prompt_len // nts, len(group), first.rank, batch, input_len, new_tokens, nts=nts)
 
 
 def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "build/bench", repeats: int = 5,
@@ -206,8 +207,8 @@ def _workload(preset, workdir, bundle, base_model, batch: int, input_len: int, n
 
     user = load_bundle(bundle)
     check_same_base(base_model, user.base_model)
-    p = preset_for_bundle(user.manifest, batch, input_len, new_tokens)
-    names = [t["name"] for t in user.manifest["tasks"]][: p.num_tasks]
+    p = preset_for_bundle(user.info, batch, input_len, new_tokens)
+    names = user.info.task_names[: p.num_tasks]
     return p, Path(base_model), user.path, names, Path(workdir) / f"{user.path.name}-derived", f"bundle {user.path}"
 
 
@@ -317,7 +318,7 @@ def _bytes_per_task(b, p: Preset) -> dict:
     """What one more task costs: its vectors, its shared prompt, and the prompt KV kept per task (fp32)."""
     bank = b.task_bank()
     t0 = bank.tasks[0]
-    bm = b.base_model  # prompt KV kept per task (fp32): layers x (key, value) x kv_heads x head_dim x P
-    kv_bytes = 0 if p.seq2seq else 2 * bm["num_layers"] * bm["num_kv_heads"] * bm["head_dim"] * p.virtual_tokens * 4
+    bm = b.info.base_model  # prompt KV kept per task (fp32): layers x (key, value) x kv_heads x head_dim x P
+    kv_bytes = 0 if p.seq2seq else 2 * bm.num_layers * bm.num_kv_heads * bm.head_dim * p.virtual_tokens * 4
     return {"vectors": int((t0.cols.size + t0.rows.size) * 4), "shared_prompt": int(bank.shared[0].nbytes),
             "prompt_kv_cache": kv_bytes}

@@ -177,7 +177,7 @@ def graph_of(bundle: Path) -> str:
     from ..bundle.reader import load_bundle
 
     with load_bundle(bundle, verify=False) as b:
-        return "fused graph" if b.manifest.get("fast_graphs") else "traced graph"
+        return "fused graph" if b.info.fused else "traced graph"
 
 
 def peak_memory(specs: dict, input_len: int, new: int, vocab: int) -> dict:

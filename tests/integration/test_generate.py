@@ -233,7 +233,7 @@ def test_session_options(llama):
 
 def test_prepack_policy(llama):
     """Packed weight copies only where two copies of the weights fit in available memory; results are the same."""
-    from mpt_export.runtime.onnxruntime import available_memory, graph_weight_bytes, prepack_fits
+    from mpt_export.runtime.ortgraphs import available_memory, graph_weight_bytes, prepack_fits
 
     b = mpt_export.load_bundle(llama.bundle)
     w = graph_weight_bytes(b)

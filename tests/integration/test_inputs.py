@@ -254,7 +254,10 @@ def test_crafted_manifest_fields_are_one_line(llama, tmp_path):
              "atol": (lambda m: m.update(validation={"atol": "x"}), "validation.atol"),
              "positions": (lambda m: m["base_model"].update(max_positions=3), "max_positions"),
              "renamed past": (lambda m: m["graphs"]["backbone"]["inputs"][5].update(name="past_key_values.9.key"),
-                              "past_key_values.9.key")}
+                              "past_key_values.9.key"),
+             # the typed manifest knows every field: one it does not know (a newer writer's, or an edit) is named
+             "unknown field": (lambda m: m.update(engine_hints={"x": 1}), "'engine_hints', which this mpt-export"),
+             "missing field": (lambda m: m.pop("format"), "format")}
     for label, (fn, needle) in cases.items():
         b = tmp_path / label.replace(" ", "_")
         shutil.copytree(llama.bundle, b)

@@ -112,7 +112,7 @@ def _mutated(src: Path, dst: Path, edit) -> Path:
 def test_checker_rejects_what_triton_would(repo, tmp_path, llama):
     out, _ = repo
     b = mpt_export.load_bundle(llama.bundle)
-    spec = b.manifest["graphs"]["backbone"]
+    spec = b.info.graphs["backbone"]
     cases = {
         "batch axis in dims": lambda t: t.replace('name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ]',
                                                   'name: "input_ids" data_type: TYPE_INT64 dims: [ -1, -1 ]'),
@@ -134,7 +134,7 @@ def test_checker_rejects_what_triton_would(repo, tmp_path, llama):
     # external data missing beside model.onnx
     d = tmp_path / "nodata" / "backbone"
     shutil.copytree(out / "backbone", d, copy_function=os.link)
-    (d / "1" / "model.onnx" / spec["external_data"]).unlink()
+    (d / "1" / "model.onnx" / spec.external_data).unlink()
     assert any("external data" in p for p in check_model(d, spec))
     b.close()
 
@@ -148,8 +148,8 @@ def _engines_for(bundle_dir, where: Path, plan=b"not a real plan: layout only", 
     from mpt_export.runtime.trt.profiles import fit_limits, profiles
 
     b = mpt_export.load_bundle(bundle_dir)
-    limits = fit_limits(b.manifest)
-    profs = profiles(b.manifest, limits)
+    limits = fit_limits(b.info)
+    profs = profiles(b.info, limits)
     files = {g: {"file": f"{g}.plan"} for g in profs}
     where.mkdir(parents=True)
     for g in profs:
@@ -186,7 +186,7 @@ def test_tensorrt_backend_layout(llama, tmp_path):
     assert json.loads(params["engine_limits"].string_value) == sidecar["limits"]  # checked at admission
     assert cfg.parameters["execution_context_allocation_strategy"].string_value == "ON_PROFILE_CHANGE"
     said = " ".join((r.stdout + r.stderr).split())
-    kv = kv_bytes(mpt_export.load_bundle(llama.bundle).manifest, 4, sidecar["limits"])
+    kv = kv_bytes(mpt_export.load_bundle(llama.bundle).info, 4, sidecar["limits"])
     lim = sidecar["limits"]  # 2 layers x 4 rows x 4 KV heads x (5 prompt + input + new) x 8 x fp32, keys and values
     assert kv == 2 * 2 * 4 * 4 * (5 + lim["max_input"] + lim["max_new_tokens"]) * 8 * 4
     assert (f"start: tritonserver --model-repository={out.resolve()} --backend-config=tensorrt,version-compatible=true "

@@ -28,7 +28,7 @@ def _ordered(s):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-gqa"])
 def test_causal_profiles(make_case, arch):
     b = mpt_export.load_bundle(make_case(arch).bundle)
-    p = profiles(b.manifest, LIM)
+    p = profiles(b.info, LIM)
     assert list(p) == ["backbone"] and [x["name"] for x in p["backbone"]] == ["prefill", "decode"]
     pre, dec = (x["shapes"] for x in p["backbone"])
     names = [i["name"] for i in b.manifest["graphs"]["backbone"]["inputs"]]
@@ -44,13 +44,13 @@ def test_causal_profiles(make_case, arch):
     assert dec["past_key_values.1.value"]["max"] == [4, kv, P + 32 + 16 - 1, hd]
     assert dec["attention_mask"]["max"] == [4, P + 32 + 16]
     with pytest.raises(InputError, match="exceeds the model's 64 positions"):
-        profiles(b.manifest, Limits(max_input=60))
+        profiles(b.info, Limits(max_input=60))
 
 
 @pytest.mark.parametrize("nts", [1, 2])
 def test_seq2seq_profiles(make_case, nts):
     b = mpt_export.load_bundle(make_case("t5", nts).bundle)
-    p = profiles(b.manifest, LIM)
+    p = profiles(b.info, LIM)
     assert [x["name"] for x in p["encoder"]] == ["encoder"]
     assert [x["name"] for x in p["decoder"]] == ["first_step", "decode"]
     enc = p["encoder"][0]["shapes"]
@@ -91,7 +91,7 @@ def trtexec_profile_groups(cmd: list[str]) -> list[dict]:
 
 def test_trtexec_and_ort_options(llama, tmp_path):
     b = mpt_export.load_bundle(llama.bundle)
-    p = profiles(b.manifest, LIM)
+    p = profiles(b.info, LIM)
     (cmd,) = trtexec_commands(b, p, tmp_path / "eng", resolve_precision("fp16", 10, "float32"), "cache.bin", 2048, True)
     assert cmd[0] == "trtexec" and cmd[1] == f"--onnx={llama.bundle / 'backbone.onnx'}"
     assert cmd[2] == f"--saveEngine={tmp_path / 'eng' / 'backbone.plan'}"
@@ -190,7 +190,7 @@ def test_check_trt_fails_precisely(llama, tmp_path):
 
 def test_engine_identity(make_case, llama):
     b = mpt_export.load_bundle(llama.bundle)
-    prof = profiles(b.manifest, LIM)
+    prof = profiles(b.info, LIM)
     side = make_sidecar(b, "10.3.0", "NVIDIA Jetson AGX Orin", "8.7", resolve_precision("auto", 10, "float32"),
                         LIM.to_dict(), prof, False, {"backbone": {"file": "backbone.plan"}})
     check_sidecar(side, b, "10.3.0", "8.7")  # same everything: fine
@@ -244,7 +244,7 @@ def test_tensorrt_engine_matches_onnxruntime(llama, tmp_path):
 
 
 def test_ort_tensorrt_ep_options_fit_the_model(llama, tmp_path):
-    from mpt_export.runtime.onnxruntime import trt_ep_options
+    from mpt_export.runtime.ortgraphs import trt_ep_options
 
     b = mpt_export.load_bundle(llama.bundle)
     o = trt_ep_options(b, "backbone", cache_dir=tmp_path / "c")  # defaults (512 + 128) shrink to 64 positions
@@ -263,9 +263,12 @@ def test_every_profile_is_ordered_over_a_grid_of_limits(make_case, arch, nts):
     import copy
     import itertools
 
+    from mpt_export.bundle.info import BundleInfo
+
     b = mpt_export.load_bundle(make_case(arch, nts).bundle)
     man = copy.deepcopy(b.manifest)
     man["base_model"]["max_positions"] = 100_000
+    man = BundleInfo.of(man)
     checked = 0
     for mb, mi, mn in itertools.product([1, 2, 3, 8], [1, 2, 5, 64, 513], [1, 2, 3, 128]):
         for ob, oi in ((None, None), (1, 1), (mb, mi)):
@@ -340,17 +343,17 @@ def test_default_limits_fit_the_model(make_case, arch, nts):
 
     bundle = make_case(arch, nts).bundle
     b = mpt_export.load_bundle(bundle)
-    lim = fit_limits(b.manifest)
+    lim = fit_limits(b.info)
     if arch == "t5":
         assert (lim.max_batch, lim.max_input, lim.max_new_tokens) == (8, 512, 128)
     else:
         room = 64 - 5  # tiny models: 64 positions, 5 virtual tokens
         assert (lim.max_batch, lim.max_input, lim.max_new_tokens) == (8, room - room // 4, room // 4)
-        assert fit_limits(b.manifest, max_input=50).max_new_tokens == room - 50  # what the typed input leaves
-        assert fit_limits(b.manifest, max_new_tokens=4).max_input == room - 4
+        assert fit_limits(b.info, max_input=50).max_new_tokens == room - 50  # what the typed input leaves
+        assert fit_limits(b.info, max_new_tokens=4).max_input == room - 4
         with pytest.raises(InputError, match="exceeds the model's 64 positions"):
-            profiles(b.manifest, fit_limits(b.manifest, max_input=512))
-    profiles(b.manifest, lim)  # fits
+            profiles(b.info, fit_limits(b.info, max_input=512))
+    profiles(b.info, lim)  # fits
     res = cli("check-trt", bundle)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"max input {lim.max_input} (default), max new tokens {lim.max_new_tokens} (default)" in \
@@ -369,7 +372,7 @@ def test_tensorrt_limits_refuse_several_decoder_tokens_in_one_call(make_case):
     s = mpt_export.load_bundle(make_case("t5", 2).bundle).session()
     ids, dec = np.array([[5, 6, 7]]), np.array([[0, 9, 10]])
     full = s.logits(ids, ["a"], decoder_input_ids=dec)  # ONNX Runtime: any number of decoder tokens
-    s.limits = BackendLimits.from_dict(fit_limits(s.bundle.manifest).to_dict(), "the TensorRT engines in engines/t5")
+    s.limits = BackendLimits.from_dict(fit_limits(s.bundle.info).to_dict(), "the TensorRT engines in engines/t5")
     with pytest.raises(InputError, match=r"3 decoder tokens in one call: the TensorRT engines in engines/t5 take 1 "
                                          r"per call .*--backend onnxruntime"):
         s.logits(ids, ["a"], decoder_input_ids=dec)

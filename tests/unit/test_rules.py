@@ -214,7 +214,7 @@ def test_session_options_are_checked_once_before_any_runtime_loads():
         with pytest.raises(err, match=re.escape(word)):
             SessionOptions.of(**kw)
     served = ServeOptions(threads=3, prepack=False).session_options
-    assert (served.intra_op_threads, served.prepack, served.io_binding) == (3, False, False)
+    assert (served.intra_op_threads, served.prepack) == (3, False)
     with pytest.raises(InputError, match="threads must be"):
         ServeOptions(threads=10**6)
 

@@ -86,20 +86,20 @@ def check_trt(bundle, limits=None, trt_version: tuple[int, int] | None = None) -
 
     from .versions import opset_problem
 
-    limits = limits or fit_limits(bundle.manifest)
-    said = opset_problem(int(bundle.manifest.get("opset", 18)), trt_version) if trt_version else None
+    limits = limits or fit_limits(bundle.info)
+    said = opset_problem(bundle.info.opset, trt_version) if trt_version else None
     problems: list[str] = [said] if said else []
     summary = {}
     supported = trt_supported_ops()
     try:
-        profs = profiles(bundle.manifest, limits)
+        profs = profiles(bundle.info, limits)
     except MptExportError as e:
         profs = {}
         problems.append(str(e))
-    for graph, spec in bundle.manifest["graphs"].items():
+    for graph, spec in bundle.info.graphs.items():
         if graph == "composer":
             continue
-        path = bundle.file(spec["file"])
+        path = bundle.file(spec.file)
         warnings: list[str] = []
         model = onnx.load(str(path), load_external_data=False)
         functions = {(f.domain, f.name): f for f in model.functions}
@@ -114,14 +114,14 @@ def check_trt(bundle, limits=None, trt_version: tuple[int, int] | None = None) -
         for (domain, op), (node, where) in sorted(ops.items()):
             at = f"node {node}" + ("" if where == "graph" else f" in {where}")
             if domain not in ("ai.onnx", ""):
-                problems.append(f"{spec['file']}: unsupported op {op} (domain {domain}: an ONNX Runtime contrib op, {at})")
+                problems.append(f"{spec.file}: unsupported op {op} (domain {domain}: an ONNX Runtime contrib op, {at})")
             elif op not in supported:
                 hint = UNSUPPORTED_HINTS.get(op, "not in the TensorRT ONNX parser's operator list")
-                problems.append(f"{spec['file']}: unsupported op {op} ({at}: {hint})")
+                problems.append(f"{spec.file}: unsupported op {op} ({at}: {hint})")
         for vi in list(model.graph.input) + list(model.graph.output):
             et = vi.type.tensor_type.elem_type
             if et in BAD_DTYPES or et == FLOAT64:
-                problems.append(f"{spec['file']}: {vi.name} is {BAD_DTYPES.get(et, 'float64')}, which a TensorRT "
+                problems.append(f"{spec.file}: {vi.name} is {BAD_DTYPES.get(et, 'float64')}, which a TensorRT "
                                 "engine cannot take or return")
         inits = list(_initializers(model.graph))
         for f in model.functions:
@@ -129,9 +129,9 @@ def check_trt(bundle, limits=None, trt_version: tuple[int, int] | None = None) -
         doubles = [t.name or "(constant)" for t in inits if t.data_type == FLOAT64]
         for t in inits:
             if t.data_type in BAD_DTYPES:
-                problems.append(f"{spec['file']}: initializer {t.name} is {BAD_DTYPES[t.data_type]}")
+                problems.append(f"{spec.file}: initializer {t.name} is {BAD_DTYPES[t.data_type]}")
         if doubles:
-            warnings.append(f"{spec['file']}: {len(doubles)} float64 initializer(s) ({', '.join(doubles[:3])}"
+            warnings.append(f"{spec.file}: {len(doubles)} float64 initializer(s) ({', '.join(doubles[:3])}"
                             f"{', ...' if len(doubles) > 3 else ''}) — the parser casts them to float32")
         ext = {}
         for t in model.graph.initializer:
@@ -142,18 +142,18 @@ def check_trt(bundle, limits=None, trt_version: tuple[int, int] | None = None) -
         for loc, end in ext.items():
             f = path.parent / loc
             if not f.is_file():
-                problems.append(f"{spec['file']}: external data file {loc} is missing")
+                problems.append(f"{spec.file}: external data file {loc} is missing")
             elif f.stat().st_size < end:
-                problems.append(f"{spec['file']}: external data file {loc} is truncated ({f.stat().st_size} < {end} bytes)")
+                problems.append(f"{spec.file}: external data file {loc} is truncated ({f.stat().st_size} < {end} bytes)")
         if graph in profs:
             for vi in model.graph.input:
                 for p in profs[graph]:
                     s = p["shapes"].get(vi.name)
                     dims = vi.type.tensor_type.shape.dim
                     if s is None or len(s["max"]) != len(dims):
-                        problems.append(f"{spec['file']}: input {vi.name} is not bounded by profile {p['name']}")
+                        problems.append(f"{spec.file}: input {vi.name} is not bounded by profile {p['name']}")
                         break
-        summary[graph] = {"file": spec["file"], "nodes": len(walk), "ops": len(ops), "warnings": warnings,
+        summary[graph] = {"file": spec.file, "nodes": len(walk), "ops": len(ops), "warnings": warnings,
                           "external_data": sorted(ext), "profiles": [p["name"] for p in profs.get(graph, [])]}
     if problems:
         raise TrtCheckError(f"{len(problems)} problem(s) for TensorRT: " + "; ".join(problems), problems)

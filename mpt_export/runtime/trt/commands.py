@@ -61,10 +61,10 @@ def trtexec_commands(bundle, profiles: dict, engines_dir: str | Path, precision:
     ``--profile``, and refuses repeated shape options without it)."""
     cmds = []
     for graph, profs in profiles.items():
-        spec = bundle.manifest["graphs"][graph]
+        spec = bundle.info.graphs[graph]
         # --skipInference: build and save only — trtexec would otherwise time the engine on random inputs, int64
         # token ids in [-128, 127] among them (out of range for a small vocabulary)
-        cmd = ["trtexec", f"--onnx={Path(bundle.path) / spec['file']}",
+        cmd = ["trtexec", f"--onnx={Path(bundle.path) / spec.file}",
                f"--saveEngine={Path(engines_dir) / (graph + '.plan')}", "--skipInference"]
         for i, p in enumerate(profs):
             f = shape_flags(p)

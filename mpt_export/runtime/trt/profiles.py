@@ -43,20 +43,21 @@ class Limits:
         return asdict(self)
 
 
-def fit_limits(manifest: dict, max_batch: int | None = None, max_input: int | None = None,
+def fit_limits(info, max_batch: int | None = None, max_input: int | None = None,
                max_new_tokens: int | None = None) -> Limits:
     """The limits to build for: what the user typed, and defaults that fit the model. With absolute positions
     (Llama, GPT-2...) the room after the longest prompt is shared: the default --max-new-tokens is at most a quarter
     of it and --max-input gets the rest (each at most its usual default); T5's relative positions set no limit, so
-    its defaults stay. Only limits the user typed can then be refused (by ``profiles``)."""
+    its defaults stay. Only limits the user typed can then be refused (by ``profiles``). ``info``: the bundle's typed
+    manifest (``Bundle.info``)."""
     d = Limits()
     db, di, dn = d.max_batch, d.max_input, d.max_new_tokens
     B = max_batch if max_batch is not None else db
-    if manifest["task_type"] == "SEQ_2_SEQ_LM":
+    if info.seq2seq:
         return Limits(max_batch=B, max_input=max_input if max_input is not None else di,
                       max_new_tokens=max_new_tokens if max_new_tokens is not None else dn)
-    P, _ = _prompt_lengths(manifest)
-    room = int(manifest["base_model"]["max_positions"]) - P
+    P, _ = _prompt_lengths(info)
+    room = info.base_model.max_positions - P
     N = max_new_tokens
     if N is None:
         N = min(dn, max(1, room // 4))
@@ -64,7 +65,7 @@ def fit_limits(manifest: dict, max_batch: int | None = None, max_input: int | No
             N = max(1, min(N, room - max_input))
     S = max_input if max_input is not None else max(1, min(di, room - N))
     if max_input is None and max_new_tokens is None and room < 2:
-        raise InputError(f"the model's {manifest['base_model']['max_positions']} positions leave no room after its "
+        raise InputError(f"the model's {info.base_model.max_positions} positions leave no room after its "
                          f"{P}-token prompts: no input fits")
     return Limits(max_batch=B, max_input=S, max_new_tokens=N)
 
@@ -76,11 +77,10 @@ def describe_limits(limits: Limits, typed: dict) -> str:
     return "limits: " + ", ".join(parts)
 
 
-def _prompt_lengths(manifest: dict) -> tuple[int, int]:
+def _prompt_lengths(info) -> tuple[int, int]:
     """(longest encoder/causal prompt, longest decoder prompt) in rows."""
-    nts = int(manifest.get("num_transformer_submodules", 1))
-    longest = max(int(t["prompt_len"]) for t in manifest["tasks"])
-    if manifest["task_type"] == "SEQ_2_SEQ_LM":
+    nts, longest = info.num_transformer_submodules, info.longest_prompt
+    if info.seq2seq:
         per = longest // nts
         return per, (per if nts == 2 else 0)
     return longest, 0
@@ -103,18 +103,18 @@ def _valid(ranges: dict) -> dict:
     return out
 
 
-def dim_ranges(manifest: dict, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
+def dim_ranges(info, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     """Per graph and profile: symbolic dimension name -> (min, opt, max), 0 <= min <= opt <= max."""
-    return _valid(_dim_ranges(manifest, limits))
+    return _valid(_dim_ranges(info, limits))
 
 
-def _dim_ranges(manifest: dict, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
+def _dim_ranges(info, limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     B, ob = limits.max_batch, limits.opt_batch
     S, os_, N = limits.max_input, limits.opt_input, limits.max_new_tokens
-    P, PD = _prompt_lengths(manifest)
-    maxpos = int(manifest["base_model"]["max_positions"])
+    P, PD = _prompt_lengths(info)
+    maxpos = info.base_model.max_positions
     batch = (1, ob, B)
-    if manifest["task_type"] == "SEQ_2_SEQ_LM":  # relative positions: no length limit from the model
+    if info.seq2seq:  # relative positions: no length limit from the model
         E = (1, P + os_, P + S)
         return {
             "encoder": {"encoder": {"batch": batch, "enc_seq": (1, os_, S), "enc_len": E, "prompt_len": (0, P, P)}},
@@ -139,26 +139,26 @@ def _dim_ranges(manifest: dict, limits: Limits) -> dict[str, dict[str, tuple[int
     }}
 
 
-def profiles(manifest: dict, limits: Limits) -> dict[str, list[dict]]:
+def profiles(info, limits: Limits) -> dict[str, list[dict]]:
     """graph -> [{"name", "shapes": {input: {"min": [...], "opt": [...], "max": [...]}}}], in profile index order."""
     out = {}
-    for graph, profs in dim_ranges(manifest, limits).items():
-        spec = manifest["graphs"][graph]
+    for graph, profs in dim_ranges(info, limits).items():
+        spec = info.graphs[graph]
         lst = []
         for pname, dims in profs.items():
             shapes = {}
-            for inp in spec["inputs"]:
+            for inp in spec.inputs:
                 mn, op, mx = [], [], []
-                for d in inp["shape"]:
+                for d in inp.shape:
                     if isinstance(d, int):
                         lo = mid = hi = d
                     elif d in dims:
                         lo, mid, hi = dims[d]
                     else:
-                        raise InputError(f"{graph} input {inp['name']} has an axis {d!r} no profile bounds; "
+                        raise InputError(f"{graph} input {inp.name} has an axis {d!r} no profile bounds; "
                                          "this bundle was made by another version of mpt-export — re-export it")
                     mn.append(lo), op.append(mid), mx.append(hi)
-                shapes[inp["name"]] = {"min": mn, "opt": op, "max": mx}
+                shapes[inp.name] = {"min": mn, "opt": op, "max": mx}
             lst.append({"name": pname, "shapes": shapes})
         out[graph] = lst
     return out

@@ -25,13 +25,12 @@ FORMAT = "mpt-export/engine/1"
 
 
 def bundle_fingerprint(bundle) -> dict:
-    files = bundle.manifest["files"]
+    files = bundle.info.files
     graphs = {}
-    for g, spec in bundle.manifest["graphs"].items():
+    for g, spec in bundle.info.graphs.items():
         if g == "composer":
             continue
-        graphs[g] = {"onnx_sha256": files[spec["file"]],
-                     "weights_sha256": files.get(spec.get("external_data") or "", None)}
+        graphs[g] = {"onnx_sha256": files[spec.file], "weights_sha256": files.get(spec.external_data or "", None)}
     digest = hashlib.sha256(json.dumps(graphs, sort_keys=True).encode()).hexdigest()
     return {"bundle_path": str(bundle.path), "graphs": graphs, "digest": digest}
 
@@ -41,7 +40,7 @@ def make_sidecar(bundle, trt_version: str, gpu_name: str, compute_capability: st
     return {"format": FORMAT, "bundle": bundle_fingerprint(bundle), "tensorrt_version": trt_version,
             "gpu_name": gpu_name, "compute_capability": compute_capability, "version_compatible": version_compatible,
             "precision": precision, "limits": limits, "profiles": profiles, "engines": engines,
-            "max_prompt_len": max(int(t["prompt_len"]) for t in bundle.manifest["tasks"])}
+            "max_prompt_len": bundle.info.longest_prompt}
 
 
 CROSS_MAJOR = {8: (9, 10), 10: (11,)}  # version-compatible engines: built with key, loadable by these majors
@@ -93,7 +92,7 @@ def check_sidecar(sidecar: dict, bundle, trt_version: str, compute_capability: s
             f"engine was built from a different bundle ({sidecar['bundle'].get('bundle_path')}; graphs that differ: "
             f"{', '.join(changed) or 'all'}); {rebuild}"
         )
-    longest = max(int(t["prompt_len"]) for t in bundle.manifest["tasks"])
+    longest = bundle.info.longest_prompt
     if longest > int(sidecar.get("max_prompt_len", longest)):
         raise EngineMismatchError(
             f"the bundle now has a task with {longest} virtual tokens, the engine's profiles allow "

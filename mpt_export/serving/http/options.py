@@ -38,10 +38,10 @@ class ServeOptions:
 
     @property
     def session_options(self) -> SessionOptions:
-        """How the served session opens: the engine keeps KV as numpy rows (it compacts and joins them), so no IO
-        binding."""
-        return SessionOptions(provider=self.provider, intra_op_threads=self.threads, io_binding=False,
-                              prepack=self.prepack, graph=self.graph)
+        """How the served session opens (the engine edits its decode state through the session, wherever the
+        backend keeps it)."""
+        return SessionOptions(provider=self.provider, intra_op_threads=self.threads, prepack=self.prepack,
+                              graph=self.graph)
 
     def with_(self, **changes) -> "ServeOptions":
         return replace(self, **changes)

@@ -10,27 +10,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ...bundle.info import BundleInfo
 from ...bundle.reader import Bundle
 from ...errors import BundleError
 
 PINNED = "tasks.safetensors"  # with the manifest: all a reload may change
 
 
-def graph_changes(old: dict, new: dict) -> list[str]:
-    """Files other than the task bank whose sha256 differs between two manifests (graphs, weights, tokenizer)."""
-    a = {k: v for k, v in old["files"].items() if k != PINNED}
-    b = {k: v for k, v in new["files"].items() if k != PINNED}
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 def make_pin(bundle: Bundle) -> dict:
     """What the service pins for ``bundle`` (opened and verified): its manifest and task bank bytes, checked."""
-    from ...bundle.manifest import DIGEST_KEY
-
     data = bundle.read_bytes(PINNED)
-    if hashlib.sha256(data).hexdigest() != bundle.manifest["files"][PINNED]:
+    if hashlib.sha256(data).hexdigest() != bundle.info.files[PINNED]:
         raise BundleError(f"{bundle.path}/{PINNED} changed while it was read; try again")
-    return {"digest": bundle.manifest[DIGEST_KEY], "manifest": bundle.manifest, PINNED: data}
+    return {"digest": bundle.info.digest, "manifest": bundle.manifest, PINNED: data}
 
 
 class PinnedBundle(Bundle):
@@ -59,19 +51,20 @@ def open_pinned(bundle_path: str | Path, pin: dict, current: Bundle | None = Non
     over the graphs of ``current`` (the bundle the replica already serves: a reload) or of the bundle at
     ``bundle_path`` on this node (verified, and refused when its graphs or tokenizer are not the pinned ones)."""
     from ...bundle.reader import load_bundle
-    from ...bundle.manifest import DIGEST_KEY, check_manifest, manifest_digest
+    from ...bundle.manifest import check_manifest, manifest_digest
 
     manifest, digest, data = pin["manifest"], pin["digest"], pin[PINNED]
-    if manifest.get(DIGEST_KEY) != digest or manifest_digest(manifest) != digest:
+    if manifest_digest(manifest) != digest:
         raise BundleError(f"the service's pinned manifest for digest {digest[:12]} does not match its own sha256")
     check_manifest(manifest)
-    if hashlib.sha256(data).hexdigest() != manifest["files"].get(PINNED):
+    info = BundleInfo.of(manifest, "the service's pinned manifest")
+    if info.digest != digest or hashlib.sha256(data).hexdigest() != info.files.get(PINNED):
         raise BundleError(f"the service's pinned {PINNED} for digest {digest[:12]} does not match its manifest")
     if current is not None and getattr(current, "_fd", None) is not None:
         path, fd = current.path, os.dup(current._fd)  # the replica's open bundle: nothing on disk is read again
     else:
         disk = load_bundle(bundle_path)
-        changed = graph_changes(disk.manifest, manifest)
+        changed = disk.info.changed_beyond_tasks(info)
         if changed:
             disk.close()
             raise BundleError(f"{bundle_path} on this node does not hold the graphs and tokenizer this service serves "

@@ -48,7 +48,7 @@ from ..http.options import ServeOptions
 from .cluster import leave_ray, private_ray_env, start_ray
 from .control import CONTROL_NAMESPACE, Control
 from .options import APP_NAME, REPLICA_HEADER, deployment_options, import_ray, parse_autoscale
-from .pin import graph_changes, make_pin
+from .pin import make_pin
 from .replica import _deployment
 
 __all__ = ["APP_NAME", "REPLICA_HEADER", "deployment_options", "free_port", "import_ray", "parse_autoscale",
@@ -72,7 +72,7 @@ class _Service:
         self.control_name = f"mpt-export-control-{uuid.uuid4().hex[:12]}"
         self.app_args = (bundle, options, (self.control_name, CONTROL_NAMESPACE))
         self.control = None
-        self.manifest: dict | None = None  # the served digest's manifest
+        self.info = None  # the served digest's typed manifest
         self.pin: dict | None = None
         self.dep = _deployment()
         # One code version for this service's lifetime: a new digest is then only a new user_config, which Serve
@@ -96,7 +96,7 @@ class _Service:
 
     def start(self, bundle: Bundle) -> None:
         self.start_control()
-        self.pin, self.manifest = make_pin(bundle), bundle.manifest
+        self.pin, self.info = make_pin(bundle), bundle.info
         self.ray.get(self.control.pin.remote(self.pin))
         self.deploy(self.digest)
 
@@ -134,19 +134,18 @@ class _Service:
         except MptExportError as e:
             return refuse(409, "reload_failed", f"reload refused: {e}")
         try:
-            changed = graph_changes(self.manifest, new.manifest)
+            changed = self.info.changed_beyond_tasks(new.info)
             if changed:
                 return refuse(409, "restart_required",
                               f"the bundle's graphs or tokenizer changed on disk ({', '.join(changed[:4])}); a reload "
                               "only takes new task vectors — restart the server to serve it")
             new.task_bank()  # the task list checked against the bank before any replica sees it
-            pin = make_pin(new)
+            pin, info = make_pin(new), new.info
         except MptExportError as e:
             return refuse(409, "reload_failed", f"reload refused: {e}")
         finally:
             new.close()
-        before = [t["name"] for t in self.manifest["tasks"]]
-        after = [t["name"] for t in pin["manifest"]["tasks"]]
+        before, after = self.info.task_names, info.task_names
         old = self.pin
         if pin["digest"] != old["digest"]:
             self.ray.get(self.control.pin.remote(pin))
@@ -159,7 +158,7 @@ class _Service:
                     pass
                 return refuse(500, "reload_failed", f"Ray Serve could not apply digest {pin['digest'][:12]}: "
                               f"{_short(e)}; the service keeps digest {old['digest'][:12]}")
-            self.pin, self.manifest = pin, pin["manifest"]
+            self.pin, self.info = pin, info
         replicas = self.replica_digests(pin["digest"], REPLICAS_TIMEOUT)
         behind = {r: d for r, d in replicas.items() if d != pin["digest"]}
         if behind:

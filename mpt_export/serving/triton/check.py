@@ -47,7 +47,7 @@ def _onnx_io(model_file: Path) -> dict:
     return {"io": io, "external": locations}
 
 
-def check_model(model_dir: Path, graph_spec: dict | None = None) -> list[str]:
+def check_model(model_dir: Path, graph_spec=None) -> list[str]:
     """What Triton would refuse in one model directory (its config rules, the files its backend loads), and, for a
     graph model, any difference from the graph itself. -> problems (empty: fine)."""
     from tritonclient.grpc import model_config_pb2 as pb
@@ -120,8 +120,7 @@ def check_model(model_dir: Path, graph_spec: dict | None = None) -> list[str]:
                     problems.append(f"{where}: external data {loc} is not beside {onnx_file.name}")
             problems += _compare_io(where, cfg, info["io"])
     if graph_spec is not None:
-        want = {("input", s["name"]): s for s in graph_spec["inputs"]} | {("output", s["name"]): s
-                                                                          for s in graph_spec["outputs"]}
+        want = {("input", s.name): s for s in graph_spec.inputs} | {("output", s.name): s for s in graph_spec.outputs}
         have = {("input", t.name): t for t in cfg.input} | {("output", t.name): t for t in cfg.output}
         for key in sorted(set(want) ^ set(have)):
             problems.append(f"{where}: {key[0]} {key[1]} is in {'the graph' if key in want else 'the config'} only")
@@ -164,7 +163,7 @@ def check_repository(root: Path, bundle=None, names: dict | None = None) -> list
     graph), graph models are compared with the bundle's graphs too. -> problems."""
     root = Path(root)
     problems = []
-    graphs = bundle.manifest["graphs"] if bundle is not None else {}
+    graphs = bundle.info.graphs if bundle is not None else {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         problems += check_model(d, graphs.get((names or {}).get(d.name, d.name)))
     return problems

@@ -19,49 +19,60 @@ import numpy as np
 from ...errors import InputError, MptExportError
 from ...engine.batching import Engine
 from ...engine.request import Request
+from ...runtime.causal import CausalSession
+from ...runtime.limits import BackendLimits
+from ...runtime.seq2seq import Seq2SeqSession
 
 DEFAULT_MAX_TOKENS = 16
 
 
-def refuse_bf16(manifest: dict, where) -> None:
+def refuse_bf16(info, where) -> None:
     """Triton's Python backend hands tensors over as numpy arrays, and numpy has no bf16 (``as_numpy`` does not
     support BF16; ``np.dtype("bfloat16")`` exists only once ``ml_dtypes`` happens to be imported): neither in-process
-    ONNX Runtime nor BLS calls can move a bf16 bundle's prompts and KV."""
-    if manifest.get("dtype") == "bfloat16":
+    ONNX Runtime nor BLS calls can move a bf16 bundle's prompts and KV. ``info``: the bundle's typed manifest."""
+    if info.dtype == "bfloat16":
         raise InputError(f"{where} is a bf16 bundle: Triton's Python backend moves tensors as numpy arrays, which have "
                          "no bf16; export the bundle with --dtype fp16 for Triton")
 
 
+class BlsBackend:
+    """Graph calls through ``call(model_name, feed, output_names)`` (Triton's BLS, so the graphs run in Triton's
+    graph models), mixed with a model kind below: at most ``max_batch`` rows per call (the graph models'
+    ``max_batch_size``) and, for TensorRT plans, their profiles' ``engine_limits`` — checked before a request runs."""
+
+    def __init__(self, bundle, call, models: dict, max_batch: int | None = None, engine_limits: dict | None = None):
+        refuse_bf16(bundle.info, bundle.path)
+        super().__init__(bundle)  # the model kind's
+        self._call, self._models = call, models
+        graphs = bundle.info.graphs
+        self._outputs = {g: spec.output_names for g, spec in graphs.items()}
+        self._dtypes = {g: {i.name: np.dtype(i.dtype) for i in spec.inputs} for g, spec in graphs.items()}
+        fix = "rebuild the engines and the repository with larger --max-batch/--max-input/--max-new-tokens"
+        base = BackendLimits.from_dict(engine_limits, "the TensorRT plans of this Triton repository", fix) or \
+            BackendLimits(source="the Triton graph models", fix="write the repository with a larger --max-batch")
+        self.limits = base.tighter(max_batch=max_batch)
+
+    def _run_graph_impl(self, graph, feed):
+        feed = {k: np.ascontiguousarray(v, dtype=self._dtypes[graph][k]) for k, v in feed.items()}
+        out = self._call(self._models[graph], feed, self._outputs[graph])
+        missing = [n for n in self._outputs[graph] if n not in out]
+        if missing:
+            raise MptExportError(f"the Triton model {self._models[graph]} returned no {', '.join(missing)}")
+        return out
+
+
+class BlsCausalSession(BlsBackend, CausalSession):
+    """A decoder-only bundle whose graphs run in Triton's graph models."""
+
+
+class BlsSeq2SeqSession(BlsBackend, Seq2SeqSession):
+    """An encoder-decoder bundle whose graphs run in Triton's graph models."""
+
+
 def bls_session(bundle, call, models: dict, max_batch: int | None = None, engine_limits: dict | None = None):
-    """A session of the bundle's kind whose graphs run through ``call(model_name, feed, output_names)``: at most
-    ``max_batch`` rows per call (the graph models' ``max_batch_size``) and, for TensorRT plans, their profiles'
-    ``engine_limits`` — checked before a request runs."""
-    from ...runtime.kinds import session_kind
-    from ...runtime.limits import BackendLimits
-
-    refuse_bf16(bundle.manifest, bundle.path)
-    Kind = session_kind(bundle)
-
-    outputs = {g: [o["name"] for o in spec["outputs"]] for g, spec in bundle.manifest["graphs"].items()}
-    dtype = {g: {i["name"]: np.dtype(i["dtype"]) for i in spec["inputs"]} for g, spec in bundle.manifest["graphs"].items()}
-
-    class BlsSession(Kind):
-        def __init__(self):
-            Kind.__init__(self, bundle)
-            fix = "rebuild the engines and the repository with larger --max-batch/--max-input/--max-new-tokens"
-            base = BackendLimits.from_dict(engine_limits, "the TensorRT plans of this Triton repository", fix) or \
-                BackendLimits(source="the Triton graph models", fix="write the repository with a larger --max-batch")
-            self.limits = base.tighter(max_batch=max_batch)
-
-        def _run_graph_impl(self, graph, feed):
-            feed = {k: np.ascontiguousarray(v, dtype=dtype[graph][k]) for k, v in feed.items()}
-            out = call(models[graph], feed, outputs[graph])
-            missing = [n for n in outputs[graph] if n not in out]
-            if missing:
-                raise MptExportError(f"the Triton model {models[graph]} returned no {', '.join(missing)}")
-            return out
-
-    return BlsSession()
+    """A session of the bundle's kind whose graphs run through ``call`` (see :class:`BlsBackend`)."""
+    kind = BlsSeq2SeqSession if bundle.info.seq2seq else BlsCausalSession
+    return kind(bundle, call, models, max_batch, engine_limits)
 
 
 def _first(inputs: dict, name: str, default=None):
@@ -96,11 +107,11 @@ class TritonGeneration:
 
         self.bundle = load_bundle(bundle_dir)
         if graph_calls == "onnxruntime":
-            self.session = self.bundle.session(provider=provider, intra_op_threads=threads, io_binding=False)
+            self.session = self.bundle.session(provider=provider, intra_op_threads=threads)
         elif graph_calls == "bls":
             if bls is None:
                 raise InputError("graph_calls 'bls' needs the BLS call (the Triton adapter gives it)")
-            self.session = bls_session(self.bundle, bls, models or {g: g for g in self.bundle.manifest["graphs"]},
+            self.session = bls_session(self.bundle, bls, models or {g: g for g in self.bundle.info.graphs},
                                        max_batch=max_batch, engine_limits=engine_limits)
         else:
             raise InputError(f"graph_calls must be onnxruntime or bls, got {graph_calls!r}")

@@ -72,23 +72,23 @@ def _tensors(kind: str, items) -> list[str]:
     return out
 
 
-def _graph_tensors(specs: list[dict], batched: bool) -> list[tuple]:
+def _graph_tensors(specs, batched: bool) -> list[tuple]:
     items = []
     for s in specs:
-        dims = [d if isinstance(d, int) else -1 for d in s["shape"]]
-        items.append((s["name"], TRITON_DTYPES[s["dtype"]], dims[1:] if batched else dims, False))
+        dims = [d if isinstance(d, int) else -1 for d in s.shape]
+        items.append((s.name, TRITON_DTYPES[s.dtype], dims[1:] if batched else dims, False))
     return items
 
 
-def graph_config(name: str, spec: dict, platform: str, max_batch: int, instances: int, kind: str, max_queue: int,
+def graph_config(name: str, spec, platform: str, max_batch: int, instances: int, kind: str, max_queue: int,
                  profiles: int = 0) -> str:
     """config.pbtxt of one graph model. ``profiles``: a TensorRT plan's optimization profile count (all offered to
     every instance; Triton picks the one whose ranges hold a request's shapes)."""
     backend = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}[platform]
     lines = [f"name: {_q(name)}", f"platform: {_q(platform)}", f"backend: {_q(backend)}",
              f"max_batch_size: {max_batch}"]
-    lines += _tensors("input", _graph_tensors(spec["inputs"], True))
-    lines += _tensors("output", _graph_tensors(spec["outputs"], True))
+    lines += _tensors("input", _graph_tensors(spec.inputs, True))
+    lines += _tensors("output", _graph_tensors(spec.outputs, True))
     lines += ["dynamic_batching {", "  max_queue_delay_microseconds: 0",
               f"  default_queue_policy {{ max_queue_size: {max_queue} }}", "}"]
     group = f"  {{ count: {instances} kind: {'KIND_GPU' if kind == 'gpu' else 'KIND_CPU'}"
@@ -118,16 +118,16 @@ def start_command(out: Path, sidecar: dict | None, graph_calls: str, kv_bytes: i
     return cmd
 
 
-def kv_bytes(manifest: dict, max_batch: int, limits: dict | None) -> int:
+def kv_bytes(info, max_batch: int, limits: dict | None) -> int:
     """Bytes of the KV cache one decode step carries at ``max_batch`` rows and the longest sequence the engines (or
-    the model's positions) allow."""
-    bm = manifest["base_model"]
-    longest = int(bm["max_positions"])
+    the model's positions) allow (``info``: the bundle's typed manifest)."""
+    bm = info.base_model
+    longest = bm.max_positions
     if limits and limits.get("max_input") and limits.get("max_new_tokens"):
-        prompt = max(int(t["prompt_len"]) for t in manifest["tasks"]) // int(manifest.get("num_transformer_submodules", 1))
+        prompt = info.longest_prompt // info.num_transformer_submodules
         longest = min(longest, prompt + int(limits["max_input"]) + int(limits["max_new_tokens"]))
-    item = {"float16": 2, "bfloat16": 2}.get(manifest.get("dtype"), 4)
-    return 2 * int(bm["num_layers"]) * max_batch * int(bm["num_kv_heads"]) * longest * int(bm["head_dim"]) * item
+    item = {"float16": 2, "bfloat16": 2}.get(info.dtype, 4)
+    return 2 * bm.num_layers * max_batch * bm.num_kv_heads * longest * bm.head_dim * item
 
 
 def generate_config(name: str, params: dict) -> str:
@@ -210,10 +210,10 @@ def check_engines(bundle, engines: Path | None, max_batch: int) -> dict:
     return sidecar
 
 
-def _check_tensorrt_reads(manifest: dict, bundle_path) -> None:
+def _check_tensorrt_reads(info, bundle_path) -> None:
     """A quantized bundle (MatMulNBits, or dynamic int8's MatMulInteger) is for ONNX Runtime: refused for Triton's
     TensorRT backend before anything else is checked."""
-    q = manifest.get("quantization")
+    q = info.quantization
     if q:
         raise TritonRepositoryError(
             f"{bundle_path} is a {q.get('scheme') or q.get('weights')} bundle ({q.get('what', 'quantized for ONNX Runtime')}"
@@ -250,16 +250,16 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
     graph_calls = _check_options(backend, kind, max_batch, instances, max_queue, prefix, graph_calls)
     b = load_bundle(bundle_path)
     try:
-        refuse_bf16(b.manifest, bundle_path)
+        refuse_bf16(b.info, bundle_path)
         if backend == "tensorrt":
-            _check_tensorrt_reads(b.manifest, bundle_path)
+            _check_tensorrt_reads(b.info, bundle_path)
         engines = Path(engines) if engines else None
         sidecar = check_engines(b, engines, max_batch) if backend == "tensorrt" else None
-        graphs = b.manifest["graphs"]
+        graphs = b.info.graphs
         for g, spec in graphs.items():
-            for t in spec["inputs"] + spec["outputs"]:
-                if isinstance(t["shape"][0], int) or t["dtype"] not in TRITON_DTYPES:
-                    raise TritonRepositoryError(f"{g}'s {t['name']} ({t['dtype']} {t['shape']}) has no batch axis "
+            for t in spec.inputs + spec.outputs:
+                if isinstance(t.shape[0], int) or t.dtype not in TRITON_DTYPES:
+                    raise TritonRepositoryError(f"{g}'s {t.name} ({t.dtype} {list(t.shape)}) has no batch axis "
                                                 "first or a type Triton lacks; re-export the bundle with this version")
         names = {g: f"{prefix}{g}" for g in graphs}
         gen_name = f"{prefix}{GENERATE}"
@@ -277,18 +277,18 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
                     (d / "1" / "engine.json").write_text(json.dumps(sidecar, indent=1) + "\n")  # what it was built from
                     nprof = len(sidecar.get("profiles", {}).get(g, [])) or 1
                     cfg = graph_config(names[g], spec, "tensorrt_plan", max_batch, instances, "gpu", max_queue, nprof)
-                elif spec.get("external_data"):  # several files: Triton wants them in a directory named model.onnx
-                    _place(b.file(spec["file"]), d / "1" / "model.onnx" / "model.onnx", how, placed)
-                    _place(b.file(spec["external_data"]), d / "1" / "model.onnx" / spec["external_data"], how, placed)
+                elif spec.external_data:  # several files: Triton wants them in a directory named model.onnx
+                    _place(b.file(spec.file), d / "1" / "model.onnx" / "model.onnx", how, placed)
+                    _place(b.file(spec.external_data), d / "1" / "model.onnx" / spec.external_data, how, placed)
                     cfg = graph_config(names[g], spec, "onnxruntime_onnx", max_batch, instances, kind, max_queue)
                 else:
-                    _place(b.file(spec["file"]), d / "1" / "model.onnx", how, placed)
+                    _place(b.file(spec.file), d / "1" / "model.onnx", how, placed)
                     # the composer runs once per task (cached): CPU is where it belongs even on a GPU server
                     cfg = graph_config(names[g], spec, "onnxruntime_onnx", max_batch, instances,
                                        kind if g != "composer" else "cpu", max_queue)
                 (d / "config.pbtxt").write_text(cfg)
             gdir = tmp / gen_name
-            for rel in b.manifest["files"]:
+            for rel in b.info.files:
                 _place(b.file(rel), gdir / "1" / "bundle" / rel, how, placed)
             _place(b.root / "manifest.json", gdir / "1" / "bundle" / "manifest.json", how, placed)
             shutil.copyfile(Path(__file__).with_name("model.py"), gdir / "1" / "model.py")
@@ -304,7 +304,7 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
             from ...storage.ownership import seal_workdir
 
             seal_workdir(tmp)
-        kv = kv_bytes(b.manifest, max_batch, sidecar.get("limits") if sidecar else None)
+        kv = kv_bytes(b.info, max_batch, sidecar.get("limits") if sidecar else None)
         return {"out": str(out), "models": [*names.values(), gen_name], "graph_calls": graph_calls,
                 "backend": backend, "kv_step_bytes": kv if graph_calls == "bls" else None,
                 "start": start_command(out, sidecar, graph_calls, kv), **how}
