@@ -14,7 +14,7 @@ prompt at 0..P-1, the text from P — the positions the plain graph gives too).
 One call runs a chunk of new rows per sequence: ``prompt_embeds`` rows (a task prompt) then ``input_ids`` rows. For
 a sequence with ``past`` cached slots and ``n`` new rows: ``seqlens_k = past + n - 1``, ``last_index = n - 1``.
 GroupQueryAttention takes several new rows over a cache for one sequence per call, or one new row for many
-(``runtime/fastkv.py`` calls it so); its ``query_seqlens`` input would allow ragged batched chunks but slows every
+(``runtime/fastcausal.py`` calls it so); its ``query_seqlens`` input would allow ragged batched chunks but slows every
 decode step (~10% at batch 1 on onnxruntime 1.32, measured), so the graph leaves it out.
 
 Inputs: input_ids (B, S) int64; prompt_embeds (B, P, H); seqlens_k (B,) int32; total_sequence_length () int32

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
           "bfloat16": "bfloat16"}
 # Default validation tolerance per dtype: an output passes when max|a - b| <= atol + rtol * max|ref| (see
-# export/validate.py). Chosen from scripts/tolerance_study.py (worst output's max|a-b| / max|ref|, tiny models of
+# export/validate.py). Chosen from benchmarks/tolerance_study.py (worst output's max|a-b| / max|ref|, tiny models of
 # every supported family, T5 also with activations scaled x10 as real checkpoints have them):
 #   fp32 healthy 2e-7 .. 3.8e-6; planted (one mid-depth k/v projection x1.01) 9.9e-3 .. 1.1e-2, o-projection
 #        x1.01 7.3e-4 .. 6e-3  ->  rtol 1e-4: 25x above the worst healthy case (room for 1B-7B models, whose

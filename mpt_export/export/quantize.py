@@ -4,7 +4,7 @@
   (32) rows, run by ONNX Runtime's ``MatMulNBits``, by default with its int8 activation kernels (``accuracy_level``
   4, as ONNX Runtime GenAI's CPU models; see :mod:`.weightonly` for why);
 - ``int8-dynamic``: ONNX Runtime dynamic quantization (MatMul/Gemm weights int8 per channel, activations quantized
-  on the fly at every step; what stays in float is a measured choice, see ``VARIANTS`` and scripts/int8_study.py).
+  on the fly at every step; what stays in float is a measured choice, see ``VARIANTS`` and benchmarks/int8_study.py).
 
 A quantized bundle is a new bundle (the original is untouched) with the same graph I/O (activations stay fp32 at the
 boundary). Before it is written it is compared with its fp32 source on fresh random inputs for every task:
@@ -48,8 +48,8 @@ def check_scheme(scheme: str) -> None:
         raise InputError(f"unknown --quantize {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-# What stays in float (see int8_plan). Measured on the GPT-2-small-shaped bench (scripts/int8_study.py; agreement with
-# fp32 over 32 rows x 32 new tokens, teacher-forced / free-running; latency vs "all"; backbone MiB, fp32 = 475):
+# What stays in float (see int8_plan). Measured on the GPT-2-small-shaped bench (benchmarks/int8_study.py; agreement
+# with fp32 over 32 rows x 32 new tokens, teacher-forced / free-running; latency vs "all"; backbone MiB, fp32 = 475):
 #   all 99.0% / 81.0%, 1.00x, 157 MiB;  matmul 99.2% / 89.6%, 1.04x, 270 MiB;
 #   matmul-fp32-head 99.3% / 89.2%, 1.31x, 380 MiB;  matmul-fp32-head-ends 99.7% / 93.3%, 1.61x, 421 MiB.
 # The embedding table quantized per tensor costs the most agreement for no speed: the default keeps it float.

@@ -1,7 +1,13 @@
-"""The fast backbone (GroupQueryAttention over one in-place KV buffer per layer, fused norms), written
-from a base model's weights, against PEFT itself: a task prompt's keys/values, each row's logits after a right-padded
-mixed-task chunk, and greedy decoding of a mixed batch — every row what PEFT gives it alone. (GroupQueryAttention
-needs head sizes that are multiples of 16, so these bases have hidden 64 and 4 heads, not the tests' usual 32.)"""
+"""The fused graph (``backbone_fast``: GroupQueryAttention over one in-place KV buffer per layer, fused norms) as
+sessions run it — ``Bundle.session(graph="fast")`` —, against PEFT itself: a task prompt's cached keys/values; each
+row of a left-padded mixed-task batch (its logits and every cached position); greedy decoding through ``prefill``
+and ``decode_step`` (what the serving engine drives) and ``generate_detailed`` — every row what PEFT gives it alone,
+the cache written in place and grown once when full, holding what PEFT caches.
+
+Four layouts: Llama (llama-h64), Llama with grouped-query heads (llama3-rope), Mistral and Qwen2 with grouped-query
+heads and a sliding window shorter than the generation, Qwen2 with its projection biases (mistral-window,
+qwen2-window) — bundles built once per run, shared with test_families.py, test_generate.py and others.
+GroupQueryAttention needs head sizes that are multiples of 16: these bases have hidden 64 and 4 heads."""
 
 from __future__ import annotations
 
@@ -11,97 +17,106 @@ import numpy as np
 import onnx
 import pytest
 
-from mpt_export.errors import ExportError, InputError
+from support import left_padded, peft_greedy, peft_refs
+from mpt_export.errors import ExportError
 from mpt_export.export.fastgraph import write_fast_backbone
-from mpt_export.runtime.fastkv import FastBackbone
+from mpt_export.export.reference import peft_causal_forward
 from mpt_export.source.archs import arch_for
 
-SMALL = dict(hidden=64, layers=2, heads=4, max_positions=64)
+CASES = ["llama-h64", "llama3-rope", "mistral-window", "qwen2-window"]
+TASKS, LENS, NEW = ["c", "t", "a"], [5, 2, 7], 12  # 12 tokens: the cache prefill sizes fills up and grows once
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """Per architecture: (PEFT model over a hidden-64 base with a 3-task MPT adapter, arch, fast graph path)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def refs(make_case):
+    """name -> (the case's bundle, {task: (PEFT model, task index)}), built on first use."""
+    memo = {}
 
-    from mpt_export.tools.demo import make_base_model, make_source_adapter
+    def get(name):
+        if name not in memo:
+            memo[name] = peft_refs(make_case(name))
+        return memo[name]
 
-    root = tmp_path_factory.mktemp("fast")
-    out = {}
-    for name in ("llama", "llama-gqa", "mistral", "qwen2"):
-        base = root / name / "base"
-        model = make_base_model(base, arch=name, seed=0, **SMALL)
-        make_source_adapter(model, root / name / "src", num_tasks=3, num_virtual_tokens=5, num_ranks=2, seed=1)
-        fresh = AutoModelForCausalLM.from_pretrained(str(base))
-        arch = arch_for(json.loads((base / "config.json").read_text()))
-        path = root / name / "backbone_fast.onnx"
-        write_fast_backbone(fresh, arch, path)
-        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(root / name / "src")).eval()
-        out[name] = (pm, arch, path)
-    return out
+    return get
 
 
-def _prompt(pm, task: int) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return pm.get_prompt(1, task_ids=torch.tensor([task]))[0].numpy()  # (P, H), what PEFT prepends
+def _close(got, want, what):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=what)
 
 
-def _peft(pm, task: int, ids: list[int], new: int):
-    """PEFT's forward on the growing sequence (no cache): (logits of the last input id, greedy tokens)."""
-    import torch
-
-    seq, toks, first = torch.tensor([ids]), [], None
-    with torch.no_grad():
-        for _ in range(new):
-            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq), task_ids=torch.tensor([task])).logits[0, -1]
-            first = logits.numpy() if first is None else first
-            toks.append(int(logits.argmax()))
-            seq = torch.cat([seq, torch.tensor([[toks[-1]]])], 1)
-    return first, toks
+def _assert_cache(layers: int, got: dict, want: dict, what: str) -> None:
+    """``got`` {name: (KV, T, Dh)} (the fused graph's cache names or the traced ones) against PEFT's present KV."""
+    for i in range(layers):
+        for kind in ("key", "value"):
+            g = got.get(f"past_{kind}.{i}", got.get(f"present.{i}.{kind}"))
+            _close(g, want[f"present.{i}.{kind}"][0][:, : g.shape[1]], f"{what} layer {i} {kind}")
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-gqa", "mistral", "qwen2"])
-def test_fast_graph_gives_every_row_what_peft_gives_it_alone(bases, name):
-    import torch
-
-    pm, arch, path = bases[name]
-    nodes = onnx.load(str(path), load_external_data=False).graph.node
-    assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == arch.num_layers
-    assert len(nodes) <= 16 * arch.num_layers + 12  # fused: 13 nodes per layer (16 with Qwen2's biases)
-    tasks, lens, new = [0, 2, 1], [5, 2, 7], 6
-    rng = np.random.default_rng(3)
-    rows = [rng.integers(3, arch.vocab_size, n).tolist() for n in lens]
-    fb = FastBackbone(path, batch=3, capacity=40)
-    for b, t in enumerate(tasks):
-        prompt = _prompt(pm, t)
-        kv = fb.prompt_kv(prompt)
-        with torch.no_grad():  # the prompt's keys/values as PEFT's model caches them (after rotary)
-            cache = pm.base_model(inputs_embeds=torch.from_numpy(prompt)[None], use_cache=True).past_key_values
-        for i in range(arch.num_layers):
-            keys, values = cache.layers[i].keys[0].numpy(), cache.layers[i].values[0].numpy()
-            np.testing.assert_allclose(kv[f"past_key.{i}"], keys, rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(kv[f"past_value.{i}"], values, rtol=1e-4, atol=1e-5)
-        fb.set_row(b, kv)
-    ids = np.zeros((3, max(lens)), np.int64)  # right-padded, mixed tasks
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = r
-    logits = fb.run(ids, np.array(lens))
-    toks = [[int(logits[b].argmax())] for b in range(3)]
-    for b, (t, r) in enumerate(zip(tasks, rows)):
-        want, _ = _peft(pm, t, r, 1)
-        assert np.abs(logits[b] - want).max() <= 1e-5 + 1e-4 * np.abs(want).max(), (name, b)
-    for _ in range(new - 1):
-        logits = fb.run(np.array([[t[-1]] for t in toks]), np.ones(3, np.int64))
-        for b in range(3):
-            toks[b].append(int(logits[b].argmax()))
-    assert toks == [_peft(pm, t, r, new)[1] for t, r in zip(tasks, rows)]
-    assert fb.lengths.tolist() == [5 + n + new - 1 for n in lens]
+@pytest.mark.parametrize("name", CASES)
+def test_each_row_and_its_cache_are_what_peft_gives_it_alone(refs, name):
+    b, ref = refs(name)
+    s = b.session(graph="fast")
+    assert s.graph == "fast"
+    nodes = onnx.load(str(b.file(b.manifest["fast_graphs"]["backbone"]["file"])), load_external_data=False).graph.node
+    assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == s.num_layers
+    assert len(nodes) <= 16 * s.num_layers + 12  # fused: 13 nodes per layer (16 with Qwen2's biases)
+    ids, mask = left_padded(s.vocab_size, LENS, seed=3)
+    rows = s.row_outputs(ids, TASKS, mask)  # the prompt run again in each row (no prompt-KV cache)
+    logits = s.logits(ids, TASKS, mask)
+    for r, (task, n) in enumerate(zip(TASKS, LENS)):
+        pm, idx = ref[task]
+        want = peft_causal_forward(pm, ids[r:r + 1, -n:], idx)
+        assert np.abs(rows[r]["logits"][0] - want["logits"][0]).max() <= 1e-5 + 1e-4 * np.abs(want["logits"]).max()
+        np.testing.assert_array_equal(logits[r], rows[r]["logits"][0])
+        P = s.prompt_len(task)
+        assert rows[r]["present.0.key"].shape[2] == P + n
+        _assert_cache(s.num_layers, {k: v[0] for k, v in rows[r].items() if k != "logits"}, want, f"{name} row {r}")
+        # the task's prompt KV as prefills copy it in (computed once per task): PEFT's first P positions
+        kv = s.task_kv(task)
+        assert next(iter(kv.values())).shape[1] == P
+        _assert_cache(s.num_layers, kv, want, f"{name} task {task}")
 
 
-def test_what_the_fast_graph_cannot_hold_is_refused(bases, make_case, llama, tmp_path):
+@pytest.mark.parametrize("name", CASES)
+def test_decoding_is_peft_greedy_with_the_cache_in_place_and_grown(refs, name):
+    b, ref = refs(name)
+    s = b.session(graph="fast")
+    ids, mask = left_padded(s.vocab_size, LENS, seed=3)
+    plens = [s.prompt_len(t) for t in TASKS]
+    logits, state, processed = s.prefill(ids, TASKS, mask)  # the cached prompt KV copied in: only the text runs
+    assert processed == sum(LENS)
+    assert state["kv_mask"].sum(1).tolist() == [p + n for p, n in zip(plens, LENS)]
+    capacity, grown = state["kv_mask"].shape[1], 0
+    toks = [[int(t)] for t in logits.argmax(1)]
+    for step in range(1, NEW):
+        before, keys = state, state["past_key.0"]
+        logits, state = s.decode_step(state, np.array([t[-1] for t in toks]))
+        used = [p + n + step for p, n in zip(plens, LENS)]
+        assert state["kv_mask"].sum(1).tolist() == used
+        if max(used) <= capacity:  # written in place: the same buffers, the state given
+            assert state is before and state["past_key.0"] is keys
+        else:  # full: every buffer grown once, with room for the next steps
+            grown += 1
+            assert state["past_key.0"].shape[2] == state["kv_mask"].shape[1] == max(used) + s.state_room(max(used))
+            capacity = state["kv_mask"].shape[1]
+        for r, t in enumerate(logits.argmax(1)):
+            toks[r].append(int(t))
+    assert grown == 1, name
+    for r, (task, n) in enumerate(zip(TASKS, LENS)):
+        pm, idx = ref[task]
+        real = ids[r:r + 1, -n:]
+        assert toks[r] == peft_greedy(pm, idx, real, NEW), (name, r)
+        # every slot the steps wrote (before and after the growth) holds what PEFT caches for the whole sequence
+        want = peft_causal_forward(pm, np.concatenate([real, [toks[r][:-1]]], 1), idx)
+        keep = state["kv_mask"][r] == 1
+        _assert_cache(s.num_layers, {k: v[r][:, keep] for k, v in state.items() if k.startswith("past_")}, want,
+                      f"{name} row {r} after decoding")
+    kw = dict(max_new_tokens=NEW, eos_token_id=None)
+    np.testing.assert_array_equal(s.generate_detailed(ids, TASKS, mask, **kw).ids, toks)
+    np.testing.assert_array_equal(s.generate_detailed(ids, TASKS, mask, prompt_kv_cache=False, **kw).ids, toks)
+
+
+def test_what_the_fast_graph_cannot_hold_is_refused(make_case, llama, tmp_path):
     from mpt_export.export.torchside import load_base_model
 
     for case, needle in ((make_case("gpt2"), "no fast graph for model type 'gpt2'"),
@@ -110,10 +125,3 @@ def test_what_the_fast_graph_cannot_hold_is_refused(bases, make_case, llama, tmp
         with pytest.raises(ExportError, match=needle):
             write_fast_backbone(model, arch_for(json.loads((case.base / "config.json").read_text())), tmp_path / "f.onnx")
         assert not (tmp_path / "f.onnx").exists()
-    pm, _, path = bases["llama"]
-    fb = FastBackbone(path, batch=1, capacity=8)
-    fb.set_row(0, fb.prompt_kv(_prompt(pm, 0)))  # 5 positions
-    with pytest.raises(InputError, match="9 positions do not fit a cache of 8"):
-        fb.run(np.array([[3, 4, 5, 6]]), np.array([4]))
-    with pytest.raises(InputError, match="a chunk of 1 rows of 1..2 ids"):
-        fb.run(np.array([[3, 4]]), np.array([3]))

@@ -1,6 +1,7 @@
 """The architecture, checked: one folder per concept, layers that import one way (declared once, below), no import
 cycles (lazy imports included), no private name imported across packages, and the size rules (modules <= 350
-lines, functions < 80)."""
+lines, functions < 80). The folders over the library — ``cli/`` (installed as ``mpt_export.cli``), ``scripts/``,
+``benchmarks/`` — keep the size rules too, use the library's public names only, and the library never imports them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "mpt_export"
+ROOT = PKG.parent
+# the folders over the library: each imports it (public names only), it imports none of them
+OUTSIDE = {"cli": "mpt_export.cli", "scripts": "scripts", "benchmarks": "benchmarks"}
 
 # Bottom to top: a module may import its own package and anything in a lower layer, never a higher one.
 LAYERS = [
@@ -117,14 +121,64 @@ def test_no_private_names_across_packages():
             there = base if base in mods and mods[base].name == "__init__.py" else base.rsplit(".", 1)[0]
             if name.startswith("_") and not name.startswith("__") and there != here:
                 bad.append(f"{m} imports {base}.{name}")
-    # the command line (a published folder) and the scripts use the library's public names only
-    for folder in ("cli", "scripts"):
-        for path in (PKG.parent / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mpt_export"):
-                    bad += [f"{folder}/{path.name} imports {node.module}.{a.name}" for a in node.names
-                            if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def outside_modules() -> dict[str, Path]:
+    """module name -> file for every module of :data:`OUTSIDE` (cli's under the name it is installed as)."""
+    mods = {}
+    for folder, name in OUTSIDE.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("").parts
+            mods[".".join([name, *(rel[:-1] if rel[-1] == "__init__" else rel)])] = path
+    return mods
+
+
+def outside_problems(mods: dict[str, Path]) -> list[str]:
+    """What the folders over the library must not do: import a private module or name of the library (``cli`` may
+    import its own ``_common``/``_help``); in ``scripts/`` and ``benchmarks/``, reach a private attribute either."""
+    bad = []
+    for m, path in mods.items():
+        own = "mpt_export.cli" if m.startswith("mpt_export.cli") else None
+        where = path.relative_to(ROOT).as_posix()
+        for base, name in _imports(path, m):
+            if not base.startswith("mpt_export") or (own and base.startswith(own)):
+                continue
+            if any(_private(part) for part in base.split(".")) or (name is not None and _private(name)):
+                bad.append(f"{where} imports {base}{'.' + name if name else ''}")
+        if not own:
+            bad += [f"{where}:{n.lineno} uses .{n.attr}" for n in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(n, ast.Attribute) and _private(n.attr)]
+    return bad
+
+
+def test_cli_scripts_and_benchmarks_use_the_public_api_only():
+    mods = outside_modules()
+    assert {m.split(".")[0] for m in mods} == {"mpt_export", "scripts", "benchmarks"}
+    assert "mpt_export.cli._common" in mods and "benchmarks.fast_graph_study" in mods
+    assert outside_problems(mods) == [], outside_problems(mods)
+
+
+def library_imports_of_outside() -> list[str]:
+    """Imports, anywhere in the library (lazy ones included), of a folder over it — but the console entry's
+    (``mpt_export/__main__.py`` starts the CLI: ``from mpt_export.cli import main``, nothing else)."""
+    tops = tuple(OUTSIDE.values())
+    bad = []
+    for path in PKG.rglob("*.py"):
+        m = _module_name(path)
+        for base, name in _imports(path, m):
+            if base in tops or base.startswith(tuple(f"{t}." for t in tops)):
+                if (m, base, name) != ("mpt_export.__main__", "mpt_export.cli", "main"):
+                    bad.append(f"{m} imports {base}{'.' + name if name else ''}")
+    return bad
+
+
+def test_the_library_imports_no_cli_script_or_benchmark():
+    assert library_imports_of_outside() == []
 
 
 def test_the_runtime_needs_no_bundle_reader_peft_or_http():
@@ -134,12 +188,15 @@ def test_the_runtime_needs_no_bundle_reader_peft_or_http():
 
 
 def test_sizes():
+    """The library and every folder over it (:data:`OUTSIDE`)."""
     long_files, long_funcs = [], []
-    for path in PKG.rglob("*.py"):
-        text = path.read_text()
+    paths = [*PKG.rglob("*.py"), *outside_modules().values()]
+    assert any(p.parent.name == "cli" for p in paths) and any(p.parent.name == "benchmarks" for p in paths)
+    for path in paths:
+        text, where = path.read_text(), path.relative_to(ROOT).as_posix()
         if text.count("\n") > 350:
-            long_files.append(f"{path.relative_to(PKG)} ({text.count(chr(10))})")
+            long_files.append(f"{where} ({text.count(chr(10))})")
         for n in ast.walk(ast.parse(text)):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 80:
-                long_funcs.append(f"{path.relative_to(PKG)}:{n.name} ({n.end_lineno - n.lineno + 1})")
+                long_funcs.append(f"{where}:{n.name} ({n.end_lineno - n.lineno + 1})")
     assert not long_files and not long_funcs, (long_files, long_funcs)

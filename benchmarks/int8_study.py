@@ -1,4 +1,4 @@
-"""Which parts of an int8 bundle to keep in float: agreement with fp32 vs speed and size, per variant
+"""Which parts of an int8-dynamic bundle to keep in float: agreement with fp32 vs speed and size, per variant
 (``quantize.VARIANTS``), on the bench's GPT-2-small-shaped bundle (random weights, 100 virtual tokens, 4 tasks).
 
 For each variant: backbone weight bytes; median latency of the bench batch (8 x 64 tokens, 8 new, prompt KV on);
@@ -7,7 +7,7 @@ along the fp32 tokens, its own top-1 compared at each step) and free-running (it
 changes everything after it).
 
     .venv/bin/mpt-export bench --preset gpt2-small-shape   # builds build/bench/gpt2-small-shape/bundle once
-    .venv/bin/python scripts/int8_study.py [--bundle build/bench/gpt2-small-shape/bundle] [--workdir build/int8]
+    .venv/bin/python benchmarks/int8_study.py [--bundle build/bench/gpt2-small-shape/bundle] [--workdir build/int8]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     for variant in VARIANTS:
         out = work / variant
         if not (out / "manifest.json").is_file():
-            quantize_bundle(src.path, out, min_agreement=0.0, variant=variant, force=True).close()
+            quantize_bundle(src.path, out, scheme="int8-dynamic", variant=variant, min_agreement=0.0, force=True).close()
         b = mpt_export.load_bundle(out)
         s = b.session()
         forced = s.generate_ids(eval_ids, eval_tasks, max_new_tokens=32, eos_token_id=None, forced_tokens=ref)

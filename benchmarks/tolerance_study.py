@@ -7,7 +7,7 @@ reference model — every element of one mid-depth attention projection (q, k, v
 fp32, 1.10 for fp16 — and reads the smallest worst-output relative error over the four projections. A good ``rtol``
 sits well above every healthy number and well below every planted one.
 
-    .venv/bin/python scripts/tolerance_study.py [--workdir build/tolerance] [--archs llama,gpt2,...]
+    .venv/bin/python benchmarks/tolerance_study.py [--workdir build/tolerance] [--archs llama,gpt2,...]
 """
 
 from __future__ import annotations
