@@ -26,7 +26,7 @@ REDO = "copy the bundle again or re-export it"
 # Every top-level field: (default, or REQUIRED; what it means). Writers write these keys (bundle format 2); an old
 # bundle without an optional field reads as its default.
 REQUIRED = object()
-FIELDS: dict[str, tuple[Any, str]] = {
+FIELDS: dict[str, tuple[object, str]] = {
     "format": (REQUIRED, "the bundle format, mpt-export/bundle/2"),
     "created_by": (None, "tool versions that wrote the bundle"),
     "created_at": (None, "when it was written (UTC, ISO 8601)"),

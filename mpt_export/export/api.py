@@ -172,7 +172,7 @@ def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dt
     step("write composer and task bank")
     cio = write_composer(tmp / "composer.onnx", arch.hidden_size, res["opset"])
     graphs = dict(res["graphs"])
-    fast, skipped = graphs.pop("backbone_fast", None), graphs.pop("backbone_fast_skipped", None)
+    fast, skipped = graphs.pop("backbone_fast", None), graphs.pop("backbone_fused_skipped", None)
     manifest = {
         "format": FORMAT,
         "created_by": tool_versions(),

@@ -30,7 +30,7 @@ from ..bundle.reader import Bundle, load_bundle
 from ..bundle.info import BundleInfo, GraphSpec
 from ..bundle.manifest import write_manifest
 from ..errors import InputError, MissingDependencyError, ValidationError
-from ..runtime.fastcausal import FusedCausalSession
+from ..runtime.fused import FusedCausalSession
 
 SCHEMES = {
     "int8": "weight-only int8: MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits",

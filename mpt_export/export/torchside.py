@@ -163,30 +163,30 @@ def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
     return {"graphs": graphs, "opset": int(real_opset), "cases": cases, "timings": timings}
 
 
-FAST_FILE = "backbone_fast.onnx"
+FUSED_FILE = "backbone_fast.onnx"
 
 
 def fast_graph(model, arch, tmp: Path, dtype: str, step) -> dict:
-    """The fused ONNX Runtime backbone (``fastgraph.py``) beside the traced one, its weights stored once with the
+    """The fused ONNX Runtime backbone (``fusedgraph.py``) beside the traced one, its weights stored once with the
     traced graph's (same tensors, shared by content in ``backbone.onnx.data``). -> ``{"backbone_fast": spec}``, or
-    ``{"backbone_fast_skipped": why}`` where the model needs what the fused graph cannot express (then sessions run the
+    ``{"backbone_fused_skipped": why}`` where the model needs what the fused graph cannot express (then sessions run the
     traced graph, as before)."""
     from ..errors import ExportError
-    from .fastgraph import write_fast_backbone
+    from .fusedgraph import write_fused_backbone
     from .seq2seq import share_weights
 
     if dtype != "float32":  # (their int8/int4 copies get one: quantizing starts from fp32)
-        return {"backbone_fast_skipped": f"the fused graph is written for fp32 bundles; a {dtype} bundle runs the "
+        return {"backbone_fused_skipped": f"the fused graph is written for fp32 bundles; a {dtype} bundle runs the "
                                          "traced graph, whose norms and softmax stay in fp32"}
     step("export fused backbone")
     try:
-        io = write_fast_backbone(model, arch, tmp / FAST_FILE, dtype)
+        io = write_fused_backbone(model, arch, tmp / FUSED_FILE, dtype)
     except ExportError as e:
-        for f in (tmp / FAST_FILE, tmp / (FAST_FILE + ".data")):
+        for f in (tmp / FUSED_FILE, tmp / (FUSED_FILE + ".data")):
             f.unlink(missing_ok=True)
-        return {"backbone_fast_skipped": str(e)}
-    share_weights(tmp, ["backbone.onnx", FAST_FILE], "backbone.onnx.data")
-    return {"backbone_fast": {"file": FAST_FILE, "external_data": "backbone.onnx.data", "layout": "kv-buffer", **io}}
+        return {"backbone_fused_skipped": str(e)}
+    share_weights(tmp, ["backbone.onnx", FUSED_FILE], "backbone.onnx.data")
+    return {"backbone_fast": {"file": FUSED_FILE, "external_data": "backbone.onnx.data", "layout": "kv-buffer", **io}}
 
 
 def _child_main() -> None:

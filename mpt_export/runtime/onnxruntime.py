@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import InputError, MissingDependencyError
 from .causal import CausalSession
-from .fastcausal import FusedCausalSession
+from .fused import FusedCausalSession
 from .graphio import present_of
 from .limits import BackendLimits
 from .options import SessionOptions
@@ -191,12 +191,12 @@ def ort_session(bundle, options: SessionOptions):
     processes). ``"auto"`` (default): on where both copies fit in the memory available (``MemAvailable``)."""
     if bundle.info.seq2seq:
         return OrtSeq2SeqSession(bundle, options)
-    if use_fast_graph(bundle, options):
+    if use_fused_graph(bundle, options):
         return OrtFusedSession(bundle, options)
     return OrtCausalSession(bundle, options)
 
 
-def use_fast_graph(bundle, options: SessionOptions) -> bool:
+def use_fused_graph(bundle, options: SessionOptions) -> bool:
     """Whether a session runs the bundle's fused graph: ``graph="fast"`` (refused with one line where the bundle has
     none, or the provider is not the CPU), ``"auto"`` where it has one and the provider is the CPU."""
     fast = bundle.info.fused

@@ -159,7 +159,7 @@ def outside_problems(mods: dict[str, Path]) -> list[str]:
 def test_cli_scripts_and_benchmarks_use_the_public_api_only():
     mods = outside_modules()
     assert {m.split(".")[0] for m in mods} == {"mpt_export", "scripts", "benchmarks"}
-    assert "mpt_export.cli._common" in mods and "benchmarks.fast_graph_study" in mods
+    assert "mpt_export.cli._common" in mods and "benchmarks.fused_graph_study" in mods
     assert outside_problems(mods) == [], outside_problems(mods)
 
 

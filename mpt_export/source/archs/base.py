@@ -129,7 +129,7 @@ class Arch:
     family: ClassVar[str] = ""  # the name users know it by (docs)
     checkpoints: ClassVar[str] = ""  # released models of the family (docs)
     handles: ClassVar[str] = ""  # what the family needs and how it is handled (docs)
-    fused: ClassVar[bool] = False  # the fused ONNX Runtime graph covers it (export/fastgraph.py)
+    fused: ClassVar[bool] = False  # the fused ONNX Runtime graph covers it (export/fusedgraph.py)
     decoder_attr: ClassVar[str] = ""  # the stack that takes inputs_embeds/attention_mask/position_ids/cache
     embed_attr: ClassVar[str] = ""  # token embedding (nn.Embedding)
     lm_head_attr: ClassVar[str] = "lm_head"

@@ -19,7 +19,7 @@ import pytest
 
 from support import left_padded, peft_greedy, peft_refs
 from mpt_export.errors import ExportError
-from mpt_export.export.fastgraph import write_fast_backbone
+from mpt_export.export.fusedgraph import write_fused_backbone
 from mpt_export.export.reference import peft_causal_forward
 from mpt_export.source.archs import arch_for
 
@@ -123,5 +123,5 @@ def test_what_the_fast_graph_cannot_hold_is_refused(make_case, llama, tmp_path):
                          (llama, "head size 8 .ONNX Runtime's GroupQueryAttention needs a multiple of 16")):
         model, _, _ = load_base_model(case.base)
         with pytest.raises(ExportError, match=needle):
-            write_fast_backbone(model, arch_for(json.loads((case.base / "config.json").read_text())), tmp_path / "f.onnx")
+            write_fused_backbone(model, arch_for(json.loads((case.base / "config.json").read_text())), tmp_path / "f.onnx")
         assert not (tmp_path / "f.onnx").exists()

@@ -1,5 +1,5 @@
 """The fast backbone for ONNX Runtime — Llama (every static rope scaling), Mistral and Qwen2 (windows too), Qwen3,
-Gemma 1–3, Phi-2, Phi-3/3.5/4, Granite, OLMo 2, SmolLM3: what each family computes is in ``fastplan.py`` — written
+Gemma 1–3, Phi-2, Phi-3/3.5/4, Granite, OLMo 2, SmolLM3: what each family computes is in ``fusedplan.py`` — written
 from the model's weights with ``onnx.helper``, no tracing. ONNX Runtime's fused contrib ops: ``GroupQueryAttention``
 (rotary, sliding window, scale and soft-cap inside) reading and writing one preallocated KV buffer per layer in place,
 ``SkipSimplifiedLayerNormalization`` (residual add + RMS norm), q/k norms as their own ops (the op's own norm inputs
@@ -14,7 +14,7 @@ prompt at 0..P-1, the text from P — the positions the plain graph gives too).
 One call runs a chunk of new rows per sequence: ``prompt_embeds`` rows (a task prompt) then ``input_ids`` rows. For
 a sequence with ``past`` cached slots and ``n`` new rows: ``seqlens_k = past + n - 1``, ``last_index = n - 1``.
 GroupQueryAttention takes several new rows over a cache for one sequence per call, or one new row for many
-(``runtime/fastcausal.py`` calls it so); its ``query_seqlens`` input would allow ragged batched chunks but slows every
+(``runtime/fused.py`` calls it so); its ``query_seqlens`` input would allow ragged batched chunks but slows every
 decode step (~10% at batch 1 on onnxruntime 1.32, measured), so the graph leaves it out.
 
 Inputs: input_ids (B, S) int64; prompt_embeds (B, P, H); seqlens_k (B,) int32; total_sequence_length () int32
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fastplan import Plan
-def fast_io(arch, dtype: str = "float32") -> dict:
+from .fusedplan import Plan
+def fused_io(arch, dtype: str = "float32") -> dict:
     """The fast graph's inputs and outputs (names, dtypes, shapes), as the manifest records graphs."""
     L, kv, hd, H = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden_size
     cache = [{"name": f"past_{k}.{i}", "dtype": dtype, "shape": ["batch", kv, "capacity", hd]}
@@ -231,8 +231,8 @@ def _layer(w: _Writer, plan: Plan, i: int, layer, x: str, resid: str | None, arc
     return _mlp(w, plan, i, mlp, h2), f"resid2.{i}"
 
 
-def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -> dict:
-    """Write ``model``'s fast graph to ``path`` (weights beside it in ``<name>.data``) -> its I/O (:func:`fast_io`).
+def write_fused_backbone(model, arch, path: str | Path, dtype: str = "float32") -> dict:
+    """Write ``model``'s fast graph to ``path`` (weights beside it in ``<name>.data``) -> its I/O (:func:`fused_io`).
     Raises ExportError naming what the graph cannot express (a family it does not cover, a head size or rotary part
     GroupQueryAttention does not take, another activation)."""
     import onnx
@@ -249,7 +249,7 @@ def write_fast_backbone(model, arch, path: str | Path, dtype: str = "float32") -
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
     onnx.save(m, str(path))
-    return fast_io(arch, dtype)
+    return fused_io(arch, dtype)
 
 
 def _graph(w: _Writer, model, arch, plan: Plan, np_dtype):
@@ -308,7 +308,7 @@ def _graph(w: _Writer, model, arch, plan: Plan, np_dtype):
         w.node("Identity", [logits], ["logits"])
     else:
         w.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
-    io = fast_io(arch, str(np_dtype))
+    io = fused_io(arch, str(np_dtype))
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
             "int32": TensorProto.INT32}
     vi = [[helper.make_tensor_value_info(s["name"], elem[s["dtype"]], s["shape"]) for s in io[k]]

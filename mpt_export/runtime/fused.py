@@ -1,4 +1,4 @@
-"""Decoder-only models on the fused graph (``backbone_fast``, see ``export/fastgraph.py``): the same session API and
+"""Decoder-only models on the fused graph (``backbone_fast``, see ``export/fusedgraph.py``): the same session API and
 step protocol as :class:`~.causal.CausalSession`, over GroupQueryAttention's cache layout.
 
 State: ``past_key.{i}`` / ``past_value.{i}`` (B, KV, capacity, Dh) and ``kv_mask`` (B, capacity). Row b's keys and

@@ -7,7 +7,7 @@ out of decode), the task's prompt KV cached on our side; fp32, or int8/int4 (wei
 this adds our traced graph (``--graph plain``) beside both, through the same sessions a user opens.
 
     .venv/bin/mpt-export bench --peer onnxruntime-genai --preset llama-small   # builds build/bench/llama-small once
-    .venv/bin/python benchmarks/fast_graph_study.py [--workdir build/bench] [--rounds 5] [--precision fp32|int8|int4]
+    .venv/bin/python benchmarks/fused_graph_study.py [--workdir build/bench] [--rounds 5] [--precision fp32|int8|int4]
         [--isolated]   # each side in a fresh process per round
 """
 

@@ -1,4 +1,4 @@
-"""What one family's fused graph computes (``fastgraph.py`` writes it): the facts ONNX Runtime GenAI's model builder
+"""What one family's fused graph computes (``fusedgraph.py`` writes it): the facts ONNX Runtime GenAI's model builder
 uses per family, read from the loaded model — norms (RMS, Gemma's (1 + w), Phi's LayerNorm), block layout (pre-norm,
 Gemma 2/3's sandwich, OLMo 2's post-norms, Phi-2's parallel branches), q/k norms (per head or over the projection),
 embedding and residual multipliers, attention scale and soft-cap, per-layer windows and rotary tables (NoPE layers
@@ -12,7 +12,7 @@ from ..errors import ExportError
 from ..source.archs import listed_archs, window_of
 
 # the model types whose family declares ``fused`` (source/archs/)
-FAST_TYPES = tuple(mt for cls in listed_archs() if cls.fused for mt in cls.model_types)
+FUSED_TYPES = tuple(mt for cls in listed_archs() if cls.fused for mt in cls.model_types)
 GATED_SILU = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")  # gate/up/down, silu
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # (1 + w) norms, tanh-GELU, embeddings scaled by sqrt(hidden)
 SILU = ("SiLUActivation", "SiLU")  # transformers' activation modules the graph's Sigmoid * x computes
@@ -27,7 +27,7 @@ class Plan:
         cfg = model.config
         self.type = mt = cfg.model_type
         if not arch.fused:
-            raise ExportError(f"no fast graph for model type {mt!r} (it covers {', '.join(FAST_TYPES)})")
+            raise ExportError(f"no fast graph for model type {mt!r} (it covers {', '.join(FUSED_TYPES)})")
         if arch.head_dim % 16:
             raise ExportError(f"fast graph: head size {arch.head_dim} (ONNX Runtime's GroupQueryAttention needs a "
                               "multiple of 16)")
