@@ -129,7 +129,7 @@ class CausalSession(Session):
         feed = self.prepare_cached(ids, tasks, mask) if use_cache else self.prepare(ids, tasks, mask)
         past_len = feed[next(iter(self._past))].shape[2]
         processed = ids.shape[0] * (feed["attention_mask"].shape[1] - past_len)
-        out = self._run_backbone_impl(feed)
+        out = self._run_step_impl("backbone", feed)  # the KV may stay where the backend keeps it, as in a step
         att = feed["attention_mask"]
         state = {"attention_mask": att, "position_ids": att.sum(1, keepdims=True).astype(np.int64),
                  **self._present_as_past(out)}
