@@ -8,21 +8,13 @@ import numpy as np
 
 from ..errors import BundleError, InputError, MissingDependencyError
 from .memory import available_memory
-from .options import SessionOptions
-
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
+from .options import PROVIDER_ALIASES, SessionOptions, canonical_provider  # noqa: F401 (PROVIDER_ALIASES: re-exported)
 
 
 def resolve_provider(provider: str) -> list[str]:
     import onnxruntime as ort
 
-    name = PROVIDER_ALIASES.get(provider.lower(), provider)
+    name = canonical_provider(provider)
     available = ort.get_available_providers()
     if name not in available:
         raise InputError(
