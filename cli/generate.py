@@ -7,9 +7,14 @@ from typing import Annotated
 
 import typer
 
+from mpt_export.runtime.sampling import SamplingParams  # light: no numpy until tokens are chosen
+
 from ._common import Quiet, console, escape, handle_errors, progress
 
 MAX_LISTED = 10
+# what `generate` does where no option says otherwise — greedy, 32 new tokens, no seed, no stop string: declared
+# once, here (the options below take their defaults from it; their help shows them)
+CLI_DEFAULTS = SamplingParams(max_new_tokens=32, temperature=0.0)
 
 
 def read_prompts(path: Path, default_task: str | None) -> list[tuple[int, str, str]]:
@@ -94,11 +99,11 @@ def generate_cmd(
     task: Annotated[str | None, typer.Option("--task", help="Task for every prompt (JSONL lines may name their own).")] = None,
     input_file: Annotated[Path | None, typer.Option("--input-file", help='JSONL file, one {"task": ..., "text": ...} per line (read and checked whole before anything runs).')] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per batch for --input-file (tasks may mix in a batch).")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="New tokens per row at most.")] = 32,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per row at most.")] = CLI_DEFAULTS.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = CLI_DEFAULTS.temperature,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = CLI_DEFAULTS.top_k,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = CLI_DEFAULTS.top_p,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output.")] = CLI_DEFAULTS.seed,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a row when its text contains this (non-empty) string (repeatable).")] = None,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: cpu, cuda, tensorrt (ONNX Runtime's TensorRT execution provider), dml, coreml or an ONNX Runtime provider name.")] = "cpu",
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (needs --engines).")] = "onnxruntime",
@@ -115,7 +120,6 @@ def generate_cmd(
     """Generate text with a bundle: one backbone, any task per row."""
     import mpt_export
     from mpt_export.errors import InputError
-    from mpt_export.runtime.sampling import SamplingConfig, check_stop
     from mpt_export.runtime import SessionOptions
 
     rows, where = _rows(prompts, input_file, task)
@@ -124,8 +128,9 @@ def generate_cmd(
     if stream and not as_json and len(rows) != 1:
         raise InputError(f"--stream prints one prompt's text as it comes; got {len(rows)} prompts (add --json to "
                          "stream several as JSON lines)")
-    SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)  # bad values fail before the bundle loads
-    stop = check_stop(stop or None)
+    # the settings, checked before the bundle loads: one object from here to the decode loop
+    params = SamplingParams.of(CLI_DEFAULTS, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop=stop or None)
     options = SessionOptions(provider=provider, backend=backend, engines=engines, prompt_kv_cache=prompt_cache,
                              intra_op_threads=threads, optimization=optimization, prepack=prepack, graph=graph)
     with progress("generate", quiet) as on_step:  # a multi-GB bundle: its files hashed, its graphs loaded
@@ -133,16 +138,15 @@ def generate_cmd(
         b = mpt_export.load_bundle(bundle)
         on_step(f"start the session ({options.backend}, {options.provider})")
         s = b.session(options)
-    check_rows(s, rows, where, max_new_tokens)
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    check_rows(s, rows, where, params.max_new_tokens)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         bt, btasks = [r[2] for r in batch], [r[1] for r in batch]
         ids, mask = s.encode_texts(bt)
         on_text = (lambda r, delta, start=start: _show(delta, start + r, as_json)) if stream else None
-        res = s.generate_detailed(ids, btasks, mask, on_text=on_text, **kw)
+        res = s.generate_detailed(ids, btasks, mask, params, on_text=on_text)
         for i in range(len(batch)):
-            text = s.decode_row(res, i, stop)
+            text = s.decode_row(res, i, params.stop)
             if stream and not as_json:
                 sys.stdout.write("\n")
             if as_json:

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 
 class MptExportError(Exception):
-    """Base class of every error the toolkit raises on purpose."""
+    """Base class of every error the toolkit raises on purpose. ``param``: the field or option at fault, where one is
+    (``"temperature"``, ``"max_new_tokens"``, ``"provider"``), else None — data, so no caller reads it off the
+    message (the HTTP server's 400 names it)."""
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        self.param = param
 
 
 class CheckpointError(MptExportError):
@@ -40,7 +46,12 @@ class MissingDependencyError(MptExportError):
 
 
 class InputError(MptExportError):
-    """Runtime inputs (ids, masks, tasks) have the wrong shape, dtype or content."""
+    """Runtime inputs (ids, masks, tasks, sampling settings) have the wrong shape, dtype or content."""
+
+
+class OptionError(InputError):
+    """An option has a bad value: how a session opens (backend, provider, threads), an export (dtype, opset), a
+    server (port, queue). ``param`` names the option."""
 
 
 class NumericsError(MptExportError):
@@ -86,13 +97,3 @@ class Draining(MptExportError):
 class TritonRepositoryError(MptExportError):
     """A repository Triton would refuse (or one this bundle's engines cannot make)."""
 
-
-class APIError(MptExportError):
-    """An HTTP answer in OpenAI's error shape: status, message, the offending parameter, a code."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}

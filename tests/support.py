@@ -259,12 +259,18 @@ def planted(model, arch: str, factor: float):
     return bad
 
 
+def settings_of(job: dict):
+    """A job's generation settings (every key but ``task`` and ``ids``) as the one object both paths take."""
+    from mpt_export.runtime.sampling import SamplingParams
+
+    return SamplingParams(**{k: v for k, v in job.items() if k not in ("task", "ids")})
+
+
 def solo(session, job: dict) -> list[int]:
-    """The tokens ``Session.generate`` gives one engine job (a Request's fields) alone."""
+    """The tokens ``Session.generate`` gives one engine job (``task``, ``ids`` and its settings) alone."""
     import numpy as np
 
-    r = session.generate_detailed(np.array([job["ids"]]), [job["task"]], max_new_tokens=job["max_new_tokens"],
-                                  temperature=job["temperature"], top_k=job["top_k"], seed=job["seed"])
+    r = session.generate_detailed(np.array([job["ids"]]), [job["task"]], sampling=settings_of(job))
     return r.ids[0, : r.lengths[0]].tolist()
 
 
@@ -275,7 +281,8 @@ def serve_all(engine, jobs: list[dict]):
     from mpt_export.engine.request import Request
 
     done = threading.Semaphore(0)
-    reqs = [Request(**j, on_event=lambda k, d: done.release() if k in ("done", "error") else None) for j in jobs]
+    reqs = [Request(task=j["task"], ids=j["ids"], sampling=settings_of(j),
+                    on_event=lambda k, d: done.release() if k in ("done", "error") else None) for j in jobs]
     for r in reqs:
         engine.submit(r)
     for _ in reqs:

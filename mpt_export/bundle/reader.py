@@ -171,6 +171,16 @@ class Bundle:
             comp[key] = comp.get(key, 0) + size
         return comp
 
+    def verify(self, trust_stamp: bool = True) -> "Bundle":
+        """Check every file against its sha256 and the task bank against the manifest, through the handle this
+        bundle was opened with (the directory it holds, whatever has moved to its path since): what
+        ``load_bundle(path)`` checks, for a bundle opened with ``verify=False``. -> this bundle."""
+        if self._fd is None:
+            raise BundleError(f"{self.path} is closed; open it again to verify it")
+        _check_files(self._fd, self.path, self.manifest, True, trust_stamp)
+        self.task_bank()
+        return self
+
     def session(self, options=None, **changes):
         """A session over this bundle: :func:`mpt_export.runtime.open_session` with ``options`` (a
         :class:`~mpt_export.runtime.SessionOptions`) or its fields as keywords (``provider``, ``backend``,
@@ -231,39 +241,14 @@ def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True)
     it is refused; with ``verify`` (default) every file's sha256 too — except files that a verification stamp (see
     :mod:`mpt_export.bundle.stamps`) shows unchanged since they were last hashed, unless ``trust_stamp`` is False — and the
     task bank against the manifest's task list (:func:`check_task_bank`, as every reader does). The bundle is read
-    through one handle taken here (see the module docstring)."""
-    from . import stamps
-
+    through one handle taken here (see the module docstring); ``verify=False`` and :meth:`Bundle.verify` later
+    check the same directory as one verifying open."""
     path = Path(path)
     fd = open_dir(path)
     try:
         manifest = _read_manifest(fd, path)
         refuse_links(fd, path)
-        dir_stat = os.fstat(fd)
-        stamp = stamps.read(dir_stat, manifest[DIGEST_KEY]) if verify and trust_stamp else {}
-        started, hashed, vouched = time.time_ns(), False, {}
-        for rel, digest in manifest["files"].items():
-            ffd = open_in(fd, rel, str(path))
-            try:
-                st = os.fstat(ffd)
-                if not verify:
-                    continue
-                if stamps.trusted(stamp, rel, digest, st):
-                    vouched[rel] = stamp[rel]
-                    continue
-                if sha256_stream(ffd) != digest:
-                    raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}; it was modified or "
-                                      f"corrupted — {REDO}")
-                hashed = True
-                if stamps.file_key(os.fstat(ffd)) == stamps.file_key(st) and stamps.stampable(st, started):
-                    vouched[rel] = [digest, *stamps.file_key(st)]
-            except OSError as e:
-                raise BundleError(f"cannot read bundle file {rel} in {path} ({e.strerror}); check its "
-                                  "permissions") from None
-            finally:
-                os.close(ffd)
-        if hashed:
-            stamps.write(dir_stat, manifest[DIGEST_KEY], vouched)
+        _check_files(fd, path, manifest, verify, trust_stamp)
     except BaseException:
         os.close(fd)
         raise
@@ -275,3 +260,35 @@ def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True)
             bundle.close()
             raise
     return bundle
+
+
+def _check_files(fd: int, path: Path, manifest: dict, verify: bool, trust_stamp: bool) -> None:
+    """Every file the manifest lists is there (opened through ``fd``); with ``verify``, it matches its sha256 (or
+    a stamp vouches for it), and the files hashed are stamped."""
+    from . import stamps
+
+    dir_stat = os.fstat(fd)
+    stamp = stamps.read(dir_stat, manifest[DIGEST_KEY]) if verify and trust_stamp else {}
+    started, hashed, vouched = time.time_ns(), False, {}
+    for rel, digest in manifest["files"].items():
+        ffd = open_in(fd, rel, str(path))
+        try:
+            st = os.fstat(ffd)
+            if not verify:
+                continue
+            if stamps.trusted(stamp, rel, digest, st):
+                vouched[rel] = stamp[rel]
+                continue
+            if sha256_stream(ffd) != digest:
+                raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST}; it was modified or "
+                                  f"corrupted — {REDO}")
+            hashed = True
+            if stamps.file_key(os.fstat(ffd)) == stamps.file_key(st) and stamps.stampable(st, started):
+                vouched[rel] = [digest, *stamps.file_key(st)]
+        except OSError as e:
+            raise BundleError(f"cannot read bundle file {rel} in {path} ({e.strerror}); check its "
+                              "permissions") from None
+        finally:
+            os.close(ffd)
+    if hashed:
+        stamps.write(dir_stat, manifest[DIGEST_KEY], vouched)

@@ -37,7 +37,7 @@ import time
 
 
 from ..errors import InputError
-from ..runtime.sampling import SamplingConfig, check_stop
+from ..runtime.sampling import SamplingParams
 from .request import Draining, QueueFull, Request
 from .steps import BatchSteps
 
@@ -81,13 +81,14 @@ class Engine(BatchSteps):
         """The engine thread is running (it stops only when told to, or when the process is failing)."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def check(self, req: Request) -> SamplingConfig:
-        """The errors ``submit`` would raise for ``req`` (unknown task, too long, bad sampling values)."""
-        cfg = SamplingConfig(req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.seed, req.logprobs,
-                             req.min_tokens, req.ignore_eos)
-        req.stop = check_stop(req.stop)
-        self.session.check_request(len(req.ids), req.task, cfg.max_new_tokens)
-        return cfg
+    def check(self, req: Request) -> SamplingParams:
+        """The errors ``submit`` would raise for ``req`` (unknown task, too long for the model or the backend); its
+        settings were checked when its :class:`~mpt_export.runtime.sampling.SamplingParams` was built."""
+        if not isinstance(req.sampling, SamplingParams):
+            raise InputError(f"a request's sampling must be a SamplingParams, got {type(req.sampling).__name__}",
+                             param="sampling")
+        self.session.check_request(len(req.ids), req.task, req.sampling.max_new_tokens)
+        return req.sampling
 
     def submit(self, req: Request) -> Request:
         self.check(req)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import Draining, QueueFull
+from ..runtime.sampling import SamplingParams
 
 
 @dataclass
@@ -16,20 +17,13 @@ class Request:
     ``("token", {"text": delta, "token": id, "logprobs": entry})`` for every generated token (``delta``: the text
     that became final with it, often ""; ``entry``: its log-probabilities when asked, else None), then
     ``("done", request)`` or
-    ``("error", exception)``."""
+    ``("error", exception)``. ``sampling``: every generation setting, checked when it was built and read as it is
+    by the decode loop (the same object ``Session.generate_detailed`` takes)."""
 
     task: str
     ids: list[int]
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     seed_row: int = 0  # the row index Session.generate would give this sequence (a prompt list's position)
-    stop: list[str] | None = None
-    logprobs: int | None = None  # each token's log-probability and this many alternatives (see Row.logprobs)
-    min_tokens: int = 0
-    ignore_eos: bool = False
     on_event: Callable | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     # filled by the engine

@@ -12,7 +12,6 @@ import numpy as np
 
 from ..errors import GenerationError, MptExportError, NumericsError
 from ..runtime.decode import Row, choose
-from ..runtime.sampling import SamplingConfig
 from .batchstate import build_state, copy_row, length_groups, unused_columns, used_columns
 from .request import Request
 
@@ -22,10 +21,11 @@ class _Row:
 
     __slots__ = ("req", "gen", "next_token")
 
-    def __init__(self, req: Request, cfg: SamplingConfig, tokenizer, eos):
+    def __init__(self, req: Request, tokenizer, eos):
         self.req = req
+        cfg = req.sampling  # read as it is: the object the request was built with
         rng = cfg.generators(req.seed_row + 1)[req.seed_row] if not cfg.greedy else None
-        self.gen = Row(cfg, rng, eos, tokenizer, req.stop, stream=True)
+        self.gen = Row(cfg, rng, eos, tokenizer, stream=True)
         req.tokens = self.gen.tokens  # one list: the request shows the tokens as they come
         req.token_logprobs = self.gen.logprobs
         self.next_token = None
@@ -69,7 +69,8 @@ class BatchSteps:
         rows = []
         for req in reqs:
             try:
-                rows.append(_Row(req, self.check(req), self.tokenizer, self.eos))
+                self.check(req)
+                rows.append(_Row(req, self.tokenizer, self.eos))
             except MptExportError as e:  # e.g. its task was removed by a reload since it was queued
                 self._fail(req, e)
         joining = []

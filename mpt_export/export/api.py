@@ -53,12 +53,13 @@ def validate_against_peft(bundle: Bundle, model, bank: TaskBank, tol, seed, prov
 def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
     """Every graph of the bundle that runs on ONNX Runtime (the traced one, and the fused one where there is one)
     against the references; -> the traced graph's report, with the fused graph's under ``fast_graph``."""
+    from ..runtime.options import is_cpu_provider
     from .validate import compare_causal, compare_seq2seq
 
     compare = compare_seq2seq if cases.kind == "seq2seq" else compare_causal
     reports = {}
     for graph in ("plain", "fast") if bundle.info.fused else ("plain",):
-        if graph == "fast" and not provider.lower().startswith("cpu"):
+        if graph == "fast" and not is_cpu_provider(provider):
             continue  # the fused graph runs on the CPU provider only
         session = bundle.session(provider=provider, prepack=False, graph=graph)  # weights read in place
         try:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..errors import InputError
+from ..errors import OptionError
+from ..runtime.options import is_cpu_provider
 from .backbone import DEFAULT_OPSET
 from .precision import canonical_dtype, tolerance
 
@@ -30,25 +31,26 @@ class ExportOptions:
 
     def __post_init__(self):
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 18:
-            raise InputError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got "
-                             f"{self.opset!r}")
+            raise OptionError(f"--opset must be an integer >= 18 (torch's dynamo exporter writes 18 and later), got "
+                              f"{self.opset!r}", param="opset")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
-            raise InputError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+            raise OptionError(f"--min-agreement must be in [0, 1], got {self.min_agreement}", param="min_agreement")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         self.tolerance  # noqa: B018 - --atol/--rtol checked now, not after the graphs are exported
         if self.quantize is None and (self.block_size is not None or self.accuracy_level is not None
                                       or self.min_agreement is not None):
-            raise InputError("--block-size, --accuracy-level and --min-agreement go with --quantize int8|int4")
+            raise OptionError("--block-size, --accuracy-level and --min-agreement go with --quantize int8|int4",
+                              param="quantize")
         if self.quantize is not None:
             self.quantization  # noqa: B018 - the scheme and its options checked now
             if self.dtype != "float32":
-                raise InputError(f"--quantize {self.quantize} starts from fp32 weights; drop --dtype or quantize an "
-                                 "fp32 bundle")
-        elif self.dtype == "bfloat16" and self.validate and self.provider == "cpu":
-            raise InputError(
+                raise OptionError(f"--quantize {self.quantize} starts from fp32 weights; drop --dtype or quantize an "
+                                  "fp32 bundle", param="dtype")
+        elif self.dtype == "bfloat16" and self.validate and is_cpu_provider(self.provider):
+            raise OptionError(
                 "bf16 graphs cannot be validated on ONNX Runtime's CPU provider (it has no bf16 kernels); validate on "
                 "a GPU provider (--provider cuda) or pass --no-validate and check the engine with `mpt-export verify` "
-                "there")
+                "there", param="provider")
 
     @property
     def quantization(self):

@@ -21,7 +21,7 @@ from .graphio import present_of
 from .limits import BackendLimits
 from .options import SessionOptions
 from .decode import GenerationResult, generate  # noqa: F401 (GenerationResult: re-exported)
-from .sampling import SamplingConfig, check_stop
+from .sampling import SamplingParams, check_stop
 from .streaming import cut_at_stop
 
 
@@ -205,57 +205,43 @@ class Session:
     def _check(self, input_ids, tasks, attention_mask, padding: str = "left"):
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise InputError(f"input_ids must be a non-empty 2-D array [batch, seq], got shape {list(ids.shape)}")
+            raise InputError(f"input_ids must be a non-empty 2-D array [batch, seq], got shape {list(ids.shape)}",
+                             param="input_ids")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"input_ids must be integers (int64), got {ids.dtype}")
+            raise InputError(f"input_ids must be integers (int64), got {ids.dtype}", param="input_ids")
         ids = ids.astype(np.int64)
         if isinstance(tasks, str):
             tasks = [tasks] * ids.shape[0]
         if not isinstance(tasks, (list, tuple, np.ndarray)) or not all(isinstance(t, str) for t in tasks):
-            raise InputError(f"tasks must be a task name or a list of one task name per row, got {tasks!r:.80}")
+            raise InputError(f"tasks must be a task name or a list of one task name per row, got {tasks!r:.80}",
+                             param="tasks")
         tasks = list(tasks)
         if len(tasks) != ids.shape[0]:
-            raise InputError(f"tasks has {len(tasks)} name(s) but input_ids has {ids.shape[0]} row(s); give one task per row")
+            raise InputError(f"tasks has {len(tasks)} name(s) but input_ids has {ids.shape[0]} row(s); give one task "
+                             "per row", param="tasks")
         for t in set(tasks):
             if t not in self.bank.names:
-                raise TaskNameError(f"unknown task {t!r}; this bundle has: {', '.join(self.bank.names)}")
-        if attention_mask is None:
-            mask = np.ones_like(ids)
-        else:
-            mask = np.asarray(attention_mask)
-            if mask.shape != ids.shape:
-                raise InputError(f"attention_mask has shape {list(mask.shape)}, expected {list(ids.shape)} (same as input_ids)")
-            if not np.isin(mask, (0, 1)).all():
-                raise InputError("attention_mask must hold only 0 and 1")
-            mask = mask.astype(np.int64)
-            d = np.diff(mask, axis=1)
-            if padding == "left" and ((mask[:, -1] != 1).any() or (d < 0).any()):
-                raise InputError("attention_mask must be left-padded: zeros (if any) first, then ones, ending with a 1")
-            if padding == "right" and ((mask[:, 0] != 1).any() or (d > 0).any()):
-                raise InputError("attention_mask must be right-padded: ones first, starting with a 1, then zeros")
+                raise TaskNameError(f"unknown task {t!r}; this bundle has: {', '.join(self.bank.names)}", param="tasks")
+        mask = np.ones_like(ids) if attention_mask is None else _check_mask(attention_mask, ids.shape, padding)
         if ((ids < 0) | (ids >= self.vocab_size))[mask == 1].any():
-            raise InputError(f"input_ids must be in [0, {self.vocab_size}) (the model's vocabulary)")
+            raise InputError(f"input_ids must be in [0, {self.vocab_size}) (the model's vocabulary)", param="input_ids")
         longest = int(mask.sum(1).max())
         if self.limits is not None:
             self.limits.check(batch=ids.shape[0], longest=longest)
         plen = max(self.prompt_len(t) for t in set(tasks))
         limit = self.max_positions - plen
         if longest > limit:
-            raise InputError(
-                f"input of {longest} tokens is too long: the model has {self.max_positions} positions and the prompt "
-                f"takes {plen}, so at most {limit} tokens fit"
-            )
+            raise InputError(f"input of {longest} tokens is too long: the model has {self.max_positions} positions and "
+                             f"the prompt takes {plen}, so at most {limit} tokens fit", param="input_ids")
         return ids, tasks, mask
 
     def _check_new_tokens(self, tasks, mask, max_new_tokens: int) -> None:
         plen = max(self.prompt_len(t) for t in set(tasks))
         longest = int(mask.sum(1).max())
         if plen + longest + max_new_tokens > self.max_positions:
-            raise InputError(
-                f"{longest} input tokens + {max_new_tokens} new tokens do not fit: the model has "
-                f"{self.max_positions} positions and the prompt takes {plen}, so input + max_new_tokens <= "
-                f"{self.max_positions - plen}"
-            )
+            raise InputError(f"{longest} input tokens + {max_new_tokens} new tokens do not fit: the model has "
+                             f"{self.max_positions} positions and the prompt takes {plen}, so input + max_new_tokens "
+                             f"<= {self.max_positions - plen}", param="max_new_tokens")
 
     def check_request(self, n_tokens: int, task: str, max_new_tokens: int) -> None:
         """Raise the error a request of ``n_tokens`` input tokens for ``task`` with ``max_new_tokens`` would raise
@@ -277,55 +263,75 @@ class Session:
 
     padding_side = "left"
 
-    def generate_detailed(self, input_ids, tasks, attention_mask=None, max_new_tokens: int = 16,
-                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                          eos_token_id: int | None | str = "auto", stop: list[str] | None = None,
-                          prompt_kv_cache: bool | None = None, on_step=None, on_text=None,
-                          forced_tokens: np.ndarray | None = None, logprobs: int | None = None, min_tokens: int = 0,
-                          ignore_eos: bool = False) -> GenerationResult:
+    def generate_detailed(self, input_ids, tasks, attention_mask=None, sampling: SamplingParams | int | None = None,
+                          *, on_step=None, on_text=None, forced_tokens: np.ndarray | None = None,
+                          prompt_kv_cache: bool | None = None, **settings) -> GenerationResult:
         """Prefill, then one-token steps feeding each step's KV back in (the loop is :func:`.decode.generate`).
 
-        Rows stop at EOS, at a stop string (needs the tokenizer) or after ``max_new_tokens``; finished rows are
-        dropped from the batch so they stop costing work. ``on_step(step, rows, tokens)`` is called with the
-        original row indices and their new tokens after every step; ``on_text(row, text)`` with each row's text as
-        it becomes final (streaming: the pieces of a row add up to :meth:`decode_row`'s text).
+        ``sampling``: a :class:`~.sampling.SamplingParams`; its fields may also be given as keywords
+        (``max_new_tokens=8, temperature=0.7``), applied over ``sampling`` (or the defaults) — one object, checked
+        once, that every row reads (an integer in its place is ``max_new_tokens``, once the fourth argument).
+        Rows stop at EOS (``eos_token_id``: "auto" the model's, None none), at a stop string or after
+        ``max_new_tokens``; finished rows leave the batch. ``logprobs`` k: each token's log-probability and the k
+        most likely alternatives (``result.logprobs``), untempered; ``min_tokens``: no EOS before that many tokens;
+        ``ignore_eos``: EOS does not end a row.
 
-        ``forced_tokens`` (B, N): teacher forcing — the loop feeds these tokens but records the model's own choices
-        (used to measure top-1 agreement of a quantized bundle along a reference's sequence). ``logprobs`` k: each
-        generated token's log-probability and the k most likely alternatives (``result.logprobs``), from the logits
-        that chose it, untempered; ``min_tokens``: no EOS before that many tokens; ``ignore_eos``: EOS does not end a
-        row."""
-        cfg = SamplingConfig(int(max_new_tokens) if isinstance(max_new_tokens, (int, np.integer)) else max_new_tokens,
-                             temperature, top_k, top_p, seed, logprobs, min_tokens, ignore_eos)
-        stop = check_stop(stop)
+        ``on_step(step, rows, tokens)``: the row indices and their new tokens after every step; ``on_text(row,
+        text)``: each row's text as it becomes final (the pieces add up to :meth:`decode_row`'s). ``forced_tokens``
+        (B, N): teacher forcing (the loop feeds these, records the model's own choices). ``prompt_kv_cache``: start
+        from each task's cached prompt KV (None: as the session was opened)."""
+        if isinstance(sampling, (int, np.integer)) and not isinstance(sampling, bool):
+            settings, sampling = {"max_new_tokens": sampling, **settings}, None
+        params = SamplingParams.of(sampling, **settings)
         ids, tasks, mask = self._check(input_ids, tasks, attention_mask, padding=self.padding_side)
-        self._check_new_tokens(tasks, mask, cfg.max_new_tokens)
+        self._check_new_tokens(tasks, mask, params.max_new_tokens)
         if self.limits is not None:
-            self.limits.check(new_tokens=cfg.max_new_tokens)
-        eos = self.eos_token_id if eos_token_id == "auto" else eos_token_id
+            self.limits.check(new_tokens=params.max_new_tokens)
         use_cache = self.prompt_kv_cache if prompt_kv_cache is None else prompt_kv_cache
-        return generate(self, ids, tasks, mask, cfg, eos, stop, use_cache, on_step, on_text, forced_tokens)
+        return generate(self, ids, tasks, mask, params, use_cache, on_step, on_text, forced_tokens)
 
-    def generate_ids(self, input_ids, tasks, attention_mask=None, max_new_tokens: int = 16, **kw) -> np.ndarray:
-        """New token ids, np.int64 [batch, new]; a row that stopped early is padded with EOS."""
-        return self.generate_detailed(input_ids, tasks, attention_mask, max_new_tokens=max_new_tokens, **kw).ids
+    def generate_ids(self, input_ids, tasks, attention_mask=None, max_new_tokens: int | None = None,
+                     **kw) -> np.ndarray:
+        """New token ids, np.int64 [batch, new]; a row that stopped early is padded with EOS. Takes what
+        :meth:`generate_detailed` takes."""
+        kw.update({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})
+        return self.generate_detailed(input_ids, tasks, attention_mask, **kw).ids
 
     def encode_texts(self, texts: list[str]):
         return self.tokenizer.encode_batch(list(texts), padding=self.padding_side)
 
-    def generate(self, texts, tasks, max_new_tokens: int = 16, stop: list[str] | None = None, **kw) -> list[str]:
-        """Text in, text out; one task per text (or one task name for all)."""
+    def generate(self, texts, tasks, max_new_tokens: int | None = None, stop: list[str] | None = None,
+                 sampling: SamplingParams | None = None, **kw) -> list[str]:
+        """Text in, text out; one task per text (or one task name for all). Settings as :meth:`generate_detailed`
+        takes them (a :class:`~.sampling.SamplingParams`, and/or its fields as keywords)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
-            raise InputError("no prompt given")
-        stop = check_stop(stop)
+            raise InputError("no prompt given", param="texts")
+        changes = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("stop", stop)) if v is not None}
+        params = SamplingParams.of(sampling, **changes)  # the keywords in ``kw`` apply over it in generate_detailed
         ids, mask = self.encode_texts(texts)
-        res = self.generate_detailed(ids, tasks, mask, max_new_tokens=max_new_tokens, stop=stop, **kw)
-        return [self.decode_row(res, b, stop) for b in range(len(texts))]
+        res = self.generate_detailed(ids, tasks, mask, params, **kw)
+        return [self.decode_row(res, b, params.stop) for b in range(len(texts))]
 
     def decode_row(self, res: GenerationResult, b: int, stop: list[str] | None = None) -> str:
         toks = res.ids[b, : res.lengths[b]]
         if res.finish[b] == "eos":
             toks = toks[:-1]
         return cut_at_stop(self.tokenizer.decode(toks), check_stop(stop))
+
+
+def _check_mask(attention_mask, shape, padding: str) -> np.ndarray:
+    mask = np.asarray(attention_mask)
+    if mask.shape != shape:
+        raise InputError(f"attention_mask has shape {list(mask.shape)}, expected {list(shape)} (same as input_ids)",
+                         param="attention_mask")
+    if not np.isin(mask, (0, 1)).all():
+        raise InputError("attention_mask must hold only 0 and 1", param="attention_mask")
+    mask = mask.astype(np.int64)
+    d = np.diff(mask, axis=1)
+    if ((mask[:, -1] != 1).any() or (d < 0).any()) if padding == "left" else ((mask[:, 0] != 1).any() or (d > 0).any()):
+        raise InputError(f"attention_mask must be {padding}-padded: " + ("zeros (if any) first, then ones, ending with "
+                         "a 1" if padding == "left" else "ones first, starting with a 1, then zeros"),
+                         param="attention_mask")
+    return mask

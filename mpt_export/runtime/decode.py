@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import NumericsError
-from .sampling import SamplingConfig, select, token_logprobs
+from .sampling import SamplingParams, select, token_logprobs
 from .streaming import TextStream, cut_at_stop
 
 
@@ -34,21 +34,24 @@ class GenerationResult:
 
 
 class Row:
-    """One sequence being generated: its sampling settings and generator, its tokens, its text and its finish."""
+    """One sequence being generated: its settings (:class:`~.sampling.SamplingParams`, read as they are) and
+    generator, its tokens, its text and its finish. ``eos``: the model's EOS token (the settings' ``eos_token_id``
+    may name another, or none)."""
 
     __slots__ = ("cfg", "rng", "eos", "eos_id", "stop", "tokens", "finish", "text", "logprobs")
 
-    def __init__(self, cfg: SamplingConfig, rng, eos: int | None, tokenizer=None, stop: list[str] | None = None,
-                 stream: bool = False):
-        self.cfg, self.rng, self.stop = cfg, rng, stop
-        self.eos_id = eos  # the model's EOS (min_tokens keeps it from being chosen early)
+    def __init__(self, cfg: SamplingParams, rng, eos: int | None, tokenizer=None, stream: bool = False):
+        self.cfg, self.rng = cfg, rng
+        self.stop = list(cfg.stop) if cfg.stop else None
+        eos = cfg.eos(eos)
+        self.eos_id = eos  # the row's EOS (min_tokens keeps it from being chosen early)
         self.eos = None if cfg.ignore_eos else eos  # the EOS that ends the row
         self.tokens: list[int] = []
         # per token: (its log-probability, [(alternative, log-probability)] best first), when asked for
         self.logprobs: list | None = [] if cfg.logprobs is not None else None
         self.finish: str | None = None
         # the text is followed token by token when it is streamed or a stop string must be found in it
-        self.text = TextStream(tokenizer, stop, eos) if tokenizer is not None and (stream or stop) else None
+        self.text = TextStream(tokenizer, self.stop, eos) if tokenizer is not None and (stream or self.stop) else None
 
     def take(self, tok: int) -> str | None:
         """Record one token. -> the text that became final with it ("" often; None for EOS, which is not text);
@@ -103,14 +106,16 @@ def choose(rows: list[Row], logits: np.ndarray) -> tuple[np.ndarray, dict[int, E
     return nxt, failed
 
 
-def generate(session, ids, tasks, mask, cfg: SamplingConfig, eos: int | None, stop: list[str] | None,
-             use_cache: bool, on_step=None, on_text=None, forced_tokens=None) -> GenerationResult:
+def generate(session, ids, tasks, mask, cfg: SamplingParams, use_cache: bool, on_step=None, on_text=None,
+             forced_tokens=None) -> GenerationResult:
     """Prefill, then one-token steps feeding each step's KV back in; finished rows leave the batch (they stop
-    costing work). ``on_step(step, rows, tokens)``: original row indices and their new tokens after every step;
-    ``on_text(row, text)``: each row's streamed text (``Session.generate_detailed`` documents the rest)."""
+    costing work). Every row reads the one ``cfg``. ``on_step(step, rows, tokens)``: original row indices and their
+    new tokens after every step; ``on_text(row, text)``: each row's streamed text (``Session.generate_detailed``
+    documents the rest)."""
     B = ids.shape[0]
-    tok = session.tokenizer if (stop or on_text) else None
-    rows = [Row(cfg, rng, eos, tok, stop, stream=on_text is not None) for rng in cfg.generators(B)]
+    eos = cfg.eos(session.eos_token_id)
+    tok = session.tokenizer if (cfg.stop or on_text) else None
+    rows = [Row(cfg, rng, session.eos_token_id, tok, stream=on_text is not None) for rng in cfg.generators(B)]
     t0 = time.perf_counter()
     logits, state, processed = session.prefill(ids, tasks, mask, use_cache, new_tokens=cfg.max_new_tokens)
     t_prefill = time.perf_counter() - t0

@@ -46,13 +46,15 @@ class BackendLimits:
                              "tokens with ONNX Runtime (--backend onnxruntime, provider cpu or cuda)")
 
     def check(self, batch: int | None = None, longest: int | None = None, new_tokens: int | None = None) -> None:
-        """Raise InputError naming the limit that ``batch`` rows, ``longest`` input tokens or ``new_tokens`` exceed."""
+        """Raise InputError naming the limit that ``batch`` rows, ``longest`` input tokens or ``new_tokens`` exceed
+        (its ``param``: the input at fault, ``input_ids`` or ``max_new_tokens``)."""
         if batch is not None and self.max_batch is not None and batch > self.max_batch:
             raise InputError(f"{batch} rows in one call exceed {self.source}: at most {self.max_batch} rows "
-                             f"(max_batch); send fewer at once or {self.fix}")
+                             f"(max_batch); send fewer at once or {self.fix}", param="input_ids")
         if longest is not None and self.max_input is not None and longest > self.max_input:
             raise InputError(f"input of {longest} tokens is too long for {self.source}: at most {self.max_input} "
-                             f"input tokens (max_input); shorten the prompt or {self.fix}")
+                             f"input tokens (max_input); shorten the prompt or {self.fix}", param="input_ids")
         if new_tokens is not None and self.max_new_tokens is not None and new_tokens > self.max_new_tokens:
             raise InputError(f"{new_tokens} new tokens (max_tokens) are more than {self.source} can generate: at most "
-                             f"{self.max_new_tokens} new tokens (max_new_tokens); ask for fewer or {self.fix}")
+                             f"{self.max_new_tokens} new tokens (max_new_tokens); ask for fewer or {self.fix}",
+                             param="max_new_tokens")

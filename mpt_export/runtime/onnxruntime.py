@@ -10,24 +10,16 @@ from .causal import CausalSession
 from .fused import FusedCausalSession
 from .graphio import present_of
 from .limits import BackendLimits
-from .options import SessionOptions
+from .options import PROVIDER_ALIASES, SessionOptions, canonical_provider  # noqa: F401 (PROVIDER_ALIASES: re-exported)
 from .ortgraphs import check_graph_io, inference_session, resolve_prepack, trt_ep_options
 from .seq2seq import Seq2SeqSession
 from .trt.profiles import fit_limits
-
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
 
 
 def resolve_provider(provider: str) -> list[str]:
     import onnxruntime as ort
 
-    name = PROVIDER_ALIASES.get(provider.lower(), provider)
+    name = canonical_provider(provider)
     available = ort.get_available_providers()
     if name not in available:
         raise InputError(

@@ -7,17 +7,45 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..errors import BundleError, InputError
+from ..errors import OptionError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
+# the short provider names every command takes -> ONNX Runtime's provider names
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+_FULL_NAMES = {v.lower(): v for v in PROVIDER_ALIASES.values()}
 
-def check_threads(value, what: str = "threads") -> int:
+
+def canonical_provider(name: str) -> str:
+    """ONNX Runtime's name for a provider: an alias (``cpu``, ``CUDA``) or a known provider name in any case
+    (``cpuexecutionprovider``) -> its ONNX Runtime name (``CPUExecutionProvider``); any other name as given. The one
+    answer to "which provider is this" (no onnxruntime import: whether it is available is the session's check)."""
+    if not isinstance(name, str) or not name:
+        raise OptionError(f"provider must be a provider name (cpu, cuda, tensorrt, dml, coreml or an ONNX Runtime "
+                          f"provider name), got {name!r}", param="provider")
+    key = name.lower()
+    return PROVIDER_ALIASES.get(key) or _FULL_NAMES.get(key, name)
+
+
+def is_cpu_provider(name: str) -> bool:
+    """Whether ``name`` is ONNX Runtime's CPU provider, however it is written (``cpu``, ``CPU``,
+    ``CPUExecutionProvider``)."""
+    return canonical_provider(name) == "CPUExecutionProvider"
+
+
+def check_threads(value, what: str = "threads", param: str | None = None) -> int:
     """A thread count: an integer from 0 (one per core) to a sane limit; one clear error otherwise."""
     limit = max(256, 4 * (os.cpu_count() or 1))
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise InputError(f"{what} must be an integer from 1 to {limit} (0 or none: one per core), got {value!r}")
+        raise OptionError(f"{what} must be an integer from 1 to {limit} (0 or none: one per core), got {value!r}",
+                          param=param or what.lstrip("-").replace("-", "_"))
     return int(value)
 
 
@@ -41,27 +69,29 @@ class SessionOptions:
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
-            raise BundleError(f"unknown backend {self.backend!r}; choose onnxruntime or tensorrt")
+            raise OptionError(f"unknown backend {self.backend!r}; choose onnxruntime or tensorrt", param="backend")
         if self.backend == "tensorrt" and self.engines is None:
-            raise BundleError("the TensorRT backend needs the engines folder (mpt-export build BUNDLE --out DIR)")
+            raise OptionError("the TensorRT backend needs the engines folder (mpt-export build BUNDLE --out DIR)",
+                              param="engines")
+        canonical_provider(self.provider)
         if self.optimization not in OPTIMIZATION_LEVELS:
-            raise InputError(f"unknown graph optimization level {self.optimization!r}; choose one of "
-                             f"{', '.join(OPTIMIZATION_LEVELS)}")
+            raise OptionError(f"unknown graph optimization level {self.optimization!r}; choose one of "
+                              f"{', '.join(OPTIMIZATION_LEVELS)}", param="optimization")
         if self.graph not in GRAPH_CHOICES:
-            raise InputError(f"unknown graph {self.graph!r}; choose one of {', '.join(GRAPH_CHOICES)}")
+            raise OptionError(f"unknown graph {self.graph!r}; choose one of {', '.join(GRAPH_CHOICES)}", param="graph")
         if self.graph == "fast" and self.backend != "onnxruntime":
-            raise InputError("the fused graph runs on ONNX Runtime; the TensorRT backend runs the engines built from "
-                             "the traced graph (drop --graph fast)")
+            raise OptionError("the fused graph runs on ONNX Runtime; the TensorRT backend runs the engines built from "
+                              "the traced graph (drop --graph fast)", param="graph")
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
         if self.prepack != "auto" and not isinstance(self.prepack, bool):
-            raise InputError(f"prepack must be True, False or 'auto', got {self.prepack!r}")
+            raise OptionError(f"prepack must be True, False or 'auto', got {self.prepack!r}", param="prepack")
         if self.intra_op_threads is not None:
-            check_threads(self.intra_op_threads)
+            check_threads(self.intra_op_threads, param="intra_op_threads")
         for name in ("prompt_cache_size", "kv_cache_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InputError(f"{name} must be an integer >= 0, got {v!r}")
+                raise OptionError(f"{name} must be an integer >= 0, got {v!r}", param=name)
 
     @classmethod
     def of(cls, options: "SessionOptions | str | None" = None, **changes) -> "SessionOptions":
@@ -69,8 +99,8 @@ class SessionOptions:
         ``changes`` applied; an unknown keyword is one clear error naming the ones there are."""
         unknown = set(changes) - {f.name for f in fields(cls)}
         if unknown:
-            raise InputError(f"unknown session option(s) {', '.join(sorted(unknown))}; the options are "
-                             f"{', '.join(f.name for f in fields(cls))}")
+            raise OptionError(f"unknown session option(s) {', '.join(sorted(unknown))}; the options are "
+                              f"{', '.join(f.name for f in fields(cls))}", param=sorted(unknown)[0])
         if isinstance(options, str):
             changes = {"provider": options, **changes}
             options = None

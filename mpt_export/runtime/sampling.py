@@ -8,9 +8,9 @@ best token's is exactly 1)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
+import math
+from dataclasses import dataclass, fields, replace
+from numbers import Integral
 
 from ..errors import InputError
 
@@ -18,67 +18,115 @@ MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's chat top_logprobs 
 GREEDY_BELOW = 1e-5  # temperatures under this pick the argmax: exp(-delta / t) underflows for any useful delta
 
 
-@dataclass
-class SamplingConfig:
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every per-request generation setting, checked once here (an error names its field as ``param``) and then
+    carried whole — from the HTTP body, the command line, Triton's inputs or ``Session.generate_detailed``'s
+    keywords — to the decode loop, which reads it and rebuilds nothing. These field defaults are the Python API's;
+    each entry point declares its own once (the HTTP server's are OpenAI's: ``temperature`` 1, ``max_tokens`` 16).
+    The first eight fields keep the order ``SamplingConfig`` had, so positional construction still works."""
+
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int | None = None
+    seed: int | None = None  # row i draws from the generator seeded (seed, i); None: a fresh seed
     logprobs: int | None = None  # record each token's log-probability and this many alternatives (None: none)
     min_tokens: int = 0  # EOS cannot be chosen before this many tokens
     ignore_eos: bool = False  # EOS is a token like any other: generate max_new_tokens
+    stop: tuple[str, ...] | None = None  # a row ends where its text holds one of these (cut before it)
+    eos_token_id: int | None | str = "auto"  # the token that ends a row: "auto" the model's, None none
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
-                or self.max_new_tokens <= 0:
-            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        self.temperature = _number("temperature", self.temperature)
-        self.top_p = _number("top_p", self.top_p)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) and not (
-                isinstance(self.top_k, float) and self.top_k.is_integer()):
-            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        self.top_k = int(self.top_k)
+        if not _integer(self.max_new_tokens) or self.max_new_tokens <= 0:
+            _bad("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
+        self._set("max_new_tokens", int(self.max_new_tokens))
+        self._set("temperature", _number("temperature", self.temperature))
+        self._set("top_p", _number("top_p", self.top_p))
+        if not (_integer(self.top_k) or isinstance(self.top_k, float) and self.top_k.is_integer()) \
+                or self.top_k < 0:
+            _bad("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        self._set("top_k", int(self.top_k))
         if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+            _bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
-                                      or self.seed < 0):
-            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
-                self.logprobs, (int, np.integer)) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise InputError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (alternatives per token), got "
-                             f"{self.logprobs!r}")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, (int, np.integer)) or \
-                not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise InputError(f"min_tokens must be an integer from 0 to max_new_tokens ({self.max_new_tokens}), got "
-                             f"{self.min_tokens!r}")
+            _bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        self._set("seed", _optional_int("seed", self.seed, "an integer >= 0"))
+        self._set("logprobs", _optional_int("logprobs", self.logprobs, f"an integer from 0 to {MAX_LOGPROBS} "
+                                            "(alternatives per token)", MAX_LOGPROBS))
+        if not _integer(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            _bad("min_tokens", f"must be an integer from 0 to max_new_tokens ({self.max_new_tokens}), got "
+                 f"{self.min_tokens!r}")
+        self._set("min_tokens", int(self.min_tokens))
         if not isinstance(self.ignore_eos, bool):
-            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            _bad("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
+        stop = check_stop(self.stop)
+        self._set("stop", tuple(stop) if stop else None)
+        if self.eos_token_id != "auto":
+            self._set("eos_token_id", _optional_int("eos_token_id", self.eos_token_id,
+                                                    "a token id >= 0, None (no EOS) or 'auto' (the model's)"))
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    @classmethod
+    def of(cls, sampling: "SamplingParams | None" = None, **changes) -> "SamplingParams":
+        """``sampling`` (or the defaults) with ``changes`` applied and checked again; an unknown setting is one
+        clear error naming the settings there are."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise InputError(f"unknown generation setting(s) {', '.join(unknown)}; the settings are "
+                             f"{', '.join(names)}", param=unknown[0])
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__}", param="sampling")
+        base = sampling if sampling is not None else cls()
+        return replace(base, **changes) if changes else base
+
+    def eos(self, model_eos: int | None) -> int | None:
+        """The token that ends a row: the model's (``model_eos``) unless ``eos_token_id`` names another or None."""
+        return model_eos if self.eos_token_id == "auto" else self.eos_token_id
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
-    def generators(self, batch: int) -> list[np.random.Generator]:
+    def generators(self, batch: int) -> list:
+        """One numpy generator per row: row ``b`` draws from ``(seed, b)``."""
+        import numpy as np
+
         seed = self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         return [np.random.default_rng([seed, b]) for b in range(batch)]
 
 
-def _number(name: str, v) -> float:
-    import math
+SamplingConfig = SamplingParams  # the name it had (documented): the same class
 
+
+def _bad(name: str, what: str):
+    raise InputError(f"{name} {what}", param=name)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _optional_int(name: str, v, what: str, hi: int | None = None) -> int | None:
+    if v is None:
+        return None
+    if not _integer(v) or v < 0 or (hi is not None and v > hi):
+        _bad(name, f"must be {what}, got {v!r}")
+    return int(v)
+
+
+def _number(name: str, v) -> float:
     if isinstance(v, bool):
-        raise InputError(f"{name} must be a number, got {v!r}")
+        _bad(name, f"must be a number, got {v!r}")
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {v!r}") from None
+        _bad(name, f"must be a number, got {v!r}")
     if not math.isfinite(f):
-        raise InputError(f"{name} must be a finite number, got {v!r}")
+        _bad(name, f"must be a finite number, got {v!r}")
     return f
 
 
@@ -89,14 +137,17 @@ def check_stop(stop) -> list[str] | None:
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise InputError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+        raise InputError(f"stop must be a string or a list of strings, got {stop!r:.80}", param="stop")
     if any(s == "" for s in stop):
-        raise InputError("stop strings must not be empty (an empty string would stop every row at once)")
+        raise InputError("stop strings must not be empty (an empty string would stop every row at once)",
+                         param="stop")
     return list(stop) or None
 
 
-def select(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator]) -> np.ndarray:
+def select(logits: np.ndarray, cfg: SamplingParams, rngs: list[np.random.Generator]) -> np.ndarray:
     """logits (B, V), rngs one per row -> token ids (B,)."""
+    import numpy as np
+
     if cfg.greedy:
         return logits.argmax(-1).astype(np.int64)
     out = np.empty(logits.shape[0], np.int64)
@@ -122,6 +173,8 @@ def select(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generat
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities of one row of logits (V,), in float64: the model's own distribution (no temperature)."""
+    import numpy as np
+
     x = logits.astype(np.float64)
     x = x - x.max()
     return x - np.log(np.exp(x).sum())
@@ -130,6 +183,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """-> (``token``'s log-probability, the ``k`` most likely tokens with theirs, best first), from one row's
     logits."""
+    import numpy as np
+
     lp = log_softmax(logits)
     top = np.argpartition(-lp, k - 1)[:k] if 0 < k < lp.size else (np.arange(lp.size) if k else np.array([], int))
     top = top[np.argsort(-lp[top], kind="stable")]

@@ -62,6 +62,15 @@ def test_stream_equals_non_stream_and_stop(srv, offline):
     assert [ch.text for ch in r.choices] == [offline("qnli", p, 6) for p in PROMPTS[:3]]
     r = c.completions.create(model="sst2", prompt=PROMPTS[0], max_tokens=8, temperature=0.9, top_p=0.9, seed=5)
     assert r.choices[0].text == offline("sst2", PROMPTS[0], 8, temperature=0.9, top_p=0.9, seed=5)
+    # a body that leaves the settings out gets the server's one defaults object (OpenAI's: temperature 1, 16 tokens):
+    # a seeded prompt list over HTTP equals Session.generate given that same object, row for row
+    from mpt_export.runtime.sampling import SamplingParams
+    from mpt_export.serving.http.protocol import HTTP_DEFAULTS
+
+    r = c.completions.create(model="qnli", prompt=PROMPTS[:3], seed=11)
+    want = offline.session.generate(PROMPTS[:3], "qnli", sampling=SamplingParams.of(HTTP_DEFAULTS, seed=11))
+    assert [ch.text for ch in r.choices] == want
+    assert want != offline.session.generate(PROMPTS[:3], "qnli", sampling=SamplingParams(seed=11))  # not greedy
 
 
 def test_logprobs_min_tokens_and_ignore_eos(srv, offline):

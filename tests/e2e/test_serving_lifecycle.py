@@ -114,3 +114,32 @@ def test_health_while_loading_and_reload(served, tmp_path):
         assert r.status_code == 409 and r.json()["error"]["code"] == "restart_required"
         assert c.completions.create(model="rte", prompt="x y", max_tokens=2, temperature=0).choices
         assert s.stop() == 0
+
+
+def test_the_server_opens_the_bundle_once_and_verifies_that_one(served, offline, tmp_path):
+    """The server opens the bundle once (before it listens) and verifies and serves that same directory: moved
+    away while it loads and replaced at its path by a tampered copy, it is still what the server serves — the path
+    was never opened again. Given the tampered copy itself, the server refuses it with one error line and exit 1."""
+    import json
+    import shutil
+
+    b, tampered = tmp_path / "bundle", tmp_path / "tampered"
+    shutil.copytree(served["bundle"], b)
+    shutil.copytree(served["bundle"], tampered)
+    victim = next(f for f in sorted(json.loads((tampered / "manifest.json").read_text())["files"])
+                  if f.startswith("tokenizer/"))
+    with open(tampered / victim, "a") as f:
+        f.write(" ")
+    with server(tampered, env={"MPT_EXPORT_SERVE_LOAD_DELAY": "0.5"}, ready=False) as s:
+        assert s.proc.wait(timeout=60) == 1
+        s._reader.join(timeout=10)
+        errors = [line for line in s.lines if line.startswith("error:")]
+        assert len(errors) == 1 and f"bundle file {victim} does not match its sha256" in errors[0], s.log()
+    with server(b, env={"MPT_EXPORT_SERVE_LOAD_DELAY": "2"}, ready=False) as s:
+        b.rename(tmp_path / "moved")
+        shutil.copytree(tampered, b)  # what the path names now would be refused
+        s.wait_ready()
+        r = s.client().completions.create(model="sst2", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert r.choices[0].text == offline("sst2", PROMPTS[0], 6)
+        assert not [line for line in s.lines if "error" in line], s.log()
+        assert s.stop() == 0

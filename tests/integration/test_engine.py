@@ -13,6 +13,7 @@ import mpt_export
 from support import serve_all, solo
 from mpt_export.engine.batching import Engine
 from mpt_export.engine.request import QueueFull, Request
+from mpt_export.runtime.sampling import SamplingParams
 
 
 def _jobs(bundle, n, seed):
@@ -77,11 +78,11 @@ def test_queue_bound_and_cancel(make_case):
     case = make_case("llama")
     s = mpt_export.load_bundle(case.bundle).session()
     engine = Engine(s, max_batch=1, max_queue=2)  # not started: requests stay queued
-    reqs = [Request(task="a", ids=[5, 6], max_new_tokens=3) for _ in range(2)]
+    reqs = [Request(task="a", ids=[5, 6], sampling=SamplingParams(max_new_tokens=3)) for _ in range(2)]
     for r in reqs:
         engine.submit(r)
     with pytest.raises(QueueFull):
-        engine.submit(Request(task="a", ids=[5, 6], max_new_tokens=3))
+        engine.submit(Request(task="a", ids=[5, 6], sampling=SamplingParams(max_new_tokens=3)))
     ended = []
     reqs[0].on_event = lambda k, d: ended.append((k, d.finish if k == "done" else d))
     engine.cancel(reqs[0].id)

@@ -75,6 +75,18 @@ def test_sampling_is_reproducible(llama):
     g = s.generate_ids(ids, ["a", "t"], mask, max_new_tokens=10, eos_token_id=None)
     np.testing.assert_array_equal(s.generate_ids(ids, ["a", "t"], mask, max_new_tokens=10, temperature=2.0, top_k=1,
                                                  seed=9, eos_token_id=None), g)
+    # one SamplingParams, or its fields as keywords (applied over one), or the old positional max_new_tokens: one path
+    from mpt_export.runtime.sampling import SamplingParams
+
+    p = SamplingParams(seed=1, **kw)
+    np.testing.assert_array_equal(s.generate_detailed(ids, ["a", "t"], mask, p).ids, a)
+    np.testing.assert_array_equal(s.generate_ids(ids, ["a", "t"], mask, sampling=SamplingParams(seed=1), **kw), a)
+    np.testing.assert_array_equal(s.generate_detailed(ids, ["a", "t"], mask, 10, eos_token_id=None).ids, g)
+    for bad, field in ((dict(top_p=0), "top_p"), (dict(seed=-1), "seed"), (dict(max_new_tokens=0), "max_new_tokens"),
+                       (dict(max_new_tokens=200), "max_new_tokens"), (dict(temprature=1.0), "temprature")):
+        with pytest.raises(InputError) as e:
+            s.generate_detailed(ids, ["a", "t"], mask, p, **bad)
+        assert e.value.param == field, (bad, e.value)
 
 
 def test_eos_stops_one_row_while_others_continue(llama):
@@ -184,6 +196,12 @@ def test_generate_cli(llama, tmp_path):
     assert rows[1]["text"] == s.generate(["the plot"], ["t"], max_new_tokens=4)[0]  # batch of 2 == alone
     res = cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--stream")
     assert res.returncode == 0 and res.stdout.rstrip("\n") == rows[1]["text"]
+    # no setting given: the command's one defaults object (greedy, 32 new tokens) reaches the loop
+    from mpt_export.cli.generate import CLI_DEFAULTS
+
+    res = cli("generate", llama.bundle, "--task", "t", "the plot", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["text"] == s.generate(["the plot"], "t", sampling=CLI_DEFAULTS)[0]
     # a temperature whose logits / t overflowed (a traceback once): below 1e-5 sampling is greedy
     res = cli("generate", llama.bundle, "--task", "t", "the plot", "--max-new-tokens", "4", "--temperature",
                   "1e-320", "--seed", "1", "--stream")

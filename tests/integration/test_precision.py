@@ -65,6 +65,12 @@ def test_bf16_needs_a_gpu_provider_to_validate(llama, tmp_path):
     assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out,
                                  "--dtype", "bf16"), "no bf16 kernels", "--no-validate")
     assert no_output_left(out)
+    # the CPU provider however it is written: the same early refusal (once only "cpu" was recognised here)
+    for provider in ("CPU", "CPUExecutionProvider"):
+        res = cli("export", "--base-model", llama.base, "--adapter", str(llama.source), "--out", out, "--dtype", "bf16",
+                  "--provider", provider)
+        assert_clean_failure(res, "no bf16 kernels", "--no-validate")
+        assert (res.stderr + res.stdout).count("error:") == 1 and no_output_left(out)
     b = mpt_export.export_bundle(llama.base, [str(llama.source)], out, dtype="bf16", validate=False)
     assert b.manifest["dtype"] == "bfloat16" and b.manifest["validation"] is None
     g = onnx.load(str(b.file("backbone.onnx")), load_external_data=False)

@@ -197,26 +197,48 @@ def test_export_options_are_checked_once_and_keep_one_dtype_name():
 
 
 def test_session_options_are_checked_once_before_any_runtime_loads():
-    from mpt_export.errors import BundleError
+    from mpt_export.errors import OptionError
     from mpt_export.runtime import SessionOptions
     from mpt_export.serving.http.options import ServeOptions
 
     o = SessionOptions.of("cuda", intra_op_threads=2)  # a string is the provider, as the first argument once was
     assert (o.provider, o.intra_op_threads, o.prepack) == ("cuda", 2, "auto")
     assert SessionOptions.of(o, prepack=None).prepack == "auto" and SessionOptions.of(o) is o
-    for kw, err, word in ((dict(optimization="max"), InputError, "optimization level 'max'"),
-                          (dict(prepack="yes"), InputError, "prepack must be"),
-                          (dict(intra_op_threads=-1), InputError, "threads must be"),
-                          (dict(kv_cache_size=-2), InputError, "kv_cache_size"),
-                          (dict(backend="tvm"), BundleError, "unknown backend 'tvm'"),
-                          (dict(backend="tensorrt"), BundleError, "needs the engines folder"),
-                          (dict(io_bind=False), InputError, "unknown session option(s) io_bind")):
-        with pytest.raises(err, match=re.escape(word)):
+    # every bad value is an option error (an InputError, as before) naming its option as data
+    for kw, param, word in ((dict(optimization="max"), "optimization", "optimization level 'max'"),
+                            (dict(prepack="yes"), "prepack", "prepack must be"),
+                            (dict(intra_op_threads=-1), "intra_op_threads", "threads must be"),
+                            (dict(kv_cache_size=-2), "kv_cache_size", "kv_cache_size"),
+                            (dict(backend="tvm"), "backend", "unknown backend 'tvm'"),
+                            (dict(backend="tensorrt"), "engines", "needs the engines folder"),
+                            (dict(provider=""), "provider", "provider must be"),
+                            (dict(io_bind=False), "io_bind", "unknown session option(s) io_bind")):
+        with pytest.raises(OptionError, match=re.escape(word)) as e:
             SessionOptions.of(**kw)
+        assert isinstance(e.value, InputError) and e.value.param == param, kw
     served = ServeOptions(threads=3, prepack=False).session_options
     assert (served.intra_op_threads, served.prepack) == (3, False)
-    with pytest.raises(InputError, match="threads must be"):
-        ServeOptions(threads=10**6)
+    for kw, param in ((dict(threads=10**6), "intra_op_threads"), (dict(port=70000), "port"),
+                      (dict(max_queue=0), "max_queue"), (dict(api_key=" k"), "api_key")):
+        with pytest.raises(OptionError) as e:
+            ServeOptions(**kw)
+        assert e.value.param == param, kw
+
+
+def test_one_answer_to_which_provider_and_bf16_refused_on_the_cpu_however_it_is_written():
+    from mpt_export.errors import OptionError
+    from mpt_export.export.options import ExportOptions
+    from mpt_export.runtime.options import canonical_provider, is_cpu_provider
+
+    for name in ("cpu", "CPU", "CPUExecutionProvider", "cpuexecutionprovider"):
+        assert canonical_provider(name) == "CPUExecutionProvider" and is_cpu_provider(name), name
+        with pytest.raises(OptionError, match=re.escape("bf16 graphs cannot be validated on ONNX Runtime's CPU")) as e:
+            ExportOptions(dtype="bf16", provider=name)
+        assert e.value.param == "provider"
+    for name, full in (("cuda", "CUDAExecutionProvider"), ("TensorRT", "TensorrtExecutionProvider"),
+                       ("CUDAExecutionProvider", "CUDAExecutionProvider"), ("MyEP", "MyEP")):
+        assert canonical_provider(name) == full and not is_cpu_provider(name)
+    assert ExportOptions(dtype="bf16", provider="CUDAExecutionProvider").dtype == "bfloat16"
 
 
 def test_supported_models_page_lists_every_declared_family():

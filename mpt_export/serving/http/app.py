@@ -15,7 +15,7 @@ import hmac
 
 from ...errors import MptExportError
 from .completions import error_response, generate
-from .protocol import APIError, error_body
+from .errors import APIError, error_body
 from .state import ServerState
 
 

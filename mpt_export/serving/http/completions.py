@@ -13,7 +13,8 @@ from ...errors import MptExportError
 from ...engine.request import Request
 from .echo import echoed, score_prompts
 from .logprobs import chat_logprobs, completion_logprobs
-from .protocol import (APIError, api_error, chat_prompt, error_body, number, prompts_of, read_json, room_for, sampling,
+from .errors import APIError, api_error, error_body
+from .protocol import (HTTP_DEFAULTS, answer_options, chat_prompt, number, prompts_of, read_json, room_for, sampling,
                        task_of, usage_of)
 from .state import ServerState
 
@@ -32,7 +33,7 @@ async def generate(state: ServerState, request, chat: bool):
     try:
         data = await read_json(request, state.options.max_body_bytes)
         task = task_of(state, data)
-        opts = sampling(data, chat)
+        opts = answer_options(data, chat)
         # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
         # the GIL), after a size check that needs no tokenizer
         if chat:
@@ -40,19 +41,20 @@ async def generate(state: ServerState, request, chat: bool):
         else:
             prompts = await asyncio.to_thread(prompts_of, data.get("prompt"), state.session.tokenizer, state)
         max_tokens = _max_tokens(state, data, task, prompts, chat, opts["echo"])
-        scored = await asyncio.to_thread(score_prompts, state.session, task, prompts, opts["logprobs"]) \
+        params = sampling(data, chat, max_tokens or 1)  # checked (echo alone too) before any prompt is scored
+        scored = await asyncio.to_thread(score_prompts, state.session, task, prompts, params.logprobs) \
             if opts["echo"] else None
         if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
             return _echo_only(state, task, prompts, scored)
-        return await _run(state, request, task, prompts, max_tokens, opts, chat, scored)
+        return await _run(state, request, task, prompts, params, opts, chat, scored)
     except APIError as e:
         return error_response(state, e, task)
 
 
 def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool, echo: bool = False) -> int:
-    """Completions: ``max_tokens`` (16 by default; 0 with ``echo``: score the prompt only); chat: ``max_tokens`` or
-    ``max_completion_tokens``, by default as many as the positions allow."""
-    default_max = 16 if not chat else None
+    """Completions: ``max_tokens`` (:data:`HTTP_DEFAULTS`' by default; 0 with ``echo``: score the prompt only);
+    chat: ``max_tokens`` or ``max_completion_tokens``, by default as many as the positions allow."""
+    default_max = HTTP_DEFAULTS.max_new_tokens if not chat else None
     max_tokens = data.get("max_completion_tokens") if chat and "max_tokens" not in data else data.get(
         "max_tokens")
     if max_tokens is None and default_max is None:  # chat: as much as the positions allow
@@ -60,19 +62,16 @@ def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool, echo:
     return number({"max_tokens": max_tokens}, "max_tokens", default_max, 0 if echo else 1, integer=True)
 
 
-def _requests(task, prompts, max_tokens, opts, rid: str, queue: asyncio.Queue) -> list[Request]:
-    """One engine request per prompt; their events are put on ``queue`` (from the engine's thread) as
-    ``(prompt index, kind, payload)``."""
+def _requests(task, prompts, params, rid: str, queue: asyncio.Queue) -> list[Request]:
+    """One engine request per prompt, each carrying the one ``params``; their events are put on ``queue`` (from the
+    engine's thread) as ``(prompt index, kind, payload)``."""
     loop = asyncio.get_running_loop()
     reqs = []
     for i, ids in enumerate(prompts):
         def on_event(kind, payload, i=i):
             loop.call_soon_threadsafe(queue.put_nowait, (i, kind, payload))
 
-        reqs.append(Request(task=task, ids=ids, max_new_tokens=max_tokens, temperature=opts["temperature"],
-                            top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"], seed_row=i,
-                            stop=opts["stop"], logprobs=opts["logprobs"], min_tokens=opts["min_tokens"],
-                            ignore_eos=opts["ignore_eos"], on_event=on_event, id=f"{rid}-{i}"))
+        reqs.append(Request(task=task, ids=ids, sampling=params, seed_row=i, on_event=on_event, id=f"{rid}-{i}"))
     return reqs
 
 
@@ -104,12 +103,12 @@ def _echo_only(state: ServerState, task, prompts, scored):
                         headers={"X-Request-Id": rid})
 
 
-async def _run(state: ServerState, request, task, prompts, max_tokens, opts, chat, scored=None):
+async def _run(state: ServerState, request, task, prompts, params, opts, chat, scored=None):
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     queue: asyncio.Queue = asyncio.Queue()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    reqs = _requests(task, prompts, max_tokens, opts, rid, queue)
+    reqs = _requests(task, prompts, params, rid, queue)
     _submit(state, reqs)
     created = int(time.time())
     if opts["stream"]:
@@ -127,7 +126,7 @@ async def _run(state: ServerState, request, task, prompts, max_tokens, opts, cha
         state.observe(r)
     state.count(task, 200)
     # token strings and offsets grow with the output: a worker thread builds them
-    lps = await asyncio.to_thread(_logprobs, state.session.tokenizer, reqs, chat) if opts["logprobs"] is not None \
+    lps = await asyncio.to_thread(_logprobs, state.session.tokenizer, reqs, chat) if params.logprobs is not None \
         else [None] * len(reqs)
     body = _body(rid, created, task, reqs, chat, lps)
     if scored is not None:  # echo: the prompt in front of each completion

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ...errors import InputError
 from .logprobs import completion_logprobs
-from .protocol import APIError
+from .errors import APIError
 
 
 def score_prompts(session, task: str, prompts: list[list[int]], k: int | None) -> list[list | None]:

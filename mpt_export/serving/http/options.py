@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ...errors import InputError
+from ...errors import OptionError
 from ...runtime.options import SessionOptions
 from .protocol import DEFAULT_MAX_BODY, api_key_of
 
@@ -26,11 +26,12 @@ class ServeOptions:
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
-            raise InputError(f"--port must be in [0, 65535], got {self.port}")
+            raise OptionError(f"--port must be in [0, 65535], got {self.port}", param="port")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_body_bytes < 1:
-            raise InputError("--max-batch, --max-queue and --max-body-bytes must be >= 1")
+            raise OptionError("--max-batch, --max-queue and --max-body-bytes must be >= 1",
+                              param=next(k for k in ("max_batch", "max_queue", "max_body_bytes") if getattr(self, k) < 1))
         if self.drain_timeout < 0:
-            raise InputError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+            raise OptionError(f"--drain-timeout must be >= 0, got {self.drain_timeout}", param="drain_timeout")
         object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")

@@ -1,15 +1,20 @@
 """The OpenAI wire protocol for the server: request bodies read and checked (one 400 naming the field for anything
-malformed or unsupported), OpenAI-shaped errors, usage. No HTTP framework in here."""
+malformed or unsupported), the body's generation settings as one :class:`SamplingParams` (OpenAI's defaults,
+declared once: :data:`HTTP_DEFAULTS`), usage. No HTTP framework in here."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from ...errors import APIError, InputError, TaskNameError
-from ...engine.request import Draining, QueueFull
+from ...errors import InputError, OptionError
+from ...runtime.sampling import SamplingParams
+from .errors import APIError, api_error, error_body  # noqa: F401 (api_error, error_body: re-exported)
 
 DEFAULT_MAX_BODY = 1 << 20
+# OpenAI's defaults for what a body leaves out: temperature 1, top_p 1, max_tokens 16 (completions; chat: as many as
+# the positions allow) — the one place the server declares them (docs/reference/http.md lists them)
+HTTP_DEFAULTS = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0)
 UNSUPPORTED = {"suffix": None, "logit_bias": None, "best_of": 1,
                "presence_penalty": 0, "frequency_penalty": 0, "tools": None, "functions": None,
                "response_format": None}
@@ -28,14 +33,14 @@ def api_key_of(option: str | None, env: str | None = None, where: str = "--api-k
         return None
     off = f"to serve without a key, omit --api-key and unset {KEY_ENV}"
     if not isinstance(key, str) or not key.strip():
-        raise InputError(f"{where} is {'empty' if not key else 'only whitespace'}; an API key must be a non-empty "
-                         f"string (the one clients send); {off}")
+        raise OptionError(f"{where} is {'empty' if not key else 'only whitespace'}; an API key must be a non-empty "
+                          f"string (the one clients send); {off}", param="api_key")
     if key != key.strip():
-        raise InputError(f"{where} begins or ends with whitespace, which HTTP strips from the Authorization header, "
-                         f"so no client could send it; pass the key without it ({off})")
+        raise OptionError(f"{where} begins or ends with whitespace, which HTTP strips from the Authorization header, "
+                          f"so no client could send it; pass the key without it ({off})", param="api_key")
     if not all(" " <= c <= "~" for c in key):
-        raise InputError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
-                         f"use printable ASCII ({off})")
+        raise OptionError(f"{where} holds a character an HTTP header cannot carry (a control character or non-ASCII); "
+                          f"use printable ASCII ({off})", param="api_key")
     return key
 
 
@@ -90,42 +95,47 @@ def logprobs_of(data: dict, chat: bool) -> int | None:
     return number(data, "top_logprobs", 0, 0, 20, integer=True) if want else None
 
 
-def sampling(data: dict, chat: bool = False) -> dict:
+def answer_options(data: dict, chat: bool = False) -> dict:
+    """How to answer (not what to generate): ``stream``, ``include_usage``, ``echo``; fields this server does not
+    support are refused here, naming the field."""
     for key, neutral in UNSUPPORTED.items():
         if key in data and data[key] not in (neutral, None):
             raise APIError(400, f"{key} is not supported by this server", param=key)
     n = data.get("n", 1)
     if n not in (1, None):
         raise APIError(400, "n must be 1: this server returns one choice per prompt", param="n")
-    stop = data.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                             or len(stop) > 16):
-        raise APIError(400, "stop must be a non-empty string or a list of up to 16 non-empty strings", param="stop")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be true or false", param="stream")
     opts = data.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise APIError(400, "stream_options must be an object", param="stream_options")
-    seed = data.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise APIError(400, f"seed must be an integer >= 0, got {json.dumps(seed)[:40]}", param="seed")
-    ignore_eos = data.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, "ignore_eos must be true or false", param="ignore_eos")
     echo = data.get("echo", False)
     if not isinstance(echo, bool) or (echo and chat):
         raise APIError(400, "echo must be true or false (completions only)", param="echo")
     if echo and stream:
         raise APIError(400, "echo is answered in one response: drop stream", param="echo")
-    return {"temperature": number(data, "temperature", 1.0, 0, 2),  # OpenAI's default and range
-            "top_p": number(data, "top_p", 1.0, 0, 1, lo_open=True),
-            "top_k": number(data, "top_k", 0, 0, integer=True),
-            "seed": seed, "stop": stop or None, "stream": stream,
-            "include_usage": bool(opts.get("include_usage")), "logprobs": logprobs_of(data, chat),
-            "min_tokens": number(data, "min_tokens", 0, 0, integer=True), "ignore_eos": ignore_eos, "echo": echo}
+    return {"stream": stream, "include_usage": bool(opts.get("include_usage")), "echo": echo}
+
+
+def sampling(data: dict, chat: bool, max_tokens: int) -> SamplingParams:
+    """The body's generation settings, OpenAI's defaults (:data:`HTTP_DEFAULTS`) for what it leaves out, as the one
+    object the engine's decode loop reads. The wire's own bounds (temperature 0-2, up to 16 stop strings, logprobs
+    0-5 or top_logprobs 0-20) are checked here; the settings' own checks name their field (a 400 with ``param``)."""
+    d = HTTP_DEFAULTS
+    stop = data.get("stop")
+    if isinstance(stop, list) and len(stop) > 16:
+        raise APIError(400, f"stop holds {len(stop)} strings; at most 16", param="stop")
+    try:
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=number(data, "temperature", d.temperature, 0, 2),  # OpenAI's range
+            top_p=number(data, "top_p", d.top_p, 0, 1, lo_open=True),
+            top_k=number(data, "top_k", d.top_k, 0, integer=True),
+            seed=data.get("seed", d.seed), stop=stop, logprobs=logprobs_of(data, chat),
+            min_tokens=number(data, "min_tokens", d.min_tokens, 0, integer=True),
+            ignore_eos=data.get("ignore_eos", d.ignore_eos))
+    except InputError as e:
+        raise api_error(e) from None
 
 
 def task_of(state, data: dict) -> str:
@@ -136,26 +146,6 @@ def task_of(state, data: dict) -> str:
         raise APIError(404, f"the model {model!r} does not exist; this bundle serves: {', '.join(state.session.tasks)}",
                        param="model", code="model_not_found")
     return model
-
-
-def error_body(e: APIError) -> dict:
-    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-
-
-def api_error(e) -> APIError:
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, QueueFull):
-        return APIError(429, str(e), code="queue_full", type_="rate_limit_error", headers={"Retry-After": "1"})
-    if isinstance(e, Draining):
-        return APIError(503, str(e), code="draining")
-    if isinstance(e, TaskNameError):
-        return APIError(404, str(e), param="model", code="model_not_found")
-    param = "max_tokens" if "new tokens" in str(e) or "max_new_tokens" in str(e) else "prompt"
-    for key in ("temperature", "top_p", "top_k", "seed", "stop", "logprobs", "min_tokens", "ignore_eos"):
-        if str(e).startswith(key):
-            param = key
-    return APIError(400, str(e), param=param)
 
 
 def is_ids(x) -> bool:

@@ -1,7 +1,8 @@
 """The server process: uvicorn over :func:`~mpt_export.serving.http.app.build_app`, with our own signal handling.
 
-- The socket is bound first (``--port 0`` picks a free port; the real one is printed), then the bundle loads in a
-  worker thread while ``/health`` answers 503.
+- The bundle is opened once (its manifest checked), then the socket is bound (``--port 0`` picks a free port; the
+  real one is printed), then that same bundle is verified (every file's sha256) and loaded in a worker thread while
+  ``/health`` answers 503; a bundle that fails its checks stops the server with one ``error:`` line.
 - SIGTERM / SIGINT: ``/health`` turns 503 and new ``/v1`` calls get 503, uvicorn stops accepting connections and
   waits for the requests in flight (streams included) up to ``drain_timeout``; then the engine finishes what is left
   within the same budget, and the process exits 0. A second SIGINT stops at once.
@@ -23,7 +24,7 @@ import time
 from ...errors import InputError
 from .app import build_app
 from .options import ServeOptions
-from .protocol import APIError
+from .errors import APIError
 from .state import ServerState
 
 
@@ -49,9 +50,15 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     from ...bundle.reader import load_bundle
 
-    load_bundle(bundle, verify=False).close()  # a wrong path or a damaged manifest fails now, before listening
-    uvicorn = _import_uvicorn()
-    state = ServerState(bundle, o)
+    # opened once: a wrong path or a damaged manifest fails now, before listening; its files are hashed while
+    # /health answers 503 (ServerState.load verifies this same Bundle — the directory it holds — and serves it)
+    opened = load_bundle(bundle, verify=False)
+    try:
+        uvicorn = _import_uvicorn()
+    except BaseException:
+        opened.close()
+        raise
+    state = ServerState(bundle, o, opened=opened)
     app = build_app(state)
     host, drain_timeout = o.host, o.drain_timeout
     sock = bind(host, o.port)

@@ -9,14 +9,18 @@ from ...errors import MptExportError
 from ...engine.batching import Engine
 from ...engine.request import Request
 from .options import ServeOptions
-from .protocol import APIError
+from .errors import APIError
 
 
 class ServerState:
     """The bundle, its session and engine, readiness, metrics — shared by the routes."""
 
-    def __init__(self, bundle_path: str | Path, options: ServeOptions | None = None):
+    def __init__(self, bundle_path: str | Path, options: ServeOptions | None = None, opened=None):
+        """``opened``: the bundle at ``bundle_path`` already opened (``load_bundle(..., verify=False)``, as the server
+        does before it listens): :meth:`load` verifies and serves that one object instead of opening the path
+        again."""
         self.bundle_path = Path(bundle_path)
+        self._opened = opened
         self.options = options = options or ServeOptions()
         self.status = "loading"
         self.error: str | None = None
@@ -26,14 +30,19 @@ class ServerState:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def load(self) -> None:
-        """Open the bundle and start the engine (runs in a worker thread while /health answers 503); a failure is
-        reported by /health and the server's log line."""
+        """Verify the bundle (the one opened before, else the path's, opened and verified once) and start the
+        engine (runs in a worker thread while /health answers 503); a failure — a file that does not match its
+        sha256 included — is reported by /health and the server's log line."""
         from ...bundle.reader import load_bundle
 
+        opened, self._opened = self._opened, None
         try:
-            self.load_from(load_bundle(self.bundle_path))
-        except Exception:  # status and error are set
-            pass
+            self.load_from(opened.verify() if opened is not None else load_bundle(self.bundle_path))
+        except Exception as e:
+            if opened is not None and self.bundle is not opened:
+                opened.close()
+            if self.status != "failed":  # load_from sets it for its own failures
+                self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)
 
     def drain(self, timeout: float) -> bool:
         self.status = "draining"
@@ -44,6 +53,8 @@ class ServerState:
             self.engine.stop()
         if self.bundle:
             self.bundle.close()
+        if self._opened is not None:  # never loaded
+            self._opened.close()
 
     def reload(self, bundle=None) -> dict:
         """Re-read the bundle from disk (or take ``bundle``, an opened :class:`~mpt_export.bundle.reader.Bundle`: Ray

@@ -23,7 +23,7 @@ RELOAD_TIMEOUT = 300.0  # a replica waits this long for the driver's answer
 
 def _replica_state(bundle: str, control: tuple[str, str], options):
     """A :class:`ServerState` whose ``reload()`` (``POST /admin/reload``) asks the driver to reload the service."""
-    from ..http.protocol import APIError
+    from ..http.errors import APIError
     from ..http.state import ServerState
 
     class ReplicaState(ServerState):

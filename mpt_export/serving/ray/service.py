@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ...bundle.reader import Bundle
 from ...errors import MptExportError
+from ...runtime.options import canonical_provider
 from ..http.options import ServeOptions
 from .cluster import leave_ray, private_ray_env, start_ray
 from .control import CONTROL_NAMESPACE, Control
@@ -222,8 +223,7 @@ def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | 
     threads = o.threads
     if threads is None:  # each replica gets its share of this machine's cores (Ray schedules by num_cpus)
         threads = max(1, (os.cpu_count() or 1) // most) if address is None else 1
-    gpus = 1.0 if o.provider.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider") \
-        else 0.0
+    gpus = 1.0 if canonical_provider(o.provider) in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else 0.0
     try:
         opts = deployment_options(replicas, scale, o.max_batch, o.max_queue, float(threads), gpus, o.drain_timeout)
     except BaseException:

@@ -22,8 +22,15 @@ from ...engine.request import Request
 from ...runtime.causal import CausalSession
 from ...runtime.limits import BackendLimits
 from ...runtime.seq2seq import Seq2SeqSession
+from ...runtime.sampling import SamplingParams
 
-DEFAULT_MAX_TOKENS = 16
+# what the generate model does with the optional inputs a request leaves out — greedy, 16 new tokens, no seed, no
+# stop string: declared once, here (docs/guides/triton.md lists them)
+TRITON_DEFAULTS = SamplingParams(max_new_tokens=16, temperature=0.0)
+DEFAULT_MAX_TOKENS = TRITON_DEFAULTS.max_new_tokens  # the name it had
+# the generation settings Triton's inputs carry -> the SamplingParams field each sets
+SETTINGS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+            "seed": "seed"}
 
 
 def refuse_bf16(info, where) -> None:
@@ -129,15 +136,17 @@ class TritonGeneration:
             raise InputError(f"task is required; this model serves: {', '.join(self.session.tasks)}")
         if task not in self.session.tasks:
             raise InputError(f"unknown task {task!r}; this model serves: {', '.join(self.session.tasks)}")
-        max_tokens = int(_first(inputs, "max_tokens", DEFAULT_MAX_TOKENS))
-        stop = inputs.get("stop")
-        stop = [_text(s, "stop") for s in np.asarray(stop).reshape(-1)] if stop is not None else None
-        seed = _first(inputs, "seed")
-        req = Request(task=task, ids=self.tokenizer.encode(text, "text_input"), max_new_tokens=max_tokens,
-                      temperature=float(_first(inputs, "temperature", 0.0)), top_k=int(_first(inputs, "top_k", 0)),
-                      top_p=float(_first(inputs, "top_p", 1.0)), seed=None if seed is None else int(seed),
-                      stop=stop or None)
+        req = Request(task=task, ids=self.tokenizer.encode(text, "text_input"), sampling=self.sampling(inputs))
         return req, bool(_first(inputs, "stream", False))
+
+    @staticmethod
+    def sampling(inputs: dict) -> SamplingParams:
+        """The request's settings: :data:`TRITON_DEFAULTS` with those its inputs give (an error names the field)."""
+        given = {field: _first(inputs, name) for name, field in SETTINGS.items() if inputs.get(name) is not None}
+        stop = inputs.get("stop")
+        if stop is not None:
+            given["stop"] = [_text(s, "stop") for s in np.asarray(stop).reshape(-1)] or None
+        return SamplingParams.of(TRITON_DEFAULTS, **given)
 
     def submit(self, inputs: dict, send) -> Request | None:
         """Queue one Triton request. ``send(outputs: dict | None, final: bool, error: str | None)`` is called from

@@ -24,6 +24,9 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from mpt_export.serving.triton.generate import TritonGeneration  # absolute: this file is copied into a repository
+        from mpt_export.serving.triton.writer import GEN_INPUTS
+
+        self.inputs = [name for name, *_ in GEN_INPUTS]  # the inputs its config declares: one list
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
@@ -69,8 +72,7 @@ class TritonPythonModel:
         pb = self.pb
         for request in requests:
             inputs = {}
-            for name in ("text_input", "task", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                         "stream"):
+            for name in self.inputs:
                 tensor = pb.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
