@@ -67,7 +67,7 @@ def demo():
     from mpt_export.tools.demo import run_demo
 
     r = run_demo(WORK / "demo", arch="llama-gqa")
-    v = r["bundle"].manifest["validation"]
+    v = r["bundle"].info.validation
     return {"export_s": round(r["export_s"], 1), "logits_max_abs": v["logits_max_abs"], "kv_max_abs": v["kv_max_abs"],
             "outputs": r["outputs"]}
 

@@ -64,10 +64,8 @@ class ServerState:
 
         with self._reload_lock:
             new = load_bundle(self.bundle_path) if bundle is None else bundle
-            old_files = {k: v for k, v in self.bundle.manifest["files"].items() if k != "tasks.safetensors"}
-            new_files = {k: v for k, v in new.manifest["files"].items() if k != "tasks.safetensors"}
-            if old_files != new_files:
-                changed = sorted(k for k in set(old_files) | set(new_files) if old_files.get(k) != new_files.get(k))
+            changed = self.bundle.info.changed_beyond_tasks(new.info)
+            if changed:
                 new.close()
                 raise APIError(409, f"the bundle's graphs or tokenizer changed on disk ({', '.join(changed[:4])}); "
                                "a reload only takes new task vectors — restart the server to serve it",
@@ -101,7 +99,7 @@ class ServerState:
     @property
     def digest(self) -> str | None:
         """The served bundle's identity: its manifest's own sha256 (it covers every file's sha256)."""
-        return self.bundle.manifest.get("manifest_sha256") if self.bundle is not None else None
+        return self.bundle.info.digest if self.bundle is not None else None
 
     # -- metrics -----------------------------------------------------------------------------------------------
     def _metrics(self) -> None:
