@@ -75,7 +75,7 @@ def bench_serve_cmd(
     t.add_row("ceiling (no HTTP)", "-", f"{c['tokens_per_s']:.1f}",
               f"{c['ratio_vs_sequential']:.2f}x", "-", "-", "-", "-", str(r["clients"]))
     t.caption = (f"served tokens/s = {r['served_vs_ceiling']:.0%} of the ceiling (one Session.generate on a batch of {r['clients']}); batch: mean rows per decode step "
-                 "(engine step record); tok lat: per-token latency after the first")
+                 "(scheduler step record); tok lat: per-token latency after the first")
     console.print(t)
 
 

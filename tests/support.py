@@ -267,24 +267,24 @@ def settings_of(job: dict):
 
 
 def solo(session, job: dict) -> list[int]:
-    """The tokens ``Session.generate`` gives one engine job (``task``, ``ids`` and its settings) alone."""
+    """The tokens ``Session.generate`` gives one scheduler job (``task``, ``ids`` and its settings) alone."""
     import numpy as np
 
     r = session.generate_detailed(np.array([job["ids"]]), [job["task"]], sampling=settings_of(job))
     return r.ids[0, : r.lengths[0]].tolist()
 
 
-def serve_all(engine, jobs: list[dict]):
-    """Submit every job to the (started) engine at once and wait until each has ended. -> their Requests."""
+def serve_all(scheduler, jobs: list[dict]):
+    """Submit every job to the (started) scheduler at once and wait until each has ended. -> their Requests."""
     import threading
 
-    from mpt_export.engine.request import Request
+    from mpt_export.scheduler.request import Request
 
     done = threading.Semaphore(0)
     reqs = [Request(task=j["task"], ids=j["ids"], sampling=settings_of(j),
                     on_event=lambda k, d: done.release() if k in ("done", "error") else None) for j in jobs]
     for r in reqs:
-        engine.submit(r)
+        scheduler.submit(r)
     for _ in reqs:
         assert done.acquire(timeout=120)
     return reqs

@@ -65,7 +65,7 @@ class Session:
         """One decode step for the running rows: -> (logits (b, V), new state)."""
         raise NotImplementedError
 
-    # -- the step protocol (what the serving engine drives; ``generate_detailed`` runs the same two calls) --------
+    # -- the step protocol (what the serving scheduler drives; ``generate_detailed`` runs the same two calls) --------
     def prefill(self, ids: np.ndarray, tasks: list[str], mask: np.ndarray, use_cache: bool | None = None,
                 new_tokens: int = 0):
         """A first pass over padded ``ids`` (B, S) with ``mask``, one task per row -> (last-position logits (B, V),
@@ -78,8 +78,8 @@ class Session:
         cache is updated in place (the fused graph's) changes the one it is given."""
         return self._step(state, tokens)
 
-    # -- decode-state operations: what the decode loop and the serving engine do to a state between steps. Host
-    # numpy arrays here; a backend that keeps the cache on a device (TensorRT) overrides them, so the engine runs
+    # -- decode-state operations: what the decode loop and the serving scheduler do to a state between steps. Host
+    # numpy arrays here; a backend that keeps the cache on a device (TensorRT) overrides them, so the scheduler runs
     # over any backend without knowing where the state lives. Masks and positions are always host arrays.
     def state_array(self, value):
         """A step's state value as an array that can be sliced and assigned (numpy here, a device tensor there)."""
@@ -94,7 +94,7 @@ class Session:
         return self.state_array(value)[keep]
 
     def state_edit(self):
-        """A context in which the engine edits state arrays (copies rows, zeroes slots): ordered with the backend's
+        """A context in which the scheduler edits state arrays (copies rows, zeroes slots): ordered with the backend's
         own work on them (a device backend's stream)."""
         return contextlib.nullcontext()
 

@@ -1,6 +1,6 @@
 """The decode loop's per-row logic, in one place: choosing each row's next token (greedy or sampled with its own
 generator), recording it, EOS, stop strings, ``max_new_tokens``, finish reasons, the streamed text deltas and the
-final text. :func:`generate` (``Session.generate_detailed``) and the serving engine (``mpt_export.engine``) both
+final text. :func:`generate` (``Session.generate_detailed``) and the serving scheduler (``mpt_export.scheduler``) both
 drive rows through it, so a request's tokens and text are the same whichever runs it.
 
 A row finishes with ``"eos"`` (the EOS token is recorded, not shown), ``"stop"`` (a stop string appeared: the text

@@ -60,7 +60,7 @@ class FusedCausalSession(CausalSession):
     @staticmethod
     def state_room(n: int) -> int:
         """Free slots a buffer of ``n`` used ones gets when it is (re)allocated: steps until the next growth (below
-        a quarter of the buffer, so the engine's compaction does not trim it straight away)."""
+        a quarter of the buffer, so the scheduler's compaction does not trim it straight away)."""
         return n // 8 + 8
 
     def _new_state(self, B: int, capacity: int) -> dict:

@@ -7,7 +7,7 @@ against the ceiling without HTTP — all measured in one run on one machine.
 - **ceiling**: one ``Session.generate`` over a batch of ``clients`` such requests, in this process, no HTTP.
 
 Reported per mode: requests/s, tokens/s, the ratio to one-at-a-time, p50/p95 time to first token and per-token
-latency (after the first), and — from the engine's step record — the mean batch size of the decode steps.
+latency (after the first), and — from the scheduler's step record — the mean batch size of the decode steps.
 """
 
 from __future__ import annotations

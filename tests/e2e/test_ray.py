@@ -293,7 +293,7 @@ def test_ray_cli_errors(tmp_path):
 
 
 def test_ray_deployment_options_leave_the_429_to_the_engine():
-    """Serve lets a replica hold more requests than its engine (so the engine's 429 answers first) and its router
+    """Serve lets a replica hold more requests than its scheduler (so the scheduler's 429 answers first) and its router
     never sheds with a plain-text 503."""
     from mpt_export.serving.ray.service import deployment_options
 

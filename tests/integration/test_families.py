@@ -1,6 +1,6 @@
 """Every listed family, as a tiny model with its real config's features (``tools/families.py``), against PEFT itself:
 the export validates at the default tolerance, greedy tokens equal PEFT's forward recomputed without a cache — solo,
-in a mixed-task left-padded batch and through the continuous-batching engine —, with windows shorter than the
+in a mixed-task left-padded batch and through the continuous-batching scheduler —, with windows shorter than the
 generation; int8/int4 copies are written and run. Unlisted causal LMs: one accepted through the generic path by
 validation, one refused in one line."""
 
@@ -100,21 +100,21 @@ WINDOWED = ["gemma2", "mistral-window"]
 def test_window_rows_join_a_running_batch(make_case, family):
     """Continuous batching over a windowed model: rows of mixed tasks join and leave at different steps (holes
     between prompt and text, slots taken over in place) and each equals its solo run."""
-    from mpt_export.engine.batching import Engine
+    from mpt_export.scheduler.batching import Scheduler
 
     b = mpt_export.load_bundle(make_case(family).bundle)
     s = b.session()
     rng = np.random.default_rng(4)
     jobs = [dict(task=b.tasks[i % 4], ids=rng.integers(3, s.vocab_size, int(rng.integers(2, 12))).tolist(),
                  max_new_tokens=int(rng.integers(4, 18)), temperature=0.0, top_k=0, seed=None) for i in range(10)]
-    engine = Engine(s, max_batch=3, max_queue=16).start()
+    scheduler = Scheduler(s, max_batch=3, max_queue=16).start()
     try:
-        reqs = serve_all(engine, jobs)
+        reqs = serve_all(scheduler, jobs)
         assert [r.error for r in reqs] == [None] * len(reqs)
         assert [r.tokens for r in reqs] == [solo(s, j) for j in jobs]
-        assert engine.joins["in_place"] + engine.joins["rebuild"] > 0
+        assert scheduler.joins["in_place"] + scheduler.joins["rebuild"] > 0
     finally:
-        engine.stop()
+        scheduler.stop()
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

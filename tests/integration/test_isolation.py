@@ -1,8 +1,8 @@
-"""Fault isolation in the serving engine: what belongs to one row ends that row only.
+"""Fault isolation in the serving scheduler: what belongs to one row ends that row only.
 
 Faults are injected at the backend boundary of a real ONNX Runtime session (its graph calls): one row's logits
 poisoned with NaN, a whole graph call failing whenever one row is in it, a call failing once for no row's fault.
-The engine under test is the real one; every other request's tokens must equal what ``Session.generate`` gives it
+The scheduler under test is the real one; every other request's tokens must equal what ``Session.generate`` gives it
 alone on a clean session."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import mpt_export
 from support import serve_all, solo
 from mpt_export.errors import GenerationError, NumericsError
-from mpt_export.engine.batching import Engine
+from mpt_export.scheduler.batching import Scheduler
 
 MARK_LEN = 30  # the faulty request's prompt: longer than any other row ever gets (prompt + text + new tokens)
 
@@ -81,12 +81,12 @@ def test_one_faulty_row_ends_alone(llama, clean, fault, where):
     first = P + MARK_LEN - 1 if where == "prefill" else P + MARK_LEN + 1
     faulty = mpt_export.load_bundle(llama.bundle).session()
     hits = _inject(faulty, fault, first)
-    engine = Engine(faulty, max_batch=4, max_queue=64).start()
+    scheduler = Scheduler(faulty, max_batch=4, max_queue=64).start()
     try:
         order = jobs[:2] + [marked] + jobs[2:]  # the marked row shares its prefill and decode batches with others
-        reqs = serve_all(engine, order)
+        reqs = serve_all(scheduler, order)
     finally:
-        engine.stop()
+        scheduler.stop()
     bad = reqs[2]
     good = reqs[:2] + reqs[3:]
     assert hits["n"] >= 1
@@ -95,7 +95,7 @@ def test_one_faulty_row_ends_alone(llama, clean, fault, where):
     assert bad.finish == "error"
     assert isinstance(bad.error, NumericsError if fault == "nan" else GenerationError), bad.error
     if fault == "raise":
-        assert "injected" in str(bad.error) and engine.retries >= 1
+        assert "injected" in str(bad.error) and scheduler.retries >= 1
     if where == "decode":  # it had generated before the fault, and stopped there
         assert len(bad.tokens) >= 1
 
@@ -114,12 +114,12 @@ def test_a_call_that_fails_once_is_retried_and_nobody_fails(llama, clean):
         return step(graph, feed, *a, **k)
 
     s._run_step_impl = flaky
-    engine = Engine(s, max_batch=4, max_queue=64).start()
+    scheduler = Scheduler(s, max_batch=4, max_queue=64).start()
     try:
-        reqs = serve_all(engine, jobs)
+        reqs = serve_all(scheduler, jobs)
     finally:
-        engine.stop()
-    assert failed["n"] == 1 and engine.retries == 1
+        scheduler.stop()
+    assert failed["n"] == 1 and scheduler.retries == 1
     assert [r.error for r in reqs] == [None] * len(reqs)
     assert [r.tokens for r in reqs] == want
 
@@ -131,11 +131,11 @@ def test_extreme_sampling_numbers_do_not_touch_other_rows(clean):
         j.update(temperature=0.0, top_k=0, seed=None)
     odd = [dict(jobs[0], temperature=1e-320, seed=1), dict(jobs[1], temperature=2.0, top_p=1e-9, seed=2),
            dict(jobs[2], temperature=1e-5, top_k=1, seed=3)]
-    engine = Engine(clean, max_batch=8).start()
+    scheduler = Scheduler(clean, max_batch=8).start()
     try:
-        reqs = serve_all(engine, jobs + odd)
+        reqs = serve_all(scheduler, jobs + odd)
     finally:
-        engine.stop()
+        scheduler.stop()
     assert [r.error for r in reqs] == [None] * len(reqs)
     want = [solo(clean, j) for j in jobs]
     assert [r.tokens for r in reqs[:4]] == want

@@ -1,5 +1,5 @@
 """Log-probabilities of generated tokens against PEFT's own logits (log_softmax of PEFT's forward on the growing
-sequence), on both backbones where a bundle has two; ``min_tokens`` and ``ignore_eos``; the engine records what
+sequence), on both backbones where a bundle has two; ``min_tokens`` and ``ignore_eos``; the scheduler records what
 ``Session.generate`` records."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 import mpt_export
 from support import serve_all
-from mpt_export.engine.batching import Engine
+from mpt_export.scheduler.batching import Scheduler
 from mpt_export.errors import InputError
 from mpt_export.export.reference import peft_model_for
 from mpt_export.export.torchside import adapters_from_bank, load_base_model
@@ -113,11 +113,11 @@ def test_the_engine_records_what_generate_records(make_case):
     s = mpt_export.load_bundle(make_case("llama-h64").bundle).session()
     jobs = [dict(task="abct"[i % 4], ids=[5 + i, 9, 11 + 2 * i][: 1 + i % 3], max_new_tokens=3 + i % 4,
                  temperature=0.0, top_k=0, seed=None, logprobs=3) for i in range(8)]
-    engine = Engine(s, max_batch=3, max_queue=16).start()
+    scheduler = Scheduler(s, max_batch=3, max_queue=16).start()
     try:
-        reqs = serve_all(engine, jobs)
+        reqs = serve_all(scheduler, jobs)
     finally:
-        engine.stop()
+        scheduler.stop()
     for r, j in zip(reqs, jobs):
         solo = s.generate_detailed(np.array([j["ids"]]), [j["task"]], max_new_tokens=j["max_new_tokens"], logprobs=3)
         assert r.tokens == solo.ids[0, : solo.lengths[0]].tolist()

@@ -187,7 +187,7 @@ def _weight_bytes(graph_file) -> dict:
 def test_weight_only_quantization_runs_matmulnbits(llama, tmp_path, scheme, ratio):
     import onnxruntime as ort
 
-    from mpt_export.engine.batching import Engine
+    from mpt_export.scheduler.batching import Scheduler
     from mpt_export.export.quantize import quantize_bundle
     from mpt_export.runtime.trt.check import TrtCheckError, check_trt
     from mpt_export.runtime.trt.profiles import Limits
@@ -208,16 +208,16 @@ def test_weight_only_quantization_runs_matmulnbits(llama, tmp_path, scheme, rati
     ort.InferenceSession(str(q.path / "backbone.onnx"), opts, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == 15
-    # the engine's mixed-task batches with joins and compactions give each row what it gives alone
+    # the scheduler's mixed-task batches with joins and compactions give each row what it gives alone
     s = q.session()
     rng = np.random.default_rng(4)
     jobs = [dict(task=q.tasks[i % 4], ids=rng.integers(3, 200, int(rng.integers(2, 12))).tolist(),
                  max_new_tokens=int(rng.integers(1, 10)), temperature=0.0, top_k=0, seed=None) for i in range(12)]
-    engine = Engine(s, max_batch=3, max_queue=64).start()
+    scheduler = Scheduler(s, max_batch=3, max_queue=64).start()
     try:
-        assert [r.tokens for r in serve_all(engine, jobs)] == [solo(s, j) for j in jobs]
+        assert [r.tokens for r in serve_all(scheduler, jobs)] == [solo(s, j) for j in jobs]
     finally:
-        engine.stop()
+        scheduler.stop()
     # TensorRT cannot read the op: said before any build
     with pytest.raises(TrtCheckError, match="unsupported op MatMulNBits"):
         check_trt(q, Limits(max_batch=2, max_input=32, max_new_tokens=16))

@@ -36,7 +36,7 @@ def _inputs(task, text, max_tokens=6, stream=False, **kw):
 
 
 def _run_all(gen, jobs, timeout=120):
-    """Submit every job at once (they share the engine's batches); -> per job: (responses, error)."""
+    """Submit every job at once (they share the scheduler's batches); -> per job: (responses, error)."""
     results = [{"responses": [], "error": None, "done": threading.Event()} for _ in jobs]
 
     def sender(i):
@@ -90,8 +90,8 @@ def test_generation_in_process_equals_session(repo):
     gen = TritonGeneration(bundle_dir, max_batch=4)
     try:
         _check_equal(gen, bundle_dir)
-        assert max(step["batch"] for step in gen.engine.steps) > 1  # requests shared graph calls
-        # bad requests: one final error each, the engine keeps serving
+        assert max(step["batch"] for step in gen.scheduler.steps) > 1  # requests shared graph calls
+        # bad requests: one final error each, the scheduler keeps serving
         bad = [_inputs("nope", "hi"), {"task": np.array([b"a"], dtype=object)},
                _inputs("a", "hi", max_tokens=10_000), dict(_inputs("a", "hi"), text_input=np.array([b"\xff\xfe"], dtype=object))]
         res = _run_all(gen, bad)
@@ -193,7 +193,7 @@ def test_bls_limits_refused_at_admission(repo):
                            models={"backbone": "backbone", "composer": "composer"},
                            engine_limits={"max_batch": 8, "max_input": 6, "max_new_tokens": 5})
     try:
-        assert gen.engine.max_batch == 4  # Triton's max_batch_size is the tighter one
+        assert gen.scheduler.max_batch == 4  # Triton's max_batch_size is the tighter one
         long_text = " ".join(["word"] * 40)
         res = _run_all(gen, [_inputs("a", long_text, max_tokens=3), _inputs("a", "hi", max_tokens=6),
                              _inputs("b", "hi", max_tokens=5)])
@@ -276,7 +276,7 @@ def test_model_py_adapter(repo, monkeypatch):
     try:
         reqs = [Request(_inputs("b", "hello", stream=True)), Request(_inputs("c", "it was")),
                 Request(_inputs("zzz", "x")), Request(_inputs("a", "hello", max_tokens=40, stream=True), cancel_after=3)]
-        assert model.execute(reqs) is None  # decoupled: responses come from the engine thread
+        assert model.execute(reqs) is None  # decoupled: responses come from the scheduler thread
         for r in reqs:
             assert r.done.wait(60)
         b = mpt_export.load_bundle(out / "generate" / "1" / "bundle")

@@ -21,7 +21,7 @@ LAYERS = [
     ("bundle",),  # the format: reader, manifest, stamps, task bank
     ("source",),  # PEFT adapters, base models, architectures
     ("export",),  # writing artifacts: torch -> ONNX, validation, quantize, task edits, TensorRT engines
-    ("engine",),  # continuous batching over a session; no HTTP
+    ("scheduler",),  # continuous batching over a session; no HTTP
     ("serving",),  # http/, ray/, triton/
     ("tools",),  # demo, benches, the tiny-model factory
     ("", "__main__"),  # the facade (mpt_export/__init__.py) and the console entry

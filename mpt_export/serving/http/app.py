@@ -1,8 +1,8 @@
-"""The OpenAI-compatible HTTP layer: a thin Starlette app over :class:`~mpt_export.engine.batching.Engine`.
+"""The OpenAI-compatible HTTP layer: a thin Starlette app over :class:`~mpt_export.scheduler.batching.Scheduler`.
 
 Routes: ``GET /v1/models`` (one model per task), ``POST /v1/completions``, ``POST /v1/chat/completions`` (bundles
 whose base model has a chat template), ``GET /health``, ``GET /metrics`` (Prometheus), ``POST /admin/reload``
-(tasks added or removed on disk; refused when the graphs changed), ``GET /admin/steps`` (the engine's step record:
+(tasks added or removed on disk; refused when the graphs changed), ``GET /admin/steps`` (the scheduler's step record:
 which requests ran in each graph call). Every error is OpenAI-shaped: ``{"error": {"message", "type", "param",
 "code"}}``. Nothing from a client is unpickled or loaded as a tensor file; bodies are capped in size; with an API key
 every ``/v1`` and ``/admin`` call needs ``Authorization: Bearer KEY`` (compared in constant time).
@@ -137,9 +137,9 @@ class Routes:
 
         since = request.query_params.get("since", "0")
         since = int(since) if since.isdigit() else 0
-        engine = self.state.engine
-        return JSONResponse({"steps": [s for s in list(engine.steps) if s["step"] > since],
-                             "step_count": engine.step_count})
+        scheduler = self.state.scheduler
+        return JSONResponse({"steps": [s for s in list(scheduler.steps) if s["step"] > since],
+                             "step_count": scheduler.step_count})
 
     async def completions(self, request):
         return await generate(self.state, request, chat=False)

@@ -1,4 +1,4 @@
-"""Completions over the engine, for the HTTP routes: a body read into prompts and options, one engine request per
+"""Completions over the scheduler, for the HTTP routes: a body read into prompts and options, one scheduler request per
 prompt, then either one JSON answer once every request is done (all cancelled when the client disconnects first) or
 a server-sent event stream. Also how every error is answered (OpenAI-shaped, counted in the metrics)."""
 
@@ -10,7 +10,7 @@ import time
 import uuid
 
 from ...errors import MptExportError
-from ...engine.request import Request
+from ...scheduler.request import Request
 from .echo import echoed, score_prompts
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import APIError, api_error, error_body
@@ -63,8 +63,8 @@ def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool, echo:
 
 
 def _requests(task, prompts, params, rid: str, queue: asyncio.Queue) -> list[Request]:
-    """One engine request per prompt, each carrying the one ``params``; their events are put on ``queue`` (from the
-    engine's thread) as ``(prompt index, kind, payload)``."""
+    """One scheduler request per prompt, each carrying the one ``params``; their events are put on ``queue`` (from the
+    scheduler's thread) as ``(prompt index, kind, payload)``."""
     loop = asyncio.get_running_loop()
     reqs = []
     for i, ids in enumerate(prompts):
@@ -79,11 +79,11 @@ def _submit(state: ServerState, reqs: list[Request]) -> None:
     """All of the requests or none: one refused cancels those already submitted."""
     try:
         for r in reqs:
-            state.engine.submit(r)
+            state.scheduler.submit(r)
     except (MptExportError, APIError) as e:
         for r in reqs:
             if r.t_submit:
-                state.engine.cancel(r.id)
+                state.scheduler.cancel(r.id)
         raise api_error(e) from None
 
 
@@ -180,7 +180,7 @@ async def _wait_all(state: ServerState, request, reqs, queue) -> bool:
     if ev in finished:
         return True
     for r in reqs:
-        state.engine.cancel(r.id)
+        state.scheduler.cancel(r.id)
     state.count(reqs[0].task, 499)
     return False
 
@@ -232,5 +232,5 @@ async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, cha
     finally:
         if pending:  # the client went away mid-stream: free its rows at the next step
             for i in pending:
-                state.engine.cancel(reqs[i].id)
+                state.scheduler.cancel(reqs[i].id)
             state.count(task, 499)

@@ -27,7 +27,7 @@ def error_body(e: APIError) -> dict:
 
 
 def api_error(e: Exception, default_param: str = "prompt") -> APIError:
-    """``e`` as the server answers it: an APIError as it is; the engine's refusals as 429/503; an unknown task as
+    """``e`` as the server answers it: an APIError as it is; the scheduler's refusals as 429/503; an unknown task as
     404; any other error of the library as a 400 naming its ``param`` (``default_param`` when it names none)."""
     if isinstance(e, APIError):
         return e

@@ -1,4 +1,4 @@
-"""Log-probabilities in OpenAI's shapes, from the engine's per-token records ``(log-probability, [(alternative,
+"""Log-probabilities in OpenAI's shapes, from the scheduler's per-token records ``(log-probability, [(alternative,
 log-probability)])``: the completions (legacy) shape — ``tokens``, ``token_logprobs``, ``top_logprobs`` as ``{token:
 log-probability}``, ``text_offset`` — and the chat shape (``content: [{token, logprob, bytes, top_logprobs}]``).
 Every generated token has an entry, EOS included."""

@@ -1,5 +1,5 @@
 """What ``mpt-export serve`` is told, as one typed object from the command line to where each value is used (the
-socket, the session, the engine, the routes, each Ray replica): one name per concept, checked once here."""
+socket, the session, the scheduler, the routes, each Ray replica): one name per concept, checked once here."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class ServeOptions:
 
     @property
     def session_options(self) -> SessionOptions:
-        """How the served session opens (the engine edits its decode state through the session, wherever the
+        """How the served session opens (the scheduler edits its decode state through the session, wherever the
         backend keeps it)."""
         return SessionOptions(provider=self.provider, intra_op_threads=self.threads, prepack=self.prepack,
                               graph=self.graph)

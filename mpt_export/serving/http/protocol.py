@@ -120,7 +120,7 @@ def answer_options(data: dict, chat: bool = False) -> dict:
 
 def sampling(data: dict, chat: bool, max_tokens: int) -> SamplingParams:
     """The body's generation settings, OpenAI's defaults (:data:`HTTP_DEFAULTS`) for what it leaves out, as the one
-    object the engine's decode loop reads. The wire's own bounds (temperature 0-2, up to 16 stop strings, logprobs
+    object the scheduler's decode loop reads. The wire's own bounds (temperature 0-2, up to 16 stop strings, logprobs
     0-5 or top_logprobs 0-20) are checked here; the settings' own checks name their field (a 400 with ``param``)."""
     d = HTTP_DEFAULTS
     stop = data.get("stop")

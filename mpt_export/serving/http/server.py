@@ -4,7 +4,7 @@
   real one is printed), then that same bundle is verified (every file's sha256) and loaded in a worker thread while
   ``/health`` answers 503; a bundle that fails its checks stops the server with one ``error:`` line.
 - SIGTERM / SIGINT: ``/health`` turns 503 and new ``/v1`` calls get 503, uvicorn stops accepting connections and
-  waits for the requests in flight (streams included) up to ``drain_timeout``; then the engine finishes what is left
+  waits for the requests in flight (streams included) up to ``drain_timeout``; then the scheduler finishes what is left
   within the same budget, and the process exits 0. A second SIGINT stops at once.
 - SIGHUP: reload the bundle's tasks from disk (as ``POST /admin/reload``).
 
@@ -73,7 +73,7 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
         say(f"listening on http://{host}:{actual} (loading {bundle})")
         await server.serve(sockets=[sock])
 
-    # The engine thread and the event loop share the GIL: a short switch interval lets the engine take it back
+    # The scheduler thread and the event loop share the GIL: a short switch interval lets the scheduler take it back
     # soon after each graph call instead of waiting out the loop's 5 ms slice.
     sys.setswitchinterval(0.0005)
     try:
@@ -177,9 +177,9 @@ def _run(main) -> None:
 
 
 def _drain(state: ServerState, stopped_at: list[float], drain_timeout: float) -> bool:
-    """Let the engine finish what is left within what remains of the drain budget, then close the state.
+    """Let the scheduler finish what is left within what remains of the drain budget, then close the state.
     -> whether everything finished."""
     left = drain_timeout - (time.monotonic() - stopped_at[0]) if stopped_at else 0
-    drained = state.drain(max(left, 0.0)) if state.engine else True
+    drained = state.drain(max(left, 0.0)) if state.scheduler else True
     state.close()
     return drained

@@ -1,4 +1,4 @@
-"""What the routes share: the bundle, its session and engine, readiness, reload and the Prometheus metrics."""
+"""What the routes share: the bundle, its session and scheduler, readiness, reload and the Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import threading
 from pathlib import Path
 
 from ...errors import MptExportError
-from ...engine.batching import Engine
-from ...engine.request import Request
+from ...scheduler.batching import Scheduler
+from ...scheduler.request import Request
 from .options import ServeOptions
 from .errors import APIError
 
 
 class ServerState:
-    """The bundle, its session and engine, readiness, metrics — shared by the routes."""
+    """The bundle, its session and scheduler, readiness, metrics — shared by the routes."""
 
     def __init__(self, bundle_path: str | Path, options: ServeOptions | None = None, opened=None):
         """``opened``: the bundle at ``bundle_path`` already opened (``load_bundle(..., verify=False)``, as the server
@@ -24,14 +24,14 @@ class ServerState:
         self.options = options = options or ServeOptions()
         self.status = "loading"
         self.error: str | None = None
-        self.bundle = self.session = self.engine = self.chat = None
+        self.bundle = self.session = self.scheduler = self.chat = None
         self._reload_lock = threading.Lock()
         self._metrics()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def load(self) -> None:
         """Verify the bundle (the one opened before, else the path's, opened and verified once) and start the
-        engine (runs in a worker thread while /health answers 503); a failure — a file that does not match its
+        scheduler (runs in a worker thread while /health answers 503); a failure — a file that does not match its
         sha256 included — is reported by /health and the server's log line."""
         from ...bundle.reader import load_bundle
 
@@ -46,11 +46,11 @@ class ServerState:
 
     def drain(self, timeout: float) -> bool:
         self.status = "draining"
-        return self.engine.drain(timeout) if self.engine else True
+        return self.scheduler.drain(timeout) if self.scheduler else True
 
     def close(self) -> None:
-        if self.engine:
-            self.engine.stop()
+        if self.scheduler:
+            self.scheduler.stop()
         if self.bundle:
             self.bundle.close()
         if self._opened is not None:  # never loaded
@@ -58,7 +58,7 @@ class ServerState:
 
     def reload(self, bundle=None) -> dict:
         """Re-read the bundle from disk (or take ``bundle``, an opened :class:`~mpt_export.bundle.reader.Bundle`: Ray
-        replicas pass the one their service pins): new and removed tasks take effect between two engine steps;
+        replicas pass the one their service pins): new and removed tasks take effect between two scheduler steps;
         requests in flight keep running. Refused (409) when anything but the task bank changed."""
         from ...bundle.reader import load_bundle
 
@@ -81,7 +81,7 @@ class ServerState:
 
     def load_from(self, bundle) -> None:
         """Serve an opened ``bundle`` (:meth:`load`; Ray replicas: the bundle their service pins, whose task bank
-        may differ from the one on disk): its session, tokenizer, chat template and engine. Raises on failure."""
+        may differ from the one on disk): its session, tokenizer, chat template and scheduler. Raises on failure."""
         from .chat import ChatTemplate
 
         o = self.options
@@ -90,7 +90,7 @@ class ServerState:
             self.session = bundle.session(o.session_options)
             self.session.tokenizer  # noqa: B018 - fail now, not on the first request
             self.chat = ChatTemplate.from_bundle(bundle)
-            self.engine = Engine(self.session, o.max_batch, o.max_queue).start()
+            self.scheduler = Scheduler(self.session, o.max_batch, o.max_queue).start()
             self.status = "ready"
         except Exception as e:
             self.status, self.error = "failed", str(e) if isinstance(e, MptExportError) else repr(e)
@@ -110,9 +110,9 @@ class ServerState:
                                   registry=r)
         self.m_tokens = Counter("mpt_export_generated_tokens", "tokens generated", registry=r)
         Gauge("mpt_export_queue_depth", "requests waiting", registry=r).set_function(
-            lambda: self.engine.queue_depth if self.engine else 0)
+            lambda: self.scheduler.queue_depth if self.scheduler else 0)
         Gauge("mpt_export_running_batch_size", "rows in the running batch", registry=r).set_function(
-            lambda: self.engine.running if self.engine else 0)
+            lambda: self.scheduler.running if self.scheduler else 0)
         self.m_ttft = Histogram("mpt_export_time_to_first_token_seconds", "from submission to the first token",
                                 registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.m_tpot = Histogram("mpt_export_time_per_output_token_seconds", "mean time per token after the first",

@@ -1,8 +1,8 @@
 """The Ray Serve deployment's names and options, and Ray itself (imported on first use only).
 
-- **Load and queueing.** A replica takes ``max_batch + max_queue`` requests into its engine (one batch running, a
+- **Load and queueing.** A replica takes ``max_batch + max_queue`` requests into its scheduler (one batch running, a
   bounded queue waiting); Serve lets a replica hold more than that (``max_ongoing_requests`` adds headroom), so past
-  the engine's capacity the replica itself answers an OpenAI-shaped 429 (``queue_full``) at once instead of Serve's
+  the scheduler's capacity the replica itself answers an OpenAI-shaped 429 (``queue_full``) at once instead of Serve's
   router shedding with its plain-text 503. The router's queue is left unbounded: a request waits there only while
   every replica holds ``max_ongoing_requests``, which the quick 429s keep short. Autoscaling targets one full batch
   per replica (``target_ongoing_requests = max_batch``).
@@ -39,7 +39,7 @@ def parse_autoscale(text: str | None) -> tuple[int, int] | None:
 
 
 def headroom(max_batch: int) -> int:
-    """Requests a replica holds beyond its engine's capacity: the ones it answers without an engine row (its own
+    """Requests a replica holds beyond its scheduler's capacity: the ones it answers without a scheduler row (its own
     429s, /health, /v1/models, /metrics, /admin) and those being read or tokenized."""
     return max(16, max_batch)
 
@@ -50,7 +50,7 @@ def deployment_options(replicas: int | None, autoscale: tuple[int, int] | None, 
     if replicas is not None and autoscale is not None:
         raise InputError("give either --replicas N or --autoscale MIN:MAX, not both")
     opts = {
-        # more than the engine holds, so the engine's own 429 answers before Serve's router sheds (plain 503)
+        # more than the scheduler holds, so the scheduler's own 429 answers before Serve's router sheds (plain 503)
         "max_ongoing_requests": max_batch + max_queue + headroom(max_batch),
         "max_queued_requests": -1,  # Serve's router queue: only used while every replica is full, which 429s keep short
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},

@@ -1,10 +1,10 @@
 """The Serve deployment: one replica runs what ``mpt-export serve`` runs in one process — a
-:class:`~mpt_export.serving.http.state.ServerState` (session + continuous-batching engine) under the same Starlette app
+:class:`~mpt_export.serving.http.state.ServerState` (session + continuous-batching scheduler) under the same Starlette app
 (:func:`~mpt_export.serving.http.app.build_app`) — serving the service's pinned digest (see
 :mod:`mpt_export.serving.ray.service`).
 
-- **Health = readiness.** A replica is ready when its first ``reconfigure`` returns (bundle open, engine running);
-  Serve's health check (``check_health``) fails when the engine thread died or the state is not ready, and Serve
+- **Health = readiness.** A replica is ready when its first ``reconfigure`` returns (bundle open, scheduler running);
+  Serve's health check (``check_health``) fails when the scheduler thread died or the state is not ready, and Serve
   replaces that replica. ``/health`` says which replica and process answered and the digest it serves.
 - Every response carries ``X-Mpt-Export-Replica`` (the replica id).
 """
@@ -53,7 +53,7 @@ def _deployment():
     @serve.deployment(name=APP_NAME)
     @serve.ingress()
     class MptExportReplica:
-        """One replica: the bundle's session and continuous-batching engine under the OpenAI routes. It opens the
+        """One replica: the bundle's session and continuous-batching scheduler under the OpenAI routes. It opens the
         bundle in its first ``reconfigure`` (the digest the service serves), not in the constructor."""
 
         def __init__(self, bundle: str, options, control: tuple[str, str]):
@@ -94,10 +94,10 @@ def _deployment():
                 await actor.report.remote(self.replica, self.state.digest, os.getpid())
 
         def check_health(self) -> None:
-            engine = self.state.engine
-            if self.state.status != "ready" or engine is None or not engine.alive():
-                raise MptExportError(f"replica {self.replica}: {self.state.status}, engine "
-                                     f"{'running' if engine and engine.alive() else 'stopped'}")
+            scheduler = self.state.scheduler
+            if self.state.status != "ready" or scheduler is None or not scheduler.alive():
+                raise MptExportError(f"replica {self.replica}: {self.state.status}, scheduler "
+                                     f"{'running' if scheduler and scheduler.alive() else 'stopped'}")
 
         def __del__(self):
             state = getattr(self, "state", None)

@@ -1,14 +1,14 @@
 """``mpt-export serve BUNDLE --ray``: the same server as Ray Serve replicas (``ray[serve]`` from the ``ray`` extra).
 
 One Serve deployment whose replicas each run what ``mpt-export serve`` runs in one process — a
-:class:`~mpt_export.serving.http.state.ServerState` (session + continuous-batching engine) under the same Starlette app
+:class:`~mpt_export.serving.http.state.ServerState` (session + continuous-batching scheduler) under the same Starlette app
 (:func:`~mpt_export.serving.http.app.build_app`) — behind Serve's HTTP proxy. This module is the driver; the
 deployment's options are in :mod:`.options` (load and queueing), the pin in :mod:`.pin`, the control actor in
 :mod:`.control`, the replicas in :mod:`.replica` (health = readiness) and the driver's Ray in :mod:`.cluster`
 (a private control plane). Why it is built this way:
 
 - **No model multiplexing.** Serve's multiplexing routes by model id, so every batch would hold one task; here the
-  task travels in the request body (``model``) and each replica's engine batches every task together.
+  task travels in the request body (``model``) and each replica's scheduler batches every task together.
 - **One service, one bundle digest.** The digest is the manifest's own sha256 (it covers every file's sha256). The
   driver (this process) verifies the bundle, keeps a *pin* of what a reload can change — the manifest and
   ``tasks.safetensors``, held by a small named actor the driver owns (:class:`~.control.Control`) — and deploys with
@@ -209,7 +209,7 @@ class _Service:
 def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | None = None,
               autoscale: str | None = None, address: str | None = None, log=None, started: float | None = None) -> int:
     """Deploy the bundle on Ray Serve and run until SIGTERM/SIGINT. -> exit code. ``options`` go to every replica
-    (its engine and routes); Serve's HTTP proxy listens on their host and port. ``started``: the
+    (its scheduler and routes); Serve's HTTP proxy listens on their host and port. ``started``: the
     ``time.perf_counter()`` the "ready in" figure counts from (the command's start; default: this call's)."""
     from ...bundle.reader import load_bundle
 

@@ -1,4 +1,4 @@
-"""What the Triton Python-backend model ``generate`` runs: the continuous-batching engine of ``mpt-export serve``
+"""What the Triton Python-backend model ``generate`` runs: the continuous-batching scheduler of ``mpt-export serve``
 over the bundle in its model directory, fed by Triton requests (their input tensors as numpy arrays) and answering
 through a ``send(outputs, final, error)`` callback — so the ``model.py`` Triton loads is a thin adapter, and
 everything here runs (and is tested) without Triton.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import InputError, MptExportError
-from ...engine.batching import Engine
-from ...engine.request import Request
+from ...scheduler.batching import Scheduler
+from ...scheduler.request import Request
 from ...runtime.causal import CausalSession
 from ...runtime.limits import BackendLimits
 from ...runtime.seq2seq import Seq2SeqSession
@@ -104,7 +104,7 @@ def _text(v, name: str) -> str:
 
 
 class TritonGeneration:
-    """The engine behind the ``generate`` model. ``submit(inputs, send)`` per Triton request; ``close()`` at
+    """The scheduler behind the ``generate`` model. ``submit(inputs, send)`` per Triton request; ``close()`` at
     finalize."""
 
     def __init__(self, bundle_dir, graph_calls: str = "onnxruntime", bls=None, models: dict | None = None,
@@ -123,10 +123,10 @@ class TritonGeneration:
         else:
             raise InputError(f"graph_calls must be onnxruntime or bls, got {graph_calls!r}")
         self.tokenizer = self.session.tokenizer
-        self.engine = Engine(self.session, max_batch=max_batch, max_queue=max_queue).start()
+        self.scheduler = Scheduler(self.session, max_batch=max_batch, max_queue=max_queue).start()
 
     def request(self, inputs: dict) -> tuple[Request, bool]:
-        """Triton input tensors (numpy; strings as bytes) -> the engine request and whether to stream. Bad input
+        """Triton input tensors (numpy; strings as bytes) -> the scheduler request and whether to stream. Bad input
         raises InputError with the message for the client."""
         text = _text(_first(inputs, "text_input"), "text_input") if inputs.get("text_input") is not None else None
         task = _text(_first(inputs, "task"), "task") if inputs.get("task") is not None else None
@@ -150,7 +150,7 @@ class TritonGeneration:
 
     def submit(self, inputs: dict, send) -> Request | None:
         """Queue one Triton request. ``send(outputs: dict | None, final: bool, error: str | None)`` is called from
-        the engine thread with each response (the last one ``final``); a refused request gets one final error at
+        the scheduler thread with each response (the last one ``final``); a refused request gets one final error at
         once."""
         try:
             req, stream = self.request(inputs)
@@ -173,14 +173,14 @@ class TritonGeneration:
 
         req.on_event = on_event
         try:
-            self.engine.submit(req)
+            self.scheduler.submit(req)
         except MptExportError as e:  # over-long, queue full, shutting down
             send(None, True, str(e))
             return None
         return req
 
     def cancel(self, req: Request) -> None:
-        self.engine.cancel(req.id)
+        self.scheduler.cancel(req.id)
 
     @staticmethod
     def _outputs(text: str, ids, finish: str) -> dict:
@@ -189,7 +189,7 @@ class TritonGeneration:
                 "finish_reason": np.array([finish.encode("utf-8")], dtype=object)}
 
     def close(self, timeout: float = 30.0) -> None:
-        self.engine.drain(timeout)
-        self.engine.stop()
+        self.scheduler.drain(timeout)
+        self.scheduler.stop()
         self.session.close()
         self.bundle.close()

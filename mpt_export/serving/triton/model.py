@@ -1,8 +1,8 @@
 """Triton Python-backend model ``generate`` (copied into the model repository as ``<name>/1/model.py`` by
-``mpt-export triton``). A thin adapter: the engine, batching across tasks, sampling and streaming live in
+``mpt-export triton``). A thin adapter: the scheduler, batching across tasks, sampling and streaming live in
 ``mpt_export.serving.triton.generate`` (install mpt-export in the Python environment Triton's Python backend uses).
 
-Decoupled: ``execute`` hands each request to the engine and returns at once; the engine's thread sends the
+Decoupled: ``execute`` hands each request to the scheduler and returns at once; the scheduler's thread sends the
 responses (one per token when ``stream`` is true) and flags the last one final. A request's final response and every
 look at its cancellation happen under one lock: once the final response is sent, Python backend frees the request's
 response factory, and the request is never touched again. Cancellation is polled every ``CANCEL_POLL_S`` (one IPC

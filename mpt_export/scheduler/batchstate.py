@@ -3,7 +3,7 @@ kept aligned along every length axis so one graph call serves them all — right
 the traced graphs, left-aligned (each row from slot 0, free slots after it) for the fused graph's cache. Which state
 values have a length axis, which mask governs it, the alignment and the free room a rebuilt buffer gets come from
 the session (``Session.state_layout``, ``state_align``, ``state_room``), and so do the arrays: the session makes them
-(``state_zeros``) and the engine edits them inside ``Session.state_edit()`` — masks and positions are host arrays,
+(``state_zeros``) and the scheduler edits them inside ``Session.state_edit()`` — masks and positions are host arrays,
 keys and values live where the backend keeps them (numpy, or a device tensor that slices the same way)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The continuous-batching engine without HTTP, on real bundles: requests of mixed tasks, prompt lengths, lengths
+"""The continuous-batching scheduler without HTTP, on real bundles: requests of mixed tasks, prompt lengths, lengths
 and sampling settings queue behind a small batch, so rows leave at different steps and newcomers take over their
 slots in place, rebuild the batch, or wait while it is compacted — and every request's tokens equal what
 `Session.generate` gives it alone."""
@@ -11,8 +11,8 @@ import pytest
 
 import mpt_export
 from support import serve_all, solo
-from mpt_export.engine.batching import Engine
-from mpt_export.engine.request import QueueFull, Request
+from mpt_export.scheduler.batching import Scheduler
+from mpt_export.scheduler.request import QueueFull, Request
 from mpt_export.runtime.sampling import SamplingParams
 
 
@@ -38,9 +38,9 @@ def test_staggered_rows_equal_their_solo_results(make_case, arch):
     s = b.session()
     assert s.graph == ("fast" if arch == "llama-h64" else "plain")
     jobs = _jobs(b, 24, seed=3)
-    engine = Engine(s, max_batch=3, max_queue=64).start()
+    scheduler = Scheduler(s, max_batch=3, max_queue=64).start()
     try:
-        reqs = serve_all(engine, jobs)
+        reqs = serve_all(scheduler, jobs)
         assert [r.error for r in reqs] == [None] * len(reqs)
         eos = s.eos_token_id
         got = [r.tokens for r in reqs]
@@ -48,45 +48,45 @@ def test_staggered_rows_equal_their_solo_results(make_case, arch):
         assert got == want
         assert all(r.finish == ("eos" if r.tokens[-1] == eos else "length") for r in reqs)
         # the batch really was continuous: slots were taken over in place, rebuilt for longer newcomers, compacted
-        assert engine.joins["in_place"] > 0 and engine.joins["rebuild"] > 0, engine.joins
-        decode = [st for st in engine.steps if st["kind"] == "decode"]
+        assert scheduler.joins["in_place"] > 0 and scheduler.joins["rebuild"] > 0, scheduler.joins
+        decode = [st for st in scheduler.steps if st["kind"] == "decode"]
         assert max(st["batch"] for st in decode) == 3 and any(st["rows"] > st["batch"] for st in decode)
-        assert engine.running == 0 and engine.idle()
+        assert scheduler.running == 0 and scheduler.idle()
     finally:
-        engine.stop()
+        scheduler.stop()
 
 
 def test_compaction_drops_slots_nobody_takes(make_case):
     case = make_case("llama")
     b = mpt_export.load_bundle(case.bundle)
     s = b.session()
-    engine = Engine(s, max_batch=4).start()
+    scheduler = Scheduler(s, max_batch=4).start()
     try:
         long = dict(task="a", ids=[5, 6, 7], max_new_tokens=20, temperature=0.0, top_k=0, seed=None)
         short = [dict(long, task=t, ids=[9, 10 + i, 11], max_new_tokens=2) for i, t in enumerate("bct")]
-        reqs = serve_all(engine, [long] + short)
+        reqs = serve_all(scheduler, [long] + short)
         assert [r.tokens for r in reqs] == [solo(s, j) for j in [long] + short]
         if len(reqs[0].tokens) > 10:  # (no early EOS) the three short rows' slots were dropped, not decoded on
-            assert engine.joins["compact"] >= 1
-            tail = [st for st in engine.steps if st["kind"] == "decode"][-5:]
+            assert scheduler.joins["compact"] >= 1
+            tail = [st for st in scheduler.steps if st["kind"] == "decode"][-5:]
             assert all(st["rows"] == 1 for st in tail), tail
     finally:
-        engine.stop()
+        scheduler.stop()
 
 
 def test_queue_bound_and_cancel(make_case):
     case = make_case("llama")
     s = mpt_export.load_bundle(case.bundle).session()
-    engine = Engine(s, max_batch=1, max_queue=2)  # not started: requests stay queued
+    scheduler = Scheduler(s, max_batch=1, max_queue=2)  # not started: requests stay queued
     reqs = [Request(task="a", ids=[5, 6], sampling=SamplingParams(max_new_tokens=3)) for _ in range(2)]
     for r in reqs:
-        engine.submit(r)
+        scheduler.submit(r)
     with pytest.raises(QueueFull):
-        engine.submit(Request(task="a", ids=[5, 6], sampling=SamplingParams(max_new_tokens=3)))
+        scheduler.submit(Request(task="a", ids=[5, 6], sampling=SamplingParams(max_new_tokens=3)))
     ended = []
     reqs[0].on_event = lambda k, d: ended.append((k, d.finish if k == "done" else d))
-    engine.cancel(reqs[0].id)
-    engine.start()
-    assert engine.drain(60)
-    engine.stop()
+    scheduler.cancel(reqs[0].id)
+    scheduler.start()
+    assert scheduler.drain(60)
+    scheduler.stop()
     assert ended == [("done", "cancelled")] and reqs[1].finish in ("eos", "length")

@@ -1,4 +1,4 @@
-"""What a caller hands the engine (:class:`Request`) and the engine's refusals (:class:`QueueFull`,
+"""What a caller hands the scheduler (:class:`Request`) and the scheduler's refusals (:class:`QueueFull`,
 :class:`Draining`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ..runtime.sampling import SamplingParams
 
 @dataclass
 class Request:
-    """One sequence to generate. ``on_event(kind, data)`` is called from the engine thread with
+    """One sequence to generate. ``on_event(kind, data)`` is called from the scheduler thread with
     ``("token", {"text": delta, "token": id, "logprobs": entry})`` for every generated token (``delta``: the text
     that became final with it, often ""; ``entry``: its log-probabilities when asked, else None), then
     ``("done", request)`` or
@@ -26,7 +26,7 @@ class Request:
     seed_row: int = 0  # the row index Session.generate would give this sequence (a prompt list's position)
     on_event: Callable | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    # filled by the engine
+    # filled by the scheduler
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list | None = None  # per token (log-probability, [(alternative, log-probability)]) when asked
     text: str = ""

@@ -1,4 +1,4 @@
-"""The engine edits a running batch's decode state only through the session (``state_array``, ``state_zeros``,
+"""The scheduler edits a running batch's decode state only through the session (``state_array``, ``state_zeros``,
 ``take_rows``, ``state_edit``), so a backend that keeps keys and values off the host — TensorRT's CUDA tensors —
 runs under it. Proven with a real ONNX Runtime session whose step outputs are handed back as torch tensors (numpy
 cannot be assigned into them, nor they sliced like numpy): staggered rows that join, leave and get compacted give
@@ -10,7 +10,7 @@ import numpy as np
 
 import mpt_export
 from support import serve_all, solo
-from mpt_export.engine.batching import Engine
+from mpt_export.scheduler.batching import Scheduler
 from mpt_export.runtime.onnxruntime import OrtCausalSession
 
 
@@ -30,7 +30,7 @@ class TorchStateSession(OrtCausalSession):
         return {k: v if k == "logits" else self.torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
     def state_array(self, value):
-        return value  # not turned into numpy: the engine must cope
+        return value  # not turned into numpy: the scheduler must cope
 
     def state_zeros(self, like, shape):
         if isinstance(like, self.torch.Tensor):
@@ -54,13 +54,13 @@ def test_the_engine_runs_a_session_whose_state_is_not_numpy(make_case):
     vocab = b.info.base_model.vocab_size
     jobs = [dict(task=b.tasks[i % len(b.tasks)], ids=rng.integers(3, vocab, int(rng.integers(2, 12))).tolist(),
                  max_new_tokens=int(rng.integers(1, 12)), temperature=0.0, top_k=0, seed=None) for i in range(12)]
-    engine = Engine(s, max_batch=3, max_queue=32).start()
+    scheduler = Scheduler(s, max_batch=3, max_queue=32).start()
     try:
-        reqs = serve_all(engine, jobs)
+        reqs = serve_all(scheduler, jobs)
     finally:
-        engine.stop()
+        scheduler.stop()
     assert [r.error for r in reqs] == [None] * len(reqs)
     assert s.kinds == {"Tensor"}  # every decode step got torch keys/values, never numpy
     plain = b.session(graph="plain")
     assert [r.tokens for r in reqs] == [solo(plain, j) for j in jobs]
-    assert engine.joins["in_place"] > 0 and engine.joins["rebuild"] > 0, engine.joins
+    assert scheduler.joins["in_place"] > 0 and scheduler.joins["rebuild"] > 0, scheduler.joins

@@ -1,6 +1,6 @@
 """Continuous (iteration-level) batching over one session: every task shares the backbone's batches.
 
-One engine thread owns the session's graph calls. Each iteration it
+One scheduler thread owns the session's graph calls. Each iteration it
 
 1. **admits** waiting requests into the running batch (up to ``max_batch`` rows), whatever their tasks, prompt
    lengths or sampling settings, and **prefills** them together in one graph call — for causal models each from its
@@ -25,8 +25,8 @@ change a row's result); with a seed, row ``i`` of a request draws from the gener
 ``i``, so sampled requests equal it too. T5 bundles are batched the same way (the encoder runs in the prefill; its
 cross-attention keys/values join the state).
 
-The engine knows nothing of HTTP: ``submit`` a :class:`Request`, receive events through its ``on_event`` callback
-(called from the engine thread), ``cancel`` it, ``drain`` and ``stop`` the engine.
+The scheduler knows nothing of HTTP: ``submit`` a :class:`Request`, receive events through its ``on_event`` callback
+(called from the scheduler thread), ``cancel`` it, ``drain`` and ``stop`` the scheduler.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .request import Draining, QueueFull, Request
 from .steps import BatchSteps
 
 
-class Engine(BatchSteps):
+class Scheduler(BatchSteps):
     def __init__(self, session, max_batch: int = 16, max_queue: int = 256, step_log: int = 10000):
         if max_batch < 1 or max_queue < 1:
             raise InputError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
@@ -72,13 +72,13 @@ class Engine(BatchSteps):
         self.retries = 0  # failed batched graph calls that were run again row by row
 
     # -- public ------------------------------------------------------------------------------------------------
-    def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._loop, name="mpt-export-engine", daemon=True)
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="mpt-export-scheduler", daemon=True)
         self._thread.start()
         return self
 
     def alive(self) -> bool:
-        """The engine thread is running (it stops only when told to, or when the process is failing)."""
+        """The scheduler thread is running (it stops only when told to, or when the process is failing)."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def check(self, req: Request) -> SamplingParams:
@@ -133,7 +133,7 @@ class Engine(BatchSteps):
         return True
 
     def stop(self) -> None:
-        """Stop the engine thread; requests still waiting or running end as cancelled."""
+        """Stop the scheduler thread; requests still waiting or running end as cancelled."""
         with self._cond:
             self._accepting = False
             self._stopping = True
@@ -172,7 +172,7 @@ class Engine(BatchSteps):
                     self._prefill(newcomers)
                 if self._rows:
                     self._decode()
-            except Exception as e:  # a bug in the engine itself (graph calls are isolated per row below)
+            except Exception as e:  # a bug in the scheduler itself (graph calls are isolated per row below)
                 for row in self._live():
                     self._fail(row.req, e)
                 for req in newcomers:

@@ -1,4 +1,4 @@
-"""One iteration's work on the running batch (the engine's loop calls it; see :mod:`.batching`): prefill the
+"""One iteration's work on the running batch (the scheduler's loop calls it; see :mod:`.batching`): prefill the
 newcomers, join them to the batch (in a free slot or by one rebuild), run one decode step, let finished rows leave,
 compact. Every graph call is isolated per row: when a batched call fails it runs again row by row, so only a row
 that fails on its own gets an error; per-row token choice, text and finish come from :mod:`mpt_export.runtime.decode`
@@ -44,7 +44,7 @@ FREE_SLOT_STEPS = 4  # a finished row's slot waits this many decode steps for a 
 
 
 class BatchSteps:
-    """The running batch and what one iteration does to it. :class:`~.batching.Engine` adds the queue, admission
+    """The running batch and what one iteration does to it. :class:`~.batching.Scheduler` adds the queue, admission
     and the thread; ``session``, ``tokenizer``, ``eos``, ``pad_id`` and the fields below are set there."""
 
     _rows: list
@@ -273,5 +273,5 @@ class BatchSteps:
         if req.on_event is not None:
             try:
                 req.on_event(kind, data)
-            except Exception:  # a consumer that went away must not stop the engine
+            except Exception:  # a consumer that went away must not stop the scheduler
                 pass
