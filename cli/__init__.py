@@ -10,6 +10,7 @@ import typer
 from ._help import conventional_help, unwrap_docstrings
 from . import (bench, bench_export, bench_serve, build, demo, evaluate, export, generate, inspect, quantize, serve, tasks,
                triton, verify)
+from mpt_export.version import __version__
 
 conventional_help()
 app = typer.Typer(
@@ -40,8 +41,6 @@ unwrap_docstrings(app)
 
 def _print_version(value: bool) -> None:
     if value:
-        from mpt_export.version import __version__
-
         typer.echo(f"mpt-export {__version__}")
         raise typer.Exit()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Annotated
@@ -13,6 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from mpt_export.errors import MptExportError
+from mpt_export.export.quiet import silence_third_party
+from mpt_export.storage.atomic import interrupted_message
 
 STARTED = time.perf_counter()  # the command's start, as near as Python code sees it ("ready N s after ...")
 
@@ -27,8 +31,6 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mpt_export.errors import MptExportError
-
         try:
             return fn(*args, **kwargs)
         except MptExportError as e:
@@ -46,8 +48,6 @@ def handle_errors(fn):
                               soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            from mpt_export.storage.atomic import interrupted_message
-
             err_console.print(f"[bold red]interrupted[/] ({escape(interrupted_message())})", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(130) from None
@@ -57,8 +57,6 @@ def handle_errors(fn):
 
 def quiet_libraries() -> None:
     """Exports run torch/transformers, which log progress bars and exporter chatter; keep the terminal ours."""
-    from mpt_export.export.quiet import silence_third_party
-
     silence_third_party()
 
 
@@ -103,8 +101,6 @@ def _rich_progress(title: str):
 def _line_progress(title: str, after_s: float = 1.0):
     """A phase still running after ``after_s`` gets its start line then (from a timer) and an end line when it ends;
     a shorter one prints nothing (a log of "0.0 s" lines hides the phases that matter)."""
-    import threading
-
     lock = threading.Lock()
     current: dict = {"desc": None, "t0": 0.0, "shown": False, "timer": None}
 

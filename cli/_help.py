@@ -5,6 +5,8 @@ rendering choices, changed here in one place (where a typer release lacks the ho
 
 from __future__ import annotations
 
+import inspect
+
 
 def conventional_help() -> None:
     from typer import core
@@ -38,8 +40,6 @@ def conventional_help() -> None:
 def unwrap_docstrings(app) -> None:
     """Command docstrings are wrapped at 120 columns in the source; rich help keeps their line breaks, so the
     command list and help pages would show ragged lines. Each paragraph becomes one line (the terminal wraps it)."""
-    import inspect
-
     for group in [app, *(g.typer_instance for g in app.registered_groups)]:
         for info in group.registered_commands:
             text = info.help or inspect.getdoc(info.callback) or ""

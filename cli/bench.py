@@ -9,6 +9,9 @@ from rich import box
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
+from mpt_export.storage.ownership import check_replaceable
+from mpt_export.tools.bench import check_preset, run_bench
+from mpt_export.tools.bench_peer import check_peer, run_peer_bench
 
 
 @handle_errors
@@ -30,13 +33,9 @@ def bench_cmd(
     if peer is not None:
         return _peer(peer, preset, workdir, repeats, threads, as_json, quiet)
     if bundle is None:
-        from mpt_export.storage.ownership import check_replaceable
-        from mpt_export.tools.bench import check_preset
-
         check_preset(preset)  # a mistyped preset answers at once, not after torch loads
         check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()
-    from mpt_export.tools.bench import run_bench
 
     with progress("bench", quiet) as on_step:
         r = run_bench(preset=preset, workdir=workdir, repeats=repeats, threads=threads, on_step=on_step, bundle=bundle,
@@ -80,13 +79,9 @@ def bench_cmd(
 
 def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | None, as_json: bool,
           quiet: bool = False) -> None:
-    from mpt_export.storage.ownership import check_replaceable
-    from mpt_export.tools.bench_peer import check_peer
-
     check_peer(peer)
     check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()
-    from mpt_export.tools.bench_peer import run_peer_bench
 
     with progress("bench", quiet) as on_step:
         r = run_peer_bench(peer, preset, workdir, rounds, threads, on_step=on_step)

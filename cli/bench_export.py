@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
+from mpt_export.tools.bench_export import check_shape, run_bench_export
 
 
 def _gib(b) -> str:
@@ -26,8 +27,6 @@ def bench_export_cmd(
 ) -> None:
     """Export a real model size on this machine: peak memory vs weight bytes, time per phase, parity, start-up and
     generation."""
-    from mpt_export.tools.bench_export import check_shape, run_bench_export
-
     check_shape(shape, dtype)  # a mistyped shape or dtype answers at once, not after torch loads
     quiet_libraries()
 

@@ -9,6 +9,10 @@ from rich import box
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
+from mpt_export.errors import InputError
+from mpt_export.tools.bench import prepare_preset
+from mpt_export.tools.bench_serve import run_bench_ray, run_bench_serve
+from mpt_export.tools.presets import check_preset
 
 
 @handle_errors
@@ -29,17 +33,11 @@ def bench_serve_cmd(
 ) -> None:
     """The real server under N concurrent mixed-task clients vs the same requests one at a time vs the ceiling."""
     if bundle is None:
-        from mpt_export.tools.presets import check_preset
-
         check_preset(preset)  # a mistyped preset answers at once, not after torch loads
     quiet_libraries()
-    from mpt_export.errors import InputError
-    from mpt_export.tools.bench_serve import run_bench_ray, run_bench_serve
 
     with progress("bench-serve", quiet) as on_step:
         if bundle is None:
-            from mpt_export.tools.bench import prepare_preset
-
             _, bundle, _ = prepare_preset(preset, workdir, on_step)
         if ray:
             try:

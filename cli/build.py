@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 from pathlib import Path
 from typing import Annotated
@@ -7,12 +8,17 @@ from typing import Annotated
 import typer
 
 from ._common import Quiet, console, escape, handle_errors, progress
+from mpt_export.bundle.reader import load_bundle
+from mpt_export.errors import InputError
+from mpt_export.export.trt_build import adopt_engines, build_engines
+from mpt_export.runtime.trt.check import check_trt
+from mpt_export.runtime.trt.commands import format_commands, resolve_precision, trtexec_commands
+from mpt_export.runtime.trt.profiles import describe_limits, fit_limits, profiles
+from mpt_export.runtime.trt.versions import check_target, opset_problem, parse_trt_version
 
 
 def _limits(bundle, max_batch, max_input, max_new_tokens):
     """The limits to use (typed ones kept, defaults fitted to the model) and the line that says which they are."""
-    from mpt_export.runtime.trt.profiles import describe_limits, fit_limits
-
     typed = {"max_batch": max_batch, "max_input": max_input, "max_new_tokens": max_new_tokens}
     limits = fit_limits(bundle.info, **typed)
     return limits, describe_limits(limits, typed)
@@ -36,13 +42,9 @@ def build_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Build TensorRT engines for a bundle (prefill and decode profiles), or print the trtexec commands."""
-    from mpt_export.bundle.reader import load_bundle
-
     b = load_bundle(bundle)
     limits, said = _limits(b, max_batch, max_input, max_new_tokens)
     if adopt:
-        from mpt_export.export.trt_build import adopt_engines
-
         path = adopt_engines(bundle, out, limits, precision, version_compatible, tf32, trt_version)
         side = json.loads((path / "engine.json").read_text())
         console.print(f"[green]adopted[/] {escape(str(path))}: plans built by trtexec (TensorRT "
@@ -50,12 +52,6 @@ def build_cmd(
                       + ("checked against the bundle" if side["gpu_name"] else "TensorRT checks them when they load"))
         return
     if print_trtexec:
-        from mpt_export.runtime.trt.commands import format_commands, resolve_precision, trtexec_commands
-        from mpt_export.runtime.trt.profiles import profiles
-
-        from mpt_export.errors import InputError
-        from mpt_export.runtime.trt.versions import check_target, opset_problem, parse_trt_version
-
         target = parse_trt_version(trt_version or "10")
         check_target(target)
         said_opset = opset_problem(b.info.opset, target)
@@ -78,7 +74,6 @@ def build_cmd(
         print("# then, so that generate/triton --backend tensorrt take the plans (on the board; --trt-version: "
               f"the release whose trtexec built them):\nmpt-export build {bundle} --adopt {' '.join(flags)}")
         return
-    from mpt_export.export.trt_build import build_engines
 
     console.print(escape(said))
     with progress("build", quiet) as on_step:
@@ -98,10 +93,6 @@ def check_trt_cmd(
     trt_version: Annotated[str | None, typer.Option(help="The TensorRT release the engines are for, MAJOR[.MINOR] (its parser's opset range is checked).", show_default="the installed tensorrt, else 10.0")] = None,
 ) -> None:
     """CPU-only: will TensorRT's ONNX parser accept these graphs (ops, dtypes, external data, profile bounds)?"""
-    from mpt_export.bundle.reader import load_bundle
-    from mpt_export.runtime.trt.check import check_trt
-    from mpt_export.runtime.trt.versions import check_target, parse_trt_version
-
     target = parse_trt_version(trt_version or _installed_trt() or "10.0")
     check_target(target)
     b = load_bundle(bundle)
@@ -120,8 +111,6 @@ def check_trt_cmd(
 
 def _installed_trt() -> str | None:
     """The installed tensorrt's version, read from its package metadata (nothing imported)."""
-    import importlib.metadata as md
-
     for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_lean"):
         try:
             return md.version(dist)

@@ -8,6 +8,9 @@ import typer
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quiet_libraries, size_table
+from mpt_export.errors import InputError
+from mpt_export.storage.ownership import check_replaceable
+from mpt_export.tools.demo import ARCHS, run_demo
 
 
 @handle_errors
@@ -17,10 +20,6 @@ def demo_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Build a tiny base model and PEFT MPT adapters in code (3-task source + target), export, validate, report."""
-    from mpt_export.errors import InputError
-    from mpt_export.storage.ownership import check_replaceable
-    from mpt_export.tools.demo import ARCHS, run_demo
-
     if arch not in ARCHS:
         raise InputError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     check_replaceable(workdir, "demo-workdir", force=True)  # refuse a directory it did not make before loading torch

@@ -8,6 +8,10 @@ import typer
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
+from mpt_export.errors import InputError
+from mpt_export.source.basemodel import base_arch
+from mpt_export.source.hub import resolve
+from mpt_export.tools.evaluate import BundleReference, evaluate, PeftReference, read_data
 
 
 @handle_errors
@@ -24,8 +28,6 @@ def eval_cmd(
     """Score a bundle's tasks on your own data: accuracy / exact match and mean log-likelihood per task, and against
     another bundle or PEFT the largest log-probability difference and greedy-token agreement."""
     import mpt_export
-    from mpt_export.errors import InputError
-    from mpt_export.tools.evaluate import BundleReference, PeftReference, evaluate, read_data
 
     if against is not None and base_model is not None:
         raise InputError("compare with one reference: --against BUNDLE or --base-model DIR")
@@ -44,9 +46,6 @@ def eval_cmd(
             raise InputError(f"{against} has no task {', '.join(missing)}; compare bundles of the same tasks")
         ref, label = BundleReference(other.session()), str(against)
     elif base_model is not None:
-        from mpt_export.source.basemodel import base_arch
-        from mpt_export.source.hub import resolve
-
         base_model = resolve(base_model, "base model")  # a Hub id: its snapshot in the cache
         base_arch(base_model)  # a wrong path answers now, not after torch loads
         label = "PEFT"

@@ -6,6 +6,8 @@ from typing import Annotated
 import typer
 
 from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
+from mpt_export.export.api import check_export_inputs, export_bundle
+from mpt_export.export.options import ExportOptions
 
 
 @handle_errors
@@ -30,15 +32,11 @@ def export_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Export MPT adapters over one frozen base model (causal LM or T5) into a validated ONNX bundle."""
-    from mpt_export.export.api import check_export_inputs
-    from mpt_export.export.options import ExportOptions
-
     options = ExportOptions(opset=opset, dtype=dtype, atol=atol, rtol=rtol, validate=validate, quantize=quantize,
                             min_agreement=min_agreement, block_size=block_size, accuracy_level=accuracy_level, force=force, seed=seed, provider=provider,
                             fast_graph=fast_graph, revision=revision)
     check_export_inputs(base_model, adapter, out, options)  # paths, configs, adapters: answered before torch loads
     quiet_libraries()
-    from mpt_export.export.api import export_bundle
 
     with progress("export", quiet) as on_step:
         b = export_bundle(base_model, adapter, out, options, on_step=on_step)

@@ -10,6 +10,8 @@ import typer
 from mpt_export.runtime.sampling import SamplingParams  # light: no numpy until tokens are chosen
 
 from ._common import Quiet, console, escape, handle_errors, progress
+from mpt_export.errors import InputError, MptExportError
+from mpt_export.runtime import SessionOptions
 
 MAX_LISTED = 10
 # what `generate` does where no option says otherwise — greedy, 32 new tokens, no seed, no stop string: declared
@@ -20,8 +22,6 @@ CLI_DEFAULTS = SamplingParams(max_new_tokens=32, temperature=0.0)
 def read_prompts(path: Path, default_task: str | None) -> list[tuple[int, str, str]]:
     """The whole JSONL file, read and checked before anything runs: -> [(line, task, text)]. Every problem is
     reported as ``file:line`` (the first few together)."""
-    from mpt_export.errors import InputError
-
     try:
         raw = path.read_bytes()
     except IsADirectoryError:
@@ -72,8 +72,6 @@ def read_prompts(path: Path, default_task: str | None) -> list[tuple[int, str, s
 
 def check_rows(s, rows: list[tuple[int, str, str]], where: str | None, max_new_tokens: int) -> None:
     """Every row's task is known and its tokens fit, before the first one runs."""
-    from mpt_export.errors import MptExportError
-
     problems = []
     for n, task, text in rows:
         label = f"{where}:{n}: " if where else (f"prompt {n}: " if len(rows) > 1 else "")
@@ -86,8 +84,6 @@ def check_rows(s, rows: list[tuple[int, str, str]], where: str | None, max_new_t
         except MptExportError as e:
             problems.append(f"{label}{e}")
     if problems:
-        from mpt_export.errors import InputError
-
         more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
         raise InputError("; ".join(problems[:MAX_LISTED]) + more)
 
@@ -119,8 +115,6 @@ def generate_cmd(
 ) -> None:
     """Generate text with a bundle: one backbone, any task per row."""
     import mpt_export
-    from mpt_export.errors import InputError
-    from mpt_export.runtime import SessionOptions
 
     rows, where = _rows(prompts, input_file, task)
     if batch_size <= 0:
@@ -164,8 +158,6 @@ def generate_cmd(
 def _rows(prompts: list[str] | None, input_file: Path | None, task: str | None):
     """(line or argument number, task, text) per prompt, from the arguments or the JSONL file, checked whole; and
     where they came from (the file, or None for arguments)."""
-    from mpt_export.errors import InputError
-
     if input_file is not None:
         if prompts:
             raise InputError("give prompts as arguments or --input-file, not both")

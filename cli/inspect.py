@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ._common import console, escape, handle_errors
+from mpt_export.source.adapters import read_adapter
 
 
 @handle_errors
@@ -16,8 +17,6 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
 ) -> None:
     """Show what is in PEFT Multitask Prompt Tuning checkpoints: kind, tasks, shapes, bytes per task."""
-    from mpt_export.source.adapters import read_adapter
-
     summaries = [read_adapter(a).summary() for a in adapters]
     if as_json:
         console.print_json(json.dumps(summaries))

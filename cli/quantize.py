@@ -6,6 +6,9 @@ from typing import Annotated
 import typer
 
 from ._common import Quiet, console, handle_errors, progress, quant_line, quiet_libraries, size_table
+from mpt_export.export.quantize import quantize_bundle, QuantizeOptions
+from mpt_export.storage.ownership import check_replaceable
+from mpt_export.tools.evaluate import read_data
 
 
 @handle_errors
@@ -24,9 +27,6 @@ def quantize_cmd(
 ) -> None:
     """Quantized copy of an fp32 bundle for ONNX Runtime (weight-only int8/int4, or dynamic int8), checked against
     the fp32 bundle."""
-    from mpt_export.export.quantize import QuantizeOptions
-    from mpt_export.storage.ownership import check_replaceable
-
     options = QuantizeOptions(scheme=quantize, block_size=block_size, accuracy_level=accuracy_level,
                               variant=variant, min_agreement=min_agreement)
     import mpt_export
@@ -34,12 +34,9 @@ def quantize_cmd(
     mpt_export.load_bundle(bundle, verify=False).close()  # a wrong path answers now, not after torch loads
     check_replaceable(out, "bundle", force, [("source bundle", bundle)])  # refuse before loading torch
     quiet_libraries()
-    from mpt_export.export.quantize import quantize_bundle
 
     prompts = None
     if eval_data is not None:
-        from mpt_export.tools.evaluate import read_data
-
         with mpt_export.load_bundle(bundle) as src:
             tok = src.session().tokenizer
             prompts = [(tok.encode(e.prompt, e.where), e.task) for e in read_data(eval_data, None, src.tasks)]

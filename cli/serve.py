@@ -7,6 +7,11 @@ from typing import Annotated
 import typer
 
 from ._common import STARTED, handle_errors
+from mpt_export.errors import InputError
+from mpt_export.serving.http.options import ServeOptions
+from mpt_export.serving.http.protocol import api_key_of, KEY_ENV
+from mpt_export.serving.http.server import serve
+from mpt_export.serving.ray.service import serve_ray
 
 
 @handle_errors
@@ -29,20 +34,13 @@ def serve_cmd(
     ray_address: Annotated[str | None, typer.Option(help="With --ray: join this Ray cluster ('auto': the one `ray start` runs on this node).", show_default="a local Ray instance that stops with this command", rich_help_panel="Ray Serve")] = None,
 ) -> None:
     """Serve a bundle over HTTP with OpenAI-compatible routes; requests for any task share the backbone's batches."""
-    from mpt_export.errors import InputError
-    from mpt_export.serving.http.options import ServeOptions
-    from mpt_export.serving.http.protocol import KEY_ENV, api_key_of
-
     if not ray and (replicas is not None or autoscale is not None or ray_address is not None):
         raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            api_key=api_key_of(api_key, os.environ.get(KEY_ENV)), threads=threads, provider=provider,
                            drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, prepack=prepack, graph=graph)
     if ray:
-        from mpt_export.serving.ray.service import serve_ray
-
         raise typer.Exit(serve_ray(str(bundle), options, replicas=replicas, autoscale=autoscale, address=ray_address,
                                    started=STARTED))
-    from mpt_export.serving.http.server import serve
 
     raise typer.Exit(serve(str(bundle), options, started=STARTED))

@@ -7,6 +7,7 @@ import typer
 from rich.table import Table
 
 from ._common import console, escape, handle_errors, human
+from mpt_export.export.task_edits import add_tasks, remove_task
 
 app = typer.Typer(help="List, add or remove tasks in a bundle — vectors only: no re-export, the backbone is untouched.",
                   no_args_is_help=True)
@@ -35,8 +36,6 @@ def add_cmd(
     adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter trained on the bundle's base model: a directory or a Hugging Face Hub id (org/name[@REVISION]). Repeatable.")],
 ) -> None:
     """Add the tasks of MPT adapters to a bundle (rewrites tasks.safetensors and the manifest atomically)."""
-    from mpt_export.export.task_edits import add_tasks
-
     b = add_tasks(bundle, adapter)
     console.print(f"[green]added[/] {escape(', '.join(b.added_tasks))}; tasks: {escape(', '.join(b.tasks))}")
 
@@ -48,8 +47,6 @@ def remove_cmd(
     name: Annotated[str, typer.Argument(help="Task to remove.")],
 ) -> None:
     """Remove a task (its shared prompt goes too when no other task uses it)."""
-    from mpt_export.export.task_edits import remove_task
-
     b = remove_task(bundle, name)
     console.print(f"[green]removed[/] {escape(name)}; tasks: {escape(', '.join(b.tasks))}")
 

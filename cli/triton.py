@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ._common import Quiet, console, escape, handle_errors, human, progress
+from mpt_export.serving.triton.writer import write_repository
 
 
 @handle_errors
@@ -25,8 +26,6 @@ def triton_cmd(
 ) -> None:
     """Write a Triton Inference Server model repository: the graphs as ONNX Runtime or TensorRT models, and a
     decoupled Python-backend model `generate` that batches every task together and streams tokens."""
-    from mpt_export.serving.triton.writer import write_repository
-
     with progress("triton", quiet) as on_step:
         on_step("write the repository (the graphs copied, cloned or linked)")
         r = write_repository(bundle, out, backend=backend, engines=engines, max_batch=max_batch, instances=instances,

@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quiet_libraries
+from mpt_export.export.api import verify_bundle
 
 
 @handle_errors
@@ -19,8 +20,6 @@ def verify_cmd(
 ) -> None:
     """Check every file's sha256 against the manifest and the task bank against its task list (as every reader does),
     refusing links; with --base-model, re-run parity against PEFT."""
-    from mpt_export.export.api import verify_bundle
-
     if base_model is not None:
         quiet_libraries()
         with progress("verify", quiet) as on_step:

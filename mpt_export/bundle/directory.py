@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import BundleError
 from .manifest import MANIFEST, REDO
+from ..storage.atomic import recover
 
 
 def open_in(dirfd: int, rel: str, display: str) -> int:
@@ -90,8 +91,6 @@ def open_dir(path: Path) -> int:
     """A descriptor of the bundle directory with a shared lock (writers delete an old copy only when no reader holds
     it). A directory retired between our open and our lock has no manifest (the writer removes it first): reopen."""
     import fcntl
-
-    from ..storage.atomic import recover
 
     for _ in range(100):
         try:

@@ -10,6 +10,8 @@ import re
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
+from ..storage.ownership import STAGING_MARKER
+from .taskbank import positions_needed, TASK_NAME_RE
 
 MANIFEST = "manifest.json"
 FORMAT = "mpt-export/bundle/2"
@@ -79,8 +81,6 @@ def manifest_digest(manifest: dict) -> str:
 def file_digests(root: Path, known: dict[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file under ``root`` except the manifest and staging markers, keyed by POSIX relative path.
     ``known``: digests already established for some files (hard links of a verified bundle's files)."""
-    from ..storage.ownership import STAGING_MARKER
-
     known = known or {}
     out = {}
     for p in sorted(Path(root).rglob("*")):
@@ -230,8 +230,6 @@ def _check_reports(m: dict) -> None:
 
 def _check_tasks(m: dict) -> list:
     """``tasks``: a non-empty list of uniquely named tasks with their sizes (and optional source, digest)."""
-    from .taskbank import TASK_NAME_RE
-
     tasks = m.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise _bad("tasks", tasks, "a non-empty list")
@@ -257,8 +255,6 @@ def _check_tasks(m: dict) -> list:
 
 def _check_positions(m: dict, bm: dict, tasks: list, task_type: str) -> None:
     """``num_transformer_submodules`` 1 or 2, and every task leaves room for one input token and one new token."""
-    from .taskbank import positions_needed
-
     nts = default(m, "num_transformer_submodules")
     if nts not in (1, 2):
         raise _bad("num_transformer_submodules", nts, "1 or 2")

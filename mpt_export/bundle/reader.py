@@ -33,10 +33,13 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import BundleError
+from ..errors import BundleError, CheckpointError
 from .info import BundleInfo
 from .directory import open_dir, open_in, read_in, refuse_links
 from .manifest import DIGEST_KEY, FORMAT, MANIFEST, REDO, check_manifest, manifest_digest, sha256_stream
+from . import stamps
+from ..runtime import open_session
+from .taskbank import TaskBank
 
 # -- reading -------------------------------------------------------------------------------------------------------
 
@@ -147,9 +150,6 @@ class Bundle:
     def task_bank(self):
         """The task bank, checked against the manifest's task list (names, order, shapes, content digests) — the check
         every reader runs, and :func:`load_bundle` too when it verifies."""
-        from ..errors import CheckpointError
-        from .taskbank import TaskBank
-
         f = self.file("tasks.safetensors")
         try:
             bank = TaskBank.load(f)
@@ -185,8 +185,6 @@ class Bundle:
         """A session over this bundle: :func:`mpt_export.runtime.open_session` with ``options`` (a
         :class:`~mpt_export.runtime.SessionOptions`) or its fields as keywords (``provider``, ``backend``,
         ``engines``, ``intra_op_threads``, ``prepack``, ...)."""
-        from ..runtime import open_session
-
         return open_session(self, options, **changes)
 
 
@@ -265,8 +263,6 @@ def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True)
 def _check_files(fd: int, path: Path, manifest: dict, verify: bool, trust_stamp: bool) -> None:
     """Every file the manifest lists is there (opened through ``fd``); with ``verify``, it matches its sha256 (or
     a stamp vouches for it), and the files hashed are stamped."""
-    from . import stamps
-
     dir_stat = os.fstat(fd)
     stamp = stamps.read(dir_stat, manifest[DIGEST_KEY]) if verify and trust_stamp else {}
     started, hashed, vouched = time.time_ns(), False, {}

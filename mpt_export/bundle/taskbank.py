@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, TaskNameError
+from ..errors import CheckpointError, InputError, TaskNameError
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # no leading '-' (an option) or '.' ('.', '..')
 
@@ -40,8 +40,6 @@ def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.
     """The checks every path that brings a task in (export, ``tasks add``, ``Session.add_task``, loading a bundle)
     applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values; and a prompt
     short enough to leave room for at least one input token and one new token in the model's positions."""
-    from ..errors import InputError
-
     at = f" ({where})" if where else ""
     H = hidden_size if hidden_size is not None else (shared.shape[1] if shared.ndim == 2 else -1)
     if shared.ndim != 2 or cols.ndim != 2 or rows.ndim != 2 or shared.shape[1] != H or cols.shape[0] != shared.shape[0] \
@@ -247,7 +245,6 @@ class TaskBank:
         except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{file} is a damaged task bank ({type(e).__name__}: {e}); copy the bundle again "
                                   "or re-export it") from None
-        from ..errors import InputError
 
         for t in bank.tasks:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import os
 import time
 from pathlib import Path
@@ -9,12 +10,12 @@ from pathlib import Path
 from ..version import __version__
 from ..source.basemodel import base_arch, check_same_base, identity
 from ..source.hub import hub_origin, resolve, resolve_adapter_specs
-from ..storage.atomic import fault_point, replace_dir, resolve_output
+from ..storage.atomic import fault_point, replace_dir, resolve_output, staging
 from ..storage.ownership import check_path_text, check_replaceable
 from ..bundle.info import BundleInfo
 from ..bundle.reader import Bundle, load_bundle
 from ..bundle.manifest import FORMAT, write_manifest
-from ..source.adapters import build_task_bank
+from ..source.adapters import build_task_bank, parse_adapter_spec
 from ..bundle.taskbank import TaskBank
 from ..errors import InputError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
@@ -24,11 +25,14 @@ from .composer import write_composer
 from .scoring import scoring_graphs
 from .tokenizer import write_tokenizer
 from .torchside import (ISOLATE_BYTES, load_base_model, references, require_export_deps, run_isolated, torch_phase, weight_bytes)
+from ..runtime.onnxruntime import resolve_provider
+from ..runtime.options import is_cpu_provider
+from .precision import tolerance
+from .quantize import quantize_bundle
+from .validate import compare_causal, compare_seq2seq
 
 
 def tool_versions() -> dict:
-    import importlib.metadata as md
-
     out = {"mpt_export": __version__}
     for pkg in ("torch", "transformers", "peft", "onnx", "onnxscript", "onnxruntime"):
         try:
@@ -53,9 +57,6 @@ def validate_against_peft(bundle: Bundle, model, bank: TaskBank, tol, seed, prov
 def _compare(bundle: Bundle, cases, tol, provider: str, on_step) -> dict:
     """Every graph of the bundle that runs on ONNX Runtime (the traced one, and the fused one where there is one)
     against the references; -> the traced graph's report, with the fused graph's under ``fast_graph``."""
-    from ..runtime.options import is_cpu_provider
-    from .validate import compare_causal, compare_seq2seq
-
     compare = compare_seq2seq if cases.kind == "seq2seq" else compare_causal
     reports = {}
     for graph in ("plain", "fast") if bundle.info.fused else ("plain",):
@@ -80,8 +81,6 @@ def resolve_sources(base_model, adapters: list[str], revision: str | None = None
 
 def export_inputs(base_model, adapters) -> list[tuple[str, Path]]:
     """What an export reads: its output must not be (or hold) any of these."""
-    from ..source.adapters import parse_adapter_spec
-
     return [("base model", Path(base_model))] + [("adapter", parse_adapter_spec(a)[1]) for a in adapters]
 
 
@@ -134,7 +133,6 @@ def check_export_inputs(base_model, adapters, out, options: ExportOptions | None
     inputs = export_inputs(base_model, adapters)
     check_replaceable(Path(out), "bundle", o.force, inputs)  # fail before any heavy work
     if o.validate:  # the validation's provider must exist before the graphs are exported, not after
-        from ..runtime.onnxruntime import resolve_provider
 
         resolve_provider(o.provider)
     cfg, arch = base_arch(base_model)
@@ -210,9 +208,6 @@ def _export_quantized(base_model, adapters, out: Path, o: ExportOptions, on_step
     """``--quantize int8|int4|int8-dynamic``: an fp32 bundle in a staging directory beside ``out`` (validated against
     PEFT), then its quantized copy at ``out`` (checked against the fp32 one); the fp32 bundle is removed. ``out`` stays locked for
     writers throughout."""
-    from ..storage.atomic import staging
-    from .quantize import quantize_bundle
-
     inputs = export_inputs(base_model, adapters)
     check_replaceable(out, "bundle", o.force, inputs)
     out = Path(os.path.abspath(out))
@@ -245,7 +240,6 @@ def verify_bundle(path: str | Path, base_model: str | Path | None = None, atol: 
             return result
         require_export_deps()
         holder = [load_base_model(base_model)[0]]  # freed once PEFT's references are computed
-        from .precision import tolerance
 
         recorded = b.info.validation or {}
         tol = tolerance(b.info.dtype,

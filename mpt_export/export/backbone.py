@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..source.archs import CausalArch, window_of
 from ..errors import BaseModelError, ExportError
+from .precision import fp32_softmax, graph_dtype
 
 DEFAULT_OPSET = 18
 
@@ -131,8 +132,6 @@ def export_backbone(model, arch: CausalArch, path: str | Path, opset: int = DEFA
     Returns the I/O spec and the opset actually written."""
     import onnx
     import torch
-
-    from .precision import fp32_softmax, graph_dtype
 
     path = Path(path)
     io = backbone_io(arch, dtype=dtype)

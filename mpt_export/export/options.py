@@ -9,6 +9,7 @@ from ..errors import OptionError
 from ..runtime.options import is_cpu_provider
 from .backbone import DEFAULT_OPSET
 from .precision import canonical_dtype, tolerance
+from .quantize import QuantizeOptions
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,6 @@ class ExportOptions:
     @property
     def quantization(self):
         """The quantization this export ends with (``--quantize``), or None."""
-        from .quantize import QuantizeOptions
-
         if self.quantize is None:
             return None
         return QuantizeOptions(scheme=self.quantize, block_size=self.block_size, accuracy_level=self.accuracy_level,

@@ -15,6 +15,7 @@ The composer stays fp32; the runtime casts each composed prompt to the graph's d
 from __future__ import annotations
 
 from contextlib import contextmanager
+from ..errors import ExportError, InputError
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
           "bfloat16": "bfloat16"}
@@ -33,8 +34,6 @@ DEFAULT_TOL = {"float32": {"atol": 1e-5, "rtol": 1e-4}, "float16": {"atol": 1e-3
 
 def tolerance(dtype: str, atol: float | None = None, rtol: float | None = None) -> dict:
     """The validation tolerance for a bundle dtype, with the user's ``atol`` / ``rtol`` taking precedence."""
-    from ..errors import InputError
-
     tol = dict(DEFAULT_TOL[canonical_dtype(dtype)])
     for key, v in (("atol", atol), ("rtol", rtol)):
         if v is not None:
@@ -46,8 +45,6 @@ def tolerance(dtype: str, atol: float | None = None, rtol: float | None = None) 
 
 
 def canonical_dtype(name: str) -> str:
-    from ..errors import InputError
-
     key = str(name).lower()
     if key not in DTYPES:
         raise InputError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16")
@@ -114,8 +111,6 @@ def graph_dtype(embedding, dtype: str, what: str):
     want = getattr(torch, dtype)
     have = embedding.weight.dtype
     if have != want:
-        from ..errors import ExportError
-
         raise ExportError(f"{what}: the model's weights are {str(have).replace('torch.', '')} but the export asked for "
                           f"{dtype}; load the model in the export dtype first")
     return want

@@ -19,18 +19,24 @@ An agreement below ``min_agreement`` refuses the bundle: nothing is written.
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..storage.atomic import replace_dir
+from ..storage.atomic import replace_dir, resolve_output
 from ..bundle.reader import Bundle, load_bundle
 from ..bundle.info import BundleInfo, GraphSpec
 from ..bundle.manifest import write_manifest
 from ..errors import InputError, MissingDependencyError, ValidationError
 from ..runtime.fused import FusedCausalSession
+from ..storage.ownership import check_path_text
+from .scoring import scoring_graphs
+from .seq2seq import share_weights, WEIGHTS_FILE
+from .weightonly import check_block, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, quantize_graph
 
 SCHEMES = {
     "int8": "weight-only int8: MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits",
@@ -63,8 +69,6 @@ DEFAULT_VARIANT = "matmul"
 
 
 def _layer_of(name: str) -> int | None:
-    import re
-
     m = re.search(r"\.(?:h|layers|layer|block)\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
@@ -115,8 +119,6 @@ def quantize_graphs(root: Path, info: BundleInfo, src_root: Path, o: "QuantizeOp
     if scheme == "int8-dynamic":
         quantization = _dynamic_graphs(root, graphs, info.model_graphs, src_root, o.variant)
     else:
-        from .weightonly import quantize_graph
-
         done = {}
         for g in info.model_graphs:
             f = graphs[g].file
@@ -125,8 +127,6 @@ def quantize_graphs(root: Path, info: BundleInfo, src_root: Path, o: "QuantizeOp
         quantization = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size, "symmetric": True,
                         "accuracy_level": o.accuracy_level, "graphs": done}
     if info.seq2seq:
-        from .seq2seq import WEIGHTS_FILE, share_weights
-
         share_weights(root, [graphs[g].file for g in info.model_graphs], WEIGHTS_FILE)
         graphs.update({g: replace(graphs[g], external_data=WEIGHTS_FILE) for g in info.model_graphs})
     quantization["scheme"] = scheme
@@ -143,8 +143,6 @@ def _fused_graph(root: Path, info: BundleInfo, fused, src_root: Path, o: "Quanti
     if o.scheme == "int8-dynamic":
         return replace(info, fused=None, fused_skipped="int8-dynamic quantizes the traced graph's activations; the "
                                                        "fused graph is for fp32/fp16 and weight-only int8/int4")
-    from .seq2seq import share_weights
-    from .weightonly import quantize_graph
 
     info.quantization["graphs"][FusedCausalSession.GRAPH] = quantize_graph(
         src_root / fused.file, root / fused.file, o.scheme, o.block_size, o.accuracy_level)
@@ -160,7 +158,6 @@ def _scoring_graph(root: Path, info: BundleInfo, o: "QuantizeOptions") -> Bundle
         return info
     if o.scheme == "int8-dynamic":
         return replace(info, scoring=None)
-    from .scoring import scoring_graphs
 
     made = scoring_graphs(root, {"backbone": info.graphs["backbone"].to_dict()}, info.base_model)
     return replace(info, scoring=GraphSpec.of(made["scoring_graphs"]["backbone"]))
@@ -172,7 +169,6 @@ def _dynamic_graphs(root: Path, graphs: dict, model_graphs, src_root: Path, vari
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise MissingDependencyError("int8 quantization needs onnxruntime's quantization tools (pip install onnx onnxruntime)") from None
-    import logging
 
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -250,7 +246,6 @@ class QuantizeOptions:
             if self.variant is not None:
                 raise InputError(f"--variant chooses what int8-dynamic leaves in float; {self.scheme} quantizes "
                                  "every MatMul weight (the embedding table stays float)")
-            from .weightonly import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_block
 
             object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size)
             if self.accuracy_level is None:
@@ -271,8 +266,6 @@ def quantize_bundle(src: str | Path, out: str | Path, options: QuantizeOptions |
     step = on_step or (lambda s: None)
     o = replace(options, **fields) if options is not None else QuantizeOptions(**fields)
     scheme, min_agreement = o.scheme, o.min_agreement
-    from ..storage.atomic import resolve_output
-    from ..storage.ownership import check_path_text
 
     check_path_text(Path(out))  # before hashing the source: a bad output path costs nothing
     out = resolve_output(out)

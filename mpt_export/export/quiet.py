@@ -6,6 +6,7 @@ call and puts every setting back afterwards (a library must not change its calle
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -74,8 +75,6 @@ def third_party_quiet():
 
 def quietly(fn):
     """``fn`` run under :func:`third_party_quiet`."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with third_party_quiet():

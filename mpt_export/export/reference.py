@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..source.adapters import AdapterCheckpoint
+from .backbone import cache_keyword
 
 
 def peft_model_for(base_model, ckpt: AdapterCheckpoint):
@@ -39,8 +40,6 @@ def peft_causal_forward(pm, input_ids: np.ndarray, task_index: int) -> dict[str,
     """PEFT's forward (no past) on one unpadded row: last-position logits and the full present KV."""
     import torch
     from transformers.cache_utils import DynamicCache
-
-    from .backbone import cache_keyword
 
     ids = torch.from_numpy(input_ids.astype(np.int64))
     # A cache without the model's config keeps every position on every layer (a sliding-window layer's own cache

@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 
 from ..errors import ExportError
+from .backbone import _set_dim_names
+from .precision import fp32_softmax, graph_dtype
 
 WEIGHTS_FILE = "weights.onnx.data"
 
@@ -126,9 +128,6 @@ def export_seq2seq(model, arch, out_dir: str | Path, opset: int, embed=None, dec
     embeddings for both): they must be the tables PEFT uses — see ``torchside.token_embeddings``."""
     import onnx
     import torch
-
-    from .backbone import _set_dim_names
-    from .precision import fp32_softmax, graph_dtype
 
     out_dir = Path(out_dir)
     io = seq2seq_io(arch, dtype)

@@ -20,6 +20,7 @@ from ..bundle.reader import Bundle, load_bundle
 from ..bundle.manifest import write_manifest
 from ..source.adapters import check_adapter_fits, parse_adapter_spec, read_adapter
 from ..errors import BaseModelError, CheckpointError, InputError, TaskNameError
+from ..source.hub import resolve_adapter_specs
 
 
 def _mirror(b: Bundle, dst: Path) -> dict[str, str]:
@@ -65,8 +66,6 @@ def check_adapter_matches(bundle: Bundle, ckpt) -> None:
 def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
     """Add the tasks of ``[NAMES=]DIR`` adapters to the bundle at ``bundle_path`` (every adapter is read and checked
     before anything changes)."""
-    from ..source.hub import resolve_adapter_specs
-
     adapters = resolve_adapter_specs(list(adapters))  # Hugging Face Hub ids: their snapshots in the cache
     specs = [(names, read_adapter(path)) for names, path in map(parse_adapter_spec, adapters)]
     with load_bundle(bundle_path, verify=False) as b:  # fail early, before taking the writer lock

@@ -7,6 +7,11 @@ checkpoint and the C heap keep pages after the model is gone."""
 from __future__ import annotations
 
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,11 +19,17 @@ import numpy as np
 
 from ..source.basemodel import base_arch
 from ..source.adapters import AdapterCheckpoint
-from ..errors import BaseModelError, ExportError, MissingDependencyError
+from ..errors import BaseModelError, ExportError, MissingDependencyError, MptExportError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
 from ..bundle.taskbank import TaskBank
 from .backbone import export_backbone
 from .quiet import quietly
+from .. import errors as error_types
+from .fusedgraph import write_fused_backbone
+from .precision import to_half
+from .reference import peft_model_for
+from .seq2seq import export_seq2seq, share_weights, WEIGHTS_FILE
+from .validate import reference_causal, reference_seq2seq
 
 
 def require_export_deps():
@@ -78,9 +89,6 @@ def references(model, bank: TaskBank, seed, on_step):
     reference outputs (``validate.Cases``) the bundle is compared with. fp32 arithmetic: a half-precision model is cast up in place."""
     import torch
 
-    from .reference import peft_model_for
-    from .validate import reference_causal, reference_seq2seq
-
     if next(model.parameters()).dtype != torch.float32:
         model.float()  # over the weights as exported
     peft_models, index = {}, {}
@@ -101,8 +109,6 @@ def token_embeddings(model, bank: TaskBank) -> dict:
     prompt has a decoder part (``num_transformer_submodules`` 2, PEFT embeds them itself); with the encoder-only
     prompt PEFT hands the decoder its ids, so the decoder's own ``embed_tokens``. All one table in every released
     T5 — but a checkpoint with separate tables must export what PEFT computes."""
-    from .reference import peft_model_for
-
     word = peft_model_for(model, adapters_from_bank(bank)[0][0]).word_embeddings
     decoder = word if bank.num_transformer_submodules == 2 else model.get_decoder().embed_tokens
     return {"embed": word, "decoder_embed": decoder}
@@ -131,14 +137,10 @@ def torch_phase(spec: dict, bank: TaskBank, step) -> dict:
     step("load base model")
     model, cfg, arch = load_base_model(spec["base_model"], dtype=dtype)  # in the export dtype: one copy
     if dtype != "float32":
-        from .precision import to_half
-
         to_half(model, dtype)
     timings["load_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     if arch.task_type == "SEQ_2_SEQ_LM":
-        from .seq2seq import WEIGHTS_FILE, export_seq2seq
-
         step("export encoder and decoder")
         sio = export_seq2seq(model, arch, tmp, opset=spec["opset"], dtype=dtype, **token_embeddings(model, bank))
         real_opset = sio.pop("opset")
@@ -171,10 +173,6 @@ def fast_graph(model, arch, tmp: Path, dtype: str, step) -> dict:
     traced graph's (same tensors, shared by content in ``backbone.onnx.data``). -> ``{"backbone_fast": spec}``, or
     ``{"backbone_fused_skipped": why}`` where the model needs what the fused graph cannot express (then sessions run the
     traced graph, as before)."""
-    from ..errors import ExportError
-    from .fusedgraph import write_fused_backbone
-    from .seq2seq import share_weights
-
     if dtype != "float32":  # (their int8/int4 copies get one: quantizing starts from fp32)
         return {"backbone_fused_skipped": f"the fused graph is written for fp32 bundles; a {dtype} bundle runs the "
                                          "traced graph, whose norms and softmax stay in fp32"}
@@ -193,10 +191,6 @@ def _child_main() -> None:
     """``python -m mpt_export.export.torchside``: the torch phase for a parent export. Reads (spec, bank) from stdin and
     writes progress, then the result or the error, as pickle frames to the file descriptor in argv[1] (a pipe from
     the parent that started it — internal data between our two processes, never from a client)."""
-    import pickle
-    import signal
-    import sys
-
     try:
         import ctypes
 
@@ -221,14 +215,6 @@ def run_isolated(spec: dict, bank: TaskBank, step) -> dict:
     """``torch_phase`` in a child process (a fresh interpreter: no torch or ONNX Runtime state shared, the user's
     ``__main__`` never re-imported); its memory goes back to the system when it exits, before ONNX Runtime loads
     the graphs here. The child's stderr is kept and shown only if it fails."""
-    import pickle
-    import subprocess
-    import sys
-    import tempfile
-
-    from .. import errors as error_types
-    from ..errors import MptExportError
-
     rfd, wfd = os.pipe()
     log = tempfile.TemporaryFile()
     try:

@@ -7,6 +7,7 @@ not built: composing a task is one small matmul, done once per task on the host.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..errors import ExportError
 from ..storage.ownership import check_replaceable
 from ..runtime.trt.commands import resolve_precision
 from ..runtime.trt.env import gpu_identity, import_tensorrt
-from ..runtime.trt.sidecar import SIDECAR, make_sidecar
+from ..runtime.trt.sidecar import FORMAT, make_sidecar, SIDECAR
 from ..runtime.trt.profiles import Limits, fit_limits, profiles
 from ..runtime.trt.versions import check_target, opset_problem, parse_trt_version
 
@@ -55,7 +56,6 @@ def build_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
             engines[graph] = {"file": f"{graph}.plan", "build_s": round(time.perf_counter() - t0, 1)}
         sidecar = make_sidecar(b, trt.__version__, gpu_name, cc, prec, limits.to_dict(), profs, version_compatible,
                                engines)
-        import json
 
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     if timing_cache and cache_bytes:
@@ -129,10 +129,6 @@ def adopt_engines(bundle_path, out: str | Path | None = None, limits: Limits | N
     package is here, each plan is loaded and its I/O names and profiles are checked against the bundle's; where it is
     not (a board with trtexec only), ``trt_version`` names the release that built them and the plans are checked when
     they load. Writes only ``engine.json`` (atomically); an ``engine.json`` this tool did not write is refused."""
-    import json
-
-    from ..runtime.trt.sidecar import FORMAT
-
     b = load_bundle(bundle_path)
     out = Path(out) if out else Path("engines") / b.path.name
     limits = limits or fit_limits(b.info)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ValidationError
+from .precision import tolerance
+from .reference import peft_causal_forward, peft_seq2seq_forward, shift_right
 
 
 def _diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
@@ -114,8 +116,6 @@ def reference_causal(peft_models: dict, task_index: dict, vocab: int, seed: int 
     """PEFT's outputs for every task on a single unpadded row, and for a left-padded mixed-task batch row by row.
 
     ``peft_models`` maps task name -> PeftModel, ``task_index`` task name -> index inside its adapter."""
-    from .reference import peft_causal_forward
-
     seed = _seed(seed)
     rng = np.random.default_rng(seed)
     cases = Cases("causal", seed)
@@ -164,8 +164,6 @@ def reference_seq2seq(peft_models: dict, task_index: dict, vocab: int, start: in
     """Encoder-decoder: PEFT's teacher-forced forward (with ``labels``) on single rows per task, then a padded
     mixed-task batch row by row. Compared later: encoder output, last-position logits, decoder self-attention KV
     (decoder prompt rows included) and cross-attention KV."""
-    from .reference import peft_seq2seq_forward
-
     seed = _seed(seed)
     rng = np.random.default_rng(seed)
     cases = Cases("seq2seq", seed)
@@ -200,8 +198,6 @@ def reference_seq2seq(peft_models: dict, task_index: dict, vocab: int, start: in
 
 
 def compare_seq2seq(session, cases: Cases, tol: dict | None = None, on_step=None) -> dict:
-    from .reference import shift_right
-
     rep = Report(tol or _default_tol(session), cases.seed, session.dtype)
     start = session.decoder_start_token_id
     if on_step:
@@ -227,6 +223,4 @@ def compare_seq2seq(session, cases: Cases, tol: dict | None = None, on_step=None
 
 
 def _default_tol(session) -> dict:
-    from .precision import tolerance
-
     return tolerance(session.bundle.info.dtype)

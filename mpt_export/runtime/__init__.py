@@ -7,6 +7,8 @@ decode loop live in the base. The runtime reads a bundle only through its public
 from __future__ import annotations
 
 from .options import SessionOptions
+from .onnxruntime import ort_session
+from .tensorrt import trt_session
 
 __all__ = ["SessionOptions", "open_session"]
 
@@ -17,9 +19,6 @@ def open_session(bundle, options: SessionOptions | str | None = None, **changes)
     ``backend="tensorrt"`` with the ``engines`` folder written by ``mpt-export build``."""
     options = SessionOptions.of(options, **changes)
     if options.backend == "tensorrt":
-        from .tensorrt import trt_session
-
         return trt_session(bundle, options)
-    from .onnxruntime import ort_session
 
     return ort_session(bundle, options)

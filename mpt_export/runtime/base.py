@@ -23,6 +23,7 @@ from .options import SessionOptions
 from .decode import GenerationResult, generate  # noqa: F401 (GenerationResult: re-exported)
 from .sampling import SamplingParams, check_stop
 from .streaming import cut_at_stop
+from .tokenizer import BundleTokenizer
 
 
 class Session:
@@ -256,8 +257,6 @@ class Session:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import BundleTokenizer
-
             self._tokenizer = BundleTokenizer(self.bundle)
         return self._tokenizer
 

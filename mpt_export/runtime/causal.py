@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Session
+from ..errors import InputError
+from .sampling import token_logprobs
 
 
 class CausalSession(Session):
@@ -100,8 +102,6 @@ class CausalSession(Session):
         """Each token of the prompt ``ids`` scored given the task's virtual tokens and the tokens before it:
         ``[None, (log-probability, [(alternative, log-probability)] k best), ...]`` — the first has no context of its
         own (OpenAI's ``echo``). One call of the bundle's scoring graph over the task's cached prompt KV."""
-        from .sampling import token_logprobs
-
         logits = self.position_logits(ids, task)  # (S, V): position t predicts token t + 1
         return [None] + [token_logprobs(logits[t - 1], int(ids[t]), k) for t in range(1, len(ids))]
 
@@ -116,8 +116,6 @@ class CausalSession(Session):
 
     def _run_scoring_impl(self, feed: dict) -> np.ndarray:
         """The scoring graph's ``logits_all`` (B, S, V) for a backbone feed (backends that have one override this)."""
-        from ..errors import InputError
-
         raise InputError("scoring a prompt (echo) runs on ONNX Runtime (CPU or CUDA), not on this backend")
 
     def logits(self, input_ids, tasks, attention_mask=None) -> np.ndarray:

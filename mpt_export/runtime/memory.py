@@ -3,6 +3,10 @@ back to the system."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import sys
 from pathlib import Path
 
 
@@ -41,7 +45,6 @@ def peak_rss_mib() -> float:
     if hwm is not None:
         return round(hwm / 2**20, 1)
     import resource
-    import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
@@ -77,10 +80,6 @@ def tree_peak_bytes(pid: int) -> int:
 def release_freed_memory() -> None:
     """Hand memory freed by Python/torch back to the OS (glibc keeps freed heap pages otherwise, so the next big
     allocation would add to the peak instead of reusing them)."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from numbers import Integral
 
+import numpy as np
+
 from ..errors import InputError
 
 MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's chat top_logprobs limit)
@@ -93,8 +95,6 @@ class SamplingParams:
 
     def generators(self, batch: int) -> list:
         """One numpy generator per row: row ``b`` draws from ``(seed, b)``."""
-        import numpy as np
-
         seed = self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
         return [np.random.default_rng([seed, b]) for b in range(batch)]
 
@@ -146,8 +146,6 @@ def check_stop(stop) -> list[str] | None:
 
 def select(logits: np.ndarray, cfg: SamplingParams, rngs: list[np.random.Generator]) -> np.ndarray:
     """logits (B, V), rngs one per row -> token ids (B,)."""
-    import numpy as np
-
     if cfg.greedy:
         return logits.argmax(-1).astype(np.int64)
     out = np.empty(logits.shape[0], np.int64)
@@ -173,8 +171,6 @@ def select(logits: np.ndarray, cfg: SamplingParams, rngs: list[np.random.Generat
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities of one row of logits (V,), in float64: the model's own distribution (no temperature)."""
-    import numpy as np
-
     x = logits.astype(np.float64)
     x = x - x.max()
     return x - np.log(np.exp(x).sum())
@@ -183,8 +179,6 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """-> (``token``'s log-probability, the ``k`` most likely tokens with theirs, best first), from one row's
     logits."""
-    import numpy as np
-
     lp = log_softmax(logits)
     top = np.argpartition(-lp, k - 1)[:k] if 0 < k < lp.size else (np.arange(lp.size) if k else np.array([], int))
     top = top[np.argsort(-lp[top], kind="stable")]

@@ -9,6 +9,7 @@ memory bandwidth."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -20,18 +21,23 @@ import numpy as np
 
 from .bench_memory import measure_memory
 from .bench_ref import flops_causal, flops_seq2seq, machine_rates, peft_loop, peft_seq2seq_loop
-from ..errors import InputError
+from ..errors import BundleError, InputError
 from .presets import DERIVED, PRESETS, Preset, check_preset  # noqa: F401 - the presets, named where they run
+from ..bundle.reader import load_bundle
+from ..export.api import export_bundle
+from ..export.quantize import quantize_bundle, QuantizeOptions
+from ..export.reference import peft_model_for
+from ..export.torchside import adapters_from_bank, load_base_model
+from ..runtime.options import check_threads
+from ..source.basemodel import check_same_base, identity
+from ..source.hub import resolve
+from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+from .demo import make_base_model, make_source_adapter
+from .families import make_sized_model
 
 
 def prepare_preset(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path, list[str]]:
     """Base model, source adapter and bundle for a preset, built in code once and reused while the preset is the same."""
-    from ..bundle.reader import load_bundle
-    from ..errors import BundleError
-    from ..export.api import export_bundle
-    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
-    from .demo import make_base_model, make_source_adapter
-
     p = PRESETS[preset_name]
     root = workdir / preset_name
     stamp, base, adapter, bundle = root / "preset.json", root / "base", root / "adapter", root / "bundle"
@@ -50,7 +56,6 @@ def prepare_preset(preset_name: str, workdir: Path, on_step) -> tuple[Path, Path
     claim_workdir(root, "bench-workdir", contents=contents)
     on_step(f"build {preset_name} base model and adapter (random weights)")
     if p.extra:  # a family by its transformers model_type
-        from .families import make_sized_model
 
         model = make_sized_model(base, p.arch, hidden=p.hidden, layers=p.layers, heads=p.heads, vocab_size=p.vocab,
                                  max_positions=p.max_positions, ffn=p.ffn, **p.extra)
@@ -72,9 +77,6 @@ def _derived_is_current(out: Path, check) -> bool:
     """A derived bundle from an earlier run is reused only if it loads and ``check(manifest)`` says it was made from
     the same source (a bundle of the same name made from another model must not stand in for it). ``check`` gets
     the bundle's typed manifest."""
-    from ..bundle.reader import load_bundle
-    from ..errors import BundleError
-
     try:
         with load_bundle(out) as b:
             return bool(check(b.info))
@@ -84,9 +86,6 @@ def _derived_is_current(out: Path, check) -> bool:
 
 def _quantized_bundle(bundle_dir: Path, out: Path, scheme: str, on_step) -> Path:
     """The ``scheme`` copy of the bench's fp32 bundle, made once and reused while the fp32 bundle is the same."""
-    from ..bundle.reader import load_bundle
-    from ..export.quantize import QuantizeOptions, quantize_bundle
-
     options = QuantizeOptions(scheme=scheme, min_agreement=0.0)
     with load_bundle(bundle_dir, verify=False) as src:
         digest = src.info.digest
@@ -116,9 +115,6 @@ def _time(fn, repeats: int, warmup: int = 1):
 
 
 def _fp16_bundle(base: Path, adapter_spec: str, out: Path, on_step) -> Path:
-    from ..source.basemodel import identity
-    from ..export.api import export_bundle
-
     ident = identity(base)["config_sha256"]
     if _derived_is_current(out, lambda info: info.base_model.config_sha256 == ident and
                            [a.get("path") for a in info.adapters] == [adapter_spec.partition("=")[2]]):
@@ -149,8 +145,6 @@ def run_bench(preset: str | None = "gpt2-small-shape", workdir: str | Path = "bu
     elif base_model is None:
         raise InputError("benchmarking a bundle needs --base-model (PEFT eager is the baseline measured in the same run)")
     else:
-        from ..source.hub import resolve
-
         base_model = resolve(base_model, "base model")
     if repeats < 1:
         raise InputError(f"repeats must be >= 1, got {repeats}")
@@ -188,8 +182,6 @@ def _set_threads(threads: int | None) -> int:
     import torch
 
     if threads is not None:
-        from ..runtime.options import check_threads
-
         check_threads(threads, "--threads")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -202,8 +194,6 @@ def _workload(preset, workdir, bundle, base_model, batch: int, input_len: int, n
     if bundle is None:
         base, bundle_dir, names = prepare_preset(preset, Path(workdir), step)
         return PRESETS[preset], base, bundle_dir, names, bundle_dir.parent, preset
-    from ..bundle.reader import load_bundle
-    from ..source.basemodel import check_same_base
 
     user = load_bundle(bundle)
     check_same_base(base_model, user.base_model)
@@ -215,13 +205,7 @@ def _workload(preset, workdir, bundle, base_model, batch: int, input_len: int, n
 def _peft_row(p: Preset, base: Path, bundle_dir: Path, ids, tasks, repeats: int, threads: int, step) -> dict:
     """PEFT eager, the baseline: its row, the FLOPs each variant needs, the weight bytes, the memory probe's spec,
     and the adapter measured (PEFT batches one adapter: its tasks are the workload). The model is freed after."""
-    import gc
-
     import torch
-
-    from ..bundle.reader import load_bundle
-    from ..export.reference import peft_model_for
-    from ..export.torchside import adapters_from_bank, load_base_model
 
     step("PEFT eager")
     model, _, arch = load_base_model(base, attn_implementation="sdpa")  # PyTorch's fastest attention for the baseline
@@ -281,10 +265,6 @@ def _variants(p: Preset, base: Path, bundle_dir: Path, derived: Path, peft: dict
 def _runtime_rows(variants, ids, tasks, p: Preset, repeats: int, threads: int, mem: dict, step):
     """One row per variant (the first is the fp32 reference the others' agreement is measured against), and the
     time to compute one task's prompt KV the first time. -> (rows, task_kv_once_ms)"""
-    import gc
-
-    from ..bundle.reader import load_bundle
-
     rows, task_kv_ms, fp32_tokens = [], None, None
     for label, bdir, provider, cache, flops in variants:
         step(label)

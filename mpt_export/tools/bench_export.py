@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,11 @@ from ..errors import InputError
 
 
 from .shapes import SHAPES, Shape  # noqa: F401 (the bench's shapes, re-exported)
+from ..export.precision import canonical_dtype
+from ..runtime.memory import tree_peak_bytes
+from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
+from .demo import make_source_adapter
+from .tinytext import make_tokenizer
 
 SHALLOW_LAYERS = 4
 
@@ -35,10 +41,6 @@ def build_model(shape: Shape, out: Path, dtype: str, layers: int | None = None, 
     a tokenizer and a 2-task, 100-virtual-token MPT adapter. -> weight bytes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
-
-    from .demo import make_source_adapter
-    from .tinytext import make_tokenizer
-    from ..export.precision import canonical_dtype
 
     tdtype = getattr(torch, canonical_dtype(dtype))
     layers = layers or shape.layers
@@ -159,10 +161,6 @@ def _run_measured(args: list[str], timeout: float = 7200) -> tuple[int, float, i
     """Run a command; -> (exit code, wall s, peak RSS bytes: the largest ``VmHWM`` of it or any process below it,
     sampled every 0.1 s, output tail). Not ``wait4``'s ``ru_maxrss``: Linux carries that across exec, so the
     command would report the peak of the process that started it (a test runner with models loaded)."""
-    import tempfile
-
-    from ..runtime.memory import tree_peak_bytes
-
     with tempfile.TemporaryFile() as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -256,8 +254,6 @@ def _gpu_provider() -> str | None:
 
 def check_shape(shape_name: str, dtype: str | None):
     """-> (the shape, its export dtype), or one InputError naming the choices."""
-    from ..export.precision import canonical_dtype
-
     if shape_name not in SHAPES:
         raise InputError(f"unknown --shape {shape_name!r}; choose one of: {', '.join(SHAPES)}")
     shape = SHAPES[shape_name]
@@ -266,8 +262,6 @@ def check_shape(shape_name: str, dtype: str | None):
 
 def run_bench_export(shape_name: str, dtype: str | None = None, workdir: str | Path = "build/bench-export",
                      keep: bool = False, on_step=None) -> dict:
-    from ..storage.ownership import claim_workdir, remove_workdir, seal_workdir
-
     step = on_step or (lambda s: None)
     shape, dtype = check_shape(shape_name, dtype)
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]

@@ -4,20 +4,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 
 from .bench_ref import peft_loop, peft_seq2seq_loop
-from .peer_runners import RUNNER_KINDS
+from .peer_runners import runner_from_spec, RUNNER_KINDS
+from ..bundle.reader import load_bundle
+from ..export.reference import peft_model_for
+from ..export.torchside import adapters_from_bank, load_base_model
+from ..runtime.memory import status_bytes
 
 
 def measure_memory(spec: dict) -> int | None:
     """Peak resident memory of one row, measured in a fresh process (in this one, memory freed by an earlier row is
     reused without showing up): the peak after loading the row's model and running one batch, minus the resident
     memory after imports."""
-    import subprocess
-    import sys
-
     try:
         res = subprocess.run([sys.executable, "-m", "mpt_export.tools.bench_memory", json.dumps(spec)], capture_output=True,
                              text=True, timeout=900)
@@ -29,24 +32,17 @@ def measure_memory(spec: dict) -> int | None:
 def memory_child(spec: dict) -> int:
     """``spec["kind"]``: ``peft`` (PyTorch), ``ort`` (a bundle's session, the bench's rows) or a bench --peer runner
     (``peer_runners.runner_from_spec``)."""
-    from ..runtime.memory import status_bytes
-
     if spec["kind"] == "peft":
         import torch
 
         torch.set_num_threads(spec["threads"])
-    from ..bundle.reader import load_bundle
 
     ids = np.asarray(spec["ids"], np.int64)
     base_rss = status_bytes("VmRSS") or 0
     if spec["kind"] in RUNNER_KINDS:  # bench --peer's runners, from the same specs its timing children get
-        from .peer_runners import runner_from_spec
 
         runner_from_spec(spec).run(ids, spec["new"])
     elif spec["kind"] == "peft":
-        from ..export.torchside import adapters_from_bank, load_base_model
-        from ..export.reference import peft_model_for
-
         model, _, _ = load_base_model(spec["base"], attn_implementation="sdpa")
         b = load_bundle(spec["bundle"], verify=False)
         ck, names = adapters_from_bank(b.task_bank())[0]  # the bench's tasks come from the first adapter
@@ -63,6 +59,4 @@ def memory_child(spec: dict) -> int:
 
 
 if __name__ == "__main__":  # the memory probe's child process (see measure_memory)
-    import sys
-
     print(memory_child(json.loads(sys.argv[1])))

@@ -18,6 +18,8 @@ MatMulNBits settings (block size, accuracy level) are read from the graph it wro
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -28,6 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError
+from ..bundle.reader import load_bundle
+from ..storage.ownership import seal_workdir
+from .bench import _quantized_bundle, _set_threads, _workload, PRESETS
+from .bench_memory import measure_memory
+from .peer_runners import runner_from_spec
 
 PEERS = ("onnxruntime-genai",)
 PRECISIONS = ("fp32", "int8", "int4")
@@ -37,7 +44,6 @@ BATCHES = (1, 8)
 def check_peer(peer: str) -> None:
     if peer not in PEERS:
         raise InputError(f"unknown --peer {peer!r}; the peer measured is: {', '.join(PEERS)}")
-    import importlib.util
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise MissingDependencyError("the onnxruntime-genai peer needs its package: pip install 'mpt-export[peers]' "
@@ -55,7 +61,6 @@ def build_peer(base: Path, out: Path, precision: str, step) -> Path:
     if res.returncode != 0 or not (out / "genai_config.json").is_file():
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
         raise InputError(f"ONNX Runtime GenAI's model builder failed for {precision}: {' | '.join(tail)}")
-    from ..storage.ownership import seal_workdir
 
     seal_workdir(out.parent)  # its files are recorded as ours: the next run reuses them instead of refusing them
     return out
@@ -102,8 +107,6 @@ def measure_isolated(specs: dict, batches, input_len: int, new: int, rounds: int
     """:func:`measure`, with every (side, precision) runner in a fresh process of its own in every round, in turn: on a
     small machine, sessions of the other sides idle in the same process (their spinning thread pools) moved one
     side's figures by up to 1.7x. -> {(side, precision, batch): {"decode"/"e2e": {"median", "min"}}}"""
-    import json
-
     raw: dict = {}
     for r in range(rounds):
         for key, spec in specs.items():
@@ -123,8 +126,6 @@ def measure_isolated(specs: dict, batches, input_len: int, new: int, rounds: int
 
 def _child(job: dict) -> dict:
     """One round of one runner in this (fresh) process -> {batch: {"decode": tok/s, "e2e": tok/s}}."""
-    from .peer_runners import runner_from_spec
-
     figs = measure({("x", "x"): runner_from_spec(job["spec"])}, job["batches"], job["input_len"], job["new"], 1,
                    job["vocab"])
     return {str(k[2]): {m: v["median"] for m, v in f.items()} for k, f in figs.items()}
@@ -133,8 +134,6 @@ def _child(job: dict) -> dict:
 def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path = "build/bench", rounds: int = 5,
                    threads: int | None = None, input_len: int = 16, new_tokens: int = 32, on_step=None) -> dict:
     """Ours vs ``peer`` on ``preset``'s base model (see the module docstring) -> rows and the run's conditions."""
-    from .bench import PRESETS, _quantized_bundle, _set_threads, _workload
-
     check_peer(peer)
     if preset not in PRESETS or PRESETS[preset].seq2seq:
         raise InputError(f"--peer compares decoder-only models; choose one of: "
@@ -174,8 +173,6 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
 
 def graph_of(bundle: Path) -> str:
     """Which backbone a CPU session of ``bundle`` runs (``--graph auto``)."""
-    from ..bundle.reader import load_bundle
-
     with load_bundle(bundle, verify=False) as b:
         return "fused graph" if b.info.fused else "traced graph"
 
@@ -183,8 +180,6 @@ def graph_of(bundle: Path) -> str:
 def peak_memory(specs: dict, input_len: int, new: int, vocab: int) -> dict:
     """{(side, precision, batch): peak resident MiB} of loading each runner of ``specs`` (measure_isolated's) and
     generating ``new`` tokens for one batch, each in a fresh process (bench_memory); None where the probe failed."""
-    from .bench_memory import measure_memory
-
     out = {}
     for key, spec in specs.items():
         for b in BATCHES:
@@ -195,6 +190,4 @@ def peak_memory(specs: dict, input_len: int, new: int, vocab: int) -> dict:
 
 
 if __name__ == "__main__":  # one measurement round of one runner (see measure_isolated)
-    import json
-
     print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -3,6 +3,7 @@ a KV-cache loop over the base model) and the floor (matmul FLOPs over this machi
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import numpy as np
@@ -53,8 +54,6 @@ def flops_seq2seq(p, enc_params: int, dec_params: int) -> float:
 def peft_seq2seq_loop(pm, ids_t, task_ids, new_tokens: int, start: int):
     """PEFT's forward (with labels: its forward needs them) for the encoder and the first decoder step, then a
     KV-cache loop over the base model reusing the encoder output."""
-    import inspect
-
     import torch
 
     base = pm.base_model
@@ -79,8 +78,6 @@ def peft_seq2seq_loop(pm, ids_t, task_ids, new_tokens: int, start: int):
 
 def peft_loop(pm, ids_t, task_ids, new_tokens: int):
     """PEFT forward (prefill, all positions' logits as PEFT computes them), then a KV-cache loop over the base."""
-    import inspect
-
     import torch
 
     cache_kw = "cache" if "cache" in inspect.signature(pm.base_model.forward).parameters else "past_key_values"

@@ -12,14 +12,24 @@ latency (after the first), and — from the scheduler's step record — the mean
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from ..bundle.reader import load_bundle
+from ..errors import InputError, MptExportError
+from ..serving.ray.service import free_port, import_ray
+from ..storage.ownership import claim_workdir
 
 
 def _pct(xs, q):
@@ -29,8 +39,6 @@ def _pct(xs, q):
 def client_main(argv=None) -> None:
     """The load generator (own process, one asyncio loop — light on the cores it shares with the server):
     ``python -m mpt_export.tools.bench_serve URL SPEC.json`` -> JSON on stdout."""
-    import asyncio
-
     import httpx
 
     url, spec = (argv or sys.argv[1:])[:2]
@@ -86,8 +94,6 @@ def _load(url: str, jobs: list[dict], clients: int, key: str | None, workdir: Pa
     res = subprocess.run([sys.executable, "-m", "mpt_export.tools.bench_serve", url, str(spec)], capture_output=True,
                          text=True, timeout=3600)
     if res.returncode != 0:
-        from ..errors import MptExportError
-
         raise MptExportError(f"the load generator failed: {(res.stderr or res.stdout).strip()[-400:]}")
     out = json.loads(res.stdout)
     rs = out["results"]
@@ -110,13 +116,6 @@ def _steps(url: str, key: str | None, since: int = 0) -> dict:
 def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None = None, prompt_len: int = 64,
                     max_tokens: int = 32, max_batch: int | None = None, threads: int | None = None,
                     workdir: str | Path = "build/bench-serve", on_step=None) -> dict:
-    import os
-
-    from ..bundle.reader import load_bundle
-
-    from ..storage.ownership import claim_workdir
-    from ..errors import InputError
-
     step = on_step or (lambda s: None)
     if clients < 1 or prompt_len < 1 or max_tokens < 1:
         raise InputError("--clients, --prompt-len and --max-tokens must be >= 1")
@@ -183,11 +182,6 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
 
 def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, tmp: Path):
     """``mpt-export serve --ray`` in a process of its own (a local Ray instance below it). -> (process, url)."""
-    import os
-
-    from ..errors import MptExportError
-    from ..serving.ray.service import free_port
-
     port = free_port("127.0.0.1")
     exe = Path(sys.executable).with_name("mpt-export")
     args = [str(exe), "serve", str(bundle), "--ray", "--replicas", str(replicas), "--threads", str(threads),
@@ -208,15 +202,10 @@ def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, t
 
 def _drain_stderr(proc) -> None:
     """Keep reading a child's stderr so it never blocks on a full pipe."""
-    import threading
-
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
 
 
 def _stop(proc, timeout: float = 120) -> None:
-    import os
-    import signal
-
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -229,12 +218,7 @@ def _stop(proc, timeout: float = 120) -> None:
 def _replace_time(url: str, key: str, job: dict, timeout: float = 120) -> dict:
     """Kill one replica's process (its pid from /health) and time until a new replica answers; every request
     sent meanwhile must succeed."""
-    import os
-    import signal
-
     import httpx
-
-    from ..errors import MptExportError
 
     h = {"Authorization": f"Bearer {key}"}
     pids = {}
@@ -264,15 +248,6 @@ def run_bench_ray(bundle: str | Path, replicas: tuple[int, ...] = (1, 2), client
     """``mpt-export bench-serve --ray``: the same mixed-task load through Ray Serve with 1, 2, ... replicas of
     ``threads`` cores each (requests/s as a ratio to the first), then the time Serve takes to replace a killed
     replica."""
-    import os
-    import tempfile
-
-    from ..bundle.reader import load_bundle
-
-    from ..errors import InputError
-    from ..storage.ownership import claim_workdir
-    from ..serving.ray.service import import_ray
-
     import_ray()
     step = on_step or (lambda s: None)
     if clients < 1 or prompt_len < 1 or max_tokens < 1 or threads < 1 or not replicas or min(replicas) < 1:
@@ -304,7 +279,6 @@ def run_bench_ray(bundle: str | Path, replicas: tuple[int, ...] = (1, 2), client
                 replace = _replace_time(url, key, jobs[0])
         finally:
             _stop(proc)
-            import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:

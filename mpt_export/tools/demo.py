@@ -14,6 +14,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..export.quiet import quietly
 from .tinytext import CORPUS, add_chat_template, make_sentencepiece_tokenizer, make_tokenizer  # noqa: F401
+from ..export.api import export_bundle
+from ..storage.ownership import check_replaceable, claim_workdir, remove_workdir, seal_workdir
 
 ARCHS = ("llama", "llama-gqa", "mistral", "qwen2", "gpt2", "t5", "flan-t5")
 SEQ2SEQ_ARCHS = ("t5", "flan-t5")
@@ -267,9 +269,6 @@ def _one_torch_thread():
 @quietly
 def run_demo(workdir: str | Path = "build/demo", arch: str = "llama-gqa", force: bool = True, on_step=None) -> dict:
     """Build everything in code, export one bundle, validate it. Returns timings, the bundle and its report."""
-    from ..storage.ownership import check_replaceable, claim_workdir, remove_workdir, seal_workdir
-    from ..export.api import export_bundle
-
     workdir = Path(workdir)
     if force:
         remove_workdir(workdir, "demo-workdir")  # only a demo workdir this tool made; anything else is refused

@@ -18,6 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..export.reference import peft_model_for
+from ..export.torchside import adapters_from_bank, load_base_model
+from ..runtime.sampling import log_softmax
+from ..source.basemodel import check_same_base
+from ..source.hub import resolve
 
 
 @dataclass
@@ -77,12 +82,6 @@ class PeftReference:
     """PEFT itself over the base model, with the bundle's own task vectors: log-probabilities and greedy tokens."""
 
     def __init__(self, bundle, base_model):
-        from ..export.reference import peft_model_for
-        from ..export.torchside import adapters_from_bank, load_base_model
-        from ..source.basemodel import check_same_base
-
-        from ..source.hub import resolve
-
         base_model = resolve(base_model, "base model")  # a Hugging Face Hub id: its snapshot in the cache
         check_same_base(base_model, bundle.base_model)
         model, _, _ = load_base_model(base_model)
@@ -109,8 +108,6 @@ class BundleReference:
         self.session = session
 
     def logprobs(self, ids: list[int], task: str) -> np.ndarray:
-        from ..runtime.sampling import log_softmax
-
         return np.stack([log_softmax(r) for r in self.session.position_logits(ids, task)])
 
 

@@ -11,6 +11,7 @@ config it follows.
 from __future__ import annotations
 
 from pathlib import Path
+from .tinytext import make_tokenizer
 
 # model_type, real checkpoint it follows, config fields (on top of the common tiny sizes)
 TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
@@ -110,8 +111,6 @@ def _save_model(out_dir: str | Path, model_type: str, fields: dict, seed: int, s
     saved with the demo's tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .tinytext import make_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

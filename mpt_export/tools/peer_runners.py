@@ -4,15 +4,15 @@ ordinary prompt tokens. Also run alone in a fresh process by the memory probe (b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+from ..bundle.reader import load_bundle
 
 
 class Ours:
     def __init__(self, bundle: Path, task: str, threads: int, graph: str = "auto"):
-        from ..bundle.reader import load_bundle
-
         self.session = load_bundle(bundle, verify=False).session(intra_op_threads=threads, graph=graph)
         self.task = task
 
@@ -22,8 +22,6 @@ class Ours:
 
 class Peer:
     def __init__(self, model_dir: Path, virtual: np.ndarray, threads: int):
-        import json
-
         import onnxruntime_genai as og
 
         cfg_file = Path(model_dir) / "genai_config.json"

@@ -3,6 +3,7 @@ model saved the way slow tokenizers are) and the demo base model's chat template
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -56,8 +57,6 @@ def add_chat_template(base: str | Path, template: str = DEMO_CHAT_TEMPLATE) -> N
 def make_sentencepiece_tokenizer(out_dir: str | Path, kind: str = "t5", vocab_size: int = 100) -> int:
     """A SentencePiece model trained on the embedded corpus, saved the way slow tokenizers are (``spiece.model`` for
     T5, ``tokenizer.model`` for Llama) with no ``tokenizer.json``. -> its vocabulary size."""
-    import io
-
     import sentencepiece as spm
 
     buf = io.BytesIO()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ...errors import MptExportError, TrtCheckError
 from .profiles import fit_limits, profiles
+from .versions import opset_problem
 
 OPS_FILE = Path(__file__).with_name("onnx_tensorrt_ops.txt")
 
@@ -83,8 +84,6 @@ def check_trt(bundle, limits=None, trt_version: tuple[int, int] | None = None) -
     """-> summary per graph (with ``warnings``); raises TrtCheckError listing every problem found. ``trt_version``:
     the release the engines are for (its parser's opset range is checked)."""
     import onnx
-
-    from .versions import opset_problem
 
     limits = limits or fit_limits(bundle.info)
     said = opset_problem(bundle.info.opset, trt_version) if trt_version else None

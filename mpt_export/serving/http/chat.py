@@ -3,8 +3,11 @@ in a sandboxed environment — a template is code from a model repository and mu
 
 from __future__ import annotations
 
+import datetime
+
 
 from ...errors import InputError
+from ...runtime.tokenizer import tokenizer_config
 
 
 class ChatTemplate:
@@ -16,8 +19,6 @@ class ChatTemplate:
             raise TemplateError(message)
 
         def strftime_now(fmt):
-            import datetime
-
             return datetime.datetime.now().strftime(fmt)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -33,8 +34,6 @@ class ChatTemplate:
     def from_bundle(cls, bundle) -> "ChatTemplate | None":
         """The bundle's chat template (``tokenizer/chat_template.jinja`` or ``chat_template`` in
         ``tokenizer_config.json``), or None when the base model has none."""
-        from ...runtime.tokenizer import tokenizer_config
-
         cfg = tokenizer_config(bundle)
         source = None
         if bundle.has_file("tokenizer/chat_template.jinja"):

@@ -21,11 +21,12 @@ import socket
 import sys
 import time
 
-from ...errors import InputError
+from ...errors import InputError, MissingDependencyError
 from .app import build_app
 from .options import ServeOptions
 from .errors import APIError
 from .state import ServerState
+from ...bundle.reader import load_bundle
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -48,7 +49,6 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
     started = time.perf_counter() if started is None else started
     o = options or ServeOptions()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    from ...bundle.reader import load_bundle
 
     # opened once: a wrong path or a damaged manifest fails now, before listening; its files are hashed while
     # /health answers 503 (ServerState.load verifies this same Bundle — the directory it holds — and serves it)
@@ -90,8 +90,6 @@ def _import_uvicorn():
     try:
         import uvicorn
     except ImportError:
-        from ...errors import MissingDependencyError
-
         raise MissingDependencyError("serving needs the serve extra: pip install 'mpt-export[serve]'") from None
     return uvicorn
 

@@ -10,6 +10,8 @@ from ...scheduler.batching import Scheduler
 from ...scheduler.request import Request
 from .options import ServeOptions
 from .errors import APIError
+from ...bundle.reader import load_bundle
+from .chat import ChatTemplate
 
 
 class ServerState:
@@ -33,8 +35,6 @@ class ServerState:
         """Verify the bundle (the one opened before, else the path's, opened and verified once) and start the
         scheduler (runs in a worker thread while /health answers 503); a failure — a file that does not match its
         sha256 included — is reported by /health and the server's log line."""
-        from ...bundle.reader import load_bundle
-
         opened, self._opened = self._opened, None
         try:
             self.load_from(opened.verify() if opened is not None else load_bundle(self.bundle_path))
@@ -60,8 +60,6 @@ class ServerState:
         """Re-read the bundle from disk (or take ``bundle``, an opened :class:`~mpt_export.bundle.reader.Bundle`: Ray
         replicas pass the one their service pins): new and removed tasks take effect between two scheduler steps;
         requests in flight keep running. Refused (409) when anything but the task bank changed."""
-        from ...bundle.reader import load_bundle
-
         with self._reload_lock:
             new = load_bundle(self.bundle_path) if bundle is None else bundle
             changed = self.bundle.info.changed_beyond_tasks(new.info)
@@ -82,8 +80,6 @@ class ServerState:
     def load_from(self, bundle) -> None:
         """Serve an opened ``bundle`` (:meth:`load`; Ray replicas: the bundle their service pins, whose task bank
         may differ from the one on disk): its session, tokenizer, chat template and scheduler. Raises on failure."""
-        from .chat import ChatTemplate
-
         o = self.options
         try:
             self.bundle = bundle

@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 
 from ...bundle.info import BundleInfo
-from ...bundle.reader import Bundle
+from ...bundle.reader import Bundle, load_bundle
 from ...errors import BundleError
+from ...bundle.manifest import check_manifest, manifest_digest
 
 PINNED = "tasks.safetensors"  # with the manifest: all a reload may change
 
@@ -50,9 +51,6 @@ def open_pinned(bundle_path: str | Path, pin: dict, current: Bundle | None = Non
     """The bundle a replica serves for ``pin``: the pin's manifest and task bank (checked against the pin's digest)
     over the graphs of ``current`` (the bundle the replica already serves: a reload) or of the bundle at
     ``bundle_path`` on this node (verified, and refused when its graphs or tokenizer are not the pinned ones)."""
-    from ...bundle.reader import load_bundle
-    from ...bundle.manifest import check_manifest, manifest_digest
-
     manifest, digest, data = pin["manifest"], pin["digest"], pin[PINNED]
     if manifest_digest(manifest) != digest:
         raise BundleError(f"the service's pinned manifest for digest {digest[:12]} does not match its own sha256")

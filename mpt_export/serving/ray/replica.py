@@ -17,15 +17,15 @@ import os
 from ...errors import MptExportError
 from .options import APP_NAME, REPLICA_HEADER, import_ray
 from .pin import open_pinned
+from ..http.app import build_app
+from ..http.errors import APIError
+from ..http.state import ServerState
 
 RELOAD_TIMEOUT = 300.0  # a replica waits this long for the driver's answer
 
 
 def _replica_state(bundle: str, control: tuple[str, str], options):
     """A :class:`ServerState` whose ``reload()`` (``POST /admin/reload``) asks the driver to reload the service."""
-    from ..http.errors import APIError
-    from ..http.state import ServerState
-
     class ReplicaState(ServerState):
         def reload(self, bundle=None) -> dict:
             if bundle is not None:  # the service's pinned bundle, from reconfigure
@@ -64,8 +64,6 @@ def _deployment():
             self._lock = asyncio.Lock()
 
         def __serve_build_asgi_app__(self):
-            from ..http.app import build_app
-
             return build_app(self.state, headers={REPLICA_HEADER: self.replica}, identity=self.identity)
 
         async def reconfigure(self, config: dict) -> None:

@@ -42,7 +42,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ...bundle.reader import Bundle
+from ...bundle.reader import Bundle, load_bundle
 from ...errors import MptExportError
 from ...runtime.options import canonical_provider
 from ..http.options import ServeOptions
@@ -125,8 +125,6 @@ class _Service:
     # reload ----------------------------------------------------------------------------------------------------
     def reload(self) -> dict:
         """Reload the service from the bundle on disk. -> the answer for the replicas (an ``error`` or the result)."""
-        from ...bundle.reader import load_bundle
-
         def refuse(status: int, code: str, message: str) -> dict:
             return {"error": {"status": status, "code": code, "message": message}}
 
@@ -211,8 +209,6 @@ def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | 
     """Deploy the bundle on Ray Serve and run until SIGTERM/SIGINT. -> exit code. ``options`` go to every replica
     (its scheduler and routes); Serve's HTTP proxy listens on their host and port. ``started``: the
     ``time.perf_counter()`` the "ready in" figure counts from (the command's start; default: this call's)."""
-    from ...bundle.reader import load_bundle
-
     started = time.perf_counter() if started is None else started
     o = options or ServeOptions()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import TritonRepositoryError
+from ...errors import MissingDependencyError, TritonRepositoryError
 
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL",
                   8: "TYPE_STRING", 11: "TYPE_FP64"}
@@ -18,8 +18,6 @@ def parse_config(path: Path):
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError:
-        from ...errors import MissingDependencyError
-
         raise MissingDependencyError("checking a Triton config needs tritonclient: pip install 'mpt-export[triton]' "
                                      "grpcio") from None
     cfg = model_config_pb2.ModelConfig()

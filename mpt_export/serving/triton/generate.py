@@ -23,6 +23,7 @@ from ...runtime.causal import CausalSession
 from ...runtime.limits import BackendLimits
 from ...runtime.seq2seq import Seq2SeqSession
 from ...runtime.sampling import SamplingParams
+from ...bundle.reader import load_bundle
 
 # what the generate model does with the optional inputs a request leaves out — greedy, 16 new tokens, no seed, no
 # stop string: declared once, here (docs/guides/triton.md lists them)
@@ -110,8 +111,6 @@ class TritonGeneration:
     def __init__(self, bundle_dir, graph_calls: str = "onnxruntime", bls=None, models: dict | None = None,
                  max_batch: int = 8, max_queue: int = 256, provider: str = "cpu", threads: int | None = None,
                  engine_limits: dict | None = None):
-        from ...bundle.reader import load_bundle
-
         self.bundle = load_bundle(bundle_dir)
         if graph_calls == "onnxruntime":
             self.session = self.bundle.session(provider=provider, intra_op_threads=threads)

@@ -15,6 +15,9 @@ import os
 import threading
 
 import numpy as np
+from mpt_export.errors import GenerationError
+from mpt_export.serving.triton.generate import TritonGeneration
+from mpt_export.serving.triton.writer import GEN_INPUTS
 
 CANCEL_POLL_S = 0.5
 
@@ -22,9 +25,6 @@ CANCEL_POLL_S = 0.5
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
-
-        from mpt_export.serving.triton.generate import TritonGeneration  # absolute: this file is copied into a repository
-        from mpt_export.serving.triton.writer import GEN_INPUTS
 
         self.inputs = [name for name, *_ in GEN_INPUTS]  # the inputs its config declares: one list
 
@@ -63,8 +63,6 @@ class TritonPythonModel:
             preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0))  # outputs as numpy, not on a GPU
         response = request.exec()
         if response.has_error():
-            from mpt_export.errors import GenerationError
-
             raise GenerationError(f"{model_name}: {response.error().message()}")
         return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in output_names}
 

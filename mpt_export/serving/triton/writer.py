@@ -34,6 +34,11 @@ from pathlib import Path
 
 from ...errors import InputError
 from .check import TritonRepositoryError, check_repository
+from ...bundle.reader import load_bundle
+from ...runtime.trt.sidecar import bundle_fingerprint, EngineMismatchError, read_sidecar
+from ...storage.atomic import replace_dir
+from ...storage.ownership import seal_workdir
+from .generate import refuse_bf16
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "string": "TYPE_STRING"}
@@ -182,8 +187,6 @@ def check_engines(bundle, engines: Path | None, max_batch: int) -> dict:
     """The engines folder for ``--backend tensorrt``: written by ``mpt-export build`` from this very bundle, one plan
     per graph, profiles that take ``max_batch`` rows. -> its sidecar. (TensorRT version and GPU are checked where
     the plans run: by Triton, when it loads them.)"""
-    from ...runtime.trt.sidecar import EngineMismatchError, bundle_fingerprint, read_sidecar
-
     if engines is None:
         raise InputError("--backend tensorrt needs the engines built from this bundle: run `mpt-export build "
                          f"{bundle.path} --out engines/{bundle.path.name}` on the GPU Triton will use, then pass "
@@ -243,10 +246,6 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
                      instances: int = 1, kind: str = "cpu", max_queue: int = 256, prefix: str = "",
                      graph_calls: str | None = None, force: bool = False) -> dict:
     """Write the model repository (atomically: ``out`` holds all of it or none of it). -> what was written."""
-    from ...storage.atomic import replace_dir
-    from ...bundle.reader import load_bundle
-    from .generate import refuse_bf16
-
     graph_calls = _check_options(backend, kind, max_batch, instances, max_queue, prefix, graph_calls)
     b = load_bundle(bundle_path)
     try:
@@ -301,8 +300,6 @@ def write_repository(bundle_path, out, backend: str = "onnxruntime", engines=Non
             problems = check_repository(tmp, b, {names[g]: g for g in graphs})
             if problems:
                 raise TritonRepositoryError("the repository would not load in Triton: " + "; ".join(problems[:6]))
-            from ...storage.ownership import seal_workdir
-
             seal_workdir(tmp)
         kv = kv_bytes(b.info, max_batch, sidecar.get("limits") if sidecar else None)
         return {"out": str(out), "models": [*names.values(), gen_name], "graph_calls": graph_calls,
