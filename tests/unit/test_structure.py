@@ -6,6 +6,7 @@ lines, functions < 80). The folders over the library — ``cli/`` (installed as 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "mpt_export"
@@ -200,3 +201,13 @@ def test_sizes():
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= 80:
                 long_funcs.append(f"{where}:{n.name} ({n.end_lineno - n.lineno + 1})")
     assert not long_files and not long_funcs, (long_files, long_funcs)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages to install by name: a folder renamed or added without it installs a
+    broken distribution (an editable install refuses to build), so the list must equal the folders on disk."""
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {_module_name(p.parent / "__init__.py") for p in PKG.rglob("__init__.py")}
+    on_disk |= {OUTSIDE["cli"]}
+    assert set(conf["packages"]) == on_disk
+    assert conf["package-dir"] == {OUTSIDE["cli"]: "cli"}
