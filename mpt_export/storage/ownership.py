@@ -30,16 +30,29 @@ def _ours_beside(name: str, outputs) -> bool:
                for o in outputs)
 
 
-def _read_small(file: Path, limit: int = 1 << 20) -> bytes | None:
-    """A small regular file's bytes (never blocks on a FIFO, never follows a link), or None."""
+# What an ownership check reads whole: far above any manifest we write (a 100,000-task manifest is tens of MB), so a
+# valid one is never cut; a bigger file under one of our names is not ours (and is not read into memory).
+OURS_MAX_BYTES = 1 << 30
+
+
+def _read_ours(file: Path) -> bytes | None:
+    """A regular file's whole bytes (never blocks on a FIFO, never follows a link), or None — also for a file over
+    OURS_MAX_BYTES. Never a prefix: a cut JSON file would not be recognised as ours."""
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > OURS_MAX_BYTES:
             return None
-        return os.read(fd, limit)
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > OURS_MAX_BYTES:  # grew while we read
+                return None
+        return b"".join(chunks)
     except OSError:
         return None
     finally:
@@ -47,7 +60,7 @@ def _read_small(file: Path, limit: int = 1 << 20) -> bytes | None:
 
 
 def _json_field(file: Path, key: str, default):
-    raw = _read_small(file)
+    raw = _read_ours(file)
     if raw is None:
         return default
     try:
@@ -98,7 +111,7 @@ def foreign_entries(path: Path, kind: str) -> list[str]:
     path = Path(path)
     files, dirs, links = _tree(path)
     if kind == "bundle":
-        raw = _read_small(path / "manifest.json", 1 << 26)
+        raw = _read_ours(path / "manifest.json")
         try:
             listed = set(json.loads(raw).get("files") or {}) if raw else set()
         except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):

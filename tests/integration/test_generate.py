@@ -271,3 +271,29 @@ def test_prepack_policy(llama):
                   "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["text"] == b.session().generate(["the movie was"], ["a"], max_new_tokens=4)[0]
+
+
+def test_a_bank_past_a_megabyte_of_manifest_stays_editable(llama, tmp_path):
+    """6,000 tasks put manifest.json well past 1 MiB: the ownership check must read it whole (a cut manifest is not
+    recognised as ours, and every later `tasks add`/`tasks remove` was refused)."""
+    from transformers import AutoModelForCausalLM
+
+    from mpt_export.tools.demo import make_source_adapter
+
+    bdir = tmp_path / "big"
+    shutil.copytree(llama.bundle, bdir)
+    n = 6000
+    many = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "many",
+                               num_tasks=n, num_virtual_tokens=2, num_ranks=1, seed=7)
+    names = ",".join(f"task{i:05d}" for i in range(n))
+    assert cli("tasks", "add", bdir, "--adapter", f"{names}={many}").returncode == 0
+    assert (bdir / "manifest.json").stat().st_size > 1 << 20
+    res = cli("tasks", "add", bdir, "--adapter", f"one_more={llama.target}")
+    assert res.returncode == 0, res.stderr
+    res = cli("tasks", "remove", bdir, "task00042")
+    assert res.returncode == 0, res.stderr
+    b = mpt_export.load_bundle(bdir)
+    assert len(b.tasks) == len(mpt_export.load_bundle(llama.bundle).tasks) + n
+    assert "one_more" in b.tasks and "task00042" not in b.tasks
+    b.verify()
+
