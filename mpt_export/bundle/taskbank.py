@@ -34,12 +34,29 @@ def positions_needed(T: int, nts: int, task_type: str) -> int:
     return max(n + 1, T - n + 2) if task_type == "SEQ_2_SEQ_LM" else T + 2
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def composes_finite(shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, shared_absmax: float | None = None) -> bool:
+    """Whether the composed prompt ``shared * (cols @ rows)``, computed in float32 as the composer graph does, is
+    finite. A bound (|shared| max x largest row sum of |cols| x |rows| max) settles nearly every task in one pass
+    over its own arrays (``shared_absmax``: the shared prompt's, when a caller checks many tasks over one); only a
+    task near the limit is composed."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = float(np.abs(shared).max(initial=0)) if shared_absmax is None else shared_absmax
+        bound = top * float(np.abs(cols).sum(1).max(initial=0)) * float(np.abs(rows).max(initial=0))
+        if bound < F32_MAX / 2:
+            return True
+        c32 = np.asarray(cols, np.float32) @ np.asarray(rows, np.float32)
+        return bool(np.isfinite(c32).all() and np.isfinite(np.asarray(shared, np.float32) * c32).all())
+
+
 def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, hidden_size: int | None,
                       nts: int = 1, max_positions: int | None = None, task_type: str = "CAUSAL_LM",
-                      where: str = "") -> None:
+                      where: str = "", shared_absmax: float | None = None) -> None:
     """The checks every path that brings a task in (export, ``tasks add``, ``Session.add_task``, loading a bundle)
-    applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values; and a prompt
-    short enough to leave room for at least one input token and one new token in the model's positions."""
+    applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values, and a
+    finite composed prompt (finite factors can overflow in their product); and a prompt short enough to leave room for at least one input token and one new token in the model's positions."""
     at = f" ({where})" if where else ""
     H = hidden_size if hidden_size is not None else (shared.shape[1] if shared.ndim == 2 else -1)
     if shared.ndim != 2 or cols.ndim != 2 or rows.ndim != 2 or shared.shape[1] != H or cols.shape[0] != shared.shape[0] \
@@ -55,6 +72,9 @@ def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.
     for label, a in (("shared_prompt", shared), ("cols", cols), ("rows", rows)):
         if not np.isfinite(a).all():
             raise InputError(f"task {name!r}{at}: {label} contains NaN or Inf values; the task is unusable")
+    if not composes_finite(shared, cols, rows, shared_absmax):
+        raise InputError(f"task {name!r}{at}: its prompt (shared_prompt * (cols @ rows)) overflows float32 to Inf "
+                         "although every array is finite; the task is unusable — retrain it or rescale its vectors")
     if max_positions is None:
         return
     need = positions_needed(T, nts, task_type)
@@ -246,10 +266,11 @@ class TaskBank:
             raise CheckpointError(f"{file} is a damaged task bank ({type(e).__name__}: {e}); copy the bundle again "
                                   "or re-export it") from None
 
+        tops = [float(np.abs(s).max(initial=0)) for s in bank.shared]
         for t in bank.tasks:
             try:
                 check_task_arrays(t.name, bank.shared[t.shared], t.cols, t.rows, bank.hidden_size,
-                                  bank.num_transformer_submodules)
+                                  bank.num_transformer_submodules, shared_absmax=tops[t.shared])
             except InputError as e:
                 raise CheckpointError(f"{file}: {e}") from None
         return bank

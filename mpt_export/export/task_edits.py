@@ -38,7 +38,7 @@ def _mirror(b: Bundle, dst: Path) -> dict[str, str]:
     return known
 
 
-def check_adapter_matches(bundle: Bundle, ckpt) -> None:
+def check_adapter_matches(bundle: Bundle, ckpt, names: list[str] | None = None) -> None:
     """An adapter trained for another base model is refused: kind, hidden size, and — where PEFT recorded them —
     layer and head counts must be the bundle's; its prompt must fit the model's positions."""
     bm = bundle.info.base_model
@@ -58,7 +58,7 @@ def check_adapter_matches(bundle: Bundle, ckpt) -> None:
         raise BaseModelError(f"{ckpt.path} has num_transformer_submodules {ckpt.num_transformer_submodules}, this "
                              f"bundle's tasks have {nts}; train the task with the bundle's setting")
     try:
-        check_adapter_fits(ckpt, bm.max_positions)
+        check_adapter_fits(ckpt, bm.max_positions, names)
     except InputError as e:
         raise BaseModelError(str(e)) from None
 
@@ -69,8 +69,8 @@ def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
     adapters = resolve_adapter_specs(list(adapters))  # Hugging Face Hub ids: their snapshots in the cache
     specs = [(names, read_adapter(path)) for names, path in map(parse_adapter_spec, adapters)]
     with load_bundle(bundle_path, verify=False) as b:  # fail early, before taking the writer lock
-        for _, ck in specs:
-            check_adapter_matches(b, ck)
+        for names, ck in specs:
+            check_adapter_matches(b, ck, names)
 
     added: list[str] = []
 

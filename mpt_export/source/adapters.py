@@ -231,10 +231,12 @@ def parse_adapter_spec(spec: str) -> tuple[list[str] | None, Path]:
 
 def check_adapter_fits(ck: AdapterCheckpoint, max_positions: int | None, names: list[str] | None = None) -> None:
     """Every task of an adapter passes :func:`check_task_arrays` against the model's positions."""
+    top = float(np.abs(ck.prompt_embeddings).max(initial=0))
     for i in range(ck.num_tasks):
         name = names[i] if names and i < len(names) else f"#{i}"
         check_task_arrays(name, ck.prompt_embeddings, ck.cols[i], ck.rows[i], ck.token_dim,
-                          ck.num_transformer_submodules, max_positions, ck.task_type, where=f"from {ck.path}")
+                          ck.num_transformer_submodules, max_positions, ck.task_type, where=f"from {ck.path}",
+                          shared_absmax=top)
 
 
 def build_task_bank(adapters: list[str], hidden_size: int | None = None, task_type: str | None = None,

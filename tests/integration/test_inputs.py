@@ -11,7 +11,7 @@ import pytest
 import mpt_export
 from support import cli
 from mpt_export.errors import BaseModelError, InputError, NumericsError
-from support import assert_clean_failure, no_output_left
+from support import assert_clean_failure, edit_manifest, no_output_left
 
 
 # -- 6. every path that brings a task in checks the same things -----------------------------------------------------
@@ -22,6 +22,7 @@ def test_session_add_task_refuses_poison(llama):
     P, C, R = np.ones((T, H)), np.ones((T, 2)), np.ones((2, H))
     bad = {"NaN": (np.where(np.eye(T, H) > 0, np.nan, P), C, R, "NaN or Inf"),
            "Inf": (P, C, np.full((2, H), np.inf), "NaN or Inf"),
+           "overflow": (P, np.full((T, 2), 1e20), np.full((2, H), 1e20), "overflows float32"),
            "T=0": (np.ones((0, H)), np.ones((0, 2)), R, "at least 1"),
            "rank 0": (P, np.ones((T, 0)), np.ones((0, H)), "at least 1"),
            "too long": (np.ones((63, H)), np.ones((63, 2)), R, "only 64 positions"),
@@ -33,6 +34,48 @@ def test_session_add_task_refuses_poison(llama):
     assert "bad-NaN" not in s.tasks
     s.add_task("fine", shared_prompt=P * 0.1, cols=C, rows=R)
     assert s.generate_ids(np.array([[4, 5]]), ["fine"], max_new_tokens=2).shape == (1, 2)
+
+
+def test_task_vectors_whose_product_overflows_are_refused_everywhere(llama, tmp_path):
+    """cols = rows = 1e20 pass every per-array finiteness check, but the composed prompt is Inf and every request to
+    the task would fail: refused at export, at `tasks add`, and in a bank rewritten (and re-hashed) behind our back."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from mpt_export.bundle.manifest import sha256_file
+    from mpt_export.bundle.taskbank import TaskBank
+
+    from mpt_export.tools.demo import make_source_adapter
+
+    huge = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "huge", num_tasks=2,
+                               num_virtual_tokens=4, num_ranks=2, seed=4)
+    w = load_file(str(huge / "adapter_model.safetensors"))
+    for k in w:
+        if "prefix_task_cols" in k or "prefix_task_rows" in k:
+            w[k] = np.full_like(w[k], 1e20)
+    save_file(w, str(huge / "adapter_model.safetensors"))
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    before = (b / "manifest.json").read_bytes()
+    assert_clean_failure(cli("tasks", "add", b, "--adapter", f"x,y={huge}"), "task 'x'", "overflows float32")
+    assert (b / "manifest.json").read_bytes() == before
+    out = tmp_path / "out"
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", f"x,y={huge}", "--out", out,
+                             "--no-validate"), "overflows float32")
+    assert no_output_left(out)
+    # a bank rewritten with such a task and every checksum made to match again: verify and load name it
+    bank = TaskBank.load(b / "tasks.safetensors")
+    bank.tasks[0].cols = np.full_like(bank.tasks[0].cols, 1e20)
+    bank.tasks[0].rows = np.full_like(bank.tasks[0].rows, 1e20)
+    bank.save(b / "tasks.safetensors")
+
+    def rehash(m):
+        m["files"]["tasks.safetensors"] = sha256_file(b / "tasks.safetensors")
+        m["tasks"][0]["digest"] = bank.tasks[0].digest(bank.shared[bank.tasks[0].shared])
+    edit_manifest(b, rehash, redigest=True)
+    assert_clean_failure(cli("verify", b), f"task {bank.tasks[0].name!r}", "overflows float32")
+    with pytest.raises(mpt_export.errors.MptExportError, match="overflows float32"):
+        mpt_export.load_bundle(b)
 
 
 def test_a_task_longer_than_the_positions_is_refused_everywhere(llama, tmp_path):
