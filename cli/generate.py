@@ -10,7 +10,7 @@ import typer
 from mpt_export.runtime.sampling import SamplingParams  # light: no numpy until tokens are chosen
 
 from ._common import Quiet, console, escape, handle_errors, progress
-from mpt_export.errors import InputError, MptExportError
+from mpt_export.errors import GenerationError, InputError, MptExportError
 from mpt_export.runtime import SessionOptions
 
 MAX_LISTED = 10
@@ -133,26 +133,44 @@ def generate_cmd(
         on_step(f"start the session ({options.backend}, {options.provider})")
         s = b.session(options)
     check_rows(s, rows, where, params.max_new_tokens)
+    failed = []  # one row never fails another: each row prints its output or its error
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         bt, btasks = [r[2] for r in batch], [r[1] for r in batch]
         ids, mask = s.encode_texts(bt)
         on_text = (lambda r, delta, start=start: _show(delta, start + r, as_json)) if stream else None
-        res = s.generate_detailed(ids, btasks, mask, params, on_text=on_text)
+        res = s.generate_detailed(ids, btasks, mask, params, on_text=on_text, raise_errors=False)
         for i in range(len(batch)):
-            text = s.decode_row(res, i, params.stop)
-            if stream and not as_json:
-                sys.stdout.write("\n")
-            if as_json:
-                rec = {"index": start + i, "task": btasks[i], "prompt": bt[i], "text": text,
-                       "ids": res.ids[i, :res.lengths[i]].tolist(), "finish": res.finish[i],
-                       "timings": {k: round(v, 4) for k, v in res.timings.items()}}
-                if where:
-                    rec["line"] = batch[i][0]
-                print(json.dumps(rec), flush=True)
-            elif not stream:
-                console.print(f"[bold]{escape(btasks[i])}[/] {escape(repr(bt[i]))} -> {escape(repr(text))}",
-                              highlight=False)
+            label = f"{where}:{batch[i][0]}" if where else f"prompt {batch[i][0]}"
+            if res.errors[i] is not None:
+                failed.append(f"{label}: {res.errors[i]}")
+            _print_row(s, res, i, params, as_json, stream, where and batch[i][0],
+                       {"index": start + i, "task": btasks[i], "prompt": bt[i]})
+    if len(rows) == 1 and failed:
+        raise GenerationError(failed[0])
+    if failed:
+        more = f" (and {len(failed) - MAX_LISTED} more)" if len(failed) > MAX_LISTED else ""
+        raise GenerationError(f"{len(failed)} of {len(rows)} row(s) failed, the others' output is above: "
+                              + "; ".join(failed[:MAX_LISTED]) + more)
+
+
+def _print_row(s, res, i: int, params, as_json: bool, stream: bool, line: int | None, rec: dict) -> None:
+    """One row's output (or its error) as text or a JSON object."""
+    error = res.errors[i]
+    text = None if error is not None else s.decode_row(res, i, params.stop)
+    if stream and not as_json:
+        sys.stdout.write("\n")
+    if as_json:
+        rec.update({"text": text, "ids": res.ids[i, :res.lengths[i]].tolist(), "finish": res.finish[i],
+                    "timings": {k: round(v, 4) for k, v in res.timings.items()}})
+        if error is not None:
+            rec["error"] = {"type": type(error).__name__, "message": str(error)}
+        if line:
+            rec["line"] = line
+        print(json.dumps(rec), flush=True)
+    elif not stream:
+        shown = f"[bold red]error:[/] {escape(str(error))}" if error is not None else escape(repr(text))
+        console.print(f"[bold]{escape(rec['task'])}[/] {escape(repr(rec['prompt']))} -> {shown}", highlight=False)
 
 
 def _rows(prompts: list[str] | None, input_file: Path | None, task: str | None):

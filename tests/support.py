@@ -245,6 +245,38 @@ def edit_manifest(b: Path, fn, redigest: bool):
     (b / "manifest.json").write_text(json.dumps(m, indent=2))
 
 
+def poison_token(b: Path, token: int) -> None:
+    """Make a real bundle produce NaN for every row whose input holds ``token``: its row of the embedding table set
+    to NaN in every graph that reads it (shared weights file or the graph itself), the checksums made to match
+    again (what a damaged or hostile bundle looks like once re-hashed)."""
+    import numpy as np
+    import onnx
+
+    from mpt_export.bundle.manifest import write_manifest
+
+    done = set()
+    for f in sorted(b.glob("*.onnx")):
+        g = onnx.load(str(f), load_external_data=False)
+        for t in g.graph.initializer:
+            if "embed" not in t.name or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            row = int(t.dims[1]) * 4
+            info = {e.key: e.value for e in t.external_data}
+            if info:
+                key = (info["location"], int(info["offset"]))
+                if key not in done:
+                    done.add(key)
+                    with open(b / info["location"], "r+b") as fh:
+                        fh.seek(key[1] + token * row)
+                        fh.write(np.full(row // 4, np.nan, np.float32).tobytes())
+            else:
+                raw = bytearray(t.raw_data)
+                raw[token * row:(token + 1) * row] = np.full(row // 4, np.nan, np.float32).tobytes()
+                t.raw_data = bytes(raw)
+                onnx.save(g, str(f))
+    write_manifest(b, json.loads((b / "manifest.json").read_text()))
+
+
 def planted(model, arch: str, factor: float):
     """A copy of ``model`` with one mid-depth value projection scaled by ``factor`` (a planted error)."""
     import copy

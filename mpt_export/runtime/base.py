@@ -20,7 +20,7 @@ from .cache import LRU
 from .graphio import present_of
 from .limits import BackendLimits
 from .options import SessionOptions
-from .decode import GenerationResult, generate  # noqa: F401 (GenerationResult: re-exported)
+from .decode import GenerationResult, generate_rows  # noqa: F401 (GenerationResult: re-exported)
 from .sampling import SamplingParams, check_stop
 from .streaming import cut_at_stop
 from .tokenizer import BundleTokenizer
@@ -264,7 +264,8 @@ class Session:
 
     def generate_detailed(self, input_ids, tasks, attention_mask=None, sampling: SamplingParams | int | None = None,
                           *, on_step=None, on_text=None, forced_tokens: np.ndarray | None = None,
-                          prompt_kv_cache: bool | None = None, **settings) -> GenerationResult:
+                          prompt_kv_cache: bool | None = None, raise_errors: bool = True,
+                          **settings) -> GenerationResult:
         """Prefill, then one-token steps feeding each step's KV back in (the loop is :func:`.decode.generate`).
 
         ``sampling``: a :class:`~.sampling.SamplingParams`; its fields may also be given as keywords
@@ -278,7 +279,12 @@ class Session:
         ``on_step(step, rows, tokens)``: the row indices and their new tokens after every step; ``on_text(row,
         text)``: each row's text as it becomes final (the pieces add up to :meth:`decode_row`'s). ``forced_tokens``
         (B, N): teacher forcing (the loop feeds these, records the model's own choices). ``prompt_kv_cache``: start
-        from each task's cached prompt KV (None: as the session was opened)."""
+        from each task's cached prompt KV (None: as the session was opened).
+
+        One row never fails another: a row whose own numbers fail (NaN logits) ends with finish ``"error"`` while
+        the others go on, and a graph call that fails for the batch is retried row by row. Then the first row's
+        error is raised, naming its task, with the whole result as its ``result`` attribute; ``raise_errors=False``
+        returns the result instead (``result.errors[b]`` per row, ``result.failed()``)."""
         if isinstance(sampling, (int, np.integer)) and not isinstance(sampling, bool):
             settings, sampling = {"max_new_tokens": sampling, **settings}, None
         params = SamplingParams.of(sampling, **settings)
@@ -287,7 +293,8 @@ class Session:
         if self.limits is not None:
             self.limits.check(new_tokens=params.max_new_tokens)
         use_cache = self.prompt_kv_cache if prompt_kv_cache is None else prompt_kv_cache
-        return generate(self, ids, tasks, mask, params, use_cache, on_step, on_text, forced_tokens)
+        res = generate_rows(self, ids, tasks, mask, params, use_cache, on_step, on_text, forced_tokens)
+        return res.raise_failed() if raise_errors else res
 
     def generate_ids(self, input_ids, tasks, attention_mask=None, max_new_tokens: int | None = None,
                      **kw) -> np.ndarray:

@@ -4,19 +4,22 @@ final text. :func:`generate` (``Session.generate_detailed``) and the serving sch
 drive rows through it, so a request's tokens and text are the same whichever runs it.
 
 A row finishes with ``"eos"`` (the EOS token is recorded, not shown), ``"stop"`` (a stop string appeared: the text
-is cut before it) or ``"length"``. With a tokenizer, :meth:`Row.take` returns the text that became final with the
+is cut before it), ``"length"``, or ``"error"``: its own numbers failed (NaN or Inf logits, its sampling) and it left
+the batch while the others went on; a graph call that fails for a whole batch is retried row by row
+(:func:`generate_rows`), so one row never fails another. With a tokenizer, :meth:`Row.take` returns the text that became final with the
 token (often "", see :mod:`.streaming`), and :meth:`Row.final_text` / :meth:`Row.rest` the whole text and what of
 it was not streamed yet.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import NumericsError
+from ..errors import GenerationError, InputError, MptExportError, NumericsError
 from .sampling import SamplingParams, select, token_logprobs
 from .streaming import TextStream, cut_at_stop
 
@@ -27,10 +30,29 @@ class GenerationResult:
 
     ids: np.ndarray
     lengths: np.ndarray
-    finish: list[str]  # "eos" | "stop" | "length" per row
+    finish: list[str]  # "eos" | "stop" | "length" | "error" per row
     timings: dict = field(default_factory=dict)
     tokens_processed: int = 0  # tokens run through the model (prompt rows included when not cached)
     logprobs: list | None = None  # per row, per token: (log-probability, [(alternative, log-probability)])
+    errors: list = field(default_factory=list)  # per row: None, or the exception that ended it (finish "error")
+
+    def failed(self) -> list[int]:
+        """The rows that ended with an error."""
+        return [b for b, e in enumerate(self.errors) if e is not None]
+
+    def raise_failed(self) -> "GenerationResult":
+        """-> self when no row failed; else raise the first failed row's error (naming the row in a batch), with
+        this result as its ``result`` attribute (the other rows' output)."""
+        failed = self.failed()
+        if not failed:
+            return self
+        err = self.errors[failed[0]]
+        if len(self.errors) > 1:
+            more = f" ({len(failed) - 1} more row(s) failed)" if len(failed) > 1 else ""
+            err = copy.copy(err)  # same type and fields, the row named
+            err.args = (f"row {failed[0]}: {err}{more}",)
+        err.result = self
+        raise err
 
 
 class Row:
@@ -106,29 +128,39 @@ def choose(rows: list[Row], logits: np.ndarray) -> tuple[np.ndarray, dict[int, E
     return nxt, failed
 
 
+def row_error(e: Exception, task: str) -> MptExportError:
+    """A row's own failure, naming its task and what to check."""
+    if isinstance(e, NumericsError):
+        return NumericsError(f"{e} (task {task}); the bundle or the task's vectors are broken — check them with "
+                             "`mpt-export verify BUNDLE --base-model DIR`")
+    if isinstance(e, MptExportError):
+        return e
+    return GenerationError(f"generation failed for this row alone (task {task}): {type(e).__name__}: {e}")
+
+
 def generate(session, ids, tasks, mask, cfg: SamplingParams, use_cache: bool, on_step=None, on_text=None,
-             forced_tokens=None) -> GenerationResult:
+             forced_tokens=None, rngs=None) -> GenerationResult:
     """Prefill, then one-token steps feeding each step's KV back in; finished rows leave the batch (they stop
     costing work). Every row reads the one ``cfg``. ``on_step(step, rows, tokens)``: original row indices and their
     new tokens after every step; ``on_text(row, text)``: each row's streamed text (``Session.generate_detailed``
-    documents the rest)."""
+    documents the rest). ``rngs``: the rows' generators (a row run again alone keeps its own)."""
     B = ids.shape[0]
     eos = cfg.eos(session.eos_token_id)
     tok = session.tokenizer if (cfg.stop or on_text) else None
-    rows = [Row(cfg, rng, session.eos_token_id, tok, stream=on_text is not None) for rng in cfg.generators(B)]
+    rows = [Row(cfg, rng, session.eos_token_id, tok, stream=on_text is not None) for rng in rngs or cfg.generators(B)]
+    errors: list = [None] * B
     t0 = time.perf_counter()
     logits, state, processed = session.prefill(ids, tasks, mask, use_cache, new_tokens=cfg.max_new_tokens)
     t_prefill = time.perf_counter() - t0
     live = np.arange(B)  # original index of each running row
     for step in range(cfg.max_new_tokens):
         nxt, failed = choose([rows[r] for r in live], logits)  # (b,)
-        if failed:
-            bad = sorted({tasks[live[i]] for i in failed})
-            raise NumericsError(f"{next(iter(failed.values()))} (task {', '.join(bad)}); the bundle or those "
-                                "tasks' vectors are broken — check them with `mpt-export verify BUNDLE --base-model DIR`")
-        if on_step:
-            on_step(step, live.copy(), nxt.copy())
-        for r, t in zip(live, nxt):
+        for i, e in failed.items():  # those rows end here; the others go on
+            rows[live[i]].finish, errors[live[i]] = "error", row_error(e, tasks[live[i]])
+        ok = np.array([i not in failed for i in range(len(live))], bool)
+        if on_step and ok.any():
+            on_step(step, live[ok].copy(), nxt[ok].copy())
+        for r, t in zip(live[ok], nxt[ok]):
             delta = rows[r].take(int(t))
             if on_text and delta:
                 on_text(int(r), delta)
@@ -154,4 +186,70 @@ def generate(session, ids, tasks, mask, cfg: SamplingParams, use_cache: bool, on
     return GenerationResult(result, lengths, [r.finish or "length" for r in rows],
                             {"prefill_s": t_prefill, "decode_s": total - t_prefill, "total_s": total},
                             tokens_processed=processed,
-                            logprobs=[r.logprobs for r in rows] if cfg.logprobs is not None else None)
+                            logprobs=[r.logprobs for r in rows] if cfg.logprobs is not None else None, errors=errors)
+
+
+def generate_rows(session, ids, tasks, mask, cfg: SamplingParams, use_cache: bool, on_step=None, on_text=None,
+                  forced_tokens=None) -> GenerationResult:
+    """:func:`generate`, with a graph call that fails for the whole batch retried row by row: each row alone, with
+    its own generator (so it draws what it would have drawn in the batch), its output or its error. Input errors
+    are the caller's and are raised as they are."""
+    rngs = cfg.generators(ids.shape[0])
+    fresh = copy.deepcopy(rngs)  # a retried row draws from the start of its own sequence again
+    sent = [0] * ids.shape[0]  # characters streamed per row: a retried row streams only what comes after them
+
+    def streamed(r, delta):
+        sent[r] += len(delta)
+        on_text(r, delta)
+
+    try:
+        return generate(session, ids, tasks, mask, cfg, use_cache, on_step, on_text and streamed, forced_tokens,
+                        rngs)
+    except InputError:
+        raise
+    except Exception as e:
+        if ids.shape[0] == 1:
+            raise row_error(e, tasks[0]) from e
+    parts = []
+    for b in range(ids.shape[0]):
+        keep = np.asarray(mask[b]).astype(bool)
+        row_ids, row_mask = np.asarray(ids[b])[keep][None], np.ones((1, int(keep.sum())), np.int64)
+        step = (lambda st, rs, tk, b=b: on_step(st, np.full_like(rs, b), tk)) if on_step else None
+        text = _resumed(on_text, b, sent[b]) if on_text else None
+        forced = None if forced_tokens is None else np.asarray(forced_tokens)[b:b + 1]
+        try:
+            parts.append(generate(session, row_ids, [tasks[b]], row_mask, cfg, use_cache, step, text, forced,
+                                  [fresh[b]]))
+        except Exception as e:  # this row fails alone
+            parts.append(row_error(e, tasks[b]))
+    return _joined(parts, cfg, session.eos_token_id)
+
+
+def _resumed(on_text, b: int, skip: int):
+    """``on_text`` for row ``b`` run again alone, leaving out its first ``skip`` characters (streamed already)."""
+    left = [skip]
+
+    def text(_r, delta):
+        cut = min(left[0], len(delta))
+        left[0] -= cut
+        if delta[cut:]:
+            on_text(b, delta[cut:])
+    return text
+
+
+def _joined(parts: list, cfg: SamplingParams, model_eos) -> GenerationResult:
+    """One result from single-row results (or the exceptions that ended rows)."""
+    eos = cfg.eos(model_eos)
+    done = [p for p in parts if isinstance(p, GenerationResult)]
+    lengths = np.array([int(p.lengths[0]) if isinstance(p, GenerationResult) else 0 for p in parts], np.int64)
+    ids = np.full((len(parts), max(int(lengths.max()), 1)), eos if eos is not None else 0, np.int64)
+    for b, p in enumerate(parts):
+        if isinstance(p, GenerationResult):
+            ids[b, :lengths[b]] = p.ids[0, :lengths[b]]
+    timings = {k: sum(p.timings.get(k, 0.0) for p in done) for k in ("prefill_s", "decode_s", "total_s")}
+    return GenerationResult(
+        ids, lengths, [p.finish[0] if isinstance(p, GenerationResult) else "error" for p in parts], timings,
+        tokens_processed=sum(p.tokens_processed for p in done),
+        logprobs=[p.logprobs[0] if isinstance(p, GenerationResult) else [] for p in parts]
+        if cfg.logprobs is not None else None,
+        errors=[p.errors[0] if isinstance(p, GenerationResult) else p for p in parts])

@@ -11,7 +11,7 @@ import pytest
 import mpt_export
 from support import cli
 from mpt_export.errors import BaseModelError, InputError, NumericsError
-from support import assert_clean_failure, edit_manifest, no_output_left
+from support import assert_clean_failure, edit_manifest, no_output_left, poison_token
 
 
 # -- 6. every path that brings a task in checks the same things -----------------------------------------------------
@@ -151,6 +151,35 @@ def test_input_file_is_checked_before_anything_runs(llama, tmp_path):
 
 
 # -- 8. streaming --------------------------------------------------------------------------------------------------
+
+def test_input_file_rows_fail_alone(llama, tmp_path):
+    """A bundle that gives NaN for one token (its embedding row damaged, checksums re-made): the row whose text
+    holds it ends with its error, every other row prints what the clean bundle gives it, and the command exits 1
+    naming the failed line — as text and as JSON lines."""
+    texts = [("a", "the movie"), ("b", "the station was"), ("c", "a plot")]
+    tok = mpt_export.load_bundle(llama.bundle).session().tokenizer
+    ids = [tok.encode(t) for _, t in texts]
+    bad_token = next(t for t in ids[1] if t not in ids[0] + ids[2])
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    poison_token(b, bad_token)
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps({"task": k, "text": t}) + "\n" for k, t in texts))
+    clean = [json.loads(x) for x in cli("generate", llama.bundle, "--input-file", f, "--json", "--max-new-tokens",
+                                        "4", "-q").stdout.splitlines()]
+    assert not any(bad_token in r["ids"] for r in clean)
+    res = cli("generate", b, "--input-file", f, "--json", "--max-new-tokens", "4", "-q")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    got = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [r["line"] for r in got] == [1, 2, 3]
+    assert got[1]["finish"] == "error" and got[1]["text"] is None and got[1]["error"]["type"] == "NumericsError"
+    for i in (0, 2):
+        assert "error" not in got[i] and (got[i]["text"], got[i]["ids"]) == (clean[i]["text"], clean[i]["ids"])
+    assert_clean_failure(res, "1 of 3 row(s) failed", f"{f}:2: the model produced NaN or Inf logits", "task b")
+    res = cli("generate", b, "--input-file", f, "--max-new-tokens", "4", "-q")
+    out = " ".join(res.stdout.split())
+    assert res.returncode == 1 and f"-> {clean[0]['text']!r}" in out and "'the station was' -> error:" in out
+
 
 def test_text_stream_never_shows_partial_characters_or_stop_strings(llama):
     from mpt_export.runtime.streaming import TextStream

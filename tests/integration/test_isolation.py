@@ -141,3 +141,37 @@ def test_extreme_sampling_numbers_do_not_touch_other_rows(clean):
     assert [r.tokens for r in reqs[:4]] == want
     # a temperature under the greedy threshold is greedy; top_p that keeps one token and top_k 1 are too
     assert reqs[4].tokens == want[0] and reqs[5].tokens == want[1] and reqs[6].tokens == want[2]
+
+
+@pytest.mark.parametrize("fault", ["nan", "raise"])
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_offline_generation_isolates_rows_too(llama, clean, fault, where):
+    """``Session.generate_detailed`` over a batch (what `generate --input-file` runs): the faulty row ends with its
+    own error, every other row gets what the clean batch gives it — sampled, so a row retried alone must keep its
+    own generator; the error raised by default carries the others' output."""
+    marked = _marked(clean)
+    rng = np.random.default_rng(4)
+    others = [rng.integers(3, clean.vocab_size, int(rng.integers(2, 10))).tolist() for _ in range(3)]
+    rows = others[:1] + [marked["ids"]] + others[1:]
+    tasks = [clean.tasks[i % len(clean.tasks)] for i in range(len(rows))]
+    ids = np.zeros((len(rows), MARK_LEN), np.int64)
+    mask = np.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, MARK_LEN - len(r):], mask[b, MARK_LEN - len(r):] = r, 1
+    settings = dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=9, eos_token_id=None)
+    want = clean.generate_detailed(ids, tasks, mask, **settings)
+    P = clean.prompt_len(tasks[1])
+    faulty = mpt_export.load_bundle(llama.bundle).session()
+    hits = _inject(faulty, fault, P + MARK_LEN - 1 if where == "prefill" else P + MARK_LEN + 1)
+    pieces: dict[int, str] = {}
+    got = faulty.generate_detailed(ids, tasks, mask, raise_errors=False,
+                                   on_text=lambda r, d: pieces.update({r: pieces.get(r, "") + d}), **settings)
+    assert hits["n"] >= 1 and got.failed() == [1] and got.finish[1] == "error"
+    assert all(pieces.get(b, "") == faulty.decode_row(got, b) for b in (0, 2, 3))  # streamed once, retry or not
+    assert isinstance(got.errors[1], NumericsError if fault == "nan" else GenerationError), got.errors[1]
+    assert f"task {tasks[1]}" in str(got.errors[1])
+    for b in (0, 2, 3):
+        assert got.ids[b, :got.lengths[b]].tolist() == want.ids[b, :want.lengths[b]].tolist(), b
+    with pytest.raises(NumericsError if fault == "nan" else GenerationError, match="row 1: ") as e:
+        faulty.generate_detailed(ids, tasks, mask, **settings)
+    assert e.value.result.failed() == [1] and e.value.result.lengths[0] == want.lengths[0]
