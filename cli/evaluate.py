@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
-from mpt_export.errors import InputError
+from mpt_export.errors import InputError, NumericsError
 from mpt_export.source.basemodel import base_arch
 from mpt_export.source.hub import resolve
 from mpt_export.tools.evaluate import BundleReference, evaluate, PeftReference, read_data
@@ -56,21 +56,32 @@ def eval_cmd(
             ref = PeftReference(b, base_model)
         on_step(f"{len(examples)} examples" + (f", against {label}" if label else ""))
         figs = evaluate(s, examples, ref, max_new_tokens)
+    failed = {name: f["error"] for name, f in figs.items() if "error" in f}
     if as_json:
-        print(json.dumps({"bundle": str(bundle), "against": label, "tasks": figs}, indent=2))
-        return
-    t = Table(title=escape(f"{bundle} on {data}" + (f" (against {label})" if label else "")), title_justify="left")
+        print(json.dumps({"bundle": str(bundle), "against": label, "tasks": figs}, indent=2, allow_nan=False))
+    else:
+        console.print(_table(figs, f"{bundle} on {data}" + (f" (against {label})" if label else ""), label))
+    if failed:
+        raise NumericsError(f"{len(failed)} of {len(figs)} task(s) failed, the others' figures are above: "
+                            + "; ".join(failed.values()))
+
+
+def _table(figs: dict, title: str, label: str | None) -> Table:
+    t = Table(title=escape(title), title_justify="left")
     cols = ["task", "examples", "accuracy", "exact match", "mean log-lik."]
     if label:
         cols += ["max logprob diff", "agreement forced / free"]
     for c in cols:
         t.add_column(c, justify="left" if c == "task" else "right")
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     for name, f in figs.items():
-        pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        if "error" in f:
+            t.add_row(escape(name), str(f["examples"]), *["[red]failed[/]"] * (len(cols) - 2))
+            continue
         row = [escape(name), str(f["examples"]), pct(f["accuracy"]), pct(f["exact_match"]), f"{f['mean_loglik']:.3f}"]
         if label:
             agree = "-" if f["teacher_forced_agreement"] is None else \
                 f"{pct(f['teacher_forced_agreement'])} / {pct(f['free_running_agreement'])}"
             row += [f"{f['max_logprob_diff']:.2e}", agree]
         t.add_row(*row)
-    console.print(t)
+    return t

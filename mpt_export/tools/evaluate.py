@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, MptExportError, NumericsError
 from ..export.reference import peft_model_for
 from ..export.torchside import adapters_from_bank, load_base_model
 from ..runtime.sampling import log_softmax
@@ -72,10 +72,42 @@ def read_data(path: str | Path, default_task: str | None, tasks: list[str]) -> l
             stop = [stop]
         if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop)):
             raise InputError(f"{where}: \"stop\" must be a non-empty string or a list of them")
+        for key, texts in (("prompt", [d["prompt"]]), ("choices", ch or []), ("target", [tgt] if ch is None else []),
+                           ("stop", stop or [])):
+            if not all(_unicode(t) for t in texts):
+                raise InputError(f"{where}: \"{key}\" is not valid Unicode text (a lone surrogate such as \\udc80); "
+                                 "give UTF-8 text")
         out.append(Example(task, d["prompt"], ch, ans, tgt, stop, where))
     if not out:
         raise InputError(f"{path} holds no examples")
     return out
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_examples(session, examples: list[Example], max_new_tokens: int) -> None:
+    """Every example's tokens fit the model with its task's prompt (scoring each choice or the target, and a
+    generation's ``max_new_tokens``), before anything runs; problems named by ``file:line`` (the first few)."""
+    tok, problems = session.tokenizer, []
+    for ex in examples:
+        try:
+            ctx = tok.encode(ex.prompt, "prompt")
+            conts = ex.choices if ex.choices is not None else [ex.target]
+            longest = max(len(ctx) + len(_pair(tok, ex.prompt, c)[1]) for c in conts)
+            session.check_request(longest, ex.task, 0)
+            if ex.choices is None:
+                session.check_request(len(ctx), ex.task, max_new_tokens)
+        except MptExportError as e:
+            problems.append(f"{ex.where}: {e}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise InputError("; ".join(problems[:10]) + more)
 
 
 class PeftReference:
@@ -125,6 +157,7 @@ class TaskResult:
     max_diff: float = 0.0
     forced: list = field(default_factory=list)  # teacher-forced top-1 equal, per generated token
     free: list = field(default_factory=list)  # free-running tokens equal, per position
+    error: str = ""  # file:line and what failed: the task's figures stop there
 
 
 def _pair(tok, prompt: str, cont: str) -> tuple[list[int], list[int]]:
@@ -134,42 +167,62 @@ def _pair(tok, prompt: str, cont: str) -> tuple[list[int], list[int]]:
 
 
 def evaluate(session, examples: list[Example], reference=None, max_new_tokens: int = 32) -> dict:
-    """-> {task: figures}, and the reference's comparison where one is given."""
-    tok = session.tokenizer
+    """-> {task: figures}, and the reference's comparison where one is given. A task whose example fails (NaN or
+    Inf scores: a broken task or bundle) stops there with ``error`` naming ``file:line``; the other tasks go on."""
+    check_examples(session, examples, max_new_tokens)
     res: dict[str, TaskResult] = {}
     for ex in examples:
         r = res.setdefault(ex.task, TaskResult())
+        if r.error:
+            continue
         r.n += 1
-        if ex.choices is not None:
-            lls = []
-            for j, c in enumerate(ex.choices):
-                ctx, cont = _pair(tok, ex.prompt, c)
-                lp = _scores(session, ctx + cont, ex.task)
-                ll = [lp[len(ctx) + k - 1, t] for k, t in enumerate(cont)]
-                lls.append(float(sum(ll)))
-                if reference is not None:
-                    ref = reference.logprobs(ctx + cont, ex.task)
-                    r.max_diff = max(r.max_diff, max(abs(a - ref[len(ctx) + k - 1, t]) for k, (a, t) in
-                                                     enumerate(zip(ll, cont))))
-            r.choice.append(int(np.argmax(lls)) == ex.answer)
-            r.loglik.append(lls[ex.answer])
-        else:
-            ids = tok.encode(ex.prompt, "prompt")
-            g = session.generate_detailed(np.array([ids]), [ex.task], max_new_tokens=max_new_tokens, logprobs=0,
-                                          stop=ex.stop)
-            gen = g.ids[0, : g.lengths[0]].tolist()
-            r.exact.append(session.decode_row(g, 0, ex.stop).strip() == ex.target.strip())
-            tgt = tok.encode(ex.prompt + " " + ex.target, "prompt")[len(ids):] or [0]
-            lp = _scores(session, ids + tgt, ex.task)
-            r.loglik.append(float(sum(lp[len(ids) + k - 1, t] for k, t in enumerate(tgt))))
-            if reference is not None:
-                ref = reference.logprobs(ids + gen, ex.task)
-                ours = [e[0] for e in g.logprobs[0]]
-                r.max_diff = max(r.max_diff, max(abs(a - ref[len(ids) + k - 1, t]) for k, (a, t) in
-                                                 enumerate(zip(ours, gen))))
-                r.forced += [int(ref[len(ids) + k - 1].argmax()) == t for k, t in enumerate(gen)]
-                r.free += _free_running(reference, ids, ex.task, gen)
+        try:
+            _one(session, ex, r, reference, max_new_tokens)
+        except MptExportError as e:
+            r.error = f"{ex.where}: {e}"
     return {t: _figures(r, reference is not None) for t, r in res.items()}
+
+
+def _finite(values, ex: Example, what: str) -> None:
+    if not np.isfinite(np.asarray(values, np.float64)).all():
+        raise NumericsError(f"task {ex.task!r} gave NaN or Inf {what}; the bundle or the task's vectors are broken — "
+                            "check them with `mpt-export verify BUNDLE --base-model DIR`")
+
+
+def _one(session, ex: Example, r: "TaskResult", reference, max_new_tokens: int) -> None:
+    """One example's figures into ``r``."""
+    tok = session.tokenizer
+    if ex.choices is not None:
+        lls = []
+        for c in ex.choices:
+            ctx, cont = _pair(tok, ex.prompt, c)
+            lp = _scores(session, ctx + cont, ex.task)
+            ll = [lp[len(ctx) + k - 1, t] for k, t in enumerate(cont)]
+            _finite(ll, ex, "log-likelihoods")
+            lls.append(float(sum(ll)))
+            if reference is not None:
+                ref = reference.logprobs(ctx + cont, ex.task)
+                r.max_diff = max(r.max_diff, max(abs(a - ref[len(ctx) + k - 1, t]) for k, (a, t) in
+                                                 enumerate(zip(ll, cont))))
+        r.choice.append(int(np.argmax(lls)) == ex.answer)
+        r.loglik.append(lls[ex.answer])
+        return
+    ids = tok.encode(ex.prompt, "prompt")
+    g = session.generate_detailed(np.array([ids]), [ex.task], max_new_tokens=max_new_tokens, logprobs=0, stop=ex.stop)
+    gen = g.ids[0, : g.lengths[0]].tolist()
+    r.exact.append(session.decode_row(g, 0, ex.stop).strip() == ex.target.strip())
+    tgt = tok.encode(ex.prompt + " " + ex.target, "prompt")[len(ids):] or [0]
+    lp = _scores(session, ids + tgt, ex.task)
+    ll = [lp[len(ids) + k - 1, t] for k, t in enumerate(tgt)]
+    _finite(ll, ex, "log-likelihoods")
+    r.loglik.append(float(sum(ll)))
+    if reference is not None:
+        ref = reference.logprobs(ids + gen, ex.task)
+        ours = [e[0] for e in g.logprobs[0]]
+        r.max_diff = max(r.max_diff, max(abs(a - ref[len(ids) + k - 1, t]) for k, (a, t) in
+                                         enumerate(zip(ours, gen))))
+        r.forced += [int(ref[len(ids) + k - 1].argmax()) == t for k, t in enumerate(gen)]
+        r.free += _free_running(reference, ids, ex.task, gen)
 
 
 def _free_running(reference, ids: list[int], task: str, gen: list[int]) -> list[bool]:
@@ -183,6 +236,8 @@ def _free_running(reference, ids: list[int], task: str, gen: list[int]) -> list[
 
 
 def _figures(r: TaskResult, compared: bool) -> dict:
+    if r.error:
+        return {"examples": r.n, "error": r.error}
     out = {"examples": r.n, "accuracy": float(np.mean(r.choice)) if r.choice else None,
            "exact_match": float(np.mean(r.exact)) if r.exact else None, "mean_loglik": float(np.mean(r.loglik))}
     if compared:

@@ -99,3 +99,45 @@ def test_eval_against_peft_and_a_quantized_copy(llama, tmp_path):
     assert_clean_failure(cli("eval", llama.bundle, "--data", bad, "--task", "zz"), "bad.jsonl:1: unknown task 'zz'")
     assert_clean_failure(cli("eval", llama.bundle, "--data", bad, "--task", "a"), "bad.jsonl:1", "2 or more")
     assert_clean_failure(cli("eval", llama.bundle, "--data", tmp_path / "none.jsonl"), "cannot read")
+
+
+def test_a_task_that_scores_nan_fails_alone_with_its_line(llama, tmp_path):
+    """NaN in any score is that task's error (file:line, exit 1), never an accuracy beside a NaN mean; the other
+    tasks' figures are still given, and --json stays JSON."""
+    import shutil
+
+    from support import poison_token
+
+    tok = mpt_export.load_bundle(llama.bundle).session().tokenizer
+    ok_ids, bad_ids = tok.encode("the movie"), tok.encode("the station was")
+    bad_token = next(t for t in bad_ids if t not in ok_ids + tok.encode(" was great") + tok.encode(" the plot"))
+    b = tmp_path / "b"
+    shutil.copytree(llama.bundle, b)
+    poison_token(b, bad_token)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"task": "a", "prompt": "the movie", "choices": ["was great", "the plot"], "answer": 0})
+                    + "\n" + json.dumps({"task": "b", "prompt": "the station was", "choices": ["was great", "the plot"],
+                                         "answer": 1}) + "\n")
+    res = cli("eval", b, "--data", data, "--json")
+    assert_clean_failure(res, "1 of 2 task(s) failed", f"{data}:2: task 'b' gave NaN or Inf log-likelihoods")
+    figs = json.loads(res.stdout)["tasks"]  # strict JSON: a bare NaN would not parse
+    assert "error" in figs["b"] and figs["a"]["accuracy"] is not None and np.isfinite(figs["a"]["mean_loglik"])
+    clean = json.loads(cli("eval", llama.bundle, "--data", data, "--json").stdout)["tasks"]
+    assert figs["a"] == clean["a"]
+    table = cli("eval", b, "--data", data)
+    assert table.returncode == 1 and "failed" in table.stdout
+
+
+def test_eval_errors_name_file_and_line(llama, tmp_path):
+    """A prompt that is not valid Unicode and an input too long for the model are refused before anything runs,
+    naming the file and line."""
+    data = tmp_path / "d.jsonl"
+    ok = json.dumps({"task": "a", "prompt": "the movie", "target": "was"})
+    for bad, says in ((json.dumps({"task": "a", "prompt": "hi \udc80", "target": "x"}), '"prompt" is not valid Unicode'),
+                      (json.dumps({"task": "a", "prompt": "x", "choices": ["ok", "\ud800"], "answer": 0}),
+                       '"choices" is not valid Unicode'),
+                      (json.dumps({"task": "a", "prompt": "the movie " * 200, "choices": ["a", "b"], "answer": 0}),
+                       "is too long"),
+                      (json.dumps({"task": "a", "prompt": "the movie " * 4, "target": "was"}), "do not fit")):
+        data.write_text(ok + "\n" + bad + "\n")
+        assert_clean_failure(cli("eval", llama.bundle, "--data", data, "--max-new-tokens", "40"), f"{data}:2:", says)
