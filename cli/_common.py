@@ -48,7 +48,7 @@ def handle_errors(fn):
                               soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print(f"[bold red]interrupted[/] ({escape(interrupted_message())})", highlight=False,
+            err_console.print(f"[bold red]error:[/] interrupted; {escape(interrupted_message())}", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(130) from None
 

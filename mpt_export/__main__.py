@@ -10,6 +10,6 @@ def main() -> None:
     try:
         from mpt_export.cli import main as cli_main
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted (nothing was written)\n")
+        sys.stderr.write("error: interrupted; nothing was written\n")
         sys.exit(130)
     cli_main()

@@ -20,10 +20,16 @@ from ..errors import CheckpointError, InputError, TaskNameError
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # no leading '-' (an option) or '.' ('.', '..')
 
 
+TASK_NAME_MAX = 128  # a task name is an API model id, a path-safe key and a table cell: bounded
+
+
 def check_task_name(name: str) -> None:
     if not TASK_NAME_RE.match(name or ""):
         raise TaskNameError(f"task name {name!r} is invalid; names start with a letter or digit and use only "
                             "letters, digits, '_', '.' and '-'")
+    if len(name) > TASK_NAME_MAX:
+        raise TaskNameError(f"task name {name[:20]!r}... is {len(name)} characters long; names have at most "
+                            f"{TASK_NAME_MAX} — choose a shorter one")
 
 
 def positions_needed(T: int, nts: int, task_type: str) -> int:

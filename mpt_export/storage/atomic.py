@@ -225,7 +225,7 @@ def replace_dir(out: str | Path, kind: str, force: bool = False, inputs=(), allo
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputExistsError(f"cannot create {out.parent} ({e.strerror})") from None
-    entry = {"path": str(out), "state": "staging"}
+    entry = {"path": str(out), "state": "staging", "existed": os.path.lexists(out)}
     with writer_lock(out) as nested:
         if not nested:
             recover(out, wait_s=0)
@@ -310,13 +310,16 @@ def _finish_permissions(root: Path) -> None:
 
 
 def interrupted_message() -> str:
-    """What an interrupted command tells the user about its outputs."""
-    done = [w["path"] for w in WRITES if w["state"] == "committed"]
-    pending = [w["path"] for w in WRITES if w["state"] != "committed"]
+    """What an interrupted command tells the user about its outputs: each one written completely, as it was before,
+    or not created."""
     parts = []
-    if done:
-        parts.append(f"{', '.join(done)} {'was' if len(done) == 1 else 'were'} written completely")
-    if pending:
-        parts.append(f"{', '.join(pending)} {'was' if len(pending) == 1 else 'were'} left as before "
-                     "(its temporary files are removed by the next write)")
+    for w in WRITES:
+        if w["state"] == "committed":
+            parts.append(f"{w['path']} was written completely")
+        elif w.get("existed"):
+            parts.append(f"{w['path']} is as it was before")
+        else:
+            parts.append(f"{w['path']} was not created")
+    if any(w["state"] != "committed" for w in WRITES):
+        parts.append("the next write removes any temporary files left")
     return "; ".join(parts) if parts else "nothing was written"

@@ -153,6 +153,13 @@ def test_tasks_add_killed_at_every_step(llama, tmp_path, exchange):
         assert not leftovers(b), (n, steps[-1], leftovers(b))
     else:
         pytest.fail("tasks add never completed")
+    # an output that did not exist before is never said to be "as it was": it was not created
+    out = tmp_path / "new" / "bundle"
+    res = cli("export", "--base-model", llama.base, "--adapter", llama.source, "--out", out, "--no-validate",
+              env={"MPT_EXPORT_FAULT_AT": "1", "MPT_EXPORT_FAULT_SIGNAL": "INT"})
+    msg = " ".join(res.stderr.split())
+    assert res.returncode == 130 and f"error: interrupted; {out} was not created" in msg, msg
+    assert not out.exists()
     assert "swapped" in steps and "staging created" in steps
     assert ("between renames" in steps) == (not exchange)
     assert OLD in outcomes and OLD + ["x"] in outcomes  # killed before and after the swap
@@ -189,8 +196,9 @@ def test_ctrl_c_at_every_step_tells_the_truth(llama, tmp_path):
         assert res.returncode == 130 and "Traceback" not in res.stderr, (n, res.stderr)
         msg = " ".join(res.stderr.split())
         tasks = _check_whole(b, [OLD, OLD + ["x"]])
+        assert msg.startswith("error: interrupted; ") and msg.count("(") == 0, (n, msg)
         if tasks == OLD:
-            assert "was left as before" in msg and "written completely" not in msg, (n, msg)
+            assert f"{b} is as it was before" in msg and "written completely" not in msg, (n, msg)
         else:
             assert f"{b} was written completely" in msg, (n, msg)
         assert not any(p.startswith(".bundle.mpt-export-tmp-") for p in leftovers(b)), (n, leftovers(b))
