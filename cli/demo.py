@@ -11,6 +11,7 @@ from ._common import Quiet, console, escape, handle_errors, parity_table, progre
 from mpt_export.errors import InputError
 from mpt_export.storage.ownership import check_replaceable
 from mpt_export.tools.demo import ARCHS, run_demo
+from mpt_export.bundle.taskbank import name_list
 
 
 @handle_errors
@@ -41,7 +42,7 @@ def demo_cmd(
     console.print(t)
     console.print(f"adding a task at runtime: {r['task_bytes']} bytes of vectors, {r['add_task_ms']:.0f} ms from "
                   "add_task to its first 16 generated tokens (composer + first request), no re-export")
-    console.print(f"[green]bundle[/] {escape(str(b.path))}  tasks: {escape(', '.join(b.tasks))}")
+    console.print(f"[green]bundle[/] {escape(str(b.path))}  tasks: {escape(name_list(b.tasks))}")
     console.print(next_steps(workdir), soft_wrap=True)  # commands to copy: never wrapped
 
 

@@ -8,6 +8,7 @@ import typer
 from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quant_line, quiet_libraries, size_table
 from mpt_export.export.api import check_export_inputs, export_bundle
 from mpt_export.export.options import ExportOptions
+from mpt_export.bundle.taskbank import name_list
 
 
 @handle_errors
@@ -50,4 +51,4 @@ def export_cmd(
     if b.info.quantization:
         console.print(quant_line(b.info.quantization))
     console.print(size_table(b))
-    console.print(f"[green]wrote[/] {escape(str(b.path))} with tasks: {escape(', '.join(b.tasks))}")
+    console.print(f"[green]wrote[/] {escape(str(b.path))} with {len(b.tasks)} task(s): {escape(name_list(b.tasks))}")

@@ -121,6 +121,20 @@ class Task:
         return self._digest[1]
 
 
+def name_list(names, limit: int = 20, total: int | None = None) -> str:
+    """``a, b, c, ... and N more``: names as a message shows them, at most ``limit`` of them."""
+    names = list(names)
+    total = len(names) if total is None else total
+    names = names[:limit]
+    more = total - len(names)
+    return (", ".join(names) or "(none)") + (f", ... and {more} more" if more > 0 else "")
+
+
+def _shared_key(p: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(p, np.float32)
+    return a.shape, hashlib.sha256(a.tobytes()).digest()
+
+
 @dataclass
 class TaskBank:
     """Shared prompts (deduplicated) and per-task low-rank factors, in task order."""
@@ -129,20 +143,42 @@ class TaskBank:
     num_transformer_submodules: int
     shared: list[np.ndarray] = field(default_factory=list)  # each (T, D)
     tasks: list[Task] = field(default_factory=list)
+    # name -> position in ``tasks`` and shared prompt bytes -> index: built on first use, dropped by every change
+    # made through this class (a lookup costs the same at 100,000 tasks as at 10)
+    _by_name: dict | None = field(default=None, repr=False, compare=False)
+    _by_shared: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index()
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def _index(self) -> dict:
+        if self._by_name is None or len(self._by_name) != len(self.tasks):
+            self._by_name = {t.name: i for i, t in enumerate(self.tasks)}
+        return self._by_name
+
+    def _changed(self) -> None:
+        self._by_name = None
+
+    def listing(self, limit: int = 20) -> str:
+        """The first ``limit`` task names, and how many more: what an error names (never 100,000 names)."""
+        return name_list([t.name for t in self.tasks[:limit + 1]], limit, len(self.tasks))
 
     @property
     def hidden_size(self) -> int:
         return int(self.shared[0].shape[1])
 
     def task(self, name: str) -> Task:
-        for t in self.tasks:
-            if t.name == name:
-                return t
-        raise TaskNameError(f"unknown task {name!r}; this bundle has: {', '.join(self.names) or '(none)'}")
+        i = self._index().get(name)
+        if i is None:
+            raise TaskNameError(f"unknown task {name!r}; this bundle has: {self.listing()}")
+        return self.tasks[i]
 
     def prompt(self, name: str) -> np.ndarray:
         """The composed prompt in numpy, (T, D) — the reference the composer graph must match."""
@@ -150,11 +186,15 @@ class TaskBank:
         return self.shared[t.shared] * (t.cols @ t.rows)
 
     def _shared_index(self, p: np.ndarray) -> int:
-        for i, s in enumerate(self.shared):
-            if s.shape == p.shape and np.array_equal(s, p):
-                return i
-        self.shared.append(p)
-        return len(self.shared) - 1
+        """The index of an equal shared prompt already in the bank (found by its bytes, not a scan), else a new
+        one."""
+        if self._by_shared is None or len(self._by_shared) != len(self.shared):
+            self._by_shared = {_shared_key(s): i for i, s in enumerate(self.shared)}
+        key = _shared_key(p)
+        if key not in self._by_shared:
+            self.shared.append(p)
+            self._by_shared[key] = len(self.shared) - 1
+        return self._by_shared[key]
 
     def add_adapter(self, ckpt, names: list[str] | None = None) -> list[str]:
         """Add the tasks of a read adapter (``checkpoint.AdapterCheckpoint``) under ``names`` (default: the
@@ -180,19 +220,25 @@ class TaskBank:
             base = ckpt.path.resolve().name
             names = [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
         elif len(names) != n:
-            raise TaskNameError(
-                f"{len(names)} name(s) given for {ckpt.path} ({','.join(names)}), but it holds {n} task(s); "
-                f"give exactly one name per task, in order, e.g. {','.join(f't{i}' for i in range(n))}={ckpt.path}"
-            )
+            example = f"e.g. {','.join(f't{i}' for i in range(n))}={ckpt.path}" if n <= 5 else \
+                "e.g. with `tasks add --names-file FILE`, one name per line"
+            raise TaskNameError(f"{len(names)} name(s) given for {ckpt.path} ({name_list(names, 5)}), but it holds "
+                                f"{n} task(s); give exactly one name per task, in order — {example}")
+        seen = set()
         for nm in names:
             check_task_name(nm)
-            if nm in self.names or names.count(nm) > 1:
-                raise TaskNameError(f"task name {nm!r} is used twice; every task in a bundle needs a unique name")
+            if nm in self:
+                raise TaskNameError(f"task name {nm!r} is already taken; every task in a bundle needs a unique name — "
+                                    "choose another, or remove that task first (`mpt-export tasks remove BUNDLE NAME`)")
+            if nm in seen:
+                raise TaskNameError(f"task name {nm!r} is given twice; every task in a bundle needs a unique name")
+            seen.add(nm)
         si = self._shared_index(ckpt.prompt_embeddings)
         for i, nm in enumerate(names):
             self.tasks.append(
                 Task(nm, si, ckpt.cols[i].copy(), ckpt.rows[i].copy(), source=str(ckpt.path), index_in_source=i)
             )
+        self._changed()
         return names
 
     def add(self, name: str, shared_prompt: np.ndarray, cols: np.ndarray, rows: np.ndarray, source: str = "session",
@@ -204,18 +250,22 @@ class TaskBank:
         check_task_arrays(name, shared_prompt, cols, rows, hidden, self.num_transformer_submodules, max_positions,
                           task_type)
         check_task_name(name)
-        if name in self.names:
+        if name in self:
             raise TaskNameError(f"task {name!r} already exists; remove it first or pick another name")
         self.tasks.append(Task(name, self._shared_index(shared_prompt), cols, rows, source=source))
+        self._changed()
 
     def remove(self, name: str) -> None:
         t = self.task(name)
-        self.tasks.remove(t)
-        used = sorted({x.shared for x in self.tasks})
-        remap = {old: new for new, old in enumerate(used)}
-        self.shared = [self.shared[i] for i in used]
+        del self.tasks[self._index()[name]]
+        self._changed()
+        if any(x.shared == t.shared for x in self.tasks):
+            return  # its shared prompt stays
+        del self.shared[t.shared]
+        self._by_shared = None
         for x in self.tasks:
-            x.shared = remap[x.shared]
+            if x.shared > t.shared:
+                x.shared -= 1
 
     def manifest_entries(self) -> list[dict]:
         """The manifest's ``tasks`` list."""

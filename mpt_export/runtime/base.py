@@ -187,7 +187,7 @@ class Session:
         except (TypeError, ValueError) as e:
             raise InputError(f"task {name!r}: shared_prompt, cols and rows must be numeric arrays ({e})") from None
         with self._bank_lock:
-            if name in self.bank.names:
+            if name in self.bank:
                 raise TaskNameError(f"task {name!r} already exists in this session; remove it first or pick another name")
             self.bank.add(name, P, C, R, source="session", hidden_size=self.hidden_size,
                           max_positions=self.max_positions, task_type=self.bundle.task_type)
@@ -221,8 +221,8 @@ class Session:
             raise InputError(f"tasks has {len(tasks)} name(s) but input_ids has {ids.shape[0]} row(s); give one task "
                              "per row", param="tasks")
         for t in set(tasks):
-            if t not in self.bank.names:
-                raise TaskNameError(f"unknown task {t!r}; this bundle has: {', '.join(self.bank.names)}", param="tasks")
+            if t not in self.bank:
+                raise TaskNameError(f"unknown task {t!r}; this bundle has: {self.bank.listing()}", param="tasks")
         mask = np.ones_like(ids) if attention_mask is None else _check_mask(attention_mask, ids.shape, padding)
         if ((ids < 0) | (ids >= self.vocab_size))[mask == 1].any():
             raise InputError(f"input_ids must be in [0, {self.vocab_size}) (the model's vocabulary)", param="input_ids")

@@ -82,7 +82,7 @@ def test_prompt_is_hadamard_of_low_rank(llama):
 
 @pytest.mark.parametrize("spec,exc,msg", [
     ("a,b={src}", TaskNameError, "2 name"),
-    ("a,a,b={src}", TaskNameError, "used twice"),
+    ("a,a,b={src}", TaskNameError, "'a' is given twice"),
     ("a,b c,d={src}", TaskNameError, "invalid"),
 ])
 def test_bad_names(llama, spec, exc, msg):
@@ -143,7 +143,7 @@ def _bad_cases(llama, tmp_path):
         ("lora adapter", [str(_lora_adapter(llama.base, tmp_path / "lora"))], llama.base, ["LORA", "MULTITASK_PROMPT_TUNING"]),
         ("token_dim != hidden", [str(wide_adapter(tmp_path))], llama.base, ["token_dim 48", "hidden size is 32"]),
         ("tensors vs config", [str(mismatched)], llama.base, ["prompt_embeddings has shape [5, 32]", "implies [7, 32]"]),
-        ("duplicate name", [f"a,b,c={llama.source}", f"c={llama.target}"], llama.base, ["'c' is used twice"]),
+        ("duplicate name", [f"a,b,c={llama.source}", f"c={llama.target}"], llama.base, ["'c' is already taken"]),
         ("invalid name", [f"a,b,c d={llama.source}"], llama.base, ["'c d' is invalid"]),
         ("wrong count of names", [f"a,b={llama.source}"], llama.base, ["2 name(s)", "holds 3 task(s)"]),
         ("unsupported base model", [str(llama.source)], bert, ["model type 'bert' is not supported", "llama"]),

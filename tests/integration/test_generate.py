@@ -225,7 +225,7 @@ def test_generate_bad_inputs(llama, tmp_path):
     other = wide_adapter(tmp_path)
     assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"w1,w2={other}"),
                          "trained for another base model", "token_dim 48", "hidden size is 32")
-    assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"a={llama.target}"), "'a' is used twice")
+    assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"a={llama.target}"), "'a' is already taken", "tasks remove")
     assert_clean_failure(cli("tasks", "add", llama.bundle, "--adapter", f"{'n' * 129}={llama.target}"),
                          "is 129 characters long", "at most 128")
     assert_clean_failure(cli("tasks", "remove", llama.bundle, "zz"), "unknown task 'zz'")

@@ -24,6 +24,7 @@ from ...runtime.limits import BackendLimits
 from ...runtime.seq2seq import Seq2SeqSession
 from ...runtime.sampling import SamplingParams
 from ...bundle.reader import load_bundle
+from ...bundle.taskbank import name_list
 
 # what the generate model does with the optional inputs a request leaves out — greedy, 16 new tokens, no seed, no
 # stop string: declared once, here (docs/guides/triton.md lists them)
@@ -132,9 +133,9 @@ class TritonGeneration:
         if not text:
             raise InputError("text_input is required: the prompt to continue")
         if not task:
-            raise InputError(f"task is required; this model serves: {', '.join(self.session.tasks)}")
+            raise InputError(f"task is required; this model serves: {name_list(self.session.tasks)}")
         if task not in self.session.tasks:
-            raise InputError(f"unknown task {task!r}; this model serves: {', '.join(self.session.tasks)}")
+            raise InputError(f"unknown task {task!r}; this model serves: {name_list(self.session.tasks)}")
         req = Request(task=task, ids=self.tokenizer.encode(text, "text_input"), sampling=self.sampling(inputs))
         return req, bool(_first(inputs, "stream", False))
 
