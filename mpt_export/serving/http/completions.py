@@ -14,8 +14,9 @@ from ...scheduler.request import Request
 from .echo import echoed, score_prompts
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import APIError, api_error, error_body
-from .protocol import (HTTP_DEFAULTS, answer_options, chat_prompt, number, prompts_of, read_json, room_for, sampling,
-                       task_of, usage_of)
+from .numbers import INT64_MAX, Bounds, check_numbers, number
+from .protocol import (HTTP_DEFAULTS, answer_options, chat_prompt, prompts_of, read_json, room_for, sampling, task_of,
+                       usage_of)
 from .state import ServerState
 
 
@@ -33,6 +34,7 @@ async def generate(state: ServerState, request, chat: bool):
     try:
         data = await read_json(request, state.options.max_body_bytes)
         task = task_of(state, data)
+        check_numbers(data, chat)
         opts = answer_options(data, chat)
         # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
         # the GIL), after a size check that needs no tokenizer
@@ -54,12 +56,14 @@ async def generate(state: ServerState, request, chat: bool):
 def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool, echo: bool = False) -> int:
     """Completions: ``max_tokens`` (:data:`HTTP_DEFAULTS`' by default; 0 with ``echo``: score the prompt only);
     chat: ``max_tokens`` or ``max_completion_tokens``, by default as many as the positions allow."""
-    default_max = HTTP_DEFAULTS.max_new_tokens if not chat else None
-    max_tokens = data.get("max_completion_tokens") if chat and "max_tokens" not in data else data.get(
-        "max_tokens")
-    if max_tokens is None and default_max is None:  # chat: as much as the positions allow
-        max_tokens = max(1, room_for(state, task, max(len(p) for p in prompts)))
-    return number({"max_tokens": max_tokens}, "max_tokens", default_max, 0 if echo else 1, integer=True)
+    key = "max_completion_tokens" if chat and data.get("max_tokens") is None else "max_tokens"
+    bounds = Bounds(True, 0 if echo else 1, INT64_MAX)
+    max_tokens = number(data, key, None, bounds)
+    if max_tokens is None:
+        if not chat:
+            return HTTP_DEFAULTS.max_new_tokens
+        max_tokens = max(1, room_for(state, task, max(len(p) for p in prompts)))  # as much as the positions allow
+    return max_tokens
 
 
 def _requests(task, prompts, params, rid: str, queue: asyncio.Queue) -> list[Request]:
