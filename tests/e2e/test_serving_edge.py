@@ -65,3 +65,111 @@ def test_every_numeric_field_is_checked_by_one_rule(srv):
             assert r.status_code == 400 and r.json()["error"]["param"] == key, (key, value, r.text)
         r = c.post("/v1/completions", content=json.dumps({**completions, "stream_options": None}))
         assert r.status_code == 200, r.text
+
+
+def _health_latencies(srv, busy) -> list[float]:
+    """``/health``'s answer times, asked every 50 ms while the thread ``busy`` runs (at most 300 asks)."""
+    import time
+
+    times = []
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        while busy.is_alive() and len(times) < 300:
+            t = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            times.append(time.perf_counter() - t)
+            time.sleep(0.05)
+    return times
+
+
+def test_prompt_scoring_leaves_the_event_loop_free(srv, offline):
+    """echo over 256 prompts of 240 tokens each: scored, turned into text offsets and JSON in worker threads, so
+    /health answers at once meanwhile (it waited seconds when the offsets were worked out on the event loop, each
+    prefix decoded again); the offsets are each token's position in the text, as before."""
+    import threading
+    import time
+
+    big = {"model": "sst2", "prompt": [[5] * 240] * 256, "echo": True, "max_tokens": 0, "logprobs": 5}
+    out = {}
+
+    def post():
+        t = time.perf_counter()
+        out["r"] = httpx.post(srv.url + "/v1/completions", headers=AUTH, json=big, timeout=300)
+        out["s"] = time.perf_counter() - t
+
+    busy = threading.Thread(target=post)
+    busy.start()
+    time.sleep(0.2)
+    latencies = _health_latencies(srv, busy)
+    busy.join(300)
+    assert out["r"].status_code == 200, out["r"].text[:300]
+    choices = out["r"].json()["choices"]
+    assert len(choices) == 256 and len(choices[0]["logprobs"]["text_offset"]) == 240
+    assert len(latencies) >= 3, f"the echo request took only {out['s']:.1f} s"
+    print(f"echo 256 x 240 tokens: {out['s']:.1f} s; /health meanwhile: {len(latencies)} asks, "
+          f"slowest {max(latencies) * 1000:.0f} ms")
+    assert max(latencies) < 1.0, latencies
+    # a normal prompt: tokens and offsets as each prefix's decoded length gives them
+    tok = offline.session.tokenizer
+    ids = tok.encode("héllo, the mövie was ✓ 漢字 and the plot")
+    r = httpx.post(srv.url + "/v1/completions", headers=AUTH, timeout=60,
+                   json={"model": "mnli", "prompt": ids, "echo": True, "max_tokens": 3, "logprobs": 1,
+                         "temperature": 0}).json()["choices"][0]
+    lp = r["logprobs"]
+    assert lp["tokens"][:len(ids)] == [tok.token_text(t) for t in ids]
+    assert lp["text_offset"][:len(ids)] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    head = len(tok.decode(ids))
+    assert lp["text_offset"][len(ids)] == head and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+@pytest.fixture(scope="module")
+def wide(served, tmp_path_factory):
+    """The served bundle with 27 more tasks: 24 copies of the source tasks, and three whose vectors are finite but
+    overflow float32 when composed (cols and rows x 1e30: every prompt embedding is infinite, every logit NaN)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from mpt_export.export.task_edits import add_tasks
+
+    root = tmp_path_factory.mktemp("wide")
+    shutil.copytree(served["bundle"], root / "bundle")
+    src = served["root"] / "src"
+    shutil.copytree(src, root / "overflow")
+    w = load_file(str(src / "adapter_model.safetensors"))
+    w = {k: (v * np.float32(1e30) if k.startswith("prefix_task") else v) for k, v in w.items()}
+    save_file(w, str(root / "overflow" / "adapter_model.safetensors"))
+    specs = [f"nan0,nan1,nan2={root / 'overflow'}"]
+    specs += [f"x{3 * i},x{3 * i + 1},x{3 * i + 2}={src}" for i in range(8)]
+    add_tasks(root / "bundle", specs).close()
+    return root / "bundle"
+
+
+def test_a_task_whose_numbers_overflow_fails_alone(wide):
+    """Scoring (echo) and generating with a task whose logits are NaN: that request alone fails with 500
+    generation_failed (the body strict JSON), requests for other tasks running at the same time get their answers;
+    an unknown model's 404 names 20 tasks and where to find the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(task, **kw):
+        body = {"model": task, "prompt": [[5, 6, 7, 8] * 4] * 3, "echo": True, "max_tokens": 0, "logprobs": 2, **kw}
+        return httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+
+    with server(wide) as s:
+        jobs = [("nan0", {}), ("sst2", {}), ("nan1", {"max_tokens": 2}), ("x5", {}), ("nan2", {"max_tokens": 0}),
+                ("mnli", {"max_tokens": 2, "temperature": 0})]
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            got = list(ex.map(lambda j: post(j[0], **j[1]), jobs))
+        for (task, _), r in zip(jobs, got):
+            body = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON of {task}"))
+            if task.startswith("nan"):
+                assert r.status_code == 500 and body["error"]["code"] == "generation_failed", (task, r.text)
+            else:
+                assert r.status_code == 200, (task, r.text)
+                assert all(len(ch["logprobs"]["token_logprobs"]) >= 16 for ch in body["choices"])
+        r = httpx.post(s.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
+        err = r.json()["error"]
+        assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model"
+        assert "sst2, mnli" in err["message"] and "x12" in err["message"] and "x13" not in err["message"]
+        assert "… and 11 more; GET /v1/models lists them" in err["message"] and len(err["message"]) < 400
+        assert s.stop() == 0

@@ -47,7 +47,7 @@ async def generate(state: ServerState, request, chat: bool):
         scored = await asyncio.to_thread(score_prompts, state.session, task, prompts, params.logprobs) \
             if opts["echo"] else None
         if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
-            return _echo_only(state, task, prompts, scored)
+            return await _echo_only(state, task, prompts, scored)
         return await _run(state, request, task, prompts, params, opts, chat, scored)
     except APIError as e:
         return error_response(state, e, task)
@@ -91,24 +91,43 @@ def _submit(state: ServerState, reqs: list[Request]) -> None:
         raise api_error(e) from None
 
 
-def _echo_only(state: ServerState, task, prompts, scored):
-    from starlette.responses import JSONResponse
-
-    tok = state.session.tokenizer
+async def _echo_only(state: ServerState, task, prompts, scored):
     rid = "cmpl-" + uuid.uuid4().hex[:24]
-    choices = []
-    for i, (p, sc) in enumerate(zip(prompts, scored)):
-        text, lp = echoed(tok, p, sc, [], "", None)
-        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": "length"})
-    n = sum(len(p) for p in prompts)
+
+    def body() -> dict:  # grows with the prompts: built in a worker thread
+        tok = state.session.tokenizer
+        choices = []
+        for i, (p, sc) in enumerate(zip(prompts, scored)):
+            text, lp = echoed(tok, p, sc, [], "", None)
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": "length"})
+        n = sum(len(p) for p in prompts)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": task,
+                "choices": choices, "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
+
+    content = await asyncio.to_thread(lambda: to_json(body()))
     state.count(task, 200)
-    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": task,
-                         "choices": choices, "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}},
-                        headers={"X-Request-Id": rid})
+    return _json(content, rid)
+
+
+def to_json(body: dict) -> bytes:
+    """``body`` as JSON (strict: no NaN or Infinity, which no JSON reader takes; a number that is neither is this
+    request's own failure, never a 500 ``internal_error``). Called in a worker thread: a body with every prompt
+    token's log-probabilities can be megabytes."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        raise APIError(500, "generation failed: a log-probability is NaN or infinite", code="generation_failed") \
+            from None
+
+
+def _json(content: bytes, rid: str):
+    from starlette.responses import Response
+
+    return Response(content, media_type="application/json", headers={"X-Request-Id": rid})
 
 
 async def _run(state: ServerState, request, task, prompts, params, opts, chat, scored=None):
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import Response, StreamingResponse
 
     queue: asyncio.Queue = asyncio.Queue()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -128,16 +147,21 @@ async def _run(state: ServerState, request, task, prompts, params, opts, chat, s
                                               code="generation_failed"), task)
     for r in reqs:
         state.observe(r)
+    # token strings, offsets, the echoed prompts and the JSON grow with the request: a worker thread builds them
+    content = await asyncio.to_thread(_answer, state.session.tokenizer, rid, created, task, reqs, chat,
+                                      params.logprobs is not None, prompts, scored)
     state.count(task, 200)
-    # token strings and offsets grow with the output: a worker thread builds them
-    lps = await asyncio.to_thread(_logprobs, state.session.tokenizer, reqs, chat) if params.logprobs is not None \
-        else [None] * len(reqs)
+    return _json(content, rid)
+
+
+def _answer(tok, rid, created, task, reqs, chat, logprobs: bool, prompts, scored) -> bytes:
+    """The answer once every request is done, as JSON (``scored``: echo's, the prompt in front of each choice)."""
+    lps = _logprobs(tok, reqs, chat) if logprobs else [None] * len(reqs)
     body = _body(rid, created, task, reqs, chat, lps)
-    if scored is not None:  # echo: the prompt in front of each completion
-        tok = state.session.tokenizer
+    if scored is not None:
         for ch, p, sc, r in zip(body["choices"], prompts, scored, reqs):
             ch["text"], ch["logprobs"] = echoed(tok, p, sc, list(r.tokens), r.text, r.token_logprobs)
-    return JSONResponse(body, headers={"X-Request-Id": rid})
+    return to_json(body)
 
 
 def _logprobs(tok, reqs: list[Request], chat: bool) -> list[dict]:

@@ -21,6 +21,7 @@ UNSUPPORTED = {"suffix": None, "logit_bias": None, "best_of": 1,
 
 
 KEY_ENV = "MPT_EXPORT_API_KEY"
+NAMED_TASKS = 20  # an unknown model's 404 names the bundle's first tasks, not all of them (10,000 tasks: 80 KB)
 
 
 def api_key_of(option: str | None, env: str | None = None, where: str = "--api-key") -> str | None:
@@ -131,8 +132,11 @@ def task_of(state, data: dict) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "model is required: the task to run (see GET /v1/models)", param="model")
-    if model not in state.session.tasks:
-        raise APIError(404, f"the model {model!r} does not exist; this bundle serves: {', '.join(state.session.tasks)}",
+    tasks = state.session.tasks
+    if model not in tasks:
+        named = ", ".join(tasks[:NAMED_TASKS]) + (f" … and {len(tasks) - NAMED_TASKS} more; GET /v1/models lists them"
+                                                 if len(tasks) > NAMED_TASKS else "")
+        raise APIError(404, f"the model {shown(model)} does not exist; this bundle serves: {named}",
                        param="model", code="model_not_found")
     return model
 
