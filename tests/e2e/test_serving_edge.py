@@ -173,3 +173,151 @@ def test_a_task_whose_numbers_overflow_fails_alone(wide):
         assert "sst2, mnli" in err["message"] and "x12" in err["message"] and "x13" not in err["message"]
         assert "… and 11 more; GET /v1/models lists them" in err["message"] and len(err["message"]) < 400
         assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def edge(served):
+    """A server with short connection limits: headers within 1 s, idle keep-alive connections closed after 2 s, at
+    most 60 connections and requests; answering the name good.example too."""
+    with server(served["bundle"], "--api-key", KEY, "--allowed-host", "good.example", "--header-timeout", "1",
+                "--keep-alive-timeout", "2", "--limit-concurrency", "60") as s:
+        yield s
+        assert s.stop() == 0
+        assert "Traceback" not in s.log(400), s.log()
+
+
+def _refused_host(r, host):
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "host_not_allowed", (host, r.status_code, r.text)
+    assert "--allowed-host" in err["message"] and host.split(":")[0] in err["message"]
+    assert "location" not in r.headers
+
+
+def test_foreign_hosts_are_refused(edge, served):
+    """DNS rebinding: a request naming another host is refused on every route (the admin ones, the API, a path with
+    a trailing slash that once redirected to that host), with or without an API key; loopback names with a port,
+    --host and --allowed-host names are answered; --allowed-host '*' answers any."""
+    port = edge.port
+    for host in (f"attacker.example:{port}", "evil.example", "localhost.evil.example", "127.0.0.1.evil.example"):
+        with httpx.Client(base_url=edge.url, headers={**AUTH, "Host": host}, timeout=30) as c:
+            _refused_host(c.post("/admin/reload", headers={"Content-Type": "application/json"}), host)
+            _refused_host(c.get("/v1/models"), host)
+            _refused_host(c.get("/admin/steps/"), host)
+            _refused_host(c.get("/health"), host)
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST", "good.example",
+                 "Good.Example:8443"):
+        r = httpx.get(edge.url + "/v1/models", headers={**AUTH, "Host": host})
+        assert r.status_code == 200, (host, r.text)
+    r = httpx.get(edge.url + "/admin/steps/", headers={**AUTH, "Host": "localhost"})
+    assert r.status_code == 404 and "location" not in r.headers  # no redirect built from a Host
+    with server(served["bundle"]) as plain:  # no key, default names
+        _refused_host(httpx.post(plain.url + "/admin/reload", headers={"Host": "evil.example",
+                                                                       "Content-Type": "application/json"}), "evil")
+        assert plain.stop() == 0
+    with server(served["bundle"], "--allowed-host", "*") as anyhost:
+        r = httpx.get(anyhost.url + "/v1/models", headers={"Host": "evil.example"})
+        assert r.status_code == 200, r.text
+        assert anyhost.stop() == 0
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    """Whether the server closes ``sock`` within ``seconds`` (it answers nothing first)."""
+    import socket
+    import time
+
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_headers_are_due_within_the_header_timeout(edge):
+    """Half a request line, or headers trickled a byte at a time: the connection is closed once the header timeout
+    (1 s here) passes, and /health answers meanwhile; an idle keep-alive connection is closed after its timeout."""
+    import socket
+    import time
+
+    half = socket.create_connection(("127.0.0.1", edge.port))
+    half.sendall(b"GET /hea")
+    t = time.monotonic()
+    assert _closed_within(half, 10) and time.monotonic() - t < 5
+    half.close()
+
+    trickling = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(40)]
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+    start, closed = time.monotonic(), set()
+    with httpx.Client(base_url=edge.url, timeout=10) as c:
+        for i in range(len(request)):  # one byte per socket every 0.1 s, at most ~10 s
+            if len(closed) == len(trickling) or time.monotonic() - start > 10:
+                break
+            for k, s in enumerate(trickling):
+                if k not in closed:
+                    try:
+                        s.sendall(request[i:i + 1])
+                    except OSError:
+                        closed.add(k)
+            assert c.get("/health").status_code == 200
+            time.sleep(0.1)
+    assert all(k in closed or _closed_within(s, 3) for k, s in enumerate(trickling))
+    assert time.monotonic() - start < 8
+    for s in trickling:
+        s.close()
+
+    idle = socket.create_connection(("127.0.0.1", edge.port))
+    idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert b"200" in idle.recv(4096).split(b"\r\n")[0]
+    t = time.monotonic()
+    assert _closed_within(idle, 10) and 1 < time.monotonic() - t < 6  # --keep-alive-timeout 2
+    idle.close()
+
+
+def test_the_concurrency_limit_is_an_openai_shaped_503(edge):
+    """60 connections open (none sending): the next request gets 503 server_busy, OpenAI-shaped; once the header
+    timeout closes them, the server answers again."""
+    import socket
+    import time
+
+    held = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(60)]
+    try:
+        r = httpx.get(edge.url + "/health", timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
+        assert r.headers["retry-after"] == "1"
+        deadline = time.monotonic() + 10
+        while httpx.get(edge.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the held connections were never closed"
+            time.sleep(0.2)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_client_that_goes_away_is_one_log_line(edge):
+    """Mid-body (Content-Length 1000, 10 bytes sent) and mid-stream: each is one line on the server's standard error,
+    no traceback."""
+    import socket
+    import time
+
+    before = len(edge.lines)
+    s = socket.create_connection(("127.0.0.1", edge.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+    time.sleep(0.3)
+    s.close()
+    body = {"model": "sst2", "prompt": "the movie was", "max_tokens": 300, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", edge.url + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        next(lines)
+    deadline = time.monotonic() + 10
+    while sum("disconnected" in x for x in edge.lines[before:]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    new = edge.lines[before:]
+    assert sum("disconnected" in x for x in new) == 2, new
+    assert not any("Traceback" in x or "Exception in ASGI" in x for x in new), "\n".join(new)

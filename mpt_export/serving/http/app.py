@@ -15,6 +15,8 @@ import hmac
 
 from ...errors import MptExportError
 from .completions import error_response, generate
+from .edge import quiet_disconnects
+from .hosts import host_guard
 from .errors import APIError, error_body
 from .state import ServerState
 
@@ -26,8 +28,11 @@ def build_app(state: ServerState, headers: dict | None = None, identity: dict | 
 
     app = Starlette(routes=Routes(state, identity).routes(), exception_handlers={
         404: _not_found, 405: _not_allowed, 500: _internal_error})
+    app.router.redirect_slashes = False  # a redirect is built from the request's Host: /admin/steps/ is a 404
     app.state.server = state
-    return _with_headers(app, headers) if headers else app
+    allowed = state.options.host_allow_list
+    app = host_guard(app, allowed) if allowed is not None else app
+    return quiet_disconnects(_with_headers(app, headers) if headers else app)
 
 
 def authorize(state: ServerState, request) -> None:

@@ -12,6 +12,7 @@ import uuid
 from ...errors import MptExportError
 from ...scheduler.request import Request
 from .echo import echoed, score_prompts
+from .edge import disconnected
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import APIError, api_error, error_body
 from .numbers import INT64_MAX, Bounds, check_numbers, number
@@ -135,7 +136,7 @@ async def _run(state: ServerState, request, task, prompts, params, opts, chat, s
     _submit(state, reqs)
     created = int(time.time())
     if opts["stream"]:
-        return StreamingResponse(_stream(state, rid, created, task, reqs, queue, opts, chat),
+        return StreamingResponse(_stream(state, rid, created, task, reqs, queue, opts, chat, request.scope),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     done = await _wait_all(state, request, reqs, queue)
@@ -210,10 +211,11 @@ async def _wait_all(state: ServerState, request, reqs, queue) -> bool:
     for r in reqs:
         state.scheduler.cancel(r.id)
     state.count(reqs[0].task, 499)
+    disconnected(request.scope, f"waiting for {reqs[0].id.rpartition('-')[0]}")
     return False
 
 
-async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, chat):
+async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, chat, scope):
     """The server-sent events: a chunk per token, one per finished prompt, errors, usage if asked, ``[DONE]``."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     pending = set(range(len(reqs)))
@@ -262,3 +264,4 @@ async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, cha
             for i in pending:
                 state.scheduler.cancel(reqs[i].id)
             state.count(task, 499)
+            disconnected(scope, f"mid-stream, {rid}")
