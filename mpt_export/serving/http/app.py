@@ -108,7 +108,12 @@ class Routes:
         from starlette.responses import JSONResponse
 
         state = self.state
-        body = {"status": state.status, **({"error": state.error} if state.error else {}), **(self.identity or {})}
+        body = {"status": state.status, **(self.identity or {})}
+        if state.status == "failed":  # the reason, OpenAI-shaped (the server then exits 1 with it on one line)
+            try:
+                ready(state)
+            except APIError as e:
+                body.update(error_body(e))
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
     async def metrics(self, request):  # behind the key when there is one: its labels name the tasks
