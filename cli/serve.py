@@ -28,6 +28,10 @@ def serve_cmd(
     graph: Annotated[str, typer.Option(help="Causal bundles on ONNX Runtime: fast (the fused graph), plain (the traced one), or auto: the fused graph where the bundle has one and the provider is the CPU.")] = "auto",
     drain_timeout: Annotated[float, typer.Option(help="On SIGTERM/SIGINT: seconds to finish the requests in flight before exiting.")] = 30.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
+    allowed_host: Annotated[list[str] | None, typer.Option(help="A Host name clients may use besides the loopback names and --host (repeatable; a defence against DNS rebinding: other Host headers get 400). '*': any, behind a proxy that checks Host, or with --host 0.0.0.0 (where any Host is answered unless this names some).", show_default="localhost, 127.0.0.1, ::1 and --host")] = None,
+    header_timeout: Annotated[float, typer.Option(help="Seconds a client has to send a request's headers; a connection that has not by then is closed.")] = 30.0,
+    keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+    limit_concurrency: Annotated[int | None, typer.Option(help="Connections and requests at once at most; beyond, 503 server_busy (keep it below the descriptor limit, ulimit -n).", show_default="no limit")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve replicas (each one this server's scheduler; needs the ray extra).", rich_help_panel="Ray Serve")] = False,
     replicas: Annotated[int | None, typer.Option(help="With --ray: a fixed number of replicas.", show_default="1", rich_help_panel="Ray Serve")] = None,
     autoscale: Annotated[str | None, typer.Option(help="With --ray: MIN:MAX replicas, scaled on ongoing requests (one full batch per replica).", rich_help_panel="Ray Serve")] = None,
@@ -38,7 +42,9 @@ def serve_cmd(
         raise InputError("--replicas, --autoscale and --ray-address only apply with --ray")
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            api_key=api_key_of(api_key, os.environ.get(KEY_ENV)), threads=threads, provider=provider,
-                           drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, prepack=prepack, graph=graph)
+                           drain_timeout=drain_timeout, max_body_bytes=max_body_bytes, prepack=prepack, graph=graph,
+                           allowed_hosts=tuple(allowed_host or ()), header_timeout=header_timeout,
+                           keep_alive_timeout=keep_alive_timeout, limit_concurrency=limit_concurrency)
     if ray:
         raise typer.Exit(serve_ray(str(bundle), options, replicas=replicas, autoscale=autoscale, address=ray_address,
                                    started=STARTED))

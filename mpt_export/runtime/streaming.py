@@ -82,3 +82,30 @@ class TextStream:
             delta, self.shown = text[len(self.shown):], text
             return delta
         return ""
+
+
+MAX_PENDING = 8  # tokens at most whose text is held open in prefix_lengths (a UTF-8 character spans at most 4 bytes)
+
+
+def prefix_lengths(tok, ids: list[int]) -> list[int]:
+    """``[len(tok.decode(ids[:i])) for i in range(len(ids))]`` — each token's character offset in the text of
+    ``ids`` (OpenAI's ``text_offset``) — in time linear in ``len(ids)``: each step decodes the short window
+    :class:`TextStream` decodes (the tokens since the last complete character and the few before them), not the whole
+    prefix. A run of tokens that never completes a character (stray bytes) is committed after :data:`MAX_PENDING`
+    tokens, so the window stays short whatever the input."""
+    out: list[int] = []
+    done = 0  # characters of ids[:read]
+    prefix = read = 0  # the window: ids[prefix:read] was decoded as prefix_text
+    prefix_len = 0  # len(tok.decode(ids[prefix:read]))
+    for i in range(len(ids)):
+        if i == read:
+            out.append(done)
+            continue
+        new = tok.decode(ids[prefix:i])
+        tail = len(new) - prefix_len
+        out.append(done + max(tail, 0))
+        if tail > 0 and (not new.endswith("\ufffd") or i - read >= MAX_PENDING):  # complete: move the window
+            done += tail
+            prefix, read = read, i
+            prefix_len = len(tok.decode(ids[prefix:read]))
+    return out

@@ -143,3 +143,49 @@ def test_the_server_opens_the_bundle_once_and_verifies_that_one(served, offline,
         assert r.choices[0].text == offline("sst2", PROMPTS[0], 6)
         assert not [line for line in s.lines if "error" in line], s.log()
         assert s.stop() == 0
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_bundle_that_fails_to_load_is_a_failed_state(served, offline, tmp_path):
+    """A task bank with one byte flipped: at the first load the server says why on one line and exits 1 (no
+    traceback, never "loading" for ever); flipped between start and a reload, the reload is refused (409
+    reload_failed naming the file, OpenAI-shaped; SIGHUP: one log line) and the server goes on serving the bundle it
+    has."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(served["bundle"], bad)
+    _flip_a_byte(bad / "tasks.safetensors")
+    with server(bad, env={"MPT_EXPORT_SERVE_LOAD_DELAY": "1"}, ready=False) as s:
+        r = httpx.get(s.url + "/health", timeout=10)
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert s.proc.wait(timeout=60) == 1
+        s._reader.join(timeout=10)
+        errors = [line for line in s.lines if line.startswith("error:")]
+        assert len(errors) == 1 and "tasks.safetensors does not match its sha256" in errors[0], s.log()
+        assert not any("Traceback" in line for line in s.lines), s.log()
+
+    b = tmp_path / "bundle"
+    shutil.copytree(served["bundle"], b)
+    with server(b, "--api-key", KEY) as s:
+        c = s.client()
+        _flip_a_byte(b / "tasks.safetensors")
+        r = httpx.post(s.url + "/admin/reload", json={}, headers=AUTH, timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 409 and err["code"] == "reload_failed" and "tasks.safetensors" in err["message"], r.text
+        assert set(err) == {"message", "type", "param", "code"}
+        os.kill(s.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any("reload refused" in line for line in s.lines):
+            assert time.monotonic() < deadline, s.log()
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/health").json()["status"] == "ready"
+        r = c.completions.create(model="sst2", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert r.choices[0].text == offline("sst2", PROMPTS[0], 6)
+        assert not any("Traceback" in line for line in s.lines), s.log()
+        assert s.stop() == 0

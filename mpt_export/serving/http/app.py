@@ -15,6 +15,8 @@ import hmac
 
 from ...errors import MptExportError
 from .completions import error_response, generate
+from .edge import quiet_disconnects
+from .hosts import host_guard
 from .errors import APIError, error_body
 from .state import ServerState
 
@@ -26,8 +28,11 @@ def build_app(state: ServerState, headers: dict | None = None, identity: dict | 
 
     app = Starlette(routes=Routes(state, identity).routes(), exception_handlers={
         404: _not_found, 405: _not_allowed, 500: _internal_error})
+    app.router.redirect_slashes = False  # a redirect is built from the request's Host: /admin/steps/ is a 404
     app.state.server = state
-    return _with_headers(app, headers) if headers else app
+    allowed = state.options.host_allow_list
+    app = host_guard(app, allowed) if allowed is not None else app
+    return quiet_disconnects(_with_headers(app, headers) if headers else app)
 
 
 def authorize(state: ServerState, request) -> None:
@@ -103,7 +108,12 @@ class Routes:
         from starlette.responses import JSONResponse
 
         state = self.state
-        body = {"status": state.status, **({"error": state.error} if state.error else {}), **(self.identity or {})}
+        body = {"status": state.status, **(self.identity or {})}
+        if state.status == "failed":  # the reason, OpenAI-shaped (the server then exits 1 with it on one line)
+            try:
+                ready(state)
+            except APIError as e:
+                body.update(error_body(e))
         return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
 
     async def metrics(self, request):  # behind the key when there is one: its labels name the tasks

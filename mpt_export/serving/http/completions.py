@@ -12,10 +12,12 @@ import uuid
 from ...errors import MptExportError
 from ...scheduler.request import Request
 from .echo import echoed, score_prompts
+from .edge import disconnected
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import APIError, api_error, error_body
-from .protocol import (HTTP_DEFAULTS, answer_options, chat_prompt, number, prompts_of, read_json, room_for, sampling,
-                       task_of, usage_of)
+from .numbers import INT64_MAX, Bounds, check_numbers, number
+from .protocol import (HTTP_DEFAULTS, answer_options, chat_prompt, prompts_of, read_json, room_for, sampling, task_of,
+                       usage_of)
 from .state import ServerState
 
 
@@ -33,6 +35,7 @@ async def generate(state: ServerState, request, chat: bool):
     try:
         data = await read_json(request, state.options.max_body_bytes)
         task = task_of(state, data)
+        check_numbers(data, chat)
         opts = answer_options(data, chat)
         # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
         # the GIL), after a size check that needs no tokenizer
@@ -45,7 +48,7 @@ async def generate(state: ServerState, request, chat: bool):
         scored = await asyncio.to_thread(score_prompts, state.session, task, prompts, params.logprobs) \
             if opts["echo"] else None
         if max_tokens == 0:  # echo alone: the prompts scored, nothing generated
-            return _echo_only(state, task, prompts, scored)
+            return await _echo_only(state, task, prompts, scored)
         return await _run(state, request, task, prompts, params, opts, chat, scored)
     except APIError as e:
         return error_response(state, e, task)
@@ -54,12 +57,14 @@ async def generate(state: ServerState, request, chat: bool):
 def _max_tokens(state: ServerState, data: dict, task, prompts, chat: bool, echo: bool = False) -> int:
     """Completions: ``max_tokens`` (:data:`HTTP_DEFAULTS`' by default; 0 with ``echo``: score the prompt only);
     chat: ``max_tokens`` or ``max_completion_tokens``, by default as many as the positions allow."""
-    default_max = HTTP_DEFAULTS.max_new_tokens if not chat else None
-    max_tokens = data.get("max_completion_tokens") if chat and "max_tokens" not in data else data.get(
-        "max_tokens")
-    if max_tokens is None and default_max is None:  # chat: as much as the positions allow
-        max_tokens = max(1, room_for(state, task, max(len(p) for p in prompts)))
-    return number({"max_tokens": max_tokens}, "max_tokens", default_max, 0 if echo else 1, integer=True)
+    key = "max_completion_tokens" if chat and data.get("max_tokens") is None else "max_tokens"
+    bounds = Bounds(True, 0 if echo else 1, INT64_MAX)
+    max_tokens = number(data, key, None, bounds)
+    if max_tokens is None:
+        if not chat:
+            return HTTP_DEFAULTS.max_new_tokens
+        max_tokens = max(1, room_for(state, task, max(len(p) for p in prompts)))  # as much as the positions allow
+    return max_tokens
 
 
 def _requests(task, prompts, params, rid: str, queue: asyncio.Queue) -> list[Request]:
@@ -87,24 +92,43 @@ def _submit(state: ServerState, reqs: list[Request]) -> None:
         raise api_error(e) from None
 
 
-def _echo_only(state: ServerState, task, prompts, scored):
-    from starlette.responses import JSONResponse
-
-    tok = state.session.tokenizer
+async def _echo_only(state: ServerState, task, prompts, scored):
     rid = "cmpl-" + uuid.uuid4().hex[:24]
-    choices = []
-    for i, (p, sc) in enumerate(zip(prompts, scored)):
-        text, lp = echoed(tok, p, sc, [], "", None)
-        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": "length"})
-    n = sum(len(p) for p in prompts)
+
+    def body() -> dict:  # grows with the prompts: built in a worker thread
+        tok = state.session.tokenizer
+        choices = []
+        for i, (p, sc) in enumerate(zip(prompts, scored)):
+            text, lp = echoed(tok, p, sc, [], "", None)
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": "length"})
+        n = sum(len(p) for p in prompts)
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": task,
+                "choices": choices, "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
+
+    content = await asyncio.to_thread(lambda: to_json(body()))
     state.count(task, 200)
-    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": task,
-                         "choices": choices, "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}},
-                        headers={"X-Request-Id": rid})
+    return _json(content, rid)
+
+
+def to_json(body: dict) -> bytes:
+    """``body`` as JSON (strict: no NaN or Infinity, which no JSON reader takes; a number that is neither is this
+    request's own failure, never a 500 ``internal_error``). Called in a worker thread: a body with every prompt
+    token's log-probabilities can be megabytes."""
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        raise APIError(500, "generation failed: a log-probability is NaN or infinite", code="generation_failed") \
+            from None
+
+
+def _json(content: bytes, rid: str):
+    from starlette.responses import Response
+
+    return Response(content, media_type="application/json", headers={"X-Request-Id": rid})
 
 
 async def _run(state: ServerState, request, task, prompts, params, opts, chat, scored=None):
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import Response, StreamingResponse
 
     queue: asyncio.Queue = asyncio.Queue()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -112,7 +136,7 @@ async def _run(state: ServerState, request, task, prompts, params, opts, chat, s
     _submit(state, reqs)
     created = int(time.time())
     if opts["stream"]:
-        return StreamingResponse(_stream(state, rid, created, task, reqs, queue, opts, chat),
+        return StreamingResponse(_stream(state, rid, created, task, reqs, queue, opts, chat, request.scope),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
     done = await _wait_all(state, request, reqs, queue)
@@ -124,16 +148,21 @@ async def _run(state: ServerState, request, task, prompts, params, opts, chat, s
                                               code="generation_failed"), task)
     for r in reqs:
         state.observe(r)
+    # token strings, offsets, the echoed prompts and the JSON grow with the request: a worker thread builds them
+    content = await asyncio.to_thread(_answer, state.session.tokenizer, rid, created, task, reqs, chat,
+                                      params.logprobs is not None, prompts, scored)
     state.count(task, 200)
-    # token strings and offsets grow with the output: a worker thread builds them
-    lps = await asyncio.to_thread(_logprobs, state.session.tokenizer, reqs, chat) if params.logprobs is not None \
-        else [None] * len(reqs)
+    return _json(content, rid)
+
+
+def _answer(tok, rid, created, task, reqs, chat, logprobs: bool, prompts, scored) -> bytes:
+    """The answer once every request is done, as JSON (``scored``: echo's, the prompt in front of each choice)."""
+    lps = _logprobs(tok, reqs, chat) if logprobs else [None] * len(reqs)
     body = _body(rid, created, task, reqs, chat, lps)
-    if scored is not None:  # echo: the prompt in front of each completion
-        tok = state.session.tokenizer
+    if scored is not None:
         for ch, p, sc, r in zip(body["choices"], prompts, scored, reqs):
             ch["text"], ch["logprobs"] = echoed(tok, p, sc, list(r.tokens), r.text, r.token_logprobs)
-    return JSONResponse(body, headers={"X-Request-Id": rid})
+    return to_json(body)
 
 
 def _logprobs(tok, reqs: list[Request], chat: bool) -> list[dict]:
@@ -182,10 +211,11 @@ async def _wait_all(state: ServerState, request, reqs, queue) -> bool:
     for r in reqs:
         state.scheduler.cancel(r.id)
     state.count(reqs[0].task, 499)
+    disconnected(request.scope, f"waiting for {reqs[0].id.rpartition('-')[0]}")
     return False
 
 
-async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, chat):
+async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, chat, scope):
     """The server-sent events: a chunk per token, one per finished prompt, errors, usage if asked, ``[DONE]``."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     pending = set(range(len(reqs)))
@@ -234,3 +264,4 @@ async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, cha
             for i in pending:
                 state.scheduler.cancel(reqs[i].id)
             state.count(task, 499)
+            disconnected(scope, f"mid-stream, {rid}")

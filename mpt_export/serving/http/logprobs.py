@@ -5,12 +5,14 @@ Every generated token has an entry, EOS included."""
 
 from __future__ import annotations
 
+from ...runtime.streaming import prefix_lengths
+
 
 def completion_logprobs(tok, tokens: list[int], entries: list, offsets: list[int] | None = None) -> dict:
     """The choice's ``logprobs``. ``offsets``: each token's character offset in the choice's text (default: worked
-    out by decoding each prefix)."""
+    out in one pass over the tokens)."""
     if offsets is None:
-        offsets = [len(tok.decode(tokens[:i])) for i in range(len(tokens))]
+        offsets = prefix_lengths(tok, tokens)
     return {"tokens": [tok.token_text(t) for t in tokens], "token_logprobs": [e[0] for e in entries],
             "top_logprobs": [{tok.token_text(a): lp for a, lp in (e[1] or [])} for e in entries],
             "text_offset": offsets}

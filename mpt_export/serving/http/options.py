@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from ...errors import OptionError
 from ...runtime.options import SessionOptions
+from .hosts import allow_list, check_allowed
 from .protocol import DEFAULT_MAX_BODY, api_key_of
 
 
@@ -23,6 +24,10 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY  # largest request body (413 beyond)
     prepack: bool | str = "auto"  # ONNX Runtime weight prepacking: True, False or "auto" (None means "auto")
     graph: str = "auto"  # causal bundles: the fused graph ("fast"), the traced one ("plain"), or "auto"
+    allowed_hosts: tuple[str, ...] = ()  # Host names allowed besides loopback and host ("*": any; see hosts.py)
+    header_timeout: float = 30.0  # seconds a client has to send a request's headers
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    limit_concurrency: int | None = None  # connections + requests at once at most (503 beyond); None: no limit
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -32,6 +37,14 @@ class ServeOptions:
                               param=next(k for k in ("max_batch", "max_queue", "max_body_bytes") if getattr(self, k) < 1))
         if self.drain_timeout < 0:
             raise OptionError(f"--drain-timeout must be >= 0, got {self.drain_timeout}", param="drain_timeout")
+        for name in ("header_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise OptionError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(self, name)}",
+                                  param=name)
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise OptionError(f"--limit-concurrency must be >= 1, got {self.limit_concurrency}",
+                              param="limit_concurrency")
+        object.__setattr__(self, "allowed_hosts", check_allowed(tuple(self.allowed_hosts or ())))
         object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
@@ -43,6 +56,11 @@ class ServeOptions:
         backend keeps it)."""
         return SessionOptions(provider=self.provider, intra_op_threads=self.threads, prepack=self.prepack,
                               graph=self.graph)
+
+    @property
+    def host_allow_list(self) -> frozenset[str] | None:
+        """The names a request's ``Host`` may carry (None: any)."""
+        return allow_list(self.host, self.allowed_hosts)
 
     def with_(self, **changes) -> "ServeOptions":
         return replace(self, **changes)

@@ -5,11 +5,11 @@ declared once: :data:`HTTP_DEFAULTS`), usage. No HTTP framework in here."""
 from __future__ import annotations
 
 import json
-import math
 
 from ...errors import InputError, OptionError
 from ...runtime.sampling import SamplingParams
 from .errors import APIError, api_error, error_body  # noqa: F401 (api_error, error_body: re-exported)
+from .numbers import number, shown
 
 DEFAULT_MAX_BODY = 1 << 20
 # OpenAI's defaults for what a body leaves out: temperature 1, top_p 1, max_tokens 16 (completions; chat: as many as
@@ -21,6 +21,7 @@ UNSUPPORTED = {"suffix": None, "logit_bias": None, "best_of": 1,
 
 
 KEY_ENV = "MPT_EXPORT_API_KEY"
+NAMED_TASKS = 20  # an unknown model's 404 names the bundle's first tasks, not all of them (10,000 tasks: 80 KB)
 
 
 def api_key_of(option: str | None, env: str | None = None, where: str = "--api-key") -> str | None:
@@ -63,19 +64,6 @@ async def read_json(request, limit: int) -> dict:
     return data
 
 
-def number(data, key, default, lo=None, hi=None, integer=False, lo_open=False):
-    v = data.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise APIError(400, f"{key} must be {'an integer' if integer else 'a number'}, got {json.dumps(v)[:40]}",
-                       param=key)
-    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-        bounds = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in {'(' if lo_open else '['}{lo}, {hi}]"
-        raise APIError(400, f"{key} must be {bounds}, got {v}", param=key)
-    return int(v) if integer else float(v)
-
-
 def logprobs_of(data: dict, chat: bool) -> int | None:
     """How many alternatives per token to return, or None for no log-probabilities: completions' ``logprobs``
     (0-5, OpenAI's legacy limit), chat's ``logprobs: true`` with ``top_logprobs`` (0-20)."""
@@ -83,8 +71,7 @@ def logprobs_of(data: dict, chat: bool) -> int | None:
         if data.get("top_logprobs") is not None:
             raise APIError(400, "top_logprobs belongs to chat completions; completions take logprobs: 0-5",
                            param="top_logprobs")
-        v = data.get("logprobs")
-        return None if v is None else number(data, "logprobs", None, 0, 5, integer=True)
+        return number(data, "logprobs", None)
     want = data.get("logprobs", False)
     if not isinstance(want, bool) and want is not None:
         raise APIError(400, "logprobs must be true or false for chat completions (top_logprobs: how many "
@@ -92,7 +79,7 @@ def logprobs_of(data: dict, chat: bool) -> int | None:
     top = data.get("top_logprobs")
     if top is not None and not want:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    return number(data, "top_logprobs", 0, 0, 20, integer=True) if want else None
+    return number(data, "top_logprobs", 0) if want else None
 
 
 def answer_options(data: dict, chat: bool = False) -> dict:
@@ -101,21 +88,25 @@ def answer_options(data: dict, chat: bool = False) -> dict:
     for key, neutral in UNSUPPORTED.items():
         if key in data and data[key] not in (neutral, None):
             raise APIError(400, f"{key} is not supported by this server", param=key)
-    n = data.get("n", 1)
-    if n not in (1, None):
+    if number(data, "n", 1) != 1:
         raise APIError(400, "n must be 1: this server returns one choice per prompt", param="n")
     stream = data.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream must be true or false", param="stream")
-    opts = data.get("stream_options") or {}
+    if not isinstance(stream, bool) and stream is not None:
+        raise APIError(400, f"stream must be true or false, got {shown(stream)}", param="stream")
+    opts = data.get("stream_options")
+    opts = {} if opts is None else opts
     if not isinstance(opts, dict):
-        raise APIError(400, "stream_options must be an object", param="stream_options")
+        raise APIError(400, f"stream_options must be an object (or null), got {shown(opts)}", param="stream_options")
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool) and usage is not None:
+        raise APIError(400, f"stream_options.include_usage must be true or false, got {shown(usage)}",
+                       param="stream_options")
     echo = data.get("echo", False)
     if not isinstance(echo, bool) or (echo and chat):
         raise APIError(400, "echo must be true or false (completions only)", param="echo")
     if echo and stream:
         raise APIError(400, "echo is answered in one response: drop stream", param="echo")
-    return {"stream": stream, "include_usage": bool(opts.get("include_usage")), "echo": echo}
+    return {"stream": bool(stream), "include_usage": bool(usage), "echo": echo}
 
 
 def sampling(data: dict, chat: bool, max_tokens: int) -> SamplingParams:
@@ -128,11 +119,10 @@ def sampling(data: dict, chat: bool, max_tokens: int) -> SamplingParams:
         raise APIError(400, f"stop holds {len(stop)} strings; at most 16", param="stop")
     try:
         return SamplingParams(
-            max_new_tokens=max_tokens, temperature=number(data, "temperature", d.temperature, 0, 2),  # OpenAI's range
-            top_p=number(data, "top_p", d.top_p, 0, 1, lo_open=True),
-            top_k=number(data, "top_k", d.top_k, 0, integer=True),
-            seed=data.get("seed", d.seed), stop=stop, logprobs=logprobs_of(data, chat),
-            min_tokens=number(data, "min_tokens", d.min_tokens, 0, integer=True),
+            max_new_tokens=max_tokens, temperature=number(data, "temperature", d.temperature),
+            top_p=number(data, "top_p", d.top_p), top_k=number(data, "top_k", d.top_k),
+            seed=number(data, "seed", d.seed), stop=stop, logprobs=logprobs_of(data, chat),
+            min_tokens=number(data, "min_tokens", d.min_tokens),
             ignore_eos=data.get("ignore_eos", d.ignore_eos))
     except InputError as e:
         raise api_error(e) from None
@@ -142,8 +132,11 @@ def task_of(state, data: dict) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "model is required: the task to run (see GET /v1/models)", param="model")
-    if model not in state.session.tasks:
-        raise APIError(404, f"the model {model!r} does not exist; this bundle serves: {', '.join(state.session.tasks)}",
+    tasks = state.session.tasks
+    if model not in tasks:
+        named = ", ".join(tasks[:NAMED_TASKS]) + (f" … and {len(tasks) - NAMED_TASKS} more; GET /v1/models lists them"
+                                                 if len(tasks) > NAMED_TASKS else "")
+        raise APIError(404, f"the model {shown(model)} does not exist; this bundle serves: {named}",
                        param="model", code="model_not_found")
     return model
 

@@ -23,6 +23,7 @@ import time
 
 from ...errors import InputError, MissingDependencyError
 from .app import build_app
+from .edge import protocol_class
 from .options import ServeOptions
 from .errors import APIError
 from .state import ServerState
@@ -63,7 +64,7 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
     host, drain_timeout = o.host, o.drain_timeout
     sock = bind(host, o.port)
     actual = sock.getsockname()[1]
-    server = _server(uvicorn, app, drain_timeout)
+    server = _server(uvicorn, app, o)
     stopped_at: list[float] = []
 
     async def main() -> None:
@@ -71,6 +72,9 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
         _handle_signals(loop, server, state, stopped_at, drain_timeout, say)
         _load_in_background(loop, server, state, f"{bundle} on http://{host}:{actual}", say, started)
         say(f"listening on http://{host}:{actual} (loading {bundle})")
+        if o.host_allow_list is None and not o.allowed_hosts:
+            say(f"note: listening on every interface ({host}) with no --allowed-host: any Host header is answered; "
+                "name the host names clients use (--allowed-host NAME) to refuse the others (DNS rebinding)")
         await server.serve(sockets=[sock])
 
     # The scheduler thread and the event loop share the GIL: a short switch interval lets the scheduler take it back
@@ -94,9 +98,10 @@ def _import_uvicorn():
     return uvicorn
 
 
-def _server(uvicorn, app, drain_timeout: float):
-    """A uvicorn server for ``app`` that leaves the signals to us and waits up to ``drain_timeout`` for requests in
-    flight when it stops."""
+def _server(uvicorn, app, o: ServeOptions):
+    """A uvicorn server for ``app`` that leaves the signals to us, waits up to ``o.drain_timeout`` for requests in
+    flight when it stops, and holds the connection limits (headers within ``o.header_timeout``, idle keep-alive
+    connections closed after ``o.keep_alive_timeout``, ``o.limit_concurrency``: see edge.py)."""
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -106,8 +111,11 @@ def _server(uvicorn, app, drain_timeout: float):
         def install_signal_handlers(self) -> None:  # older uvicorn releases
             pass
 
+    drain = o.drain_timeout
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
-                            timeout_graceful_shutdown=max(1, int(drain_timeout)) if drain_timeout else None)
+                            timeout_graceful_shutdown=max(1, int(drain)) if drain else None,
+                            http=protocol_class(o.header_timeout), timeout_keep_alive=o.keep_alive_timeout,
+                            limit_concurrency=o.limit_concurrency)
     return Server(config)
 
 
