@@ -153,13 +153,6 @@ def test_tasks_add_killed_at_every_step(llama, tmp_path, exchange):
         assert not leftovers(b), (n, steps[-1], leftovers(b))
     else:
         pytest.fail("tasks add never completed")
-    # an output that did not exist before is never said to be "as it was": it was not created
-    out = tmp_path / "new" / "bundle"
-    res = cli("export", "--base-model", llama.base, "--adapter", llama.source, "--out", out, "--no-validate",
-              env={"MPT_EXPORT_FAULT_AT": "1", "MPT_EXPORT_FAULT_SIGNAL": "INT"})
-    msg = " ".join(res.stderr.split())
-    assert res.returncode == 130 and f"error: interrupted; {out} was not created" in msg, msg
-    assert not out.exists()
     assert "swapped" in steps and "staging created" in steps
     assert ("between renames" in steps) == (not exchange)
     assert OLD in outcomes and OLD + ["x"] in outcomes  # killed before and after the swap
@@ -204,6 +197,13 @@ def test_ctrl_c_at_every_step_tells_the_truth(llama, tmp_path):
         assert not any(p.startswith(".bundle.mpt-export-tmp-") for p in leftovers(b)), (n, leftovers(b))
     else:
         pytest.fail("tasks add never completed")
+    # an output that did not exist before is never said to be "as it was": it was not created
+    out = tmp_path / "new" / "int8"
+    res = cli("quantize", llama.bundle, "--out", out, "--quantize", "int8", "--min-agreement", "0",
+              env={"MPT_EXPORT_FAULT_AT": "1", "MPT_EXPORT_FAULT_SIGNAL": "INT"})
+    msg = " ".join(res.stderr.split())
+    assert res.returncode == 130 and f"error: interrupted; {out} was not created" in msg, msg
+    assert not out.exists()
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
