@@ -4,6 +4,7 @@ timeout, the temporary and old copies a write left beside a bundle, and the llam
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,5 +19,8 @@ def leftovers(bundle: Path) -> list[str]:
 
 
 def cli(*args, env=None, timeout=300):
+    """The console script as a user runs it: Ctrl-C (SIGINT) delivered, even where the tests themselves run in the
+    background (a shell starts background jobs with SIGINT ignored, and the child would inherit that)."""
     return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+                          env={**os.environ, "COLUMNS": "200", **(env or {})},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
