@@ -7,6 +7,7 @@ import typer
 
 from ._common import Quiet, console, escape, handle_errors, parity_table, progress, quiet_libraries
 from mpt_export.export.api import verify_bundle
+from mpt_export.bundle.taskbank import name_list
 
 
 @handle_errors
@@ -31,4 +32,4 @@ def verify_cmd(
     else:
         r = verify_bundle(bundle)
     console.print(f"[green]ok[/] {escape(r['path'])}: {r['files']} files match their sha256; tasks: "
-                  f"{escape(', '.join(r['tasks']))}")
+                  f"{escape(name_list(r['tasks']))}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BundleError
 from ..runtime.graphio import is_past
-from .manifest import DIGEST_KEY, FIELDS, MANIFEST, REDO, REQUIRED
+from .manifest import DIGEST_KEY, FIELDS, FORMAT, MANIFEST, REDO, REQUIRED
 
 TASK_BANK = "tasks.safetensors"
 
@@ -127,7 +127,7 @@ class BundleInfo:
     fused: GraphSpec | None  # manifest "fast_graphs": the fused backbone
     fused_skipped: str | None  # manifest "fast_graph_skipped"
     scoring: GraphSpec | None  # manifest "scoring_graphs": the backbone scoring every position
-    tasks: tuple[TaskEntry, ...]
+    tasks: tuple[TaskEntry, ...]  # format 2: the manifest's list; format 3: the task files' index, read at open
     files: Mapping[str, str]
     digest: str
     validation: Mapping | None = None
@@ -137,11 +137,13 @@ class BundleInfo:
     adapters: tuple = ()
     created_by: Mapping | None = None
     created_at: str | None = None
+    task_files: tuple[str, ...] = (TASK_BANK,)
 
     @classmethod
-    def of(cls, m: Mapping, where: str = MANIFEST) -> "BundleInfo":
+    def of(cls, m: Mapping, where: str = MANIFEST, tasks=None) -> "BundleInfo":
         """The view of a manifest :func:`.manifest.check_manifest` accepted; a field this version does not know is
-        one clear error (a newer writer's, or an edit)."""
+        one clear error (a newer writer's, or an edit). ``tasks``: the task entries where the manifest has no list
+        (format 3: the reader reads them from the task files)."""
         unknown = sorted(set(m) - set(FIELDS))
         if unknown:
             raise BundleError(f"{where} has the field(s) {', '.join(map(repr, unknown[:5]))}, which this mpt-export "
@@ -160,7 +162,8 @@ class BundleInfo:
             fused=GraphSpec.of(one("fast_graphs")) if one("fast_graphs") else None,
             fused_skipped=get["fast_graph_skipped"],
             scoring=GraphSpec.of(one("scoring_graphs")) if one("scoring_graphs") else None,
-            tasks=tuple(TaskEntry.of(t) for t in get["tasks"]), files=MappingProxyType(dict(get["files"])),
+            tasks=tuple(TaskEntry.of(t) for t in (get["tasks"] if tasks is None else tasks) or ()),
+            files=MappingProxyType(dict(get["files"])), task_files=tuple(get["task_files"]),
             digest=get[DIGEST_KEY], validation=get["validation"], quantization=get["quantization"],
             tokenizer=get["tokenizer"], timings=get["timings"], adapters=tuple(get["adapters"] or ()),
             created_by=get["created_by"], created_at=get["created_at"])
@@ -176,12 +179,13 @@ class BundleInfo:
                "fast_graphs": {"backbone": self.fused.to_dict()} if self.fused else None,
                "fast_graph_skipped": self.fused_skipped,
                "scoring_graphs": {"backbone": self.scoring.to_dict()} if self.scoring else None,
-               "tasks": [{k: v for k, v in asdict(t).items() if v is not None} for t in self.tasks],
+               "tasks": [{k: v for k, v in asdict(t).items() if v is not None} for t in self.tasks]
+               if self.format != FORMAT else None, "task_files": list(self.task_files),
                "adapters": list(self.adapters), "tokenizer": _plain(self.tokenizer),
                "validation": _plain(self.validation), "quantization": _plain(self.quantization),
                "timings": _plain(self.timings), "files": dict(self.files)}
         optional = ("created_by", "created_at", "fast_graphs", "fast_graph_skipped", "scoring_graphs", "timings",
-                    "quantization")
+                    "quantization", "tasks")
         return {k: v for k, v in out.items() if not (k in optional and v is None)}
 
     @property
@@ -205,8 +209,9 @@ class BundleInfo:
     def changed_beyond_tasks(self, other: "BundleInfo") -> list[str]:
         """Files other than the task bank whose sha256 differs from ``other``'s (graphs, weights, tokenizer): what a
         running server cannot take by a reload."""
-        a = {k: v for k, v in self.files.items() if k != TASK_BANK}
-        b = {k: v for k, v in other.files.items() if k != TASK_BANK}
+        ours = set(self.task_files) | set(other.task_files)
+        a = {k: v for k, v in self.files.items() if k not in ours}
+        b = {k: v for k, v in other.files.items() if k not in ours}
         return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
     @property

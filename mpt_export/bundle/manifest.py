@@ -14,7 +14,9 @@ from ..storage.ownership import STAGING_MARKER
 from .taskbank import positions_needed, TASK_NAME_RE
 
 MANIFEST = "manifest.json"
-FORMAT = "mpt-export/bundle/2"
+FORMAT = "mpt-export/bundle/3"  # what this version writes: the task list lives in the task files, not here
+READABLE = ("mpt-export/bundle/2", FORMAT)  # format 2: the task list in the manifest, one task file
+TASK_FILES_DIR = "tasks"  # segments written by task edits: tasks/000001.safetensors, ...
 DIGEST_KEY = "manifest_sha256"
 REQUIRED_FILES = {"CAUSAL_LM": ("backbone.onnx", "backbone.onnx.data", "composer.onnx", "tasks.safetensors"),
             "SEQ_2_SEQ_LM": ("encoder.onnx", "decoder.onnx", "weights.onnx.data", "composer.onnx", "tasks.safetensors")}
@@ -25,11 +27,11 @@ CHUNK = 1 << 20
 REDO = "copy the bundle again or re-export it"
 
 
-# Every top-level field: (default, or REQUIRED; what it means). Writers write these keys (bundle format 2); an old
+# Every top-level field: (default, or REQUIRED; what it means). Writers write these keys (bundle format 3); an old
 # bundle without an optional field reads as its default.
 REQUIRED = object()
 FIELDS: dict[str, tuple[object, str]] = {
-    "format": (REQUIRED, "the bundle format, mpt-export/bundle/2"),
+    "format": (REQUIRED, "the bundle format, mpt-export/bundle/3 (2 is read too)"),
     "created_by": (None, "tool versions that wrote the bundle"),
     "created_at": (None, "when it was written (UTC, ISO 8601)"),
     "task_type": (REQUIRED, "CAUSAL_LM or SEQ_2_SEQ_LM"),
@@ -41,7 +43,10 @@ FIELDS: dict[str, tuple[object, str]] = {
     "fast_graphs": (None, "ONNX Runtime's fused backbone beside the traced one (older bundles: none)"),
     "fast_graph_skipped": (None, "why the bundle has no fused graph"),
     "scoring_graphs": (None, "the graph that scores every prompt position (echo); older bundles: none"),
-    "tasks": (REQUIRED, "the task list, in tasks.safetensors' order, with sizes and content digests"),
+    "tasks": (None, "format 2 only: the task list, in tasks.safetensors' order, with sizes and content digests "
+                    "(format 3 keeps it in the task files' own index)"),
+    "task_files": (("tasks.safetensors",), "the task bank's files, read in order: tasks.safetensors (what export or "
+                                           "the last compaction wrote), then one segment per later task edit"),
     "adapters": ((), "the PEFT adapter directories the tasks came from"),
     "tokenizer": (None, "the tokenizer files copied from the base model"),
     "validation": (None, "the export's comparison with PEFT: per-output abs/rel differences, tolerances"),
@@ -141,8 +146,24 @@ def check_manifest(m) -> None:
     _check_graph_fields(m, bm, graphs, task_type)
     _check_token_ids(bm)
     _check_reports(m)
-    tasks = _check_tasks(m)
-    _check_positions(m, bm, tasks, task_type)
+    _check_task_files(m, files)
+    if m.get("format") != FORMAT or m.get("tasks") is not None:  # format 2: the task list is here
+        tasks = _check_tasks(m)
+        check_positions(default(m, "num_transformer_submodules"), bm["max_positions"], tasks, task_type)
+    elif default(m, "num_transformer_submodules") not in (1, 2):
+        raise _bad("num_transformer_submodules", m.get("num_transformer_submodules"), "1 or 2")
+
+
+def _check_task_files(m: dict, files: dict) -> None:
+    """``task_files``: a non-empty list of distinct files of the bundle, tasks.safetensors first, the others in
+    tasks/ (format 2 bundles have only tasks.safetensors)."""
+    tf = default(m, "task_files")
+    if not isinstance(tf, (list, tuple)) or not tf or tf[0] != "tasks.safetensors" or len(set(tf)) != len(tf) \
+            or not all(isinstance(f, str) and f in files for f in tf) \
+            or not all(f.startswith(TASK_FILES_DIR + "/") for f in tf[1:]):
+        raise _bad("task_files", tf, "a list of the bundle's task files: tasks.safetensors, then segments in tasks/")
+    if m.get("format") != FORMAT and len(tf) != 1:
+        raise _bad("task_files", tf, "only tasks.safetensors in a format 2 bundle")
 
 
 def _check_files(m: dict, task_type: str) -> dict:
@@ -253,13 +274,13 @@ def _check_tasks(m: dict) -> list:
     return tasks
 
 
-def _check_positions(m: dict, bm: dict, tasks: list, task_type: str) -> None:
-    """``num_transformer_submodules`` 1 or 2, and every task leaves room for one input token and one new token."""
-    nts = default(m, "num_transformer_submodules")
+def check_positions(nts, P: int, tasks, task_type: str) -> None:
+    """``num_transformer_submodules`` 1 or 2, and every task (its ``prompt_len``) leaves room for one input token
+    and one new token in the model's ``P`` positions."""
     if nts not in (1, 2):
         raise _bad("num_transformer_submodules", nts, "1 or 2")
-    for i, t in enumerate(tasks):
-        T, P = t["prompt_len"], bm["max_positions"]
+    for t in tasks:
+        T = t["prompt_len"]
         need = positions_needed(T, nts, task_type)
         if need > P:
             raise _bad("base_model.max_positions", P, f"at least {need} for task {t['name']!r} ({T} virtual tokens)")

@@ -4,7 +4,7 @@
                            the validation report, and the sha256 of the manifest itself
     backbone.onnx(.data)   the frozen base model, weights stored once
     composer.onnx          shared_prompt ⊙ (task_cols @ task_rows)
-    tasks.safetensors      the task bank
+    tasks.safetensors      the task bank (and tasks/*.safetensors: one segment per later edit, see bankfile.py)
     tokenizer/             the base model's tokenizer files
 
 Writing: :func:`mpt_export.storage.atomic.replace_dir` (staged beside the path, swapped in atomically, only ever replacing
@@ -36,10 +36,12 @@ from pathlib import Path
 from ..errors import BundleError, CheckpointError
 from .info import BundleInfo
 from .directory import open_dir, open_in, read_in, refuse_links
-from .manifest import DIGEST_KEY, FORMAT, MANIFEST, REDO, check_manifest, manifest_digest, sha256_stream
+from .manifest import (DIGEST_KEY, FORMAT, MANIFEST, READABLE, REDO, check_manifest, check_positions,
+                       manifest_digest, sha256_stream)
 from . import stamps
 from ..runtime import open_session
-from .taskbank import TaskBank
+from .bankfile import load_files, merged_index
+from .taskbank import name_list
 
 # -- reading -------------------------------------------------------------------------------------------------------
 
@@ -55,7 +57,7 @@ def _read_manifest(fd: int, path: Path) -> dict:
                           f"{REDO}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path / MANIFEST} is not valid JSON ({e}); the bundle is damaged — {REDO}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         if isinstance(found, str) and found.startswith("mpt-export/bundle/"):
             raise BundleError(f"{path} is a {found} bundle; this mpt-export reads {FORMAT} — re-export it with this "
@@ -92,6 +94,18 @@ class Bundle:
         self.info = BundleInfo.of(manifest, str(self.path / MANIFEST))  # the typed view every reader uses
         self._fd = fd
         self._bank = None
+        if manifest.get("tasks") is None:  # format 3: the task list is the task files' index (headers only)
+            try:
+                entries = self._task_files(merged_index)
+                check_positions(self.info.num_transformer_submodules, self.info.base_model.max_positions, entries,
+                                self.info.task_type)
+                if not entries:
+                    raise BundleError(f"{self.path}: its task files hold no task; a bundle keeps at least one — "
+                                      f"{REDO}")
+            except BaseException:
+                self._fd = None  # the caller closes the handle it gave
+                raise
+            self.info = BundleInfo.of(manifest, str(self.path / MANIFEST), tasks=entries)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, tasks={self.tasks})"
@@ -147,14 +161,22 @@ class Bundle:
             return (self.path / name).read_bytes()
         return read_in(self._fd, name, self.path)
 
-    def task_bank(self):
-        """The task bank, checked against the manifest's task list (names, order, shapes, content digests) — the check
-        every reader runs, and :func:`load_bundle` too when it verifies."""
-        f = self.file("tasks.safetensors")
+    def _task_files(self, read):
+        """``read(paths)`` over the task files, through this bundle's handle; errors name the bundle's paths."""
+        paths = [self.file(rel) for rel in self.info.task_files]
         try:
-            bank = TaskBank.load(f)
+            return read(paths)
         except CheckpointError as e:  # say the bundle's path, not the handle's /proc path
-            raise BundleError(str(e).replace(str(f), str(self.path / "tasks.safetensors"))) from None
+            msg = str(e)
+            for rel, p in zip(self.info.task_files, paths):
+                msg = msg.replace(str(p), str(self.path / rel))
+            raise BundleError(msg) from None
+
+    def task_bank(self):
+        """The task bank its files make, every task checked, and checked against the task list (format 2: the
+        manifest's, with sizes and content digests) — the check every reader runs, and :func:`load_bundle` too when
+        it verifies."""
+        bank = self._task_files(load_files)
         check_task_bank(self.info, bank, self.path)
         return bank
 
@@ -171,14 +193,15 @@ class Bundle:
             comp[key] = comp.get(key, 0) + size
         return comp
 
-    def verify(self, trust_stamp: bool = True) -> "Bundle":
-        """Check every file against its sha256 and the task bank against the manifest, through the handle this
+    def verify(self, trust_stamp: bool = True, bank: bool = True) -> "Bundle":
+        """Check every file against its sha256 and (``bank``) every task of the task bank, through the handle this
         bundle was opened with (the directory it holds, whatever has moved to its path since): what
         ``load_bundle(path)`` checks, for a bundle opened with ``verify=False``. -> this bundle."""
         if self._fd is None:
             raise BundleError(f"{self.path} is closed; open it again to verify it")
         _check_files(self._fd, self.path, self.manifest, True, trust_stamp)
-        self.task_bank()
+        if bank:
+            self.task_bank()
         return self
 
     def session(self, options=None, **changes):
@@ -194,7 +217,8 @@ def _task_differences(info, bank) -> list[str]:
     for w, t in zip(info.tasks, bank.tasks):
         shared = bank.shared[t.shared] if 0 <= t.shared < len(bank.shared) else None
         found = {"shared prompt": t.shared, "prompt length": None if shared is None else int(shared.shape[0]),
-                 "rank": t.rank, "content digest": None if shared is None else t.digest(shared)}
+                 "rank": t.rank,  # the digest only where the task list records one (format 2): hashing costs
+                 "content digest": None if shared is None or w.digest is None else t.digest(shared)}
         expected = {"shared prompt": w.shared_prompt, "prompt length": w.prompt_len, "rank": w.rank,
                     "content digest": w.digest}
         diffs = [f"{k} {expected[k]} expected, {found[k]} found" for k in expected
@@ -217,9 +241,9 @@ def check_task_bank(info, bank, path: Path) -> None:
         else:
             parts = [f"lacks {', '.join(repr(n) for n in want if n not in have)}" if set(want) - set(have) else "",
                      f"also holds {', '.join(repr(n) for n in have if n not in want)}" if set(have) - set(want) else ""]
-            what = " and ".join(p for p in parts if p)
-        raise BundleError(f"{path}: the manifest's task list ({', '.join(want)}) does not match tasks.safetensors "
-                          f"({', '.join(have)}): the task bank {what}; it was changed after the bundle was written — "
+            what = " and ".join(p[:300] for p in parts if p)
+        raise BundleError(f"{path}: the task list ({name_list(want)}) does not match the task files "
+                          f"({name_list(have)}): the task bank {what}; it was changed after the bundle was written — "
                           f"{REDO}")
     differs = _task_differences(info, bank)
     if differs:
@@ -247,10 +271,10 @@ def load_bundle(path: str | Path, verify: bool = True, trust_stamp: bool = True)
         manifest = _read_manifest(fd, path)
         refuse_links(fd, path)
         _check_files(fd, path, manifest, verify, trust_stamp)
+        bundle = Bundle(path, manifest, fd)
     except BaseException:
         os.close(fd)
         raise
-    bundle = Bundle(path, manifest, fd)
     if verify:  # the readers' own check of the task bank: a bundle that verifies is one every reader opens
         try:
             bundle.task_bank()

@@ -1,17 +1,15 @@
 """The task bank: named tasks over deduplicated shared prompts, and the rules every task obeys.
 
 A small home shared by the checkpoint reader (which fills a bank from PEFT adapters), the bundle (which stores one
-as ``tasks.safetensors``) and the runtime (which composes prompts from it) — none of them needs the others for this.
-Only numpy and safetensors.
+in its task files, :mod:`.bankfile`) and the runtime (which composes prompts from it) — none of them needs the
+others for this. Only numpy.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -62,7 +60,8 @@ def check_task_arrays(name: str, shared: np.ndarray, cols: np.ndarray, rows: np.
                       where: str = "", shared_absmax: float | None = None) -> None:
     """The checks every path that brings a task in (export, ``tasks add``, ``Session.add_task``, loading a bundle)
     applies: shapes ``shared [T, H]``, ``cols [T, r]``, ``rows [r, H]`` with T, r > 0; finite values, and a
-    finite composed prompt (finite factors can overflow in their product); and a prompt short enough to leave room for at least one input token and one new token in the model's positions."""
+    finite composed prompt (finite factors can overflow in their product); and a prompt short enough to leave room
+    for at least one input token and one new token in the model's positions."""
     at = f" ({where})" if where else ""
     H = hidden_size if hidden_size is not None else (shared.shape[1] if shared.ndim == 2 else -1)
     if shared.ndim != 2 or cols.ndim != 2 or rows.ndim != 2 or shared.shape[1] != H or cols.shape[0] != shared.shape[0] \
@@ -196,9 +195,10 @@ class TaskBank:
             self._by_shared[key] = len(self.shared) - 1
         return self._by_shared[key]
 
-    def add_adapter(self, ckpt, names: list[str] | None = None) -> list[str]:
+    def add_adapter(self, ckpt, names: list[str] | None = None, taken=frozenset()) -> list[str]:
         """Add the tasks of a read adapter (``checkpoint.AdapterCheckpoint``) under ``names`` (default: the
-        adapter directory's name, with ``-<i>`` for several)."""
+        adapter directory's name, with ``-<i>`` for several); ``taken``: names used elsewhere (the rest of a bundle
+        this bank is a segment of)."""
         if self.tasks or self.shared:
             if ckpt.task_type != self.task_type:
                 raise CheckpointError(
@@ -227,7 +227,7 @@ class TaskBank:
         seen = set()
         for nm in names:
             check_task_name(nm)
-            if nm in self:
+            if nm in self or nm in taken:
                 raise TaskNameError(f"task name {nm!r} is already taken; every task in a bundle needs a unique name — "
                                     "choose another, or remove that task first (`mpt-export tasks remove BUNDLE NAME`)")
             if nm in seen:
@@ -266,67 +266,3 @@ class TaskBank:
         for x in self.tasks:
             if x.shared > t.shared:
                 x.shared -= 1
-
-    def manifest_entries(self) -> list[dict]:
-        """The manifest's ``tasks`` list."""
-        return [
-            {"name": t.name, "shared_prompt": t.shared, "prompt_len": int(self.shared[t.shared].shape[0]),
-             "rank": t.rank, "source": t.source, "index_in_source": t.index_in_source,
-             "digest": t.digest(self.shared[t.shared]), "bytes": int((t.cols.size + t.rows.size) * 4)}
-            for t in self.tasks
-        ]
-
-    # -- persistence (tasks.safetensors) -------------------------------------------------------------------------
-    def save(self, file: str | Path) -> None:
-        from safetensors.numpy import save_file
-
-        tensors = {f"shared.{i}": np.ascontiguousarray(s, np.float32) for i, s in enumerate(self.shared)}
-        meta_tasks = []
-        for t in self.tasks:
-            tensors[f"task.{t.name}.cols"] = np.ascontiguousarray(t.cols, np.float32)
-            tensors[f"task.{t.name}.rows"] = np.ascontiguousarray(t.rows, np.float32)
-            meta_tasks.append({"name": t.name, "shared": t.shared, "source": t.source, "index": t.index_in_source})
-        meta = {
-            "format": "mpt-export/tasks/1",
-            "task_type": self.task_type,
-            "num_transformer_submodules": str(self.num_transformer_submodules),
-            "tasks": json.dumps(meta_tasks),
-        }
-        save_file(tensors, str(file), metadata=meta)
-
-    @classmethod
-    def load(cls, file: str | Path) -> "TaskBank":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(file), "numpy") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file} is not a readable task bank ({e})") from None
-        if meta.get("format") != "mpt-export/tasks/1":
-            raise CheckpointError(f"{file} is not an mpt-export task bank (format {meta.get('format')!r})")
-        try:
-            bank = cls(meta["task_type"], int(meta["num_transformer_submodules"]))
-            i = 0
-            while f"shared.{i}" in tensors:
-                bank.shared.append(tensors[f"shared.{i}"])
-                i += 1
-            for t in json.loads(meta["tasks"]):
-                bank.tasks.append(
-                    Task(t["name"], int(t["shared"]), tensors[f"task.{t['name']}.cols"],
-                         tensors[f"task.{t['name']}.rows"], t.get("source", ""), t.get("index", 0))
-                )
-                bank.shared[bank.tasks[-1].shared]
-        except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file} is a damaged task bank ({type(e).__name__}: {e}); copy the bundle again "
-                                  "or re-export it") from None
-
-        tops = [float(np.abs(s).max(initial=0)) for s in bank.shared]
-        for t in bank.tasks:
-            try:
-                check_task_arrays(t.name, bank.shared[t.shared], t.cols, t.rows, bank.hidden_size,
-                                  bank.num_transformer_submodules, shared_absmax=tops[t.shared])
-            except InputError as e:
-                raise CheckpointError(f"{file}: {e}") from None
-        return bank

@@ -16,6 +16,7 @@ from ..bundle.info import BundleInfo
 from ..bundle.reader import Bundle, load_bundle
 from ..bundle.manifest import FORMAT, write_manifest
 from ..source.adapters import build_task_bank, parse_adapter_spec
+from ..bundle.bankfile import write_file
 from ..bundle.taskbank import TaskBank
 from ..errors import InputError
 from ..runtime.memory import peak_rss_mib, release_freed_memory, rss_mib
@@ -158,7 +159,7 @@ def _torch_artifacts(tmp: Path, base_model, bank: TaskBank, spec: dict, isolate:
     """The tokenizer and task bank written into ``tmp``, then the torch phase (graphs exported, PEFT's references),
     in a child process when ``isolate``. -> (tokenizer info, the torch phase's result)"""
     tokenizer_info = write_tokenizer(base_model, tmp / "tokenizer")  # first: a conversion error costs nothing
-    bank.save(tmp / "tasks.safetensors")
+    write_file(tmp / "tasks.safetensors", bank)
     res = (run_isolated if isolate else torch_phase)(spec, bank, step)
     fault_point("graphs exported")
     return tokenizer_info, res
@@ -185,7 +186,7 @@ def _write_first_manifest(tmp: Path, base_model, arch, bank: TaskBank, ckpts, dt
         **({"fast_graphs": {"backbone": fast}} if fast else {}),
         **({"fast_graph_skipped": skipped} if skipped else {}),
         **scoring_graphs(tmp, graphs, arch),
-        "tasks": bank.manifest_entries(),
+        "task_files": ["tasks.safetensors"],
         "adapters": [ck.summary() for ck in ckpts],
         "tokenizer": tokenizer_info,
         "validation": None,

@@ -1,8 +1,11 @@
-"""Runtime task swap on disk: ``tasks add`` / ``tasks remove`` rewrite ``tasks.safetensors`` and the manifest only.
+"""Runtime task swap on disk: ``tasks add`` / ``tasks remove`` write one small task file and the manifest only.
 
-The backbone is untouched (same bytes, same inode, same sha256). The update is atomic (``atomic.replace_dir``): the
-bundle is mirrored into a staging directory with hard links (no weight bytes copied), the two small files are
-rewritten there, and the staging directory is swapped in — a failure or a kill at any point leaves the old bundle
+An edit adds a segment (``tasks/NNNNNN.safetensors``: the tasks it adds, the names it removes) beside the task files
+the bundle has, so adding or removing one task costs the same in a bank of 100,000 tasks as in one of 10; every
+:data:`MAX_TASK_FILES`-th edit compacts them into one ``tasks.safetensors`` again. The backbone is untouched (same
+bytes, same inode, same sha256). The update is atomic (``atomic.replace_dir``): the bundle is mirrored into a
+staging directory with hard links (no weight bytes copied), the new files are written there, and the staging
+directory is swapped in — a failure or a kill at any point leaves the old bundle
 (or the new one, whole) at the path. The bundle is read under the writer lock, so two concurrent ``tasks add`` both
 land instead of one overwriting the other.
 """
@@ -15,12 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..storage.atomic import fault_point, replace_dir, resolve_output
-from ..bundle.info import TaskEntry
+from ..bundle.bankfile import apply, write_file
+from ..bundle.info import TASK_BANK
 from ..bundle.reader import Bundle, load_bundle
-from ..bundle.manifest import write_manifest
+from ..bundle.manifest import FORMAT, TASK_FILES_DIR, write_manifest
+from ..bundle.taskbank import TaskBank, name_list
 from ..source.adapters import check_adapter_fits, parse_adapter_spec, read_adapter
 from ..errors import BaseModelError, CheckpointError, InputError, TaskNameError
 from ..source.hub import resolve_adapter_specs
+
+MAX_TASK_FILES = 32  # task files a bundle may have before an edit compacts them into one
 
 
 def _mirror(b: Bundle, dst: Path) -> dict[str, str]:
@@ -74,14 +81,15 @@ def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
 
     added: list[str] = []
 
-    def change(b: Bundle, bank):
+    def change(b: Bundle, taken: set) -> tuple[TaskBank, list[str]]:
         added.clear()  # (a retried rewrite starts over)
+        seg = TaskBank(b.task_type, b.info.num_transformer_submodules)
         for names, ck in specs:
             try:
-                added.extend(bank.add_adapter(ck, names))
+                added.extend(seg.add_adapter(ck, names, taken))
             except CheckpointError as e:  # the bundle changed since the check above (another writer)
                 raise BaseModelError(str(e)) from None
-        return [ck.summary() for _, ck in specs]
+        return seg, []
 
     out = _rewrite(bundle_path, change)
     out.added_tasks = added  # what this call added (another writer may have added others meanwhile)
@@ -89,34 +97,52 @@ def add_tasks(bundle_path: str | Path, adapters: list[str]) -> Bundle:
 
 
 def remove_task(bundle_path: str | Path, name: str) -> Bundle:
-    def change(b: Bundle, bank):
-        bank.task(name)  # unknown -> error listing the known ones
-        if len(bank.tasks) == 1:
+    def change(b: Bundle, taken: set):
+        if name not in taken:
+            raise TaskNameError(f"unknown task {name!r}; this bundle has: {name_list(b.tasks)}")
+        if len(taken) == 1:
             raise TaskNameError(f"{name!r} is the bundle's only task; a bundle keeps at least one (add another first)")
-        bank.remove(name)
-        return []
+        return TaskBank(b.task_type, b.info.num_transformer_submodules), [name]
 
     return _rewrite(bundle_path, change)
 
 
 def _rewrite(bundle_path, change) -> Bundle:
-    """Under the writer lock: load the current bundle (verified), apply ``change(bundle, bank)`` to its task bank,
-    write the new bank and manifest into a hard-linked mirror, swap it in."""
+    """Under the writer lock: open the current bundle (its files verified, the task bank not loaded), let
+    ``change(bundle, its task names)`` give the tasks to add and the names to remove, write them as one new
+    segment into a hard-linked mirror, swap it in. Every :data:`MAX_TASK_FILES`-th edit compacts the task files
+    into a new ``tasks.safetensors`` instead (the whole bank read and written once)."""
     path = resolve_output(bundle_path)  # read and write the same directory, however the path was spelled
     with replace_dir(path, kind="bundle", allow_replace=True, hold_lock=True) as tmp:
-        b = load_bundle(path)
+        b = load_bundle(path, verify=False)
         try:
-            bank = b.task_bank()
-            extra = change(b, bank)
-            manifest = replace(b.info, tasks=tuple(TaskEntry.of(t) for t in bank.manifest_entries()),
-                               adapters=b.info.adapters + tuple(extra or ())).to_manifest()
+            b.verify(bank=False)  # every file against its sha256 (a stamp vouches for unchanged ones)
+            seg, removed = change(b, set(b.tasks))
+            files = list(b.info.task_files)
+            bank = apply(b.task_bank(), seg, removed) if len(files) >= MAX_TASK_FILES else None
             known = _mirror(b, tmp)
             fault_point("bundle mirrored")
         finally:
             b.close()  # our own shared lock would keep the old copy from being deleted after the swap
-        (tmp / "tasks.safetensors").unlink()  # a hard link: never write through it into the old bundle
-        known.pop("tasks.safetensors", None)
-        bank.save(tmp / "tasks.safetensors")
+        if bank is not None:  # compaction: one file again
+            for rel in files:
+                (tmp / rel).unlink()  # hard links: never write through them into the old bundle
+                known.pop(rel, None)
+            if (tmp / TASK_FILES_DIR).is_dir():
+                (tmp / TASK_FILES_DIR).rmdir()
+            write_file(tmp / TASK_BANK, bank)
+            files = [TASK_BANK]
+        else:
+            rel = f"{TASK_FILES_DIR}/{_next_segment(files):06d}.safetensors"
+            (tmp / TASK_FILES_DIR).mkdir(exist_ok=True)
+            write_file(tmp / rel, seg, removed)
+            files.append(rel)
         fault_point("task bank written")
+        manifest = replace(b.info, format=FORMAT, tasks=(), task_files=tuple(files)).to_manifest()
         write_manifest(tmp, manifest, known=known)
     return load_bundle(path, verify=False)
+
+
+def _next_segment(files: list[str]) -> int:
+    nums = [int(f.rsplit("/", 1)[-1].split(".")[0]) for f in files[1:] if f.rsplit("/", 1)[-1].split(".")[0].isdigit()]
+    return max(nums, default=0) + 1

@@ -23,6 +23,7 @@ from ..export.torchside import adapters_from_bank, load_base_model
 from ..runtime.sampling import log_softmax
 from ..source.basemodel import check_same_base
 from ..source.hub import resolve
+from ..bundle.taskbank import name_list
 
 
 @dataclass
@@ -56,9 +57,9 @@ def read_data(path: str | Path, default_task: str | None, tasks: list[str]) -> l
             raise InputError(f"{where}: expected an object with a non-empty \"prompt\" string")
         task = d.get("task", default_task)
         if task is None:
-            raise InputError(f"{where}: no \"task\" and no --task; name the task (one of {', '.join(tasks)})")
+            raise InputError(f"{where}: no \"task\" and no --task; name the task (one of {name_list(tasks)})")
         if task not in tasks:
-            raise InputError(f"{where}: unknown task {task!r}; this bundle has: {', '.join(tasks)}")
+            raise InputError(f"{where}: unknown task {task!r}; this bundle has: {name_list(tasks)}")
         ch, ans, tgt = d.get("choices"), d.get("answer"), d.get("target")
         if ch is not None:
             if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch) or \

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mpt_export.source.adapters import build_task_bank, parse_adapter_spec, read_adapter
+from mpt_export.bundle.bankfile import load_files, merged_index, write_file
 from mpt_export.bundle.taskbank import TaskBank
 from mpt_export.errors import BaseModelError, CheckpointError, TaskNameError
 from support import TINY, assert_clean_failure, cli, no_output_left, wide_adapter
@@ -64,8 +65,8 @@ def test_task_bank_names_dedup_and_roundtrip(llama, tmp_path):
     src = llama.source.resolve().name
     assert bank.names == [f"{src}-0", f"{src}-1", f"{src}-2", "x", "y"]
     assert len(bank.shared) == 2  # x and y share the target's P*: stored once
-    bank.save(tmp_path / "tasks.safetensors")
-    back = TaskBank.load(tmp_path / "tasks.safetensors")
+    write_file(tmp_path / "tasks.safetensors", bank)
+    back = load_files([tmp_path / "tasks.safetensors"])
     assert back.names == bank.names
     for n in bank.names:
         np.testing.assert_array_equal(back.prompt(n), bank.prompt(n))
@@ -73,6 +74,18 @@ def test_task_bank_names_dedup_and_roundtrip(llama, tmp_path):
     assert back.names[-1] == "y" and len(back.shared) == 2
     back.remove(f"{src}-1"), back.remove(f"{src}-0"), back.remove(f"{src}-2")
     assert len(back.shared) == 1 and back.tasks[0].shared == 0
+    # a segment removes, then adds (a name may come back): what the index says is what loading gives
+    seg = TaskBank(bank.task_type, bank.num_transformer_submodules)
+    seg.add_adapter(read_adapter(llama.target), ["x"], taken={"y"})
+    write_file(tmp_path / "seg.safetensors", seg, removed=[f"{src}-1", "x"])
+    files = [tmp_path / "tasks.safetensors", tmp_path / "seg.safetensors"]
+    both = load_files(files)
+    assert both.names == [f"{src}-0", f"{src}-2", "y", "x"]
+    index = merged_index(files)
+    assert [(e["name"], e["shared_prompt"], e["rank"], e["prompt_len"]) for e in index] == [
+        (t.name, t.shared, t.rank, both.shared[t.shared].shape[0]) for t in both.tasks]
+    assert len(both.shared) == 2  # the segment's prompt is the target's, already in the bank: one copy
+    np.testing.assert_array_equal(both.prompt("x"), bank.prompt("x"))
 
 
 def test_prompt_is_hadamard_of_low_rank(llama):

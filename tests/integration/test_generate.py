@@ -275,11 +275,13 @@ def test_prepack_policy(llama):
     assert json.loads(res.stdout)["text"] == b.session().generate(["the movie was"], ["a"], max_new_tokens=4)[0]
 
 
-def test_a_bank_past_a_megabyte_of_manifest_stays_editable(llama, tmp_path):
-    """6,000 tasks put manifest.json well past 1 MiB: the ownership check must read it whole (a cut manifest is not
-    recognised as ours, and every later `tasks add`/`tasks remove` was refused)."""
+def test_a_big_bank_stays_editable_and_its_manifest_small(llama, tmp_path):
+    """6,000 tasks: the manifest stays small (the task list lives in the task files), adds and removes write one
+    small segment each; and the ownership check reads our files whole — a manifest past 1 MiB (an older bundle's
+    task list) was cut there, not recognised as ours, and every later `tasks add`/`tasks remove` refused."""
     from transformers import AutoModelForCausalLM
 
+    from mpt_export.storage.ownership import dir_kind
     from mpt_export.tools.demo import make_source_adapter
 
     bdir = tmp_path / "big"
@@ -287,15 +289,23 @@ def test_a_bank_past_a_megabyte_of_manifest_stays_editable(llama, tmp_path):
     n = 6000
     many = make_source_adapter(AutoModelForCausalLM.from_pretrained(str(llama.base)), tmp_path / "many",
                                num_tasks=n, num_virtual_tokens=2, num_ranks=1, seed=7)
-    names = ",".join(f"task{i:05d}" for i in range(n))
-    assert cli("tasks", "add", bdir, "--adapter", f"{names}={many}").returncode == 0
-    assert (bdir / "manifest.json").stat().st_size > 1 << 20
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"task{i:05d}\n" for i in range(n)))
+    res = cli("tasks", "add", bdir, "--adapter", many, "--names-file", names)
+    assert res.returncode == 0 and "added 6000 tasks: task00000" in res.stdout, res.stderr
+    assert (bdir / "manifest.json").stat().st_size < 64 << 10
+    before = {p.name: p.stat().st_ino for p in bdir.rglob("*.safetensors")}
     res = cli("tasks", "add", bdir, "--adapter", f"one_more={llama.target}")
     assert res.returncode == 0, res.stderr
     res = cli("tasks", "remove", bdir, "task00042")
     assert res.returncode == 0, res.stderr
+    after = {p.name: p.stat().st_ino for p in bdir.rglob("*.safetensors")}
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + 2  # two new small files
     b = mpt_export.load_bundle(bdir)
     assert len(b.tasks) == len(mpt_export.load_bundle(llama.bundle).tasks) + n
     assert "one_more" in b.tasks and "task00042" not in b.tasks
     b.verify()
-
+    big = tmp_path / "older"
+    big.mkdir()
+    (big / "manifest.json").write_text(json.dumps({"format": "mpt-export/bundle/2", "tasks": ["x" * 100] * 20000}))
+    assert (big / "manifest.json").stat().st_size > 1 << 20 and dir_kind(big) == "bundle"

@@ -42,8 +42,8 @@ def test_task_vectors_whose_product_overflows_are_refused_everywhere(llama, tmp_
     from safetensors.numpy import load_file, save_file
     from transformers import AutoModelForCausalLM
 
+    from mpt_export.bundle.bankfile import load_files, write_file
     from mpt_export.bundle.manifest import sha256_file
-    from mpt_export.bundle.taskbank import TaskBank
 
     from mpt_export.tools.demo import make_source_adapter
 
@@ -64,15 +64,13 @@ def test_task_vectors_whose_product_overflows_are_refused_everywhere(llama, tmp_
                              "--no-validate"), "overflows float32")
     assert no_output_left(out)
     # a bank rewritten with such a task and every checksum made to match again: verify and load name it
-    bank = TaskBank.load(b / "tasks.safetensors")
+    bank = load_files([b / "tasks.safetensors"])
     bank.tasks[0].cols = np.full_like(bank.tasks[0].cols, 1e20)
     bank.tasks[0].rows = np.full_like(bank.tasks[0].rows, 1e20)
-    bank.save(b / "tasks.safetensors")
-
-    def rehash(m):
-        m["files"]["tasks.safetensors"] = sha256_file(b / "tasks.safetensors")
-        m["tasks"][0]["digest"] = bank.tasks[0].digest(bank.shared[bank.tasks[0].shared])
-    edit_manifest(b, rehash, redigest=True)
+    (b / "tasks.safetensors").unlink()
+    write_file(b / "tasks.safetensors", bank)
+    edit_manifest(b, lambda m: m["files"].update({"tasks.safetensors": sha256_file(b / "tasks.safetensors")}),
+                  redigest=True)
     assert_clean_failure(cli("verify", b), f"task {bank.tasks[0].name!r}", "overflows float32")
     with pytest.raises(mpt_export.errors.MptExportError, match="overflows float32"):
         mpt_export.load_bundle(b)
@@ -321,8 +319,8 @@ def test_crafted_manifest_fields_are_one_line(llama, tmp_path):
     cases = {"logits shape": (shape, "vocab_size"),
              "eos": (lambda m: m["base_model"].update(eos_token_id="x"), "eos_token_id"),
              "eos range": (lambda m: m["base_model"].update(eos_token_id=10**30), "eos_token_id"),
-             "bytes": (lambda m: m["tasks"][0].update(bytes="x"), "tasks[0].bytes"),
-             "source": (lambda m: m["tasks"][0].update(source=5), "tasks[0].source"),
+             "task files": (lambda m: m.update(task_files=["tasks.safetensors", "../x"]), "task_files"),
+             "task files first": (lambda m: m.update(task_files=["composer.onnx"]), "task_files"),
              "atol": (lambda m: m.update(validation={"atol": "x"}), "validation.atol"),
              "positions": (lambda m: m["base_model"].update(max_positions=3), "max_positions"),
              "renamed past": (lambda m: m["graphs"]["backbone"]["inputs"][5].update(name="past_key_values.9.key"),

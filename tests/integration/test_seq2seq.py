@@ -22,7 +22,7 @@ def test_parity_every_task(make_case, arch, nts):
     case = make_case(arch, nts)
     b, refs = peft_refs(case)
     assert b.task_type == "SEQ_2_SEQ_LM" and b.manifest["num_transformer_submodules"] == nts
-    assert [t["rank"] for t in b.manifest["tasks"]] == [2, 2, 2, 1]  # ranks > 1 and 1, source + target
+    assert [t.rank for t in b.info.tasks] == [2, 2, 2, 1]  # ranks > 1 and 1, source + target
     val = b.manifest["validation"]
     assert val["passed"] and max(val["logits_max_rel"], val["kv_max_rel"], val["encoder_max_rel"]) <= 1e-4
     s = b.session()

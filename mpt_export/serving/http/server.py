@@ -28,6 +28,7 @@ from .options import ServeOptions
 from .errors import APIError
 from .state import ServerState
 from ...bundle.reader import load_bundle
+from ...bundle.taskbank import name_list
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -136,7 +137,7 @@ def _handle_signals(loop, server, state: ServerState, stopped_at: list[float], d
     async def reload():
         try:
             result = await asyncio.to_thread(state.reload)
-            say(f"reloaded: tasks {', '.join(result['tasks'])}")
+            say(f"reloaded: {len(result['tasks'])} tasks ({name_list(result['tasks'])})")
         except (APIError, Exception) as e:  # a refused reload keeps serving the bundle it has
             say(f"reload refused: {getattr(e, 'message', e)}")
 
@@ -155,7 +156,7 @@ def _load_in_background(loop, server, state: ServerState, where: str, say, start
                                                  " (weights read in place, not prepacked)")
             if getattr(state.session, "graph", "plain") == "fast":
                 weights += " (fused graph)"
-            say(f"serving {where}{weights} — tasks: {', '.join(state.session.tasks)} (ready "
+            say(f"serving {where}{weights} — {len(state.session.tasks)} tasks: {name_list(state.session.tasks)} (ready "
                 f"{time.perf_counter() - started:.1f} s after the command started)")
         elif state.status == "failed":
             say(f"error: {state.error}")

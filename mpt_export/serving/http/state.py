@@ -122,5 +122,5 @@ class ServerState:
                 self.m_tpot.observe((req.t_done - req.t_first) / (len(req.tokens) - 1))
 
     def count(self, task: str | None, status: int) -> None:
-        known = self.session is not None and task in self.session.tasks
+        known = self.session is not None and task in self.session.bank
         self.m_requests.labels(task if known else "-", str(status)).inc()

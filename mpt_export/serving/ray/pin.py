@@ -1,5 +1,5 @@
-"""The pinned bundle: what the service pins of a bundle (its manifest and task bank: all a reload may change), and
-the bundle a replica serves for a pin — the pinned manifest and task bank over the graphs, weights and tokenizer of
+"""The pinned bundle: what the service pins of a bundle (its manifest and task files: all a reload may change), and
+the bundle a replica serves for a pin — the pinned manifest and task files over the graphs, weights and tokenizer of
 the bundle on the replica's node (equal by sha256 to the pinned manifest's)."""
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from ...bundle.reader import Bundle, load_bundle
 from ...errors import BundleError
 from ...bundle.manifest import check_manifest, manifest_digest
 
-PINNED = "tasks.safetensors"  # with the manifest: all a reload may change
+PINNED = "task_files"  # the pin's task files (with the manifest: all a reload may change)
 
 
 def make_pin(bundle: Bundle) -> dict:
-    """What the service pins for ``bundle`` (opened and verified): its manifest and task bank bytes, checked."""
-    data = bundle.read_bytes(PINNED)
-    if hashlib.sha256(data).hexdigest() != bundle.info.files[PINNED]:
-        raise BundleError(f"{bundle.path}/{PINNED} changed while it was read; try again")
+    """What the service pins for ``bundle`` (opened and verified): its manifest and task files' bytes, checked."""
+    data = {}
+    for rel in bundle.info.task_files:
+        data[rel] = bundle.read_bytes(rel)
+        if hashlib.sha256(data[rel]).hexdigest() != bundle.info.files[rel]:
+            raise BundleError(f"{bundle.path}/{rel} changed while it was read; try again")
     return {"digest": bundle.info.digest, "manifest": bundle.manifest, PINNED: data}
 
 
@@ -31,17 +33,17 @@ class PinnedBundle(Bundle):
     tokenizer — equal by sha256 to the pinned manifest's) are read through a directory handle of the bundle on this
     node. The task bank sits in a private temporary directory until :meth:`drop_pin` (after the bank is loaded)."""
 
-    def __init__(self, path: Path, manifest: dict, fd: int, pin_dir: Path):
+    def __init__(self, path: Path, manifest: dict, fd: int, pin_dir: Path, pinned: set):
+        self._pin_dir, self._pinned = pin_dir, pinned
         super().__init__(path, manifest, fd)
-        self._pin_dir = pin_dir
 
     def file(self, name: str) -> Path:
-        if name == PINNED:
-            return self._pin_dir / PINNED
+        if name in self._pinned:
+            return self._pin_dir / name
         return super().file(name)
 
     def read_bytes(self, name: str) -> bytes:
-        return (self._pin_dir / PINNED).read_bytes() if name == PINNED else super().read_bytes(name)
+        return (self._pin_dir / name).read_bytes() if name in self._pinned else super().read_bytes(name)
 
     def drop_pin(self) -> None:
         shutil.rmtree(self._pin_dir, ignore_errors=True)
@@ -56,8 +58,9 @@ def open_pinned(bundle_path: str | Path, pin: dict, current: Bundle | None = Non
         raise BundleError(f"the service's pinned manifest for digest {digest[:12]} does not match its own sha256")
     check_manifest(manifest)
     info = BundleInfo.of(manifest, "the service's pinned manifest")
-    if info.digest != digest or hashlib.sha256(data).hexdigest() != info.files.get(PINNED):
-        raise BundleError(f"the service's pinned {PINNED} for digest {digest[:12]} does not match its manifest")
+    if info.digest != digest or set(data) != set(info.task_files) or any(
+            hashlib.sha256(b).hexdigest() != info.files.get(rel) for rel, b in data.items()):
+        raise BundleError(f"the service's pinned task files for digest {digest[:12]} do not match its manifest")
     if current is not None and getattr(current, "_fd", None) is not None:
         path, fd = current.path, os.dup(current._fd)  # the replica's open bundle: nothing on disk is read again
     else:
@@ -71,11 +74,13 @@ def open_pinned(bundle_path: str | Path, pin: dict, current: Bundle | None = Non
         path, fd, disk._fd = disk.path, disk._fd, None  # the handle moves to the pinned bundle
     pin_dir = Path(tempfile.mkdtemp(prefix="mpt-export-pin-"))
     try:
-        fdw = os.open(pin_dir / PINNED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fdw, "wb") as f:
-            f.write(data)
+        for rel, b in data.items():
+            (pin_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            fdw = os.open(pin_dir / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fdw, "wb") as f:
+                f.write(b)
+        return PinnedBundle(path, manifest, fd, pin_dir, set(data))
     except BaseException:
         shutil.rmtree(pin_dir, ignore_errors=True)
         os.close(fd)
         raise
-    return PinnedBundle(path, manifest, fd, pin_dir)

@@ -46,6 +46,7 @@ from ...bundle.reader import Bundle, load_bundle
 from ...errors import MptExportError
 from ...runtime.options import canonical_provider
 from ..http.options import ServeOptions
+from ...bundle.taskbank import name_list
 from .cluster import leave_ray, private_ray_env, start_ray
 from .control import CONTROL_NAMESPACE, Control
 from .options import APP_NAME, REPLICA_HEADER, deployment_options, import_ray, parse_autoscale
@@ -180,7 +181,7 @@ class _Service:
             self.say(f"{why}: reload refused: {result['error']['message']}")
         else:
             self.say(f"{why}: reloaded digest {result['digest'][:12]} on {len(result['replicas'])} replicas — tasks: "
-                     f"{', '.join(result['tasks'])}")
+                     f"{name_list(result['tasks'])}")
         return result
 
     def serve_requests(self, stop: threading.Event, hup: threading.Event) -> None:

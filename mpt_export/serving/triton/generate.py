@@ -134,7 +134,7 @@ class TritonGeneration:
             raise InputError("text_input is required: the prompt to continue")
         if not task:
             raise InputError(f"task is required; this model serves: {name_list(self.session.tasks)}")
-        if task not in self.session.tasks:
+        if task not in self.session.bank:
             raise InputError(f"unknown task {task!r}; this model serves: {name_list(self.session.tasks)}")
         req = Request(task=task, ids=self.tokenizer.encode(text, "text_input"), sampling=self.sampling(inputs))
         return req, bool(_first(inputs, "stream", False))
