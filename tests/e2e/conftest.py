@@ -59,6 +59,8 @@ def ray_case(llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("raybundle")
     bundle = root / "bundle"
     shutil.copytree(llama.bundle, bundle)
+    (root / "adapters").mkdir()  # the server's --task-dir
+    shutil.copytree(llama.target, root / "adapters" / "target")
     b = mpt_export.load_bundle(bundle)
     tasks = b.tasks
     s = b.session()
@@ -67,13 +69,15 @@ def ray_case(llama, tmp_path_factory):
     # the digest served at the start (test_ray_replicas_mixed_tasks checks it), so the reload checks can run alone too
     state = {"digest": b.manifest["manifest_sha256"]}
     b.close()
-    return {"bundle": bundle, "tasks": tasks, "want": want, "llama": llama, "state": state}
+    return {"bundle": bundle, "tasks": tasks, "want": want, "llama": llama, "state": state,
+            "adapters": root / "adapters"}
 
 
 @pytest.fixture(scope="session")
 def ray_srv(ray_case):
     from rayserver import RayServer
 
-    s = RayServer(ray_case["bundle"], "--replicas", "2", "--threads", "1", "--max-batch", "4", "--max-queue", "4")
+    s = RayServer(ray_case["bundle"], "--replicas", "2", "--threads", "1", "--max-batch", "4", "--max-queue", "4",
+                  "--task-dir", ray_case["adapters"])
     yield s
     s.kill()  # when a check failed before test_ray_stop_leaves_nothing

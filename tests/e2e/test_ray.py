@@ -371,6 +371,24 @@ def test_ray_sighup_reloads_every_replica(srv, case):
     case["state"]["digest"] = digest
 
 
+def test_ray_tasks_loaded_over_http_reach_every_replica(srv, case):
+    """POST /admin/tasks on one replica: the call answers once every replica serves the new digest; DELETE too."""
+    tasks, want = case["tasks"], case["want"]
+    before = set(srv.replicas())
+    r = httpx.post(srv.url + "/admin/tasks", headers=AUTH, timeout=300,
+                   json={"name": "loaded", "adapter": str(case["adapters"] / "target")})
+    assert r.status_code == 201, r.text
+    digest = r.json()["digest"]
+    assert digest == mpt_export.load_bundle(case["bundle"]).manifest["manifest_sha256"]
+    now = mpt_export.load_bundle(case["bundle"]).tasks
+    _check_one_service(srv, case, now, digest, replicas=before)  # every replica, before the call answered
+    _all_succeed(srv, "loaded", tasks[-1], want, n=6)
+    r = httpx.delete(srv.url + "/admin/tasks/loaded", headers=AUTH, timeout=300)
+    assert r.status_code == 200, r.text
+    _check_one_service(srv, case, [t for t in now if t != "loaded"], r.json()["digest"], replicas=before)
+    case["state"]["digest"] = r.json()["digest"]
+
+
 def test_ray_replacement_serves_the_served_digest(srv, case):
     """The bundle on disk changes without a reload, then a replica is killed: Serve's replacement opens the digest
     the service serves (pinned by the driver), not what is on disk; requests meanwhile all succeed."""

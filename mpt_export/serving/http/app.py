@@ -11,14 +11,19 @@ every ``/v1`` and ``/admin`` call needs ``Authorization: Bearer KEY`` (compared 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import hmac
+import json
+import time
 
 from ...errors import MptExportError
 from .completions import error_response, generate
 from .edge import quiet_disconnects
 from .hosts import host_guard
 from .errors import APIError, error_body
+from .protocol import read_json
 from .state import ServerState
+from .taskroutes import load_task, unload_task
 
 
 def build_app(state: ServerState, headers: dict | None = None, identity: dict | None = None):
@@ -75,6 +80,7 @@ class Routes:
 
     def __init__(self, state: ServerState, identity: dict | None = None):
         self.state, self.identity = state, identity
+        self._models = None  # (the task bank, the bundle digest, the /v1/models body made for them)
 
     def routes(self) -> list:
         from starlette.routing import Route
@@ -87,6 +93,10 @@ class Routes:
             Route("/v1/completions", guarded(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", guarded(self.chat_completions), methods=["POST"]),
             Route("/admin/reload", guarded(self.reload), methods=["POST"]),
+            Route("/admin/tasks", guarded(self.load_task), methods=["POST"]),
+            Route("/admin/tasks/{name}", guarded(self.unload_task), methods=["DELETE"]),
+            Route("/v1/load_lora_adapter", guarded(self.load_task), methods=["POST"]),  # vLLM's names for them
+            Route("/v1/unload_lora_adapter", guarded(self.unload_task), methods=["POST"]),
             Route("/admin/steps", guarded(self.steps), methods=["GET"]),
         ]
 
@@ -123,13 +133,19 @@ class Routes:
         return Response(generate_latest(self.state.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request):
-        from starlette.responses import JSONResponse
+        """One model per task, OpenAI-shaped; the body is made once per bundle digest (a reload makes it again), so
+        100,000 tasks cost one encoding, not one per request."""
+        from starlette.responses import Response
 
-        path = self.state.bundle_path
-        created = int(path.stat().st_mtime) if path.exists() else 0
-        data = [{"id": t, "object": "model", "created": created, "owned_by": "mpt-export",
-                 "parent": path.name, "root": path.name} for t in self.state.session.tasks]
-        return JSONResponse({"object": "list", "data": data})
+        bank = self.state.session.bank
+        if self._models is None or self._models[0] is not bank or self._models[1] != self.state.digest:
+            path, bundle = self.state.bundle_path, self.state.bundle
+            created = _epoch(bundle.info.created_at if bundle is not None else None)  # the same on every replica
+            data = [{"id": t, "object": "model", "created": created, "owned_by": "mpt-export",
+                     "parent": path.name, "root": path.name} for t in bank.names]
+            body = await asyncio.to_thread(lambda: json.dumps({"object": "list", "data": data}).encode())
+            self._models = (bank, self.state.digest, body)
+        return Response(self._models[2], media_type="application/json")
 
     async def reload(self, request):
         from starlette.responses import JSONResponse
@@ -141,6 +157,26 @@ class Routes:
         except MptExportError as e:
             raise APIError(409, f"reload refused: {e}", code="reload_failed") from None
         return JSONResponse(result)
+
+    async def load_task(self, request):
+        from starlette.responses import JSONResponse
+
+        vllm = request.url.path.startswith("/v1/")
+        status, body = await load_task(self.state, await read_json(request, self.state.options.max_body_bytes), vllm)
+        return JSONResponse(body, status_code=status)
+
+    async def unload_task(self, request):
+        from starlette.responses import JSONResponse
+
+        if request.url.path.startswith("/v1/"):
+            data = await read_json(request, self.state.options.max_body_bytes)
+            name = data.get("lora_name")
+            if not isinstance(name, str) or not name:
+                raise APIError(400, "lora_name is required: a non-empty string", param="lora_name")
+        else:
+            name = request.path_params["name"]
+        status, body = await unload_task(self.state, name)
+        return JSONResponse(body, status_code=status)
 
     async def steps(self, request):
         from starlette.responses import JSONResponse
@@ -156,6 +192,14 @@ class Routes:
 
     async def chat_completions(self, request):
         return await generate(self.state, request, chat=True)
+
+
+def _epoch(created_at: str | None) -> int:
+    """A manifest's ``created_at`` (UTC, ISO 8601) as Unix seconds; 0 where it has none."""
+    try:
+        return calendar.timegm(time.strptime(created_at, "%Y-%m-%dT%H:%M:%SZ"))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _not_found(request, exc):

@@ -3,6 +3,7 @@ socket, the session, the scheduler, the routes, each Ray replica): one name per 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from ...errors import OptionError
@@ -28,6 +29,7 @@ class ServeOptions:
     header_timeout: float = 30.0  # seconds a client has to send a request's headers
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     limit_concurrency: int | None = None  # connections + requests at once at most (503 beyond); None: no limit
+    task_dirs: tuple[str, ...] = ()  # directories POST /admin/tasks may load adapters from (none: the route is off)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -45,6 +47,11 @@ class ServeOptions:
             raise OptionError(f"--limit-concurrency must be >= 1, got {self.limit_concurrency}",
                               param="limit_concurrency")
         object.__setattr__(self, "allowed_hosts", check_allowed(tuple(self.allowed_hosts or ())))
+        object.__setattr__(self, "task_dirs", tuple(str(d) for d in self.task_dirs or ()))
+        for d in self.task_dirs:
+            if not os.path.isdir(d):
+                raise OptionError(f"--task-dir {d} is not a directory; name the directory adapters may be loaded "
+                                  "from", param="task_dirs")
         object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
