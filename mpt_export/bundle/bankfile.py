@@ -15,11 +15,13 @@ earlier versions) read as before.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError, InputError
+from .info import TaskEntry
 from .taskbank import F32_MAX, Task, TaskBank, _shared_key, check_task_arrays
 
 FORMAT_V1, FORMAT = "mpt-export/tasks/1", "mpt-export/tasks/2"
@@ -73,10 +75,31 @@ def _damaged(file, e: Exception) -> CheckpointError:
                            "re-export it")
 
 
+_INDEXES: dict = {}  # (device, inode, size, mtime) of a task file -> its index: files are written once, then only
+_INDEXES_MAX = 64  # hard-linked into later versions, so a process opening a bundle again reads each index once
+
+
 def read_index(file: str | Path) -> tuple[dict, list[dict], list[str]]:
-    """A bank file's header only: ``(meta, entries, removed)`` — ``meta`` its task type and submodules, ``entries``
-    per task ``name, prompt_len, rank, shared_prompt, source, index_in_source, bytes`` (shared_prompt: its index in
-    this file), ``removed`` the names it removes first."""
+    """A bank file's header only: ``(meta, rows, removed)`` — ``meta`` its task type and submodules, ``rows`` per
+    task the tuple ``(name, prompt_len, rank, hidden, shared prompt (its index in this file), shared prompt digest,
+    source, index_in_source)``, ``removed`` the names it removes first. Kept per file identity: callers must not
+    change what they get."""
+    try:
+        st = os.stat(file)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _INDEXES:
+        return _INDEXES[key]
+    out = _read_index(file)
+    if key is not None:
+        if len(_INDEXES) >= _INDEXES_MAX:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[key] = out
+    return out
+
+
+def _read_index(file) -> tuple[dict, list[dict], list[str]]:
     with _open(file) as f:
         meta = f.metadata() or {}
         fmt = meta.get("format")
@@ -88,7 +111,8 @@ def read_index(file: str | Path) -> tuple[dict, list[dict], list[str]]:
             if fmt == FORMAT_V1:
                 for t in json.loads(meta["tasks"]):
                     (T, r), (_, H) = shape(f"task.{t['name']}.cols"), shape(f"task.{t['name']}.rows")
-                    entries.append(_entry(t["name"], T, r, H, int(t["shared"]), t.get("source", ""), t.get("index", 0)))
+                    entries.append((t["name"], int(T), int(r), int(H), int(t["shared"]), None, t.get("source") or "",
+                                    int(t.get("index", 0))))
                 removed = []
                 n_shared = len([k for k in f.keys() if k.startswith("shared.")])
                 digests = [shared_digest(f.get_tensor(f"shared.{i}")) for i in range(n_shared)]
@@ -100,11 +124,10 @@ def read_index(file: str | Path) -> tuple[dict, list[dict], list[str]]:
                     if g not in shapes:
                         shapes[g] = (shape(f"cols.{g}"), shape(f"rows.{g}"))
                     (_, T, r), (_, _, H) = shapes[g]
-                    entries.append(_entry(name, T, r, H, int(shared), sources[src], idx))
+                    entries.append((name, int(T), int(r), int(H), int(shared), None, sources[src] or "", int(idx)))
                 removed = json.loads(meta.get("removed") or "[]")
             head = {"task_type": meta["task_type"], "num_transformer_submodules": int(meta["num_transformer_submodules"])}
-            for e in entries:
-                e["shared_key"] = digests[e["shared_prompt"]]
+            entries = [(*e[:5], digests[e[4]], *e[6:]) for e in entries]
         except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
             raise _damaged(file, e) from None
     if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
@@ -112,27 +135,21 @@ def read_index(file: str | Path) -> tuple[dict, list[dict], list[str]]:
     return head, entries, removed
 
 
-def _entry(name, T, r, H, shared, source, index) -> dict:
-    return {"name": name, "prompt_len": int(T), "rank": int(r), "shared_prompt": shared, "source": source or "",
-            "index_in_source": int(index), "bytes": int((T * r + r * H) * 4)}
-
-
-def merged_index(files: list) -> list[dict]:
+def merged_index(files: list) -> list[TaskEntry]:
     """The bank's task entries, files applied in order (a later file's removals first, then its tasks); each
     entry's ``shared_prompt`` numbered over the whole bank as :func:`load_files` numbers them: equal prompts are
     one (by their content digest), in order of first use."""
-    out: dict[str, dict] = {}
+    out: dict[str, tuple] = {}
     for file in files:
-        _, entries, removed = read_index(file)
+        _, rows, removed = read_index(file)
         for name in removed:
             out.pop(name, None)
-        for e in entries:
-            out.pop(e["name"], None)
-            out[e["name"]] = e
-    renumber: dict[str, int] = {}
-    for e in out.values():
-        e["shared_prompt"] = renumber.setdefault(e.pop("shared_key"), len(renumber))
-    return list(out.values())
+        for r in rows:
+            out.pop(r[0], None)
+            out[r[0]] = r
+    shared: dict[str, int] = {}
+    return [TaskEntry(name, T, r, shared.setdefault(key, len(shared)), source, None, (T * r + r * H) * 4, index)
+            for name, T, r, H, _local, key, source, index in out.values()]
 
 
 def load_files(files: list, names: list | None = None) -> TaskBank:
@@ -189,15 +206,15 @@ def _load_one(file) -> tuple[TaskBank, list[str]]:
                 bank.shared.append(f.get_tensor(f"shared.{i}"))
                 i += 1
             if meta["format"] == FORMAT_V1:
-                for e in entries:
-                    bank.tasks.append(Task(e["name"], e["shared_prompt"], f.get_tensor(f"task.{e['name']}.cols"),
-                                           f.get_tensor(f"task.{e['name']}.rows"), e["source"], e["index_in_source"]))
+                for name, _T, _r, _H, shared, _key, source, index in entries:
+                    bank.tasks.append(Task(name, shared, f.get_tensor(f"task.{name}.cols"),
+                                           f.get_tensor(f"task.{name}.rows"), source, index))
             else:
                 for pos, ((name, shared, g, row, _s, _i), e) in enumerate(zip(json.loads(meta["tasks"]), entries)):
                     if g not in groups:
                         groups[g] = (f.get_tensor(f"cols.{g}"), f.get_tensor(f"rows.{g}"), [])
                     cols, rows, members = groups[g]
-                    bank.tasks.append(Task(name, shared, cols[row], rows[row], e["source"], e["index_in_source"]))
+                    bank.tasks.append(Task(name, shared, cols[row], rows[row], e[6], e[7]))
                     members.append(pos)
             for t in bank.tasks:
                 bank.shared[t.shared]

@@ -162,7 +162,8 @@ class BundleInfo:
             fused=GraphSpec.of(one("fast_graphs")) if one("fast_graphs") else None,
             fused_skipped=get["fast_graph_skipped"],
             scoring=GraphSpec.of(one("scoring_graphs")) if one("scoring_graphs") else None,
-            tasks=tuple(TaskEntry.of(t) for t in (get["tasks"] if tasks is None else tasks) or ()),
+            tasks=tuple(t if isinstance(t, TaskEntry) else TaskEntry.of(t)
+                        for t in (get["tasks"] if tasks is None else tasks) or ()),
             files=MappingProxyType(dict(get["files"])), task_files=tuple(get["task_files"]),
             digest=get[DIGEST_KEY], validation=get["validation"], quantization=get["quantization"],
             tokenizer=get["tokenizer"], timings=get["timings"], adapters=tuple(get["adapters"] or ()),

@@ -97,8 +97,10 @@ class Bundle:
         if manifest.get("tasks") is None:  # format 3: the task list is the task files' index (headers only)
             try:
                 entries = self._task_files(merged_index)
-                check_positions(self.info.num_transformer_submodules, self.info.base_model.max_positions, entries,
-                                self.info.task_type)
+                if entries:  # the task with the longest prompt is the one that could not fit
+                    top = max(entries, key=lambda e: e.prompt_len)
+                    check_positions(self.info.num_transformer_submodules, self.info.base_model.max_positions,
+                                    [{"name": top.name, "prompt_len": top.prompt_len}], self.info.task_type)
                 if not entries:
                     raise BundleError(f"{self.path}: its task files hold no task; a bundle keeps at least one — "
                                       f"{REDO}")

@@ -82,7 +82,7 @@ def test_task_bank_names_dedup_and_roundtrip(llama, tmp_path):
     both = load_files(files)
     assert both.names == [f"{src}-0", f"{src}-2", "y", "x"]
     index = merged_index(files)
-    assert [(e["name"], e["shared_prompt"], e["rank"], e["prompt_len"]) for e in index] == [
+    assert [(e.name, e.shared_prompt, e.rank, e.prompt_len) for e in index] == [
         (t.name, t.shared, t.rank, both.shared[t.shared].shape[0]) for t in both.tasks]
     assert len(both.shared) == 2  # the segment's prompt is the target's, already in the bank: one copy
     np.testing.assert_array_equal(both.prompt("x"), bank.prompt("x"))
