@@ -12,6 +12,7 @@ from mpt_export.runtime.sampling import SamplingParams  # light: no numpy until 
 from ._common import Quiet, console, escape, handle_errors, progress
 from mpt_export.errors import GenerationError, InputError, MptExportError
 from mpt_export.runtime import SessionOptions
+from mpt_export.runtime.tokenizer import is_text
 
 MAX_LISTED = 10
 # what `generate` does where no option says otherwise — greedy, 32 new tokens, no seed, no stop string: declared
@@ -53,7 +54,7 @@ def read_prompts(path: Path, default_task: str | None) -> list[tuple[int, str, s
             problems.append(f"{path}:{n}: \"text\" must be a string, got {json.dumps(text)[:40]}")
         elif not text.strip():
             problems.append(f"{path}:{n}: \"text\" is empty")
-        elif not _valid_unicode(text):
+        elif not is_text(text):
             problems.append(f"{path}:{n}: \"text\" is not valid Unicode (a lone surrogate)")
             text = None
         if task is None:
@@ -187,18 +188,10 @@ def _rows(prompts: list[str] | None, input_file: Path | None, task: str | None):
     empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
     if empty:
         raise InputError(f"prompt {empty[0]} is empty; give some text to continue")
-    bad = [i for i, p in enumerate(prompts, 1) if not _valid_unicode(p)]
+    bad = [i for i, p in enumerate(prompts, 1) if not is_text(p)]
     if bad:
         raise InputError(f"prompt {bad[0]} is not valid UTF-8 text; pass UTF-8 text")
     return [(i, task, p) for i, p in enumerate(prompts, 1)], None
-
-
-def _valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _show(delta: str, index: int, as_json: bool) -> None:

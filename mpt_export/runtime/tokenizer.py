@@ -8,13 +8,20 @@ import numpy as np
 from ..errors import BundleError, InputError
 
 
-def check_text(text: str, what: str) -> None:
-    """Text must be valid Unicode (no lone surrogates, which undecodable bytes in a command line become)."""
+def is_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogates, which undecodable bytes in a command line become)."""
     try:
         text.encode("utf-8")
+        return True
     except UnicodeEncodeError:
+        return False
+
+
+def check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode (:func:`is_text`)."""
+    if not is_text(text):
         raise InputError(f"{what} is not valid Unicode text (it holds undecodable bytes or a lone surrogate); "
-                         "pass UTF-8 text") from None
+                         "pass UTF-8 text")
 
 
 def tokenizer_config(bundle) -> dict:

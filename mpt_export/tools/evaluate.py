@@ -21,6 +21,7 @@ from ..errors import InputError, MptExportError, NumericsError
 from ..export.reference import peft_model_for
 from ..export.torchside import adapters_from_bank, load_base_model
 from ..runtime.sampling import log_softmax
+from ..runtime.tokenizer import is_text
 from ..source.basemodel import check_same_base
 from ..source.hub import resolve
 from ..bundle.taskbank import name_list
@@ -75,21 +76,13 @@ def read_data(path: str | Path, default_task: str | None, tasks: list[str]) -> l
             raise InputError(f"{where}: \"stop\" must be a non-empty string or a list of them")
         for key, texts in (("prompt", [d["prompt"]]), ("choices", ch or []), ("target", [tgt] if ch is None else []),
                            ("stop", stop or [])):
-            if not all(_unicode(t) for t in texts):
+            if not all(is_text(t) for t in texts):
                 raise InputError(f"{where}: \"{key}\" is not valid Unicode text (a lone surrogate such as \\udc80); "
                                  "give UTF-8 text")
         out.append(Example(task, d["prompt"], ch, ans, tgt, stop, where))
     if not out:
         raise InputError(f"{path} holds no examples")
     return out
-
-
-def _unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def check_examples(session, examples: list[Example], max_new_tokens: int) -> None:

@@ -328,7 +328,9 @@ def _check_one_service(srv, case, tasks: list[str], digest: str, replicas: set[s
 def _all_succeed(srv, task: str, like: str, want: dict, n: int = 30) -> set[str]:
     client = srv.client()
     jobs = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    with ThreadPoolExecutor(6) as pool:
+    # at most --max-queue (4) requests at once: all of them may reach one replica between two of its steps, and a
+    # fifth would be a correct 429 (the overload test proves that), not a failure of what is checked here
+    with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda p: complete(client, task, p), jobs))
     for p, (text, _) in zip(jobs, got):
         assert text == want[(like, p)], (task, p)
