@@ -211,3 +211,46 @@ def test_sentencepiece_only_base_model_gets_a_tokenizer_json(tmp_path, kind):
     res = cli("generate", tmp_path / "b", "--task", "b", text, "--max-new-tokens", "3", "--json")
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["ids"]) >= 1
+
+
+def test_a_format_2_bundle_reads_and_converts_at_its_first_edit(llama, tmp_path):
+    """A bundle as earlier versions wrote it (format 2: the task list in the manifest, one tensor pair per task in
+    tasks.safetensors) opens, verifies and generates as before; its first `tasks add` writes it as format 3, the old
+    tasks unchanged."""
+    import mpt_export
+    from safetensors.numpy import save_file
+
+    from mpt_export.bundle.manifest import write_manifest
+    from support import cli
+
+    b = tmp_path / "old"
+    shutil.copytree(llama.bundle, b)
+    bank = load_files([b / "tasks.safetensors"])
+    tensors = {f"shared.{i}": s for i, s in enumerate(bank.shared)}
+    for t in bank.tasks:
+        tensors[f"task.{t.name}.cols"], tensors[f"task.{t.name}.rows"] = t.cols, t.rows
+    (b / "tasks.safetensors").unlink()
+    save_file(tensors, str(b / "tasks.safetensors"), metadata={
+        "format": "mpt-export/tasks/1", "task_type": bank.task_type,
+        "num_transformer_submodules": str(bank.num_transformer_submodules),
+        "tasks": json.dumps([{"name": t.name, "shared": t.shared, "source": t.source, "index": t.index_in_source}
+                             for t in bank.tasks])})
+    m = json.loads((b / "manifest.json").read_text())
+    m.pop("task_files")
+    m["format"] = "mpt-export/bundle/2"
+    m["tasks"] = [{"name": t.name, "shared_prompt": t.shared, "prompt_len": int(bank.shared[t.shared].shape[0]),
+                   "rank": t.rank, "source": t.source, "index_in_source": t.index_in_source,
+                   "digest": t.digest(bank.shared[t.shared]), "bytes": int((t.cols.size + t.rows.size) * 4)}
+                  for t in bank.tasks]
+    write_manifest(b, m)
+    ids = np.array([[4, 5, 6]])
+    want = mpt_export.load_bundle(llama.bundle).session().generate_ids(ids, ["a"], max_new_tokens=5)
+    old = mpt_export.load_bundle(b)
+    assert old.info.format == "mpt-export/bundle/2" and old.tasks == bank.names
+    assert old.session().generate_ids(ids, ["a"], max_new_tokens=5).tolist() == want.tolist()
+    assert cli("verify", b).returncode == 0
+    assert cli("tasks", "add", b, "--adapter", f"new={llama.target}").returncode == 0
+    new = mpt_export.load_bundle(b)
+    assert new.info.format == "mpt-export/bundle/3" and "tasks" not in new.manifest
+    assert new.tasks == bank.names + ["new"] and new.info.task_files[0] == "tasks.safetensors"
+    assert new.session().generate_ids(ids, ["a"], max_new_tokens=5).tolist() == want.tolist()
