@@ -145,6 +145,10 @@ class Session:
     def tasks(self) -> list[str]:
         return self.bank.names
 
+    def cache_stats(self) -> dict:
+        """Hits, misses, evictions, entries and size of the composed-prompt cache and the per-task prompt-KV cache."""
+        return {"prompt": self._prompts.stats(), "prompt_kv": self._task_kv.stats()}
+
     # -- KV plumbing shared by every model kind -------------------------------------------------------------------
     def _past_inputs(self, graph: str) -> dict[str, tuple[int, int]]:
         """``past_key_values.*`` inputs of ``graph`` -> (kv heads, head dim), in graph order."""

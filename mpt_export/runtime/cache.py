@@ -11,12 +11,16 @@ class LRU:
 
     def __init__(self, size: int):
         self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+        self.hits = self.misses = self.evictions = 0  # since the session opened (what /metrics reports)
 
     def get(self, key):
         with self._lock:
             v = self._d.get(key)
             if v is not None:
                 self._d.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
             return v
 
     def put(self, key, value):
@@ -25,6 +29,11 @@ class LRU:
             self._d.move_to_end(key)
             while len(self._d) > max(self.size, 0):
                 self._d.popitem(last=False)
+                self.evictions += 1
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions, "entries": len(self._d),
+                "size": self.size}
 
     def __len__(self):
         return len(self._d)

@@ -7,6 +7,7 @@ disconnect freeing its row."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -193,6 +194,17 @@ def test_errors_are_openai_shaped(srv):
                  "mpt_export_time_per_output_token_seconds_bucket"):
         assert name in metrics, name
     assert 'status="401"' in metrics and 'status="404"' in metrics and 'task="sst2"' in metrics
+    # the caches: a request for a task whose prompt KV is cached is a hit; every count only grows
+    def cache(kind, text):
+        return float(re.search(rf'mpt_export_cache_{kind}_total{{cache="prompt_kv"}} ([0-9.e+]+)', text).group(1))
+
+    before = httpx.get(srv.url + "/metrics", headers=h).text
+    for _ in range(2):
+        assert httpx.post(srv.url + "/v1/completions", headers=h, timeout=60,
+                          json={"model": "qnli", "prompt": "the movie", "max_tokens": 2}).status_code == 200
+    after = httpx.get(srv.url + "/metrics", headers=h).text
+    assert cache("hits", after) >= cache("hits", before) + 1 and cache("misses", after) >= cache("misses", before)
+    assert 'mpt_export_cache_entries{cache="prompt_kv"}' in after and 'mpt_export_cache_size{cache="prompt"}' in after
 
 
 def test_one_request_never_fails_another(srv, offline):

@@ -109,6 +109,7 @@ class ServerState:
             lambda: self.scheduler.queue_depth if self.scheduler else 0)
         Gauge("mpt_export_running_batch_size", "rows in the running batch", registry=r).set_function(
             lambda: self.scheduler.running if self.scheduler else 0)
+        r.register(CacheCollector(self))
         self.m_ttft = Histogram("mpt_export_time_to_first_token_seconds", "from submission to the first token",
                                 registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.m_tpot = Histogram("mpt_export_time_per_output_token_seconds", "mean time per token after the first",
@@ -124,3 +125,28 @@ class ServerState:
     def count(self, task: str | None, status: int) -> None:
         known = self.session is not None and task in self.session.bank
         self.m_requests.labels(task if known else "-", str(status)).inc()
+
+
+class CacheCollector:
+    """``/metrics``' view of the session's caches: ``mpt_export_cache_{hits,misses,evictions}_total`` and
+    ``mpt_export_cache_entries`` per cache (``prompt_kv``: the per-task prompt keys/values a request starts from; a
+    miss costs one prefill of the task's virtual tokens; ``prompt``: composed prompts)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        session = self.state.session
+        stats = session.cache_stats() if session is not None else {}
+        families = {k: CounterMetricFamily(f"mpt_export_cache_{k}", f"cache {k}", labels=["cache"])
+                    for k in ("hits", "misses", "evictions")}
+        entries = GaugeMetricFamily("mpt_export_cache_entries", "entries held / the cache's size", labels=["cache"])
+        size = GaugeMetricFamily("mpt_export_cache_size", "the cache's size in entries", labels=["cache"])
+        for name, st in stats.items():
+            for k, fam in families.items():
+                fam.add_metric([name], st[k])
+            entries.add_metric([name], st["entries"])
+            size.add_metric([name], st["size"])
+        yield from (*families.values(), entries, size)
