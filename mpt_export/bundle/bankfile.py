@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InputError
 from .info import TaskEntry
-from .taskbank import F32_MAX, Task, TaskBank, _shared_key, check_task_arrays
+from .taskbank import F32_MAX, Task, TaskBank, _shared_key, check_task_arrays, prompt_bound
 
 FORMAT_V1, FORMAT = "mpt-export/tasks/1", "mpt-export/tasks/2"
 
@@ -82,8 +82,8 @@ _INDEXES_MAX = 64  # hard-linked into later versions, so a process opening a bun
 def read_index(file: str | Path) -> tuple[dict, list[dict], list[str]]:
     """A bank file's header only: ``(meta, rows, removed)`` — ``meta`` its task type and submodules, ``rows`` per
     task the tuple ``(name, prompt_len, rank, hidden, shared prompt (its index in this file), shared prompt digest,
-    source, index_in_source)``, ``removed`` the names it removes first. Kept per file identity: callers must not
-    change what they get."""
+    source, index_in_source, group, row in the group)`` (format 1 files: no group, the row None), ``removed`` the
+    names it removes first. Kept per file identity: callers must not change what they get."""
     try:
         st = os.stat(file)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -109,25 +109,25 @@ def _read_index(file) -> tuple[dict, list[dict], list[str]]:
             shape = lambda k: tuple(f.get_slice(k).get_shape())  # noqa: E731
             entries = []
             if fmt == FORMAT_V1:
-                for t in json.loads(meta["tasks"]):
-                    (T, r), (_, H) = shape(f"task.{t['name']}.cols"), shape(f"task.{t['name']}.rows")
-                    entries.append((t["name"], int(T), int(r), int(H), int(t["shared"]), None, t.get("source") or "",
-                                    int(t.get("index", 0))))
-                removed = []
                 n_shared = len([k for k in f.keys() if k.startswith("shared.")])
                 digests = [shared_digest(f.get_tensor(f"shared.{i}")) for i in range(n_shared)]
+                for t in json.loads(meta["tasks"]):
+                    (T, r), (_, H) = shape(f"task.{t['name']}.cols"), shape(f"task.{t['name']}.rows")
+                    entries.append((t["name"], int(T), int(r), int(H), int(t["shared"]), digests[int(t["shared"])],
+                                    t.get("source") or "", int(t.get("index", 0)), None, None))
+                removed = []
             else:
                 digests = json.loads(meta["shared_digests"])
                 sources = json.loads(meta["sources"])
                 shapes: dict[int, tuple] = {}
-                for name, shared, g, _row, src, idx in json.loads(meta["tasks"]):
+                for name, shared, g, row, src, idx in json.loads(meta["tasks"]):
                     if g not in shapes:
                         shapes[g] = (shape(f"cols.{g}"), shape(f"rows.{g}"))
                     (_, T, r), (_, _, H) = shapes[g]
-                    entries.append((name, int(T), int(r), int(H), int(shared), None, sources[src] or "", int(idx)))
+                    entries.append((name, int(T), int(r), int(H), int(shared), digests[shared], sources[src] or "",
+                                    int(idx), g, row))
                 removed = json.loads(meta.get("removed") or "[]")
             head = {"task_type": meta["task_type"], "num_transformer_submodules": int(meta["num_transformer_submodules"])}
-            entries = [(*e[:5], digests[e[4]], *e[6:]) for e in entries]
         except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
             raise _damaged(file, e) from None
     if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
@@ -149,10 +149,10 @@ def merged_index(files: list) -> list[TaskEntry]:
             out[r[0]] = r
     shared: dict[str, int] = {}
     return [TaskEntry(name, T, r, shared.setdefault(key, len(shared)), source, None, (T * r + r * H) * 4, index)
-            for name, T, r, H, _local, key, source, index in out.values()]
+            for name, T, r, H, _local, key, source, index, _g, _row in out.values()]
 
 
-def load_files(files: list, names: list | None = None) -> TaskBank:
+def load_files(files: list) -> TaskBank:
     """The bank the files make, in order; every task checked (shapes, finite values, a finite composed prompt), a
     group of equal shapes at a time."""
     bank = None
@@ -199,26 +199,25 @@ def _load_one(file) -> tuple[TaskBank, list[str]]:
     bank = TaskBank(head["task_type"], head["num_transformer_submodules"])
     groups: dict[int, tuple] = {}  # format 2: group -> (cols [n, T, r], rows [n, r, H], member task positions)
     with _open(file) as f:
-        meta, keys = f.metadata(), set(f.keys())
+        keys = set(f.keys())
         try:
             i = 0
             while f"shared.{i}" in keys:
                 bank.shared.append(f.get_tensor(f"shared.{i}"))
                 i += 1
-            if meta["format"] == FORMAT_V1:
-                for name, _T, _r, _H, shared, _key, source, index in entries:
+            for pos, (name, _T, _r, _H, shared, _key, source, index, g, row) in enumerate(entries):
+                if g is None:  # format 1: a tensor pair per task
                     bank.tasks.append(Task(name, shared, f.get_tensor(f"task.{name}.cols"),
                                            f.get_tensor(f"task.{name}.rows"), source, index))
-            else:
-                for pos, ((name, shared, g, row, _s, _i), e) in enumerate(zip(json.loads(meta["tasks"]), entries)):
-                    if g not in groups:
-                        groups[g] = (f.get_tensor(f"cols.{g}"), f.get_tensor(f"rows.{g}"), [])
-                    cols, rows, members = groups[g]
-                    bank.tasks.append(Task(name, shared, cols[row], rows[row], e[6], e[7]))
-                    members.append(pos)
+                    continue
+                if g not in groups:
+                    groups[g] = (f.get_tensor(f"cols.{g}"), f.get_tensor(f"rows.{g}"), [])
+                cols, rows, members = groups[g]
+                bank.tasks.append(Task(name, shared, cols[row], rows[row], source, index))
+                members.append(pos)
             for t in bank.tasks:
                 bank.shared[t.shared]
-        except (KeyError, ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
+        except (KeyError, ValueError, TypeError, IndexError) as e:
             raise _damaged(file, e) from None
     if len({t.name for t in bank.tasks}) != len(bank.tasks):
         raise _damaged(file, ValueError("a task name appears twice"))
@@ -248,7 +247,7 @@ def _check_all(bank: TaskBank, groups: dict) -> None:
         if not ok:
             alone.update(members)
             continue
-        bound = tops[[bank.tasks[p].shared for p in members]] * np.abs(cols).sum(2).max(1) * np.abs(rows).max((1, 2))
+        bound = prompt_bound(tops[[bank.tasks[p].shared for p in members]], cols, rows)
         alone.update(p for p, b in zip(members, bound) if not b < F32_MAX / 2)
     for p in sorted(alone):
         t = bank.tasks[p]

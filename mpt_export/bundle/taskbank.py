@@ -41,16 +41,22 @@ def positions_needed(T: int, nts: int, task_type: str) -> int:
 F32_MAX = float(np.finfo(np.float32).max)
 
 
+def prompt_bound(shared_absmax, cols: np.ndarray, rows: np.ndarray):
+    """An upper bound of ``|shared * (cols @ rows)|``: |shared| max x the largest row sum of |cols| x |rows| max.
+    ``cols`` ``[..., T, r]`` and ``rows`` ``[..., r, H]``: one task, or a stack of them (then one bound per task)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return shared_absmax * np.abs(cols).sum(-1).max(-1, initial=0) * np.abs(rows).max((-2, -1), initial=0)
+
+
 def composes_finite(shared: np.ndarray, cols: np.ndarray, rows: np.ndarray, shared_absmax: float | None = None) -> bool:
     """Whether the composed prompt ``shared * (cols @ rows)``, computed in float32 as the composer graph does, is
-    finite. A bound (|shared| max x largest row sum of |cols| x |rows| max) settles nearly every task in one pass
-    over its own arrays (``shared_absmax``: the shared prompt's, when a caller checks many tasks over one); only a
-    task near the limit is composed."""
+    finite. The bound (:func:`prompt_bound`) settles nearly every task in one pass over its own arrays
+    (``shared_absmax``: the shared prompt's, when a caller checks many tasks over one); only a task near the limit
+    is composed."""
+    top = float(np.abs(shared).max(initial=0)) if shared_absmax is None else shared_absmax
+    if prompt_bound(top, cols, rows) < F32_MAX / 2:
+        return True
     with np.errstate(over="ignore", invalid="ignore"):
-        top = float(np.abs(shared).max(initial=0)) if shared_absmax is None else shared_absmax
-        bound = top * float(np.abs(cols).sum(1).max(initial=0)) * float(np.abs(rows).max(initial=0))
-        if bound < F32_MAX / 2:
-            return True
         c32 = np.asarray(cols, np.float32) @ np.asarray(rows, np.float32)
         return bool(np.isfinite(c32).all() and np.isfinite(np.asarray(shared, np.float32) * c32).all())
 

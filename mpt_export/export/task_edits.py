@@ -144,5 +144,6 @@ def _rewrite(bundle_path, change) -> Bundle:
 
 
 def _next_segment(files: list[str]) -> int:
-    nums = [int(f.rsplit("/", 1)[-1].split(".")[0]) for f in files[1:] if f.rsplit("/", 1)[-1].split(".")[0].isdigit()]
-    return max(nums, default=0) + 1
+    """The number after the highest segment's (``tasks/NNNNNN.safetensors``)."""
+    stems = (Path(f).stem for f in files[1:])
+    return max((int(s) for s in stems if s.isdigit()), default=0) + 1
