@@ -26,6 +26,8 @@ def bench_serve_cmd(
     max_tokens: Annotated[int, typer.Option(help="New tokens per request.")] = 32,
     max_batch: Annotated[int | None, typer.Option(help="Server --max-batch.", show_default="--clients")] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling.", show_default="one per core")] = None,
+    tasks: Annotated[int | None, typer.Option(help="Spread the requests uniformly at random over this many tasks (a copy of the bundle with as many is built once under --workdir): what the per-task prompt-KV cache gives when few requests share a task.", show_default="round-robin over the bundle's tasks")] = None,
+    kv_cache_mib: Annotated[float | None, typer.Option(help="The server's --kv-cache-mib (memory for tasks' prompt keys/values).", show_default="serve's default")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count (each replica --threads cores; 1 without it), then the time to replace a killed replica.")] = False,
     replicas: Annotated[str, typer.Option(help="With --ray: replica counts to compare, comma-separated.")] = "1,2",
@@ -40,6 +42,8 @@ def bench_serve_cmd(
         if bundle is None:
             _, bundle, _ = prepare_preset(preset, workdir, on_step)
         if ray:
+            if tasks is not None or kv_cache_mib is not None:
+                raise InputError("--tasks and --kv-cache-mib apply without --ray")
             try:
                 counts = tuple(int(x) for x in replicas.split(","))
             except ValueError:
@@ -49,17 +53,20 @@ def bench_serve_cmd(
                               workdir=workdir / "serve", on_step=on_step)
         else:
             r = run_bench_serve(bundle, clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens,
-                            max_batch=max_batch, threads=threads, workdir=workdir / "serve", on_step=on_step)
+                                max_batch=max_batch, threads=threads, workdir=workdir / "serve", on_step=on_step,
+                                tasks=tasks, server_args=() if kv_cache_mib is None else ("--kv-cache-mib", str(kv_cache_mib)))
     if as_json:
         print(json.dumps(r, indent=2))
         return
     if ray:
         _print_ray(r)
         return
+    spread = (f"uniform over {r['tasks']:,} tasks" if r["tasks"] is not None else "mixed tasks")
     t = Table(title=escape(f"bench-serve {r['bundle']}: {r['requests']} requests x {r['prompt_len']} prompt tokens, "
-                           f"{r['max_tokens']} new, mixed tasks, greedy"), title_justify="left")
+                           f"{r['max_tokens']} new, {spread}, greedy"), title_justify="left")
     t.box = box.SIMPLE_HEAD
-    for col in ("mode", "req/s", "tok/s", "x seq", "TTFT p50", "TTFT p95", "tok lat p50", "tok lat p95", "batch"):
+    for col in ("mode", "req/s", "tok/s", "x seq", "TTFT p50", "TTFT p95", "tok lat p50", "tok lat p95", "batch",
+                "KV hits"):
         t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
 
     def ms(x):
@@ -68,12 +75,13 @@ def bench_serve_cmd(
     for label, row in (("one at a time", r["sequential"]), (f"{r['clients']} clients", r["concurrent"])):
         t.add_row(label, f"{row['requests_per_s']:.2f}", f"{row['tokens_per_s']:.1f}", f"{row['ratio_vs_sequential']:.2f}x",
                   ms(row["ttft_p50_s"]), ms(row["ttft_p95_s"]), ms(row["tpot_p50_s"]), ms(row["tpot_p95_s"]),
-                  f"{row['mean_batch']:.1f}")
+                  f"{row['mean_batch']:.1f}", f"{row['cache_hit_rate']:.0%}" if row["cache_hit_rate"] == row["cache_hit_rate"] else "-")
     c = r["ceiling"]
     t.add_row("ceiling (no HTTP)", "-", f"{c['tokens_per_s']:.1f}",
-              f"{c['ratio_vs_sequential']:.2f}x", "-", "-", "-", "-", str(r["clients"]))
+              f"{c['ratio_vs_sequential']:.2f}x", "-", "-", "-", "-", str(r["clients"]), "-")
     t.caption = (f"served tokens/s = {r['served_vs_ceiling']:.0%} of the ceiling (one Session.generate on a batch of {r['clients']}); batch: mean rows per decode step "
-                 "(scheduler step record); tok lat: per-token latency after the first")
+                 "(scheduler step record); tok lat: per-token latency after the first; KV hits: requests that found their "
+                 f"task's prompt keys/values cached ({r['cache_entries']} held at the end; a miss runs the task's virtual tokens)")
     console.print(t)
 
 

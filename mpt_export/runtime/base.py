@@ -43,7 +43,7 @@ class Session:
         self.eos_token_id = bm.first_eos
         self._prompts = LRU(options.prompt_cache_size)  # digest -> composed prompt (T, H)
         self.prompt_kv_cache = options.prompt_kv_cache
-        self._task_kv = LRU(options.kv_cache_size)
+        self._task_kv = LRU(options.kv_cache_size, max_bytes=int(options.kv_cache_mib * (1 << 20)))
         self._bank_lock = threading.Lock()
         self._tokenizer = None
 

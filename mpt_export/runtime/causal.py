@@ -25,13 +25,46 @@ class CausalSession(Session):
 
         Virtual tokens come first and a causal model lets them attend only to each other, so their KV depends on
         the task alone: computed once, kept (LRU, keyed by the task's content), and every request starts from it."""
-        task, shared, key = self._task(name)
-        hit = self._task_kv.get(key)
+        hit = self.cached_task_kv(name)
         if hit is not None:
             return hit
         kv = self._prompt_kv(self.task_prompt(name))
-        self._task_kv.put(key, kv)
+        self.keep_task_kv(name, kv)
         return kv
+
+    def _tasks_kv(self, tasks: list[str]) -> list:
+        """Each row's task prompt KV: the cached ones, and the missing ones computed together — one batched call
+        per prompt length rather than one call per task."""
+        found = {t: self.cached_task_kv(t) for t in dict.fromkeys(tasks)}
+        missing = [t for t, kv in found.items() if kv is None]
+        by_len: dict[int, list[str]] = {}
+        for t in missing:
+            by_len.setdefault(self.prompt_len(t), []).append(t)
+        for group in by_len.values():
+            prompts = np.stack([self.task_prompt(t) for t in group])  # (m, P, H)
+            for t, kv in zip(group, self._prompts_kv(prompts)):
+                self.keep_task_kv(t, kv)
+                found[t] = kv
+        return [found[t] for t in tasks]
+
+    def _prompts_kv(self, prompts: np.ndarray) -> list:
+        """Composed prompts of one length (m, P, H) -> each one's keys/values, as :meth:`_prompt_kv` gives them."""
+        if prompts.shape[0] == 1:
+            return [self._prompt_kv(prompts[0])]
+        m, P = prompts.shape[:2]
+        feed = {"input_ids": np.zeros((m, 0), np.int64), "prompt_embeds": prompts,
+                "attention_mask": np.ones((m, P), np.int64), "position_ids": np.tile(np.arange(P, dtype=np.int64), (m, 1)),
+                **self._empty_past(m)}
+        present = list(self._present_as_past(self._run_backbone_impl(feed)).values())
+        return [[a[i: i + 1].copy() for a in present] for i in range(m)]  # (copies: a view would hold the batch)
+
+    def cached_task_kv(self, name: str):
+        """The task's prompt keys/values if the cache holds them (counted as a hit or a miss), else None."""
+        return self._task_kv.get(self._task(name)[2])
+
+    def keep_task_kv(self, name: str, kv) -> None:
+        """Keep ``kv`` as the task's prompt keys/values (computed by whoever missed them)."""
+        self._task_kv.put(self._task(name)[2], kv)
 
     def _prompt_kv(self, prompt: np.ndarray):
         """A composed prompt's (P, H) keys/values, in this kind's cache layout."""
@@ -65,7 +98,7 @@ class CausalSession(Session):
         ``prompt_embeds`` (which is empty)."""
         ids, tasks, mask = self._check(input_ids, tasks, attention_mask)
         B, S = ids.shape
-        kvs = [self.task_kv(t) for t in tasks]
+        kvs = self._tasks_kv(tasks)
         plens = [kv[0].shape[2] for kv in kvs]
         pmax = max(plens)
         pmask = np.zeros((B, pmax), np.int64)

@@ -83,24 +83,27 @@ class FusedCausalSession(CausalSession):
         ``new_tokens`` more positions (or :meth:`state_room`'s), so a generation of known length never grows them."""
         B = ids.shape[0]
         n = mask.sum(1)
-        plens = [self.task_prompt(t).shape[0] for t in tasks]
+        plens = [self.prompt_len(t) for t in tasks]
         used = [p + int(k) for p, k in zip(plens, n)]
         state = self._new_state(B, max(used) + max(int(new_tokens), self.state_room(max(used))))
         logits, processed = [], 0
         for b, t in enumerate(tasks):
             row = {k: v[b: b + 1] for k, v in state.items()}
             real = ids[b: b + 1, ids.shape[1] - int(n[b]):]
-            if use_cache:
-                for name, a in self.task_kv(t).items():
+            kv = self.cached_task_kv(t) if use_cache else None
+            if kv is not None:
+                for name, a in kv.items():
                     row[name][0, :, : plens[b]] = a
                 prompt = np.zeros((1, 0, self.hidden_size), self.dtype)
                 last = int(n[b]) - 1
-            else:
+            else:  # the prompt runs with the row's ids, in the same call (a cache miss costs no call of its own)
                 prompt = self.task_prompt(t)[None]
                 last = used[b] - 1
                 processed += plens[b]
             cache = self._bind_in_place(GRAPH, {n: row[n] for n in self._names})
             logits.append(self._call(cache, real, prompt, np.array([used[b] - 1]), np.array([last]))[0])
+            if use_cache and kv is None:  # the prompt's slots are the task's prompt KV: keep a copy
+                self.keep_task_kv(t, {name: row[name][0, :, : plens[b]].copy() for name in self._names})
             state["kv_mask"][b, : used[b]] = 1
             processed += int(n[b])
         return np.stack(logits), state, processed

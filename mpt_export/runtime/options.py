@@ -63,7 +63,8 @@ class SessionOptions:
     prepack: bool | str = "auto"  # ONNX Runtime's packed weight copies: True, False or "auto" (if both fit)
     prompt_kv_cache: bool = True  # a task's prompt keys/values computed once and kept
     prompt_cache_size: int = 64  # composed task prompts kept (LRU)
-    kv_cache_size: int = 32  # tasks' prompt keys/values kept (LRU)
+    kv_cache_size: int | None = None  # tasks' prompt keys/values kept at most (LRU; None: as many as kv_cache_mib holds)
+    kv_cache_mib: float = 1024  # memory the tasks' prompt keys/values may take (MiB; evicted least recently used first)
     graph: str = "auto"  # causal bundles on ONNX Runtime: "fast" (the fused graph), "plain" (the traced one), or
     # "auto": the fused graph where the bundle has one and the provider is the CPU
 
@@ -90,8 +91,13 @@ class SessionOptions:
             check_threads(self.intra_op_threads, param="intra_op_threads")
         for name in ("prompt_cache_size", "kv_cache_size"):
             v = getattr(self, name)
+            if v is None and name == "kv_cache_size":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise OptionError(f"{name} must be an integer >= 0, got {v!r}", param=name)
+        v = self.kv_cache_mib
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise OptionError(f"kv_cache_mib must be a number of MiB >= 0, got {v!r}", param="kv_cache_mib")
 
     @classmethod
     def of(cls, options: "SessionOptions | str | None" = None, **changes) -> "SessionOptions":

@@ -8,6 +8,10 @@ against the ceiling without HTTP — all measured in one run on one machine.
 
 Reported per mode: requests/s, tokens/s, the ratio to one-at-a-time, p50/p95 time to first token and per-token
 latency (after the first), and — from the scheduler's step record — the mean batch size of the decode steps.
+
+``tasks=N`` spreads the requests uniformly at random over N tasks (a copy of the bundle with N tasks is built once
+under the workdir, hard-linking the graphs): what the per-task prompt-KV cache is worth when few requests share a
+task. The cache's hits and misses over each mode come from the server's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..bundle.reader import load_bundle
 from ..errors import InputError, MptExportError
 from ..serving.ray.service import free_port, import_ray
 from ..storage.ownership import claim_workdir
+from .manytasks import bundle_with_tasks, cache_counts, hit_rate
 
 
 def _pct(xs, q):
@@ -113,43 +118,30 @@ def _steps(url: str, key: str | None, since: int = 0) -> dict:
     return httpx.get(url + "/admin/steps", params={"since": since}, headers=h, timeout=30).json()
 
 
-def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None = None, prompt_len: int = 64,
-                    max_tokens: int = 32, max_batch: int | None = None, threads: int | None = None,
-                    workdir: str | Path = "build/bench-serve", on_step=None) -> dict:
-    step = on_step or (lambda s: None)
-    if clients < 1 or prompt_len < 1 or max_tokens < 1:
-        raise InputError("--clients, --prompt-len and --max-tokens must be >= 1")
-    requests = requests or 4 * clients
-    workdir = claim_workdir(Path(workdir), "bench-serve-workdir")
-    b = load_bundle(bundle)
-    tasks = b.tasks
-    vocab = int(b.base_model["vocab_size"])
-    rng = np.random.default_rng(0)
-    jobs = [{"task": tasks[i % len(tasks)], "prompt": rng.integers(2, vocab, prompt_len).tolist(),
-             "max_tokens": max_tokens} for i in range(requests)]
-    s = b.session(intra_op_threads=threads)
-    s.check_request(prompt_len, tasks[0], max_tokens)  # fits the model, or one clear error now
-
-    step(f"ceiling: Session.generate on a batch of {clients}, no HTTP")
-    batch = jobs[:clients]
+def _ceiling(s, batch: list[dict], max_tokens: int, step) -> dict:
+    """One ``Session.generate`` over the batch, no HTTP: median of three after a warm-up."""
+    step(f"ceiling: Session.generate on a batch of {len(batch)}, no HTTP")
     ids = np.array([j["prompt"] for j in batch], np.int64)
-    names = [j["task"] for j in batch]
-    s.generate_detailed(ids, names, max_new_tokens=max_tokens, eos_token_id=None)  # warm-up, prompt KV
+    rows = [j["task"] for j in batch]
+    s.generate_detailed(ids, rows, max_new_tokens=max_tokens, eos_token_id=None)  # warm-up, prompt KV
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        res = s.generate_detailed(ids, names, max_new_tokens=max_tokens)
+        res = s.generate_detailed(ids, rows, max_new_tokens=max_tokens)
         times.append(time.perf_counter() - t0)
     ceiling = {"tokens": int(res.lengths.sum()), "wall_s": statistics.median(times)}
     ceiling["tokens_per_s"] = ceiling["tokens"] / ceiling["wall_s"]
-    del s
-    b.close()
+    return ceiling
 
+
+def _served(bundle, jobs, warm, names, clients, max_batch, threads, server_args, workdir, step):
+    """The server in a process of its own: warmed up (``warm``: requests of the measured distribution, else one
+    per task), then the jobs one at a time and from ``clients`` clients. -> (sequential, concurrent, cache entries)."""
     step("start the server")
     exe = Path(sys.executable).with_name("mpt-export")
     key = "bench-" + os.urandom(6).hex()
     args = [str(exe), "serve", str(bundle), "--port", "0", "--api-key", key,
-            "--max-batch", str(max_batch or clients)] + (["--threads", str(threads)] if threads else [])
+            "--max-batch", str(max_batch or clients), *server_args] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = None
@@ -161,23 +153,72 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
         if url is None or proc.poll() is not None:
             raise InputError(f"the server did not start ({line.strip()})")
         _load(url, jobs[:1], 1, key, workdir)  # warm-up: every graph and the first task's prompt KV
-        _load(url, [dict(j, max_tokens=2) for j in jobs[:len(tasks)]], len(tasks), key, workdir)  # every task's KV
+        if warm is None:
+            _load(url, [dict(j, max_tokens=2) for j in jobs[:len(names)]], len(names), key, workdir)  # every task's KV
+        else:  # as many other requests of the same distribution: the caches as a long-running server has them
+            _load(url, [dict(j, max_tokens=2) for j in warm], clients, key, workdir)
         step(f"one at a time: {len(jobs)} requests")
+        c0 = cache_counts(url, key)
         sequential = _load(url, jobs, 1, key, workdir)
+        c1 = cache_counts(url, key)
         step(f"concurrent: {clients} clients, {len(jobs)} requests")
         since = _steps(url, key, 1 << 62)["step_count"]
         concurrent = _load(url, jobs, clients, key, workdir)
+        c2 = cache_counts(url, key)
         decode = [x["batch"] for x in _steps(url, key, since)["steps"] if x["kind"] == "decode"]
-        concurrent["mean_batch"] = float(np.mean(decode)) if decode else 0.0
-        sequential["mean_batch"] = 1.0
     finally:
         _stop(proc, timeout=60)
+    concurrent["mean_batch"] = float(np.mean(decode)) if decode else 0.0
+    sequential["mean_batch"] = 1.0
+    sequential.update(hit_rate(c0, c1))
+    concurrent.update(hit_rate(c1, c2))
+    return sequential, concurrent, int(c2.get("entries", 0))
+
+
+def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None = None, prompt_len: int = 64,
+                    max_tokens: int = 32, max_batch: int | None = None, threads: int | None = None,
+                    workdir: str | Path = "build/bench-serve", on_step=None, tasks: int | None = None,
+                    server_args: tuple[str, ...] = ()) -> dict:
+    """``tasks``: spread the requests uniformly at random over that many tasks (a copy of the bundle with as many
+    is built under ``workdir``); None: round-robin over the bundle's own. ``server_args``: more ``serve`` options."""
+    step = on_step or (lambda s: None)
+    if clients < 1 or prompt_len < 1 or max_tokens < 1 or (tasks is not None and tasks < 1):
+        raise InputError("--clients, --prompt-len, --max-tokens and --tasks must be >= 1")
+    requests = requests or 4 * clients
+    workdir = claim_workdir(Path(workdir), "bench-serve-workdir")
+    source = bundle
+    if tasks is not None:
+        bundle = bundle_with_tasks(bundle, tasks, workdir, step)
+    b = load_bundle(bundle)
+    names = b.tasks
+    vocab = int(b.base_model["vocab_size"])
+    rng = np.random.default_rng(0)
+
+    def draw(count, rng):
+        if tasks is None:
+            return [{"task": names[i % len(names)], "prompt": rng.integers(2, vocab, prompt_len).tolist(),
+                     "max_tokens": max_tokens} for i in range(count)]
+        pick = rng.integers(0, tasks, count)  # uniform over the first ``tasks`` of the bundle
+        return [{"task": names[int(k)], "prompt": rng.integers(2, vocab, prompt_len).tolist(),
+                 "max_tokens": max_tokens} for k in pick]
+
+    jobs = draw(requests, rng)
+    warm = draw(requests, np.random.default_rng(1))  # the same distribution: the cache in its steady state
+    s = b.session(intra_op_threads=threads)
+    s.check_request(prompt_len, names[0], max_tokens)  # fits the model, or one clear error now
+
+    ceiling = _ceiling(s, jobs[:clients], max_tokens, step)
+    del s
+    b.close()
+    sequential, concurrent, cache_entries = _served(bundle, jobs, warm if tasks is not None else None, names, clients,
+                                                    max_batch, threads, server_args, workdir, step)
     for row in (sequential, concurrent):
         row["ratio_vs_sequential"] = row["tokens_per_s"] / sequential["tokens_per_s"]
     ceiling["ratio_vs_sequential"] = ceiling["tokens_per_s"] / sequential["tokens_per_s"]
-    return {"bundle": str(bundle), "clients": clients, "requests": len(jobs), "prompt_len": prompt_len,
-            "max_tokens": max_tokens, "threads": threads, "sequential": sequential, "concurrent": concurrent,
-            "ceiling": ceiling, "served_vs_ceiling": concurrent["tokens_per_s"] / ceiling["tokens_per_s"]}
+    return {"bundle": str(source), "tasks": tasks, "bundle_tasks": len(names), "clients": clients,
+            "requests": len(jobs), "prompt_len": prompt_len, "max_tokens": max_tokens, "threads": threads,
+            "sequential": sequential, "concurrent": concurrent, "ceiling": ceiling, "cache_entries": cache_entries,
+            "served_vs_ceiling": concurrent["tokens_per_s"] / ceiling["tokens_per_s"]}
 
 
 def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, tmp: Path):

@@ -83,6 +83,10 @@ def test_decoding_is_peft_greedy_with_the_cache_in_place_and_grown(refs, name):
     s = b.session(graph="fast")
     ids, mask = left_padded(s.vocab_size, LENS, seed=3)
     plens = [s.prompt_len(t) for t in TASKS]
+    cold = b.session(graph="fast")  # no task's prompt KV cached yet: each prompt runs with its row's text
+    assert cold.prefill(ids, TASKS, mask)[2] == sum(LENS) + sum(cold.prompt_len(t) for t in set(TASKS))
+    for t in TASKS:
+        s.task_kv(t)
     logits, state, processed = s.prefill(ids, TASKS, mask)  # the cached prompt KV copied in: only the text runs
     assert processed == sum(LENS)
     assert state["kv_mask"].sum(1).tolist() == [p + n for p, n in zip(plens, LENS)]

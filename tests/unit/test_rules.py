@@ -209,6 +209,8 @@ def test_session_options_are_checked_once_before_any_runtime_loads():
                             (dict(prepack="yes"), "prepack", "prepack must be"),
                             (dict(intra_op_threads=-1), "intra_op_threads", "threads must be"),
                             (dict(kv_cache_size=-2), "kv_cache_size", "kv_cache_size"),
+                            (dict(kv_cache_mib=-1), "kv_cache_mib", "kv_cache_mib must be"),
+                            (dict(kv_cache_mib=float("nan")), "kv_cache_mib", "kv_cache_mib must be"),
                             (dict(backend="tvm"), "backend", "unknown backend 'tvm'"),
                             (dict(backend="tensorrt"), "engines", "needs the engines folder"),
                             (dict(provider=""), "provider", "provider must be"),
@@ -218,6 +220,9 @@ def test_session_options_are_checked_once_before_any_runtime_loads():
         assert isinstance(e.value, InputError) and e.value.param == param, kw
     served = ServeOptions(threads=3, prepack=False).session_options
     assert (served.intra_op_threads, served.prepack) == (3, False)
+    assert ServeOptions(kv_cache_mib=8).session_options.kv_cache_mib == 8
+    with pytest.raises(OptionError, match="--kv-cache-mib must be"):
+        ServeOptions(kv_cache_mib=-1)
     for kw, param in ((dict(threads=10**6), "intra_op_threads"), (dict(port=70000), "port"),
                       (dict(max_queue=0), "max_queue"), (dict(api_key=" k"), "api_key")):
         with pytest.raises(OptionError) as e:
@@ -264,3 +269,27 @@ def test_bench_export_help_lists_every_shape():
 
     src = (__import__("pathlib").Path(__file__).parents[2] / "cli" / "bench_export.py").read_text()
     assert all(name in src for name in SHAPES)
+
+
+def test_the_prompt_kv_cache_is_bounded_in_entries_and_in_bytes():
+    from mpt_export.runtime.cache import LRU
+
+    kv = lambda n: [np.zeros(n, np.float32), {"v": np.zeros(n, np.float32)}]  # noqa: E731 - 8n bytes
+    c = LRU(None, max_bytes=8 * 100)
+    for i in range(5):
+        c.put(i, kv(30))  # 240 bytes each: three fit
+    assert len(c) == 3 and c.bytes == 720 and c.evictions == 2 and c.get(0) is None and c.get(4) is not None
+    c.get(2)  # now the most recent: 3 goes next
+    c.put(9, kv(30))
+    assert c.get(3) is None and c.get(2) is not None and c.stats()["entries"] == 3
+    c.put(9, kv(10))  # replaced: its bytes counted once
+    assert c.bytes == 2 * 240 + 80
+    c.put("big", kv(101))  # larger than the whole budget: not kept, nothing evicted for it
+    assert c.get("big") is None and len(c) == 3
+    n = LRU(2)  # a count limit alone, as kv_cache_size gives
+    for i in range(4):
+        n.put(i, kv(1000))
+    assert len(n) == 2 and n.stats()["hits"] == 0 and n.stats()["misses"] == 0
+    none = LRU(0)
+    none.put("x", kv(1))
+    assert len(none) == 0 and none.bytes == 0

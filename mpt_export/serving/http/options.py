@@ -30,6 +30,7 @@ class ServeOptions:
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     limit_concurrency: int | None = None  # connections + requests at once at most (503 beyond); None: no limit
     task_dirs: tuple[str, ...] = ()  # directories POST /admin/tasks may load adapters from (none: the route is off)
+    kv_cache_mib: float = 1024  # memory for the tasks' prompt keys/values kept between requests (MiB)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -55,14 +56,17 @@ class ServeOptions:
         object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
-        self.session_options  # noqa: B018 - threads and prepack checked here, before anything loads
+        try:
+            self.session_options  # noqa: B018 - threads, prepack and the cache's memory checked here, before anything loads
+        except OptionError as e:
+            raise OptionError(str(e).replace("kv_cache_mib", "--kv-cache-mib"), param=e.param) from None
 
     @property
     def session_options(self) -> SessionOptions:
         """How the served session opens (the scheduler edits its decode state through the session, wherever the
         backend keeps it)."""
         return SessionOptions(provider=self.provider, intra_op_threads=self.threads, prepack=self.prepack,
-                              graph=self.graph)
+                              graph=self.graph, kv_cache_mib=self.kv_cache_mib)
 
     @property
     def host_allow_list(self) -> frozenset[str] | None:

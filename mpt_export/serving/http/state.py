@@ -142,11 +142,13 @@ class CacheCollector:
         stats = session.cache_stats() if session is not None else {}
         families = {k: CounterMetricFamily(f"mpt_export_cache_{k}", f"cache {k}", labels=["cache"])
                     for k in ("hits", "misses", "evictions")}
-        entries = GaugeMetricFamily("mpt_export_cache_entries", "entries held / the cache's size", labels=["cache"])
-        size = GaugeMetricFamily("mpt_export_cache_size", "the cache's size in entries", labels=["cache"])
+        gauges = {k: GaugeMetricFamily(f"mpt_export_cache_{k}", what, labels=["cache"]) for k, what in (
+            ("entries", "entries held"), ("size", "the most entries the cache holds (absent: no count limit)"),
+            ("bytes", "bytes held"), ("max_bytes", "the most bytes the cache holds (absent: no byte limit)"))}
         for name, st in stats.items():
             for k, fam in families.items():
                 fam.add_metric([name], st[k])
-            entries.add_metric([name], st["entries"])
-            size.add_metric([name], st["size"])
-        yield from (*families.values(), entries, size)
+            for k, fam in gauges.items():
+                if st.get(k) is not None:
+                    fam.add_metric([name], st[k])
+        yield from (*families.values(), *gauges.values())
