@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from ._help import conventional_help, unwrap_docstrings
-from . import (bench, bench_export, bench_serve, build, demo, evaluate, export, generate, inspect, quantize, serve, tasks,
-               triton, verify)
+from . import (bench, bench_export, bench_serve, bench_structured, build, demo, evaluate, export, generate, inspect,
+               quantize, serve, tasks, triton, verify)
 from mpt_export.version import __version__
 
 conventional_help()
@@ -35,6 +35,7 @@ app.command(name="triton")(triton.triton_cmd)
 app.command(name="bench")(bench.bench_cmd)
 app.command(name="bench-serve")(bench_serve.bench_serve_cmd)
 app.command(name="bench-export")(bench_export.bench_export_cmd)
+app.command(name="bench-structured")(bench_structured.bench_structured_cmd)
 app.command(name="demo")(demo.demo_cmd)
 unwrap_docstrings(app)
 

@@ -112,6 +112,12 @@ def generate_cmd(
     prompt_cache: Annotated[bool, typer.Option("--prompt-cache/--no-prompt-cache", help="Start from each task's cached prompt KV.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row: task, text, token ids, finish reason, timings (with --stream: JSON lines only).")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated (one prompt; with --json any number, as JSON lines).")] = False,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain every row to JSON valid against this JSON schema file (compact: no whitespace unless --whitespace-pattern).", rich_help_panel="Structured output")] = None,
+    json_object: Annotated[bool, typer.Option("--json-object", help="Constrain every row to a JSON object.", rich_help_panel="Structured output")] = False,
+    choice: Annotated[list[str] | None, typer.Option("--choice", help="Constrain every row to exactly one of these strings (repeatable): a label.", rich_help_panel="Structured output")] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="Constrain every row to text this regular expression matches (whole).", rich_help_panel="Structured output")] = None,
+    grammar: Annotated[Path | None, typer.Option("--grammar", help="Constrain every row to this grammar file (Lark, or llama.cpp's GBNF).", rich_help_panel="Structured output")] = None,
+    whitespace_pattern: Annotated[str | None, typer.Option(help="With --json-schema/--json-object: the whitespace allowed between JSON tokens (a regular expression).", rich_help_panel="Structured output")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Generate text with a bundle: one backbone, any task per row."""
@@ -124,8 +130,9 @@ def generate_cmd(
         raise InputError(f"--stream prints one prompt's text as it comes; got {len(rows)} prompts (add --json to "
                          "stream several as JSON lines)")
     # the settings, checked before the bundle loads: one object from here to the decode loop
+    constraint = _constraint(json_schema, json_object, choice, regex, grammar, whitespace_pattern)
     params = SamplingParams.of(CLI_DEFAULTS, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop=stop or None)
+                               top_p=top_p, seed=seed, stop=stop or None, constraint=constraint)
     options = SessionOptions(provider=provider, backend=backend, engines=engines, prompt_kv_cache=prompt_cache,
                              intra_op_threads=threads, optimization=optimization, prepack=prepack, graph=graph)
     with progress("generate", quiet) as on_step:  # a multi-GB bundle: its files hashed, its graphs loaded
@@ -133,6 +140,11 @@ def generate_cmd(
         b = mpt_export.load_bundle(bundle)
         on_step(f"start the session ({options.backend}, {options.provider})")
         s = b.session(options)
+        if constraint is not None:
+            from mpt_export.runtime.constraints import grammars_of
+
+            on_step("compile the output constraint")
+            grammars_of(s).compile(constraint)  # a bad schema, regex or grammar: one clear error, before any row
     check_rows(s, rows, where, params.max_new_tokens)
     failed = []  # one row never fails another: each row prints its output or its error
     for start in range(0, len(rows), batch_size):
@@ -202,3 +214,34 @@ def _show(delta: str, index: int, as_json: bool) -> None:
     else:
         sys.stdout.write(delta)
         sys.stdout.flush()
+
+
+def _constraint(json_schema, json_object, choice, regex, grammar, whitespace_pattern):
+    """The one output constraint the options give (at most one kind), read and checked before the bundle loads."""
+    from mpt_export.runtime.constraints import Constraint
+
+    given = [name for name, v in (("--json-schema", json_schema), ("--json-object", json_object),
+                                  ("--choice", choice), ("--regex", regex), ("--grammar", grammar)) if v]
+    if len(given) > 1:
+        raise InputError(f"give one output constraint, got {' and '.join(given)}")
+    if whitespace_pattern is not None and not (json_schema or json_object):
+        raise InputError("--whitespace-pattern applies with --json-schema or --json-object")
+
+    def read(path: Path, what: str) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read {what} {path} ({getattr(e, 'strerror', None) or e}); give a UTF-8 "
+                             "text file") from None
+
+    if json_schema:
+        return Constraint.json_schema(read(json_schema, "--json-schema"), whitespace_pattern, param="--json-schema")
+    if json_object:
+        return Constraint.json_object(whitespace_pattern, param="--json-object")
+    if choice:
+        return Constraint.choice(choice, param="--choice")
+    if regex is not None:
+        return Constraint.regex(regex, param="--regex")
+    if grammar:
+        return Constraint.grammar(read(grammar, "--grammar"), param="--grammar")
+    return None

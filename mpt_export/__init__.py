@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .version import __version__
 
-__all__ = ["export_bundle", "verify_bundle", "load_bundle", "read_adapter", "Bundle", "errors", "__version__"]
+__all__ = ["export_bundle", "verify_bundle", "load_bundle", "read_adapter", "Bundle", "Constraint", "SamplingParams",
+           "errors", "__version__"]
 
 
 def __getattr__(name: str):
@@ -23,6 +24,14 @@ def __getattr__(name: str):
         from .source.adapters import read_adapter
 
         return read_adapter
+    if name == "Constraint":
+        from .runtime.constraints import Constraint
+
+        return Constraint
+    if name == "SamplingParams":
+        from .runtime.sampling import SamplingParams
+
+        return SamplingParams
     if name == "errors":
         from . import errors
 

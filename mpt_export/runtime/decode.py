@@ -60,10 +60,14 @@ class Row:
     generator, its tokens, its text and its finish. ``eos``: the model's EOS token (the settings' ``eos_token_id``
     may name another, or none)."""
 
-    __slots__ = ("cfg", "rng", "eos", "eos_id", "stop", "tokens", "finish", "text", "logprobs")
+    __slots__ = ("cfg", "rng", "eos", "eos_id", "stop", "tokens", "finish", "text", "logprobs", "matcher",
+                 "matcher_n")
 
-    def __init__(self, cfg: SamplingParams, rng, eos: int | None, tokenizer=None, stream: bool = False):
+    def __init__(self, cfg: SamplingParams, rng, eos: int | None, tokenizer=None, stream: bool = False,
+                 matcher=None):
         self.cfg, self.rng = cfg, rng
+        # the row's constraint matcher and its vocabulary (``Grammars.matcher``), or None: an unconstrained row
+        self.matcher, self.matcher_n = matcher if matcher is not None else (None, 0)
         self.stop = list(cfg.stop) if cfg.stop else None
         eos = cfg.eos(eos)
         self.eos_id = eos  # the row's EOS (min_tokens keeps it from being chosen early)
@@ -82,8 +86,12 @@ class Row:
         if self.eos is not None and tok == self.eos:
             self.finish = "eos"
             return None
+        if self.matcher is not None and not self.matcher.consume_token(tok):
+            raise GenerationError(f"the output constraint refused token {tok}: {self.matcher.get_error()[:300]}")
         delta = self.text.push(tok) if self.text is not None else ""
         if self.text is not None and self.text.stopped:
+            self.finish = "stop"
+        elif self.matcher is not None and self.matcher.is_stopped():  # complete, and nothing may follow
             self.finish = "stop"
         elif len(self.tokens) >= self.cfg.max_new_tokens:
             self.finish = "length"
@@ -105,19 +113,25 @@ def choose(rows: list[Row], logits: np.ndarray) -> tuple[np.ndarray, dict[int, E
     model's own distribution: no temperature, no EOS mask)."""
     finite = np.isfinite(logits).all(-1)
     raw = logits
+    failed: dict[int, Exception] = {i: NumericsError(f"the model produced NaN or Inf logits at generation step "
+                                                     f"{len(r.tokens)}") for i, r in enumerate(rows) if not finite[i]}
+    if any(r.matcher is not None for r in rows):
+        from .constraints import apply_masks
+
+        logits = apply_masks(rows, logits, failed)
     early = [i for i, r in enumerate(rows) if r.eos_id is not None and len(r.tokens) < r.cfg.min_tokens]
     if early:
-        logits = logits.copy()
-        for i in early:
-            logits[i, rows[i].eos_id] = -np.inf
+        logits = logits.copy() if logits is raw else logits
+        for i in early:  # (a constraint that can only end here ends the row, min_tokens or not)
+            if rows[i].matcher is None or np.isfinite(np.delete(logits[i], rows[i].eos_id)).any():
+                logits[i, rows[i].eos_id] = -np.inf
     nxt = np.zeros(len(rows), np.int64)
-    greedy = [i for i, r in enumerate(rows) if r.cfg.greedy and finite[i]]
+    greedy = [i for i, r in enumerate(rows) if r.cfg.greedy and i not in failed]
     if greedy:
         nxt[greedy] = logits[greedy].argmax(-1)
-    failed: dict[int, Exception] = {}
     for i, r in enumerate(rows):
-        if not finite[i]:
-            failed[i] = NumericsError(f"the model produced NaN or Inf logits at generation step {len(r.tokens)}")
+        if i in failed:
+            pass
         elif not r.cfg.greedy:
             try:
                 nxt[i] = select(logits[i:i + 1], r.cfg, [r.rng])[0]
@@ -147,7 +161,17 @@ def generate(session, ids, tasks, mask, cfg: SamplingParams, use_cache: bool, on
     B = ids.shape[0]
     eos = cfg.eos(session.eos_token_id)
     tok = session.tokenizer if (cfg.stop or on_text) else None
-    rows = [Row(cfg, rng, session.eos_token_id, tok, stream=on_text is not None) for rng in rngs or cfg.generators(B)]
+    grammars = None
+    if cfg.constraint is not None:
+        from .constraints import grammars_of
+
+        if forced_tokens is not None:
+            raise InputError("forced_tokens (teacher forcing) and an output constraint do not go together",
+                             param="constraint")
+        grammars = grammars_of(session)
+    rows = [Row(cfg, rng, session.eos_token_id, tok, stream=on_text is not None,
+                matcher=grammars.matcher(cfg.constraint) if grammars is not None else None)
+            for rng in rngs or cfg.generators(B)]
     errors: list = [None] * B
     t0 = time.perf_counter()
     logits, state, processed = session.prefill(ids, tasks, mask, use_cache, new_tokens=cfg.max_new_tokens)
@@ -161,7 +185,11 @@ def generate(session, ids, tasks, mask, cfg: SamplingParams, use_cache: bool, on
         if on_step and ok.any():
             on_step(step, live[ok].copy(), nxt[ok].copy())
         for r, t in zip(live[ok], nxt[ok]):
-            delta = rows[r].take(int(t))
+            try:
+                delta = rows[r].take(int(t))
+            except MptExportError as e:  # this row's own (its constraint): it ends, the others go on
+                rows[r].finish, errors[r] = "error", row_error(e, tasks[r])
+                continue
             if on_text and delta:
                 on_text(int(r), delta)
             if on_text and rows[r].finish:

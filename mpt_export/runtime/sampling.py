@@ -38,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False  # EOS is a token like any other: generate max_new_tokens
     stop: tuple[str, ...] | None = None  # a row ends where its text holds one of these (cut before it)
     eos_token_id: int | None | str = "auto"  # the token that ends a row: "auto" the model's, None none
+    constraint: "Constraint | None" = None  # structured output: what the text must be (see .constraints)
 
     def __post_init__(self):
         if not _integer(self.max_new_tokens) or self.max_new_tokens <= 0:
@@ -64,6 +65,12 @@ class SamplingParams:
             _bad("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
         stop = check_stop(self.stop)
         self._set("stop", tuple(stop) if stop else None)
+        if self.constraint is not None:
+            from .constraints import Constraint
+
+            if not isinstance(self.constraint, Constraint):
+                _bad("constraint", f"must be a Constraint (mpt_export.Constraint.json_schema(...), .regex(...), "
+                     f".choice([...]), .grammar(...)), got {type(self.constraint).__name__}")
         if self.eos_token_id != "auto":
             self._set("eos_token_id", _optional_int("eos_token_id", self.eos_token_id,
                                                     "a token id >= 0, None (no EOS) or 'auto' (the model's)"))

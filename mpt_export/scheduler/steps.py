@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from ..errors import GenerationError, MptExportError, NumericsError
+from ..runtime.constraints import grammars_of
 from ..runtime.decode import Row, choose
 from .batchstate import build_state, copy_row, length_groups, unused_columns, used_columns
 from .request import Request
@@ -21,11 +22,12 @@ class _Row:
 
     __slots__ = ("req", "gen", "next_token")
 
-    def __init__(self, req: Request, tokenizer, eos):
+    def __init__(self, req: Request, tokenizer, eos, session):
         self.req = req
         cfg = req.sampling  # read as it is: the object the request was built with
         rng = cfg.generators(req.seed_row + 1)[req.seed_row] if not cfg.greedy else None
-        self.gen = Row(cfg, rng, eos, tokenizer, stream=True)
+        matcher = grammars_of(session).matcher(cfg.constraint) if cfg.constraint is not None else None
+        self.gen = Row(cfg, rng, eos, tokenizer, stream=True, matcher=matcher)
         req.tokens = self.gen.tokens  # one list: the request shows the tokens as they come
         req.token_logprobs = self.gen.logprobs
         self.next_token = None
@@ -70,7 +72,7 @@ class BatchSteps:
         for req in reqs:
             try:
                 self.check(req)
-                rows.append(_Row(req, self.tokenizer, self.eos))
+                rows.append(_Row(req, self.tokenizer, self.eos, self.session))
             except MptExportError as e:  # e.g. its task was removed by a reload since it was queued
                 self._fail(req, e)
         joining = []

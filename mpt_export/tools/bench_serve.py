@@ -134,9 +134,10 @@ def _ceiling(s, batch: list[dict], max_tokens: int, step) -> dict:
     return ceiling
 
 
-def _served(bundle, jobs, warm, names, clients, max_batch, threads, server_args, workdir, step):
+def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, server_args, workdir, step):
     """The server in a process of its own: warmed up (``warm``: requests of the measured distribution, else one
-    per task), then the jobs one at a time and from ``clients`` clients. -> (sequential, concurrent, cache entries)."""
+    per task), then ``jobs`` one at a time and ``other`` from ``clients`` clients. -> (sequential, concurrent, cache
+    entries)."""
     step("start the server")
     exe = Path(sys.executable).with_name("mpt-export")
     key = "bench-" + os.urandom(6).hex()
@@ -163,7 +164,7 @@ def _served(bundle, jobs, warm, names, clients, max_batch, threads, server_args,
         c1 = cache_counts(url, key)
         step(f"concurrent: {clients} clients, {len(jobs)} requests")
         since = _steps(url, key, 1 << 62)["step_count"]
-        concurrent = _load(url, jobs, clients, key, workdir)
+        concurrent = _load(url, other, clients, key, workdir)
         c2 = cache_counts(url, key)
         decode = [x["batch"] for x in _steps(url, key, since)["steps"] if x["kind"] == "decode"]
     finally:
@@ -204,14 +205,16 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
 
     jobs = draw(requests, rng)
     warm = draw(requests, np.random.default_rng(1))  # the same distribution: the cache in its steady state
+    # spread over many tasks, each mode draws its own requests (the same ones would find the tasks the other used)
+    other = draw(requests, np.random.default_rng(2)) if tasks is not None else jobs
     s = b.session(intra_op_threads=threads)
     s.check_request(prompt_len, names[0], max_tokens)  # fits the model, or one clear error now
 
     ceiling = _ceiling(s, jobs[:clients], max_tokens, step)
     del s
     b.close()
-    sequential, concurrent, cache_entries = _served(bundle, jobs, warm if tasks is not None else None, names, clients,
-                                                    max_batch, threads, server_args, workdir, step)
+    sequential, concurrent, cache_entries = _served(bundle, jobs, other, warm if tasks is not None else None, names,
+                                                    clients, max_batch, threads, server_args, workdir, step)
     for row in (sequential, concurrent):
         row["ratio_vs_sequential"] = row["tokens_per_s"] / sequential["tokens_per_s"]
     ceiling["ratio_vs_sequential"] = ceiling["tokens_per_s"] / sequential["tokens_per_s"]

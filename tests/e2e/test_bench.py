@@ -95,7 +95,6 @@ def test_bench_serve_spreads_requests_over_many_tasks(bench_workdir):
     assert many["tasks"] == 1500 and many["bundle_tasks"] == 1500 and many["cache_entries"] == 0
     for mode in ("sequential", "concurrent"):
         assert many[mode]["cache_misses"] == 8 and many[mode]["cache_hits"] == 0
-    assert many["sequential"]["tokens"] == many["concurrent"]["tokens"]
     copies = list(bench_workdir.glob("serve/tasks-1500/bundle/manifest.json"))
     assert len(copies) == 1  # built once, under the workdir
     again = run_cli(*args, "--tasks", "1500")  # reused, not rebuilt; the default memory keeps every task here

@@ -54,6 +54,13 @@ def test_chat_completions_with_a_template(tmp_path, served):
                                                 stream=True, logprobs=True, top_logprobs=2))
         streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
         assert [x.logprob for x in streamed] == [x.logprob for x in content]
+        # structured outputs through the chat template: the reply is what the constraint allows
+        r = c.chat.completions.create(model="mnli", messages=msgs, max_tokens=24, temperature=1.0, seed=3,
+                                      response_format={"type": "json_object"})
+        assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+        r = c.chat.completions.create(model="qnli", messages=msgs, max_tokens=8, temperature=1.0, seed=3,
+                                      extra_body={"structured_outputs": {"choice": ["entailment", "not_entailment"]}})
+        assert r.choices[0].message.content in ("entailment", "not_entailment")
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "mnli", "messages": msgs, "top_logprobs": 2})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
         bad = httpx.post(s.url + "/v1/chat/completions", json={"model": "mnli", "messages": "hi"})

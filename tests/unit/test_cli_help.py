@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from mpt_export.cli import app
 
 COMMANDS = ["inspect", "export", "verify", "quantize", "generate", "eval", "build", "check-trt", "serve", "triton",
-            "bench", "bench-serve", "bench-export", "demo", "tasks add", "tasks remove", "tasks list"]
+            "bench", "bench-serve", "bench-export", "bench-structured", "demo", "tasks add", "tasks remove", "tasks list"]
 
 
 def help_of(command: str) -> str:
@@ -35,7 +35,8 @@ def test_help_pages_are_consistent(command):
 
 
 def test_long_commands_take_quiet_and_providers_match_what_is_accepted():
-    for command in ("export", "quantize", "verify", "eval", "build", "bench", "bench-serve", "bench-export", "demo",
+    for command in ("export", "quantize", "verify", "eval", "build", "bench", "bench-serve", "bench-export",
+                    "bench-structured", "demo",
                     "generate", "triton"):
         assert "--quiet" in help_of(command), command
     from mpt_export.runtime.onnxruntime import PROVIDER_ALIASES

@@ -15,6 +15,7 @@ from .echo import echoed, score_prompts
 from .edge import disconnected
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import APIError, api_error, error_body
+from .structured import compile_constraint
 from .numbers import INT64_MAX, Bounds, check_numbers, number
 from .protocol import (HTTP_DEFAULTS, answer_options, chat_prompt, prompts_of, read_json, room_for, sampling, task_of,
                        usage_of)
@@ -45,6 +46,7 @@ async def generate(state: ServerState, request, chat: bool):
             prompts = await asyncio.to_thread(prompts_of, data.get("prompt"), state.session.tokenizer, state)
         max_tokens = _max_tokens(state, data, task, prompts, chat, opts["echo"])
         params = sampling(data, chat, max_tokens or 1)  # checked (echo alone too) before any prompt is scored
+        await compile_constraint(state.session, params.constraint if max_tokens else None)
         scored = await asyncio.to_thread(score_prompts, state.session, task, prompts, params.logprobs) \
             if opts["echo"] else None
         if max_tokens == 0:  # echo alone: the prompts scored, nothing generated

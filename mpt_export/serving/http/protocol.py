@@ -8,6 +8,7 @@ import json
 
 from ...errors import InputError, OptionError
 from ...runtime.sampling import SamplingParams
+from .structured import constraint_of
 from .errors import APIError, api_error, error_body  # noqa: F401 (api_error, error_body: re-exported)
 from .numbers import number, shown
 
@@ -16,8 +17,7 @@ DEFAULT_MAX_BODY = 1 << 20
 # the positions allow) — the one place the server declares them (docs/reference/http.md lists them)
 HTTP_DEFAULTS = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0)
 UNSUPPORTED = {"suffix": None, "logit_bias": None, "best_of": 1,
-               "presence_penalty": 0, "frequency_penalty": 0, "tools": None, "functions": None,
-               "response_format": None}
+               "presence_penalty": 0, "frequency_penalty": 0, "tools": None, "functions": None}
 
 
 KEY_ENV = "MPT_EXPORT_API_KEY"
@@ -123,7 +123,7 @@ def sampling(data: dict, chat: bool, max_tokens: int) -> SamplingParams:
             top_p=number(data, "top_p", d.top_p), top_k=number(data, "top_k", d.top_k),
             seed=number(data, "seed", d.seed), stop=stop, logprobs=logprobs_of(data, chat),
             min_tokens=number(data, "min_tokens", d.min_tokens),
-            ignore_eos=data.get("ignore_eos", d.ignore_eos))
+            ignore_eos=data.get("ignore_eos", d.ignore_eos), constraint=constraint_of(data))
     except InputError as e:
         raise api_error(e) from None
 
