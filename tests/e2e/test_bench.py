@@ -81,25 +81,26 @@ def test_bench_serve_tiny_runs_end_to_end(bench_workdir):
 
 def test_bench_serve_spreads_requests_over_many_tasks(bench_workdir):
     """--tasks N builds a copy of the bundle with N tasks once (under the workdir) and spreads the requests uniformly
-    over them; the cache's hits and misses come from the server's /metrics: with one task every request hits, with
-    the cache given no memory every request misses."""
+    over them; the cache's hits and misses come from the server's /metrics: with the cache given no memory every request
+    misses; when every task fits, the server is warmed with each and every request hits."""
     for module in ("httpx", "starlette", "uvicorn"):
         pytest.importorskip(module)
     args = ("bench-serve", "--preset", "tiny", "--workdir", bench_workdir, "--clients", "4", "--requests", "8",
             "--prompt-len", "8", "--max-tokens", "4", "--json")
-    one = json.loads(run_cli(*args, "--tasks", "1").stdout)
-    assert one["tasks"] == 1 and one["concurrent"]["cache_hit_rate"] == 1.0 == one["sequential"]["cache_hit_rate"]
-    res = run_cli(*args, "--tasks", "1500", "--kv-cache-mib", "0")
+    res = run_cli(*args, "--tasks", "300", "--kv-cache-mib", "0")
     assert res.returncode == 0, res.stderr
     many = json.loads(res.stdout)
-    assert many["tasks"] == 1500 and many["bundle_tasks"] == 1500 and many["cache_entries"] == 0
+    assert many["tasks"] == 300 and many["bundle_tasks"] == 300 and many["cache_entries"] == 0
     for mode in ("sequential", "concurrent"):
         assert many[mode]["cache_misses"] == 8 and many[mode]["cache_hits"] == 0
-    copies = list(bench_workdir.glob("serve/tasks-1500/bundle/manifest.json"))
+    copies = list(bench_workdir.glob("serve/tasks-300/bundle/manifest.json"))
     assert len(copies) == 1  # built once, under the workdir
-    again = run_cli(*args, "--tasks", "1500")  # reused, not rebuilt; the default memory keeps every task here
+    again = run_cli(*args, "--tasks", "300")  # reused, not rebuilt; the default memory keeps every task here
     assert again.returncode == 0 and "a copy of the bundle" not in again.stderr, again.stderr
-    assert copies[0].stat().st_mtime_ns == (bench_workdir / "serve/tasks-1500/bundle/manifest.json").stat().st_mtime_ns
+    warm = json.loads(again.stdout)  # so a long-running server holds them all: warmed, every request hits
+    assert warm["warmed_every_task"] and warm["cache_entries"] >= 300 and 300 * warm["task_kv_bytes"] <= 2**30
+    assert warm["sequential"]["cache_hit_rate"] == 1.0 == warm["concurrent"]["cache_hit_rate"]
+    assert copies[0].stat().st_mtime_ns == (bench_workdir / "serve/tasks-300/bundle/manifest.json").stat().st_mtime_ns
 
 
 def test_bench_a_bundle(llama, tmp_path):

@@ -56,8 +56,10 @@ def test_chat_completions_with_a_template(tmp_path, served):
         assert [x.logprob for x in streamed] == [x.logprob for x in content]
         # structured outputs through the chat template: the reply is what the constraint allows
         r = c.chat.completions.create(model="mnli", messages=msgs, max_tokens=24, temperature=1.0, seed=3,
-                                      response_format={"type": "json_object"})
-        assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+                                      response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                          "type": "object", "properties": {"ok": {"type": "boolean"}},
+                                          "required": ["ok"], "additionalProperties": False}}})
+        assert json.loads(r.choices[0].message.content) in ({"ok": True}, {"ok": False})
         r = c.chat.completions.create(model="qnli", messages=msgs, max_tokens=8, temperature=1.0, seed=3,
                                       extra_body={"structured_outputs": {"choice": ["entailment", "not_entailment"]}})
         assert r.choices[0].message.content in ("entailment", "not_entailment")
