@@ -141,3 +141,14 @@ def test_generate_cli_takes_the_same_constraints(make_case, tmp_path):
     assert res.returncode == 0 and json.loads(res.stdout)["text"] in ("yes", "no", "maybe"), res.stdout
     assert_clean_failure(cli("generate", b, "hi", "--task", "t", "--regex", "(x"), "--regex")
     assert_clean_failure(cli("generate", b, "hi", "--task", "t", "--regex", "x", "--choice", "a"), "give one output constraint")
+
+
+def test_a_seq2seq_bundle_takes_the_same_constraints(make_case):
+    """T5: the decoder's rows go through the same loop, so the same masks apply."""
+    s = mpt_export.load_bundle(make_case("t5", 2).bundle).session()
+    ids, mask = np.random.default_rng(2).integers(2, s.vocab_size, (2, 5)), None
+    tasks = (list(s.tasks) * 2)[:2]
+    for c, ok in (CHECKS[3], CHECKS[2]):  # a choice, a regex
+        for settings in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+            res = s.generate_detailed(ids, tasks, mask, max_new_tokens=30, constraint=c, **settings)
+            assert all(ok(t) for t in _texts(s, res)), (c.kind, _texts(s, res))
