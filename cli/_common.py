@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from mpt_export.errors import MptExportError
+from mpt_export.errors import InputError, MptExportError
 from mpt_export.export.quiet import silence_third_party
 from mpt_export.storage.atomic import interrupted_message
 
@@ -24,6 +24,16 @@ STARTED = time.perf_counter()  # the command's start, as near as Python code see
 # emoji=False: ":thumbs_up:" in a prompt or a path is text, not an emoji; user and model text is escape()d everywhere
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120, emoji=False)
 err_console = Console(stderr=True, emoji=False)
+
+
+def read_text_option(path, option: str, what: str = "") -> str:
+    """The UTF-8 text of the file an option names, or one clear error naming the option (``what``: what the file
+    should hold)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {option} {path} ({getattr(e, 'strerror', None) or e}); give a UTF-8 text "
+                         f"file{what}") from None
 
 
 def handle_errors(fn):

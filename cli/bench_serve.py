@@ -54,7 +54,7 @@ def bench_serve_cmd(
         else:
             r = run_bench_serve(bundle, clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens,
                                 max_batch=max_batch, threads=threads, workdir=workdir / "serve", on_step=on_step,
-                                tasks=tasks, server_args=() if kv_cache_mib is None else ("--kv-cache-mib", str(kv_cache_mib)))
+                                tasks=tasks, kv_cache_mib=kv_cache_mib)
     if as_json:
         print(json.dumps(r, indent=2))
         return

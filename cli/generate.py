@@ -9,7 +9,7 @@ import typer
 
 from mpt_export.runtime.sampling import SamplingParams  # light: no numpy until tokens are chosen
 
-from ._common import Quiet, console, escape, handle_errors, progress
+from ._common import Quiet, console, escape, handle_errors, progress, read_text_option
 from mpt_export.errors import GenerationError, InputError, MptExportError
 from mpt_export.runtime import SessionOptions
 from mpt_export.runtime.tokenizer import is_text
@@ -227,15 +227,8 @@ def _constraint(json_schema, json_object, choice, regex, grammar, whitespace_pat
     if whitespace_pattern is not None and not (json_schema or json_object):
         raise InputError("--whitespace-pattern applies with --json-schema or --json-object")
 
-    def read(path: Path, what: str) -> str:
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read {what} {path} ({getattr(e, 'strerror', None) or e}); give a UTF-8 "
-                             "text file") from None
-
     if json_schema:
-        return Constraint.json_schema(read(json_schema, "--json-schema"), whitespace_pattern, param="--json-schema")
+        return Constraint.json_schema(read_text_option(json_schema, "--json-schema"), whitespace_pattern, param="--json-schema")
     if json_object:
         return Constraint.json_object(whitespace_pattern, param="--json-object")
     if choice:
@@ -243,5 +236,5 @@ def _constraint(json_schema, json_object, choice, regex, grammar, whitespace_pat
     if regex is not None:
         return Constraint.regex(regex, param="--regex")
     if grammar:
-        return Constraint.grammar(read(grammar, "--grammar"), param="--grammar")
+        return Constraint.grammar(read_text_option(grammar, "--grammar"), param="--grammar")
     return None

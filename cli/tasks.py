@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._common import console, escape, handle_errors, human
+from ._common import console, escape, handle_errors, human, read_text_option
 from mpt_export.bundle.taskbank import name_list
 from mpt_export.errors import InputError
 from mpt_export.export.task_edits import add_tasks, remove_task
@@ -73,11 +73,7 @@ def _named_from_file(adapter: list[str], names_file: Path) -> str:
     """``--adapter DIR --names-file FILE`` as the ``NAMES=DIR`` spec it stands for."""
     if len(adapter) != 1 or "=" in adapter[0]:
         raise InputError("--names-file names the tasks of one adapter: give exactly one --adapter DIR, without NAMES=")
-    try:
-        text = names_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read --names-file {names_file} ({getattr(e, 'strerror', None) or e}); give a UTF-8 "
-                         "text file, one task name per line") from None
+    text = read_text_option(names_file, "--names-file", ", one task name per line")
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise InputError(f"--names-file {names_file} holds no names; give one task name per line")

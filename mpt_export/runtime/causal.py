@@ -49,8 +49,6 @@ class CausalSession(Session):
 
     def _prompts_kv(self, prompts: np.ndarray) -> list:
         """Composed prompts of one length (m, P, H) -> each one's keys/values, as :meth:`_prompt_kv` gives them."""
-        if prompts.shape[0] == 1:
-            return [self._prompt_kv(prompts[0])]
         m, P = prompts.shape[:2]
         feed = {"input_ids": np.zeros((m, 0), np.int64), "prompt_embeds": prompts,
                 "attention_mask": np.ones((m, P), np.int64), "position_ids": np.tile(np.arange(P, dtype=np.int64), (m, 1)),
@@ -68,11 +66,7 @@ class CausalSession(Session):
 
     def _prompt_kv(self, prompt: np.ndarray):
         """A composed prompt's (P, H) keys/values, in this kind's cache layout."""
-        P = prompt.shape[0]
-        feed = {"input_ids": np.zeros((1, 0), np.int64), "prompt_embeds": prompt[None],
-                "attention_mask": np.ones((1, P), np.int64), "position_ids": np.arange(P, dtype=np.int64)[None],
-                **self._empty_past(1)}
-        return list(self._present_as_past(self._run_backbone_impl(feed)).values())
+        return self._prompts_kv(prompt[None])[0]
 
     def prepare(self, input_ids, tasks, attention_mask=None) -> dict[str, np.ndarray]:
         """The backbone feed for a prefill with no past: prompts, mask and positions laid out as in ``base``."""

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import GenerationError, InputError
+from .cache import LRU
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_CHOICES = 10_000
@@ -134,49 +134,36 @@ def llguidance_module():
 
 
 class Grammars:
-    """A session's constraint compiler: the llguidance tokenizer made once from the bundle's ``tokenizer.json``, each
-    distinct constraint compiled once (an LRU of ready matchers, copied for each row)."""
+    """A session's constraint compiler: the llguidance tokenizer made once from the session's tokenizer (the bundle's
+    ``tokenizer.json``), each distinct constraint compiled once (an LRU of ready matchers, copied for each row)."""
 
-    def __init__(self, tokenizer_json: str | None, vocab_size: int, eos: int | None, size: int = 256):
-        self._json, self.vocab_size, self.eos = tokenizer_json, vocab_size, eos
+    def __init__(self, tokenizer, vocab_size: int, eos: int | None, size: int = 256):
+        self._source, self.vocab_size, self.eos = tokenizer, vocab_size, eos  # tokenizer: a BundleTokenizer
         self._tok = None
-        self._compiled: OrderedDict = OrderedDict()
+        self._compiled = LRU(size)
         self._lock = threading.Lock()
-        self.size = size
-        self.compiles = 0
         self.n_vocab = 0  # the matchers' vocabulary (their masks' width), known once the tokenizer is made
 
     def tokenizer(self):
         llg = llguidance_module()
         with self._lock:
             if self._tok is None:
-                if self._json is None:
-                    raise InputError("this bundle has no tokenizer (tokenizer/tokenizer.json), which structured "
-                                     "outputs need to know the text of each token")
-                n = max(self.vocab_size, len(json.loads(self._json).get("model", {}).get("vocab", ())))
-                self._tok = llg.LLTokenizer(self._json, n_vocab=n, eos_token=self.eos)
+                hf = self._source.tok  # (llguidance reads the tokenizers library's own serialization)
+                n = max(self.vocab_size, hf.get_vocab_size(with_added_tokens=True))
+                self._tok = llg.LLTokenizer(hf.to_str(), n_vocab=n, eos_token=self.eos)
                 self.n_vocab = self._tok.vocab_size
             return self._tok
 
     def compile(self, c: Constraint):
         """The constraint's ready matcher (kept; :meth:`matcher` copies it for a row), or an InputError naming
         ``c.param`` with llguidance's reason when the schema, regex or grammar is bad."""
-        with self._lock:
-            hit = self._compiled.get(c)
-            if hit is not None:
-                self._compiled.move_to_end(c)
-                return hit
-        llg = llguidance_module()
-        tok = self.tokenizer()
-        text = c.grammar_text()
-        m = llg.LLMatcher(tok, text, log_level=0)  # (releases the GIL while it compiles)
+        hit = self._compiled.get(c)
+        if hit is not None:
+            return hit
+        m = llguidance_module().LLMatcher(self.tokenizer(), c.grammar_text(), log_level=0)  # (compiles without the GIL)
         if m.is_error():
             raise InputError(f"{c.param}: {_first_lines(m.get_error())}", param=c.param)
-        with self._lock:
-            self.compiles += 1
-            self._compiled[c] = m
-            while len(self._compiled) > self.size:
-                self._compiled.popitem(last=False)
+        self._compiled.put(c, m)
         return m
 
     def matcher(self, c: Constraint):
@@ -193,10 +180,10 @@ def grammars_of(session) -> Grammars:
     with _SESSIONS_LOCK:
         g = session.__dict__.get("_grammars")
         if g is None:
-            b = session.bundle
-            text = (b.read_bytes("tokenizer/tokenizer.json").decode() if b.has_file("tokenizer/tokenizer.json")
-                    else None)
-            g = session.__dict__["_grammars"] = Grammars(text, session.vocab_size, session.eos_token_id)
+            if not session.bundle.has_file("tokenizer/tokenizer.json"):
+                raise InputError("this bundle has no tokenizer (tokenizer/tokenizer.json), which structured outputs "
+                                 "need to know the text of each token")
+            g = session.__dict__["_grammars"] = Grammars(session.tokenizer, session.vocab_size, session.eos_token_id)
         return g
 
 

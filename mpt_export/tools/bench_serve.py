@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from ..bundle.reader import load_bundle
 from ..errors import InputError, MptExportError
+from ..serving.http.options import ServeOptions
 from ..serving.ray.service import free_port, import_ray
 from ..storage.ownership import claim_workdir
 from .manytasks import bundle_with_tasks, cache_counts, hit_rate
@@ -134,7 +135,7 @@ def _ceiling(s, batch: list[dict], max_tokens: int, step) -> dict:
     return ceiling
 
 
-def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, server_args, workdir, step):
+def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, kv_cache_mib, workdir, step):
     """The server in a process of its own: warmed up (``warm``: requests of the measured distribution, else one
     per task), then ``jobs`` one at a time and ``other`` from ``clients`` clients. -> (sequential, concurrent, cache
     entries)."""
@@ -142,7 +143,8 @@ def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, serve
     exe = Path(sys.executable).with_name("mpt-export")
     key = "bench-" + os.urandom(6).hex()
     args = [str(exe), "serve", str(bundle), "--port", "0", "--api-key", key,
-            "--max-batch", str(max_batch or clients), *server_args] + (["--threads", str(threads)] if threads else [])
+            "--max-batch", str(max_batch or clients), "--kv-cache-mib", str(kv_cache_mib)] + (
+        ["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = None
@@ -179,9 +181,9 @@ def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, serve
 def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None = None, prompt_len: int = 64,
                     max_tokens: int = 32, max_batch: int | None = None, threads: int | None = None,
                     workdir: str | Path = "build/bench-serve", on_step=None, tasks: int | None = None,
-                    server_args: tuple[str, ...] = ()) -> dict:
+                    kv_cache_mib: float | None = None) -> dict:
     """``tasks``: spread the requests uniformly at random over that many tasks (a copy of the bundle with as many
-    is built under ``workdir``); None: round-robin over the bundle's own. ``server_args``: more ``serve`` options."""
+    is built under ``workdir``); None: round-robin over the bundle's own. ``kv_cache_mib``: the server's (None: serve's default)."""
     step = on_step or (lambda s: None)
     if clients < 1 or prompt_len < 1 or max_tokens < 1 or (tasks is not None and tasks < 1):
         raise InputError("--clients, --prompt-len, --max-tokens and --tasks must be >= 1")
@@ -215,12 +217,12 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
     task_kv_bytes = kv["bytes"] / max(kv["entries"], 1)  # one task's prompt keys/values
     del s
     b.close()
-    mib = float(server_args[server_args.index("--kv-cache-mib") + 1]) if "--kv-cache-mib" in server_args else 1024
+    mib = ServeOptions.kv_cache_mib if kv_cache_mib is None else kv_cache_mib
     fits = tasks is not None and tasks * task_kv_bytes <= mib * 2**20
     if fits:  # every task's KV fits the server's cache: a long-running server holds them all, so warm them all
         warm = [dict(jobs[0], task=names[k]) for k in range(tasks)]
     sequential, concurrent, cache_entries = _served(bundle, jobs, other, warm if tasks is not None else None, names,
-                                                    clients, max_batch, threads, server_args, workdir, step)
+                                                    clients, max_batch, threads, mib, workdir, step)
     for row in (sequential, concurrent):
         row["ratio_vs_sequential"] = row["tokens_per_s"] / sequential["tokens_per_s"]
     ceiling["ratio_vs_sequential"] = ceiling["tokens_per_s"] / sequential["tokens_per_s"]

@@ -30,8 +30,9 @@ def bundle_with_tasks(bundle: str | Path, n: int, workdir: Path, on_step=None) -
         have = list(b.tasks)
         if n <= len(have):
             return bundle
-        first = b.task_bank().task(have[0])
-        shared = b.task_bank().shared[first.shared]
+        bank = b.task_bank()
+        first = bank.task(have[0])
+        shared = bank.shared[first.shared]
         task_type, nts, hidden = b.task_type, b.info.num_transformer_submodules, b.info.base_model.hidden_size
     stamp = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()[:16] + f"-{n}"
     out = workdir / f"tasks-{n}"

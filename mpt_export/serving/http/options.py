@@ -30,7 +30,7 @@ class ServeOptions:
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     limit_concurrency: int | None = None  # connections + requests at once at most (503 beyond); None: no limit
     task_dirs: tuple[str, ...] = ()  # directories POST /admin/tasks may load adapters from (none: the route is off)
-    kv_cache_mib: float = 1024  # memory for the tasks' prompt keys/values kept between requests (MiB)
+    kv_cache_mib: float = SessionOptions.kv_cache_mib  # memory for tasks' prompt keys/values kept (MiB)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:

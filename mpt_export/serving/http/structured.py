@@ -25,14 +25,10 @@ def constraint_of(data: dict) -> Constraint | None:
     rf = _response_format(data.get("response_format"))
     so = data.get("structured_outputs")
     guided = {GUIDED[k]: v for k, v in data.items() if k in GUIDED and v is not None}
-    if guided and so is None:
-        so, where = guided, "guided_*"
-    else:
-        where = "structured_outputs"
-    if guided and data.get("structured_outputs") is not None:
+    if guided and so is not None:
         raise APIError(400, "give structured_outputs or the older guided_* fields, not both",
                        param="structured_outputs")
-    sc = _structured(so, where) if so is not None else None
+    sc = _structured(so, "structured_outputs") if so is not None else _structured(guided, "guided_*") if guided else None
     if rf is not None and sc is not None:
         raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
     return rf or sc
