@@ -11,14 +11,17 @@ Cache layout (GroupQueryAttention's, not the plain graph's left-padded one): seq
 of row b of a ``(B, KV, capacity, Dh)`` buffer, with no padding inside, so a token's position is its slot (a task
 prompt at 0..P-1, the text from P — the positions the plain graph gives too).
 
-One call runs a chunk of new rows per sequence: ``prompt_embeds`` rows (a task prompt) then ``input_ids`` rows. For
-a sequence with ``past`` cached slots and ``n`` new rows: ``seqlens_k = past + n - 1``, ``last_index = n - 1``.
-GroupQueryAttention takes several new rows over a cache for one sequence per call, or one new row for many
-(``runtime/fused.py`` calls it so); its ``query_seqlens`` input would allow ragged batched chunks but slows every
-decode step (~10% at batch 1 on onnxruntime 1.32, measured), so the graph leaves it out.
+One call runs a chunk of new rows per sequence: ``prompt_embeds`` rows (a task prompt) then ``input_ids`` rows,
+right-padded to the call's longest. For a sequence with ``past`` cached slots and ``n`` real new rows:
+``seqlens_k = past + n - 1``, ``query_seqlens = n``, ``last_index = n - 1``; its padding rows are never written to
+the cache (GroupQueryAttention's ``query_seqlens``, honoured on the CPU), so a batch of prefills of different
+lengths over different cached prompts is one call, and a decode step (``query_seqlens`` all 1) the whole batch.
+Bundles written before this input existed run a prefill one sequence per call (the op takes several new rows over a
+cache for one sequence only without it).
 
 Inputs: input_ids (B, S) int64; prompt_embeds (B, P, H); seqlens_k (B,) int32; total_sequence_length () int32
-(max(seqlens_k) + 1); last_index (B,) int64; past_key.{i} / past_value.{i} (B, KV, capacity, Dh).
+(max(seqlens_k) + 1); last_index (B,) int64; query_seqlens (B,) int32; past_key.{i} / past_value.{i}
+(B, KV, capacity, Dh).
 Outputs: logits (B, V) float32 at each sequence's last real row only (ONNX Runtime runs every node of a graph
 whatever is fetched, so an all-rows (B, S, V) output would cost a second LM head on every step); present_key.{i} /
 present_value.{i}, to be bound to the same buffers as the past ones."""
@@ -40,7 +43,8 @@ def fused_io(arch, dtype: str = "float32") -> dict:
                    {"name": "prompt_embeds", "dtype": dtype, "shape": ["batch", "prompt_len", H]},
                    {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"]},
                    {"name": "total_sequence_length", "dtype": "int32", "shape": []},
-                   {"name": "last_index", "dtype": "int64", "shape": ["batch"]}] + cache,
+                   {"name": "last_index", "dtype": "int64", "shape": ["batch"]},
+                   {"name": "query_seqlens", "dtype": "int32", "shape": ["batch"]}] + cache,
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", arch.vocab_size]}]
         + [dict(c, name=c["name"].replace("past_", "present_")) for c in cache],
     }
@@ -149,7 +153,7 @@ def _attention(w: _Writer, plan: Plan, i: int, a, h: str, arch) -> str:
         attrs["softcap"] = plan.attn_softcap
     cos, sin = (f"cos_{table}", f"sin_{table}") if table else ("", "")
     w.node("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k",
-                                   "total_sequence_length", cos, sin],
+                                   "total_sequence_length", cos, sin] + [""] * 7 + ["query_seqlens"],
            [f"attn.{i}", f"present_key.{i}", f"present_value.{i}"], ms=True, **attrs)
     o = a.dense if hasattr(a, "dense") else a.o_proj
     return _branch_scaled(w, plan, _linear(w, i, "o", f"attn.{i}", o, f"attn_out.{i}"))

@@ -6,10 +6,11 @@ values start at slot 0 (its task prompt, then its text; no padding inside) and `
 *left*-aligned layout (:attr:`state_align`), where the traced graph's is right-aligned. A decode step writes each
 row's new keys/values into its next slot in place (past and present are one buffer, bound through IO binding), so
 :meth:`decode_step` updates the state it is given and returns it; when a row reaches the capacity the buffers grow
-once by :meth:`state_room` slots (amortized: no step reallocates the cache). A prefill runs row by row (the graph
-takes several new ids over a cache for one sequence per call), a decode step runs the whole batch in one call;
-rows never see each other, so a row's tokens do not depend on the batch (each step's logits are those the row gets
-alone)."""
+once by :meth:`state_room` slots (amortized: no step reallocates the cache). A prefill runs the rows whose task
+prompt KV is cached in one call and each missing prompt length in one more (right-padded chunks, the graph's
+``query_seqlens``; a bundle written before that input runs a prefill row by row), a decode step the whole batch in
+one call; rows never see each other, so a row's tokens do not depend on the batch (each step's logits are those the
+row gets alone)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class FusedCausalSession(CausalSession):
         self._names = [s.name for s in cache]
         self._kv_heads, self._head_dim = int(cache[0].shape[1]), int(cache[0].shape[3])
         self._bound = None  # (ids of the state's arrays, the arrays, their binding): reused while they are the same
+        # the graph takes query_seqlens: a padded batch of several new rows per sequence in one call (bundles
+        # written before it: one sequence per call)
+        self._query_lens = self._ragged = bundle.info.fused.input("query_seqlens") is not None
 
     # -- the backend interface this kind needs -------------------------------------------------------------------
     def _bind_in_place(self, graph: str, buffers: dict):
@@ -47,15 +51,14 @@ class FusedCausalSession(CausalSession):
         raise NotImplementedError
 
     def _call(self, binding, ids, prompt, seqlens, last) -> np.ndarray:
-        """One call of the fused graph: new ``ids`` (B, S) after ``prompt`` rows (B, P, H) per sequence; ``seqlens``
-        (B,) each sequence's valid slots after the call minus one; ``last`` (B,) the index of its last new row.
-
-        GroupQueryAttention takes several new rows over a cache one sequence per call unless it is given
-        ``query_seqlens``, which the graph leaves out because it slows every decode step (~10% at batch 1,
-        onnxruntime 1.32): so a prefill runs row by row, a decode step the whole batch at once."""
-        return self._run_bound(GRAPH, binding, {
-            "input_ids": ids, "prompt_embeds": prompt, "seqlens_k": seqlens.astype(np.int32),
-            "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32), "last_index": last.astype(np.int64)})
+        """One call of the fused graph: new ``ids`` (B, S), right-padded, after ``prompt`` rows (B, P, H) per
+        sequence; ``seqlens`` (B,) each sequence's valid slots after the call minus one; ``last`` (B,) the index of
+        its last real new row (its real new rows: ``last + 1``)."""
+        feed = {"input_ids": ids, "prompt_embeds": prompt, "seqlens_k": seqlens.astype(np.int32),
+                "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32), "last_index": last.astype(np.int64)}
+        if self._query_lens:
+            feed["query_seqlens"] = (last + 1).astype(np.int32)
+        return self._run_bound(GRAPH, binding, feed)
 
     @staticmethod
     def state_room(n: int) -> int:
@@ -78,35 +81,62 @@ class FusedCausalSession(CausalSession):
 
     # -- the step protocol ---------------------------------------------------------------------------------------
     def _start(self, ids, tasks, mask, use_cache, new_tokens=0):
-        """Each row alone: its task prompt's cached keys/values copied into its first slots (or the prompt run
-        again), then its real ids; -> (each row's last logits, the state, tokens processed). The buffers hold
-        ``new_tokens`` more positions (or :meth:`state_room`'s), so a generation of known length never grows them."""
-        B = ids.shape[0]
-        n = mask.sum(1)
-        plens = [self.prompt_len(t) for t in tasks]
-        used = [p + int(k) for p, k in zip(plens, n)]
-        state = self._new_state(B, max(used) + max(int(new_tokens), self.state_room(max(used))))
-        logits, processed = [], 0
+        """The batch in as few calls as its task prompts allow -> (each row's last logits, the state, tokens
+        processed). Rows whose task prompt KV is cached run together (its slots copied in, their ids after); a
+        missing prompt runs in its row's call, one call per prompt length, and is kept for the task's other rows
+        (and the cache). A call pads its rows' new ids at the end to the longest; the graph's ``query_seqlens`` keeps
+        the padding out of the cache and out of every row's attention, so each row gets the numbers it gets alone (a
+        bundle without that input runs one row per call). The buffers hold ``new_tokens`` more positions (or :meth:`state_room`'s), so a generation of known
+        length never grows them."""
+        B, S = ids.shape
+        n = mask.sum(1).astype(np.int64)
+        plens = np.array([self.prompt_len(t) for t in tasks], np.int64)
+        calls: dict[int, list[int]] = {}  # prompt rows each call runs -> its rows (0: prompt KV copied in)
+        kvs: dict[str, dict | None] = {}  # task -> its prompt KV ({} until its row's call computes it)
         for b, t in enumerate(tasks):
-            row = {k: v[b: b + 1] for k, v in state.items()}
-            real = ids[b: b + 1, ids.shape[1] - int(n[b]):]
-            kv = self.cached_task_kv(t) if use_cache else None
-            if kv is not None:
-                for name, a in kv.items():
-                    row[name][0, :, : plens[b]] = a
-                prompt = np.zeros((1, 0, self.hidden_size), self.dtype)
-                last = int(n[b]) - 1
-            else:  # the prompt runs with the row's ids, in the same call (a cache miss costs no call of its own)
-                prompt = self.task_prompt(t)[None]
-                last = used[b] - 1
-                processed += plens[b]
-            cache = self._bind_in_place(GRAPH, {n: row[n] for n in self._names})
-            logits.append(self._call(cache, real, prompt, np.array([used[b] - 1]), np.array([last]))[0])
-            if use_cache and kv is None:  # the prompt's slots are the task's prompt KV: keep a copy
-                self.keep_task_kv(t, {name: row[name][0, :, : plens[b]].copy() for name in self._names})
-            state["kv_mask"][b, : used[b]] = 1
-            processed += int(n[b])
-        return np.stack(logits), state, processed
+            if t not in kvs:
+                kvs[t] = self.cached_task_kv(t) if use_cache else None
+                if kvs[t] is None:
+                    kvs[t] = {} if use_cache else None
+                    calls.setdefault(int(plens[b]), []).append(b)
+                    continue
+            calls.setdefault(0 if kvs[t] is not None else int(plens[b]), []).append(b)
+        ends = [int(plens[rows].max()) + int(n[rows].max()) if P == 0 else P + int(n[rows].max())
+                for P, rows in calls.items()]  # a call's padded rows need room in the cache
+        used = plens + n
+        top = int(used.max())
+        state = self._new_state(B, max(top + max(int(new_tokens), self.state_room(top)), max(ends)))
+        logits = np.zeros((B, self.vocab_size), np.float32)
+        processed = 0
+        chunks = [(P, rows) for P in sorted(calls, reverse=True)  # prompts first: their KV is copied on
+                  for rows in ([calls[P]] if self._ragged else [[b] for b in calls[P]])]
+        for P, rows in chunks:
+            rows = np.array(rows)
+            w = int(n[rows].max())
+            new = np.zeros((len(rows), w), np.int64)
+            for i, b in enumerate(rows):
+                new[i, : n[b]] = ids[b, S - n[b]:]
+            if P:
+                prompt, past = np.stack([self.task_prompt(tasks[b]) for b in rows]), np.zeros(len(rows), np.int64)
+            else:
+                prompt, past = np.zeros((len(rows), 0, self.hidden_size), self.dtype), plens[rows]
+                for b in rows:
+                    for name, a in kvs[tasks[b]].items():
+                        state[name][b, :, : plens[b]] = a
+            together = rows[-1] - rows[0] == len(rows) - 1  # a run of rows: bound where they are
+            bufs = {k: state[k][rows[0]: rows[-1] + 1] if together else state[k][rows] for k in self._names}
+            logits[rows] = self._call(self._bind_in_place(GRAPH, bufs), new, prompt, past + P + n[rows] - 1,
+                                      P + n[rows] - 1)
+            for k in self._names if not together else ():
+                state[k][rows] = bufs[k]
+            for b in rows if P else ():
+                kv = kvs[tasks[b]]
+                if kv is not None and not kv:  # the task's prompt KV: a copy kept
+                    kv.update({k: state[k][b, :, :P].copy() for k in self._names})
+                    self.keep_task_kv(tasks[b], kv)
+            processed += int(n[rows].sum()) + P * len(rows)
+        state["kv_mask"][np.arange(state["kv_mask"].shape[1])[None] < used[:, None]] = 1
+        return logits, state, processed
 
     def _step(self, state, tokens):
         lengths = state["kv_mask"].sum(1)

@@ -129,3 +129,46 @@ def test_what_the_fast_graph_cannot_hold_is_refused(make_case, llama, tmp_path):
         with pytest.raises(ExportError, match=needle):
             write_fused_backbone(model, arch_for(json.loads((case.base / "config.json").read_text())), tmp_path / "f.onnx")
         assert not (tmp_path / "f.onnx").exists()
+
+
+def test_a_prefill_is_one_call_per_prompt_length_and_each_row_what_it_gets_alone(refs):
+    """A mixed batch — cached task prompts, a missing one, two rows of one missing task, texts of 1 to 7 tokens —
+    runs in one call per missing prompt length (the prompt computed once) and one for every row whose prompt KV is
+    known (right-padded chunks), not one per row; each row's logits and cache are those of the row run alone, and a
+    bundle whose graph predates ``query_seqlens`` (row by row) gives the same numbers."""
+    b, ref = refs("llama3-rope")
+    tasks, lens = ["c", "t", "a", "a", "c", "t"], [5, 1, 7, 3, 2, 6]
+    ids, mask = left_padded(b.session(graph="fast").vocab_size, lens, seed=11)
+
+    def run(s, warm=()):
+        calls = []
+        inner = s._run_bound
+        s._run_bound = lambda graph, binding, feed: calls.append(feed["input_ids"].shape) or inner(graph, binding, feed)
+        for t in warm:
+            s.task_kv(t)
+        calls.clear()
+        logits, state, processed = s.prefill(ids, tasks, mask)
+        return logits, state, processed, calls
+
+    s = b.session(graph="fast")
+    assert s._ragged
+    logits, state, processed, calls = run(s, warm=["c", "t"])
+    # "a" missing: its prompt runs once, in its first row's call; then the other five rows (its second one copying
+    # the prompt KV that call computed) in one call, padded to the longest text (6)
+    assert calls == [(1, 7), (5, 6)]
+    assert processed == sum(lens) + s.prompt_len("a")
+    assert s.cached_task_kv("a") is not None
+    alone = b.session(graph="fast")
+    for r, (task, n) in enumerate(zip(tasks, lens)):
+        one, st1, _ = alone.prefill(ids[r:r + 1, -n:], [task], np.ones((1, n), np.int64))
+        _close(logits[r], one[0], f"row {r} logits")
+        keep, keep1 = state["kv_mask"][r] == 1, st1["kv_mask"][0] == 1
+        assert keep.sum() == keep1.sum() == s.prompt_len(task) + n
+        for k in (k for k in state if k.startswith("past_")):
+            _close(state[k][r][:, keep], st1[k][0][:, keep1], f"row {r} {k}")
+    old = b.session(graph="fast")
+    old._ragged = False  # row by row, as a bundle written before the graph took query_seqlens runs
+    logits_old, state_old, processed_old, calls_old = run(old, warm=["c", "t"])
+    assert len(calls_old) == len(tasks) and processed_old == processed
+    _close(logits_old, logits, "row by row")
+    np.testing.assert_array_equal(state_old["kv_mask"], state["kv_mask"])
