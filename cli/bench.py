@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
+from mpt_export.errors import InputError
 from mpt_export.storage.ownership import check_replaceable
 from mpt_export.tools.bench import check_preset, run_bench
 from mpt_export.tools.bench_peer import check_peer, run_peer_bench
@@ -26,12 +27,15 @@ def bench_cmd(
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median reported) after one warm-up.")] = 5,
     threads: Annotated[int | None, typer.Option(help="Threads for PyTorch and ONNX Runtime alike.", show_default="PyTorch's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
-    peer: Annotated[str | None, typer.Option(help="onnxruntime-genai: instead, decode and end-to-end tok/s at batch 1 and 8 against ONNX Runtime GenAI's graphs of the same base model (fp32, int8, int4), interleaved rounds (--repeats); needs the peers extra; use with --preset llama-small, qwen3-small or gemma2-small.")] = None,
+    peer: Annotated[str | None, typer.Option(metavar="onnxruntime-genai|llama-cpp", help="Instead, ours against a peer on the same base model, interleaved rounds (--repeats), each side in fresh processes: onnxruntime-genai (its graphs: fp32, int8, int4; decode and end-to-end tok/s at batch 1 and 8; needs the peers extra) or llama-cpp (its GGUF conversion: f32, q8_0, q4_0; decode and prefill tok/s at batch 1 and the same context depth; needs a llama.cpp build, see --llama-cpp). Use with --preset llama-small, qwen3-small or gemma2-small.")] = None,
+    llama_cpp: Annotated[Path | None, typer.Option("--llama-cpp", metavar="DIR", help="With --peer llama-cpp: llama.cpp's source folder with its build (build/bin/llama-bench and llama-quantize; convert_hf_to_gguf.py converts the model).", show_default="llama-bench on PATH")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
     if peer is not None:
-        return _peer(peer, preset, workdir, repeats, threads, as_json, quiet)
+        return _peer(peer, preset, workdir, repeats, threads, as_json, quiet, llama_cpp)
+    if llama_cpp is not None:
+        raise InputError("--llama-cpp goes with --peer llama-cpp")
     if bundle is None:
         check_preset(preset)  # a mistyped preset answers at once, not after torch loads
         check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
@@ -78,21 +82,22 @@ def bench_cmd(
 
 
 def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | None, as_json: bool,
-          quiet: bool = False) -> None:
-    check_peer(peer)
+          quiet: bool = False, llama_cpp: Path | None = None) -> None:
+    check_peer(peer, llama_cpp)
     check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()
 
     with progress("bench", quiet) as on_step:
-        r = run_peer_bench(peer, preset, workdir, rounds, threads, on_step=on_step)
+        r = run_peer_bench(peer, preset, workdir, rounds, threads, on_step=on_step, llama_cpp=llama_cpp)
     if as_json:
         print(json.dumps(r, indent=2))
         return
+    metrics = r["rows"][0]["metrics"]  # decode and e2e (ONNX Runtime GenAI) or prefill (llama.cpp)
     t = Table(title=f"bench {escape(preset)} vs {escape(peer)}: {r['virtual_tokens']} virtual tokens + "
                     f"{r['input_len']} input tokens, {r['new_tokens']} new, {r['threads']} threads, {rounds} "
                     "interleaved rounds", title_justify="left")
     t.box = box.SIMPLE_HEAD
-    for col in ("prec.", "batch", "decode ours", "theirs", "ratio", "e2e ours", "theirs", "ratio", "RSS MiB"):
+    for col in ("prec.", "batch", *(c for m in metrics for c in (f"{m} ours", "theirs", "ratio")), "RSS MiB"):
         t.add_column(col, justify="left" if col == "prec." else "right", no_wrap=True)
     def fig(f: dict) -> str:  # median (min); no decimals from 100 on, so the table fits 120 columns
         med, low = (f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in (f["median"], f["min"]))
@@ -100,15 +105,21 @@ def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | Non
 
     for x in r["rows"]:
         a, b = x["ours"], x["peer"]
-        t.add_row(x["precision"], str(x["batch"]), fig(a["decode"]), fig(b["decode"]), f"{x['decode_ratio']:.2f}x",
-                  fig(a["e2e"]), fig(b["e2e"]), f"{x['e2e_ratio']:.2f}x",
+        t.add_row(x["precision"], str(x["batch"]),
+                  *(c for m in metrics for c in (fig(a[m]), fig(b[m]), f"{x[m + '_ratio']:.2f}x")),
                   "/".join("-" if v is None else f"{v:.0f}" for v in x["peak_rss_mib"].values()))
     la = r["load_average"]
+    if peer == "llama-cpp":
+        what = ("decode: ours from the task's cached prompt KV, theirs (llama-bench) at the same context depth; "
+                "prefill: the input after the virtual tokens; RSS MiB (ours/theirs): ours a fresh process's peak for "
+                "loading the model and generating one batch minus the process after its imports, theirs llama-bench's "
+                "whole peak")
+    else:
+        what = ("decode: the prefill cancels out; e2e (end to end): ours from the task's cached prompt KV, theirs "
+                "prefilling the virtual tokens; RSS MiB (ours/theirs): a fresh process's peak resident memory for "
+                "loading the model and generating one batch, minus the process after its imports")
     t.caption = ("tok/s: median (min) over the rounds, each side in a fresh process per round; ratio: ours / theirs; "
-                 "decode: the prefill cancels out; e2e (end to end): ours from the task's cached prompt KV, theirs "
-                 "prefilling the virtual tokens; RSS MiB (ours/theirs): a fresh process's peak resident memory for "
-                 "loading the model and generating one batch, minus the process after its imports. load average "
-                 f"{la['before'][0]:.2f} before, {la['after'][0]:.2f} after the timed rounds")
+                 f"{what}. load average {la['before'][0]:.2f} before, {la['after'][0]:.2f} after the timed rounds")
     console.print(t)
     for q, s in r["settings"].items():
         console.print(f"{q}: ours ({r['graphs'][q]}) {escape(s['ours'])}; theirs {escape(s['peer'])}")

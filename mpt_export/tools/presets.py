@@ -30,7 +30,7 @@ class Preset:
     seq2seq = property(lambda self: self.arch in ("t5", "flan-t5"))
 
 
-DERIVED = [f"bundle-{x}" for x in ("int8", "int4", "int8-dynamic", "fp16")] + [f"peer-{x}" for x in ("fp32", "int8", "int4", "cache")]
+DERIVED = [f"bundle-{x}" for x in ("int8", "int4", "int8-dynamic", "fp16")] + [f"peer-{x}" for x in ("fp32", "int8", "int4", "cache", "llama-cpp")]
 
 
 PRESETS = {
