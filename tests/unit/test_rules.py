@@ -29,6 +29,33 @@ def test_sampling_is_safe_for_every_accepted_temperature():
     assert (select(logits * 1e6, cfg, cfg.generators(3)) == logits.argmax(-1)).all()
 
 
+def test_sampling_draws_each_token_as_often_as_its_probability_says():
+    """The inverse-CDF draw over block sums (vocabularies shorter than, equal to and past one block, and not a multiple
+    of it): frequencies within 4 standard errors of softmax(logits / T), masked tokens (top-k) never drawn, and a row
+    draws the same tokens alone as in a batch."""
+    rng = np.random.default_rng(3)
+    for V in (7, 256, 1000):
+        logits = rng.normal(size=(1, V)) * 2
+        for temp, top_k in ((1.0, 0), (0.7, 5)):
+            cfg = SamplingConfig(1, temp, top_k, 1.0, seed=4)
+            gen = cfg.generators(1)[0]
+            n = 20000
+            counts = np.bincount([select(logits, cfg, [gen])[0] for _ in range(n)], minlength=V)
+            x = logits[0] / temp
+            if top_k:
+                x = np.where(x < np.sort(x)[-top_k], -np.inf, x)
+            p = np.exp(x - x.max())
+            p /= p.sum()
+            assert (counts[p == 0] == 0).all(), (V, temp, top_k)
+            se = np.sqrt(p * (1 - p) / n)
+            assert (np.abs(counts / n - p) <= 4 * se + 1e-4).all(), (V, temp, top_k)
+    logits = rng.normal(size=(4, 1000)).astype(np.float32)
+    cfg = SamplingConfig(1, 0.8, 0, 0.9, seed=9)
+    batch = [select(logits, cfg, cfg.generators(4)) for _ in range(1)][0]
+    alone = [select(logits[b:b + 1], cfg, [cfg.generators(4)[b]])[0] for b in range(4)]
+    assert batch.tolist() == alone
+
+
 def test_choose_ends_only_the_rows_that_cannot_go_on():
     logits = np.random.default_rng(1).normal(size=(4, 20))
     logits[2, 5] = np.nan
