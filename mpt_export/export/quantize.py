@@ -44,6 +44,7 @@ SCHEMES = {
     "int8-dynamic": "ONNX Runtime dynamic quantization: int8 weights per channel, activations quantized every step",
 }
 DEFAULT_SCHEME = "int8"
+EMBEDDINGS = ("quantized", "float")  # int8/int4: the embedding table (see weightonly.quantize_embeddings)
 # greedy-token agreement with fp32 (teacher-forced) required unless --min-agreement says otherwise; see the README's
 # precision table for the measurements behind each
 DEFAULT_MIN_AGREEMENT = {"int8": 0.95, "int4": 0.85, "int8-dynamic": 0.9}
@@ -122,10 +123,11 @@ def quantize_graphs(root: Path, info: BundleInfo, src_root: Path, o: "QuantizeOp
         done = {}
         for g in info.model_graphs:
             f = graphs[g].file
-            done[g] = quantize_graph(src_root / f, root / f, scheme, o.block_size, o.accuracy_level)
+            done[g] = quantize_graph(src_root / f, root / f, scheme, o.block_size, o.accuracy_level,
+                                     embeddings=o.embeddings == "quantized")
             graphs[g] = replace(graphs[g], external_data=f + ".data")
         quantization = {"weights": scheme, "what": SCHEMES[scheme], "block_size": o.block_size, "symmetric": True,
-                        "accuracy_level": o.accuracy_level, "graphs": done}
+                        "accuracy_level": o.accuracy_level, "embeddings": o.embeddings, "graphs": done}
     if info.seq2seq:
         share_weights(root, [graphs[g].file for g in info.model_graphs], WEIGHTS_FILE)
         graphs.update({g: replace(graphs[g], external_data=WEIGHTS_FILE) for g in info.model_graphs})
@@ -145,7 +147,8 @@ def _fused_graph(root: Path, info: BundleInfo, fused, src_root: Path, o: "Quanti
                                                        "fused graph is for fp32/fp16 and weight-only int8/int4")
 
     info.quantization["graphs"][FusedCausalSession.GRAPH] = quantize_graph(
-        src_root / fused.file, root / fused.file, o.scheme, o.block_size, o.accuracy_level)
+        src_root / fused.file, root / fused.file, o.scheme, o.block_size, o.accuracy_level,
+        embeddings=o.embeddings == "quantized")
     plain = info.graphs["backbone"]
     share_weights(root, [plain.file, fused.file], plain.external_data)
     return replace(info, fused=replace(fused, external_data=plain.external_data))
@@ -232,20 +235,25 @@ class QuantizeOptions:
     block_size: int | None = None  # weight-only: rows per scale (default 32)
     accuracy_level: int | None = None  # weight-only: MatMulNBits' accuracy_level (default 4: int8 activations)
     variant: str | None = None  # int8-dynamic: what stays float (default "matmul")
+    embeddings: str | None = None  # int8/int4: the embedding table "quantized" (default) or "float"
     min_agreement: float | None = None  # default: the scheme's DEFAULT_MIN_AGREEMENT
 
     def __post_init__(self):
         check_scheme(self.scheme)
         if self.scheme == "int8-dynamic":
-            if self.block_size is not None or self.accuracy_level is not None:
-                raise InputError("--block-size and --accuracy-level are for the weight-only schemes (int8, int4); "
-                                 "int8-dynamic quantizes per channel")
+            if self.block_size is not None or self.accuracy_level is not None or self.embeddings is not None:
+                raise InputError("--block-size, --accuracy-level and --embeddings are for the weight-only schemes "
+                                 "(int8, int4); int8-dynamic quantizes per channel")
             object.__setattr__(self, "variant", DEFAULT_VARIANT if self.variant is None else self.variant)
             check_variant(self.variant)
         else:
             if self.variant is not None:
                 raise InputError(f"--variant chooses what int8-dynamic leaves in float; {self.scheme} quantizes "
-                                 "every MatMul weight (the embedding table stays float)")
+                                 "every MatMul weight (and the embedding table unless --embeddings float)")
+            if self.embeddings is None:
+                object.__setattr__(self, "embeddings", "quantized")
+            if self.embeddings not in EMBEDDINGS:
+                raise InputError(f"unknown --embeddings {self.embeddings!r}; choose one of {', '.join(EMBEDDINGS)}")
 
             object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE if self.block_size is None else self.block_size)
             if self.accuracy_level is None:

@@ -93,7 +93,7 @@ def _quantized_bundle(bundle_dir: Path, out: Path, scheme: str, on_step) -> Path
     def current(info):
         q = info.quantization or {}
         return q.get("source_manifest_sha256") == digest and q.get("scheme") == scheme and \
-            all(q.get(k) == getattr(options, k) for k in ("variant", "block_size", "accuracy_level"))
+            all(q.get(k) == getattr(options, k) for k in ("variant", "block_size", "accuracy_level", "embeddings"))
 
     if _derived_is_current(out, current):
         return out

@@ -202,12 +202,29 @@ def test_weight_only_quantization_runs_matmulnbits(llama, tmp_path, scheme, rati
     w = _weight_bytes(q.path / "backbone.onnx")
     assert w["left_float"] == [] and 0 < w["packed"] <= ratio * w["fp32"], w
     assert man["graphs"]["backbone"]["matmulnbits"] == 15  # 2 layers x 7 projections + the LM head
+    # the embedding table in the same blocks (GatherBlockQuantized), in every graph, stored once
+    assert man["embeddings"] == "quantized"
+    assert all(g["gatherblockquantized"] == 1 for g in man["graphs"].values())
+    if scheme == "int8":  # --embeddings float: the table kept as it was, the bundle larger by the difference
+        f = quantize_bundle(llama.bundle, tmp_path / "float-table", scheme=scheme, min_agreement=0.0,
+                            embeddings="float")
+        assert f.manifest["quantization"]["embeddings"] == "float"
+        assert "gatherblockquantized" not in f.manifest["quantization"]["graphs"]["backbone"]
+        g = onnx.load(str(llama.bundle / "backbone.onnx"), load_external_data=False).graph
+        inits = {t.name: t for t in g.initializer}
+        table = next(inits[n.input[0]] for n in g.node if n.op_type == "Gather" and n.input[0] in inits)
+        fp32_bytes = int(np.prod(table.dims)) * 4
+        size = lambda b: sum(p.stat().st_size for p in b.path.glob("*.data"))  # noqa: E731
+        assert size(f) - size(q) >= fp32_bytes * 0.7  # int8 blocks of 32: 1/4 of the bytes and a scale per block
+        ids = np.array([[5, 6, 7, 8]])
+        np.testing.assert_allclose(q.session().logits(ids, ["a"]), f.session().logits(ids, ["a"]), atol=0.05)
     # ONNX Runtime's optimized graph really runs MatMulNBits (the quantizer can silently return a float model)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(q.path / "backbone.onnx"), opts, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == 15
+    assert sum(n.op_type == "GatherBlockQuantized" for n in optimized.graph.node) == 1
     # the scheduler's mixed-task batches with joins and compactions give each row what it gives alone
     s = q.session()
     rng = np.random.default_rng(4)
@@ -244,6 +261,8 @@ def test_quantize_options_are_one_clear_line(llama, tmp_path):
                          (["--accuracy-level", "7"], "--accuracy-level must be one of"),
                          (["--quantize", "int8-dynamic", "--block-size", "64"], "are for the weight-only schemes"),
                          (["--variant", "all"], "--variant chooses what int8-dynamic leaves in float"),
+                         (["--embeddings", "int2"], "unknown --embeddings 'int2'"),
+                         (["--quantize", "int8-dynamic", "--embeddings", "float"], "are for the weight-only schemes"),
                          (["--min-agreement", "1.5"], "[0, 1]")):
         out = tmp_path / "q"
         assert_clean_failure(cli("quantize", llama.bundle, "--out", out, *args), needle)
