@@ -11,7 +11,7 @@ from rich.table import Table
 from ._common import Quiet, console, escape, handle_errors, progress, quiet_libraries
 from mpt_export.errors import InputError
 from mpt_export.tools.bench import prepare_preset
-from mpt_export.tools.bench_serve import run_bench_ray, run_bench_serve
+from mpt_export.tools.bench_serve import check_serve_peer, run_bench_ray, run_bench_serve
 from mpt_export.tools.presets import check_preset
 
 
@@ -28,6 +28,9 @@ def bench_serve_cmd(
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the server and the ceiling.", show_default="one per core")] = None,
     tasks: Annotated[int | None, typer.Option(help="Spread the requests uniformly at random over this many tasks (a copy of the bundle with as many is built once under --workdir): what the per-task prompt-KV cache gives when few requests share a task.", show_default="round-robin over the bundle's tasks")] = None,
     kv_cache_mib: Annotated[float | None, typer.Option(help="The server's --kv-cache-mib (memory for tasks' prompt keys/values).", show_default="serve's default")] = None,
+    peer: Annotated[str | None, typer.Option(metavar="vllm", help="Also the concurrent load against vLLM serving the same base model (each task's virtual tokens as ordinary prompt tokens there): throughput and TTFT p50/p99 side by side. Needs --vllm-url, or vllm on PATH (started on the preset's base model).")] = None,
+    vllm_url: Annotated[str | None, typer.Option("--vllm-url", metavar="URL", help="With --peer vllm: a running vLLM server of the same base model (e.g. http://127.0.0.1:8000).")] = None,
+    vllm_model: Annotated[str | None, typer.Option("--vllm-model", metavar="NAME", help="With --peer vllm: the model name to request.", show_default="the first of its /v1/models")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Instead: the same load through `serve --ray` with each --replicas count (each replica --threads cores; 1 without it), then the time to replace a killed replica.")] = False,
     replicas: Annotated[str, typer.Option(help="With --ray: replica counts to compare, comma-separated.")] = "1,2",
@@ -36,6 +39,10 @@ def bench_serve_cmd(
     """The real server under N concurrent mixed-task clients vs the same requests one at a time vs the ceiling."""
     if bundle is None:
         check_preset(preset)  # a mistyped preset answers at once, not after torch loads
+    base = workdir / preset / "base" if bundle is None else None  # what an installed vLLM is started on
+    check_serve_peer(peer, vllm_url, base)
+    if ray and peer is not None:
+        raise InputError("--peer applies without --ray")
     quiet_libraries()
 
     with progress("bench-serve", quiet) as on_step:
@@ -54,7 +61,8 @@ def bench_serve_cmd(
         else:
             r = run_bench_serve(bundle, clients=clients, requests=requests, prompt_len=prompt_len, max_tokens=max_tokens,
                                 max_batch=max_batch, threads=threads, workdir=workdir / "serve", on_step=on_step,
-                                tasks=tasks, kv_cache_mib=kv_cache_mib)
+                                tasks=tasks, kv_cache_mib=kv_cache_mib, peer=peer, vllm_url=vllm_url,
+                                vllm_model=vllm_model, base_model=base)
     if as_json:
         print(json.dumps(r, indent=2))
         return
@@ -79,7 +87,14 @@ def bench_serve_cmd(
     c = r["ceiling"]
     t.add_row("ceiling (no HTTP)", "-", f"{c['tokens_per_s']:.1f}",
               f"{c['ratio_vs_sequential']:.2f}x", "-", "-", "-", "-", str(r["clients"]), "-")
-    t.caption = (f"served tokens/s = {r['served_vs_ceiling']:.0%} of the ceiling (one Session.generate on a batch of {r['clients']}); batch: mean rows per decode step "
+    p = r.get("peer")
+    if p:
+        t.add_row(escape(f"vllm, {r['clients']} clients"), f"{p['requests_per_s']:.2f}", f"{p['tokens_per_s']:.1f}", "-",
+                  ms(p["ttft_p50_s"]), ms(p["ttft_p95_s"]), ms(p["tpot_p50_s"]), ms(p["tpot_p95_s"]), "-", "-")
+    t.caption = ((f"vs vllm ({escape(p['model'])} at {escape(p['url'])}): ours {r['concurrent']['tokens_per_s']:.1f} tok/s / "
+                  f"theirs {p['tokens_per_s']:.1f} = {p['ratio_ours_vs_peer']:.2f}x; TTFT p99 ours "
+                  f"{ms(r['concurrent']['ttft_p99_s'])}, theirs {ms(p['ttft_p99_s'])}. " if p else "") +
+                 f"served tokens/s = {r['served_vs_ceiling']:.0%} of the ceiling (one Session.generate on a batch of {r['clients']}); batch: mean rows per decode step "
                  "(scheduler step record); tok lat: per-token latency after the first; KV hits: requests that found their "
                  f"task's prompt keys/values cached ({r['cache_entries']} held at the end; a miss runs the task's virtual tokens)")
     console.print(t)

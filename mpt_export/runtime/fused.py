@@ -93,6 +93,7 @@ class FusedCausalSession(CausalSession):
         plens = np.array([self.prompt_len(t) for t in tasks], np.int64)
         calls: dict[int, list[int]] = {}  # prompt rows each call runs -> its rows (0: prompt KV copied in)
         kvs: dict[str, dict | None] = {}  # task -> its prompt KV ({} until its row's call computes it)
+        later = []  # rows of a task whose prompt an earlier row of the batch computes: looked up after it has
         for b, t in enumerate(tasks):
             if t not in kvs:
                 kvs[t] = self.cached_task_kv(t) if use_cache else None
@@ -100,6 +101,10 @@ class FusedCausalSession(CausalSession):
                     kvs[t] = {} if use_cache else None
                     calls.setdefault(int(plens[b]), []).append(b)
                     continue
+            elif kvs[t]:
+                self.cached_task_kv(t)  # each request looks its task up once (the cache's hit count is per request)
+            elif kvs[t] is not None:
+                later.append(b)
             calls.setdefault(0 if kvs[t] is not None else int(plens[b]), []).append(b)
         ends = [int(plens[rows].max()) + int(n[rows].max()) if P == 0 else P + int(n[rows].max())
                 for P, rows in calls.items()]  # a call's padded rows need room in the cache
@@ -120,6 +125,8 @@ class FusedCausalSession(CausalSession):
                 prompt, past = np.stack([self.task_prompt(tasks[b]) for b in rows]), np.zeros(len(rows), np.int64)
             else:
                 prompt, past = np.zeros((len(rows), 0, self.hidden_size), self.dtype), plens[rows]
+                for b in later:
+                    self.cached_task_kv(tasks[b])  # a hit now (or a miss if the cache could not keep it)
                 for b in rows:
                     for name, a in kvs[tasks[b]].items():
                         state[name][b, :, : plens[b]] = a

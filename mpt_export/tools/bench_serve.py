@@ -12,6 +12,11 @@ latency (after the first), and — from the scheduler's step record — the mean
 ``tasks=N`` spreads the requests uniformly at random over N tasks (a copy of the bundle with N tasks is built once
 under the workdir, hard-linking the graphs): what the per-task prompt-KV cache is worth when few requests share a
 task. The cache's hits and misses over each mode come from the server's ``/metrics``.
+
+``peer="vllm"``: the concurrent mode's requests, from as many clients, against a vLLM server of the same base model
+(``vllm_url``, one already running; else an installed ``vllm`` started here on the preset's base model) — vLLM has
+no prompt tuning, so each task's virtual tokens are ordinary prompt tokens there (a fixed random prefix per task,
+which its prefix cache may keep): throughput and time to first token p50/p99 side by side, measured after ours.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from ..bundle.reader import load_bundle
-from ..errors import InputError, MptExportError
+from ..errors import InputError, MissingDependencyError, MptExportError
 from ..serving.http.options import ServeOptions
 from ..serving.ray.service import free_port, import_ray
 from ..storage.ownership import claim_workdir
@@ -107,6 +112,7 @@ def _load(url: str, jobs: list[dict], clients: int, key: str | None, workdir: Pa
     return {"clients": clients, "requests": len(rs), "wall_s": out["wall_s"], "tokens": tokens,
             "requests_per_s": len(rs) / out["wall_s"], "tokens_per_s": tokens / out["wall_s"],
             "ttft_p50_s": _pct([r["ttft"] for r in rs], 50), "ttft_p95_s": _pct([r["ttft"] for r in rs], 95),
+            "ttft_p99_s": _pct([r["ttft"] for r in rs], 99),
             "tpot_p50_s": _pct([r["tpot"] for r in rs if r["tpot"]], 50),
             "tpot_p95_s": _pct([r["tpot"] for r in rs if r["tpot"]], 95)}
 
@@ -181,10 +187,13 @@ def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, kv_ca
 def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None = None, prompt_len: int = 64,
                     max_tokens: int = 32, max_batch: int | None = None, threads: int | None = None,
                     workdir: str | Path = "build/bench-serve", on_step=None, tasks: int | None = None,
-                    kv_cache_mib: float | None = None) -> dict:
+                    kv_cache_mib: float | None = None, peer: str | None = None, vllm_url: str | None = None,
+                    vllm_model: str | None = None, base_model: str | Path | None = None) -> dict:
     """``tasks``: spread the requests uniformly at random over that many tasks (a copy of the bundle with as many
-    is built under ``workdir``); None: round-robin over the bundle's own. ``kv_cache_mib``: the server's (None: serve's default)."""
+    is built under ``workdir``); None: round-robin over the bundle's own. ``kv_cache_mib``: the server's (None: serve's
+    default). ``peer="vllm"``: see the module docstring (``base_model``: what an installed vLLM is started on)."""
     step = on_step or (lambda s: None)
+    check_serve_peer(peer, vllm_url, base_model)
     if clients < 1 or prompt_len < 1 or max_tokens < 1 or (tasks is not None and tasks < 1):
         raise InputError("--clients, --prompt-len, --max-tokens and --tasks must be >= 1")
     requests = requests or 4 * clients
@@ -194,6 +203,7 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
         bundle = bundle_with_tasks(bundle, tasks, workdir, step)
     b = load_bundle(bundle)
     names = b.tasks
+    plens = {t.name: t.prompt_len for t in b.info.tasks}  # the virtual tokens a peer gets as prompt tokens
     vocab = int(b.base_model["vocab_size"])
     rng = np.random.default_rng(0)
 
@@ -226,11 +236,83 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
     for row in (sequential, concurrent):
         row["ratio_vs_sequential"] = row["tokens_per_s"] / sequential["tokens_per_s"]
     ceiling["ratio_vs_sequential"] = ceiling["tokens_per_s"] / sequential["tokens_per_s"]
-    return {"bundle": str(source), "tasks": tasks, "bundle_tasks": len(names), "clients": clients,
+    theirs = None
+    if peer == "vllm":
+        used = sorted({j["task"] for j in other})
+        prefixes = {t: np.random.default_rng([3, k]).integers(2, vocab, plens[t]).tolist() for k, t in enumerate(used)}
+        theirs = _vllm_peer(vllm_url, vllm_model, base_model, other, prefixes, clients, workdir, step)
+        theirs["ratio_ours_vs_peer"] = concurrent["tokens_per_s"] / theirs["tokens_per_s"]
+    return {"peer": theirs,"bundle": str(source), "tasks": tasks, "bundle_tasks": len(names), "clients": clients,
             "requests": len(jobs), "prompt_len": prompt_len, "max_tokens": max_tokens, "threads": threads,
             "sequential": sequential, "concurrent": concurrent, "ceiling": ceiling, "cache_entries": cache_entries,
             "task_kv_bytes": task_kv_bytes, "kv_cache_mib": mib, "warmed_every_task": fits,
             "served_vs_ceiling": concurrent["tokens_per_s"] / ceiling["tokens_per_s"]}
+
+
+PEERS = ("vllm",)
+VLLM_HOW = ("vLLM's x86 CPU builds are release assets, not registry wheels (see vLLM's CPU installation guide); "
+            "start one on the bench's base model, e.g. `vllm serve BASE_DIR --dtype float32 --port 8000`, and pass "
+            "--vllm-url http://127.0.0.1:8000")
+
+
+def check_serve_peer(peer: str | None, vllm_url: str | None, base_model) -> None:
+    """Raises unless the serving peer can be measured: a URL, or an installed ``vllm`` and a base model to start it on."""
+    if peer is None:
+        if vllm_url is not None:
+            raise InputError("--vllm-url goes with --peer vllm")
+        return
+    if peer not in PEERS:
+        raise InputError(f"unknown --peer {peer!r}; the serving peer measured is: {', '.join(PEERS)}")
+    if vllm_url is None and (shutil.which("vllm") is None or base_model is None):
+        why = "no vllm on PATH" if shutil.which("vllm") is None else "a bundle of your own has no base model here"
+        raise MissingDependencyError(f"the vllm peer needs a running vLLM server ({why}): {VLLM_HOW}")
+
+
+def _vllm_peer(url, model, base_model, jobs, prefixes: dict, clients: int, workdir: Path, step) -> dict:
+    """``jobs`` from ``clients`` clients against vLLM (each task's virtual tokens as the prompt's prefix) -> the load
+    figures, with the URL and model measured."""
+    import httpx
+
+    proc = None
+    if url is None:  # an installed vLLM, started here on the base model and stopped after
+        port = free_port()
+        step("start vLLM on the base model (CPU)")
+        proc = subprocess.Popen(["vllm", "serve", str(base_model), "--dtype", "float32", "--port", str(port),
+                                 "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=_drain_stderr, args=(proc,), daemon=True).start()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise InputError(f"vLLM exited with status {proc.returncode} before serving; {VLLM_HOW}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                _stop(proc)
+                raise InputError("vLLM did not answer /health within 15 minutes")
+            time.sleep(2)
+    url = url.rstrip("/")
+    try:
+        if model is None:
+            try:
+                listed = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                raise InputError(f"--vllm-url {url}: no OpenAI-compatible /v1/models there ({e}); {VLLM_HOW}") from None
+            if not listed:
+                raise InputError(f"--vllm-url {url} serves no model")
+            model = listed[0]["id"]
+        peer_jobs = [{"task": model, "prompt": prefixes[j["task"]] + j["prompt"], "max_tokens": j["max_tokens"]}
+                     for j in jobs]
+        step(f"vllm: warm-up, then {clients} clients, {len(jobs)} requests")
+        _load(url, [dict(j, max_tokens=2) for j in peer_jobs[:clients]], clients, None, workdir)
+        figs = _load(url, peer_jobs, clients, None, workdir)
+    finally:
+        if proc is not None:
+            _stop(proc)
+    return {"name": "vllm", "url": url, "model": model, **figs}
 
 
 def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, tmp: Path):

@@ -1,11 +1,15 @@
 """The benchmarks end to end, as a user runs them: `bench` on the tiny preset and on a bundle, `bench --peer
-onnxruntime-genai`, and `bench-serve` (its own server and client processes). The tiny preset's runs share one
+onnxruntime-genai` (and `--peer llama-cpp` where a llama.cpp build is found), and `bench-serve` (its own server and
+client processes, and a serving peer at a URL). The tiny preset's runs share one
 --workdir, as a user keeps one: each later run reuses the base model, the fp32 bundle and the quantized copies the
 first made (the bench's rule: while the preset and the source are the same). No timing is asserted."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +117,61 @@ def test_bench_a_bundle(llama, tmp_path):
     assert all(x["greedy_equal_peft"] for x in r["rows"][:3])
     assert (tmp_path / "bundle-derived" / "bundle-int8" / "manifest.json").is_file()
     assert not (llama.bundle.parent / "bundle-int8").exists()  # nothing written beside the user's bundle
+
+
+def _llama_cpp() -> str | None:
+    """A llama.cpp build to measure against: $MPT_EXPORT_LLAMA_CPP (its source folder) or llama-bench on PATH."""
+    where = os.environ.get("MPT_EXPORT_LLAMA_CPP")
+    if where and Path(where).is_dir():
+        return where
+    found = shutil.which("llama-bench")
+    return str(Path(found).resolve().parent) if found else None
+
+
+def test_bench_against_llama_cpp(bench_workdir, tmp_path):
+    """Without a llama.cpp build: one line saying how to get one. With one (never built by the tests): its converter
+    and quantizer on the preset's base model, llama-bench beside ours at batch 1, every figure reported."""
+    env_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if
+                               not (Path(p) / "llama-bench").exists())
+    res = cli("bench", "--peer", "llama-cpp", "--workdir", tmp_path, env={"PATH": env_path})
+    assert_clean_failure(res, "no llama-bench on PATH", "--llama-cpp DIR")
+    assert_clean_failure(cli("bench", "--peer", "llama-cpp", "--llama-cpp", tmp_path / "nowhere"), "no such folder")
+    assert_clean_failure(cli("bench", "--llama-cpp", tmp_path), "--llama-cpp goes with --peer llama-cpp")
+    where = _llama_cpp()
+    if where is None:
+        pytest.skip("no llama.cpp build here (set MPT_EXPORT_LLAMA_CPP to its source folder)")
+    res = cli("bench", "--peer", "llama-cpp", "--llama-cpp", where, "--preset", "tiny", "--workdir", bench_workdir,
+              "--repeats", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert [(x["precision"], x["batch"]) for x in r["rows"]] == [(q, 1) for q in ("fp32", "int8", "int4")]
+    for x in r["rows"]:
+        for side in ("ours", "peer"):
+            assert x[side]["decode"]["median"] > 0 and x[side]["prefill"]["median"] > 0, x
+            assert x["peak_rss_mib"][side] > 0, x
+    assert [r["settings"][q]["peer"] for q in ("fp32", "int8", "int4")] == ["f32 GGUF", "q8_0 GGUF", "q4_0 GGUF"]
+
+
+def test_bench_serve_against_a_serving_peer(bench_workdir, tmp_path):
+    """--peer vllm measures the same concurrent load against any OpenAI-compatible server at --vllm-url (here a second
+    `mpt-export serve` of the same bundle stands in for vLLM: the path, not vLLM, is what runs); without a URL or a vLLM
+    on PATH, one line saying how to get one."""
+    for module in ("httpx", "starlette", "uvicorn"):
+        pytest.importorskip(module)
+    from servers import server
+
+    no_vllm = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not (Path(p) / "vllm").exists())
+    assert_clean_failure(cli("bench-serve", "--preset", "tiny", "--peer", "vllm", "--workdir", tmp_path,
+                             env={"PATH": no_vllm}), "needs a running vLLM server", "--vllm-url")
+    assert_clean_failure(cli("bench-serve", "--vllm-url", "http://127.0.0.1:9"), "--vllm-url goes with --peer vllm")
+    bundle = bench_workdir / "tiny" / "bundle"
+    assert (bundle / "manifest.json").is_file()  # the tiny preset's, built by the runs above
+    with server(bundle) as peer:
+        res = run_cli("bench-serve", "--preset", "tiny", "--workdir", bench_workdir, "--clients", "4", "--requests",
+                      "8", "--prompt-len", "8", "--max-tokens", "4", "--peer", "vllm", "--vllm-url", peer.url, "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    p = r["peer"]
+    assert p["url"] == peer.url and p["model"] and p["requests"] == 8 and p["tokens_per_s"] > 0
+    assert 0 < p["ttft_p50_s"] <= p["ttft_p99_s"] and r["concurrent"]["ttft_p99_s"] >= r["concurrent"]["ttft_p50_s"]
+    assert p["ratio_ours_vs_peer"] == pytest.approx(r["concurrent"]["tokens_per_s"] / p["tokens_per_s"])
