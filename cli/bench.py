@@ -20,7 +20,7 @@ def bench_cmd(
     bundle: Annotated[Path | None, typer.Argument(help="A bundle to benchmark instead of a preset (needs --base-model).")] = None,
     base_model: Annotated[str | None, typer.Option("--base-model", metavar="DIR|HUB_ID", help="With BUNDLE: the base model it was exported from, a directory or a Hugging Face Hub id (PEFT baseline).")] = None,
     batch: Annotated[int, typer.Option(help="With BUNDLE: rows per batch.")] = 8,
-    input_len: Annotated[int, typer.Option(help="With BUNDLE: input tokens per row.")] = 64,
+    input_len: Annotated[int, typer.Option(help="With BUNDLE or --peer: input tokens per row (after the task's virtual tokens).")] = 64,
     new_tokens: Annotated[int, typer.Option(help="With BUNDLE: new tokens per row.")] = 8,
     preset: Annotated[str, typer.Option(help="Workload: gpt2-small-shape (GPT-2 small shape, 100 virtual tokens, 8 x 64 tokens, 8 new), t5-base-shape (T5-Base shape, 100 virtual tokens, 8 x 64, 4 new), llama-small (hidden 768, 12 layers, vocab 32000: the --peer comparison), qwen3-small, gemma2-small and gemma3-small (the same size with those families' features; --peer reads the first two), tiny, tiny-t5.")] = "gpt2-small-shape",
     workdir: Annotated[Path, typer.Option(help="Where the preset's model, adapter and bundle are built (reused while the preset is unchanged).")] = Path("build/bench"),
@@ -33,7 +33,7 @@ def bench_cmd(
 ) -> None:
     """Throughput vs PyTorch/PEFT eager, measured in the same run: PEFT, this runtime without and with the prompt-KV cache."""
     if peer is not None:
-        return _peer(peer, preset, workdir, repeats, threads, as_json, quiet, llama_cpp)
+        return _peer(peer, preset, workdir, repeats, threads, as_json, quiet, llama_cpp, input_len)
     if llama_cpp is not None:
         raise InputError("--llama-cpp goes with --peer llama-cpp")
     if bundle is None:
@@ -82,13 +82,14 @@ def bench_cmd(
 
 
 def _peer(peer: str, preset: str, workdir: Path, rounds: int, threads: int | None, as_json: bool,
-          quiet: bool = False, llama_cpp: Path | None = None) -> None:
+          quiet: bool = False, llama_cpp: Path | None = None, input_len: int = 64) -> None:
     check_peer(peer, llama_cpp)
     check_replaceable(workdir / preset, "bench-workdir", force=True)  # before loading torch
     quiet_libraries()
 
     with progress("bench", quiet) as on_step:
-        r = run_peer_bench(peer, preset, workdir, rounds, threads, on_step=on_step, llama_cpp=llama_cpp)
+        r = run_peer_bench(peer, preset, workdir, rounds, threads, input_len=input_len, on_step=on_step,
+                           llama_cpp=llama_cpp)
     if as_json:
         print(json.dumps(r, indent=2))
         return

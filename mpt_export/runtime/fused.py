@@ -67,7 +67,8 @@ class FusedCausalSession(CausalSession):
         return n // 8 + 8
 
     def _new_state(self, B: int, capacity: int) -> dict:
-        state = {n: np.zeros((B, self._kv_heads, capacity, self._head_dim), self.dtype) for n in self._names}
+        # slots past a row's length are never read (its seqlens bound every attention), so they need no zeroing
+        state = {n: np.empty((B, self._kv_heads, capacity, self._head_dim), self.dtype) for n in self._names}
         state["kv_mask"] = np.zeros((B, capacity), np.int64)
         return state
 

@@ -153,15 +153,15 @@ def _child(job: dict) -> dict:
 
 
 def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path = "build/bench", rounds: int = 5,
-                   threads: int | None = None, input_len: int = 16, new_tokens: int = 32, on_step=None,
+                   threads: int | None = None, input_len: int = 64, new_tokens: int = 32, on_step=None,
                    llama_cpp: str | Path | None = None) -> dict:
     """Ours vs ``peer`` on ``preset``'s base model (see the module docstring) -> rows and the run's conditions."""
     tools = check_peer(peer, llama_cpp)
     if preset not in PRESETS or PRESETS[preset].seq2seq:
         raise InputError(f"--peer compares decoder-only models; choose one of: "
                          f"{', '.join(k for k, v in PRESETS.items() if not v.seq2seq)}")
-    if rounds < 1:
-        raise InputError(f"--repeats must be >= 1, got {rounds}")
+    if rounds < 1 or input_len < 1:
+        raise InputError(f"--repeats and --input-len must be >= 1, got {rounds} and {input_len}")
     step = on_step or (lambda s: None)
     threads = _set_threads(threads)
     p, base, bundle_dir, names, derived, _ = _workload(preset, workdir, None, None, 0, 0, 0, step)
