@@ -18,8 +18,8 @@ The embedding table (``Gather``) is block-quantized too (:func:`quantize_embeddi
 row per token, so this is for the bundle's size, not speed or resident memory (ONNX Runtime maps the weights file,
 and only the rows read become resident) — a 32k x 768 table is 94 MiB in float, 24 MiB in int8. It is int8 in int4
 bundles too: a 4-bit table saved 9 MiB more but moved small models' logits by twice as much (the tests' Gemma 3,
-whose scaled embeddings feed every layer). ``quantize --embeddings float`` keeps it float. Only ONNX Runtime runs ``MatMulNBits`` and ``GatherBlockQuantized``;
-TensorRT's ONNX parser does not know them."""
+whose scaled embeddings feed every layer). ``quantize --embeddings float`` keeps it float. Only ONNX Runtime runs
+``MatMulNBits`` and ``GatherBlockQuantized``; TensorRT's ONNX parser does not know them."""
 
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ class FusedCausalSession(CausalSession):
         sequence; ``seqlens`` (B,) each sequence's valid slots after the call minus one; ``last`` (B,) the index of
         its last real new row (its real new rows: ``last + 1``)."""
         feed = {"input_ids": ids, "prompt_embeds": prompt, "seqlens_k": seqlens.astype(np.int32),
-                "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32), "last_index": last.astype(np.int64)}
+                "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32),
+                "last_index": last.astype(np.int64)}
         if self._query_lens:
             feed["query_seqlens"] = (last + 1).astype(np.int32)
         return self._run_bound(GRAPH, binding, feed)
@@ -87,8 +88,8 @@ class FusedCausalSession(CausalSession):
         missing prompt runs in its row's call, one call per prompt length, and is kept for the task's other rows
         (and the cache). A call pads its rows' new ids at the end to the longest; the graph's ``query_seqlens`` keeps
         the padding out of the cache and out of every row's attention, so each row gets the numbers it gets alone (a
-        bundle without that input runs one row per call). The buffers hold ``new_tokens`` more positions (or :meth:`state_room`'s), so a generation of known
-        length never grows them."""
+        bundle without that input runs one row per call). The buffers hold ``new_tokens`` more positions (or
+        :meth:`state_room`'s), so a generation of known length never grows them."""
         B, S = ids.shape
         n = mask.sum(1).astype(np.int64)
         plens = np.array([self.prompt_len(t) for t in tasks], np.int64)
@@ -128,6 +129,7 @@ class FusedCausalSession(CausalSession):
                 prompt, past = np.zeros((len(rows), 0, self.hidden_size), self.dtype), plens[rows]
                 for b in later:
                     self.cached_task_kv(tasks[b])  # a hit now (or a miss if the cache could not keep it)
+                later = []
                 for b in rows:
                     for name, a in kvs[tasks[b]].items():
                         state[name][b, :, : plens[b]] = a

@@ -256,7 +256,8 @@ VLLM_HOW = ("vLLM's x86 CPU builds are release assets, not registry wheels (see 
 
 
 def check_serve_peer(peer: str | None, vllm_url: str | None, base_model) -> None:
-    """Raises unless the serving peer can be measured: a URL, or an installed ``vllm`` and a base model to start it on."""
+    """Raises unless the serving peer can be measured: a URL, or an installed ``vllm`` and a base model to start it
+    on."""
     if peer is None:
         if vllm_url is not None:
             raise InputError("--vllm-url goes with --peer vllm")
