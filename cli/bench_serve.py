@@ -69,6 +69,10 @@ def bench_serve_cmd(
     if ray:
         _print_ray(r)
         return
+    _print_serve(r)
+
+
+def _print_serve(r: dict) -> None:
     spread = (f"uniform over {r['tasks']:,} tasks" if r["tasks"] is not None else "mixed tasks")
     t = Table(title=escape(f"bench-serve {r['bundle']}: {r['requests']} requests x {r['prompt_len']} prompt tokens, "
                            f"{r['max_tokens']} new, {spread}, greedy"), title_justify="left")

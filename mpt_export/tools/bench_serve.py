@@ -30,17 +30,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 from ..bundle.reader import load_bundle
-from ..errors import InputError, MissingDependencyError, MptExportError
+from ..errors import InputError, MptExportError
 from ..serving.http.options import ServeOptions
 from ..serving.ray.service import free_port, import_ray
 from ..storage.ownership import claim_workdir
 from .manytasks import bundle_with_tasks, cache_counts, hit_rate
+from .procs import drain_stderr, stop
+from .serve_peer import check_serve_peer, vllm_peer
 
 
 def _pct(xs, q):
@@ -176,7 +177,7 @@ def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, kv_ca
         c2 = cache_counts(url, key)
         decode = [x["batch"] for x in _steps(url, key, since)["steps"] if x["kind"] == "decode"]
     finally:
-        _stop(proc, timeout=60)
+        stop(proc, timeout=60)
     concurrent["mean_batch"] = float(np.mean(decode)) if decode else 0.0
     sequential["mean_batch"] = 1.0
     sequential.update(hit_rate(c0, c1))
@@ -240,80 +241,13 @@ def run_bench_serve(bundle: str | Path, clients: int = 16, requests: int | None 
     if peer == "vllm":
         used = sorted({j["task"] for j in other})
         prefixes = {t: np.random.default_rng([3, k]).integers(2, vocab, plens[t]).tolist() for k, t in enumerate(used)}
-        theirs = _vllm_peer(vllm_url, vllm_model, base_model, other, prefixes, clients, workdir, step)
+        theirs = vllm_peer(vllm_url, vllm_model, base_model, other, prefixes, clients, workdir, step, _load)
         theirs["ratio_ours_vs_peer"] = concurrent["tokens_per_s"] / theirs["tokens_per_s"]
     return {"peer": theirs,"bundle": str(source), "tasks": tasks, "bundle_tasks": len(names), "clients": clients,
             "requests": len(jobs), "prompt_len": prompt_len, "max_tokens": max_tokens, "threads": threads,
             "sequential": sequential, "concurrent": concurrent, "ceiling": ceiling, "cache_entries": cache_entries,
             "task_kv_bytes": task_kv_bytes, "kv_cache_mib": mib, "warmed_every_task": fits,
             "served_vs_ceiling": concurrent["tokens_per_s"] / ceiling["tokens_per_s"]}
-
-
-PEERS = ("vllm",)
-VLLM_HOW = ("vLLM's x86 CPU builds are release assets, not registry wheels (see vLLM's CPU installation guide); "
-            "start one on the bench's base model, e.g. `vllm serve BASE_DIR --dtype float32 --port 8000`, and pass "
-            "--vllm-url http://127.0.0.1:8000")
-
-
-def check_serve_peer(peer: str | None, vllm_url: str | None, base_model) -> None:
-    """Raises unless the serving peer can be measured: a URL, or an installed ``vllm`` and a base model to start it
-    on."""
-    if peer is None:
-        if vllm_url is not None:
-            raise InputError("--vllm-url goes with --peer vllm")
-        return
-    if peer not in PEERS:
-        raise InputError(f"unknown --peer {peer!r}; the serving peer measured is: {', '.join(PEERS)}")
-    if vllm_url is None and (shutil.which("vllm") is None or base_model is None):
-        why = "no vllm on PATH" if shutil.which("vllm") is None else "a bundle of your own has no base model here"
-        raise MissingDependencyError(f"the vllm peer needs a running vLLM server ({why}): {VLLM_HOW}")
-
-
-def _vllm_peer(url, model, base_model, jobs, prefixes: dict, clients: int, workdir: Path, step) -> dict:
-    """``jobs`` from ``clients`` clients against vLLM (each task's virtual tokens as the prompt's prefix) -> the load
-    figures, with the URL and model measured."""
-    import httpx
-
-    proc = None
-    if url is None:  # an installed vLLM, started here on the base model and stopped after
-        port = free_port()
-        step("start vLLM on the base model (CPU)")
-        proc = subprocess.Popen(["vllm", "serve", str(base_model), "--dtype", "float32", "--port", str(port),
-                                 "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=_drain_stderr, args=(proc,), daemon=True).start()
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 900
-        while True:
-            if proc.poll() is not None:
-                raise InputError(f"vLLM exited with status {proc.returncode} before serving; {VLLM_HOW}")
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise InputError("vLLM did not answer /health within 15 minutes")
-            time.sleep(2)
-    url = url.rstrip("/")
-    try:
-        if model is None:
-            try:
-                listed = httpx.get(url + "/v1/models", timeout=30).json()["data"]
-            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-                raise InputError(f"--vllm-url {url}: no OpenAI-compatible /v1/models there ({e}); {VLLM_HOW}") from None
-            if not listed:
-                raise InputError(f"--vllm-url {url} serves no model")
-            model = listed[0]["id"]
-        peer_jobs = [{"task": model, "prompt": prefixes[j["task"]] + j["prompt"], "max_tokens": j["max_tokens"]}
-                     for j in jobs]
-        step(f"vllm: warm-up, then {clients} clients, {len(jobs)} requests")
-        _load(url, [dict(j, max_tokens=2) for j in peer_jobs[:clients]], clients, None, workdir)
-        figs = _load(url, peer_jobs, clients, None, workdir)
-    finally:
-        if proc is not None:
-            _stop(proc)
-    return {"name": "vllm", "url": url, "model": model, **figs}
 
 
 def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, tmp: Path):
@@ -330,25 +264,10 @@ def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, t
         if "serving " in line or "error:" in line:
             break
     if proc.poll() is not None or not any("serving " in x for x in lines):
-        _stop(proc)
+        stop(proc)
         raise MptExportError(f"the Ray server did not start: {' | '.join(lines[-3:])}")
-    _drain_stderr(proc)
+    drain_stderr(proc)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def _drain_stderr(proc) -> None:
-    """Keep reading a child's stderr so it never blocks on a full pipe."""
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-
-
-def _stop(proc, timeout: float = 120) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _replace_time(url: str, key: str, job: dict, timeout: float = 120) -> dict:
@@ -414,7 +333,7 @@ def run_bench_ray(bundle: str | Path, replicas: tuple[int, ...] = (1, 2), client
                 step("kill one replica, time its replacement")
                 replace = _replace_time(url, key, jobs[0])
         finally:
-            _stop(proc)
+            stop(proc)
 
             shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:
