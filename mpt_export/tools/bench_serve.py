@@ -149,7 +149,7 @@ def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, kv_ca
     step("start the server")
     exe = Path(sys.executable).with_name("mpt-export")
     key = "bench-" + os.urandom(6).hex()
-    args = [str(exe), "serve", str(bundle), "--port", "0", "--api-key", key,
+    args = [str(exe), "serve", str(bundle), "--port", "0", "--api-key", key, "--quiet",  # no access log
             "--max-batch", str(max_batch or clients), "--kv-cache-mib", str(kv_cache_mib)] + (
         ["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -162,6 +162,7 @@ def _served(bundle, jobs, other, warm, names, clients, max_batch, threads, kv_ca
                 break
         if url is None or proc.poll() is not None:
             raise InputError(f"the server did not start ({line.strip()})")
+        drain_stderr(proc)  # whatever it says later never fills the pipe
         _load(url, jobs[:1], 1, key, workdir)  # warm-up: every graph and the first task's prompt KV
         if warm is None:
             _load(url, [dict(j, max_tokens=2) for j in jobs[:len(names)]], len(names), key, workdir)  # every task's KV
@@ -255,7 +256,7 @@ def _ray_server(bundle, replicas: int, threads: int, max_batch: int, key: str, t
     port = free_port("127.0.0.1")
     exe = Path(sys.executable).with_name("mpt-export")
     args = [str(exe), "serve", str(bundle), "--ray", "--replicas", str(replicas), "--threads", str(threads),
-            "--port", str(port), "--api-key", key, "--max-batch", str(max_batch)]
+            "--port", str(port), "--api-key", key, "--max-batch", str(max_batch), "--quiet"]
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines = []

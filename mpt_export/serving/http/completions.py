@@ -14,6 +14,7 @@ from ...scheduler.request import Request
 from .echo import echoed, score_prompts
 from .edge import disconnected
 from .logprobs import chat_logprobs, completion_logprobs
+from .access import access_note
 from .errors import APIError, api_error, error_body
 from .structured import compile_constraint
 from .numbers import INT64_MAX, Bounds, check_numbers, number
@@ -36,6 +37,7 @@ async def generate(state: ServerState, request, chat: bool):
     try:
         data = await read_json(request, state.options.max_body_bytes)
         task = task_of(state, data)
+        access_note(request.scope, task=task)
         check_numbers(data, chat)
         opts = answer_options(data, chat)
         # rendering and tokenizing grow with the prompt: a worker thread does them (the tokenizer releases
@@ -150,6 +152,7 @@ async def _run(state: ServerState, request, task, prompts, params, opts, chat, s
                                               code="generation_failed"), task)
     for r in reqs:
         state.observe(r)
+    access_note(request.scope, tokens=sum(len(r.tokens) for r in reqs))
     # token strings, offsets, the echoed prompts and the JSON grow with the request: a worker thread builds them
     content = await asyncio.to_thread(_answer, state.session.tokenizer, rid, created, task, reqs, chat,
                                       params.logprobs is not None, prompts, scored)
@@ -262,6 +265,7 @@ async def _stream(state: ServerState, rid, created, task, reqs, queue, opts, cha
         yield "data: [DONE]\n\n"
         state.count(task, status)
     finally:
+        access_note(scope, tokens=sum(len(r.tokens) for r in reqs))
         if pending:  # the client went away mid-stream: free its rows at the next step
             for i in pending:
                 state.scheduler.cancel(reqs[i].id)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from ...errors import OptionError
 from ...runtime.options import SessionOptions
+from .access import FORMATS
 from .hosts import allow_list, check_allowed
 from .protocol import DEFAULT_MAX_BODY, api_key_of
 
@@ -31,8 +32,13 @@ class ServeOptions:
     limit_concurrency: int | None = None  # connections + requests at once at most (503 beyond); None: no limit
     task_dirs: tuple[str, ...] = ()  # directories POST /admin/tasks may load adapters from (none: the route is off)
     kv_cache_mib: float = SessionOptions.kv_cache_mib  # memory for tasks' prompt keys/values kept (MiB)
+    access_log: bool = True  # a line per request on stderr (see access.py)
+    log_format: str = "text"  # the access line: "text" or "json"
 
     def __post_init__(self):
+        if self.log_format not in FORMATS:
+            raise OptionError(f"unknown --log-format {self.log_format!r}; choose one of {', '.join(FORMATS)}",
+                              param="log_format")
         if not 0 <= self.port <= 65535:
             raise OptionError(f"--port must be in [0, 65535], got {self.port}", param="port")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_body_bytes < 1:

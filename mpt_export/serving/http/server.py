@@ -22,6 +22,7 @@ import sys
 import time
 
 from ...errors import InputError, MissingDependencyError
+from .access import access_log
 from .app import build_app
 from .edge import protocol_class
 from .options import ServeOptions
@@ -62,6 +63,8 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
         raise
     state = ServerState(bundle, o, opened=opened)
     app = build_app(state)
+    if o.access_log:
+        app = access_log(app, say, o.log_format)
     host, drain_timeout = o.host, o.drain_timeout
     sock = bind(host, o.port)
     actual = sock.getsockname()[1]
