@@ -143,6 +143,8 @@ class Routes:
             created = _epoch(bundle.info.created_at if bundle is not None else None)  # the same on every replica
             data = [{"id": t, "object": "model", "created": created, "owned_by": "mpt-export",
                      "parent": path.name, "root": path.name} for t in bank.names]
+            data += [{"id": a, "object": "model", "created": created, "owned_by": "mpt-export", "parent": t,
+                      "root": path.name} for a, t in self.state.aliases.items() if t in bank]  # --task-alias
             body = await asyncio.to_thread(lambda: json.dumps({"object": "list", "data": data}).encode())
             self._models = (bank, self.state.digest, body)
         return Response(self._models[2], media_type="application/json")

@@ -34,6 +34,7 @@ class ServeOptions:
     kv_cache_mib: float = SessionOptions.kv_cache_mib  # memory for tasks' prompt keys/values kept (MiB)
     access_log: bool = True  # a line per request on stderr (see access.py)
     log_format: str = "text"  # the access line: "text" or "json"
+    task_aliases: tuple[tuple[str, str], ...] = ()  # (alias, task): requests for the alias run the task
 
     def __post_init__(self):
         if self.log_format not in FORMATS:
@@ -59,6 +60,12 @@ class ServeOptions:
             if not os.path.isdir(d):
                 raise OptionError(f"--task-dir {d} is not a directory; name the directory adapters may be loaded "
                                   "from", param="task_dirs")
+        aliases = tuple(_alias(a) for a in self.task_aliases or ())
+        names = [a for a, _ in aliases]
+        if len(set(names)) < len(names):
+            raise OptionError(f"--task-alias names {next(a for a in names if names.count(a) > 1)!r} twice; an alias "
+                              "stands for one task", param="task_aliases")
+        object.__setattr__(self, "task_aliases", aliases)
         object.__setattr__(self, "api_key", api_key_of(self.api_key, where="--api-key"))
         if self.prepack is None:
             object.__setattr__(self, "prepack", "auto")
@@ -66,6 +73,16 @@ class ServeOptions:
             self.session_options  # noqa: B018 - threads, prepack and the cache's memory checked here, before anything loads
         except OptionError as e:
             raise OptionError(str(e).replace("kv_cache_mib", "--kv-cache-mib"), param=e.param) from None
+
+    def check_aliases(self, tasks) -> None:
+        """Each alias names a task of the bundle (``tasks``: its names, a container) and is not one itself."""
+        for alias, task in self.task_aliases:
+            if alias in tasks:
+                raise OptionError(f"--task-alias {alias}={task}: {alias!r} is a task of the bundle already; choose "
+                                  "another alias", param="task_aliases")
+            if task not in tasks:
+                raise OptionError(f"--task-alias {alias}={task}: the bundle has no task {task!r} (see `mpt-export "
+                                  "tasks list BUNDLE`)", param="task_aliases")
 
     @property
     def session_options(self) -> SessionOptions:
@@ -81,3 +98,12 @@ class ServeOptions:
 
     def with_(self, **changes) -> "ServeOptions":
         return replace(self, **changes)
+
+
+def _alias(spec) -> tuple[str, str]:
+    """``ALIAS=TASK`` (or a pair) -> (alias, task), both non-empty."""
+    alias, sep, task = spec.partition("=") if isinstance(spec, str) else (spec[0], "=", spec[1])
+    alias, task = alias.strip(), task.strip()
+    if not sep or not alias or not task:
+        raise OptionError(f"--task-alias takes ALIAS=TASK (e.g. sentiment=sst2), got {spec!r}", param="task_aliases")
+    return alias, task

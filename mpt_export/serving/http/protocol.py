@@ -132,6 +132,7 @@ def task_of(state, data: dict) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "model is required: the task to run (see GET /v1/models)", param="model")
+    model = state.aliases.get(model, model)  # serve --task-alias ALIAS=TASK
     if model not in state.session.bank:  # an index lookup: the same cost at 100,000 tasks as at 10
         tasks = state.session.tasks
         named = ", ".join(tasks[:NAMED_TASKS]) + (f" … and {len(tasks) - NAMED_TASKS} more; GET /v1/models lists them"

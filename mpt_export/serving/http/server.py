@@ -57,6 +57,7 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
     # /health answers 503 (ServerState.load verifies this same Bundle — the directory it holds — and serves it)
     opened = load_bundle(bundle, verify=False)
     try:
+        o.check_aliases(set(opened.tasks))
         uvicorn = _import_uvicorn()
     except BaseException:
         opened.close()

@@ -24,6 +24,7 @@ class ServerState:
         self.bundle_path = Path(bundle_path)
         self._opened = opened
         self.options = options = options or ServeOptions()
+        self.aliases = dict(options.task_aliases)  # alias -> task (serve --task-alias)
         self.status = "loading"
         self.error: str | None = None
         self.bundle = self.session = self.scheduler = self.chat = None

@@ -216,6 +216,7 @@ def serve_ray(bundle: str, options: ServeOptions | None = None, replicas: int | 
     scale = parse_autoscale(autoscale)
     bundle = str(Path(bundle).resolve())
     served = load_bundle(bundle)  # verified here once: a wrong path fails now, and replicas on this node trust the stamp
+    o.check_aliases(set(served.tasks))
     most = scale[1] if scale else (replicas or 1)
     threads = o.threads
     if threads is None:  # each replica gets its share of this machine's cores (Ray schedules by num_cpus)
