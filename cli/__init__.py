@@ -15,28 +15,34 @@ from mpt_export.version import __version__
 conventional_help()
 app = typer.Typer(
     name="mpt-export",
-    help="Ship Multitask Prompt Tuning (PEFT) models: export to a validated ONNX bundle, generate with any task from one backbone, add tasks at runtime, benchmark.",
+    help="Ship Multitask Prompt Tuning (PEFT) models: export to a validated ONNX bundle, generate with any task from one "
+         "backbone, add tasks at runtime, serve every task from one OpenAI-compatible server, benchmark.\n\n"
+         "Start with `mpt-export demo`; then `mpt-export export --base-model DIR --adapter NAMES=DIR --out BUNDLE`, "
+         "`mpt-export generate BUNDLE --task NAME TEXT`, `mpt-export serve BUNDLE`.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
     rich_markup_mode="rich",
 )
-app.command(name="inspect")(inspect.inspect_cmd)
-app.command(name="export")(export.export_cmd)
-app.command(name="verify")(verify.verify_cmd)
-app.command(name="quantize")(quantize.quantize_cmd)
-app.command(name="generate")(generate.generate_cmd)
-app.command(name="eval")(evaluate.eval_cmd)
-app.add_typer(tasks.app, name="tasks")
-app.command(name="build")(build.build_cmd)
-app.command(name="check-trt")(build.check_trt_cmd)
-app.command(name="serve")(serve.serve_cmd)
-app.command(name="triton")(triton.triton_cmd)
-app.command(name="bench")(bench.bench_cmd)
-app.command(name="bench-serve")(bench_serve.bench_serve_cmd)
-app.command(name="bench-export")(bench_export.bench_export_cmd)
-app.command(name="bench-structured")(bench_structured.bench_structured_cmd)
-app.command(name="demo")(demo.demo_cmd)
+# listed by workflow, in the order a user meets them
+START, MAKE, RUN, DEPLOY, MEASURE = ("Start here", "Export and check a bundle", "Generate and manage tasks",
+                                     "Serve and deploy", "Measure")
+app.command(name="demo", rich_help_panel=START)(demo.demo_cmd)
+app.command(name="inspect", rich_help_panel=MAKE)(inspect.inspect_cmd)
+app.command(name="export", rich_help_panel=MAKE)(export.export_cmd)
+app.command(name="verify", rich_help_panel=MAKE)(verify.verify_cmd)
+app.command(name="quantize", rich_help_panel=MAKE)(quantize.quantize_cmd)
+app.command(name="generate", rich_help_panel=RUN)(generate.generate_cmd)
+app.command(name="eval", rich_help_panel=RUN)(evaluate.eval_cmd)
+app.add_typer(tasks.app, name="tasks", rich_help_panel=RUN)
+app.command(name="serve", rich_help_panel=DEPLOY)(serve.serve_cmd)
+app.command(name="triton", rich_help_panel=DEPLOY)(triton.triton_cmd)
+app.command(name="build", rich_help_panel=DEPLOY)(build.build_cmd)
+app.command(name="check-trt", rich_help_panel=DEPLOY)(build.check_trt_cmd)
+app.command(name="bench", rich_help_panel=MEASURE)(bench.bench_cmd)
+app.command(name="bench-serve", rich_help_panel=MEASURE)(bench_serve.bench_serve_cmd)
+app.command(name="bench-export", rich_help_panel=MEASURE)(bench_export.bench_export_cmd)
+app.command(name="bench-structured", rich_help_panel=MEASURE)(bench_structured.bench_structured_cmd)
 unwrap_docstrings(app)
 
 

@@ -19,7 +19,7 @@ def _gib(b) -> str:
 @handle_errors
 def bench_export_cmd(
     shape: Annotated[str, typer.Option(help="Real model shape (random weights): tinyllama-1.1b, llama-3b, t5-xl, llama-7b, qwen3-0.6b, qwen3-1.7b, gemma-3-1b, phi-4-mini or smollm3-3b.")] = "tinyllama-1.1b",
-    dtype: Annotated[str | None, typer.Option(help="Export dtype.", show_default="fp32; fp16 for llama-7b, phi-4-mini and smollm3-3b")] = None,
+    dtype: Annotated[str | None, typer.Option(metavar="fp32|fp16|bf16", help="Export dtype.", show_default="fp32; fp16 for llama-7b, phi-4-mini and smollm3-3b")] = None,
     workdir: Annotated[Path, typer.Option(help="Where the model, adapter and bundle are built.")] = Path("build/bench-export"),
     keep: Annotated[bool, typer.Option("--keep", help="Keep the shape's files (tens of GB) for a later run.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw figures as JSON.")] = False,

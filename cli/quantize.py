@@ -15,7 +15,7 @@ from mpt_export.tools.evaluate import read_data
 def quantize_cmd(
     bundle: Annotated[Path, typer.Argument(help="An fp32 bundle (left untouched).")],
     out: Annotated[Path, typer.Option("--out", help="The quantized bundle to write.")],
-    quantize: Annotated[str, typer.Option("--quantize", help="int8 or int4: weight-only (MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits); int8-dynamic: ONNX Runtime dynamic quantization (activations quantized at every step).")] = "int8",
+    quantize: Annotated[str, typer.Option("--quantize", metavar="int8|int4|int8-dynamic", help="int8 or int4: weight-only (MatMul weights in symmetric blocks, ONNX Runtime's MatMulNBits); int8-dynamic: ONNX Runtime dynamic quantization (activations quantized at every step).")] = "int8",
     block_size: Annotated[int | None, typer.Option(help="int8/int4: weight rows per scale, a power of two >= 16.", show_default="32")] = None,
     accuracy_level: Annotated[int | None, typer.Option(help="int8/int4: MatMulNBits' accuracy_level: 4 quantizes each activation row to int8 inside the op (ONNX Runtime GenAI's CPU setting; fast integer kernels), 0 keeps activations float (exact, but int8 is then ~30x slower on x86 CPUs).", show_default="4")] = None,
     embeddings: Annotated[str | None, typer.Option(metavar="quantized|float", help="int8/int4: the embedding table in int8 blocks of --block-size (ONNX Runtime's GatherBlockQuantized; a 32k x 768 table: 94 MiB in float, 24 MiB quantized: a smaller bundle, not a faster one) or float. Its effect is in the agreement reported.", show_default="quantized")] = None,
