@@ -116,7 +116,16 @@ def open_dir(path: Path) -> int:
                 os.close(fd)
                 time.sleep(0.01)
                 continue
+            names = set(os.listdir(fd))
             os.close(fd)
+            if "adapter_config.json" in names:  # a PEFT adapter (save_pretrained) where a bundle was expected
+                raise BundleError(f"{path} is a PEFT adapter, not a bundle: export it first — `mpt-export export "
+                                  f"--base-model BASE --adapter NAME1,NAME2={path} --out BUNDLE` — and pass the "
+                                  "bundle") from None
+            if "config.json" in names:  # a base model
+                raise BundleError(f"{path} is a model directory, not a bundle: export it with its MPT adapters first "
+                                  f"(`mpt-export export --base-model {path} --adapter NAMES=ADAPTER --out BUNDLE`)") \
+                    from None
             raise BundleError(f"{path} has no {MANIFEST}; it is not an mpt-export bundle (or its export did not "
                               "finish)") from None
         except OSError as e:

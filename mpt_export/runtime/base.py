@@ -237,7 +237,8 @@ class Session:
         limit = self.max_positions - plen
         if longest > limit:
             raise InputError(f"input of {longest} tokens is too long: the model has {self.max_positions} positions and "
-                             f"the prompt takes {plen}, so at most {limit} tokens fit", param="input_ids")
+                             f"the task's virtual tokens take {plen}, so at most {limit} input tokens fit",
+                             param="input_ids")
         return ids, tasks, mask
 
     def _check_new_tokens(self, tasks, mask, max_new_tokens: int) -> None:
@@ -245,8 +246,8 @@ class Session:
         longest = int(mask.sum(1).max())
         if plen + longest + max_new_tokens > self.max_positions:
             raise InputError(f"{longest} input tokens + {max_new_tokens} new tokens do not fit: the model has "
-                             f"{self.max_positions} positions and the prompt takes {plen}, so input + max_new_tokens "
-                             f"<= {self.max_positions - plen}", param="max_new_tokens")
+                             f"{self.max_positions} positions and the task's virtual tokens take {plen}, so input + "
+                             f"max_new_tokens <= {self.max_positions - plen}", param="max_new_tokens")
 
     def check_request(self, n_tokens: int, task: str, max_new_tokens: int) -> None:
         """Raise the error a request of ``n_tokens`` input tokens for ``task`` with ``max_new_tokens`` would raise

@@ -349,3 +349,17 @@ def test_closed_pipe_ends_quietly(llama):
     res = subprocess.run(f"'{exe}' tasks list '{llama.bundle}' | head -c 10 > /dev/null; echo rc=${{PIPESTATUS[0]}}",
                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
     assert "error" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_directory_that_is_not_a_bundle_says_what_it_is(llama, tmp_path):
+    """A PEFT adapter or a base model passed where a bundle is expected is named as such, with the export that makes
+    the bundle; an input too long says the task's virtual tokens take part of the positions (not "the prompt")."""
+    for cmd in (["generate", llama.source, "--task", "a", "x"], ["tasks", "list", llama.source]):
+        assert_clean_failure(cli(*cmd), "is a PEFT adapter, not a bundle", "mpt-export export --base-model")
+    assert_clean_failure(cli("generate", llama.base, "--task", "a", "x"), "is a model directory, not a bundle")
+    empty = tmp_path / "empty"
+    (empty / "x").mkdir(parents=True)
+    assert_clean_failure(cli("generate", empty, "--task", "a", "x"), "has no manifest.json")
+    s = mpt_export.load_bundle(llama.bundle).session()
+    with pytest.raises(InputError, match="the task's virtual tokens take"):
+        s.generate_ids(np.ones((1, s.max_positions), np.int64), ["a"], max_new_tokens=1)
