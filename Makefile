@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check bench docs install clean
+.PHONY: demo test check bench docs docs-serve install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 # the documentation site, built into build/site; --strict fails on any warning (broken links and anchors included)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+# the site over HTTP on 127.0.0.1:8001 (search works there; build/site/index.html also opens from disk, without it)
+docs-serve: docs
+	$(PY) -m http.server 8001 --bind 127.0.0.1 --directory build/site
 
 bench: $(STAMP)
 	$(VENV)/bin/mpt-export bench --preset gpt2-small-shape --workdir build/bench

@@ -87,9 +87,11 @@ def test_mkdocs_build_strict(tmp_path):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert res.returncode == 0, res.stderr[-5000:]
     assert "WARNING" not in res.stderr, res.stderr[-5000:]
-    cli = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+    cli = (tmp_path / "site" / "reference" / "cli.html").read_text()
     assert 'id="mpt-export-tasks-add"' in cli and "mpt-export cli reference" not in cli  # the generated reference
-    assert (tmp_path / "site" / "reference" / "python" / "index.html").read_text().count("doc-heading") > 10
+    assert (tmp_path / "site" / "reference" / "python.html").read_text().count("doc-heading") > 10
+    index = (tmp_path / "site" / "index.html").read_text()  # links to files: the site opens from disk (file://)
+    assert 'href="quickstart.html"' in index and 'href="quickstart/"' not in index
 
 
 def test_readme_and_help_stand_alone():
