@@ -31,6 +31,35 @@ FIRST = ("e2e/test_memory.py", "e2e/test_ray.py", "integration/test_families.py"
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not any(str(item.path).endswith(f) for f in FIRST))
 
+
+_started: dict[str, float] = {}  # test file -> when its first test reported (the run's progress, file by file)
+
+
+def pytest_runtest_logreport(report):
+    """Under -q the dots say nothing of what runs: a line when each test file starts (on the xdist controller, or
+    the one process), with the minutes since the run began."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or report.when != "setup":
+        return
+    path = report.nodeid.split("::")[0]
+    if path in _started:
+        return
+    import time
+
+    _started.setdefault("", time.monotonic())
+    _started[path] = now = time.monotonic()
+    term = _config[0].pluginmanager.get_plugin("terminalreporter") if _config else None
+    if term is not None and term.verbosity < 1:
+        if term._tw.width_of_current_line:  # after a row of dots
+            term._tw.line()
+        term.write_line(f"[{(now - _started['']) / 60:4.1f} min] {path}")
+
+
+_config = []
+
+
+def pytest_configure(config):
+    _config.append(config)
+
 _cases: dict[str, Case] = {}
 
 
