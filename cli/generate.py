@@ -92,7 +92,7 @@ def check_rows(s, rows: list[tuple[int, str, str]], where: str | None, max_new_t
 @handle_errors
 def generate_cmd(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    prompts: Annotated[list[str] | None, typer.Argument(help="Prompt text(s); or use --input-file.")] = None,
+    prompts: Annotated[list[str] | None, typer.Argument(metavar="TEXT", help="Prompt text(s); or use --input-file.")] = None,
     task: Annotated[str | None, typer.Option("--task", help="Task for every prompt (JSONL lines may name their own).")] = None,
     input_file: Annotated[Path | None, typer.Option("--input-file", help='JSONL file, one {"task": ..., "text": ...} per line (read and checked whole before anything runs).')] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per batch for --input-file (tasks may mix in a batch).")] = 16,
@@ -101,7 +101,7 @@ def generate_cmd(
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = CLI_DEFAULTS.top_k,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = CLI_DEFAULTS.top_p,
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output.")] = CLI_DEFAULTS.seed,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop a row when its text contains this (non-empty) string (repeatable).")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", metavar="TEXT", help="Stop a row when its text contains this (non-empty) string (repeatable).")] = None,
     provider: Annotated[str, typer.Option(metavar="cpu|cuda|tensorrt|dml|coreml|NAME", help="ONNX Runtime provider: cpu, cuda, tensorrt (ONNX Runtime's TensorRT execution provider), dml, coreml or an ONNX Runtime provider name.")] = "cpu",
     backend: Annotated[str, typer.Option(help="onnxruntime or tensorrt (needs --engines).")] = "onnxruntime",
     engines: Annotated[Path | None, typer.Option(help="Engines folder from `mpt-export build` (with --backend tensorrt).")] = None,
@@ -114,7 +114,7 @@ def generate_cmd(
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated (one prompt; with --json any number, as JSON lines).")] = False,
     json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain every row to JSON valid against this JSON schema file (compact: no whitespace unless --whitespace-pattern).", rich_help_panel="Structured output")] = None,
     json_object: Annotated[bool, typer.Option("--json-object", help="Constrain every row to a JSON object.", rich_help_panel="Structured output")] = False,
-    choice: Annotated[list[str] | None, typer.Option("--choice", help="Constrain every row to exactly one of these strings (repeatable): a label.", rich_help_panel="Structured output")] = None,
+    choice: Annotated[list[str] | None, typer.Option("--choice", metavar="TEXT", help="Constrain every row to exactly one of these strings (repeatable): a label.", rich_help_panel="Structured output")] = None,
     regex: Annotated[str | None, typer.Option("--regex", help="Constrain every row to text this regular expression matches (whole).", rich_help_panel="Structured output")] = None,
     grammar: Annotated[Path | None, typer.Option("--grammar", help="Constrain every row to this grammar file (Lark, or llama.cpp's GBNF).", rich_help_panel="Structured output")] = None,
     whitespace_pattern: Annotated[str | None, typer.Option(help="With --json-schema/--json-object: the whitespace allowed between JSON tokens (a regular expression).", rich_help_panel="Structured output")] = None,

@@ -13,7 +13,7 @@ from mpt_export.source.adapters import read_adapter
 
 @handle_errors
 def inspect_cmd(
-    adapters: Annotated[list[Path], typer.Argument(help="PEFT MPT adapter directories (adapter_config.json + weights).")],
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTER_DIR", help="PEFT MPT adapter directories (adapter_config.json + weights).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")] = False,
 ) -> None:
     """Show what is in PEFT Multitask Prompt Tuning checkpoints: kind, tasks, shapes, bytes per task."""

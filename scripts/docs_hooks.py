@@ -25,10 +25,21 @@ def cli_markdown() -> str:
     from mpt_export.cli import app
 
     command = typer.main.get_command(app)
+    _whole_summaries(command)
     ctx = typer.Context(command, info_name="mpt-export")
     ctx.obj = {MARKUP_MODE_KEY: app.rich_markup_mode}  # as `typer ... utils docs` does: rich markup becomes HTML
     text = get_docs_for_click(obj=command, ctx=ctx, name="mpt-export")
+    text = re.sub(r" <list\[\w+\]>", "", text)  # a repeatable argument's Python type after its metavar (FILE...)
     return demote_headings(text.strip()) + "\n"
+
+
+def _whole_summaries(command) -> None:
+    """Each command's summary in a group's command list is its docstring's first paragraph, whole (click cuts a
+    summary at 45 characters with "...")."""
+    for sub in getattr(command, "commands", {}).values():
+        if sub.help and not sub.short_help:
+            sub.short_help = sub.help.split("\n\n")[0].replace("\n", " ")
+        _whole_summaries(sub)
 
 
 def demote_headings(text: str) -> str:
