@@ -1,21 +1,36 @@
-# Fresh machine: `make demo` or `make test` create .venv, install torch 2.13.0 (CPU build) first, then the project.
+# Fresh machine: `make demo` creates .venv and installs torch 2.13.0 (CPU build) first, then the project with what
+# the demo needs; `make test` (and check, docs, bench) adds every extra the suite imports. Each step says what it
+# installs and about how long it takes (2-core machine).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP  := $(VENV)/.installed
+# PYTHONWARNINGS: setuptools' box about editable installs and same-named folders, which does not apply here
+PIP    := PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test check bench docs docs-serve install clean
+.PHONY: demo test check bench docs docs-serve install install-demo clean
 
-$(STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml
+	@echo "make: creating the virtual environment .venv"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[cpu,export,serve,test,peers,docs]'
+	$(PIP) --upgrade pip
+	@echo "make: installing torch 2.13.0, CPU build (about 40 s)"
+	$(PIP) torch==2.13.0
+	@echo "make: installing mpt-export for the demo: ONNX Runtime, transformers, PEFT, onnx (about 1 min)"
+	$(PIP) -e '.[cpu,export]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	@echo "make: installing the extras the tests use: server, Ray, lm-eval, Triton client, docs, peers (about 2 min)"
+	$(PIP) -e '.[cpu,export,serve,test,peers,docs]'
 	touch $(STAMP)
+
+install-demo: $(DEMO_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/mpt-export demo --workdir build/demo
 
 # the documentation site, built into build/site; --strict fails on any warning (broken links and anchors included)
