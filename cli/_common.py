@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -92,9 +93,12 @@ def progress(title: str, quiet: bool = False):
 @contextmanager
 def _rich_progress(title: str):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
-                  transient=False) as prog:
+    # the time first, and a long phase name folded onto a second line: at 80 columns nothing is cut
+    with Progress(SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}",
+                                                                   table_column=Column(overflow="fold")),
+                  console=err_console, transient=False) as prog:
         current = {"id": None}
 
         def on_step(desc: str) -> None:
@@ -149,19 +153,22 @@ def _line_progress(title: str, after_s: float = 1.0):
 
 def parity_table(validation: dict | None) -> Table:
     dt = (validation or {}).get("dtype", "float32")
-    t = Table(title=f"parity vs PEFT forward (fp32 reference, {dt} bundle)", title_justify="left")
-    for col in ("case", "task", "logits max abs", "logits max rel", "KV max abs", "KV max rel", "status"):
-        t.add_column(col, justify="right" if "max" in col else "left")
+    t = Table(title=f"parity vs PEFT forward (fp32 reference, {dt} bundle)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)  # fits 80 columns
+    for col in ("case", "task", "logits abs", "logits rel", "KV abs", "KV rel", "status"):
+        t.add_column(col, justify="right" if col.endswith(("abs", "rel")) else "left", no_wrap=True)
     if not validation:
         t.add_row("-", "-", "-", "-", "-", "-", "not validated")
         return t
     fused = (validation.get("fast_graph") or {}).get("cases", [])
-    for c in validation["cases"] + [dict(c, case=f"fused graph, {c['case']}") for c in fused]:
+    for c in validation["cases"] + [dict(c, case=f"fused, {c['case']}") for c in fused]:
         ok = not c["failed"]
         t.add_row(c["case"], escape(c["task"]), f"{c['logits_max_abs']:.2e}", f"{c['logits_max_rel']:.2e}",
                   f"{c['kv_max_abs']:.2e}", f"{c['kv_max_rel']:.2e}", "[green]ok[/]" if ok else "[red]FAIL[/]")
-    t.caption = (f"pass: max abs <= atol {validation['atol']:g} + rtol {validation.get('rtol', 0):g} x max|ref| per "
-                 f"output; rel = max abs / max|ref|; seed {validation['seed']}")
+    t.caption = (f"max |bundle - PEFT| (abs) and that / max|PEFT| (rel), per output; pass: abs <= atol "
+                 f"{validation['atol']:g} + rtol {validation.get('rtol', 0):g} x max|PEFT|; fused: the fused graph; "
+                 f"seed {validation['seed']}")
+    t.caption_justify = "left"
     return t
 
 
