@@ -198,7 +198,7 @@ def test_runtime_input_errors(llama):
         s.logits(ids, ["a"])
     with pytest.raises(InputError, match="left-padded"):
         s.logits(ids, ["a", "b"], attention_mask=np.array([[1, 1, 0, 0], [1, 1, 1, 1]]))
-    with pytest.raises(InputError, match="at most 59 tokens fit"):
+    with pytest.raises(InputError, match="at most 59 input tokens fit"):
         s.logits(np.ones((1, 60), np.int64), ["a"])
     with pytest.raises(InputError, match="provider 'nosuch'.*available providers are: .*CPUExecutionProvider"):
         mpt_export.load_bundle(llama.bundle).session(provider="nosuch")

@@ -214,7 +214,7 @@ def test_generate_bad_inputs(llama, tmp_path):
     before = _digests(llama.bundle)
     assert_clean_failure(cli("generate", llama.bundle, "--task", "nope", "hi"), "unknown task 'nope'", "a, b, c, t")
     long = " ".join(["the movie was great"] * 40)
-    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", long), "at most 59 tokens fit")
+    assert_clean_failure(cli("generate", llama.bundle, "--task", "a", long), "at most 59 input tokens fit")
     assert_clean_failure(cli("generate", llama.bundle, "--task", "a", "the movie", "--max-new-tokens", "60"),
                          "input + max_new_tokens <= 59")
     assert_clean_failure(cli("generate", llama.bundle, "--task", "a", ""), "prompt 1 is empty")
