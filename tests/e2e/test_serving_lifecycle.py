@@ -189,3 +189,13 @@ def test_a_bundle_that_fails_to_load_is_a_failed_state(served, offline, tmp_path
         assert r.choices[0].text == offline("sst2", PROMPTS[0], 6)
         assert not any("Traceback" in line for line in s.lines), s.log()
         assert s.stop() == 0
+
+
+def test_a_second_server_on_a_taken_port_stops_with_one_line(served):
+    """A port another server holds: the new one exits 1 with one line naming the likely cause and what to do."""
+    with server(served["bundle"]) as first:
+        res = subprocess.run([str(EXE), "serve", str(served["bundle"]), "--port", str(first.port)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert f"port {first.port} on 127.0.0.1 is in use" in res.stderr and "another --port" in res.stderr
+        assert first.stop() == 0

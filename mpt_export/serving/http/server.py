@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -40,6 +41,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {host} is in use: another server is listening there (an earlier "
+                             "`mpt-export serve`?); stop it, or choose another --port (0: a free one)") from None
         raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
     sock.listen(2048)
     sock.set_inheritable(True)
