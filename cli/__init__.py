@@ -24,25 +24,25 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-# listed by workflow, in the order a user meets them
-START, MAKE, RUN, DEPLOY, MEASURE = ("Start here", "Export and check a bundle", "Generate and manage tasks",
-                                     "Serve and deploy", "Measure")
-app.command(name="demo", rich_help_panel=START)(demo.demo_cmd)
-app.command(name="inspect", rich_help_panel=MAKE)(inspect.inspect_cmd)
-app.command(name="export", rich_help_panel=MAKE)(export.export_cmd)
-app.command(name="verify", rich_help_panel=MAKE)(verify.verify_cmd)
-app.command(name="quantize", rich_help_panel=MAKE)(quantize.quantize_cmd)
-app.command(name="generate", rich_help_panel=RUN)(generate.generate_cmd)
-app.command(name="eval", rich_help_panel=RUN)(evaluate.eval_cmd)
-app.add_typer(tasks.app, name="tasks", rich_help_panel=RUN)
-app.command(name="serve", rich_help_panel=DEPLOY)(serve.serve_cmd)
-app.command(name="triton", rich_help_panel=DEPLOY)(triton.triton_cmd)
-app.command(name="build", rich_help_panel=DEPLOY)(build.build_cmd)
-app.command(name="check-trt", rich_help_panel=DEPLOY)(build.check_trt_cmd)
-app.command(name="bench", rich_help_panel=MEASURE)(bench.bench_cmd)
-app.command(name="bench-serve", rich_help_panel=MEASURE)(bench_serve.bench_serve_cmd)
-app.command(name="bench-export", rich_help_panel=MEASURE)(bench_export.bench_export_cmd)
-app.command(name="bench-structured", rich_help_panel=MEASURE)(bench_structured.bench_structured_cmd)
+# listed by workflow, in the order a user meets them: (panel, [(name, command)])
+WORKFLOW = [
+    ("Start here", [("demo", demo.demo_cmd)]),
+    ("Export and check a bundle", [("inspect", inspect.inspect_cmd), ("export", export.export_cmd),
+                                   ("verify", verify.verify_cmd), ("quantize", quantize.quantize_cmd)]),
+    ("Generate and manage tasks", [("generate", generate.generate_cmd), ("eval", evaluate.eval_cmd),
+                                   ("tasks", tasks.app)]),
+    ("Serve and deploy", [("serve", serve.serve_cmd), ("triton", triton.triton_cmd), ("build", build.build_cmd),
+                          ("check-trt", build.check_trt_cmd)]),
+    ("Measure", [("bench", bench.bench_cmd), ("bench-serve", bench_serve.bench_serve_cmd),
+                 ("bench-export", bench_export.bench_export_cmd),
+                 ("bench-structured", bench_structured.bench_structured_cmd)]),
+]
+for panel, commands in WORKFLOW:
+    for name, command in commands:
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=name, rich_help_panel=panel)
+        else:
+            app.command(name=name, rich_help_panel=panel)(command)
 unwrap_docstrings(app)
 
 
