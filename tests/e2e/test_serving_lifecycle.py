@@ -192,10 +192,12 @@ def test_a_bundle_that_fails_to_load_is_a_failed_state(served, offline, tmp_path
 
 
 def test_a_second_server_on_a_taken_port_stops_with_one_line(served):
-    """A port another server holds: the new one exits 1 with one line naming the likely cause and what to do."""
+    """A port another server holds: the new one exits 1 with one line naming the likely cause and what to do; the
+    old one's /health names its process (what a wait loop can tell its own server by)."""
     with server(served["bundle"]) as first:
         res = subprocess.run([str(EXE), "serve", str(served["bundle"]), "--port", str(first.port)],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert f"port {first.port} on 127.0.0.1 is in use" in res.stderr and "another --port" in res.stderr
+        assert httpx.get(first.url + "/health").json() == {"status": "ready", "pid": first.proc.pid}
         assert first.stop() == 0

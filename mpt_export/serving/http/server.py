@@ -67,7 +67,7 @@ def serve(bundle: str, options: ServeOptions | None = None, log=None, started: f
         opened.close()
         raise
     state = ServerState(bundle, o, opened=opened)
-    app = build_app(state)
+    app = build_app(state, identity={"pid": os.getpid()})  # /health names the process: a wait loop knows its own
     if o.access_log:
         app = access_log(app, say, o.log_format)
     host, drain_timeout = o.host, o.drain_timeout
