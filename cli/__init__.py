@@ -37,12 +37,42 @@ WORKFLOW = [
                  ("bench-export", bench_export.bench_export_cmd),
                  ("bench-structured", bench_structured.bench_structured_cmd)]),
 ]
+# a few lines a user can copy, at the end of a command's --help (paths as the demo writes them)
+EXAMPLES = {
+    "demo": ["mpt-export demo --workdir build/demo"],
+    "inspect": ["mpt-export inspect build/demo/adapters/source build/demo/adapters/target"],
+    "export": ["mpt-export export --base-model build/demo/base --adapter sst2,mnli,qnli=build/demo/adapters/source "
+               "--adapter rte=build/demo/adapters/target --out my-bundle",
+               "mpt-export export --base-model meta-llama/Llama-3.2-1B --adapter a,b=ADAPTER_DIR --out b --dtype fp16"],
+    "verify": ["mpt-export verify build/demo/bundle --base-model build/demo/base"],
+    "quantize": ["mpt-export quantize build/demo/bundle --out build/demo-int4 --quantize int4"],
+    "generate": ["mpt-export generate build/demo/bundle --task sst2 \"the movie was\"",
+                 "mpt-export generate build/demo/bundle --task qnli \"the station is\" --max-new-tokens 8 --json",
+                 "mpt-export generate build/demo/bundle --task sst2 \"the movie was\" --choice positive --choice negative"],
+    "eval": ["mpt-export eval build/demo/bundle --data my-data.jsonl"],
+    "serve": ["mpt-export serve build/demo/bundle --port 8000",
+              "mpt-export serve build/demo/bundle --port 8000 --api-key KEY --task-alias sentiment=sst2"],
+    "triton": ["mpt-export triton build/demo/bundle --out model-repo"],
+    "build": ["mpt-export build build/demo/bundle --print-trtexec", "mpt-export build build/demo/bundle --max-batch 8"],
+    "check-trt": ["mpt-export check-trt build/demo/bundle"],
+    "bench": ["mpt-export bench", "mpt-export bench --peer onnxruntime-genai --preset llama-small"],
+    "bench-serve": ["mpt-export bench-serve --clients 16", "mpt-export bench-serve --preset tiny --tasks 1000"],
+    "bench-export": ["mpt-export bench-export --shape tinyllama-1.1b"],
+    "bench-structured": ["mpt-export bench-structured build/demo/bundle"],
+}
+
+
+def _epilog(name: str) -> str | None:
+    lines = EXAMPLES.get(name)
+    return "Examples:\n\n" + "\n\n".join(lines) if lines else None
+
+
 for panel, commands in WORKFLOW:
     for name, command in commands:
         if isinstance(command, typer.Typer):
             app.add_typer(command, name=name, rich_help_panel=panel)
         else:
-            app.command(name=name, rich_help_panel=panel)(command)
+            app.command(name=name, rich_help_panel=panel, epilog=_epilog(name))(command)
 unwrap_docstrings(app)
 
 

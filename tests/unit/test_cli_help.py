@@ -45,3 +45,25 @@ def test_long_commands_take_quiet_and_providers_match_what_is_accepted():
         line = re.sub(r"\s+", " ", help_of(command).split("--provider", 1)[1].split("[default", 1)[0])
         for alias in PROVIDER_ALIASES:
             assert alias in line, (command, alias, line)
+
+
+def test_every_help_example_uses_options_its_command_has():
+    """The examples at the end of each command's --help name only options that command takes, and every command
+    but the task group's has some."""
+    import shlex
+
+    import typer
+
+    from mpt_export.cli import EXAMPLES, WORKFLOW, app
+
+    root = typer.main.get_command(app)
+    names = [n for _, cmds in WORKFLOW for n, c in cmds if not isinstance(c, typer.Typer)]
+    assert sorted(EXAMPLES) == sorted(names)
+    for name, lines in EXAMPLES.items():
+        sub = root.commands[name]
+        opts = {o for p in sub.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
+        for line in lines:
+            words = shlex.split(line)
+            assert words[:2] == ["mpt-export", name], line
+            assert [w for w in words if w.startswith("--") and w not in opts] == [], line
+        assert sub.epilog and lines[0] in sub.epilog
