@@ -41,9 +41,9 @@ WORKFLOW = [
 EXAMPLES = {
     "demo": ["mpt-export demo --workdir build/demo"],
     "inspect": ["mpt-export inspect build/demo/adapters/source build/demo/adapters/target"],
-    "export": ["mpt-export export --base-model build/demo/base --adapter sst2,mnli,qnli=build/demo/adapters/source "
-               "--adapter rte=build/demo/adapters/target --out my-bundle",
-               "mpt-export export --base-model meta-llama/Llama-3.2-1B --adapter a,b=ADAPTER_DIR --out b --dtype fp16"],
+    "export": ["mpt-export export my-bundle --base-model build/demo/base --adapter sst2,mnli,qnli=build/demo/adapters/"
+               "source --adapter rte=build/demo/adapters/target",
+               "mpt-export export my-bundle --base-model meta-llama/Llama-3.2-1B --adapter a,b=ADAPTER_DIR --dtype fp16"],
     "verify": ["mpt-export verify build/demo/bundle --base-model build/demo/base"],
     "quantize": ["mpt-export quantize build/demo/bundle --out build/demo-int4 --quantize int4"],
     "generate": ["mpt-export generate build/demo/bundle --task sst2 \"the movie was\"",

@@ -9,13 +9,15 @@ from ._common import Quiet, console, escape, handle_errors, parity_table, progre
 from mpt_export.export.api import check_export_inputs, export_bundle
 from mpt_export.export.options import ExportOptions
 from mpt_export.bundle.taskbank import name_list
+from mpt_export.errors import InputError
 
 
 @handle_errors
 def export_cmd(
     base_model: Annotated[str, typer.Option("--base-model", metavar="DIR|HUB_ID", help="The model the adapters were trained on: a save_pretrained directory or a Hugging Face Hub id (Qwen/Qwen3-0.6B; read into the Hub cache, HF_HUB_OFFLINE respected). A causal LM of a listed family (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-2/3/4, SmolLM3, Granite, OLMo 2, GPT-NeoX, OPT, Falcon, BLOOM, StarCoder2, GPT-2; others are tried and kept only if validation passes) or a T5-family encoder-decoder.")],
     adapter: Annotated[list[str], typer.Option("--adapter", metavar="[NAMES=]DIR", help="A PEFT MPT adapter: a directory or a Hub id (org/name, org/name@REVISION); NAMES is one comma-separated name per task, in order (without NAMES: the directory name, with -<i> for several tasks). Repeatable.")],
-    out: Annotated[Path, typer.Option("--out", help="Bundle directory to create (written atomically).")],
+    bundle: Annotated[Path | None, typer.Argument(help="Bundle directory to create (written atomically); or --out.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The bundle directory to create, as BUNDLE (either form).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset to request (the dynamo exporter needs >= 18); the opset written is recorded in the manifest.")] = 18,
     atol: Annotated[float | None, typer.Option(help="Validation: an output passes when max|bundle - PEFT| <= atol + rtol x max|PEFT|.", show_default="per dtype, shown in the report")] = None,
     rtol: Annotated[float | None, typer.Option(help="Validation: the part of the tolerance relative to each output's magnitude (see --atol).", show_default="per dtype: 1e-4 fp32, 3e-2 fp16, 6e-2 bf16")] = None,
@@ -33,6 +35,11 @@ def export_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Export MPT adapters over one frozen base model (causal LM or T5) into a validated ONNX bundle."""
+    if bundle is None and out is None:
+        raise InputError("name the bundle to create: mpt-export export BUNDLE ... (or --out BUNDLE)")
+    if bundle is not None and out is not None and bundle != out:
+        raise InputError(f"BUNDLE {bundle} and --out {out} name two outputs; give one")
+    out = bundle or out
     options = ExportOptions(opset=opset, dtype=dtype, atol=atol, rtol=rtol, validate=validate, quantize=quantize,
                             min_agreement=min_agreement, block_size=block_size, accuracy_level=accuracy_level, force=force, seed=seed, provider=provider,
                             fast_graph=fast_graph, revision=revision)

@@ -363,3 +363,17 @@ def test_a_directory_that_is_not_a_bundle_says_what_it_is(llama, tmp_path):
     s = mpt_export.load_bundle(llama.bundle).session()
     with pytest.raises(InputError, match="the task's virtual tokens take"):
         s.generate_ids(np.ones((1, s.max_positions), np.int64), ["a"], max_new_tokens=1)
+
+
+def test_export_takes_the_bundle_positionally_or_by_out(llama, tmp_path):
+    """`export BUNDLE` as every other command names its bundle, `--out` as before; neither, or two different ones,
+    is one clear line before anything loads."""
+    out = tmp_path / "b"
+    res = cli("export", out, "--base-model", llama.base, "--adapter", f"a,b,c={llama.source}", "--no-validate")
+    assert res.returncode == 0, res.stderr
+    assert mpt_export.load_bundle(out).tasks == ["a", "b", "c"]
+    assert_clean_failure(cli("export", "--base-model", llama.base, "--adapter", str(llama.source)),
+                         "name the bundle to create")
+    assert_clean_failure(cli("export", tmp_path / "x", "--out", tmp_path / "y", "--base-model", llama.base,
+                             "--adapter", str(llama.source)), "name two outputs")
+    assert no_output_left(tmp_path / "x") and no_output_left(tmp_path / "y")
