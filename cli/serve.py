@@ -35,6 +35,7 @@ def serve_cmd(
     task_dir: Annotated[list[Path] | None, typer.Option("--task-dir", metavar="DIR", help="A directory adapters may be loaded from into the running server (POST /admin/tasks; repeatable). Without it, loading tasks over HTTP is off.", show_default="off")] = None,
     kv_cache_mib: Annotated[float, typer.Option(help="Memory for each task's prompt keys/values, kept between requests so a request to a recent task skips its virtual tokens (MiB; least recently used evicted first; 0: none kept). A task takes 2 x layers x virtual tokens x KV heads x head size x 4 bytes; /metrics counts hits and misses.")] = ServeOptions.kv_cache_mib,
     task_alias: Annotated[list[str] | None, typer.Option("--task-alias", metavar="ALIAS=TASK", help="Serve TASK under the model name ALIAS too (repeatable; listed by /v1/models with the task as its parent).")] = None,
+    default_task: Annotated[str | None, typer.Option(metavar="TASK", help="What a request without a model runs (a task or an alias).", show_default="none: every request names its model")] = None,
     log_format: Annotated[str, typer.Option(metavar="text|json", help="The access log's lines (one per request on standard error, when its response has been sent: client, method, path, status, task, tokens generated, milliseconds): text, or json (an object per line). Without --ray (Ray Serve logs requests its own way).")] = "text",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log (start-up lines and errors still print).")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve replicas (each one this server's scheduler; needs the ray extra).", rich_help_panel="Ray Serve")] = False,
@@ -51,7 +52,8 @@ def serve_cmd(
                            allowed_hosts=tuple(allowed_host or ()), header_timeout=header_timeout,
                            keep_alive_timeout=keep_alive_timeout, limit_concurrency=limit_concurrency,
                            task_dirs=tuple(str(d) for d in task_dir or ()), kv_cache_mib=kv_cache_mib,
-                           access_log=not quiet, log_format=log_format, task_aliases=tuple(task_alias or ()))
+                           access_log=not quiet, log_format=log_format, task_aliases=tuple(task_alias or ()),
+                           default_task=default_task)
     if ray:
         raise typer.Exit(serve_ray(str(bundle), options, replicas=replicas, autoscale=autoscale, address=ray_address,
                                    started=STARTED))

@@ -35,6 +35,7 @@ class ServeOptions:
     access_log: bool = True  # a line per request on stderr (see access.py)
     log_format: str = "text"  # the access line: "text" or "json"
     task_aliases: tuple[tuple[str, str], ...] = ()  # (alias, task): requests for the alias run the task
+    default_task: str | None = None  # what a request without a model runs (None: it must name one)
 
     def __post_init__(self):
         if self.log_format not in FORMATS:
@@ -75,7 +76,12 @@ class ServeOptions:
             raise OptionError(str(e).replace("kv_cache_mib", "--kv-cache-mib"), param=e.param) from None
 
     def check_aliases(self, tasks) -> None:
-        """Each alias names a task of the bundle (``tasks``: its names, a container) and is not one itself."""
+        """Each alias names a task of the bundle (``tasks``: its names, a container) and is not one itself; the
+        default task is a task or an alias."""
+        if self.default_task is not None and self.default_task not in tasks and \
+                self.default_task not in dict(self.task_aliases):
+            raise OptionError(f"--default-task {self.default_task}: the bundle has no task {self.default_task!r} "
+                              "(see `mpt-export tasks list BUNDLE`)", param="default_task")
         for alias, task in self.task_aliases:
             if alias in tasks:
                 raise OptionError(f"--task-alias {alias}={task}: {alias!r} is a task of the bundle already; choose "

@@ -130,6 +130,8 @@ def sampling(data: dict, chat: bool, max_tokens: int) -> SamplingParams:
 
 def task_of(state, data: dict) -> str:
     model = data.get("model")
+    if model is None and state.options.default_task is not None:  # serve --default-task
+        model = state.options.default_task
     if not isinstance(model, str) or not model:
         raise APIError(400, "model is required: the task to run (see GET /v1/models)", param="model")
     model = state.aliases.get(model, model)  # serve --task-alias ALIAS=TASK
