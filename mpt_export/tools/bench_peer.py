@@ -168,20 +168,18 @@ def run_peer_bench(peer: str, preset: str = "llama-small", workdir: str | Path =
     ours = {"fp32": bundle_dir, **{q: _quantized_bundle(bundle_dir, derived / f"bundle-{q}", q, step)
                                    for q in ("int8", "int4")}}
     batches = (1,) if tools else BATCHES  # llama-bench runs one sequence
-    specs = {}
     if tools:
         theirs = {q: build_gguf(tools, base, derived / "peer-llama-cpp", q, step) for q in PRECISIONS}
-        for q in PRECISIONS:
-            specs[("mpt-export", q)] = {"kind": "ours", "bundle": str(ours[q]), "task": names[0], "threads": threads}
-            specs[(peer, q)] = {"kind": "llama-cpp", "tools": [str(tools.bench), str(tools.quantize),
-                                                                str(tools.source)],
-                                "model": str(theirs[q]), "threads": threads, "depth": p.virtual_tokens + input_len}
+        peer_spec = {"kind": "llama-cpp", "tools": [str(tools.bench), str(tools.quantize), str(tools.source)],
+                     "depth": p.virtual_tokens + input_len}
     else:
         theirs = {q: build_peer(base, derived / f"peer-{q}", q, step) for q in PRECISIONS}
         virtual = np.random.default_rng(1).integers(3, p.vocab, p.virtual_tokens)
-        for q in PRECISIONS:
-            specs[("mpt-export", q)] = {"kind": "ours", "bundle": str(ours[q]), "task": names[0], "threads": threads}
-            specs[(peer, q)] = {"kind": peer, "model": str(theirs[q]), "virtual": virtual.tolist(), "threads": threads}
+        peer_spec = {"kind": peer, "virtual": virtual.tolist()}
+    specs = {}
+    for q in PRECISIONS:
+        specs[("mpt-export", q)] = {"kind": "ours", "bundle": str(ours[q]), "task": names[0], "threads": threads}
+        specs[(peer, q)] = {**peer_spec, "model": str(theirs[q]), "threads": threads}
     load_before = os.getloadavg()
     figs = measure_isolated(specs, batches, input_len, new_tokens, rounds, p.vocab, step)  # each in a fresh process
     load_after = os.getloadavg()

@@ -78,10 +78,7 @@ def build_gguf(tools: LlamaCpp, base: Path, out_dir: Path, precision: str, step)
         _run([sys.executable, "-m", "mpt_export.tools.llama_cpp", tools.source, base, "--outtype", "f32",
               "--outfile", part], "converter", env)
         part.replace(f32)
-        seal_workdir(out_dir.parent)
     kind = TYPES[precision]
-    if kind == "f32":
-        return f32
     out = out_dir / f"model-{kind}.gguf"
     if not out.is_file():
         step(f"quantize it to {kind} with llama-quantize (once)")
